@@ -1,0 +1,174 @@
+"""The configuration schema: typed dataclasses; values come from YAML files and `key=value` overrides.
+
+Each component receives only its own section (`ModelConfig`, `DataConfig`, ...), never the whole
+tree. Unknown keys, wrong types and missing files are `UserError`s that name the key or the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from aimv2.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    size: str = "debug"  # a row of aimv2.models.sizes.SIZES
+    img_size: int = 224  # a multiple of the patch size (14)
+
+
+@dataclass
+class SourceConfig:
+    urls: str = "???"  # brace-expanded shard list, e.g. /data/cc/{00000..00127}.tar ('::' joins lists)
+    weight: float = 1.0  # sampling weight in resampled mode
+    name: str = ""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "clip"  # "clip": open_clip's BPE shipped in its wheel (offline); "hf": a local directory
+    path: Optional[str] = None  # for kind=hf: directory holding tokenizer.json / tokenizer_config.json
+    max_length: int = 77  # tokens per caption, end-of-text included
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    mode: str = "resampled"  # "resampled": infinite, shards drawn with replacement; "epoch": each sample once per epoch
+    batch_size: int = 8  # per device
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # samples; 0 disables
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    seed: int = 0
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    alpha: float = 0.4  # weight of the image loss; 0 = captioning-only baseline
+    text_weight: float = 1.0  # weight of the text loss; 0 = image-only (AIMv1-like)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # not applied to norms, biases, position embeddings, start token
+    warmup_steps: int = 12_500
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"  # bf16-mixed on GPUs; keep fp32 on CPUs
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 1000
+    seed: int = 0
+    resume: Optional[str] = None  # path of a Lightning checkpoint to continue from
+    progress_bar: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = PretrainConfig):
+    """Schema defaults <- YAML file <- `key=value` overrides, validated, as a dataclass instance."""
+    layers = [OmegaConf.structured(schema)]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # YAML syntax
+            raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UserError(_one_line(err)) from None
+    validate = getattr(cfg, "validate", None) or _VALIDATORS.get(schema)
+    if validate:
+        validate(cfg)
+    return cfg
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) so a run directory says how it was made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}': {msg}")
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    from aimv2.models.sizes import get_size
+
+    spec = get_size(cfg.model.size)
+    _check(cfg.model.img_size % spec.patch_size == 0, "model.img_size",
+           f"{cfg.model.img_size} is not a multiple of the patch size {spec.patch_size}")
+    d = cfg.data
+    _check(len(d.sources) > 0, "data.sources", "no shard sources given (list of {urls, weight})")
+    for i, src in enumerate(d.sources):
+        _check(src.weight > 0, f"data.sources.{i}.weight", f"must be > 0, got {src.weight}")
+    _check(d.mode in ("resampled", "epoch"), "data.mode", f"must be 'resampled' or 'epoch', got {d.mode!r}")
+    _check(d.batch_size > 0, "data.batch_size", "must be > 0")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.tokenizer.kind in ("clip", "hf"), "data.tokenizer.kind", f"must be 'clip' or 'hf', got {d.tokenizer.kind!r}")
+    _check(d.tokenizer.kind != "hf" or bool(d.tokenizer.path), "data.tokenizer.path", "required for kind=hf")
+    _check(d.tokenizer.max_length >= 2, "data.tokenizer.max_length", "must be >= 2")
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+           f"must be [min, max] within (0, 1], got {d.crop_scale}")
+    _check(cfg.objective.alpha >= 0 and cfg.objective.text_weight >= 0, "objective",
+           "alpha and text_weight must be >= 0")
+    _check(cfg.objective.alpha + cfg.objective.text_weight > 0, "objective", "alpha and text_weight are both 0")
+    _check(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    _check(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be within [0, optim.lr]")
+    t = cfg.trainer
+    if d.mode == "resampled":
+        _check(t.max_steps > 0, "trainer.max_steps", "must be > 0 in resampled (infinite) data mode")
+    else:
+        _check(t.max_steps > 0 or (t.max_epochs or 0) > 0, "trainer.max_epochs",
+               "set trainer.max_epochs or trainer.max_steps in epoch data mode")
+    _check(t.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps", "must be > 0")
+
+
+_VALIDATORS = {PretrainConfig: validate_pretrain}

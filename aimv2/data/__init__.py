@@ -1,0 +1,1 @@
+"""Data: the shard writer, the streaming pipeline, transforms, tokenizers and the demo set."""

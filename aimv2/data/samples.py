@@ -1,0 +1,47 @@
+"""Turning one raw WebDataset sample (a dict of bytes) into an image and a caption.
+
+Samples follow img2dataset's layout: `key.{jpg,jpeg,png,webp}` and a caption in `key.txt` or in the
+`caption` field of `key.json`. Anything unusable raises `CorruptSample` with a reason; the stream
+skips and counts it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class CorruptSample(Exception):
+    """A sample that cannot be used (undecodable image, missing or empty caption)."""
+
+
+def decode_image(sample: dict) -> Image.Image:
+    for ext in IMAGE_EXTS:
+        data = sample.get(ext)
+        if data is not None:
+            break
+    else:
+        raise CorruptSample(f"no image ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')!r}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")  # forces a full decode: truncated files fail here, not later
+    except Exception as err:
+        raise CorruptSample(f"undecodable image in sample {sample.get('__key__')!r}: {err}") from None
+
+
+def decode_caption(sample: dict) -> str:
+    caption = None
+    try:
+        if sample.get("txt") is not None:
+            caption = sample["txt"].decode("utf-8")
+        elif sample.get("json") is not None:
+            caption = json.loads(sample["json"]).get("caption")
+    except (UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise CorruptSample(f"unreadable caption in sample {sample.get('__key__')!r}: {err}") from None
+    if not isinstance(caption, str) or not caption.strip():
+        raise CorruptSample(f"missing or empty caption in sample {sample.get('__key__')!r}")
+    return caption.strip()

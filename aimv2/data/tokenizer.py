@@ -1,0 +1,83 @@
+"""Caption tokenizers that work offline.
+
+Default: the CLIP BPE vocabulary that ships inside open_clip's wheel (49408 tokens). Alternatively
+any Hugging Face tokenizer saved in a local directory. Captions become `max_length` ids ending with
+the end-of-text token (kept even when the caption is truncated) plus a mask of the real positions;
+the learned start token of the decoder replaces a start-of-text token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aimv2.config import TokenizerConfig
+from aimv2.errors import UserError
+
+
+class CaptionTokenizer:
+    """Base: subclasses set `vocab_size`, `eot_id` and implement `encode(text) -> list[int]`."""
+
+    vocab_size: int
+    eot_id: int
+    pad_id: int = 0
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids (B, L) int64 padded with pad_id, mask (B, L) bool (True on real tokens)."""
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), self.max_length), dtype=torch.bool)
+        for row, text in enumerate(texts):
+            seq = self.encode(text)[: self.max_length - 1] + [self.eot_id]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = True
+        return ids, mask
+
+
+class ClipTokenizer(CaptionTokenizer):
+    def __init__(self, max_length: int = 77):
+        super().__init__(max_length)
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self._bpe = SimpleTokenizer()
+        self.vocab_size = len(self._bpe.encoder)
+        self.eot_id = self._bpe.encoder["<end_of_text>"]
+
+    def encode(self, text: str) -> list[int]:
+        return self._bpe.encode(text)
+
+
+class HFTokenizer(CaptionTokenizer):
+    def __init__(self, path: str, max_length: int = 77):
+        super().__init__(max_length)
+        if not Path(path).is_dir():
+            raise UserError(f"data.tokenizer.path: tokenizer directory not found: {path}")
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as err:
+            raise UserError(f"data.tokenizer.path: cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+        self.vocab_size = len(self._tok)
+        eot = self._tok.eos_token_id if self._tok.eos_token_id is not None else self._tok.sep_token_id
+        if eot is None:
+            raise UserError(f"data.tokenizer.path: tokenizer in {path} has no eos or sep token to end captions")
+        self.eot_id = eot
+        self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else eot
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> CaptionTokenizer:
+    if cfg.kind == "clip":
+        return ClipTokenizer(cfg.max_length)
+    if cfg.kind == "hf":
+        return HFTokenizer(cfg.path, cfg.max_length)
+    raise UserError(f"config key 'data.tokenizer.kind': unknown tokenizer {cfg.kind!r} (clip or hf)")

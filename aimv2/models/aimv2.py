@@ -1,0 +1,38 @@
+"""AIMv2 for pre-training: the timm encoder with prefix attention feeding the multimodal decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aimv2.models.decoder import MultimodalDecoder
+from aimv2.models.encoder import build_encoder, encode
+from aimv2.models.sizes import SizeSpec
+
+
+class AIMv2(nn.Module):
+    """Single-device module; strategies, compile and checkpointing are applied from outside."""
+
+    def __init__(self, spec: SizeSpec, img_size: int, vocab_size: int, max_text_len: int = 77):
+        super().__init__()
+        self.spec = spec
+        self.img_size = img_size
+        self.encoder = build_encoder(spec, img_size)
+        self.num_patches = self.encoder.patch_embed.num_patches
+        self.decoder = MultimodalDecoder(
+            encoder_width=spec.width,
+            width=spec.decoder_width,
+            depth=spec.decoder_depth,
+            heads=spec.decoder_heads,
+            mlp_hidden=spec.decoder_mlp_hidden,
+            patch_dim=spec.patch_size * spec.patch_size * 3,
+            vocab_size=vocab_size,
+            max_text_len=max_text_len,
+        )
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, prefix_lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), tokens (B, L), prefix_lengths (B,) -> pixels (B, N, p*p*3), logits (B, L, V)."""
+        features = encode(self.encoder, images, prefix_lengths)  # (B, N, D)
+        return self.decoder(features, tokens)

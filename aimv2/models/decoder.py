@@ -1,0 +1,81 @@
+"""The shared causal multimodal decoder of AIMv2 and its two heads.
+
+Sequence: [proj(encoder features) for the N patches] + [start token, caption tokens], one causal
+transformer over all of it (image first, then text). The output at image position i predicts
+patch i+1; the output at the start token and at caption token t predicts the next caption token.
+Blocks are timm's `Block` (RMSNorm, SwiGLU, no biases) run with `is_causal=True`, which keeps the
+fused SDPA kernels available (an explicit mask would rule out flash attention).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import RmsNorm, SwiGLU, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+class MultimodalDecoder(nn.Module):
+    def __init__(
+        self,
+        encoder_width: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_hidden: int,
+        patch_dim: int,
+        vocab_size: int,
+        max_text_len: int,
+    ):
+        super().__init__()
+        norm = partial(RmsNorm, eps=1e-5)
+        self.max_text_len = max_text_len
+        self.image_proj = nn.Linear(encoder_width, width, bias=False)
+        self.text_embed = nn.Embedding(vocab_size, width)
+        self.start_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.text_pos_embed = nn.Parameter(torch.zeros(1, max_text_len, width))
+        self.blocks = nn.ModuleList(
+            Block(
+                width,
+                heads,
+                mlp_ratio=(mlp_hidden + 0.5) / width,
+                qkv_bias=False,
+                proj_bias=False,
+                norm_layer=norm,
+                mlp_layer=SwiGLU,
+                act_layer=nn.SiLU,
+            )
+            for _ in range(depth)
+        )
+        self.norm = norm(width)
+        self.pixel_head = nn.Linear(width, patch_dim, bias=False)
+        self.text_head = nn.Linear(width, vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.start_token, std=0.02)
+        trunc_normal_(self.text_pos_embed, std=0.02)
+        nn.init.normal_(self.text_embed.weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+
+    def forward(self, image_features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_features (B, N, D_enc), tokens (B, L) -> pixels (B, N, patch_dim), logits (B, L, V).
+
+        The text input is [start, t_1 .. t_{L-1}], so logits[:, j] predicts tokens[:, j].
+        """
+        num_patches, text_len = image_features.shape[1], tokens.shape[1]
+        if text_len > self.max_text_len:
+            raise ValueError(f"caption length {text_len} exceeds the decoder's {self.max_text_len} positions")
+        image = self.image_proj(image_features)  # (B, N, W)
+        start = self.start_token.expand(tokens.shape[0], -1, -1)  # (B, 1, W)
+        text = torch.cat([start, self.text_embed(tokens[:, :-1])], dim=1)  # (B, L, W)
+        text = text + self.text_pos_embed[:, :text_len]
+        x = torch.cat([image, text], dim=1)  # (B, N + L, W)
+        for block in self.blocks:
+            x = block(x, is_causal=True)
+        x = self.norm(x)
+        return self.pixel_head(x[:, :num_patches]), self.text_head(x[:, num_patches:])

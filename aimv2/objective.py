@@ -1,0 +1,74 @@
+"""The AIMv2 objective: L = text_weight * L_text + alpha * L_img.
+
+L_img: L2 regression of the next patch on per-patch normalized pixels (MAE's target), counted only
+for targets outside the prefix. L_text: next-token cross-entropy, padding ignored.
+alpha = 0 is the captioning-only baseline; text_weight = 0 is the image-only (AIMv1-like) objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major grid order (timm's token order),
+    pixels inside a patch ordered (row, column, channel)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each patch minus its mean, divided by its std (unbiased=False), as in MAE."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def image_loss(pred: torch.Tensor, target_patches: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
+    """Next-patch L2 loss.
+
+    pred (B, N, P): output at position i predicts patch i+1. target_patches (B, N, P) normalized.
+    Patch j (0-based) is a target when j >= M (outside the prefix of length M), so the prediction
+    at position i counts when i + 1 >= M. The mean is over all counted (sample, patch, pixel) values.
+    """
+    pred, target = pred[:, :-1], target_patches[:, 1:]  # (B, N-1, P): position i vs patch i+1
+    target_idx = torch.arange(1, target_patches.shape[1], device=pred.device)  # (N-1,)
+    counted = (target_idx[None, :] >= prefix_lengths[:, None]).to(pred.dtype)  # (B, N-1)
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N-1)
+    return (per_patch * counted).sum() / counted.sum().clamp_min(1)
+
+
+def text_loss(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy; logits[:, j] predicts tokens[:, j]; positions with mask False ignored."""
+    targets = tokens.masked_fill(~token_mask, -100)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    image: torch.Tensor
+    text: torch.Tensor
+
+
+def aimv2_loss(
+    pixel_pred: torch.Tensor,
+    logits: torch.Tensor,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    patch_size: int,
+    alpha: float = 0.4,
+    text_weight: float = 1.0,
+) -> Losses:
+    target = normalize_patches(patchify(images.float(), patch_size))
+    l_img = image_loss(pixel_pred, target, prefix_lengths)
+    l_text = text_loss(logits, tokens, token_mask)
+    return Losses(total=text_weight * l_text + alpha * l_img, image=l_img, text=l_text)

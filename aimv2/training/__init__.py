@@ -1,0 +1,1 @@
+"""Training: the Lightning module and data module, the optimizer recipe, the Trainer factory."""

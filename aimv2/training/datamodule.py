@@ -1,0 +1,75 @@
+"""The pre-training LightningDataModule: image-caption batches streamed from shard sources."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from aimv2.config import DataConfig
+from aimv2.data.samples import decode_caption, decode_image
+from aimv2.data.shardlist import resolve_shards
+from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
+from aimv2.data.tokenizer import CaptionTokenizer, build_tokenizer
+from aimv2.data.transforms import pretrain_transform
+from aimv2.errors import UserError
+
+
+class ImageCaptionProcessor:
+    """One raw sample -> (image tensor (3, H, W), caption); raises CorruptSample when unusable."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
+        caption = decode_caption(sample)
+        return self.transform(decode_image(sample)), caption
+
+
+class ImageCaptionCollator:
+    def __init__(self, tokenizer: CaptionTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict:
+        tokens, mask = self.tokenizer([caption for _, caption in items])
+        return {"image": torch.stack([image for image, _ in items]), "tokens": tokens, "token_mask": mask}
+
+
+class PretrainDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig, img_size: int):
+        super().__init__()
+        self.cfg, self.img_size = cfg, img_size
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        # Resolve shards now: a missing shard is reported before any model is built.
+        self.sources = [
+            StreamSource(src.name or f"source{i}",
+                         resolve_shards(src.urls, f"data.sources.{i}.urls", need_counts=cfg.mode == "epoch"),
+                         src.weight)
+            for i, src in enumerate(cfg.sources)
+        ]
+        self.stream: ShardStream | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def build_stream(self, rank: int = 0, world_size: int = 1) -> ShardStream:
+        cfg = self.cfg
+        try:
+            return ShardStream(
+                self.sources,
+                process=ImageCaptionProcessor(pretrain_transform(self.img_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip)),
+                collate=ImageCaptionCollator(self.tokenizer),
+                batch_size=cfg.batch_size, mode=cfg.mode, rank=rank, world_size=world_size,
+                num_workers=cfg.num_workers, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+            )
+        except ValueError as err:
+            raise UserError(f"data: {err}") from None
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.stream = self.build_stream(rank, world)
+
+    def train_dataloader(self) -> EpochAwareLoader:
+        return EpochAwareLoader(self.stream, num_workers=self.cfg.num_workers,
+                                pin_memory=torch.cuda.is_available())

@@ -1,0 +1,75 @@
+"""The AIMv2 losses against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from aimv2.objective import aimv2_loss, image_loss, normalize_patches, patchify, text_loss
+
+
+def test_patchify_order_matches_grid_and_pixel_layout():
+    # 1 image, 2 channels, 4x4 pixels, patch 2 -> 4 patches of 2*2*2 values.
+    img = torch.arange(32, dtype=torch.float32).reshape(1, 2, 4, 4)
+    patches = patchify(img, 2)
+    assert patches.shape == (1, 4, 8)
+    # Patch 1 is the top-right block; values ordered (row, col, channel).
+    # channel 0 rows 0-1, cols 2-3: 2,3,6,7; channel 1 adds 16.
+    assert patches[0, 1].tolist() == [2, 18, 3, 19, 6, 22, 7, 23]
+
+
+def test_normalize_patches_by_hand():
+    out = normalize_patches(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]]), eps=0.0)
+    # mean 2.5, population variance 1.25
+    expected = [(v - 2.5) / math.sqrt(1.25) for v in (1, 2, 3, 4)]
+    assert out[0, 0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_image_loss_counts_only_non_prefix_targets():
+    # N = 4 patches, P = 2 values. Position i predicts patch i+1.
+    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]])
+    pred = torch.tensor([[[1.0, 3.0], [2.0, 2.0], [0.0, 3.0], [9.0, 9.0]]])
+    # Prefix M = 2: targets are patches 2 and 3, predicted at positions 1 and 2.
+    # position 1 vs patch 2: ((2-2)^2 + (2-2)^2)/2 = 0 ; position 2 vs patch 3: ((0-3)^2+(3-3)^2)/2 = 4.5
+    assert image_loss(pred, target, torch.tensor([2])).item() == pytest.approx((0 + 4.5) / 2)
+    # Prefix M = 3: only patch 3 -> 4.5. The last position (9, 9) never counts.
+    assert image_loss(pred, target, torch.tensor([3])).item() == pytest.approx(4.5)
+    # Prefix M = 1: patches 1..3: position 0 vs patch 1: ((1-1)^2+(3-1)^2)/2 = 2 -> (2 + 0 + 4.5)/3
+    assert image_loss(pred, target, torch.tensor([1])).item() == pytest.approx(6.5 / 3)
+
+
+def test_image_loss_averages_over_all_counted_patches_of_the_batch():
+    target = torch.zeros(2, 3, 1)
+    pred = torch.tensor([[[1.0], [2.0], [0.0]], [[3.0], [0.0], [0.0]]])
+    # sample 0 (M=1): positions 0,1 -> 1, 4 ; sample 1 (M=2): position 1 -> 0. Mean over 3 targets.
+    assert image_loss(pred, target, torch.tensor([1, 2])).item() == pytest.approx(5 / 3)
+
+
+def test_text_loss_ignores_padding():
+    vocab = 4
+    logits = torch.zeros(1, 3, vocab)
+    logits[0, 0, 2] = math.log(3.0)  # p(token 2) = 3 / (3 + 3) = 0.5 at position 0
+    tokens = torch.tensor([[2, 1, 0]])
+    mask = torch.tensor([[True, True, False]])
+    # position 0: -log(0.5); position 1 (uniform logits): -log(1/4); position 2 ignored.
+    expected = (-math.log(0.5) - math.log(0.25)) / 2
+    assert text_loss(logits, tokens, mask).item() == pytest.approx(expected, abs=1e-6)
+    logits[0, 2] = torch.tensor([100.0, -100.0, -100.0, -100.0])  # padded position: no effect
+    assert text_loss(logits, tokens, mask).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_total_loss_weights_alpha_and_text_weight():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 28, 28)  # 4 patches of 14x14x3
+    pixels, logits = torch.randn(2, 4, 588), torch.randn(2, 5, 10)
+    tokens, mask = torch.randint(0, 10, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    prefix = torch.tensor([1, 2])
+    full = aimv2_loss(pixels, logits, images, tokens, mask, prefix, 14, alpha=0.4)
+    assert full.total.item() == pytest.approx(full.text.item() + 0.4 * full.image.item(), rel=1e-6)
+    caption_only = aimv2_loss(pixels, logits, images, tokens, mask, prefix, 14, alpha=0.0)
+    assert caption_only.total.item() == pytest.approx(full.text.item(), rel=1e-6)
+    image_only = aimv2_loss(pixels, logits, images, tokens, mask, prefix, 14, alpha=1.0, text_weight=0.0)
+    assert image_only.total.item() == pytest.approx(full.image.item(), rel=1e-6)
+    # The image target is the per-patch normalized image.
+    target = normalize_patches(patchify(images, 14))
+    assert full.image.item() == pytest.approx(image_loss(pixels, target, prefix).item(), rel=1e-6)
