@@ -113,8 +113,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not of the form key=value")
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise UserError(_one_line(err)) from None
+        except Exception as err:  # YAML syntax of the value, e.g. an unquoted {00..09} inside [{...}]
+            raise UserError(f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]}); "
+                            "quote shard patterns: urls: \"/d/{00000..00009}.tar\"") from None
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

@@ -45,7 +45,13 @@ def image_loss(pred: torch.Tensor, target_patches: torch.Tensor, prefix_lengths:
 
 
 def text_loss(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy; logits[:, j] predicts tokens[:, j]; positions with mask False ignored."""
+    """Next-token cross-entropy; positions where token_mask is False are ignored.
+
+    logits are (B, L, V), where logits[:, j] predicts tokens[:, j], or already (n, V) for the
+    n True positions of token_mask (the decoder's packed output).
+    """
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), tokens[token_mask])
     targets = tokens.masked_fill(~token_mask, -100)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 

@@ -71,3 +71,15 @@ def test_forward_shapes_and_gradients():
 def test_encoder_rejects_image_size_not_multiple_of_patch():
     with pytest.raises(ValueError, match="multiple of the patch size"):
         build_encoder(get_size("debug"), 100)
+
+
+@torch.no_grad()
+def test_masked_text_head_returns_the_real_positions_only():
+    torch.manual_seed(0)
+    model = AIMv2(get_size("debug"), img_size=28, vocab_size=30, max_text_len=5).eval()
+    images, tokens = torch.randn(2, 3, 28, 28), torch.randint(0, 30, (2, 5))
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    prefix = torch.tensor([1, 2])
+    _, full = model(images, tokens, prefix)
+    _, packed = model(images, tokens, prefix, mask)
+    assert packed.shape == (6, 30) and torch.allclose(packed, full[mask], atol=1e-6)

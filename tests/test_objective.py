@@ -73,3 +73,10 @@ def test_total_loss_weights_alpha_and_text_weight():
     # The image target is the per-patch normalized image.
     target = normalize_patches(patchify(images, 14))
     assert full.image.item() == pytest.approx(image_loss(pixels, target, prefix).item(), rel=1e-6)
+
+
+def test_packed_logits_give_the_same_text_loss():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert text_loss(logits[mask], tokens, mask).item() == pytest.approx(text_loss(logits, tokens, mask).item(), rel=1e-6)

@@ -31,8 +31,13 @@ class AIMv2(nn.Module):
         )
 
     def forward(
-        self, images: torch.Tensor, tokens: torch.Tensor, prefix_lengths: torch.Tensor | None
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        prefix_lengths: torch.Tensor | None,
+        text_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W), tokens (B, L), prefix_lengths (B,) -> pixels (B, N, p*p*3), logits (B, L, V)."""
+        """images (B, 3, H, W), tokens (B, L), prefix_lengths (B,) -> pixels (B, N, p*p*3) and
+        logits (B, L, V), or (n, V) at the True positions of text_mask (B, L)."""
         features = encode(self.encoder, images, prefix_lengths)  # (B, N, D)
-        return self.decoder(features, tokens)
+        return self.decoder(features, tokens, text_mask)

@@ -62,10 +62,14 @@ class MultimodalDecoder(nn.Module):
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=0.02)
 
-    def forward(self, image_features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, image_features: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_features (B, N, D_enc), tokens (B, L) -> pixels (B, N, patch_dim), logits (B, L, V).
 
-        The text input is [start, t_1 .. t_{L-1}], so logits[:, j] predicts tokens[:, j].
+        The text input is [start, t_1 .. t_{L-1}], so logits[:, j] predicts tokens[:, j]. With a
+        text_mask (B, L), logits are computed only where it is True and returned as (n_true, V):
+        captions are mostly padding, and the vocabulary head is the decoder's largest matmul.
         """
         num_patches, text_len = image_features.shape[1], tokens.shape[1]
         if text_len > self.max_text_len:
@@ -78,4 +82,7 @@ class MultimodalDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, is_causal=True)
         x = self.norm(x)
-        return self.pixel_head(x[:, :num_patches]), self.text_head(x[:, num_patches:])
+        text_out = x[:, num_patches:]  # (B, L, W)
+        if text_mask is not None:
+            text_out = text_out[text_mask]  # (n_true, W)
+        return self.pixel_head(x[:, :num_patches]), self.text_head(text_out)

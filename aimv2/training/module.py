@@ -38,7 +38,7 @@ class AIMv2PretrainModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
         prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, device=images.device)
-        pixels, logits = self.model(images, tokens, prefix)
+        pixels, logits = self.model(images, tokens, prefix, token_mask)  # logits (n_real_tokens, V)
         losses = aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
                             alpha=self.objective.alpha, text_weight=self.objective.text_weight)
         self.skipped_samples += batch["skipped"]

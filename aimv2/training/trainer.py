@@ -13,9 +13,10 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from aimv2.config import TrainerConfig
+from aimv2.training.csv_log import ResumableCSVLogger, TrimMetricsOnResume
 
 
 def run_paths(run_dir: str | Path) -> dict[str, Path]:
@@ -31,7 +32,7 @@ def run_paths(run_dir: str | Path) -> dict[str, Path]:
 def build_trainer(cfg: TrainerConfig, run_dir: str | Path, grad_clip: float = 0.0) -> L.Trainer:
     paths = run_paths(run_dir)
     loggers = [
-        CSVLogger(save_dir=paths["metrics"].parent, name="", version=""),
+        ResumableCSVLogger(save_dir=paths["metrics"].parent, name="", version=""),
         TensorBoardLogger(save_dir=paths["tensorboard"], name="", version="", default_hp_metric=False),
     ]
     checkpoints = ModelCheckpoint(
@@ -53,7 +54,7 @@ def build_trainer(cfg: TrainerConfig, run_dir: str | Path, grad_clip: float = 0.
         gradient_clip_val=grad_clip or None,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=loggers,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, TrimMetricsOnResume()],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         default_root_dir=run_dir,

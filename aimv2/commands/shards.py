@@ -1,0 +1,111 @@
+"""`aimv2 shards`: write WebDataset shards from a captions file, a class folder tree, or the
+offline demo set, and print where they went and the brace pattern a config needs.
+
+Skipped inputs (missing or undecodable images, empty captions) are reported, not fatal: the
+command exits 0 as long as something was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aimv2.data.shard_inputs import caption_file_samples, class_tree_samples
+from aimv2.data.shards import WriteReport, classes_json, write_shards
+from aimv2.errors import UserError
+
+HELP = "write WebDataset tar shards from a captions file, a class folder tree or the offline demo set"
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="directory for 00000.tar, 00001.tar, ...")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="write bytes as-is without decoding each image (faster, unchecked)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="shards_source", required=True, metavar="SOURCE")
+
+    captions = sub.add_parser(
+        "captions",
+        help="image-caption shards from a JSONL/CSV captions file",
+        description="Captions file: JSONL lines {'image': path, 'caption': text} or CSV/TSV with a header "
+        "(image|path|file, caption|text). Image paths are relative to --images (absolute also ok).",
+    )
+    captions.add_argument("--images", type=Path, required=True, help="directory the image paths are relative to")
+    captions.add_argument("--captions", type=Path, required=True, help="captions file (.jsonl, .csv or .tsv)")
+    _add_output_arguments(captions)
+    captions.set_defaults(_shards_run=_run_captions)
+
+    classes = sub.add_parser(
+        "classes",
+        help="class-labelled shards from ROOT/<class_name>/<images> (ImageFolder layout)",
+        description="Classes are the sorted directory names; their order is written to classes.json.",
+    )
+    classes.add_argument("--root", type=Path, required=True, help="directory with one sub-directory per class")
+    _add_output_arguments(classes)
+    classes.set_defaults(_shards_run=_run_classes)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the offline demo set (real handwritten digits shipped with scikit-learn)",
+        description="Writes OUT/pretrain (image-caption), OUT/probe/train and OUT/probe/val (labelled). "
+        "Does nothing if a complete set is already there.",
+    )
+    demo.add_argument("--out", type=Path, required=True, help="directory for the demo set")
+    demo.set_defaults(_shards_run=_run_demo)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._shards_run(args)
+
+
+def _finish(report: WriteReport) -> int:
+    """Print the report; writing nothing at all is the user's problem to fix, not a success."""
+    print(report.summary())
+    if report.total == 0:
+        first = f" (first: {report.skipped[0][0]}: {report.skipped[0][1]})" if report.skipped else ""
+        raise UserError(f"no samples written to {report.out_dir}: {len(report.skipped)} inputs skipped{first}")
+    return 0
+
+
+def _run_captions(args: argparse.Namespace) -> int:
+    samples = caption_file_samples(args.images, args.captions)
+    report = write_shards(
+        samples,
+        args.out,
+        args.samples_per_shard,
+        verify_images=not args.no_verify,
+        require_caption=True,
+        overwrite=args.overwrite,
+    )
+    return _finish(report)
+
+
+def _run_classes(args: argparse.Namespace) -> int:
+    samples = class_tree_samples(args.root)
+    report = write_shards(
+        samples,
+        args.out,
+        args.samples_per_shard,
+        verify_images=not args.no_verify,
+        overwrite=args.overwrite,
+        extra_files={"classes.json": classes_json(samples.classes)},
+    )
+    print(f"{len(samples.classes)} classes, names in index order in {report.out_dir / 'classes.json'}")
+    return _finish(report)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from aimv2.data.demo import build_demo_shards  # deferred: pulls in scikit-learn
+
+    result = build_demo_shards(args.out)
+    print(f"demo set in {result['out_dir']} ({len(result['classes'])} classes)")
+    for name in ("pretrain", "probe_train", "probe_val"):
+        split = result[name]
+        print(f"  {name:<12} {split['count']:>5} samples in {split['shards']} shards: {split['urls']}")
+    print(f'config, under data.sources:  - urls: "{result["pretrain"]["urls"]}"')
+    return 0
