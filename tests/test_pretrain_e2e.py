@@ -2,7 +2,6 @@
 pre-training of the debug size on real digit scans, losses falling, skips counted, checkpoints."""
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -92,6 +91,7 @@ def test_checkpoint_reloads_safely_and_resumes(run):
     last = paths["checkpoints"] / "last.ckpt"
     raw = torch.load(last, map_location="cpu", weights_only=True)  # plain data only: no code runs
     assert raw["global_step"] == 32
+    assert raw["hyper_parameters"]["vocab_size"] == 49408  # the tokenizer sets the text head
     module = AIMv2PretrainModule.load_from_checkpoint(last, map_location="cpu", weights_only=True)
     for name, value in module.state_dict().items():
         assert torch.equal(value, raw["state_dict"][name]), name
