@@ -125,9 +125,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise UserError(_one_line(err)) from None
-    validate = getattr(cfg, "validate", None) or _VALIDATORS.get(schema)
-    if validate:
-        validate(cfg)
+    if hasattr(cfg, "validate"):  # a schema may carry its own checks
+        cfg.validate()
+    elif schema in _VALIDATORS:
+        _VALIDATORS[schema](cfg)
     return cfg
 
 
