@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "offline demo: build the demo shards, pre-train the debug size, report the results"
+HELP = "offline demo: build the demo shards, pre-train the debug size, probe it, report the results"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -33,4 +33,12 @@ def run(args: argparse.Namespace) -> int:
                  f"run_dir={out / 'pretrain'}", *args.overrides]
     paths = pretrain(load_config(config, overrides))
     print(loss_trend(paths["metrics"]))
+    # Frozen-trunk probe of the last checkpoint on the held-out digits (cached mode, configs/probe/quick.yaml).
+    from aimv2.probe.config import ProbeConfig
+    from aimv2.probe.run import run_probe
+
+    probe_cfg = load_config(CONFIGS / "probe" / "quick.yaml", [
+        f"checkpoint={paths['checkpoints'] / 'last.ckpt'}", f"data.train={demo['probe_train']['dir']}",
+        f"data.val={demo['probe_val']['dir']}", f"run_dir={out / 'probe'}", "accelerator=cpu"], schema=ProbeConfig)
+    run_probe(probe_cfg)
     return 0

@@ -1,0 +1,98 @@
+"""The `aimv2 probe` schema: typed dataclasses loaded with `aimv2.config.load_config(..., schema=ProbeConfig)`.
+
+Defaults are the quick cached mode (features of unaugmented images extracted once, heads train
+for many epochs in seconds); `configs/probe/imagenet_attentive.yaml` holds the paper's protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aimv2.errors import UserError
+
+PAPER_LRS = [5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3]
+PAPER_WDS = [0.05, 0.1]
+HEAD_KINDS = ("attentive", "linear")
+MODES = ("cached", "augmented")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ProbeDataConfig:
+    train: str = "???"  # class folders (train/<class>/<img>) or class shards (dir with classes.json, or a brace pattern)
+    val: str = "???"
+    batch_size: int = 64  # per device (the paper: 1024); small sets want small batches (more steps)
+    num_workers: int = 2  # dataloader workers per device
+    shuffle_buffer: int = 1000  # augmented mode on shards: samples in the shuffle buffer
+
+
+@dataclass
+class ProbeHeadConfig:
+    kinds: list[str] = field(default_factory=lambda: ["attentive", "linear"])  # each kind gets the whole grid
+    blocks: list[int] = field(default_factory=list)  # [] = last block (normed); else average of these blocks (normed)
+    attention_heads: int = 0  # attentive pooling heads; 0 = width // 64 (1 when width < 64 or not divisible)
+
+
+@dataclass
+class ProbeOptimConfig:
+    lrs: list[float] = field(default_factory=lambda: list(PAPER_LRS))
+    weight_decays: list[float] = field(default_factory=lambda: list(PAPER_WDS))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    min_lr: float = 1e-5  # cosine floor (a head whose lr is lower stays at its lr)
+    epochs: int = 100
+    warmup_epochs: int = 5
+    grad_clip: float = 3.0  # per head gradient-norm clip; 0 disables
+
+
+@dataclass
+class ProbeConfig:
+    checkpoint: str = "???"  # an `aimv2 pretrain` checkpoint (Lightning .ckpt)
+    run_dir: str = ""  # "" = <checkpoint's run dir>/probe
+    mode: str = "cached"  # cached: features once, heads train many epochs fast; augmented: the paper's protocol
+    img_size: int = 0  # 0 = the encoder's training resolution
+    cache_dtype: str = "float32"  # dtype of cached features; float16 halves the file (see the README)
+    accelerator: str = "auto"  # auto | cpu | cuda
+    devices: int = 1  # processes for feature extraction (torch.distributed; gloo on CPU, nccl on CUDA)
+    seed: int = 0
+    progress_bar: bool = True
+    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
+    head: ProbeHeadConfig = field(default_factory=ProbeHeadConfig)
+    optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
+
+    def validate(self) -> None:
+        """Called by load_config: bad values are one-line errors naming the key."""
+        def check(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise UserError(f"config key '{key}': {msg}")
+
+        check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check(self.cache_dtype in CACHE_DTYPES, "cache_dtype", f"must be one of {', '.join(CACHE_DTYPES)}")
+        check(self.accelerator in ("auto", "cpu", "cuda"), "accelerator", "must be auto, cpu or cuda")
+        check(self.devices >= 1, "devices", "must be >= 1")
+        check(self.img_size >= 0, "img_size", "must be >= 0 (0 = the encoder's)")
+        check(self.data.batch_size > 0, "data.batch_size", "must be > 0")
+        check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+        h = self.head
+        check(len(h.kinds) > 0 and all(k in HEAD_KINDS for k in h.kinds), "head.kinds",
+              f"must be a non-empty list of {', '.join(HEAD_KINDS)}, got {h.kinds}")
+        check(len(set(h.kinds)) == len(h.kinds), "head.kinds", "lists a kind twice")
+        check(h.attention_heads >= 0, "head.attention_heads", "must be >= 0")
+        o = self.optim
+        check(len(o.lrs) > 0 and all(lr > 0 for lr in o.lrs), "optim.lrs", "must be a non-empty list of values > 0")
+        check(len(o.weight_decays) > 0 and all(wd >= 0 for wd in o.weight_decays), "optim.weight_decays",
+              "must be a non-empty list of values >= 0")
+        check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+        check(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+        check(o.epochs > 0, "optim.epochs", "must be > 0")
+        check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be within [0, optim.epochs)")
+        check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+
+    def resolved_run_dir(self) -> Path:
+        """run_dir, or <run>/probe next to a checkpoint in <run>/checkpoints/."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        ckpt = Path(self.checkpoint)
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent / "probe"
+        return Path("runs/probe")

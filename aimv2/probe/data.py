@@ -1,0 +1,251 @@
+"""Probe data: ImageNet-style class folders (split/<class>/<images>) or class-labelled WebDataset
+shards written by `aimv2 shards classes` (<key>.jpg + <key>.cls, classes.json beside the tars).
+
+Two readers per split: `eval_batches` (every sample exactly once, split across ranks and workers,
+unaugmented: feature extraction and validation) and `train_batches` (augmented training: shards go
+through the project's `ShardStream` in epoch mode, so every rank runs the same number of steps).
+Corrupt images are skipped and counted: each batch carries how many it skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchvision import transforms as T
+
+from aimv2.data.samples import IMAGE_EXTS, CorruptSample, decode_image
+from aimv2.data.shardlist import ShardInfo, resolve_shards
+from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource, plan_epoch
+from aimv2.errors import UserError
+
+log = logging.getLogger(__name__)
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+@dataclass
+class Split:
+    """One split (train or val): its classes and where its samples are."""
+
+    key: str  # the config key, for messages
+    kind: str  # "folders" | "shards"
+    classes: list[str]
+    files: list[tuple[str, int]] = field(default_factory=list)  # folders: (path, label)
+    shards: list[ShardInfo] = field(default_factory=list)
+    label_map: dict[int, int] | None = None  # shards whose classes.json orders classes differently
+
+    @property
+    def count(self) -> int:
+        return len(self.files) if self.kind == "folders" else sum(s.count for s in self.shards)
+
+
+def open_split(path: str, key: str) -> Split:
+    """A class-folder root, a directory of class shards, or a shard pattern; a UserError naming it otherwise."""
+    p = Path(path)
+    if ".tar" in path and not p.is_dir():
+        shards = resolve_shards(path, key, need_counts=True)
+        return Split(key, "shards", _read_classes(Path(shards[0].url).parent, key), shards=shards)
+    if not p.exists():
+        raise UserError(f"{key}: split not found: {path}")
+    if not p.is_dir():
+        raise UserError(f"{key}: not a directory or a .tar shard pattern: {path}")
+    tars = sorted(p.glob("*.tar"))
+    if tars:
+        shards = resolve_shards("::".join(str(t) for t in tars), key, need_counts=True)
+        return Split(key, "shards", _read_classes(p, key), shards=shards)
+    classes = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{key}: no class directories and no .tar shards in {path} (expected {path}/<class>/<images>)")
+    files: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        found = sorted(str(f) for f in (p / name).rglob("*") if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS
+                       and not any(part.startswith(".") for part in f.relative_to(p / name).parts))
+        if not found:
+            raise UserError(f"{key}: empty class directory (no {'/'.join(IMAGE_EXTS)} images): {p / name}")
+        files += [(f, label) for f in found]
+    return Split(key, "folders", classes, files=files)
+
+
+def _read_classes(shard_dir: Path, key: str) -> list[str]:
+    path = shard_dir / "classes.json"
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{key}: no classes.json beside the shards in {shard_dir} (write them with `aimv2 shards classes`)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{key}: unreadable {path}: {err}") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{key}: {path} must be a non-empty JSON list of class names")
+    return classes
+
+
+def match_classes(train: Split, val: Split) -> None:
+    """Same class set in both splits (else a UserError naming the difference); val labels follow train's order."""
+    if set(train.classes) != set(val.classes):
+        only_train = sorted(set(train.classes) - set(val.classes))[:3]
+        only_val = sorted(set(val.classes) - set(train.classes))[:3]
+        raise UserError(f"class sets differ between {train.key} ({len(train.classes)} classes) and {val.key} "
+                        f"({len(val.classes)}): only in train {only_train}, only in val {only_val}")
+    if train.classes != val.classes:
+        order = {name: i for i, name in enumerate(train.classes)}
+        val.label_map = {i: order[name] for i, name in enumerate(val.classes)}
+        val.files = [(f, val.label_map[y]) for f, y in val.files]
+        val.classes = list(train.classes)
+        if val.kind == "folders":
+            val.label_map = None
+
+
+# -- transforms ---------------------------------------------------------------------------------
+def eval_transform(img_size: int, mean, std) -> T.Compose:
+    return T.Compose([T.Resize(img_size, interpolation=BICUBIC), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def augment_transform(img_size: int, mean, std) -> T.Compose:
+    """The paper's probe augmentation: RandomResizedCrop (0.08, 1), flip, ColorJitter 0.3, RandAugment m9."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.3, 0.3, 0.3),
+        T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BILINEAR),
+        T.ToTensor(), T.Normalize(mean, std),
+    ])
+
+
+# -- samples ------------------------------------------------------------------------------------
+class _ShardProcessor:
+    """A raw shard sample -> (key, image tensor, label); CorruptSample when unusable."""
+
+    def __init__(self, transform: Callable, num_classes: int, label_map: dict[int, int] | None):
+        self.transform, self.num_classes, self.label_map = transform, num_classes, label_map
+
+    def __call__(self, sample: dict) -> tuple[str, torch.Tensor, int]:
+        try:
+            raw = sample.get("cls")
+            label = int(raw.decode("ascii")) if raw is not None else int(json.loads(sample["json"])["cls"])
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise CorruptSample(f"no class label in sample {sample.get('__key__')!r}") from None
+        if self.label_map is not None:
+            label = self.label_map.get(label, -1)
+        if not 0 <= label < self.num_classes:
+            raise CorruptSample(f"class label {label} out of range in sample {sample.get('__key__')!r}")
+        return sample["__key__"], self.transform(decode_image(sample)), label
+
+
+def _load_file(path: str, transform: Callable) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any decoder failure: skip and count
+        raise CorruptSample(f"undecodable image {path}: {err}") from None
+    return transform(image)
+
+
+def collate(items: list) -> dict:
+    """Items are (key, image, label) or None (corrupt); None are dropped and counted."""
+    good = [it for it in items if it is not None]
+    batch = {"keys": [k for k, _, _ in good], "skipped": len(items) - len(good)}
+    batch["image"] = torch.stack([im for _, im, _ in good]) if good else torch.empty(0)
+    batch["label"] = torch.tensor([y for _, _, y in good], dtype=torch.long)
+    return batch
+
+
+class _FolderDataset(Dataset):
+    def __init__(self, files: list[tuple[str, int]], indices: list[int], transform: Callable):
+        self.files, self.indices, self.transform = files, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        path, label = self.files[index]
+        try:
+            return f"{index:09d}", _load_file(path, self.transform), label
+        except CorruptSample as err:
+            log.warning("skipping %s", err)
+            return None
+
+
+class _EvalShardStream(IterableDataset):
+    """Every sample of the shards exactly once, split over (rank, worker) slots by the epoch-mode
+    packing of `plan_epoch` (whole shards per slot, or every k-th sample when shards are few)."""
+
+    def __init__(self, shards: list[ShardInfo], process: Callable, batch_size: int, rank: int, world: int, workers: int):
+        self.process, self.batch_size, self.rank, self.workers = process, batch_size, rank, max(1, workers)
+        self.plan = plan_epoch(shards, world * self.workers, 1)
+
+    def __iter__(self):
+        info = get_worker_info()
+        slot = self.rank * self.workers + (info.id if info is not None else 0)
+        urls = self.plan.slot_shards[slot]
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in urls)
+        if self.plan.sample_split:
+            samples = (s for i, s in enumerate(samples) if i % len(self.plan.slot_shards) == slot)
+        items = []
+        for sample in samples:
+            try:
+                items.append(self.process(sample))
+            except CorruptSample as err:
+                log.warning("skipping sample: %s", err)
+                items.append(None)
+            if len(items) == self.batch_size:
+                yield collate(items)
+                items = []
+        if items:
+            yield collate(items)
+
+
+def eval_batches(split: Split, transform: Callable, batch_size: int, num_workers: int,
+                 rank: int = 0, world: int = 1) -> DataLoader:
+    """Batches {keys, image, label, skipped} covering this rank's share of the split, each sample once."""
+    if split.kind == "folders":
+        indices = list(range(rank, len(split.files), world))
+        return DataLoader(_FolderDataset(split.files, indices, transform), batch_size=batch_size,
+                          num_workers=num_workers, collate_fn=collate)
+    process = _ShardProcessor(transform, len(split.classes), split.label_map)
+    workers = min(num_workers, max(1, len(split.shards) // world)) if num_workers else 0
+    return DataLoader(_EvalShardStream(split.shards, process, batch_size, rank, world, workers),
+                      batch_size=None, num_workers=workers)
+
+
+class _FolderEpochs(DataLoader):
+    """Class folders for augmented training: a fresh seeded shuffle each epoch, equal share per rank."""
+
+    def __init__(self, split: Split, transform, batch_size, num_workers, rank, world, seed):
+        self.split, self.transform, self.rank, self.world, self.seed = split, transform, rank, world, seed
+        self._epoch = 0
+        per_rank = len(split.files) // world
+        super().__init__(_FolderDataset(split.files, list(range(per_rank)), transform), batch_size=batch_size,
+                         num_workers=num_workers, collate_fn=collate, drop_last=True)
+
+    def __iter__(self):
+        order = list(range(len(self.split.files)))
+        random.Random(f"{self.seed}-{self._epoch}").shuffle(order)
+        self.dataset.indices = order[self.rank::self.world][: len(self.dataset)]
+        self._epoch += 1
+        return super().__iter__()
+
+
+def train_batches(split: Split, transform: Callable, batch_size: int, num_workers: int, rank: int = 0,
+                  world: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
+    """Augmented training batches; the same number per rank, re-shuffled every epoch."""
+    if split.kind == "folders":
+        if len(split.files) // world < batch_size:
+            raise UserError(f"{split.key}: {len(split.files)} images leave a rank without one batch of {batch_size}")
+        return _FolderEpochs(split, transform, batch_size, num_workers, rank, world, seed)
+    process = _ShardProcessor(transform, len(split.classes), split.label_map)
+    try:
+        stream = ShardStream([StreamSource("train", split.shards)], process=process, collate=collate,
+                             batch_size=batch_size, mode="epoch", rank=rank, world_size=world,
+                             num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
+    except ValueError as err:
+        raise UserError(f"{split.key}: {err}") from None
+    return EpochAwareLoader(stream, num_workers=num_workers)

@@ -1,0 +1,199 @@
+"""Frozen features: the encoder's forward on probe batches, the on-disk cache, and extraction split
+across processes (torch.distributed: gloo on CPU, nccl on CUDA).
+
+Cache layout, in the run directory: `features/{train,val}.safetensors` holding `features`
+(N_images, tokens, D) -- or (N_images, D) when only linear heads need them (mean-pooled) -- and
+`labels` (N_images,), with metadata saying how they were made; a cache whose metadata differs from
+the current run is recomputed. Files appear atomically (temp name, then os.replace), so an
+interrupted extraction leaves no half file. Rows are sorted by sample key, so the cache does not
+depend on how many processes wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from aimv2.errors import UserError
+from aimv2.probe.data import Split, eval_batches
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(accelerator: str, rank: int = 0) -> torch.device:
+    if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("accelerator=cuda but no CUDA device is available")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def encode(encoder: torch.nn.Module, images: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """Frozen patch features (B, N, D): the last block after the final norm, or the mean of `blocks`
+    (each passed through the final norm, as the last block's output is)."""
+    if not blocks:
+        return encoder.forward_features(images)
+    outs = encoder.forward_intermediates(images, indices=list(blocks), norm=True, output_fmt="NLC",
+                                         intermediates_only=True)
+    return torch.stack(outs).mean(0)
+
+
+def check_blocks(encoder: torch.nn.Module, blocks: list[int]) -> None:
+    depth = len(encoder.blocks)
+    bad = [b for b in blocks if not -depth <= b < depth]
+    if bad:
+        raise UserError(f"config key 'head.blocks': {bad} out of range for an encoder with {depth} blocks")
+
+
+@dataclass
+class ExtractJob:
+    """Everything one extraction process needs (picklable: sent to spawned ranks)."""
+
+    encoder: torch.nn.Module
+    split: Split
+    transform: object
+    blocks: list[int]
+    pooled: bool  # store mean-pooled (B, D) instead of tokens (B, N, D)
+    dtype: str
+    batch_size: int
+    num_workers: int
+    accelerator: str
+    progress: bool = True
+
+
+def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
+    """This rank's share of the split: {"keys", "features", "labels", "skipped"}."""
+    device = pick_device(job.accelerator, rank)
+    encoder = job.encoder.to(device).eval()
+    loader = eval_batches(job.split, job.transform, job.batch_size, job.num_workers, rank, world)
+    keys, feats, labels, skipped = [], [], [], 0
+    total = math.ceil(job.split.count / world / job.batch_size)
+    bar = tqdm(total=total, desc=f"features {job.split.key.split('.')[-1]}", disable=not job.progress or rank != 0,
+               file=sys.stderr, leave=False)
+    for batch in loader:
+        skipped += int(batch["skipped"])
+        bar.update(1)
+        if not batch["keys"]:
+            continue
+        out = encode(encoder, batch["image"].to(device), job.blocks)  # (B, N, D)
+        if job.pooled:
+            out = out.mean(1)  # (B, D)
+        feats.append(out.to(DTYPES[job.dtype]).cpu())
+        labels.append(batch["label"])
+        keys += batch["keys"]
+    bar.close()
+    if not feats:
+        empty = torch.empty(0)
+        return {"keys": [], "features": empty, "labels": empty.long(), "skipped": skipped}
+    return {"keys": keys, "features": torch.cat(feats), "labels": torch.cat(labels), "skipped": skipped}
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """Rank shares -> one set of rows sorted by sample key (independent of the number of ranks)."""
+    parts = [p for p in parts if p["keys"]] or parts[:1]
+    keys = [k for p in parts for k in p["keys"]]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    index = torch.tensor(order, dtype=torch.long)
+    return {"keys": [keys[i] for i in order],
+            "features": torch.cat([p["features"] for p in parts])[index] if keys else parts[0]["features"],
+            "labels": torch.cat([p["labels"] for p in parts])[index] if keys else parts[0]["labels"],
+            "skipped": sum(p["skipped"] for p in parts)}
+
+
+# -- multi-process extraction -------------------------------------------------------------------
+def _rank_main(rank: int, job: ExtractJob, world: int, init: str, parts_dir: str) -> None:
+    import torch.distributed as dist
+
+    backend = "nccl" if pick_device(job.accelerator, rank).type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    try:
+        if backend == "gloo":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        part = extract_part(job, rank, world)
+        tmp = Path(parts_dir) / f".part{rank}.pt.tmp"
+        torch.save(part, tmp)
+        os.replace(tmp, Path(parts_dir) / f"part{rank}.pt")
+        dist.barrier()  # every share is on disk before any rank returns
+    finally:
+        dist.destroy_process_group()
+
+
+def extract_distributed(job: ExtractJob, world: int, parts_dir: Path) -> dict | None:
+    """Extract on `world` processes (each its share of the split), then gather their shares from disk.
+    Under an existing process group (torchrun) this rank does its share and rank 0 gathers."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for old in parts_dir.glob("part*.pt"):
+        old.unlink()
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        part = extract_part(job, rank, world)
+        torch.save(part, parts_dir / f"part{rank}.pt")
+        dist.barrier()
+        if rank != 0:
+            return None  # rank 0 gathers, caches and trains the heads
+    else:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_rank_main, args=(job, world, f"tcp://127.0.0.1:{port}", str(parts_dir)), nprocs=world, join=True)
+    parts = [torch.load(parts_dir / f"part{r}.pt", weights_only=True) for r in range(world)]
+    for r in range(world):
+        (parts_dir / f"part{r}.pt").unlink(missing_ok=True)
+    return merge_parts(parts)
+
+
+# -- cache --------------------------------------------------------------------------------------
+def load_cache(path: Path, meta: dict[str, str]) -> dict | None:
+    """The cached features when the file exists and was made the same way; else None."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            found = f.metadata() or {}
+        if {k: found.get(k) for k in meta} != meta:
+            return None
+        tensors = load_file(str(path))
+    except Exception:  # noqa: BLE001 - an unreadable cache is recomputed, not fatal
+        return None
+    return {"features": tensors["features"], "labels": tensors["labels"], "skipped": int(found.get("skipped", 0))}
+
+
+def save_cache(path: Path, data: dict, meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"features": data["features"].contiguous(), "labels": data["labels"].contiguous()}, str(tmp),
+              metadata={**meta, "skipped": str(data["skipped"]), "count": str(len(data["labels"]))})
+    os.replace(tmp, path)
+
+
+def cached_features(job: ExtractJob, path: Path, meta: dict[str, str], devices: int) -> tuple[dict | None, bool]:
+    """(features, reused?) for one split: from the cache when it matches, else extracted and cached.
+    Under torchrun, ranks other than 0 get None after doing their share."""
+    found = load_cache(path, meta)
+    if found is not None:
+        return found, True
+    if devices > 1:
+        data = extract_distributed(job, devices, path.parent / f".{path.stem}_parts")
+        if data is None:
+            return None, False
+    else:
+        data = merge_parts([extract_part(job)])
+    if len(data["labels"]) == 0:
+        raise UserError(f"{job.split.key}: no usable images ({data['skipped']} skipped as corrupt)")
+    save_cache(path, data, meta)
+    return data, False

@@ -1,0 +1,240 @@
+"""`aimv2 probe` orchestration: encoder and data, the grid of heads, resume, results JSON and table.
+
+Run directory:
+  config.yaml                 the resolved probe config
+  features/{train,val}.safetensors   cached mode: frozen features (reused when made the same way)
+  heads.pt                    head-training state after the last finished epoch (atomic)
+  results.json, results.md    every head's top-1/top-5 on val, the best marked
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from aimv2.config import save_config
+from aimv2.data.shards import atomic_write
+from aimv2.errors import UserError
+from aimv2.probe.config import ProbeConfig
+from aimv2.probe.data import augment_transform, eval_batches, eval_transform, match_classes, open_split, train_batches
+from aimv2.probe.features import ExtractJob, cached_features, check_blocks, encode, pick_device
+from aimv2.probe.grid import HeadGrid, grid_specs, steps_per_epoch
+from aimv2.probe.loader import Preprocessing, fit_resolution, load_encoder_from_pretrain_checkpoint
+
+
+def _identity(path: str) -> str:
+    """A checkpoint's identity for cache keys: resolved path, size and modification time."""
+    p = Path(path)
+    if not p.is_file():
+        return str(path)
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def _fingerprint(cfg: ProbeConfig, extra: dict) -> str:
+    """What must match for saved head state to be resumed."""
+    keys = {"mode": cfg.mode, "img_size": cfg.img_size, "cache_dtype": cfg.cache_dtype, "seed": cfg.seed,
+            "data": asdict(cfg.data) | {"num_workers": None}, "head": asdict(cfg.head), "optim": asdict(cfg.optim), **extra}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preprocessing: Preprocessing | None = None) -> dict | None:
+    """Probe; returns the results dict (also written as results.json / results.md). An encoder may be
+    passed directly (with its preprocessing), else it is loaded from `cfg.checkpoint`."""
+    run_dir = cfg.resolved_run_dir()
+    train, val = open_split(cfg.data.train, "data.train"), open_split(cfg.data.val, "data.val")
+    match_classes(train, val)
+    if encoder is None:
+        encoder, trained_size, preprocessing = load_encoder_from_pretrain_checkpoint(cfg.checkpoint)
+        source = _identity(cfg.checkpoint)
+    else:
+        trained_size = preprocessing.img_size
+        source = f"in-memory encoder {hashlib.sha256(b''.join(p.detach().cpu().numpy().tobytes() for p in encoder.parameters())).hexdigest()[:16]}"
+    size = fit_resolution(encoder, trained_size, cfg.img_size)
+    check_blocks(encoder, cfg.head.blocks)
+    encoder.requires_grad_(False).eval()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    mean, std = preprocessing.mean, preprocessing.std
+    progress = cfg.progress_bar
+    dim, num_classes = encoder.embed_dim, len(train.classes)
+    specs = grid_specs(cfg.head.kinds, cfg.optim.lrs, cfg.optim.weight_decays)
+    grid = HeadGrid(specs, dim, num_classes, cfg.optim, cfg.head.attention_heads)
+    started = time.perf_counter()
+    info = {"checkpoint": cfg.checkpoint, "encoder": source, "img_size": size, "mode": cfg.mode,
+            "blocks": list(cfg.head.blocks) or "last", "classes": num_classes, "run_dir": str(run_dir)}
+
+    if cfg.mode == "cached":
+        pooled = "attentive" not in cfg.head.kinds
+        meta = {"encoder": source, "img_size": str(size), "blocks": json.dumps(list(cfg.head.blocks)),
+                "pooled": str(pooled), "dtype": cfg.cache_dtype, "classes": json.dumps(train.classes)}
+        data = {}
+        for name, split in (("train", train), ("val", val)):
+            job = ExtractJob(encoder, split, eval_transform(size, mean, std), list(cfg.head.blocks), pooled,
+                             cfg.cache_dtype, cfg.data.batch_size, cfg.data.num_workers, cfg.accelerator, progress)
+            found, reused = cached_features(job, run_dir / "features" / f"{name}.safetensors",
+                                            meta | {"split": _identity(getattr(cfg.data, name)), "planned": str(split.count)}, cfg.devices)
+            if found is None:
+                return None  # a non-zero torchrun rank: its share is done
+            print(f"probe: {name} features {tuple(found['features'].shape)} "
+                  f"({'reused from cache' if reused else 'extracted'}), {found['skipped']} corrupt skipped", file=sys.stderr)
+            data[name] = found
+        device = pick_device(cfg.accelerator)
+        fp = _fingerprint(cfg, {"encoder": source, "train": len(data["train"]["labels"])})
+        train_cached(grid, data["train"], cfg, device, run_dir / "heads.pt", fp, progress)
+        metrics = evaluate_tensors(grid, data["val"], cfg.data.batch_size, device)
+        info |= {"train_count": len(data["train"]["labels"]), "val_count": len(data["val"]["labels"]),
+                 "skipped": {"train": data["train"]["skipped"], "val": data["val"]["skipped"]}}
+    else:
+        if cfg.devices > 1:
+            raise UserError("config key 'devices': augmented mode trains on one device for now; "
+                            "use devices=1 (multi-process extraction is for mode=cached)")
+        device = pick_device(cfg.accelerator)
+        encoder.to(device)
+        fp = _fingerprint(cfg, {"encoder": source})
+        train_skipped = _train_augmented(grid, encoder, train, cfg, size, mean, std, device, run_dir / "heads.pt", fp, progress)
+        metrics, val_count, val_skipped = _evaluate_stream(grid, encoder, val, cfg, size, mean, std, device)
+        info |= {"train_count": train.count, "val_count": val_count,
+                 "skipped": {"train_last_epoch": train_skipped, "val": val_skipped}}
+
+    rows = grid.results(metrics)
+    best = max(range(len(rows)), key=lambda i: (rows[i]["top1"], rows[i]["top5"]))
+    for i, row in enumerate(rows):
+        row["best"] = i == best
+    results = info | {"epochs": cfg.optim.epochs, "seconds": round(time.perf_counter() - started, 1),
+                      "best": rows[best], "heads": rows,
+                      "best_per_kind": {k: max((r for r in rows if r["head"] == k), key=lambda r: r["top1"])
+                                        for k in cfg.head.kinds}}
+    atomic_write(run_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    table = results_table(results)
+    atomic_write(run_dir / "results.md", table + "\n")
+    print(table)
+    print(f"results: {run_dir / 'results.json'} and {run_dir / 'results.md'}")
+    return results
+
+
+# -- training -----------------------------------------------------------------------------------
+def _load_state(grid: HeadGrid, path: Path, fp: str) -> int:
+    """Epochs already done (0 when no matching state): heads, optimizer moments and step restored."""
+    if not path.is_file():
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged state file: start over
+        return 0
+    if state.get("fingerprint") != fp:
+        print(f"probe: {path} was made with other settings; training the heads from scratch", file=sys.stderr)
+        return 0
+    grid.load_state_dict(state["grid"])
+    grid.load_optimizer_state(state["optim"])
+    print(f"probe: resuming head training after epoch {state['epoch']} from {path}", file=sys.stderr)
+    return int(state["epoch"])
+
+
+def _save_state(grid: HeadGrid, path: Path, fp: str, epoch: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"fingerprint": fp, "epoch": epoch, "grid": grid.state_dict(), "optim": grid.optimizer_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def _step(grid: HeadGrid, feats: torch.Tensor, labels: torch.Tensor, total: int, warmup: int) -> float:
+    loss = grid.loss(grid(feats.float()), labels)
+    loss.backward()
+    grid.optimizer_step(total, warmup)
+    return float(loss.detach()) / len(grid.specs)
+
+
+def train_cached(grid, train: dict, cfg: ProbeConfig, device, state_path: Path, fp: str, progress: bool) -> None:
+    feats, labels = train["features"], train["labels"]
+    n, bs = len(labels), cfg.data.batch_size
+    per_epoch = n // bs if n >= bs else 1  # full batches (BatchNorm needs > 1 sample); all when fewer
+    total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
+    grid.to(device).train()
+    start = _load_state(grid, state_path, fp) if state_path else 0
+    bar = tqdm(total=total, initial=start * per_epoch, desc="heads", disable=not progress, file=sys.stderr, leave=False)
+    for epoch in range(start, cfg.optim.epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        for i in range(per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            loss = _step(grid, feats[idx].to(device), labels[idx].to(device), total, warmup)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+        if state_path:
+            _save_state(grid, state_path, fp, epoch + 1)
+    bar.close()
+
+
+def _train_augmented(grid, encoder, split, cfg, size, mean, std, device, state_path, fp, progress) -> int:
+    loader = train_batches(split, augment_transform(size, mean, std), cfg.data.batch_size, cfg.data.num_workers,
+                           seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    per_epoch = len(loader)
+    total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
+    grid.to(device).train()
+    start = _load_state(grid, state_path, fp)
+    if hasattr(loader, "_epochs_started"):
+        loader._epochs_started = start  # the stream's shuffling is seeded by the epoch
+    else:
+        loader._epoch = start
+    bar = tqdm(total=total, initial=start * per_epoch, desc="heads (augmented)", disable=not progress,
+               file=sys.stderr, leave=False)
+    skipped = 0
+    for epoch in range(start, cfg.optim.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation draws, reproducible per epoch
+        skipped = 0
+        for batch in loader:
+            skipped += int(batch["skipped"])
+            if len(batch["label"]) > 1:
+                feats = encode(encoder, batch["image"].to(device), list(cfg.head.blocks))  # (B, N, D)
+                loss = _step(grid, feats, batch["label"].to(device), total, warmup)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+            bar.update(1)
+        _save_state(grid, state_path, fp, epoch + 1)
+    bar.close()
+    return skipped
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_tensors(grid: HeadGrid, val: dict, batch_size: int, device) -> dict:
+    grid.to(device).eval()
+    metrics = grid.new_metrics()
+    for i in range(0, len(val["labels"]), batch_size):
+        grid.update_metrics(metrics, grid(val["features"][i:i + batch_size].to(device).float()), val["labels"][i:i + batch_size])
+    return metrics
+
+
+@torch.no_grad()
+def _evaluate_stream(grid, encoder, split, cfg, size, mean, std, device) -> tuple[dict, int, int]:
+    grid.to(device).eval()
+    metrics, count, skipped = grid.new_metrics(), 0, 0
+    for batch in eval_batches(split, eval_transform(size, mean, std), cfg.data.batch_size, cfg.data.num_workers):
+        skipped += int(batch["skipped"])
+        if batch["keys"]:
+            feats = encode(encoder, batch["image"].to(device), list(cfg.head.blocks))
+            grid.update_metrics(metrics, grid(feats), batch["label"])
+            count += len(batch["keys"])
+    return metrics, count, skipped
+
+
+# -- report -------------------------------------------------------------------------------------
+def results_table(results: dict) -> str:
+    """A Markdown table of every head, the best marked."""
+    lines = [f"Probe of {results['checkpoint'] or results['encoder']} ({results['mode']} mode, {results['epochs']} epochs, "
+             f"img {results['img_size']}, {results['classes']} classes, {results['train_count']} train / "
+             f"{results['val_count']} val images, skipped {results['skipped']})", "",
+             "| head | lr | wd | top-1 | top-5 | best |", "|---|---|---|---|---|---|"]
+    for r in results["heads"]:
+        mark = "**best**" if r["best"] else ""
+        lines.append(f"| {r['head']} | {r['lr']:g} | {r['wd']:g} | {r['top1']:.2f} | {r['top5']:.2f} | {mark} |")
+    b = results["best"]
+    lines += ["", f"best on val: {b['head']} lr={b['lr']:g} wd={b['wd']:g}: top-1 {b['top1']:.2f}, top-5 {b['top5']:.2f}"]
+    return "\n".join(lines)
