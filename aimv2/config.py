@@ -134,11 +134,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) so a run directory says how it was made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(path)
+    from aimv2.fileio import atomic_write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def _check(ok: bool, key: str, msg: str) -> None:

@@ -1,7 +1,6 @@
 """Feature extraction split across 2 real processes (torch.distributed, gloo on CPU) gives exactly the
 single-process features; and the split of class shards over ranks covers every sample once."""
 
-import os
 
 import torch
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aimv2.data.shards import ShardSample, atomic_write, classes_json, write_shards
+from aimv2.data.shards import ShardSample, classes_json, write_shards
+from aimv2.fileio import atomic_write
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _INKS = {

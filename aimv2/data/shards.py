@@ -28,6 +28,7 @@ import webdataset
 from PIL import Image
 
 from aimv2.data.samples import IMAGE_EXTS
+from aimv2.fileio import atomic_write
 from aimv2.errors import UserError
 
 _CANONICAL_EXT = {"jpeg": "jpg"}  # one name per format: fewer variants for readers to match
@@ -92,21 +93,6 @@ def brace_urls(out_dir: str | Path, n_shards: int) -> str:
     if n_shards == 1:
         return f"{out_dir}/{0:05d}.tar"
     return f"{out_dir}/{{{0:05d}..{n_shards - 1:05d}}}.tar"
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a whole file under a temp name beside it, then rename: readers never see half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def classes_json(classes: list[str]) -> str:

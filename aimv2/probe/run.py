@@ -21,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from aimv2.config import save_config
-from aimv2.data.shards import atomic_write
+from aimv2.fileio import atomic_write
 from aimv2.errors import UserError
 from aimv2.probe.config import ProbeConfig
 from aimv2.probe.data import augment_transform, eval_batches, eval_transform, match_classes, open_split, train_batches
 from aimv2.probe.features import ExtractJob, cached_features, check_blocks, encode, pick_device
-from aimv2.probe.grid import HeadGrid, grid_specs, steps_per_epoch
+from aimv2.probe.grid import HeadGrid, grid_specs
 from aimv2.probe.loader import Preprocessing, fit_resolution, load_encoder_from_pretrain_checkpoint
 
 
