@@ -1,49 +1,29 @@
 """The frozen encoder of a probe, from a checkpoint, with the preprocessing it expects.
 
-Today: `aimv2 pretrain` checkpoints (Lightning .ckpt whose hyper-parameters are plain dicts).
-Other formats (timm / transformers exports, Apple's release) will be added here.
+Every format `aimv2.load_encoder` reads works here (this project's .ckpt, a DeepSpeed ZeRO
+directory, an `aimv2 export` directory, timm and transformers directories, Apple's release), so
+`aimv2 probe checkpoint=...` accepts all of them. `Preprocessing` lives in aimv2.checkpoints.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models.vision_transformer import VisionTransformer
 
-from aimv2.errors import UserError
+from aimv2.checkpoints import Preprocessing, load_encoder, resize_encoder
+
+__all__ = ["Preprocessing", "fit_resolution", "load_encoder_from_pretrain_checkpoint", "load_probe_encoder"]
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """Eval preprocessing: resize (shorter side) + center crop to img_size, bicubic, CLIP mean/std."""
-
-    img_size: int
-    mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
-    std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
-    interpolation: str = "bicubic"
+def load_probe_encoder(path: str | Path) -> tuple[VisionTransformer, int, Preprocessing]:
+    """(encoder in eval mode, the resolution of its weights, its preprocessing) from any checkpoint format."""
+    encoder, preprocessing = load_encoder(path)
+    return encoder, preprocessing.img_size, preprocessing
 
 
-def load_encoder_from_pretrain_checkpoint(path: str | Path) -> tuple[VisionTransformer, int, Preprocessing]:
-    """(encoder in eval mode, its training resolution, its preprocessing) from an `aimv2 pretrain` checkpoint."""
-    from aimv2.training.module import AIMv2PretrainModule
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means not a checkpoint we can read
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if not isinstance(hparams, dict) or "model" not in hparams or "state_dict" not in raw:
-        raise UserError(f"{path}: not an `aimv2 pretrain` checkpoint (no model hyper-parameters / state_dict)")
-    module = AIMv2PretrainModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    encoder = module.model.encoder.eval()
-    img_size = int(module.model.img_size)
-    return encoder, img_size, Preprocessing(img_size)
+# The probe's original name, from when only `aimv2 pretrain` checkpoints were read; same function.
+load_encoder_from_pretrain_checkpoint = load_probe_encoder
 
 
 def fit_resolution(encoder: VisionTransformer, trained_size: int, wanted: int) -> int:
@@ -51,12 +31,5 @@ def fit_resolution(encoder: VisionTransformer, trained_size: int, wanted: int) -
     (a multiple of its patch size; position embeddings are resampled). Else a UserError naming it."""
     if wanted in (0, trained_size):
         return trained_size
-    patch = encoder.patch_embed.patch_size[0]
-    if wanted % patch:
-        raise UserError(f"img_size={wanted} does not fit the encoder: not a multiple of its patch size {patch} "
-                        f"(it was trained at {trained_size}; img_size=0 uses that)")
-    try:
-        encoder.set_input_size(img_size=(wanted, wanted))
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"img_size={wanted} does not fit the encoder trained at {trained_size}: {err}") from None
+    resize_encoder(encoder, wanted, f"the encoder (trained at {trained_size}; img_size=0 uses that)")
     return wanted

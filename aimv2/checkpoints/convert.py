@@ -1,0 +1,150 @@
+"""Weight-layout conversion as pure dict-in dict-out functions, kept outside the models.
+
+Layouts (REFERENCE.md section 4):
+- timm: the encoder's own `VisionTransformer.state_dict()` (`patch_embed.proj`, `blocks.N.attn.qkv`, ...).
+  Every checkpoint this project writes holds the encoder in this layout (under `model.encoder.`).
+- apple: ml-aim's release (`preprocessor.patchifier.*`, `trunk.blocks.N.*`, `trunk.post_trunk_norm`).
+  timm's own `checkpoint_filter_fn` already converts it to timm's; `apple_to_timm` reuses it.
+- hf: transformers' `Aimv2VisionModel` (`embeddings.*`, `encoder.layers.N.{attention,ffn}.*`, `rms_norm`),
+  with q/k/v as three matrices where timm has one fused `qkv`.
+Keys a mapping does not know pass through unchanged, so a strict load lists them as unexpected
+instead of silently dropping weights.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+import torch
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+StateDict = dict[str, torch.Tensor]
+
+# (timm prefix, other prefix); {i} is a block index.
+_HF_PREFIXES = [
+    ("patch_embed.proj.", "embeddings.patch_embed."),
+    ("patch_embed.norm.", "embeddings.rms_norm."),
+    ("blocks.{i}.norm1.", "encoder.layers.{i}.rms_norm1."),
+    ("blocks.{i}.norm2.", "encoder.layers.{i}.rms_norm2."),
+    ("blocks.{i}.attn.proj.", "encoder.layers.{i}.attention.out_proj."),
+    ("blocks.{i}.mlp.fc1_g.", "encoder.layers.{i}.ffn.gate_proj."),
+    ("blocks.{i}.mlp.fc1_x.", "encoder.layers.{i}.ffn.up_proj."),
+    ("blocks.{i}.mlp.fc2.", "encoder.layers.{i}.ffn.down_proj."),
+    ("norm.", "rms_norm."),
+]
+# The inverse of timm's `_convert_aimv2` (used inside `checkpoint_filter_fn`).
+_APPLE_PREFIXES = [
+    ("pos_embed", "preprocessor.pos_embed"),
+    ("patch_embed.proj.", "preprocessor.patchifier.proj."),
+    ("patch_embed.norm.", "preprocessor.patchifier.norm."),
+    ("blocks.{i}.norm1.", "trunk.blocks.{i}.norm_1."),
+    ("blocks.{i}.norm2.", "trunk.blocks.{i}.norm_2."),
+    ("blocks.{i}.attn.", "trunk.blocks.{i}.attn."),
+    ("blocks.{i}.mlp.fc1_g.", "trunk.blocks.{i}.mlp.fc1."),
+    ("blocks.{i}.mlp.fc1_x.", "trunk.blocks.{i}.mlp.fc3."),
+    ("blocks.{i}.mlp.fc2.", "trunk.blocks.{i}.mlp.fc2."),
+    ("norm.", "trunk.post_trunk_norm."),
+]
+_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
+
+
+@cache
+def _compile(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)"))
+
+
+def _rename(key: str, pairs: list[tuple[str, str]], forward: bool) -> str:
+    """Rewrite the first matching prefix (timm -> other when forward, else other -> timm)."""
+    for timm_prefix, other_prefix in pairs:
+        src, dst = (timm_prefix, other_prefix) if forward else (other_prefix, timm_prefix)
+        match = _compile(src).match(key)
+        if match:
+            head = dst.replace("{i}", match.group(1)) if match.groups() else dst
+            return head + key[match.end():]
+    return key
+
+
+def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
+    """The entries under `prefix`, with it removed (e.g. `model.encoder.` of a pre-training checkpoint)."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def layout_of(keys) -> str | None:
+    """Which layout a set of tensor names is in: 'module' (this project's pre-training module),
+    'apple', 'hf', 'timm', or None."""
+    keys = list(keys)
+    if any(k.startswith(("model.encoder.", "_forward_module.model.encoder.")) for k in keys):
+        return "module"
+    if any(k.startswith(("preprocessor.patchifier.", "trunk.blocks.")) for k in keys):
+        return "apple"
+    if any(k.startswith(("embeddings.patch_embed.", "vision_model.embeddings.patch_embed.")) for k in keys):
+        return "hf"
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    return None
+
+
+def module_to_timm(state_dict: StateDict) -> StateDict:
+    """The encoder of a pre-training module's state dict (Lightning's old `_forward_module.` wrapper and
+    torch.compile's `_orig_mod.` removed)."""
+    state_dict = {k.removeprefix("_forward_module.").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+    return strip_prefix(state_dict, "model.encoder.")
+
+
+def timm_to_hf(state_dict: StateDict) -> StateDict:
+    """timm encoder -> `Aimv2VisionModel` (fused qkv split into q/k/v; pos_embed (1, N, D) -> (N, D))."""
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        fused = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if fused:
+            i, kind = fused.groups()
+            for name, part in zip("qkv", value.chunk(3, dim=0)):  # rows: [q; k; v], each (D, ...)
+                out[f"encoder.layers.{i}.attention.{name}_proj.{kind}"] = part.clone()
+        elif key == "pos_embed":
+            out["embeddings.position_embedding.weight"] = value.reshape(value.shape[-2], value.shape[-1])  # (N, D)
+        else:
+            out[_rename(key, _HF_PREFIXES, forward=True)] = value
+    return out
+
+
+def hf_to_timm(state_dict: StateDict) -> StateDict:
+    """`Aimv2VisionModel` (or the vision tower `vision_model.*` of a full `Aimv2Model`) -> timm encoder.
+
+    The text tower and projections of a full model are not part of the image encoder and are dropped."""
+    if any(k.startswith("vision_model.") for k in state_dict):
+        state_dict = strip_prefix(state_dict, "vision_model.")
+    out: StateDict = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        split = _QKV.match(key)
+        if split:
+            i, name, kind = split.groups()
+            qkv.setdefault((i, kind), {})[name] = value
+        elif key == "embeddings.position_embedding.weight":
+            out["pos_embed"] = value.unsqueeze(0)  # (1, N, D)
+        else:
+            out[_rename(key, _HF_PREFIXES, forward=False)] = value
+    for (i, kind), parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        else:  # incomplete: keep the originals so the strict load names them
+            out.update({f"encoder.layers.{i}.attention.{n}_proj.{kind}": t for n, t in parts.items()})
+    return out
+
+
+def timm_to_apple(state_dict: StateDict) -> StateDict:
+    """timm encoder -> ml-aim's release layout (the inverse of the mapping inside timm's filter)."""
+    return {_rename(k, _APPLE_PREFIXES, forward=True): v for k, v in state_dict.items()}
+
+
+def apple_names_to_timm(state_dict: StateDict) -> StateDict:
+    """Apple names -> timm names, nothing else: enough to read an Apple state dict's shapes before a
+    model exists. The conversion used for loading is timm's own (`apple_to_timm`)."""
+    return {_rename(k, _APPLE_PREFIXES, forward=False): v for k, v in state_dict.items()}
+
+
+def apple_to_timm(state_dict: StateDict, model: VisionTransformer) -> StateDict:
+    """ml-aim's release layout -> timm, by timm's own `checkpoint_filter_fn` (it also resamples the
+    position embedding if `model` has another grid)."""
+    return checkpoint_filter_fn(dict(state_dict), model)

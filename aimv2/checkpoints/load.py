@@ -1,0 +1,194 @@
+"""`load_encoder(source)`: a ready timm encoder and its preprocessing from any checkpoint format.
+
+The weights go through one strict check: a mismatch is a one-line error listing the missing,
+unexpected and mis-shaped keys, never a silently half-initialized encoder.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from aimv2.checkpoints.arch import (
+    TimmRecipe,
+    hf_vision_config,
+    recipe_from_hf_config,
+    recipe_from_shapes,
+    recipe_from_size,
+    recipe_from_timm_config,
+)
+from aimv2.checkpoints.convert import apple_names_to_timm, apple_to_timm, hf_to_timm, module_to_timm, strip_prefix
+from aimv2.checkpoints.formats import RawCheckpoint, read_checkpoint
+from aimv2.checkpoints.preprocessing import Preprocessing
+from aimv2.errors import UserError
+from aimv2.models.sizes import get_size
+
+
+@dataclass
+class LoadedEncoder:
+    encoder: VisionTransformer  # eval mode, fp32, CPU
+    preprocessing: Preprocessing
+    recipe: TimmRecipe  # builds this encoder at its current resolution
+    trained_size: int  # the resolution of the weights in the file
+    raw: RawCheckpoint
+
+
+def load_encoder(source: str | Path, img_size: int | None = None, *, heads: int | None = None
+                 ) -> tuple[VisionTransformer, Preprocessing]:
+    """(timm VisionTransformer in eval mode on the CPU, its eval preprocessing) from any checkpoint:
+    this project's .ckpt, a DeepSpeed ZeRO directory, an `aimv2 export` directory, a timm or
+    transformers directory, or Apple's ml-aim release. `img_size` (a multiple of the patch size)
+    resamples the position embedding to another resolution; `heads` is needed only for a bare state
+    dict whose shapes match no row of the size table."""
+    loaded = load_checkpoint(source, img_size, heads=heads)
+    return loaded.encoder, loaded.preprocessing
+
+
+def load_checkpoint(source: str | Path, img_size: int | None = None, *, heads: int | None = None) -> LoadedEncoder:
+    """`load_encoder` with everything it found: the recipe, the trained resolution and the raw checkpoint."""
+    raw = read_checkpoint(source)
+    state, recipe, pre = _encoder_parts(raw, heads)
+    encoder = recipe.build(empty=True)  # meta tensors: the weights come from the file
+    if raw.format == "apple":
+        state = apple_to_timm(state, encoder)
+    _load_strict(encoder, state, raw, recipe)
+    del state
+    # Keep only what read_decoder may still need: the encoder's tensors now live in the model.
+    raw.tensors = {k: v for k, v in raw.tensors.items() if "model.decoder." in k}
+    encoder.eval()
+    trained = int(encoder.patch_embed.img_size[0])
+    pre = pre.with_size(trained)
+    if img_size:
+        resize_encoder(encoder, img_size, str(raw.path))
+        recipe = replace(recipe, kwargs={**recipe.kwargs, "img_size": img_size})
+        pre = pre.with_size(img_size)
+    return LoadedEncoder(encoder, pre, recipe, trained, raw)
+
+
+def resize_encoder(encoder: VisionTransformer, img_size: int, where: str = "encoder") -> None:
+    """Set another input resolution; timm resamples the position embedding (bicubic, as its loader does)."""
+    patch = encoder.patch_embed.patch_size[0]
+    if img_size <= 0 or img_size % patch:
+        raise UserError(f"img_size={img_size} does not fit {where}: not a positive multiple of its patch size {patch}")
+    if img_size != encoder.patch_embed.img_size[0]:
+        encoder.set_input_size(img_size=(img_size, img_size))
+
+
+def _drop_head(state: dict, where: str) -> dict:
+    """LiT-style attention-pooling heads are not part of the encoder trunk that timm's aimv2 models hold."""
+    head = [k for k in state if k.startswith("head.")]
+    if head:
+        warnings.warn(f"{where}: dropped the attention-pooling head ({len(head)} tensors); "
+                      "pooled features are the mean of the patch tokens", stacklevel=3)
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def _encoder_parts(raw: RawCheckpoint, heads: int | None) -> tuple[dict, TimmRecipe, Preprocessing]:
+    """(timm-layout state dict -- Apple's is converted later by timm's filter --, recipe, preprocessing
+    with a placeholder size) for each format."""
+    where, cfg = str(raw.path), raw.config
+    if raw.format in ("lightning", "zero"):
+        state = module_to_timm(raw.tensors)
+        model = cfg.get("model") if isinstance(cfg.get("model"), dict) else None
+        if model is None:
+            return state, recipe_from_shapes(state, where, heads), Preprocessing(0)
+        try:
+            spec = get_size(str(model.get("size")))
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        return state, recipe_from_size(spec, int(model.get("img_size", 224))), Preprocessing(0)
+    if raw.format == "aimv2":
+        try:
+            return raw.tensors, TimmRecipe(**cfg["timm"]), Preprocessing.from_dict(cfg["preprocessing"])
+        except (KeyError, TypeError) as err:
+            raise UserError(f"{where}/config.json: missing or malformed entry {err}") from None
+    if raw.format == "timm":
+        recipe = recipe_from_timm_config(cfg, where) if cfg else recipe_from_shapes(raw.tensors, where, heads)
+        return raw.tensors, recipe, Preprocessing.from_timm_cfg(cfg.get("pretrained_cfg", {}), 0)
+    if raw.format == "hf":
+        state = _drop_head(hf_to_timm(raw.tensors), where)
+        vision = hf_vision_config(cfg)
+        if vision.get("is_native"):
+            state["pos_embed"] = _native_pos_embed(vision)
+        recipe = recipe_from_hf_config(cfg, where) if cfg else recipe_from_shapes(state, where, heads)
+        pre = Preprocessing.from_hf_processor(raw.preprocessor, 0) if raw.preprocessor else Preprocessing(0)
+        return state, recipe, pre
+    state = _drop_head(raw.tensors, where)  # apple
+    recipe = (recipe_from_hf_config(cfg, where) if "hidden_size" in hf_vision_config(cfg)
+              else recipe_from_shapes(apple_names_to_timm(state), where, heads))
+    return state, recipe, Preprocessing(0)
+
+
+def _native_pos_embed(cfg: dict) -> torch.Tensor:
+    """The fixed 2-D sin-cos table a native-resolution `Aimv2VisionModel` computes on the fly, at the
+    config's image size, as a learned-style (1, N, D) table (change resolution with img_size=)."""
+    try:
+        from transformers.models.aimv2.modeling_aimv2 import build_2d_sinusoidal_position_embedding
+    except ImportError:
+        raise UserError("a native-resolution transformers checkpoint needs transformers installed") from None
+    side = int(cfg.get("image_size", 224)) // int(cfg.get("patch_size", 14))
+    table = build_2d_sinusoidal_position_embedding(side, side, int(cfg.get("hidden_size", 1024)))  # (N, D)
+    half = table.shape[-1] // 2  # the [sin_w|cos_w|sin_h|cos_h] order transformers uses for AIMv2
+    return torch.cat([table[..., half:], table[..., :half]], dim=-1).unsqueeze(0)
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, recipe: TimmRecipe) -> None:
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mis_shaped:
+        parts = [f"{label} {len(keys)} keys [{_listing(keys)}]" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if keys]
+        raise UserError(f"{raw.path}: {raw.format} weights do not fit the {recipe.name} encoder: " + "; ".join(parts))
+    # fp32 on the CPU whatever the file holds (releases are often bf16); assign: the meta tensors are replaced.
+    state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    encoder.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
+    if left:  # a buffer outside the state dict: not an architecture this loader knows
+        raise UserError(f"{raw.path}: the {recipe.name} encoder has tensors no checkpoint holds: {_listing(left)}")
+
+
+def read_decoder(loaded: LoadedEncoder) -> tuple[dict, dict] | None:
+    """(decoder state dict, MultimodalDecoder keyword arguments) when the checkpoint holds the
+    pre-training decoder (this project's .ckpt, ZeRO directory or export with decoder), else None."""
+    raw = loaded.raw
+    if raw.format == "aimv2" and raw.decoder_file is not None and "decoder" in raw.config:
+        from aimv2.checkpoints.safe_io import load_safetensors
+        return load_safetensors(raw.decoder_file), dict(raw.config["decoder"])
+    if raw.format in ("lightning", "zero") and isinstance(raw.config.get("model"), dict):
+        state = strip_prefix({k.removeprefix("_forward_module."): v for k, v in raw.tensors.items()}, "model.decoder.")
+        if not state:
+            return None
+        spec = get_size(str(raw.config["model"]["size"]))
+        kwargs = {"encoder_width": spec.width, "width": spec.decoder_width, "depth": spec.decoder_depth,
+                  "heads": spec.decoder_heads, "mlp_hidden": spec.decoder_mlp_hidden,
+                  "patch_dim": spec.patch_size * spec.patch_size * 3,
+                  "vocab_size": int(raw.config["vocab_size"]), "max_text_len": int(raw.config["max_text_len"])}
+        return state, kwargs
+    return None
+
+
+def load_decoder(source: str | Path) -> torch.nn.Module:
+    """The pre-training decoder (`MultimodalDecoder`, eval mode) of a checkpoint that has one."""
+    from aimv2.models.decoder import MultimodalDecoder
+
+    loaded = load_checkpoint(source)
+    found = read_decoder(loaded)
+    if found is None:
+        raise UserError(f"{loaded.raw.path}: holds no pre-training decoder ({loaded.raw.format} format)")
+    state, kwargs = found
+    decoder = MultimodalDecoder(**kwargs)
+    decoder.load_state_dict(state, strict=True)
+    return decoder.eval()
+
