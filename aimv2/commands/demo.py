@@ -1,5 +1,6 @@
 """`aimv2 demo`: the main job on an embedded default, offline: write the demo shards (real digit
-scans shipped inside scikit-learn), pre-train the debug size on them, and say where everything is."""
+scans shipped inside scikit-learn), pre-train the debug size on them, probe the frozen encoder, draw
+its next-patch predictions on held-out digits, write the run's report, and say where everything is."""
 
 from __future__ import annotations
 
@@ -40,5 +41,45 @@ def run(args: argparse.Namespace) -> int:
     probe_cfg = load_config(CONFIGS / "probe" / "quick.yaml", [
         f"checkpoint={paths['checkpoints'] / 'last.ckpt'}", f"data.train={demo['probe_train']['dir']}",
         f"data.val={demo['probe_val']['dir']}", f"run_dir={out / 'probe'}", "accelerator=cpu"], schema=ProbeConfig)
-    run_probe(probe_cfg)
+    results = run_probe(probe_cfg)
+    # Pictures: the prediction grid of the last checkpoint on held-out digits, and the run's report.
+    from aimv2.commands.report import write_report
+    from aimv2.commands.visualize import visualize_checkpoint
+
+    heldout = heldout_examples(Path(demo["probe_val"]["dir"]), out / "heldout", demo["classes"])
+    grid = visualize_checkpoint(paths["checkpoints"] / "last.ckpt", [str(heldout)])
+    report = write_report([paths["config"].parent], paths["config"].parent / "report")
+    best = results["best"] if results else None
+    print("\n".join([
+        f"demo finished; everything is under {out}",
+        f"  data         {out / 'data'} (pretrain shards, probe/train, probe/val)",
+        f"  checkpoint   {paths['checkpoints'] / 'last.ckpt'}",
+        f"  logs         {paths['metrics']} (tensorboard --logdir {paths['tensorboard']})",
+        f"  predictions  {paths['visualizations']}/step=*.png during training; held-out digits: {grid['grid']}",
+        f"  report       {report['markdown']} and {report['curves']}",
+        f"  probe        {out / 'probe' / 'results.md'}"
+        + (f" (best: {best['head']} head, top-1 {best['top1']:.2f})" if best else ""),
+    ]))
     return 0
+
+
+def heldout_examples(val_dir: Path, out_dir: Path, classes: list[str], count: int = 4) -> Path:
+    """The first `count` held-out digits of distinct classes as image files with a true caption
+    (`NNN.jpg` + `NNN.txt`), so `aimv2 visualize --images DIR` can show what the model makes of them."""
+    import tarfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(sorted(val_dir.glob("*.tar"))[0]) as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if info.isfile() and ext in ("jpg", "cls"):
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    seen: set[int] = set()
+    for key, sample in sorted(members.items()):
+        cls = int(sample.get("cls", b"-1"))
+        if "jpg" in sample and cls not in seen and len(seen) < count:
+            seen.add(cls)
+            (out_dir / f"{key}.jpg").write_bytes(sample["jpg"])
+            (out_dir / f"{key}.txt").write_text(f"a handwritten digit {classes[cls]}\n", encoding="utf-8")
+    return out_dir

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from PIL import Image
 from aimv2.data.samples import IMAGE_EXTS
 from aimv2.fileio import atomic_write
 from aimv2.errors import UserError
+from aimv2.progress import progress as progress_bar
 
 _CANONICAL_EXT = {"jpeg": "jpg"}  # one name per format: fewer variants for readers to match
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots: webdataset splits key from field at one
@@ -199,6 +199,8 @@ def write_shards(
 ) -> WriteReport:
     """Write `samples` into `00000.tar, 00001.tar, ...` in `out_dir` and return a report.
 
+    `progress` shows rate and ETA over the input samples (`aimv2.progress`: a bar on a terminal,
+    whole lines elsewhere) on stderr.
     `verify_images=False` writes every sample that has bytes as-is (no decode, no caption
     check): the fast path for trusted data, and how tests plant corrupt samples.
     `extra_files` (name -> content) are written atomically beside the shards, before
@@ -213,8 +215,12 @@ def write_shards(
     mtime = int(time.time())
     shard: _OpenShard | None = None
     seen: set[str] = set()  # keys in the current shard: a repeat would merge two samples
+    # Rate and ETA over input samples (skipped ones included); a total only when the source knows it.
+    bar = progress_bar(total=len(samples) if hasattr(samples, "__len__") else None, desc=f"shards {out.name}",
+                       unit="img", enable=progress)
     try:
         for sample in samples:
+            bar.update(1)
             ext = image_ext(f"x.{sample.image_ext}")
             reason = _reject_reason(sample, ext, verify_images, require_caption)
             if reason is not None:
@@ -227,15 +233,19 @@ def write_shards(
             shard.write(sample, ext)
             seen.add(sample.key)
             if shard.count == samples_per_shard:
-                _finish_shard(shard, report, progress)
+                _finish_shard(shard, report)
                 shard = None
+                bar.set_postfix(shards=len(report.shards), skipped=len(report.skipped))
         if shard is not None:
-            _finish_shard(shard, report, progress)
+            _finish_shard(shard, report)
             shard = None
+            bar.set_postfix(shards=len(report.shards), skipped=len(report.skipped))
     except BaseException:
         if shard is not None:
             shard.abort()
         raise
+    finally:
+        bar.close()
     report.total = sum(report.counts)
     report.urls = brace_urls(out, len(report.shards))
     for name, content in (extra_files or {}).items():
@@ -250,7 +260,7 @@ def write_shards(
     return report
 
 
-def _finish_shard(shard: _OpenShard, report: WriteReport, progress: bool) -> None:
+def _finish_shard(shard: _OpenShard, report: WriteReport) -> None:
     """Commit the tar, then its img2dataset-style stats file (which counting tools read)."""
     shard.commit()
     stats = {
@@ -264,8 +274,6 @@ def _finish_shard(shard: _OpenShard, report: WriteReport, progress: bool) -> Non
     atomic_write(shard.path.with_name(f"{shard.path.stem}_stats.json"), json.dumps(stats, indent=1) + "\n")
     report.shards.append(shard.path)
     report.counts.append(shard.count)
-    if progress:
-        print(f"shards: wrote {shard.path} ({shard.count} samples)", file=sys.stderr, flush=True)
 
 
 def shard_sample_count(url: str) -> int | None:

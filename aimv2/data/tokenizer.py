@@ -29,6 +29,10 @@ class CaptionTokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens dropped): shows a caption the decoder generated."""
+        raise NotImplementedError
+
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids (B, L) int64 padded with pad_id, mask (B, L) bool (True on real tokens)."""
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
@@ -52,6 +56,10 @@ class ClipTokenizer(CaptionTokenizer):
     def encode(self, text: str) -> list[int]:
         return self._bpe.encode(text)
 
+    def decode(self, ids: list[int]) -> str:
+        special = set(self._bpe.all_special_ids)
+        return " ".join(self._bpe.decode([i for i in ids if i not in special]).split())
+
 
 class HFTokenizer(CaptionTokenizer):
     def __init__(self, path: str, max_length: int = 77):
@@ -73,6 +81,9 @@ class HFTokenizer(CaptionTokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True).strip()
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> CaptionTokenizer:

@@ -1,0 +1,1 @@
+"""Seeing a run: next-patch prediction grids, greedy captions, curves and reports."""
