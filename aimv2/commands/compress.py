@@ -1,0 +1,120 @@
+"""`aimv2 compress {train,evaluate,plan,export}`: attach a pre-trained encoder to an LLM through a
+token compressor, align it on image-caption shards, measure loss and prefill cost per number of
+visual tokens M, and export the front end as one bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aimv2.errors import UserError
+
+HELP = "attach the encoder to an LLM through a token compressor: train, evaluate, plan, export"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="compress_verb", required=True, metavar="ACTION")
+
+    train = sub.add_parser("train", help="align a compressor (stage 1; stage=2 also trains the LLM) from a config",
+                           description="Lightning run: RUN/config.yaml, RUN/checkpoints/, RUN/logs/{metrics.csv,tensorboard}")
+    train.add_argument("config", help="YAML config, e.g. configs/compress/tiny.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. compressor.kind=resampler compressor.num_tokens=4")
+    train.set_defaults(_compress_run=_run_train)
+
+    ev = sub.add_parser("evaluate", help="held-out caption loss / perplexity per M: table (md, json) and plot (png)")
+    ev.add_argument("runs", nargs="+", help="checkpoints or run directories of `aimv2 compress train`")
+    ev.add_argument("--val", default="", help="held-out image-caption shards (default: each run's data.val)")
+    ev.add_argument("--tokens", type=_int_list, default=[], help="M values for pool/kdv runs, e.g. 1,4,16,64 "
+                    "(other kinds are evaluated at their trained M)")
+    ev.add_argument("--out", default="", help="output directory (default: <first run>/eval)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--num-workers", type=int, default=2)
+    ev.add_argument("--max-batches", type=int, default=0, help="stop after this many batches per M (0 = all)")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--shuffled", action="store_true",
+                    help="also score each caption against another image of its batch (how much the image tells)")
+    ev.set_defaults(_compress_run=_run_evaluate)
+
+    plan = sub.add_parser("plan", help="prefill FLOPs (2 N (Q + M)) and measured latency per M, with and without cached text")
+    plan.add_argument("config", help="a compress config (its lm and text.tokenizer sections are used)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. lm.hidden_size=1024 lm.num_layers=16")
+    plan.add_argument("--text-tokens", type=int, default=50, help="Q, text tokens per query (default 50)")
+    plan.add_argument("--tokens", type=_int_list, default=[1, 4, 16, 64, 256], help="M values (default 1,4,16,64,256)")
+    plan.add_argument("--params", type=float, default=None,
+                      help="LLM size N_params for the FLOPs column, e.g. 7e9 (default: the attached LM's)")
+    plan.add_argument("--repeats", type=int, default=5, help="timed prefills per cell (median reported)")
+    plan.add_argument("--device", default="cpu", help="cpu or cuda")
+    plan.add_argument("--out", default="", help="also write plan.md and plan.json here")
+    plan.set_defaults(_compress_run=_run_plan)
+
+    export = sub.add_parser("export", help="write encoder + compressor (+ LM) + config as one bundle directory")
+    export.add_argument("run", help="a checkpoint or run directory of `aimv2 compress train`")
+    export.add_argument("--out", required=True, help="bundle directory (replaced atomically)")
+    export.set_defaults(_compress_run=_run_export)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._compress_run(args)
+
+
+def _load(config: str, overrides: list[str]):
+    from aimv2.compress.config import CompressConfig
+    from aimv2.config import load_config
+
+    return load_config(config, overrides, schema=CompressConfig)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from aimv2.compress.train import train
+
+    train(_load(args.config, args.overrides))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from aimv2.compress.evaluate import evaluate, markdown_table, resolve_checkpoint
+
+    first = Path(resolve_checkpoint(args.runs[0]))
+    out = Path(args.out) if args.out else first.parent.parent / "eval"
+    rows = evaluate(args.runs, out, val=args.val, num_tokens=args.tokens, batch_size=args.batch_size,
+                    num_workers=args.num_workers, max_batches=args.max_batches, device=args.device,
+                    shuffled=args.shuffled)
+    print(markdown_table(rows), end="")
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_tokens.png'}")
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from aimv2.compress.plan import markdown_table, plan, write_plan
+
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    rows, facts = plan(_load(args.config, args.overrides), args.text_tokens, args.tokens, args.params,
+                       args.repeats, args.device)
+    print(markdown_table(rows, facts), end="")
+    if args.out:
+        write_plan(rows, facts, args.out)
+        print(f"written: {Path(args.out) / 'plan.md'}, {Path(args.out) / 'plan.json'}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from aimv2.compress.bundle import export_bundle
+    from aimv2.compress.evaluate import resolve_checkpoint
+    from aimv2.compress.module import load_module
+
+    ckpt = resolve_checkpoint(args.run)
+    out = export_bundle(load_module(ckpt), args.out)
+    print(f"bundle of {ckpt} written to {out}")
+    print(f"load it with: from aimv2.compress import load_bundle; vlm = load_bundle({str(out)!r})")
+    return 0

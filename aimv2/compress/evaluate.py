@@ -1,0 +1,118 @@
+"""`aimv2 compress evaluate`: caption loss and perplexity on held-out shards for each trained
+attachment and each M, with the prefill cost of each M, as a table (Markdown + JSON) and a plot.
+
+Compressors whose weights do not depend on M (pool, kdv) are evaluated at every M asked for from
+one checkpoint; the others at the M they were trained for (one run per M: eval/README.md).
+Prefill FLOPs per image follow 2 * N_params * (Q + M), Q = the text tokens of an average sample
+(prefix + prompt + caption). With `shuffled=True` every M is scored a second time with each
+caption paired to another image of its batch: the gap to the matched score is what the visual
+tokens tell the LM about their own image (a text-only or prior-only model shows no gap).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from aimv2.compress.data import held_out_loader
+from aimv2.compress.lm import prefill_flops, prefill_params
+from aimv2.compress.module import CompressModule, load_module
+from aimv2.errors import UserError
+from aimv2.fileio import atomic_write
+
+
+@dataclass
+class EvalRow:
+    run: str  # the checkpoint
+    compressor: str
+    stage: int
+    num_tokens: int  # M
+    loss: float  # mean caption cross-entropy per token (nats)
+    perplexity: float
+    caption_tokens: int  # tokens scored
+    images: int
+    skipped: int  # corrupt held-out samples skipped
+    text_tokens: float  # Q: prefix + prompt + mean caption tokens per sample
+    lm_params: int  # N_params of the formula (LM without its input embedding table)
+    prefill_gflops: float  # 2 * N_params * (Q + M) / 1e9, per image
+    shuffled: bool = False  # captions scored against another image of their batch (a control)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run directory (its checkpoints/last.ckpt)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p} (give a .ckpt or a run directory of `aimv2 compress train`)")
+    return str(p)
+
+
+@torch.no_grad()
+def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool = False) -> dict:
+    """Summed caption cross-entropy over the held-out batches at the compressor's current M
+    (shuffled: each caption against the next image of its batch)."""
+    vlm, device = module.vlm, module.device
+    total, tokens, images, skipped = 0.0, 0, 0, 0
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        pixels = batch["image"].roll(1, dims=0) if shuffled else batch["image"]
+        ce, n = vlm.caption_loss(pixels.to(device), batch["tokens"].to(device), batch["token_mask"].to(device))
+        total, tokens = total + float(ce), tokens + int(n)
+        images, skipped = images + batch["image"].shape[0], skipped + int(batch["skipped"])
+    if tokens == 0:
+        raise UserError("no held-out caption was scored (empty or unreadable shards)")
+    return {"sum": total, "tokens": tokens, "images": images, "skipped": skipped}
+
+
+def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), batch_size: int = 32,
+                        num_workers: int = 2, max_batches: int = 0, device: str = "cpu",
+                        shuffled: bool = False) -> list[EvalRow]:
+    module = load_module(path).to(device)
+    cfg, vlm = module.cfg, module.vlm
+    trained = vlm.compressor.num_tokens
+    values = list(num_tokens) if num_tokens and vlm.compressor.flexible else [trained]
+    key = "--val" if val else "data.val"
+    n_params = prefill_params(vlm.lm)
+    rows = []
+    for m in values:
+        if m != vlm.compressor.num_tokens:
+            vlm.compressor.set_num_tokens(m)
+        for control in ((False, True) if shuffled else (False,)):
+            loader = held_out_loader(val or cfg.data.val, key, module.tokenizer, vlm.preprocessing, batch_size,
+                                     num_workers)
+            s = score(module, loader, max_batches, shuffled=control)
+            q = vlm.prefix_ids.numel() + vlm.prompt_ids.numel() + s["tokens"] / s["images"]
+            loss = s["sum"] / s["tokens"]
+            rows.append(EvalRow(path, cfg.compressor.kind, cfg.stage, m, loss, math.exp(min(loss, 700)), s["tokens"],
+                                s["images"], s["skipped"], q, n_params, prefill_flops(n_params, q, m) / 1e9, control))
+    return rows
+
+
+def markdown_table(rows: list[EvalRow]) -> str:
+    lines = ["| run | compressor | stage | M | images | caption loss | perplexity | Q (text tokens) | "
+             "prefill GFLOPs / image | images scored |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {Path(r.run).parent.parent.name or r.run} | {r.compressor} | {r.stage} | {r.num_tokens} | "
+                     f"{'shuffled' if r.shuffled else 'matched'} | {r.loss:.4f} | {r.perplexity:.2f} | "
+                     f"{r.text_tokens:.1f} | {r.prefill_gflops:.4g} | {r.images} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(checkpoints: list[str], out_dir: str | Path, **kwargs) -> list[EvalRow]:
+    """Evaluate every checkpoint (or run dir); write results.{json,md} and loss_vs_tokens.png to out_dir."""
+    rows = [row for ckpt in checkpoints for row in evaluate_checkpoint(resolve_checkpoint(ckpt), **kwargs)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", json.dumps({"rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    atomic_write(out / "results.md", markdown_table(rows))
+    from aimv2.compress.plot import plot_loss_vs_tokens
+
+    plot_loss_vs_tokens(rows, out / "loss_vs_tokens.png")
+    return rows

@@ -1,0 +1,90 @@
+"""The frozen language model: any Hugging Face causal LM from a local directory, or a small
+randomly initialized Llama/Qwen2 for tests and the offline demo (these machines reach no hub).
+
+Also the parameter count the prefill formula uses: 2 * N_params * (Q + V) FLOPs per sequence,
+where N_params leaves out the input embedding table (a lookup, not a matmul).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aimv2.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("aimv2 compress needs transformers: pip install 'aimv2[hf]'") from None
+    return transformers
+
+
+def _dtype_kwarg(tf, dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 names it `dtype`; older releases `torch_dtype`."""
+    major, minor = (int(x) for x in tf.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def random_lm_config(cfg, vocab_size: int):
+    """A LlamaConfig / Qwen2Config from the `lm` section; vocab from the tokenizer."""
+    tf = _transformers()
+    common = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
+                  tie_word_embeddings=False, initializer_range=cfg.init_std)
+    return tf.LlamaConfig(**common) if cfg.arch == "llama" else tf.Qwen2Config(**common)
+
+
+def build_lm(cfg, vocab_size: int) -> nn.Module:
+    """The causal LM of the `lm` section, in eval mode. A local path wins over random init."""
+    tf = _transformers()
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.path:
+        if not Path(cfg.path).is_dir():
+            raise UserError(f"config key 'lm.path': model directory not found: {cfg.path}")
+        try:
+            lm = tf.AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **_dtype_kwarg(tf, dtype))
+        except Exception as err:  # noqa: BLE001 - any loading failure is a bad directory for the user
+            raise UserError(f"config key 'lm.path': cannot load a causal LM from {cfg.path}: "
+                            f"{str(err).splitlines()[0][:200]}") from None
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            lm = tf.AutoModelForCausalLM.from_config(random_lm_config(cfg, vocab_size),
+                                                   **_dtype_kwarg(tf, dtype))
+    check_vocab(lm, vocab_size)
+    return lm.eval()
+
+
+def check_vocab(lm: nn.Module, vocab_size: int) -> None:
+    """Every tokenizer id must index the LM's embedding table."""
+    rows = lm.get_input_embeddings().num_embeddings
+    if vocab_size > rows:
+        raise UserError(f"config key 'text.tokenizer': the tokenizer has {vocab_size} tokens but the LM's embedding "
+                        f"table has {rows} rows: use the LM's own tokenizer (text.tokenizer.kind=hf, path=<lm dir>)")
+
+
+def prefill_params(lm: nn.Module) -> int:
+    """N_params of the prefill formula: all LM parameters except the input embedding table."""
+    total = sum(p.numel() for p in lm.parameters())
+    return total - lm.get_input_embeddings().weight.numel()
+
+
+def prefill_flops(n_params: float, text_tokens: int, visual_tokens: int) -> float:
+    """2 * N_params * (Q + V): the dense-matmul cost of prefilling Q text and V visual tokens
+    (attention's quadratic term is left out, as in the paper; it is small at these lengths)."""
+    return 2.0 * n_params * (text_tokens + visual_tokens)
+
+
+def keep_last_logits(lm: nn.Module, n: int) -> dict:
+    """forward kwargs computing logits for the last n positions only, where the LM supports it
+    (the vocabulary projection of every position is most of a small LM's cost and memory)."""
+    import inspect
+
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}

@@ -1,0 +1,102 @@
+"""The alignment LightningModule: caption loss through the attached LM; only the compressor trains
+(stage 1), or the compressor and the LM (stage 2, the LM at `optim.lm_lr_scale` of the lr).
+
+Checkpoints hold the trainable weights and the config as a plain dict. The frozen encoder is left
+out (it is rebuilt from `encoder.source`), and so is a frozen LM loaded from `lm.path`; a randomly
+initialized or trained LM is kept. `aimv2 compress export` makes a self-contained bundle.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import lightning as L
+import torch
+
+from aimv2.compress.attach import build_attachment
+from aimv2.compress.config import config_from_dict
+from aimv2.errors import UserError
+from aimv2.training.optim import param_groups, warmup_cosine
+
+
+class CompressModule(L.LightningModule):
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = config_from_dict(config)
+        self.vlm, self.tokenizer = build_attachment(self.cfg)
+        self.strict_loading = False  # frozen parts are rebuilt from their sources, not the checkpoint
+        self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
+
+    # -- what a checkpoint holds ---------------------------------------------------------------
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        prefixes = ["vlm.encoder."]
+        if self.cfg.stage == 1 and self.cfg.lm.path:
+            prefixes.append("vlm.lm.")
+        return tuple(prefixes)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = self._frozen_prefixes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        frozen = self._frozen_prefixes()
+        missing = [k for k in self.state_dict() if not k.startswith(frozen) and k not in state]
+        if missing:
+            raise UserError(f"checkpoint lacks {len(missing)} trained weights of this config (first: {missing[0]})")
+
+    # -- training --------------------------------------------------------------------------------
+    def _draw_num_tokens(self) -> None:
+        """Matryoshka-style: M for this step, the same on every rank and after a resume (seeded by step)."""
+        choices = self.cfg.compressor.train_tokens
+        if choices:
+            draw = random.Random(f"{self.cfg.trainer.seed}-{self.global_step}")
+            self.vlm.compressor.set_num_tokens(draw.choice(choices))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._draw_num_tokens()
+        ce, n = self.vlm.caption_loss(batch["image"], batch["tokens"], batch["token_mask"])
+        loss = ce / n.clamp(min=1)  # mean cross-entropy per caption token
+        self.skipped_samples += batch["skipped"]
+        self.log("train/caption_loss", loss, prog_bar=True)
+        self.log("train/num_tokens", float(self.vlm.compressor.num_tokens))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("data/skipped_samples", self.skipped_samples.float(), reduce_fx="sum", sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.cfg.optim
+        groups = [g | {"lr": cfg.lr} for g in param_groups(self.vlm.compressor, cfg.weight_decay)]
+        if self.cfg.stage == 2:
+            lm_lr = cfg.lr * cfg.lm_lr_scale
+            groups += [g | {"lr": lm_lr} for g in param_groups(self.vlm.lm, cfg.weight_decay)]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise UserError(f"compressor '{self.cfg.compressor.kind}' has nothing to train in stage {self.cfg.stage}")
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+        total = int(min(self.trainer.estimated_stepping_batches, 2**62))
+        warmup = min(cfg.warmup_steps, max(total - 1, 0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, cfg.lr, cfg.min_lr) / cfg.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_module(path: str, map_location: str = "cpu") -> CompressModule:
+    """A trained attachment from an `aimv2 compress train` checkpoint (a UserError naming it otherwise)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means not a checkpoint we can read
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(raw, dict) or "config" not in (raw.get("hyper_parameters") or {}):
+        raise UserError(f"{path}: not an `aimv2 compress train` checkpoint (no config in its hyper-parameters)")
+    with warnings.catch_warnings():  # the frozen encoder is rebuilt from encoder.source, not missing
+        warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
+        module = CompressModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    return module.eval()

@@ -1,0 +1,95 @@
+"""`aimv2 compress train`: alignment of a compressor between a frozen encoder and an LLM, as a
+Lightning run with the pre-training run layout (config.yaml, checkpoints/, logs/metrics.csv,
+logs/tensorboard/) built by the same `build_trainer`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+
+from aimv2.compress.config import CompressConfig, config_to_dict
+from aimv2.compress.data import AlignmentDataModule
+from aimv2.compress.module import CompressModule
+from aimv2.config import save_config
+from aimv2.errors import UserError
+from aimv2.training.report import read_metric
+from aimv2.training.trainer import build_trainer, run_paths
+
+
+def resolve_paths(cfg: CompressConfig) -> CompressConfig:
+    """Absolute encoder/LM paths, so checkpoints reload from any working directory."""
+    for section, key in ((cfg.encoder, "source"), (cfg.lm, "path")):
+        value = getattr(section, key)
+        if value and Path(value).exists():
+            setattr(section, key, str(Path(value).resolve()))
+    return cfg
+
+
+def train(cfg: CompressConfig) -> dict[str, Path]:
+    """Train; returns the run's paths (config, checkpoints, metrics, tensorboard)."""
+    cfg.require("encoder.source", "data.train")
+    if cfg.trainer.max_steps <= 0:
+        raise UserError("config key 'trainer.max_steps': must be > 0 (the training stream is infinite)")
+    cfg = resolve_paths(cfg)
+    resume = cfg.trainer.resume
+    if resume is not None and not Path(resume).is_file():
+        raise UserError(f"trainer.resume: checkpoint not found: {resume}")
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    module = CompressModule(config_to_dict(cfg))
+    if cfg.compressor.init and resume is None:
+        init_compressor(module, cfg.compressor.init)
+    data = AlignmentDataModule(cfg.data, module.tokenizer, module.vlm.preprocessing)
+    trainer = build_trainer(cfg.trainer, cfg.run_dir, grad_clip=cfg.optim.grad_clip)
+    paths = run_paths(cfg.run_dir)
+    if trainer.is_global_zero:
+        save_config(cfg, paths["config"])
+    with warnings.catch_warnings():  # expected here: frozen parts in eval mode, frozen weights not in checkpoints
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+        warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if trainer.is_global_zero:
+        print(summary(cfg, paths, trainer.global_step))
+    return paths
+
+
+def init_compressor(module: CompressModule, source: str) -> None:
+    """Copy the compressor weights of an earlier run (checkpoint, run dir) or an exported bundle."""
+    import torch
+    from safetensors.torch import load_file
+
+    from aimv2.compress.evaluate import resolve_checkpoint
+
+    key = "compressor.init"
+    if (Path(source) / "compressor.safetensors").is_file():
+        state = load_file(Path(source) / "compressor.safetensors")
+    else:
+        raw = torch.load(resolve_checkpoint(source), map_location="cpu", weights_only=True)
+        state = {k.removeprefix("vlm.compressor."): v for k, v in raw.get("state_dict", {}).items()
+                 if k.startswith("vlm.compressor.")}
+    try:
+        module.vlm.compressor.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"config key '{key}': {source} holds another compressor: {str(err).splitlines()[0][:200]}") from None
+    print(f"compressor initialized from {source}")
+
+
+def loss_trend(metrics_csv: Path, window: int = 3) -> str:
+    values = [v for _, v in read_metric(metrics_csv, "train/caption_loss")]
+    if not values:
+        return "no caption loss logged (raise trainer.max_steps or lower trainer.log_every_n_steps)"
+    first, last = values[:window], values[-window:]
+    return f"caption loss {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} (mean of the first/last {window} logged)"
+
+
+def summary(cfg: CompressConfig, paths: dict[str, Path], steps: int) -> str:
+    c = cfg.compressor
+    return "\n".join([
+        f"alignment (stage {cfg.stage}, compressor {c.kind}, M={c.num_tokens or 'N'}) finished after {steps} steps",
+        f"  {loss_trend(paths['metrics'])}",
+        f"  config       {paths['config']}",
+        f"  checkpoints  {paths['checkpoints']}/ (last.ckpt is the newest)",
+        f"  metrics      {paths['metrics']}",
+        f"  tensorboard  tensorboard --logdir {paths['tensorboard']}",
+    ])
