@@ -3,12 +3,14 @@ single-process features; and the split of class shards over ranks covers every s
 
 
 import torch
+from test_probe_helpers import small_config, write_colour_folders, write_tiny_checkpoint
 
 from aimv2.data.demo import build_demo_shards
+from aimv2.probe.config import ProbeOptimConfig
 from aimv2.probe.data import eval_batches, eval_transform, open_split
 from aimv2.probe.features import ExtractJob, extract_distributed, extract_part
 from aimv2.probe.loader import load_encoder_from_pretrain_checkpoint
-from test_probe_helpers import write_tiny_checkpoint
+from aimv2.probe.run import run_probe
 
 
 def test_two_process_extraction_equals_one_process(tmp_path, monkeypatch):
@@ -36,3 +38,20 @@ def test_rank_split_of_shards_covers_every_sample_once(tmp_path):
             for batch in eval_batches(split, transform, 100, 0, rank, world):
                 keys += batch["keys"]
         assert len(keys) == split.count == len(set(keys)), world
+
+
+def test_two_process_augmented_probe_covers_every_image_and_learns(tmp_path, monkeypatch):
+    # The paper's mode on 2 real processes (gloo): each streams half the training images, gradients are
+    # averaged (the run itself raises if the heads diverge across ranks), val is split and summed back.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt" / "model.ckpt")
+    train = write_colour_folders(tmp_path / "train", 16, seed=0, corrupt=2)
+    val = write_colour_folders(tmp_path / "val", 8, seed=1)
+    optim = ProbeOptimConfig(lrs=[3e-3, 1e-2], weight_decays=[0.05], epochs=6, warmup_epochs=1)
+    cfg = small_config(tmp_path, train, val, optim=optim, mode="augmented", devices=2, checkpoint=str(ckpt))
+    cfg.data.batch_size = 8
+    results = run_probe(cfg)
+    assert results["val_count"] == 24 and results["skipped"] == {"train_last_epoch": 2, "val": 0}
+    assert results["best"]["top1"] >= 90.0
+    state = torch.load(tmp_path / "probe" / "heads.pt", weights_only=True)
+    assert state["epoch"] == 6

@@ -18,12 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
                         help="an optional YAML config (e.g. configs/probe/imagenet_attentive.yaml), then overrides "
                              "such as optim.epochs=10 mode=augmented head.kinds=[linear]")
-    parser.add_argument("--checkpoint", help="an `aimv2 pretrain` checkpoint, e.g. runs/demo/pretrain/checkpoints/last.ckpt")
+    parser.add_argument("--checkpoint", help="any checkpoint aimv2.load_encoder reads (an `aimv2 pretrain` .ckpt such as "
+                        "runs/demo/pretrain/checkpoints/last.ckpt, a ZeRO directory, an export, a timm or transformers "
+                        "directory, Apple's release)")
     parser.add_argument("--train", help="train split: class folders (DIR/<class>/<images>) or class shards (DIR with classes.json)")
     parser.add_argument("--val", help="val split, same layout and classes as --train")
     parser.add_argument("--out", help="run directory (default: <checkpoint's run>/probe)")
     parser.add_argument("--mode", choices=("cached", "augmented"), help="cached (default): features once; augmented: the paper's")
-    parser.add_argument("--devices", type=int, help="processes for feature extraction (default 1)")
+    parser.add_argument("--devices", type=int, help="processes, one per device (default 1): feature extraction, or augmented training")
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:

@@ -53,7 +53,7 @@ class ProbeConfig:
     img_size: int = 0  # 0 = the encoder's training resolution
     cache_dtype: str = "float32"  # dtype of cached features; float16 halves the file (see the README)
     accelerator: str = "auto"  # auto | cpu | cuda
-    devices: int = 1  # processes for feature extraction (torch.distributed; gloo on CPU, nccl on CUDA)
+    devices: int = 1  # processes (torch.distributed; gloo on CPU, nccl on CUDA): extraction in cached mode, training in augmented
     seed: int = 0
     progress_bar: bool = True
     data: ProbeDataConfig = field(default_factory=ProbeDataConfig)

@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from aimv2.errors import UserError
 from aimv2.probe.data import Split, eval_batches
+from aimv2.probe.dist import pick_device, spawn
+from aimv2.progress import progress
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def pick_device(accelerator: str, rank: int = 0) -> torch.device:
-    if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("accelerator=cuda but no CUDA device is available")
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -76,8 +68,8 @@ def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
     loader = eval_batches(job.split, job.transform, job.batch_size, job.num_workers, rank, world)
     keys, feats, labels, skipped = [], [], [], 0
     total = math.ceil(job.split.count / world / job.batch_size)
-    bar = tqdm(total=total, desc=f"features {job.split.key.split('.')[-1]}", disable=not job.progress or rank != 0,
-               file=sys.stderr, leave=False)
+    bar = progress(total=total, desc=f"features {job.split.key.split('.')[-1]}", unit="batch",
+                   enable=job.progress and rank == 0, leave=False)
     for batch in loader:
         skipped += int(batch["skipped"])
         bar.update(1)
@@ -109,46 +101,32 @@ def merge_parts(parts: list[dict]) -> dict:
 
 
 # -- multi-process extraction -------------------------------------------------------------------
-def _rank_main(rank: int, job: ExtractJob, world: int, init: str, parts_dir: str) -> None:
+def _extract_rank(rank: int, world: int, job: ExtractJob, parts_dir: Path) -> None:
+    """One rank's share, saved under parts_dir; returns once every share is on disk."""
     import torch.distributed as dist
 
-    backend = "nccl" if pick_device(job.accelerator, rank).type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
-    try:
-        if backend == "gloo":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        part = extract_part(job, rank, world)
-        tmp = Path(parts_dir) / f".part{rank}.pt.tmp"
-        torch.save(part, tmp)
-        os.replace(tmp, Path(parts_dir) / f"part{rank}.pt")
-        dist.barrier()  # every share is on disk before any rank returns
-    finally:
-        dist.destroy_process_group()
+    part = extract_part(job, rank, world)
+    tmp = parts_dir / f".part{rank}.pt.tmp"
+    torch.save(part, tmp)
+    os.replace(tmp, parts_dir / f"part{rank}.pt")
+    dist.barrier()
 
 
 def extract_distributed(job: ExtractJob, world: int, parts_dir: Path) -> dict | None:
     """Extract on `world` processes (each its share of the split), then gather their shares from disk.
     Under an existing process group (torchrun) this rank does its share and rank 0 gathers."""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     parts_dir.mkdir(parents=True, exist_ok=True)
     for old in parts_dir.glob("part*.pt"):
         old.unlink()
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        part = extract_part(job, rank, world)
-        torch.save(part, parts_dir / f"part{rank}.pt")
-        dist.barrier()
+        _extract_rank(rank, world, job, parts_dir)
         if rank != 0:
             return None  # rank 0 gathers, caches and trains the heads
     else:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_rank_main, args=(job, world, f"tcp://127.0.0.1:{port}", str(parts_dir)), nprocs=world, join=True)
+        spawn(_extract_rank, world, job.accelerator, job, parts_dir)
     parts = [torch.load(parts_dir / f"part{r}.pt", weights_only=True) for r in range(world)]
     for r in range(world):
         (parts_dir / f"part{r}.pt").unlink(missing_ok=True)

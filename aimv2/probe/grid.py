@@ -64,6 +64,22 @@ class HeadGrid(nn.Module):
             total = total + F.cross_entropy(out.reshape(B * H, C), labels.repeat_interleave(H), reduction="sum") / B
         return total
 
+    def train_step(self, features: torch.Tensor | None, labels: torch.Tensor | None, total_steps: int, warmup_steps: int,
+                   reduce_grads=None) -> float:
+        """One step of every probe; returns the mean probe loss. `reduce_grads(params)` averages the
+        gradients across processes (multi-device augmented mode) before the update."""
+        if features is None:  # nothing usable in this process's batch: join the averaging with zeros
+            loss = torch.zeros(())
+            for p in self.parameters():
+                p.grad = torch.zeros_like(p)
+        else:
+            loss = self.loss(self(features.float()), labels)
+            loss.backward()
+        if reduce_grads is not None:
+            reduce_grads([p for p in self.parameters() if p.grad is not None])
+        self.optimizer_step(total_steps, warmup_steps)
+        return float(loss.detach()) / len(self.specs)
+
     # -- optimizer -------------------------------------------------------------------------
     def lr_scale(self, total_steps: int, warmup_steps: int) -> float:
         """The schedule's factor at the current step (1 at the peak), shared by every probe."""
@@ -114,9 +130,11 @@ class HeadGrid(nn.Module):
 
     # -- evaluation ------------------------------------------------------------------------
     def new_metrics(self) -> dict[str, list[tuple[MulticlassAccuracy, MulticlassAccuracy]]]:
+        # No sync on compute: multi-process evaluation sums the states itself (aimv2.probe.augmented),
+        # and under torchrun only rank 0 evaluates cached features -- an implicit gather would hang.
         top5 = min(5, self.num_classes)
-        return {k: [(MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-                     MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"))
+        acc = lambda k: MulticlassAccuracy(self.num_classes, top_k=k, average="micro", sync_on_compute=False)  # noqa: E731
+        return {k: [(acc(1), acc(top5))
                     for _ in range(self.heads[k].H)] for k in self.kinds}
 
     @staticmethod

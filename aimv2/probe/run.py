@@ -11,32 +11,42 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from aimv2.config import save_config
 from aimv2.fileio import atomic_write
-from aimv2.errors import UserError
+from aimv2.probe.augmented import AugmentedJob, run_augmented
 from aimv2.probe.config import ProbeConfig
-from aimv2.probe.data import augment_transform, eval_batches, eval_transform, match_classes, open_split, train_batches
-from aimv2.probe.features import ExtractJob, cached_features, check_blocks, encode, pick_device
+from aimv2.probe.data import eval_transform, match_classes, open_split
+from aimv2.probe.features import ExtractJob, cached_features, check_blocks, pick_device
 from aimv2.probe.grid import HeadGrid, grid_specs
-from aimv2.probe.loader import Preprocessing, fit_resolution, load_encoder_from_pretrain_checkpoint
+from aimv2.probe.loader import (
+    Preprocessing,
+    fit_resolution,
+    load_encoder_from_pretrain_checkpoint,
+)
+from aimv2.probe.state import load_head_state, save_head_state
+from aimv2.progress import progress as progress_bar
 
 
-def _identity(path: str) -> str:
-    """A checkpoint's identity for cache keys: resolved path, size and modification time."""
+def _identity(path: str, scan_dir: bool = False) -> str:
+    """A file's identity for cache keys: resolved path, size and modification time. With scan_dir, a
+    directory (ZeRO checkpoint, export) counts the total size and newest time of its files; data
+    directories (ImageNet's 1.3M files) are not scanned."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_file():
+        stats = [p.stat()]
+    elif p.is_dir() and scan_dir:
+        stats = [f.stat() for f in p.rglob("*") if f.is_file()]
+    else:
         return str(path)
-    st = p.stat()
-    return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    size, mtime = sum(st.st_size for st in stats), max((st.st_mtime for st in stats), default=0)
+    return f"{p.resolve()}:{size}:{int(mtime)}"
 
 
 def _fingerprint(cfg: ProbeConfig, extra: dict) -> str:
@@ -54,7 +64,7 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
     match_classes(train, val)
     if encoder is None:
         encoder, trained_size, preprocessing = load_encoder_from_pretrain_checkpoint(cfg.checkpoint)
-        source = _identity(cfg.checkpoint)
+        source = _identity(cfg.checkpoint, scan_dir=True)
     else:
         trained_size = preprocessing.img_size
         source = f"in-memory encoder {hashlib.sha256(b''.join(p.detach().cpu().numpy().tobytes() for p in encoder.parameters())).hexdigest()[:16]}"
@@ -91,22 +101,17 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
         device = pick_device(cfg.accelerator)
         fp = _fingerprint(cfg, {"encoder": source, "train": len(data["train"]["labels"])})
         train_cached(grid, data["train"], cfg, device, run_dir / "heads.pt", fp, progress)
-        metrics = evaluate_tensors(grid, data["val"], cfg.data.batch_size, device)
+        rows = grid.results(evaluate_tensors(grid, data["val"], cfg.data.batch_size, device))
         info |= {"train_count": len(data["train"]["labels"]), "val_count": len(data["val"]["labels"]),
                  "skipped": {"train": data["train"]["skipped"], "val": data["val"]["skipped"]}}
     else:
-        if cfg.devices > 1:
-            raise UserError("config key 'devices': augmented mode trains on one device for now; "
-                            "use devices=1 (multi-process extraction is for mode=cached)")
-        device = pick_device(cfg.accelerator)
-        encoder.to(device)
         fp = _fingerprint(cfg, {"encoder": source})
-        train_skipped = _train_augmented(grid, encoder, train, cfg, size, mean, std, device, run_dir / "heads.pt", fp, progress)
-        metrics, val_count, val_skipped = _evaluate_stream(grid, encoder, val, cfg, size, mean, std, device)
-        info |= {"train_count": train.count, "val_count": val_count,
-                 "skipped": {"train_last_epoch": train_skipped, "val": val_skipped}}
+        found = run_augmented(AugmentedJob(grid, encoder, train, val, cfg, size, mean, std, run_dir / "heads.pt", fp))
+        if found is None:
+            return None  # a non-zero torchrun rank: its share is done
+        rows = found.pop("rows")
+        info |= found
 
-    rows = grid.results(metrics)
     best = max(range(len(rows)), key=lambda i: (rows[i]["top1"], rows[i]["top5"]))
     for i, row in enumerate(rows):
         row["best"] = i == best
@@ -123,83 +128,24 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
 
 
 # -- training -----------------------------------------------------------------------------------
-def _load_state(grid: HeadGrid, path: Path, fp: str) -> int:
-    """Epochs already done (0 when no matching state): heads, optimizer moments and step restored."""
-    if not path.is_file():
-        return 0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a damaged state file: start over
-        return 0
-    if state.get("fingerprint") != fp:
-        print(f"probe: {path} was made with other settings; training the heads from scratch", file=sys.stderr)
-        return 0
-    grid.load_state_dict(state["grid"])
-    grid.load_optimizer_state(state["optim"])
-    print(f"probe: resuming head training after epoch {state['epoch']} from {path}", file=sys.stderr)
-    return int(state["epoch"])
-
-
-def _save_state(grid: HeadGrid, path: Path, fp: str, epoch: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"fingerprint": fp, "epoch": epoch, "grid": grid.state_dict(), "optim": grid.optimizer_state()}, tmp)
-    os.replace(tmp, path)
-
-
-def _step(grid: HeadGrid, feats: torch.Tensor, labels: torch.Tensor, total: int, warmup: int) -> float:
-    loss = grid.loss(grid(feats.float()), labels)
-    loss.backward()
-    grid.optimizer_step(total, warmup)
-    return float(loss.detach()) / len(grid.specs)
-
-
 def train_cached(grid, train: dict, cfg: ProbeConfig, device, state_path: Path, fp: str, progress: bool) -> None:
     feats, labels = train["features"], train["labels"]
     n, bs = len(labels), cfg.data.batch_size
     per_epoch = n // bs if n >= bs else 1  # full batches (BatchNorm needs > 1 sample); all when fewer
     total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
     grid.to(device).train()
-    start = _load_state(grid, state_path, fp) if state_path else 0
-    bar = tqdm(total=total, initial=start * per_epoch, desc="heads", disable=not progress, file=sys.stderr, leave=False)
+    start = load_head_state(grid, state_path, fp) if state_path else 0
+    bar = progress_bar(total=total, initial=start * per_epoch, desc="heads", unit="step", enable=progress, leave=False)
     for epoch in range(start, cfg.optim.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         for i in range(per_epoch):
             idx = order[i * bs:(i + 1) * bs]
-            loss = _step(grid, feats[idx].to(device), labels[idx].to(device), total, warmup)
+            loss = grid.train_step(feats[idx].to(device), labels[idx].to(device), total, warmup)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         if state_path:
-            _save_state(grid, state_path, fp, epoch + 1)
+            save_head_state(grid, state_path, fp, epoch + 1)
     bar.close()
-
-
-def _train_augmented(grid, encoder, split, cfg, size, mean, std, device, state_path, fp, progress) -> int:
-    loader = train_batches(split, augment_transform(size, mean, std), cfg.data.batch_size, cfg.data.num_workers,
-                           seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
-    per_epoch = len(loader)
-    total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
-    grid.to(device).train()
-    start = _load_state(grid, state_path, fp)
-    if hasattr(loader, "_epochs_started"):
-        loader._epochs_started = start  # the stream's shuffling is seeded by the epoch
-    else:
-        loader._epoch = start
-    bar = tqdm(total=total, initial=start * per_epoch, desc="heads (augmented)", disable=not progress,
-               file=sys.stderr, leave=False)
-    skipped = 0
-    for epoch in range(start, cfg.optim.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation draws, reproducible per epoch
-        skipped = 0
-        for batch in loader:
-            skipped += int(batch["skipped"])
-            if len(batch["label"]) > 1:
-                feats = encode(encoder, batch["image"].to(device), list(cfg.head.blocks))  # (B, N, D)
-                loss = _step(grid, feats, batch["label"].to(device), total, warmup)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
-            bar.update(1)
-        _save_state(grid, state_path, fp, epoch + 1)
-    bar.close()
-    return skipped
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -210,19 +156,6 @@ def evaluate_tensors(grid: HeadGrid, val: dict, batch_size: int, device) -> dict
     for i in range(0, len(val["labels"]), batch_size):
         grid.update_metrics(metrics, grid(val["features"][i:i + batch_size].to(device).float()), val["labels"][i:i + batch_size])
     return metrics
-
-
-@torch.no_grad()
-def _evaluate_stream(grid, encoder, split, cfg, size, mean, std, device) -> tuple[dict, int, int]:
-    grid.to(device).eval()
-    metrics, count, skipped = grid.new_metrics(), 0, 0
-    for batch in eval_batches(split, eval_transform(size, mean, std), cfg.data.batch_size, cfg.data.num_workers):
-        skipped += int(batch["skipped"])
-        if batch["keys"]:
-            feats = encode(encoder, batch["image"].to(device), list(cfg.head.blocks))
-            grid.update_metrics(metrics, grid(feats), batch["label"])
-            count += len(batch["keys"])
-    return metrics, count, skipped
 
 
 # -- report -------------------------------------------------------------------------------------
