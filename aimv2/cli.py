@@ -17,7 +17,7 @@ from aimv2.errors import UserError
 # and a deprecation inside Lightning's own pytree helper.
 QUIET_WARNINGS = (r".*IterableDataset.*has `__len__` defined.*", r".*LeafSpec.*is deprecated.*")
 
-VERBS = ("pretrain", "shards", "demo", "probe")
+VERBS = ("pretrain", "shards", "demo", "probe", "visualize", "report", "export", "compress")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,20 +67,40 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
 
 
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+
+
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed; presets in configs/strategy/ (aimv2.training.strategy)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 2 (optimizer + gradients sharded) or 3 (+ parameters)
+    offload: bool = False  # deepspeed: optimizer states (stage 3: and parameters) in CPU memory; fsdp: parameters
+    activation_checkpointing: bool = False  # recompute every transformer block in backward (encoder and decoder)
+    accumulate_grad_batches: int = 1  # batches per optimizer step
+    compile: bool = False  # torch.compile every transformer block
     precision: str = "32-true"  # bf16-mixed on GPUs; keep fp32 on CPUs
     max_steps: int = -1
     max_epochs: Optional[int] = None
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 1000
+    keep_checkpoints: int = 3  # newest step=N checkpoints kept (plus last.ckpt); -1 keeps all
+    max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (each skipped) before stopping
     seed: int = 0
-    resume: Optional[str] = None  # path of a Lightning checkpoint to continue from
+    resume: Optional[str] = None  # checkpoint path, "auto" (newest intact in run_dir), "none"; unset: auto under SLURM
+    log_samples: bool = False  # write the keys of every consumed sample to RUN/logs/samples/rank*.tsv
     progress_bar: bool = True
+
+
+@dataclass
+class VisualizeConfig:
+    every_n_steps: int = 1000  # a prediction grid every N optimizer steps (plus step 0 and the last); 0 disables
+    num_images: int = 4  # samples of the fixed batch (the first training batch) shown
+    prefix_ratio: float = 0.5  # prefix length M = round(ratio * patches), within [1, N-1]
+    max_caption_tokens: int = 20  # greedy caption length limit; 0: no captions
+    images: list[str] = field(default_factory=list)  # image files/dirs to show instead of the first batch
 
 
 @dataclass
@@ -91,6 +111,7 @@ class PretrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -99,11 +120,12 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else msg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = PretrainConfig):
-    """Schema defaults <- YAML file <- `key=value` overrides, validated, as a dataclass instance."""
+def load_config(path: str | Path | list | None, overrides: list[str] = (), schema: type = PretrainConfig):
+    """Schema defaults <- YAML file(s), later ones win (e.g. a strategy preset) <- `key=value` overrides,
+    validated, as a dataclass instance."""
     layers = [OmegaConf.structured(schema)]
-    if path is not None:
-        path = Path(path)
+    for item in ([] if path is None else path if isinstance(path, (list, tuple)) else [path]):
+        path = Path(item)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
@@ -175,6 +197,19 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         _check(t.max_steps > 0 or (t.max_epochs or 0) > 0, "trainer.max_epochs",
                "set trainer.max_epochs or trainer.max_steps in epoch data mode")
     _check(t.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps", "must be > 0")
+    validate_trainer(t)
+
+
+def validate_trainer(t: TrainerConfig) -> None:
+    _check(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}")
+    _check(t.strategy not in ("fsdp", "deepspeed") or t.accelerator != "cpu", "trainer.strategy",
+           f"{t.strategy} needs GPUs (Lightning refuses it on the CPU accelerator): set trainer.accelerator=gpu")
+    _check(t.zero_stage in (2, 3), "trainer.zero_stage", f"must be 2 or 3, got {t.zero_stage}")
+    _check(not t.offload or t.strategy in ("deepspeed", "fsdp"), "trainer.offload",
+           f"needs trainer.strategy=deepspeed or fsdp, got {t.strategy!r}")
+    _check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
+    _check(t.keep_checkpoints == -1 or t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1, or -1 (all)")
+    _check(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", "must be >= 1")
 
 
 _VALIDATORS = {PretrainConfig: validate_pretrain}

@@ -1,33 +1,46 @@
-"""Streaming batches from WebDataset shards, split across DDP ranks and dataloader workers.
+"""Streaming batches from WebDataset shards, split across DDP ranks and dataloader workers, and
+resumable at any batch.
 
 Two modes:
 - "resampled" (pre-training default): every (rank, worker) slot draws shards with replacement from
-  each source, seeded by (seed, rank, worker, epoch), and mixes sources per sample by weight. The
-  stream is infinite, so no rank can run dry and hang DDP; `trainer.max_steps` ends the run.
+  each source and mixes sources per sample by weight. The stream is infinite, so no rank can run
+  dry and hang DDP; `trainer.max_steps` ends the run.
 - "epoch": each sample is read once per epoch. Shards are packed onto the slots so that slot sample
   counts (from the per-shard count manifests) are as even as possible, and every slot yields the
   same number of full batches, so every rank runs the same number of steps (uneven batch counts
   hang DDP). With fewer shards than slots, every slot reads all shards and keeps every k-th sample.
-Batching happens in the workers so that each batch can carry the number of corrupt samples
-skipped while it was assembled; summing these gives an exact skip count.
+
+Exact resume. Everything random is a function of (seed, rank, worker, epoch, position): shard order
+and draws, source mixing, the shuffle buffer (reset every `segment` raw samples) and each sample's
+augmentation. Every batch carries `stream_pos`, where its worker's stream continues after it (pass,
+segment, samples taken from the segment, batches produced, reader position at the segment start),
+so a restarted worker re-opens that segment and skips what was consumed (reading tars, not decoding
+them): at most one segment of raw samples. The loader (aimv2.data.loader) keeps these positions.
+Batching happens in the workers so each batch can carry the number of corrupt samples skipped while
+it was assembled; summing these gives an exact skip count.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from itertools import islice
+from typing import Callable, Iterator, Optional
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from aimv2.data.readers import Mixture, Resampler, ShardSequence, split_positions, stable_seed
 from aimv2.data.samples import CorruptSample
 from aimv2.data.shardlist import ShardInfo
 
 log = logging.getLogger(__name__)
 MAX_SKIP_WARNINGS = 5  # per worker and pass; the count is logged as a metric anyway
+SEGMENT_MIN = 4096  # raw samples per shuffle segment, at least; bounds the skip work of a resume
+HEAD = 4  # position fields before the reader's: pass, segment, taken from segment, batches produced
 
 
 @dataclass
@@ -87,7 +100,10 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.workers_per_rank = max(1, num_workers)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.segment = max(SEGMENT_MIN, 8 * shuffle_buffer)
+        self.gen = 0  # bumped when a run resumes under another layout: a fresh, different sequence
         self.epoch = 0
+        self._resume: Optional[dict] = None
         self.plan = None
         if mode == "epoch":
             all_shards = [s for src in sources for s in src.shards]
@@ -105,76 +121,127 @@ class ShardStream(IterableDataset):
             raise TypeError("a resampled stream is infinite")
         return self.plan.batches_per_slot * self.workers_per_rank
 
+    @property
+    def position_width(self) -> int:
+        return HEAD + (ShardSequence.width if self.plan is not None else Resampler.width * len(self.sources))
+
+    def layout(self) -> dict:
+        """What a saved position depends on; a resume under another layout cannot continue it."""
+        return {"mode": self.mode, "world_size": self.world_size, "workers": self.workers_per_rank,
+                "batch_size": self.batch_size, "seed": self.seed, "segment": self.segment,
+                "sources": [[s.name, len(s.shards)] for s in self.sources]}
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.start_iteration(epoch, None)
+
+    def start_iteration(self, epoch: int, resume: Optional[dict]) -> None:
+        """Set before the workers start: the epoch, and optionally where this rank's stream continues,
+        {"consumed": batches this rank consumed this epoch, "slots": {worker: position}}."""
+        self.epoch, self._resume = epoch, resume
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        if info is not None and info.num_workers != self.workers_per_rank:
-            raise RuntimeError(f"stream planned for {self.workers_per_rank} workers, loader has {info.num_workers}")
-        slot = self.rank * self.workers_per_rank + worker
-        rng = random.Random(f"{self.seed}-{self.rank}-{worker}-{self.epoch}")
+        physical = info.id if info is not None else 0
+        workers = self.workers_per_rank
+        if info is not None and info.num_workers != workers:
+            raise RuntimeError(f"stream planned for {workers} workers, loader has {info.num_workers}")
+        # The loader hands out batches round-robin from worker 0; after `consumed` batches the next one
+        # is due from worker consumed % W, so physical worker p plays the logical worker that keeps the
+        # uninterrupted order.
+        consumed = self._resume["consumed"] if self._resume else 0
+        logical = (physical + consumed) % workers
+        start = self._resume["slots"].get(logical) if self._resume else None
         self._shard_errors = 0
         if self.plan is None:
-            yield from self._batches(self._shuffled(self._mixed_resampled(rng), rng))
-        else:
-            yield from self._epoch_batches(slot, rng)
+            return self._resampled(logical, start)
+        return self._epoch_slot(logical, start)
 
-    def _read(self, urls: Iterator[str]) -> Iterator[dict]:
+    def _key(self, *parts) -> int:
+        return stable_seed(self.seed, self.gen, *parts)
+
+    def _read_one(self, url: str) -> Iterator[dict]:
         def on_error(exn: Exception) -> bool:
             self._shard_errors += 1
             log.warning("skipping unreadable shard data: %s", " ".join(map(str, exn.args))[:300])
             return True
 
-        return wds.tarfile_to_samples(handler=on_error)({"url": url} for url in urls)
+        return wds.tarfile_to_samples(handler=on_error)([{"url": url}])
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
             return samples
         return wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
 
-    def _mixed_resampled(self, rng: random.Random) -> Iterator[dict]:
-        def endless(source: StreamSource) -> Iterator[dict]:
-            urls = [s.url for s in source.shards]
-            while True:
-                yield from self._read(iter([rng.choice(urls)]))
-
-        streams = [endless(src) for src in self.sources]
-        weights = [src.weight for src in self.sources]
+    def _segments(self, reader, take: Callable[[random.Random, int], Iterator[dict]], seg: int, taken: int,
+                  key: tuple) -> Iterator[tuple[dict, tuple]]:
+        """(sample, (segment, taken so far, reader position at the segment start)); the shuffle buffer
+        starts empty in every segment, so a segment can be replayed from its start alone."""
         while True:
-            yield next(streams[rng.choices(range(len(streams)), weights)[0]])
+            start, rng = reader.pos, random.Random(self._key(*key, "segment", seg))
+            count = 0
+            for sample in self._shuffled(take(rng, self.segment), rng):
+                count += 1
+                if count > taken:  # the first `taken` were consumed before a restart
+                    yield sample, (seg, count, start)
+            if count == 0:
+                return
+            seg, taken = seg + 1, 0
 
-    def _epoch_batches(self, slot: int, rng: random.Random) -> Iterator[dict]:
-        plan = self.plan
-        quota, produced, passes = plan.batches_per_slot, 0, 0
+    def _resampled(self, logical: int, start: Optional[tuple]) -> Iterator[dict]:
+        key = (self.rank, logical, self.epoch)
+        _, seg, taken, produced, *flat = start or (0, 0, 0, 0)
+        widths = [Resampler.width] * len(self.sources)
+        positions = split_positions(tuple(flat), widths) if flat else [(0, 0)] * len(self.sources)
+        readers = [Resampler([s.url for s in src.shards], self._read_one, str(self._key(*key, "source", i)), pos)
+                   for i, (src, pos) in enumerate(zip(self.sources, positions, strict=True))]
+        mixture = Mixture(readers, [src.weight for src in self.sources])
+        tagged = self._segments(mixture, mixture.take, seg, taken, key)
+        yield from self._batches(tagged, logical, 0, produced)
+
+    def _epoch_slot(self, logical: int, start: Optional[tuple]) -> Iterator[dict]:
+        plan, slot = self.plan, self.rank * self.workers_per_rank + logical
+        quota = plan.batches_per_slot
+        pas, seg, taken, produced, *reader_pos = start or (0, 0, 0, 0, 0, 0, 0)
         while produced < quota:
             urls = list(plan.slot_shards[slot])
+            keep = None
             if plan.sample_split:  # same order on every slot, so the i % k selection partitions samples
-                random.Random(f"{self.seed}-{self.epoch}-{passes}").shuffle(urls)
-                samples = (s for i, s in enumerate(self._read(iter(urls))) if i % len(plan.slot_shards) == slot)
+                random.Random(self._key(self.epoch, pas, "order")).shuffle(urls)
+                k = len(plan.slot_shards)
+                keep = lambda i, k=k: i % k == slot  # noqa: E731
             else:
-                rng.shuffle(urls)
-                samples = self._read(iter(urls))
+                random.Random(self._key(self.rank, logical, self.epoch, pas, "order")).shuffle(urls)
+            reader = ShardSequence(urls, self._read_one, keep, tuple(reader_pos))
+            fresh = (seg, taken, tuple(reader_pos)) == (0, 0, (0, 0, 0))
+            samples = iter(reader)  # one pass over the shards, cut into segments below
+
+            def take(rng: random.Random, n: int, samples=samples) -> Iterator[dict]:
+                return islice(samples, n)
+
+            tagged = self._segments(reader, take, seg, taken, (self.rank, logical, self.epoch, pas))
             before = produced
-            for batch in self._batches(self._shuffled(samples, rng)):
+            for batch in self._batches(tagged, logical, pas, produced):
                 yield batch
                 produced += 1
                 if produced == quota:
                     return
-            passes += 1
-            if produced == before:
+            if produced == before and fresh:
                 raise RuntimeError(f"data slot {slot} (rank {self.rank}) found no usable sample in {urls}")
             # Corrupt samples made this slot fall short of its planned batches: refill from its start,
             # so that all ranks still run the same number of steps.
-            log.warning("slot %d fell %d batch(es) short (corrupt samples); re-reading its shards", slot, quota - produced)
+            log.warning("slot %d fell %d batch(es) short (corrupt samples); re-reading its shards", slot,
+                        quota - produced)
+            pas, seg, taken, reader_pos = pas + 1, 0, 0, (0, 0, 0)
 
-    def _batches(self, samples: Iterator[dict]) -> Iterator[dict]:
-        items, skipped, warned = [], 0, 0
-        for sample in samples:
+    def _batches(self, tagged: Iterator[tuple[dict, tuple]], logical: int, pas: int, produced: int) -> Iterator[dict]:
+        items, keys, skipped, warned = [], [], 0, 0
+        for sample, (seg, count, start) in tagged:
             try:
-                items.append(self.process(sample))
+                # Augmentation is drawn from this sample's own seed: identical after a resume.
+                with _cpu_rng(self._key(self.rank, logical, self.epoch, pas, seg, count)):
+                    items.append(self.process(sample))
+                keys.append(sample.get("__key__"))
             except CorruptSample as err:
                 skipped += 1
                 if warned < MAX_SKIP_WARNINGS:
@@ -182,23 +249,30 @@ class ShardStream(IterableDataset):
                     log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
                 continue
             if len(items) == self.batch_size:
+                produced += 1
                 batch = self.collate(items)
                 batch["skipped"] = torch.tensor(skipped)
                 batch["shard_errors"] = torch.tensor(self._shard_errors)
+                batch.setdefault("keys", keys)
+                batch["stream_pos"] = [logical, pas, seg, count, produced, *start]
+                batch["seed"] = self._key(self.rank, logical, self.epoch, pas, seg, count, "batch")
                 yield batch
-                items, skipped, self._shard_errors = [], 0, 0
+                items, keys, skipped, self._shard_errors = [], [], 0, 0
 
 
-class EpochAwareLoader(DataLoader):
-    """A DataLoader that tells its stream which epoch starts, before (non-persistent) workers copy it."""
+@contextmanager
+def _cpu_rng(seed: int):
+    """The global CPU generator (which torchvision transforms draw from) seeded for one sample, then
+    restored. torch.manual_seed would also seed every accelerator backend: 50x slower."""
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
 
-    def __init__(self, dataset: ShardStream, **kwargs):
-        kwargs.setdefault("persistent_workers", False)
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._epochs_started = 0
 
-    def __iter__(self):
-        self.dataset.set_epoch(self._epochs_started)
-        self._epochs_started += 1
-        return super().__iter__()
+from aimv2.data.loader import EpochAwareLoader  # noqa: E402  (re-exported: the loader that drives this stream)
 
+__all__ = ["EpochAwareLoader", "EpochPlan", "ShardStream", "StreamSource", "plan_epoch"]

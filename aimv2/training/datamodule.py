@@ -47,6 +47,8 @@ class PretrainDataModule(L.LightningDataModule):
             for i, src in enumerate(cfg.sources)
         ]
         self.stream: ShardStream | None = None
+        self.loader: EpochAwareLoader | None = None
+        self._position: dict | None = None  # a restored stream position, for the loader to come
 
     @property
     def vocab_size(self) -> int:
@@ -71,5 +73,32 @@ class PretrainDataModule(L.LightningDataModule):
         self.stream = self.build_stream(rank, world)
 
     def train_dataloader(self) -> EpochAwareLoader:
-        return EpochAwareLoader(self.stream, num_workers=self.cfg.num_workers,
-                                pin_memory=torch.cuda.is_available())
+        trainer = self.trainer
+        self.loader = EpochAwareLoader(self.stream, num_workers=self.cfg.num_workers,
+                                       pin_memory=torch.cuda.is_available(),
+                                       epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+                                       gather=self._gather if trainer is not None else None)
+        if self._position is not None:
+            self.loader.load_position_state(self._position)
+            self._position = None
+        return self.loader
+
+    # -- where the stream stands, in every checkpoint (exact resume) -------------------------
+    def state_dict(self) -> dict:
+        return {"stream": self.loader.position_state()} if self.loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called by Lightning on resume, before the loader exists (or before its first batch)."""
+        if "stream" not in state:
+            return
+        if self.loader is not None:
+            self.loader.load_position_state(state["stream"])
+        else:
+            self._position = state["stream"]
+
+    def _gather(self, table: torch.Tensor) -> torch.Tensor:
+        """(world, ...) from every rank's `table`; a collective, called by all ranks at checkpoint time."""
+        strategy = self.trainer.strategy
+        if self.trainer.world_size == 1:
+            return table[None]
+        return strategy.all_gather(table.to(strategy.root_device)).cpu()

@@ -1,7 +1,20 @@
-"""The pre-training LightningModule: prefix lengths, forward, the AIMv2 loss, logging, optimizer."""
+"""The pre-training LightningModule: prefix lengths, forward, the AIMv2 loss, logging, optimizer, and
+the guard that keeps NaN/inf out of the weights.
+
+Non-finite steps. A loss or gradient that is NaN/inf must not reach the optimizer (one such update
+ruins every weight it touches). Before each optimizer step the ranks agree whether any of them saw a
+non-finite loss or gradient norm; if so the step is skipped: the gradients are dropped (set to None,
+so AdamW leaves weights and moments alone), the step still counts (global step, LR schedule, the
+data position) and `train/nonfinite_steps` counts it. After `max_nonfinite_steps` skipped steps in a
+row the run stops with an error naming the step. Under DeepSpeed its ZeRO optimizer detects the
+overflow and skips the step itself; we count it. A checkpoint is never written from non-finite
+weights.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import asdict
 
@@ -9,38 +22,53 @@ import lightning as L
 import torch
 
 from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig
+from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.objective import aimv2_loss
-from aimv2.training.optim import build_optimizer, warmup_cosine
+from aimv2.training.optim import build_optimizer, no_decay_names, warmup_cosine
+
+log = logging.getLogger(__name__)
 
 
 def _as(cls, value):
     return value if isinstance(value, cls) else cls(**value)
 
 
+class NonFiniteTraining(UserError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+
+
 class AIMv2PretrainModule(L.LightningModule):
     def __init__(self, model: ModelConfig | dict, objective: ObjectiveConfig | dict, optim: OptimConfig | dict,
-                 vocab_size: int, max_text_len: int):
+                 vocab_size: int, max_text_len: int, max_nonfinite_steps: int = 10):
         super().__init__()
         model, objective, optim = _as(ModelConfig, model), _as(ObjectiveConfig, objective), _as(OptimConfig, optim)
         # Plain dicts in the checkpoint: it reloads with weights_only=True and without this package's classes.
         self.save_hyperparameters({"model": asdict(model), "objective": asdict(objective), "optim": asdict(optim),
                                    "vocab_size": vocab_size, "max_text_len": max_text_len})
         self.objective, self.optim_cfg = objective, optim
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.spec = get_size(model.size)
         self.model = AIMv2(self.spec, model.img_size, vocab_size, max_text_len)
+        self._no_decay = no_decay_names(self.model)  # before any wrapper flattens the parameters
         # Running totals live in buffers so they are summed across ranks and saved in checkpoints.
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
         self.register_buffer("shard_errors", torch.zeros((), dtype=torch.long))
         self._last_step_time: float | None = None
+        self._loss_finite: torch.Tensor | None = None  # all losses since the last optimizer step finite
+        self.nonfinite_total, self._nonfinite_in_a_row = 0, 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
-        prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, device=images.device)
+        # Prefix lengths from the batch's own seed (set by the stream): the same after a resume.
+        generator = torch.Generator().manual_seed(int(batch["seed"])) if "seed" in batch else None
+        prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator).to(images.device)
         pixels, logits = self.model(images, tokens, prefix, token_mask)  # logits (n_real_tokens, V)
         losses = aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
                             alpha=self.objective.alpha, text_weight=self.objective.text_weight)
+        finite = torch.isfinite(losses.total.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.skipped_samples += batch["skipped"]
         self.shard_errors += batch["shard_errors"]
         self.log("train/loss", losses.total, prog_bar=True)
@@ -52,6 +80,45 @@ class AIMv2PretrainModule(L.LightningModule):
         self._log_throughput(images.shape[0])
         return losses.total
 
+    # -- the non-finite guard --------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After backward (and the gradient all-reduce), before clipping and the optimizer step."""
+        from aimv2.training.strategy import skips_nonfinite_itself
+
+        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        self._loss_finite = None
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm_ok = torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(True)
+        local_bad = not bool((loss_ok.cpu() & norm_ok.cpu()).item())
+        bad = self.trainer.strategy.reduce_boolean_decision(local_bad, all=False)  # sharded grads differ per rank
+        if bad:
+            if not skips_nonfinite_itself(self.trainer.strategy):
+                optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+            self.nonfinite_total += 1
+            self._nonfinite_in_a_row += 1
+            step = self.trainer.global_step
+            log.warning("step %d: NaN/inf loss or gradient; step skipped (%d in a row, %d in total)", step,
+                        self._nonfinite_in_a_row, self.nonfinite_total)
+            if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise NonFiniteTraining(
+                    f"training stopped at step {step}: {self._nonfinite_in_a_row} steps in a row had a NaN/inf loss "
+                    f"or gradient (trainer.max_nonfinite_steps={self.max_nonfinite_steps}); lower optim.lr or check "
+                    f"the data; the last checkpoint holds finite weights")
+        else:
+            self._nonfinite_in_a_row = 0
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for name, value in checkpoint.get("state_dict", {}).items():
+            if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
+                raise RuntimeError(f"refusing to write a checkpoint at step {self.trainer.global_step}: "
+                                   f"{name} holds NaN/inf")
+        checkpoint["aimv2"] = {"nonfinite_steps": self.nonfinite_total}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_total = int(checkpoint.get("aimv2", {}).get("nonfinite_steps", 0))
+
+    # -- logging and optimizer -------------------------------------------------------------
     def _log_throughput(self, batch_size: int) -> None:
         # Wall time between consecutive steps on this rank, times the world size: global samples/s.
         now = time.perf_counter()
@@ -60,10 +127,28 @@ class AIMv2PretrainModule(L.LightningModule):
             self.log("train/samples_per_sec", rate, prog_bar=True)
         self._last_step_time = now
 
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run (for the LR schedule), without building the train loader as
+        Trainer.estimated_stepping_batches does: that would start the data stream before a resumed run
+        has restored its position."""
+        trainer = self.trainer
+        stream = getattr(trainer.datamodule, "stream", None)
+        by_epochs = None
+        if trainer.max_epochs not in (None, -1) and getattr(stream, "plan", None) is not None:
+            by_epochs = trainer.max_epochs * math.ceil(len(stream) / trainer.accumulate_grad_batches)
+        if trainer.max_steps > 0:
+            return min(trainer.max_steps, by_epochs) if by_epochs else trainer.max_steps
+        if by_epochs is not None:
+            return by_epochs
+        return int(min(trainer.estimated_stepping_batches, 2**62))
+
     def configure_optimizers(self):
+        from aimv2.training.strategy import offloads_optimizer
+
         cfg = self.optim_cfg
-        optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-        total = int(min(self.trainer.estimated_stepping_batches, 2**62))
+        optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,
+                                    no_decay=self._no_decay, cpu_adam=offloads_optimizer(self.trainer.strategy))
+        total = self._total_steps()
         warmup = min(cfg.warmup_steps, max(total - 1, 0))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, cfg.lr, cfg.min_lr) / cfg.lr)

@@ -11,15 +11,30 @@ from torch import nn
 NO_DECAY_NAMES = ("pos_embed", "start_token")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+# Prefixes that wrappers (FSDP, activation checkpointing, torch.compile) add to parameter names.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters without weight decay, decided on the unwrapped model: under FSDP the
+    parameters the optimizer sees are flat 1-D shards, so their shapes no longer tell."""
+    return {clean_name(name) for name, param in model.named_parameters()
+            if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)}
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
+    no_decay_set = no_decay_names(model) if no_decay is None else no_decay
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (no_decay if clean_name(name) in no_decay_set else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -34,7 +49,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
+                    no_decay: set[str] | None = None, cpu_adam: bool = False) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay, no_decay)
+    if cpu_adam:  # DeepSpeed with optimizer offload: the states live in CPU memory, stepped by its CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)
     fused = all(p.is_cuda for p in model.parameters())  # fused AdamW is CUDA-only; foreach elsewhere
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)

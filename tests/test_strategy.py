@@ -1,0 +1,130 @@
+"""Scale-out configuration: every shipped strategy preset merges over every pretrain config and
+validates, and builds the Lightning strategy it promises (DDP, FSDP wrapping timm Blocks, DeepSpeed
+ZeRO-2/3 with offload). Lightning refuses FSDP and DeepSpeed on the CPU accelerator, so those are
+checked as built objects here and run only on GPUs; the model-side switches (activation
+checkpointing, compile) run here on CPU."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from timm.models.vision_transformer import Block
+
+from aimv2 import cli
+from aimv2.commands.pretrain import split_strategy, strategy_preset
+from aimv2.config import load_config
+from aimv2.errors import UserError
+from aimv2.models import AIMv2, get_size
+from aimv2.training.checkpoint_io import AtomicCheckpointIO
+from aimv2.training.optim import param_groups
+from aimv2.training.strategy import build_strategy, prepare_model
+from conftest import REPO
+
+PRESETS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+
+
+def test_the_five_presets_are_shipped():
+    assert {p.stem for p in PRESETS} == {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3",
+                                         "deepspeed_zero3_offload"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", PRETRAIN, ids=lambda p: p.stem)
+def test_every_preset_merges_over_every_recipe(recipe, preset):
+    cfg = load_config([recipe, preset], ["trainer.max_steps=10", "trainer.accelerator=gpu"])
+    assert cfg.trainer.strategy in ("ddp", "fsdp", "deepspeed") and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.model == load_config(recipe, ["trainer.max_steps=10"]).model  # presets touch trainer.* only
+
+
+def built(name):
+    cfg = load_config([REPO / "configs/pretrain/debug.yaml", strategy_preset(name)], ["trainer.accelerator=gpu"])
+    return build_strategy(cfg.trainer, batch_size=32)
+
+
+def test_ddp_and_fsdp_presets_build_their_strategies():
+    ddp = built("ddp")
+    assert isinstance(ddp, DDPStrategy) and isinstance(ddp.checkpoint_io, AtomicCheckpointIO)
+    assert ddp._ddp_kwargs["broadcast_buffers"] is False
+    fsdp = built("fsdp")
+    assert isinstance(fsdp, FSDPStrategy) and isinstance(fsdp.checkpoint_io, AtomicCheckpointIO)
+    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {Block} and fsdp._activation_checkpointing_kwargs
+    assert fsdp.sharding_strategy.name == "FULL_SHARD" and fsdp._state_dict_type == "full"
+    assert fsdp.kwargs["use_orig_params"] is True  # optimizer param groups and compile need original params
+
+
+@pytest.mark.parametrize("name,stage,offload", [("deepspeed_zero2", 2, False), ("deepspeed_zero3", 3, False),
+                                                ("deepspeed_zero3_offload", 3, True)])
+def test_deepspeed_presets_build_zero_configs(name, stage, offload):
+    pytest.importorskip("deepspeed")
+    strategy = built(name)
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == (offload and stage == 3)
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 32
+    assert type(strategy).__name__ == "AtomicDeepSpeedStrategy"  # ZeRO directories written under a temp name
+
+
+def test_activation_checkpointing_and_compile_keep_checkpoints_interchangeable():
+    torch.manual_seed(0)
+    plain = AIMv2(get_size("debug"), 28, vocab_size=64, max_text_len=8)
+    wrapped = AIMv2(get_size("debug"), 28, vocab_size=64, max_text_len=8)
+    wrapped.load_state_dict(plain.state_dict())
+    cfg = load_config([REPO / "configs/pretrain/debug.yaml"], ["trainer.activation_checkpointing=true",
+                                                                "trainer.compile=true"]).trainer
+    prepare_model(wrapped, cfg)
+    blocks = [m for m in wrapped.modules() if isinstance(m, Block)]
+    assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)  # 2 encoder + 2 decoder
+    assert sum(type(m).__name__ == "CheckpointWrapper" for m in wrapped.modules()) == 4
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()  # no wrapper prefixes in checkpoints
+    # The optimizer's no-decay split is the same through the wrappers.
+    sizes = [[len(g["params"]) for g in param_groups(model, 0.1)] for model in (wrapped, plain)]
+    assert sizes[0] == sizes[1]
+    # Recomputation gives the same gradients (compile left out here: it needs a C++ toolchain at run time).
+    checkpointed = AIMv2(get_size("debug"), 28, vocab_size=64, max_text_len=8)
+    checkpointed.load_state_dict(plain.state_dict())
+    prepare_model(checkpointed, load_config(REPO / "configs/pretrain/debug.yaml",
+                                            ["trainer.activation_checkpointing=true"]).trainer)
+    images, tokens = torch.randn(2, 3, 28, 28), torch.randint(0, 64, (2, 8))
+    prefix = torch.tensor([1, 2])
+    for model in (plain, checkpointed):
+        pixels, logits = model(images, tokens, prefix)
+        (pixels.square().mean() + logits.logsumexp(-1).mean()).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_strategy_option_on_the_command_line(tmp_path, capsys):
+    assert split_strategy(["a=1", "--strategy", "fsdp", "b=2"], None) == ("fsdp", ["a=1", "b=2"])
+    assert split_strategy(["--strategy=ddp"], "fsdp") == ("ddp", [])
+    assert strategy_preset("deepspeed_zero3") == REPO / "configs/strategy/deepspeed_zero3.yaml"
+    with pytest.raises(UserError, match=r"--strategy: no preset 'zero9' \(known: ddp, deepspeed_zero2"):
+        strategy_preset("zero9")
+    code = cli.main(["pretrain", str(REPO / "configs/pretrain/debug.yaml"), "--strategy", "ddp",
+                     "trainer.strategy=megatron"])
+    assert code == 2 and "config key 'trainer.strategy': must be one of auto, ddp, fsdp, deepspeed" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,match", [
+    ("trainer.zero_stage=1", r"trainer\.zero_stage"), ("trainer.offload=true", r"trainer\.offload"),
+    ("trainer.strategy=fsdp", r"trainer\.strategy': fsdp needs GPUs"),
+    ("trainer.keep_checkpoints=0", r"trainer\.keep_checkpoints"),
+    ("trainer.max_nonfinite_steps=0", r"trainer\.max_nonfinite_steps"),
+    ("trainer.accumulate_grad_batches=0", r"trainer\.accumulate_grad_batches")])
+def test_bad_trainer_values_name_the_key(override, match):
+    with pytest.raises(UserError, match=match):
+        load_config(REPO / "configs/pretrain/debug.yaml", [override])
+
+
+def test_launch_templates_are_what_the_guide_submits():
+    for name in ("slurm_1node.sbatch", "slurm_multinode.sbatch"):
+        text = (REPO / "launch" / name).read_text()
+        for needle in ("#SBATCH --ntasks-per-node=", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue",
+                       "srun ", 'trainer.devices="$SLURM_NTASKS_PER_NODE"', "${STRATEGY:+--strategy"):
+            assert needle in text, (name, needle)
+    assert "NCCL" in (REPO / "launch/slurm_multinode.sbatch").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert "launch/slurm_1node.sbatch" in readme and "launch/slurm_multinode.sbatch" in readme
+    assert Path(REPO / "launch/torchrun.sh").stat().st_mode & 0o111
