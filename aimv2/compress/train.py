@@ -15,6 +15,7 @@ from aimv2.compress.module import CompressModule
 from aimv2.config import save_config
 from aimv2.errors import UserError
 from aimv2.training.report import read_metric
+from aimv2.training.resume import resolve_resume
 from aimv2.training.trainer import build_trainer, run_paths
 
 
@@ -33,9 +34,8 @@ def train(cfg: CompressConfig) -> dict[str, Path]:
     if cfg.trainer.max_steps <= 0:
         raise UserError("config key 'trainer.max_steps': must be > 0 (the training stream is infinite)")
     cfg = resolve_paths(cfg)
-    resume = cfg.trainer.resume
-    if resume is not None and not Path(resume).is_file():
-        raise UserError(f"trainer.resume: checkpoint not found: {resume}")
+    # A path, `auto` (newest intact checkpoint; the default under SLURM, so a requeued job resumes) or `none`.
+    resume = resolve_resume(cfg.trainer.resume, run_paths(cfg.run_dir)["checkpoints"])
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = CompressModule(config_to_dict(cfg))
     if cfg.compressor.init and resume is None:
