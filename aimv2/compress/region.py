@@ -43,7 +43,15 @@ class RegionAttention(nn.Module):
         return out.reshape(b, m, -1)
 
 
-class TokenPacker(Compressor):
+class _RegionCompressor(Compressor):
+    """Region kinds: every query owns a whole k x k region, so sqrt(M) must divide the grid side."""
+
+    @classmethod
+    def check_m(cls, kind: str, m: int, grid: tuple[int, int]) -> None:
+        check_num_tokens(kind, m, grid, divides=True)
+
+
+class TokenPacker(_RegionCompressor):
     """Pooled grid queries, each refined by attention over its own region, then the MLP."""
 
     def __init__(self, spec: CompressorSpec):
@@ -52,17 +60,13 @@ class TokenPacker(Compressor):
         self.region = RegionAttention(spec.d_vis, width, spec.heads, spec.grid)
         self.out = mlp(width, spec.d_llm, spec.d_llm)
 
-    @classmethod
-    def check_m(cls, kind: str, m: int, grid: tuple[int, int]) -> None:
-        check_num_tokens(kind, m, grid, divides=True)
-
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
                 keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         queries = pool_tokens(x, self.spec.grid, self.num_tokens)  # (B, M, D_vis), regions are exact here
         return self.out(self.region(queries, x))  # (B, M, D_llm)
 
 
-class QueCC(Compressor):
+class QueCC(_RegionCompressor):
     """Text-conditioned region compression: (B, N, D_vis) + text (B, D_llm) -> (B, M, D_llm)."""
 
     uses_text = True
@@ -77,10 +81,6 @@ class QueCC(Compressor):
         self.downsample = nn.Conv2d(spec.d_vis, spec.d_vis, kernel, stride=kernel, groups=spec.d_vis)
         self.region = RegionAttention(spec.d_vis, width, spec.heads, spec.grid)
         self.out = mlp(width, spec.d_llm, spec.d_llm)
-
-    @classmethod
-    def check_m(cls, kind: str, m: int, grid: tuple[int, int]) -> None:
-        check_num_tokens(kind, m, grid, divides=True)
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
                 keys: Optional[torch.Tensor] = None) -> torch.Tensor:
