@@ -44,14 +44,17 @@ def image_loss(pred: torch.Tensor, target_patches: torch.Tensor, prefix_lengths:
     return (per_patch * counted).sum() / counted.sum().clamp_min(1)
 
 
-def text_loss(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+def text_loss(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+              token_index: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy; positions where token_mask is False are ignored.
 
     logits are (B, L, V), where logits[:, j] predicts tokens[:, j], or already (n, V) for the
-    n True positions of token_mask (the decoder's packed output).
+    n True positions of token_mask (the decoder's packed output); token_index (n,), the flat
+    positions of those, picks the targets without a device sync.
     """
     if logits.dim() == 2:
-        return F.cross_entropy(logits.float(), tokens[token_mask])
+        targets = tokens.flatten().index_select(0, token_index) if token_index is not None else tokens[token_mask]
+        return F.cross_entropy(logits.float(), targets)
     targets = tokens.masked_fill(~token_mask, -100)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
@@ -73,8 +76,9 @@ def aimv2_loss(
     patch_size: int,
     alpha: float = 0.4,
     text_weight: float = 1.0,
+    token_index: torch.Tensor | None = None,
 ) -> Losses:
     target = normalize_patches(patchify(images.float(), patch_size))
     l_img = image_loss(pixel_pred, target, prefix_lengths)
-    l_text = text_loss(logits, tokens, token_mask)
+    l_text = text_loss(logits, tokens, token_mask, token_index)
     return Losses(total=text_weight * l_text + alpha * l_img, image=l_img, text=l_text)

@@ -98,6 +98,10 @@ class LineProgress:
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = s
 
+    def due(self, n: float) -> bool:
+        """Whether reaching count n now prints a line (callers fetch costly postfix values only then)."""
+        return time.perf_counter() - self._last_time >= self.interval or self._decile(n) > self._last_decile
+
     def update(self, n: float = 1) -> None:
         self.n += n
         now = time.perf_counter()

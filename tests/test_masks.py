@@ -3,7 +3,8 @@
 import torch
 
 from aimv2.models import AIMv2, get_size
-from aimv2.models.masks import prefix_attention_mask, sample_prefix_lengths
+from aimv2.models.encoder import build_encoder
+from aimv2.models.masks import prefix_attention_bias, prefix_attention_mask, sample_prefix_lengths
 
 
 def test_prefix_mask_exact_pattern():
@@ -25,6 +26,24 @@ def test_prefix_mask_exact_pattern():
     ], dtype=torch.bool)
     assert torch.equal(mask[0, 0], expected_m2)
     assert torch.equal(mask[1, 0], expected_m4)
+
+
+def test_prefix_bias_is_the_mask_as_zero_or_minus_inf():
+    lengths = torch.tensor([2, 4])
+    mask, bias = prefix_attention_mask(lengths, 5), prefix_attention_bias(lengths, 5)
+    assert bias.shape == (2, 1, 5, 5) and bias.dtype == torch.float32
+    assert torch.equal(bias == 0, mask) and bool(torch.isneginf(bias[~mask]).all())
+    assert prefix_attention_bias(lengths, 5, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_encoder_with_bias_equals_boolean_mask():
+    torch.manual_seed(0)
+    encoder = build_encoder(get_size("debug"), 56).eval()
+    images, lengths = torch.randn(3, 3, 56, 56), torch.tensor([1, 7, 15])
+    with torch.no_grad():
+        by_mask = encoder.forward_features(images, attn_mask=prefix_attention_mask(lengths, 16))
+        by_bias = encoder.forward_features(images, attn_mask=prefix_attention_bias(lengths, 16))
+    torch.testing.assert_close(by_bias, by_mask, atol=1e-6, rtol=1e-5)
 
 
 def test_prefix_lengths_cover_one_to_n_minus_one():

@@ -83,3 +83,7 @@ def test_masked_text_head_returns_the_real_positions_only():
     _, full = model(images, tokens, prefix)
     _, packed = model(images, tokens, prefix, mask)
     assert packed.shape == (6, 30) and torch.allclose(packed, full[mask], atol=1e-6)
+    # Flat indices computed on the host (the collator's token_index: 0, 1 | 5, 6, 7, 8) pack the same rows.
+    index = torch.tensor([0, 1, 5, 6, 7, 8])
+    _, by_index = model(images, tokens, prefix, text_index=index)
+    assert torch.equal(by_index, packed)

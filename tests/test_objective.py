@@ -80,3 +80,18 @@ def test_packed_logits_give_the_same_text_loss():
     logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     assert text_loss(logits[mask], tokens, mask).item() == pytest.approx(text_loss(logits, tokens, mask).item(), rel=1e-6)
+    index = torch.tensor([0, 1, 2, 5, 6, 7, 8, 9])  # the True positions of mask, flattened
+    assert torch.equal(text_loss(logits[mask], tokens, mask, index), text_loss(logits[mask], tokens, mask))
+
+
+def test_collator_gives_the_flat_positions_of_real_tokens():
+    from aimv2.training.datamodule import ImageCaptionCollator
+
+    class Lengths:  # a tokenizer whose captions are as long as their text says
+        def __call__(self, captions):
+            lengths = torch.tensor([int(c) for c in captions])
+            mask = torch.arange(4)[None, :] < lengths[:, None]
+            return torch.where(mask, 7, 0), mask
+
+    batch = ImageCaptionCollator(Lengths())([(torch.zeros(3, 2, 2), "2"), (torch.zeros(3, 2, 2), "3")])
+    assert batch["token_index"].tolist() == [0, 1, 4, 5, 6]

@@ -36,8 +36,10 @@ class AIMv2(nn.Module):
         tokens: torch.Tensor,
         prefix_lengths: torch.Tensor | None,
         text_mask: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), tokens (B, L), prefix_lengths (B,) -> pixels (B, N, p*p*3) and
-        logits (B, L, V), or (n, V) at the True positions of text_mask (B, L)."""
+        logits (B, L, V), or (n, V) at the True positions of text_mask (B, L) / at the flat positions
+        text_index (n,) (sync-free)."""
         features = encode(self.encoder, images, prefix_lengths)  # (B, N, D)
-        return self.decoder(features, tokens, text_mask)
+        return self.decoder(features, tokens, text_mask, text_index)

@@ -63,13 +63,16 @@ class MultimodalDecoder(nn.Module):
                 trunc_normal_(module.weight, std=0.02)
 
     def forward(
-        self, image_features: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor | None = None
+        self, image_features: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_features (B, N, D_enc), tokens (B, L) -> pixels (B, N, patch_dim), logits (B, L, V).
 
         The text input is [start, t_1 .. t_{L-1}], so logits[:, j] predicts tokens[:, j]. With a
         text_mask (B, L), logits are computed only where it is True and returned as (n_true, V):
         captions are mostly padding, and the vocabulary head is the decoder's largest matmul.
+        text_index (n,), the flat positions of the True entries (the collator computes them on the
+        host), gives the same result without the device-to-host sync that boolean indexing costs.
         """
         num_patches, text_len = image_features.shape[1], tokens.shape[1]
         if text_len > self.max_text_len:
@@ -83,6 +86,8 @@ class MultimodalDecoder(nn.Module):
             x = block(x, is_causal=True)
         x = self.norm(x)
         text_out = x[:, num_patches:]  # (B, L, W)
-        if text_mask is not None:
+        if text_index is not None:
+            text_out = text_out.flatten(0, 1).index_select(0, text_index)  # (n_true, W)
+        elif text_mask is not None:
             text_out = text_out[text_mask]  # (n_true, W)
         return self.pixel_head(x[:, :num_patches]), self.text_head(text_out)

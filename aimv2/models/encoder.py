@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from aimv2.models.masks import prefix_attention_mask
+from aimv2.models.masks import prefix_attention_bias
 from aimv2.models.sizes import SizeSpec
 
 
@@ -40,5 +40,7 @@ def encode(encoder: VisionTransformer, images: torch.Tensor, prefix_lengths: tor
     """Patch features (B, N, D) after the final norm; prefix attention when lengths are given."""
     mask = None
     if prefix_lengths is not None:
-        mask = prefix_attention_mask(prefix_lengths, encoder.patch_embed.num_patches)
+        # In the activations' dtype; under autocast SDPA casts it together with q, k and v.
+        dtype = images.dtype if images.is_floating_point() else torch.float32
+        mask = prefix_attention_bias(prefix_lengths.to(images.device), encoder.patch_embed.num_patches, dtype)
     return encoder.forward_features(images, attn_mask=mask)

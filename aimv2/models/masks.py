@@ -23,3 +23,17 @@ def prefix_attention_mask(prefix_lengths: torch.Tensor, num_patches: int) -> tor
     causal = idx[None, :] <= idx[:, None]  # (N, N): key <= query
     in_prefix = idx[None, None, :] < prefix_lengths[:, None, None]  # (B, 1, N): key in prefix
     return (causal[None] | in_prefix).unsqueeze(1)  # (B, 1, N, N)
+
+
+def prefix_attention_bias(prefix_lengths: torch.Tensor, num_patches: int,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same mask as an additive bias (B, 1, N, N): 0 where allowed, -inf elsewhere.
+
+    SDPA converts a boolean mask to this form inside every call (every layer, forward and backward);
+    building it once per step is cheaper: on the 2-core CPU the attention of the bench size took 42 ms
+    with the bias against 49 ms with the boolean mask (benchmarks/results/attention.md). Every row
+    keeps key 0 (M >= 1), so no row is all -inf.
+    """
+    allowed = prefix_attention_mask(prefix_lengths, num_patches)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=prefix_lengths.device)
+    return bias.masked_fill_(~allowed, float("-inf"))

@@ -31,7 +31,10 @@ class ImageCaptionCollator:
 
     def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict:
         tokens, mask = self.tokenizer([caption for _, caption in items])
-        return {"image": torch.stack([image for image, _ in items]), "tokens": tokens, "token_mask": mask}
+        # Flat positions of the real tokens, found here on the host: packing the logits on the device
+        # by the boolean mask would stall the step on a device-to-host sync.
+        return {"image": torch.stack([image for image, _ in items]), "tokens": tokens, "token_mask": mask,
+                "token_index": mask.flatten().nonzero().squeeze(1)}
 
 
 class PretrainDataModule(L.LightningDataModule):

@@ -3,9 +3,11 @@ the guard that keeps NaN/inf out of the weights.
 
 Non-finite steps. A loss or gradient that is NaN/inf must not reach the optimizer (one such update
 ruins every weight it touches). Before each optimizer step the ranks agree whether any of them saw a
-non-finite loss or gradient norm; if so the step is skipped: the gradients are dropped (set to None,
-so AdamW leaves weights and moments alone), the step still counts (global step, LR schedule, the
-data position) and `train/nonfinite_steps` counts it. After `max_nonfinite_steps` skipped steps in a
+non-finite loss or gradient norm; if so the step is skipped: with fused AdamW (the default) the
+decision stays on the device as the optimizer's `found_inf` flag, so the step needs no host sync;
+otherwise the gradients are dropped (set to None, so AdamW leaves weights and moments alone). The
+step still counts (global step, LR schedule, the data position) and `train/nonfinite_steps` counts
+it (on a GPU the host reads the flag one step late). After `max_nonfinite_steps` skipped steps in a
 row the run stops with an error naming the step. Under DeepSpeed its ZeRO optimizer detects the
 overflow and skips the step itself; we count it. A checkpoint is never written from non-finite
 weights.
@@ -35,6 +37,11 @@ def _as(cls, value):
     return value if isinstance(value, cls) else cls(**value)
 
 
+def skips_on_device(optimizer) -> bool:
+    """Fused torch Adam/AdamW honours `found_inf`: it can skip a step without the host deciding."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
 class NonFiniteTraining(UserError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
 
@@ -58,15 +65,20 @@ class AIMv2PretrainModule(L.LightningModule):
         self._last_step_time: float | None = None
         self._loss_finite: torch.Tensor | None = None  # all losses since the last optimizer step finite
         self.nonfinite_total, self._nonfinite_in_a_row = 0, 0
+        self._flags: list[torch.Tensor] = []  # device skip flags not yet read on the host
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._steps_counted = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
         # Prefix lengths from the batch's own seed (set by the stream): the same after a resume.
         generator = torch.Generator().manual_seed(int(batch["seed"])) if "seed" in batch else None
         prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator).to(images.device)
-        pixels, logits = self.model(images, tokens, prefix, token_mask)  # logits (n_real_tokens, V)
+        token_index = batch.get("token_index")  # from the collator: packing without a device sync
+        pixels, logits = self.model(images, tokens, prefix, token_mask, token_index)  # logits (n_real_tokens, V)
         losses = aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
-                            alpha=self.objective.alpha, text_weight=self.objective.text_weight)
+                            alpha=self.objective.alpha, text_weight=self.objective.text_weight,
+                            token_index=token_index)
         finite = torch.isfinite(losses.total.detach())
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.skipped_samples += batch["skipped"]
@@ -85,18 +97,56 @@ class AIMv2PretrainModule(L.LightningModule):
         """After backward (and the gradient all-reduce), before clipping and the optimizer step."""
         from aimv2.training.strategy import skips_nonfinite_itself
 
-        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        loss_ok = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
         self._loss_finite = None
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm_ok = torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(True)
-        local_bad = not bool((loss_ok.cpu() & norm_ok.cpu()).item())
-        bad = self.trainer.strategy.reduce_boolean_decision(local_bad, all=False)  # sharded grads differ per rank
-        if bad:
-            if not skips_nonfinite_itself(self.trainer.strategy):
+        norm_ok = torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.ones((), dtype=torch.bool)
+        ok = loss_ok.to(self.device) & norm_ok.to(self.device)
+        if skips_nonfinite_itself(self.trainer.strategy) or not skips_on_device(optimizer):
+            # Decided on the host: the flag is read now (a sync; DeepSpeed's own overflow check syncs anyway).
+            bad = self.trainer.strategy.reduce_boolean_decision(not bool(ok.item()), all=False)
+            if bad and not skips_nonfinite_itself(self.trainer.strategy):
                 optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+            self._count_nonfinite([1 if bad else 0])
+        else:
+            # Decided on the device: fused AdamW skips the whole update (weights, moments, step count)
+            # when `found_inf` is nonzero, the protocol of torch's GradScaler. No host sync in the step.
+            bad = (~ok).float().reshape(())  # the shape of the step counters it is subtracted from
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # sharded grads differ
+            optimizer.found_inf = bad
+            self._flags.append(bad)
+            self._count_nonfinite(self._ready_flags(wait=self.device.type != "cuda"))
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+
+    def _ready_flags(self, wait: bool) -> list[int]:
+        """Host copies of the skip flags. On a GPU a flag is read one step late, from a non-blocking
+        copy whose event has completed, so the host never waits for the step it has just queued."""
+        if wait:
+            flags, self._flags = self._flags, []
+            return [int(f.item()) for f in flags]
+        if self._flags:  # start copying this step's flag
+            flag = self._flags.pop()
+            event = torch.cuda.Event()
+            host = flag.to("cpu", non_blocking=True)
+            event.record()
+            self._pending.append((host, event))
+        ready = []
+        while len(self._pending) > 1 or (self._pending and self._pending[0][1].query()):
+            host, event = self._pending.pop(0)
+            event.synchronize()  # a step ago: long done
+            ready.append(int(host.item()))
+        return ready
+
+    def _count_nonfinite(self, flags: list[int]) -> None:
+        for bad in flags:
+            self._steps_counted += 1
+            if not bad:
+                self._nonfinite_in_a_row = 0
+                continue
             self.nonfinite_total += 1
             self._nonfinite_in_a_row += 1
-            step = self.trainer.global_step
+            step = self._steps_counted - 1
             log.warning("step %d: NaN/inf loss or gradient; step skipped (%d in a row, %d in total)", step,
                         self._nonfinite_in_a_row, self.nonfinite_total)
             if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
@@ -104,9 +154,9 @@ class AIMv2PretrainModule(L.LightningModule):
                     f"training stopped at step {step}: {self._nonfinite_in_a_row} steps in a row had a NaN/inf loss "
                     f"or gradient (trainer.max_nonfinite_steps={self.max_nonfinite_steps}); lower optim.lr or check "
                     f"the data; the last checkpoint holds finite weights")
-        else:
-            self._nonfinite_in_a_row = 0
-        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+
+    def on_train_start(self) -> None:
+        self._steps_counted = self.trainer.global_step  # flags are counted in step order from here
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         for name, value in checkpoint.get("state_dict", {}).items():

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback
 
 from aimv2.config import PretrainConfig, save_config
 from aimv2.training.checkpoint_io import remove_stale_temporaries
+from aimv2.training.cpu_tuning import tune_cpu_allocator
 from aimv2.training.datamodule import PretrainDataModule
 from aimv2.training.module import AIMv2PretrainModule
 from aimv2.training.preemption import Preempted, PreemptionCheckpoint
@@ -34,6 +36,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     trainer = build_trainer(cfg.trainer, cfg.run_dir, grad_clip=cfg.optim.grad_clip, batch_size=cfg.data.batch_size,
                             extra_callbacks=[*visualization_callbacks(cfg.visualize, cfg.run_dir, data.tokenizer),
                                              *callbacks])
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        tune_cpu_allocator()  # ~10% per step on the CPU (aimv2.training.cpu_tuning)
     if trainer.is_global_zero:
         save_config(cfg, paths["config"])
         for name in remove_stale_temporaries(paths["checkpoints"]):

@@ -46,12 +46,17 @@ class LineProgressBar(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:
             return
+        if self._bar.due(trainer.global_step):  # reading the metrics copies them to the host: a device sync
+            self._set_postfix(trainer, pl_module)
+        self._bar.update(trainer.global_step - self._bar.n)
+
+    def _set_postfix(self, trainer, pl_module) -> None:
         metrics = self.get_metrics(trainer, pl_module)
         self._bar.set_postfix({short: float(metrics[key]) for key, short in _SHOWN.items() if key in metrics})
-        self._bar.update(trainer.global_step - self._bar.n)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._bar is not None:
+            self._set_postfix(trainer, pl_module)
             self._bar.close()
             self._bar = None
 
