@@ -8,30 +8,19 @@ throughput. Writes benchmarks/results/probe.json and probe.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-from aimv2.models.encoder import build_encoder
-from aimv2.models.sizes import get_size
-from aimv2.probe.config import PAPER_LRS, PAPER_WDS, ProbeOptimConfig
-from aimv2.probe.features import encode
-from aimv2.probe.grid import HeadGrid, grid_specs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, machine, machine_line, median, table, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+from aimv2.models.encoder import build_encoder  # noqa: E402
+from aimv2.models.sizes import get_size  # noqa: E402
+from aimv2.probe.config import PAPER_LRS, PAPER_WDS, ProbeOptimConfig  # noqa: E402
+from aimv2.probe.features import encode  # noqa: E402
+from aimv2.probe.grid import HeadGrid, grid_specs  # noqa: E402
 
 
 def _grid(kind: str, n_lrs: int, n_wds: int, dim: int, classes: int) -> HeadGrid:
@@ -39,14 +28,14 @@ def _grid(kind: str, n_lrs: int, n_wds: int, dim: int, classes: int) -> HeadGrid
     return HeadGrid(grid_specs([kind], PAPER_LRS[:n_lrs], PAPER_WDS[:n_wds]), dim, classes, cfg)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     encoder = build_encoder(get_size(args.size), args.img_size).eval().requires_grad_(False)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)
@@ -62,13 +51,13 @@ def main() -> None:
     figures: dict = {}
     for kind in ("attentive", "linear"):
         one, grid14 = _grid(kind, 1, 1, dim, args.classes), _grid(kind, 7, 2, dim, args.classes)
-        t1 = _timed(lambda: step(one, True), args.repeats)
-        t14 = _timed(lambda: step(grid14, True), args.repeats)
-        t_enc = _timed(lambda: encode(encoder, images, []), args.repeats)
         cached_x = feats if kind == "attentive" else feats.mean(1)
         big_x = cached_x.repeat(8, *([1] * (cached_x.dim() - 1)))  # a batch of 8 x args.batch cached rows
         big_y = labels.repeat(8)
-        tc = _timed(lambda: step(grid14, False, big_x, big_y), args.repeats)
+        times = alternate({"1": lambda: step(one, True), "14": lambda: step(grid14, True),
+                           "encoder": lambda: encode(encoder, images, []),
+                           "cached": lambda: step(grid14, False, big_x, big_y)}, args.repeats, 1, warmup=1)
+        t1, t14, t_enc, tc = (median(times[k]) for k in ("1", "14", "encoder", "cached"))
         figures[kind] = {
             "encoder_forward_s": round(t_enc, 4),
             "step_1_head_s": round(t1, 4),
@@ -77,28 +66,19 @@ def main() -> None:
             "cached_14_heads_samples_per_s": round(len(big_y) / tc, 1),
             "cached_batch": len(big_y),
         }
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.system()}",
-        "torch": torch.__version__,
-        "device": "cpu",
-        "encoder": f"{args.size} @ {args.img_size} px ({feats.shape[1]} tokens x {dim})",
-        "batch": args.batch,
-        "classes": args.classes,
-        "heads": figures,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "probe.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Probe grid benchmark ({result['date']})", "",
-             f"Machine: {result['machine']}; torch {result['torch']}; device cpu; encoder {result['encoder']}; "
-             f"batch {args.batch}; {args.classes} classes. One step = frozen forward + heads forward/backward + AdamW.", "",
-             "| heads | encoder forward (s) | step, 1 head (s) | step, 14 heads (s) | 14 vs 1 | cached: 14 heads, samples/s |",
-             "|---|---|---|---|---|---|"]
-    for kind, f in figures.items():
-        lines.append(f"| {kind} | {f['encoder_forward_s']} | {f['step_1_head_s']} | {f['step_14_heads_s']} | "
-                     f"{f['grid_cost_ratio_14_vs_1']}x | {f['cached_14_heads_samples_per_s']} |")
-    (RESULTS / "probe.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    info = machine("cpu")
+    result = {**info, "encoder": f"{args.size} @ {args.img_size} px ({feats.shape[1]} tokens x {dim})",
+              "batch": args.batch, "classes": args.classes, "heads": figures}
+    md = [f"# Probe grid benchmark ({info['date']})", "",
+          f"Machine: {machine_line(info)}; encoder {result['encoder']}; batch {args.batch}; {args.classes} classes. "
+          "One step = frozen forward + heads forward/backward + AdamW.", ""]
+    md += table(["heads", "encoder forward (s)", "step, 1 head (s)", "step, 14 heads (s)", "14 vs 1",
+                 "cached: 14 heads, samples/s"],
+                [[kind, f["encoder_forward_s"], f["step_1_head_s"], f["step_14_heads_s"],
+                  f"{f['grid_cost_ratio_14_vs_1']}x", f["cached_14_heads_samples_per_s"]] for kind, f in figures.items()])
+    path = write_results("probe", result, md)
+    print("\n".join(md))
+    print(f"\nwritten: {path}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ from __future__ import annotations
 import io
 import json
 
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as decode_image_bytes
+from torchvision.transforms.functional import pil_to_tensor
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -19,18 +23,32 @@ class CorruptSample(Exception):
     """A sample that cannot be used (undecodable image, missing or empty caption)."""
 
 
-def decode_image(sample: dict) -> Image.Image:
+def _image_bytes(sample: dict) -> bytes:
     for ext in IMAGE_EXTS:
         data = sample.get(ext)
         if data is not None:
-            break
-    else:
-        raise CorruptSample(f"no image ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')!r}")
+            return data
+    raise CorruptSample(f"no image ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')!r}")
+
+
+def decode_image(sample: dict) -> Image.Image:
+    data = _image_bytes(sample)
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")  # forces a full decode: truncated files fail here, not later
     except Exception as err:
         raise CorruptSample(f"undecodable image in sample {sample.get('__key__')!r}: {err}") from None
+
+
+def decode_image_tensor(sample: dict) -> torch.Tensor:
+    """uint8 (3, H, W) RGB, decoded by torchvision (libjpeg-turbo, as PIL: the same pixels) straight
+    into a tensor, so the tensor transforms that follow skip PIL's much slower resampling
+    (benchmarks/results/data_pipeline.md). Formats torchvision cannot read go through PIL."""
+    data = _image_bytes(sample)
+    try:
+        return decode_image_bytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return pil_to_tensor(decode_image(sample))  # raises CorruptSample when PIL cannot read it either
 
 
 def decode_caption(sample: dict) -> str:

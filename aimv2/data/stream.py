@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from aimv2.cpu_tuning import tune_cpu_allocator
 from aimv2.data.readers import Mixture, Resampler, ShardSequence, split_positions, stable_seed
 from aimv2.data.samples import CorruptSample
 from aimv2.data.shardlist import ShardInfo
@@ -142,6 +143,8 @@ class ShardStream(IterableDataset):
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        if info is not None:
+            tune_cpu_allocator()  # a worker allocates the same batch buffers again and again (aimv2.cpu_tuning)
         physical = info.id if info is not None else 0
         workers = self.workers_per_rank
         if info is not None and info.num_workers != workers:

@@ -6,23 +6,24 @@ import lightning as L
 import torch
 
 from aimv2.config import DataConfig
-from aimv2.data.samples import decode_caption, decode_image
+from aimv2.data.samples import decode_caption, decode_image, decode_image_tensor
 from aimv2.data.shardlist import resolve_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
 from aimv2.data.tokenizer import CaptionTokenizer, build_tokenizer
-from aimv2.data.transforms import pretrain_transform
+from aimv2.data.transforms import normalize_images, pretrain_transform
 from aimv2.errors import UserError
 
 
 class ImageCaptionProcessor:
-    """One raw sample -> (image tensor (3, H, W), caption); raises CorruptSample when unusable."""
+    """One raw sample -> (image tensor (3, H, W), caption); raises CorruptSample when unusable.
+    `decode` gives what `transform` takes: a PIL image (default) or a uint8 tensor."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, decode=decode_image):
+        self.transform, self.decode = transform, decode
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
         caption = decode_caption(sample)
-        return self.transform(decode_image(sample)), caption
+        return self.transform(self.decode(sample)), caption
 
 
 class ImageCaptionCollator:
@@ -62,7 +63,8 @@ class PretrainDataModule(L.LightningDataModule):
         try:
             return ShardStream(
                 self.sources,
-                process=ImageCaptionProcessor(pretrain_transform(self.img_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip)),
+                process=ImageCaptionProcessor(pretrain_transform(self.img_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip),
+                                              decode=decode_image_tensor),
                 collate=ImageCaptionCollator(self.tokenizer),
                 batch_size=cfg.batch_size, mode=cfg.mode, rank=rank, world_size=world_size,
                 num_workers=cfg.num_workers, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
@@ -85,6 +87,11 @@ class PretrainDataModule(L.LightningDataModule):
             self.loader.load_position_state(self._position)
             self._position = None
         return self.loader
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """uint8 images from the workers become normalized floats here, on the training device."""
+        batch["image"] = normalize_images(batch["image"])
+        return batch
 
     # -- where the stream stands, in every checkpoint (exact resume) -------------------------
     def state_dict(self) -> dict:

@@ -11,8 +11,8 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback
 
 from aimv2.config import PretrainConfig, save_config
+from aimv2.cpu_tuning import tune_cpu_allocator
 from aimv2.training.checkpoint_io import remove_stale_temporaries
-from aimv2.training.cpu_tuning import tune_cpu_allocator
 from aimv2.training.datamodule import PretrainDataModule
 from aimv2.training.module import AIMv2PretrainModule
 from aimv2.training.preemption import Preempted, PreemptionCheckpoint
