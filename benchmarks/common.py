@@ -17,7 +17,7 @@ import torch
 
 from aimv2.fileio import atomic_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("AIMV2_BENCHMARK_RESULTS", Path(__file__).resolve().parent / "results"))
 H200_BF16_PEAK = 989e12  # dense bf16, the vendor's figure (REFERENCE.md section 7)
 
 
@@ -42,7 +42,7 @@ def machine(device: str = "cpu") -> dict:
 
 def machine_line(info: dict) -> str:
     where = info.get("gpu") or f"{info['host_cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)"
-    return f"{info['date']}; {where}; torch {info['torch']}; Python {info['python']}"
+    return f"{where}; torch {info['torch']}; Python {info['python']}"
 
 
 def sync(device: str) -> None:

@@ -59,7 +59,8 @@ def measure(args) -> dict:
     base = rss_gib()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    step()  # warm-up (allocates AdamW state)
+    for _ in range(args.warmup):  # the first allocates AdamW state; the allocator settles after a few
+        step()
     times = []
     for _ in range(args.steps):
         sync(device)
@@ -78,7 +79,7 @@ def measure(args) -> dict:
 
 def run_point(args, batch: int, img_size: int, ckpt: bool) -> dict:
     cmd = [sys.executable, __file__, "--point", "--device", args.device, "--size", args.size, "--dtype", args.dtype,
-           "--batch", str(batch), "--img-size", str(img_size), "--steps", str(args.steps),
+           "--batch", str(batch), "--img-size", str(img_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--vocab", str(args.vocab), "--text-len", str(args.text_len)] + (["--ckpt"] if ckpt else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -95,10 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", default="small")
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16], help="batch sweep at 224 px")
+    parser.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16], help="batch sweep at --batch-px")
+    parser.add_argument("--batch-px", type=int, default=224, help="resolution of the batch sweep")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 336, 448])
     parser.add_argument("--res-batch", type=int, default=4, help="batch of the resolution sweep")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=49408)
     parser.add_argument("--text-len", type=int, default=77)
     parser.add_argument("--name", default="growth")
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.point:
         print(json.dumps(measure(args)))
         return {}
-    points = {(b, 224) for b in args.batches} | {(args.res_batch, r) for r in args.resolutions}
+    points = {(b, args.batch_px) for b in args.batches} | {(args.res_batch, r) for r in args.resolutions}
     rows = []
     for batch, img_size in sorted(points, key=lambda p: (p[1], p[0])):
         for ckpt in (False, True):
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**info, "size": args.size, "dtype": args.dtype, "steps": args.steps, "memory": memory, "points": rows}
     md = [f"# Growth: step time and memory against batch and resolution ({info['date']})", "",
           f"Machine: {machine_line(info)}. Size `{args.size}`, {args.dtype}, one full training step (forward, loss, "
-          f"backward, clip, AdamW), median of {args.steps} after a warm-up, each point in a fresh process. "
+          f"backward, clip, AdamW), median of {args.steps} after {args.warmup} warm-up steps, each point in a fresh "
+          f"process. "
           f"Memory = {memory} (GiB). Activation checkpointing wraps every encoder and decoder block.", ""]
     header = ["batch", "px", "tokens", "step (s)", "samples/s", "memory (GiB)",
               "step, ckpt (s)", "memory, ckpt (GiB)", "ckpt time", "ckpt memory"]

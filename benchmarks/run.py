@@ -24,6 +24,7 @@ from common import RESULTS, machine, machine_line, table, write_results  # noqa:
 
 CPU_JOBS = {
     "train_step": ["train_step.py", "--compile"],
+    "attention": ["attention.py"],
     "data_pipeline": ["data_pipeline.py"],
     "probe": ["probe_grid.py"],
     "growth": ["growth.py"],
@@ -31,6 +32,8 @@ CPU_JOBS = {
 GPU_JOBS = {
     "train_step_gpu": ["train_step.py", "--device", "cuda", "--size", "large", "--batch", "64", "--dtype", "bf16",
                        "--rounds", "5", "--steps", "5", "--compile", "--name", "train_step_gpu"],
+    "attention_gpu": ["attention.py", "--device", "cuda", "--batch", "64", "--heads", "8", "--head-dim", "128",
+                      "--dtype", "bf16"],
     "growth_gpu": ["growth.py", "--device", "cuda", "--size", "large", "--dtype", "bf16", "--batches", "32", "64",
                    "128", "--res-batch", "32", "--steps", "5", "--name", "growth_gpu"],
     "scaleout": ["scaleout.py", "--size", "huge", "--steps", "30", "--strategies", "deepspeed_zero2", "deepspeed_zero3"],
@@ -62,6 +65,13 @@ def summary() -> Path:
         if compiled:
             rows.append(["CPU training step, compiled blocks: MFU", f"{compiled['mfu_vs_measured_peak']:.1%}",
                          "(torch.compile where it pays)", "recorded", step["date"]])
+    attention = load("attention")
+    if attention:
+        ms = attention["ms_fwd_bwd"]
+        ours, boolean = ms["SDPA, additive bias (ours)"], ms["SDPA, boolean mask"]
+        rows.append(["Prefix-mask attention: additive bias vs boolean mask",
+                     f"{ours:.1f} vs {boolean:.1f} ms ({ours / ms['SDPA, no mask (lower bound)']:.2f}x the unmasked call)",
+                     "the fastest path that trains", f"FlexAttention: {attention['flex']}", attention["date"]])
     data = load("data_pipeline")
     if data:
         rate = data["samples_per_s"]["pipeline"]

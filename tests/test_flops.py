@@ -8,7 +8,7 @@ from aimv2.models.sizes import get_size
 
 def test_debug_size_by_hand():
     spec = get_size("debug")  # width 64, depth 2, SwiGLU 176; decoder 64 wide, 2 blocks, 176
-    n, text_len, t = 4, 5, 9  # 28 px / 14 -> 2 x 2 patches; decoder runs 4 + 5 tokens
+    n, text_len = 4, 5  # 28 px / 14 -> 2 x 2 patches; the decoder runs 4 + 5 = 9 tokens
     block = 4 * 64 * 64 + 3 * 64 * 176  # 16384 + 33792 = 50176
     assert block_matmul_params(64, 176) == block == 50176
     flops = training_flops_per_sample(spec, 28, text_len, text_tokens=3, vocab_size=100)

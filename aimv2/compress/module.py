@@ -17,7 +17,7 @@ import torch
 from aimv2.compress.attach import build_attachment
 from aimv2.compress.config import config_from_dict
 from aimv2.errors import UserError
-from aimv2.training.optim import param_groups, warmup_cosine
+from aimv2.training.optim import adamw, param_groups, warmup_cosine_schedule
 
 
 class CompressModule(L.LightningModule):
@@ -75,13 +75,10 @@ class CompressModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise UserError(f"compressor '{self.cfg.compressor.kind}' has nothing to train in stage {self.cfg.stage}")
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+        optimizer = adamw(groups, cfg.lr, cfg.betas, cfg.eps)
         total = int(min(self.trainer.estimated_stepping_batches, 2**62))
-        warmup = min(cfg.warmup_steps, max(total - 1, 0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, cfg.lr, cfg.min_lr) / cfg.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": warmup_cosine_schedule(optimizer, cfg.warmup_steps, total, cfg.lr, cfg.min_lr)}
 
 
 def load_module(path: str, map_location: str = "cpu") -> CompressModule:

@@ -28,7 +28,7 @@ from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.objective import aimv2_loss
-from aimv2.training.optim import build_optimizer, no_decay_names, warmup_cosine
+from aimv2.training.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class AIMv2PretrainModule(L.LightningModule):
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
         self.register_buffer("shard_errors", torch.zeros((), dtype=torch.long))
         self._last_step_time: float | None = None
+        self._last_batch_end: float | None = None
         self._loss_finite: torch.Tensor | None = None  # all losses since the last optimizer step finite
         self.nonfinite_total, self._nonfinite_in_a_row = 0, 0
         self._flags: list[torch.Tensor] = []  # device skip flags not yet read on the host
@@ -73,7 +74,9 @@ class AIMv2PretrainModule(L.LightningModule):
         images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
         # Prefix lengths from the batch's own seed (set by the stream): the same after a resume.
         generator = torch.Generator().manual_seed(int(batch["seed"])) if "seed" in batch else None
-        prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator).to(images.device)
+        prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator)
+        if images.is_cuda:  # from pinned memory the copy is asynchronous: no host sync
+            prefix = prefix.pin_memory().to(images.device, non_blocking=True)
         token_index = batch.get("token_index")  # from the collator: packing without a device sync
         pixels, logits = self.model(images, tokens, prefix, token_mask, token_index)  # logits (n_real_tokens, V)
         losses = aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
@@ -169,6 +172,16 @@ class AIMv2PretrainModule(L.LightningModule):
         self.nonfinite_total = int(checkpoint.get("aimv2", {}).get("nonfinite_steps", 0))
 
     # -- logging and optimizer -------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Host time between the end of one step and the start of the next: waiting for the data loader
+        # (and the batch transfer). Near zero when the workers keep up; the share of step time it takes
+        # is what a starved step loses.
+        if self._last_batch_end is not None:
+            self.log("train/data_wait_s", time.perf_counter() - self._last_batch_end)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._last_batch_end = time.perf_counter()
+
     def _log_throughput(self, batch_size: int) -> None:
         # Wall time between consecutive steps on this rank, times the world size: global samples/s.
         now = time.perf_counter()
@@ -198,8 +211,5 @@ class AIMv2PretrainModule(L.LightningModule):
         cfg = self.optim_cfg
         optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,
                                     no_decay=self._no_decay, cpu_adam=offloads_optimizer(self.trainer.strategy))
-        total = self._total_steps()
-        warmup = min(cfg.warmup_steps, max(total - 1, 0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, cfg.lr, cfg.min_lr) / cfg.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine_schedule(optimizer, cfg.warmup_steps, self._total_steps(), cfg.lr, cfg.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

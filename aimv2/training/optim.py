@@ -49,6 +49,17 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def adamw(groups: list[dict], lr: float, betas, eps: float) -> torch.optim.AdamW:
+    """AdamW over parameter groups; fused whenever every parameter sits on one CUDA or CPU device.
+
+    The fused kernel (CUDA, and the CPU since torch 2.4) updates every tensor in one pass: on the
+    2-core bench machine it stepped 56M parameters in 28 ms where foreach took 277 ms. It also
+    honours `found_inf`, which lets the non-finite guard skip a step without a host sync."""
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
                     no_decay: set[str] | None = None, cpu_adam: bool = False) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay, no_decay)
@@ -56,8 +67,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)
-    # The fused kernel (CUDA, and the CPU since torch 2.4) updates every tensor in one pass: on the
-    # 2-core bench machine it stepped 56M parameters in 28 ms where foreach took 277 ms.
-    devices = {p.device.type for p in model.parameters()}
-    fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    return adamw(groups, lr, betas, eps)
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                           lr: float, min_lr: float) -> dict:
+    """Lightning's lr_scheduler entry: `warmup_cosine` per optimizer step, scaling each group's own lr
+    (groups may start from different rates). Warm-up is cut to leave at least one decaying step."""
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, lr, min_lr) / lr)
+    return {"scheduler": scheduler, "interval": "step"}
