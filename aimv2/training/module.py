@@ -66,8 +66,7 @@ class AIMv2PretrainModule(L.LightningModule):
         self._last_batch_end: float | None = None
         self._loss_finite: torch.Tensor | None = None  # all losses since the last optimizer step finite
         self.nonfinite_total, self._nonfinite_in_a_row = 0, 0
-        self._flags: list[torch.Tensor] = []  # device skip flags not yet read on the host
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # GPU skip flags on their way to the host
         self._steps_counted = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -118,26 +117,28 @@ class AIMv2PretrainModule(L.LightningModule):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # sharded grads differ
             optimizer.found_inf = bad
-            self._flags.append(bad)
-            self._count_nonfinite(self._ready_flags(wait=self.device.type != "cuda"))
+            if self.device.type == "cuda":
+                self._queue_flag(bad)
+                self._count_nonfinite(self._read_flags(keep_newest=True))
+            else:
+                self._count_nonfinite([int(bad.item())])  # no device queue to stall: read now
         self.log("train/nonfinite_steps", float(self.nonfinite_total))
 
-    def _ready_flags(self, wait: bool) -> list[int]:
-        """Host copies of the skip flags. On a GPU a flag is read one step late, from a non-blocking
-        copy whose event has completed, so the host never waits for the step it has just queued."""
-        if wait:
-            flags, self._flags = self._flags, []
-            return [int(f.item()) for f in flags]
-        if self._flags:  # start copying this step's flag
-            flag = self._flags.pop()
-            event = torch.cuda.Event()
-            host = flag.to("cpu", non_blocking=True)
-            event.record()
-            self._pending.append((host, event))
+    def _queue_flag(self, flag: torch.Tensor) -> None:
+        """Start a non-blocking copy of this step's flag to (pinned) host memory, marked by an event."""
+        host = flag.to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host, event))
+
+    def _read_flags(self, keep_newest: bool) -> list[int]:
+        """Flags whose copies are done. Every flag but this step's is a step old, long finished, so
+        reading it never makes the host wait for the step it has just queued; `keep_newest=False`
+        (checkpoint time, which syncs anyway) reads them all."""
         ready = []
-        while len(self._pending) > 1 or (self._pending and self._pending[0][1].query()):
+        while self._pending and (len(self._pending) > 1 or not keep_newest or self._pending[0][1].query()):
             host, event = self._pending.pop(0)
-            event.synchronize()  # a step ago: long done
+            event.synchronize()
             ready.append(int(host.item()))
         return ready
 
@@ -162,6 +163,7 @@ class AIMv2PretrainModule(L.LightningModule):
         self._steps_counted = self.trainer.global_step  # flags are counted in step order from here
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._count_nonfinite(self._read_flags(keep_newest=False))  # the saved count is complete
         for name, value in checkpoint.get("state_dict", {}).items():
             if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
                 raise RuntimeError(f"refusing to write a checkpoint at step {self.trainer.global_step}: "
