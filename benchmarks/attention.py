@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, machine_line, median, table, write_results  # noqa: E402
+from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
 
 from aimv2.models.masks import prefix_attention_bias, prefix_attention_mask, sample_prefix_lengths  # noqa: E402
 
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"one layer's call, forward + backward, masks built beforehand (once per step, shared by the layers); "
           f"medians of {args.rounds} alternating rounds of {args.steps}.", ""]
     md += table(["variant", "ms (fwd + bwd)", "vs ours"], rows)
-    path = write_results("attention" if device == "cpu" else "attention_gpu", result, md)
-    print("\n".join(md))
-    print(f"\nwritten: {path}")
+    publish("attention" if device == "cpu" else "attention_gpu", result, md)
     return result
 
 

@@ -102,6 +102,14 @@ def write_results(name: str, data: dict, markdown: list[str]) -> Path:
     return path
 
 
+def publish(name: str, data: dict, markdown: list[str]) -> Path:
+    """Write the results files and print the Markdown, as every benchmark ends."""
+    path = write_results(name, data, markdown)
+    print("\n".join(markdown))
+    print(f"\nwritten: {path}")
+    return path
+
+
 def table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

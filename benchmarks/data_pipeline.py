@@ -25,7 +25,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, machine_line, median, table, write_results  # noqa: E402
+from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
 
 from aimv2.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
 from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                "best of 3 (ms per sample):", ""]
     md += table(["stage", "ms/sample", "in the raw limit"],
                 [[name, f"{ms:.3f}", "yes" if name in ("decode", "crop") else "no"] for name, ms in breakdown.items()])
-    path = write_results(args.name, result, md)
-    print("\n".join(md))
-    print(f"\nwritten: {path}")
+    publish(args.name, result, md)
     return result
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, sync, table, write_results  # noqa: E402
+from common import machine, machine_line, publish, sync, table  # noqa: E402
 
 
 def rss_gib() -> float:
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                       ckpt["step_s"], ckpt["peak_gib"], f"{ckpt['step_s'] / plain['step_s']:.2f}x",
                       f"{ckpt['peak_gib'] / max(plain['peak_gib'], 1e-9):.2f}x"])
     md += table(header, lines)
-    path = write_results(args.name, result, md)
-    print("\n".join(md))
-    print(f"\nwritten: {path}")
+    publish(args.name, result, md)
     return result
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, machine_line, median, table, write_results  # noqa: E402
+from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
 
 from aimv2.models.encoder import build_encoder  # noqa: E402
 from aimv2.models.sizes import get_size  # noqa: E402
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                  "cached: 14 heads, samples/s"],
                 [[kind, f["encoder_forward_s"], f["step_1_head_s"], f["step_14_heads_s"],
                   f"{f['grid_cost_ratio_14_vs_1']}x", f["cached_14_heads_samples_per_s"]] for kind, f in figures.items()])
-    path = write_results("probe", result, md)
-    print("\n".join(md))
-    print(f"\nwritten: {path}")
+    publish("probe", result, md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import H200_BF16_PEAK, alternate, machine, machine_line, matmul_peak, median, table, write_results  # noqa: E402
+from common import H200_BF16_PEAK, alternate, machine, machine_line, matmul_peak, median, publish, table  # noqa: E402
 from stock_baseline import StockAIMv2  # noqa: E402
 
 from aimv2.models import AIMv2, get_size  # noqa: E402
@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"(best {'8192' if device.startswith('cuda') else '1536'}^3 {args.dtype} matmul). Medians of "
           f"{args.rounds} alternating rounds of {args.steps} steps.", ""]
     md += table(["variant", "step (s)", "samples/s", "GFLOP/s", "MFU (measured peak)", "time vs stock"], rows)
-    path = write_results(args.name, result, md)
-    print("\n".join(md))
-    print(f"\nwritten: {path}")
+    publish(args.name, result, md)
     return result
 
 
