@@ -9,7 +9,7 @@ from aimv2.errors import UserError
 
 def test_clip_tokenizer_offline_pads_truncates_and_ends_with_eot():
     tok = build_tokenizer(TokenizerConfig(kind="clip", max_length=6))
-    assert tok.vocab_size == 49408 and tok.eot_id == 49407
+    assert tok.vocab_size == 49408 and tok.eot_id == 49407 and tok.bos_id == 49406  # <start_of_text>
     ids, mask = tok(["a handwritten digit", "one two three four five six seven"])
     assert ids.shape == mask.shape == (2, 6)
     assert ids[0].tolist()[:4] == tok.encode("a handwritten digit") + [tok.eot_id]
@@ -32,6 +32,7 @@ def test_hf_tokenizer_from_a_local_directory_sets_vocab(tmp_path):
     _save_local_hf_tokenizer(tmp_path / "tok")
     tok = build_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "tok"), max_length=5))
     assert tok.vocab_size == 6 and tok.eot_id == 1
+    assert tok.bos_id is None  # this vocabulary has no begin-of-sequence token (like Qwen2's)
     ids, mask = tok(["a digit seven", "seven"])
     assert ids.tolist() == [[3, 4, 5, 1, 0], [5, 1, 0, 0, 0]]
     assert mask.sum(1).tolist() == [4, 2]

@@ -19,9 +19,7 @@ def bos_ids(tokenizer: CaptionTokenizer) -> list[int]:
     """[begin-of-sequence] when the tokenizer has one: pretrained LMs expect it first, and it gives
     the first caption token a position to be predicted from even with no image or prompt before it.
     CLIP's BPE: <start_of_text>; Hugging Face tokenizers: bos_token_id (Qwen2's has none)."""
-    inner = getattr(tokenizer, "_bpe", None) or getattr(tokenizer, "_tok", None)  # the wrapped tokenizer
-    bos = getattr(inner, "sot_token_id", None) if hasattr(inner, "sot_token_id") else getattr(inner, "bos_token_id", None)
-    return [int(bos)] if bos is not None else []
+    return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
 
 
 def build_text_tokenizer(cfg: CompressConfig) -> CaptionTokenizer:

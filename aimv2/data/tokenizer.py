@@ -17,11 +17,14 @@ from aimv2.errors import UserError
 
 
 class CaptionTokenizer:
-    """Base: subclasses set `vocab_size`, `eot_id` and implement `encode(text) -> list[int]`."""
+    """Base: subclasses set `vocab_size`, `eot_id` and implement `encode(text) -> list[int]`;
+    `bos_id` is the begin-of-sequence token where the vocabulary has one (an attached LLM expects it
+    first), else None."""
 
     vocab_size: int
     eot_id: int
     pad_id: int = 0
+    bos_id: int | None = None
 
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -52,6 +55,7 @@ class ClipTokenizer(CaptionTokenizer):
         self._bpe = SimpleTokenizer()
         self.vocab_size = len(self._bpe.encoder)
         self.eot_id = self._bpe.encoder["<end_of_text>"]
+        self.bos_id = self._bpe.encoder["<start_of_text>"]
 
     def encode(self, text: str) -> list[int]:
         return self._bpe.encode(text)
@@ -78,6 +82,7 @@ class HFTokenizer(CaptionTokenizer):
             raise UserError(f"data.tokenizer.path: tokenizer in {path} has no eos or sep token to end captions")
         self.eot_id = eot
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else eot
+        self.bos_id = self._tok.bos_token_id  # None for tokenizers without one (Qwen2's)
 
     def encode(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
