@@ -85,7 +85,7 @@ def test_packed_logits_give_the_same_text_loss():
 
 
 def test_collator_gives_the_flat_positions_of_real_tokens():
-    from aimv2.training.datamodule import ImageCaptionCollator
+    from aimv2.data.image_caption import ImageCaptionCollator
 
     class Lengths:  # a tokenizer whose captions are as long as their text says
         def __call__(self, captions):

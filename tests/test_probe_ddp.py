@@ -7,7 +7,8 @@ from test_probe_helpers import small_config, write_colour_folders, write_tiny_ch
 
 from aimv2.data.demo import build_demo_shards
 from aimv2.probe.config import ProbeOptimConfig
-from aimv2.probe.data import eval_batches, eval_transform, open_split
+from aimv2.data.transforms import eval_transform
+from aimv2.probe.data import eval_batches, open_split
 from aimv2.probe.features import ExtractJob, extract_distributed, extract_part
 from aimv2.probe.loader import load_encoder_from_pretrain_checkpoint
 from aimv2.probe.run import run_probe

@@ -21,8 +21,8 @@ from aimv2.data.shardlist import resolve_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
 from aimv2.data.tokenizer import CaptionTokenizer
 from aimv2.errors import UserError
-from aimv2.probe.data import eval_transform
-from aimv2.training.datamodule import ImageCaptionCollator, ImageCaptionProcessor
+from aimv2.data.transforms import eval_transform
+from aimv2.data.image_caption import ImageCaptionCollator, ImageCaptionProcessor
 
 
 def processor(preprocessing) -> ImageCaptionProcessor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
@@ -46,6 +47,13 @@ class RandomResizedCropFlip:
 def pretrain_transform(img_size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5) -> RandomResizedCropFlip:
     """uint8 tensor (3, H, W) -> uint8 tensor (3, img_size, img_size)."""
     return RandomResizedCropFlip(img_size, scale, ratio, hflip)
+
+
+def eval_transform(img_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> T.Compose:
+    """PIL image -> normalized float tensor: bicubic resize of the short side, center crop (the
+    released encoders' preprocessing; used by the probe, the compressors and the visualizations)."""
+    return T.Compose([T.Resize(img_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), T.Normalize(mean, std)])
 
 
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -19,14 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aimv2.data.transforms import eval_transform
 from aimv2.probe.config import ProbeConfig
-from aimv2.probe.data import (
-    Split,
-    augment_transform,
-    eval_batches,
-    eval_transform,
-    train_batches,
-)
+from aimv2.probe.data import Split, augment_transform, eval_batches, train_batches
 from aimv2.probe.dist import all_reduce_sum, comm_device, pick_device, spawn
 from aimv2.probe.features import encode
 from aimv2.probe.grid import HeadGrid

@@ -104,10 +104,6 @@ def match_classes(train: Split, val: Split) -> None:
 
 
 # -- transforms ---------------------------------------------------------------------------------
-def eval_transform(img_size: int, mean, std) -> T.Compose:
-    return T.Compose([T.Resize(img_size, interpolation=BICUBIC), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)])
-
-
 def augment_transform(img_size: int, mean, std) -> T.Compose:
     """The paper's probe augmentation: RandomResizedCrop (0.08, 1), flip, ColorJitter 0.3, RandAugment m9."""
     return T.Compose([

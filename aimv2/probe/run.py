@@ -22,7 +22,8 @@ from aimv2.config import save_config
 from aimv2.fileio import atomic_write
 from aimv2.probe.augmented import AugmentedJob, run_augmented
 from aimv2.probe.config import ProbeConfig
-from aimv2.probe.data import eval_transform, match_classes, open_split
+from aimv2.data.transforms import eval_transform
+from aimv2.probe.data import match_classes, open_split
 from aimv2.probe.features import ExtractJob, cached_features, check_blocks, pick_device
 from aimv2.probe.grid import HeadGrid, grid_specs
 from aimv2.probe.loader import (

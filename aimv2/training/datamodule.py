@@ -6,36 +6,13 @@ import lightning as L
 import torch
 
 from aimv2.config import DataConfig
-from aimv2.data.samples import decode_caption, decode_image, decode_image_tensor
+from aimv2.data.image_caption import ImageCaptionCollator, ImageCaptionProcessor
+from aimv2.data.samples import decode_image_tensor
 from aimv2.data.shardlist import resolve_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
-from aimv2.data.tokenizer import CaptionTokenizer, build_tokenizer
+from aimv2.data.tokenizer import build_tokenizer
 from aimv2.data.transforms import normalize_images, pretrain_transform
 from aimv2.errors import UserError
-
-
-class ImageCaptionProcessor:
-    """One raw sample -> (image tensor (3, H, W), caption); raises CorruptSample when unusable.
-    `decode` gives what `transform` takes: a PIL image (default) or a uint8 tensor."""
-
-    def __init__(self, transform, decode=decode_image):
-        self.transform, self.decode = transform, decode
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
-        caption = decode_caption(sample)
-        return self.transform(self.decode(sample)), caption
-
-
-class ImageCaptionCollator:
-    def __init__(self, tokenizer: CaptionTokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict:
-        tokens, mask = self.tokenizer([caption for _, caption in items])
-        # Flat positions of the real tokens, found here on the host: packing the logits on the device
-        # by the boolean mask would stall the step on a device-to-host sync.
-        return {"image": torch.stack([image for image, _ in items]), "tokens": tokens, "token_mask": mask,
-                "token_index": mask.flatten().nonzero().squeeze(1)}
 
 
 class PretrainDataModule(L.LightningDataModule):

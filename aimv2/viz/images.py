@@ -11,16 +11,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from torchvision import transforms as T
 
 from aimv2.data.samples import IMAGE_EXTS
+from aimv2.data.transforms import eval_transform
 from aimv2.errors import UserError
-
-
-def eval_transform(img_size: int) -> T.Compose:
-    return T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
 
 
 def image_files(paths: list[str], key: str = "--images") -> list[Path]:
