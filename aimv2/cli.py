@@ -10,6 +10,7 @@ import importlib
 import sys
 import warnings
 
+from aimv2.cpu_tuning import tune_cpu_allocator
 from aimv2.errors import UserError
 
 # Lightning warnings that do not apply to this project's runs, silenced so real ones stand out:
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     args = build_parser().parse_args(argv)
+    # Every verb computes on the CPU somewhere (data workers at least, the whole job on CPU machines):
+    # keep glibc from unmapping and re-faulting large buffers (aimv2.cpu_tuning; a frozen encoder's
+    # forward on the CPU measured 1.46-1.69 s -> 1.18-1.21 s per batch with it).
+    tune_cpu_allocator()
     try:
         return int(args._run(args) or 0)
     except UserError as err:

@@ -9,7 +9,8 @@ to glibc's maximum and never trimming keeps those pages mapped: the training ste
 size got about 10% faster (benchmarks/results/train_step.md), and a data worker's torch.stack of a
 32-image batch went from 14 ms to 1 ms (benchmarks/results/data_pipeline.md). The cost is that the
 process keeps its peak heap, which a training process or a worker reaches anyway. Does nothing off
-Linux/glibc.
+Linux/glibc. Applied by the `aimv2` command for every verb, by `pretrain()` on the CPU and by every
+data worker.
 """
 
 from __future__ import annotations
