@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
 
+from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
 from aimv2.models.encoder import build_encoder  # noqa: E402
 from aimv2.models.sizes import get_size  # noqa: E402
 from aimv2.probe.config import PAPER_LRS, PAPER_WDS, ProbeOptimConfig  # noqa: E402
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # as the `aimv2` command does for every verb
     torch.manual_seed(0)
     encoder = build_encoder(get_size(args.size), args.img_size).eval().requires_grad_(False)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)
