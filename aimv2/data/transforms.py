@@ -1,5 +1,6 @@
-"""Image transforms of the pre-training recipe (AIMv2 Table A1): RandomResizedCrop (bicubic),
-horizontal flip, CLIP mean/std normalization (the statistics of the released encoders).
+"""Image transforms: the pre-training recipe's (AIMv2 Table A1: RandomResizedCrop (bicubic),
+horizontal flip, CLIP mean/std normalization, the statistics of the released encoders) and the
+released encoders' eval transform (resize, center crop).
 
 Images are decoded straight into uint8 tensors and cropped as tensors; the data workers stop at
 uint8 (3, H, W); normalization to float happens on the training device (`normalize_images`, called
