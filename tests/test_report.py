@@ -2,6 +2,7 @@
 config differences and probe results in the Markdown."""
 
 import json
+import statistics
 
 import pytest
 from PIL import Image
@@ -31,6 +32,9 @@ def test_report_names_runs_and_lists_final_losses_and_config_differences(runs, t
         image = tail_mean([v for _, v in read_metric(run / "logs/metrics.csv", "train/loss_img")])
         text = tail_mean([v for _, v in read_metric(run / "logs/metrics.csv", "train/loss_text")])
         assert row.split(" | ")[2:5] == [str(STEPS), f"{image:.4g}", f"{text:.4g}"]
+        waits = [v for _, v in read_metric(run / "logs/metrics.csv", "train/data_wait_s")]
+        assert len(waits) == STEPS - 1 and all(w >= 0 for w in waits)  # logged from the second step on
+        assert row.split(" | ")[6] == f"{statistics.median(waits):.3g}"
     # The config difference is the learning rate, and only it (run_dir is left out).
     assert "| optim.lr | 0.002 | 0.0005 |" in md
     diffs = dict(config_differences(load_runs([a, b])))

@@ -89,7 +89,8 @@ def load_run(path: str | Path, name: str) -> Run:
         except Exception as err:  # noqa: BLE001 - a damaged config should not hide the curves
             raise UserError(f"{path / 'config.yaml'}: not valid YAML ({str(err).splitlines()[0]})") from None
     config.pop("run_dir", None)  # always differs; the directory is listed anyway
-    return Run(name, path, config, read_metrics(metrics, [key for key, _ in CURVES]), find_probe(path))
+    return Run(name, path, config, read_metrics(metrics, [key for key, _ in CURVES] + ["train/data_wait_s"]),
+               find_probe(path))
 
 
 def find_probe(run_dir: Path) -> dict | None:
@@ -137,17 +138,21 @@ def summary_markdown(runs: list[Run], curves_png: str | None = "curves.png") -> 
     if curves_png:
         lines += [f"![training curves]({curves_png})", ""]
     lines += ["## Runs", "",
-              "| run | directory | steps | image loss | text loss | samples/s (median) | skipped samples | probe top-1 |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| run | directory | steps | image loss | text loss | samples/s (median) | data wait, s/step (median) "
+              "| skipped samples | probe top-1 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        rate = r.values("train/samples_per_sec")
+        rate, wait = r.values("train/samples_per_sec"), r.values("train/data_wait_s")
         skipped = r.values("data/skipped_samples")
         top1 = f"{r.probe['best']['top1']:.2f}" if r.probe and "best" in r.probe else "-"
         lines.append(f"| {r.name} | {r.path} | {r.steps} | {_num(tail_mean(r.values('train/loss_img'), FINAL_WINDOW))} "
                      f"| {_num(tail_mean(r.values('train/loss_text'), FINAL_WINDOW))} "
                      f"| {_num(statistics.median(rate) if rate else float('nan'), 3)} "
+                     f"| {_num(statistics.median(wait) if wait else float('nan'), 3)} "
                      f"| {int(skipped[-1]) if skipped else '-'} | {top1} |")
-    lines += ["", f"Losses are the mean of the last {FINAL_WINDOW} logged values; samples/s counts all ranks.", ""]
+    lines += ["", f"Losses are the mean of the last {FINAL_WINDOW} logged values; samples/s counts all ranks; data "
+                  "wait is the time rank 0 waited for its next batch between steps (near zero when the data workers "
+                  "keep up; raise data.num_workers when it is not).", ""]
     if len(runs) == 1:
         lines += ["## Key settings", "", "| key | value |", "|---|---|"]
         lines += [f"| {k} | {_cell(runs[0].config.get(k))} |" for k in KEY_SETTINGS if k in runs[0].config]
