@@ -37,7 +37,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> dict[st
                             extra_callbacks=[*visualization_callbacks(cfg.visualize, cfg.run_dir, data.tokenizer),
                                              *callbacks])
     if isinstance(trainer.accelerator, CPUAccelerator):
-        tune_cpu_allocator()  # ~10% per step on the CPU (aimv2.training.cpu_tuning)
+        tune_cpu_allocator()  # for Python callers; the aimv2 command has already done it (aimv2.cpu_tuning)
     if trainer.is_global_zero:
         save_config(cfg, paths["config"])
         for name in remove_stale_temporaries(paths["checkpoints"]):
