@@ -17,10 +17,11 @@ import torch
 from aimv2.compress.attach import build_attachment
 from aimv2.compress.config import config_from_dict
 from aimv2.errors import UserError
+from aimv2.training.clipping import ClipGradientNorm, fused_optimizer_allowed
 from aimv2.training.optim import adamw, param_groups, warmup_cosine_schedule
 
 
-class CompressModule(L.LightningModule):
+class CompressModule(ClipGradientNorm, L.LightningModule):
     def __init__(self, config: dict):
         super().__init__()
         self.save_hyperparameters({"config": config})
@@ -75,7 +76,7 @@ class CompressModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise UserError(f"compressor '{self.cfg.compressor.kind}' has nothing to train in stage {self.cfg.stage}")
-        optimizer = adamw(groups, cfg.lr, cfg.betas, cfg.eps)
+        optimizer = adamw(groups, cfg.lr, cfg.betas, cfg.eps, fused=fused_optimizer_allowed(self.trainer.precision))
         total = int(min(self.trainer.estimated_stepping_batches, 2**62))
         return {"optimizer": optimizer,
                 "lr_scheduler": warmup_cosine_schedule(optimizer, cfg.warmup_steps, total, cfg.lr, cfg.min_lr)}

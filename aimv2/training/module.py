@@ -28,6 +28,7 @@ from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.objective import aimv2_loss
+from aimv2.training.clipping import ClipGradientNorm, fused_optimizer_allowed
 from aimv2.training.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class NonFiniteTraining(UserError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
 
 
-class AIMv2PretrainModule(L.LightningModule):
+class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
     def __init__(self, model: ModelConfig | dict, objective: ObjectiveConfig | dict, optim: OptimConfig | dict,
                  vocab_size: int, max_text_len: int, max_nonfinite_steps: int = 10):
         super().__init__()
@@ -212,6 +213,7 @@ class AIMv2PretrainModule(L.LightningModule):
 
         cfg = self.optim_cfg
         optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,
-                                    no_decay=self._no_decay, cpu_adam=offloads_optimizer(self.trainer.strategy))
+                                    no_decay=self._no_decay, cpu_adam=offloads_optimizer(self.trainer.strategy),
+                                    fused=fused_optimizer_allowed(self.trainer.precision))
         schedule = warmup_cosine_schedule(optimizer, cfg.warmup_steps, self._total_steps(), cfg.lr, cfg.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": schedule}

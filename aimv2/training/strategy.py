@@ -31,11 +31,13 @@ from lightning.pytorch.strategies import (
     FSDPStrategy,
     Strategy,
 )
+import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from aimv2.config import TrainerConfig
 from aimv2.training.checkpoint_io import AtomicCheckpointIO
+from aimv2.training.clipping import quiet_deepspeed_clipping_warning
 
 log = logging.getLogger(__name__)
 BLOCKS = {Block}  # the transformer blocks of both the encoder (timm VisionTransformer) and the decoder
@@ -82,6 +84,7 @@ def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Stra
             checkpoint_io=AtomicCheckpointIO(),
         )
     if cfg.strategy == "deepspeed":
+        quiet_deepspeed_clipping_warning()  # DeepSpeed's engine clips (aimv2.training.clipping)
         return AtomicDeepSpeedStrategy(
             stage=cfg.zero_stage,
             offload_optimizer=cfg.offload,
@@ -93,8 +96,22 @@ def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Stra
 
 
 def strategy_plugins(cfg: TrainerConfig) -> list:
-    """Plugins for `Trainer(plugins=...)`: atomic checkpoint writes when Lightning picks the strategy."""
-    return [AtomicCheckpointIO()] if cfg.strategy == "auto" else []
+    """Plugins for `Trainer(plugins=...)`: atomic checkpoint writes when Lightning picks the strategy,
+    and the mixed-precision plugin (`precision_plugin`)."""
+    return ([AtomicCheckpointIO()] if cfg.strategy == "auto" else []) + ([precision] if (precision := precision_plugin(cfg)) else [])
+
+
+def precision_plugin(cfg: TrainerConfig):
+    """Autocast for `bf16-mixed` / `16-mixed` under auto and DDP, built here rather than from the string:
+    given the string on a CPU, Lightning silently trains `16-mixed` as bf16; built explicitly, fp16
+    autocast with a GradScaler runs where it was asked for (FSDP and DeepSpeed keep their own plugins)."""
+    if cfg.precision not in ("bf16-mixed", "16-mixed") or cfg.strategy not in ("auto", "ddp"):
+        return None
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    accelerator = str(cfg.accelerator)
+    device = "cpu" if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()) else "cuda"
+    return MixedPrecision(cfg.precision, device)
 
 
 def prepare_model(model: nn.Module, cfg: TrainerConfig) -> nn.Module:

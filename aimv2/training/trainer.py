@@ -24,7 +24,7 @@ from aimv2.training.csv_log import ResumableCSVLogger, TrimMetricsOnResume
 from aimv2.training.preemption import LastCheckpointAtEnd, PreemptionCheckpoint
 from aimv2.training.progress_bar import progress_callbacks
 from aimv2.training.resume import under_slurm
-from aimv2.training.strategy import build_strategy, strategy_plugins
+from aimv2.training.strategy import build_strategy, precision_plugin, strategy_plugins
 from aimv2.training.stream_state import SampleLog, StreamPosition
 
 
@@ -83,12 +83,13 @@ def build_trainer(cfg: TrainerConfig, run_dir: str | Path, grad_clip: float = 0.
         num_nodes=cfg.num_nodes,
         strategy=build_strategy(cfg, batch_size),
         plugins=[*strategy_plugins(cfg), *cluster_plugins()] or None,
-        precision=cfg.precision,
+        precision=None if precision_plugin(cfg) else cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         max_steps=cfg.max_steps,
         max_epochs=cfg.max_epochs if cfg.max_epochs is not None else (-1 if cfg.max_steps > 0 else None),
         gradient_clip_val=grad_clip or None,
-        log_every_n_steps=cfg.log_every_n_steps,
+        # A run shorter than the logging interval still logs (metrics.csv exists for `aimv2 report`).
+        log_every_n_steps=min(cfg.log_every_n_steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.log_every_n_steps,
         logger=loggers,
         callbacks=[checkpoints, TrimMetricsOnResume(), *fault_tolerance_callbacks(cfg, paths),
                    *progress_callbacks(cfg.progress_bar), *extra_callbacks],
