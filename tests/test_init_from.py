@@ -135,7 +135,8 @@ def test_init_from_an_aimv2_export(stages, tmp_path, with_decoder):
 def test_what_does_not_fit_is_one_line_listing_it(stages, size, vocab, match):
     model = fresh(size=size, vocab=vocab)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UserError, match=rf"model\.init_from: .*last\.ckpt does not fit model\.size={size}: {match}") as err:
+    fits = rf"model\.init_from: .*last\.ckpt does not fit model\.size={size}: {match}"
+    with pytest.raises(UserError, match=fits) as err:
         init_from_checkpoint(model, stages["last1"])
     assert "\n" not in str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "nothing half-loaded"
@@ -152,3 +153,21 @@ def test_missing_file_and_resume(tmp_path):
     assert lines == [f"model.init_from={missing} ignored: the run resumes from runs/s84/checkpoints/last.ckpt "
                      "(its weights, optimizer, step and data position win)"]
     assert apply_init_from(model, ModelConfig("debug", 84), resume=None) == []
+
+
+@pytest.mark.parametrize("res,previous", [(336, 224), (448, 336)])
+def test_stage_configs_continue_the_previous_stage(res, previous):
+    from dataclasses import replace
+
+    stage = load_config(REPO / f"configs/pretrain/aimv2_large_{res}.yaml")  # loads although no run exists yet
+    base = load_config(REPO / "configs/pretrain/aimv2_large_224.yaml")
+    assert stage.model == ModelConfig("large", res, init_from=f"runs/aimv2_large_{previous}/checkpoints/last.ckpt")
+    assert stage.optim.weight_decay == 0
+    pairs_per_step = stage.data.batch_size * stage.trainer.devices * stage.trainer.num_nodes
+    assert pairs_per_step == 8192
+    assert stage.trainer.max_steps * pairs_per_step >= 2e9 > (stage.trainer.max_steps - 1) * pairs_per_step
+    # Everything else is the 224 px recipe.
+    assert replace(stage, run_dir=base.run_dir, model=base.model,
+                   optim=replace(stage.optim, weight_decay=base.optim.weight_decay),
+                   data=replace(stage.data, seed=base.data.seed),
+                   trainer=replace(stage.trainer, max_steps=base.trainer.max_steps)) == base
