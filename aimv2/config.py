@@ -20,6 +20,7 @@ from aimv2.errors import UserError
 class ModelConfig:
     size: str = "debug"  # a row of aimv2.models.sizes.SIZES
     img_size: int = 224  # a multiple of the patch size (14)
+    init_from: Optional[str] = None  # start from this checkpoint's weights, not a resume (aimv2.training.init_from)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from aimv2.config import PretrainConfig, save_config
 from aimv2.cpu_tuning import tune_cpu_allocator
 from aimv2.training.checkpoint_io import remove_stale_temporaries
 from aimv2.training.datamodule import PretrainDataModule
+from aimv2.training.init_from import apply_init_from
 from aimv2.training.module import AIMv2PretrainModule
 from aimv2.training.preemption import Preempted, PreemptionCheckpoint
 from aimv2.training.resume import resolve_resume
@@ -32,6 +33,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     module = AIMv2PretrainModule(cfg.model, cfg.objective, cfg.optim, vocab_size=data.vocab_size,
                                  max_text_len=cfg.data.tokenizer.max_length,
                                  max_nonfinite_steps=cfg.trainer.max_nonfinite_steps)
+    loaded = apply_init_from(module.model, cfg.model, resume)  # before any wrapper renames the parameters
     prepare_model(module.model, cfg.trainer)
     trainer = build_trainer(cfg.trainer, cfg.run_dir, grad_clip=cfg.optim.grad_clip, batch_size=cfg.data.batch_size,
                             extra_callbacks=[*visualization_callbacks(cfg.visualize, cfg.run_dir, data.tokenizer),
@@ -44,6 +46,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> dict[st
             print(f"removed the remains of an interrupted checkpoint save: {paths['checkpoints'] / name}")
         if resume is not None:
             print(f"resuming from {resume}", flush=True)
+        for line in loaded:  # what model.init_from loaded, or why it was ignored
+            print(line, flush=True)
     preemption = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
     for callback in preemption:
         callback.install()  # a signal during start-up must not kill the job before training begins
