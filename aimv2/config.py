@@ -91,6 +91,7 @@ class TrainerConfig:
     max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (each skipped) before stopping
     seed: int = 0
     resume: Optional[str] = None  # checkpoint path, "auto" (newest intact in run_dir), "none"; unset: auto under SLURM
+    overwrite: bool = False  # start afresh in a run_dir that holds another run, deleting its checkpoints and logs
     log_samples: bool = False  # write the keys of every consumed sample to RUN/logs/samples/rank*.tsv
     progress_bar: bool = True
 
