@@ -32,10 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and `key=value` overrides in any order. argparse stops filling a positional list at the
+    first option, so overrides written after options come back as unknown arguments: they are
+    appended, in order, to the list a verb names with `set_defaults(_overrides=DEST)`."""
+    args, extra = parser.parse_known_args(argv)
+    dest = getattr(args, "_overrides", None)
+    stray = [a for a in extra if dest is None or a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        setattr(args, dest, [*getattr(args, dest), *extra])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     # Every verb computes on the CPU somewhere (data workers at least, the whole job on CPU machines):
     # keep glibc from unmapping and re-faulting large buffers (aimv2.cpu_tuning; a frozen encoder's
     # forward on the CPU measured 1.46-1.69 s -> 1.18-1.21 s per batch with it).

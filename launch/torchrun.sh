@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pre-train on one machine without SLURM: torchrun starts one process per GPU and Lightning
 # picks up its environment (rank, world size, master address).
-#   launch/torchrun.sh 8 configs/pretrain/aimv2_large_224.yaml [key=value ...]
+#   launch/torchrun.sh 8 configs/pretrain/aimv2_large_224.yaml run_dir=runs/l224   # key=value overrides follow
 #   STRATEGY=fsdp launch/torchrun.sh 8 configs/pretrain/aimv2_huge_224.yaml run_dir=runs/h224
 # Environment: STRATEGY (a preset of configs/strategy/ or a YAML path), PYTHON (default: python),
 # MAX_RESTARTS (default 3). If a process dies, torchrun restarts all of them and trainer.resume=auto

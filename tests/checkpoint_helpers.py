@@ -1,15 +1,11 @@
 """Helpers shared by the checkpoint tests (no tests here): a briefly pre-trained debug checkpoint,
 real DeepSpeed ZeRO checkpoints made on the CPU, and a script that loads exports with plain
 timm / transformers in a fresh process that never imports aimv2.
-
-Run as a script (`python checkpoint_helpers.py zero OUT`) it writes the ZeRO checkpoints: DeepSpeed
-initializes torch.distributed and global state of its own, which must not leak into the test process.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,75 +71,10 @@ def plain_load(images, timm_dir: Path, hf_dir: Path, tmp: Path) -> dict:
     return load_file(tmp / "plain.safetensors")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_zero_checkpoints(out: Path, img_size: int = 28) -> dict[int, Path]:
     """ZeRO-2 and ZeRO-3 checkpoints of the debug pre-training model after one optimizer step, in
-    Lightning's layout (tag 'checkpoint', client state with hyper_parameters), written by DeepSpeed
-    itself on the CPU; plus OUT/reference_{2,3}.safetensors with the module's weights after the step."""
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                        "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(HERE / "checkpoint_helpers.py"), "zero", str(out), str(img_size)],
-                          env=env, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, f"writing ZeRO checkpoints failed:\n{done.stderr[-3000:]}"
-    return {stage: out / f"zero{stage}" for stage in (2, 3)}
+    Lightning's layout, written by DeepSpeed itself on the CPU (aimv2.training.zero_check); plus
+    OUT/reference_{2,3}.safetensors with the module's weights after the step."""
+    from aimv2.training.zero_check import run_zero_check
 
-
-def _zero_main(out: Path, img_size: int) -> None:
-    import importlib
-    from dataclasses import asdict
-
-    import deepspeed
-    import torch
-    from safetensors.torch import save_file
-    from torch import nn
-
-    from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig
-    from aimv2.models import AIMv2, get_size
-
-    # The shared-memory allreduce kernel is a JIT-compiled speed-up (a minute of C++ compilation on a
-    # fresh machine); one process needs no allreduce, so skip building it.
-    # (`deepspeed.comm.torch` as an attribute is the torch package itself: fetch the module by name.)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
-
-    class Wrapped(nn.Module):
-        """Parameter names as Lightning's DeepSpeed strategy saves them (`model.encoder.*`, `model.decoder.*`).
-        (The LightningModule itself is not used: importing Lightning costs seconds and adds nothing here.)"""
-
-        def __init__(self):
-            super().__init__()
-            self.model = AIMv2(get_size("debug"), img_size, vocab_size=50, max_text_len=8)
-
-        def forward(self, images, tokens):
-            pixels, logits = self.model(images, tokens, None)
-            return pixels.pow(2).mean() + logits.pow(2).mean()
-
-    for stage in (2, 3):
-        torch.manual_seed(stage)
-        model = Wrapped()
-        # What AIMv2PretrainModule.save_hyperparameters records: plain dicts.
-        hparams = {"model": asdict(ModelConfig("debug", img_size)), "objective": asdict(ObjectiveConfig()),
-                   "optim": asdict(OptimConfig()), "vocab_size": 50, "max_text_len": 8}
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
-                  "zero_allow_untested_optimizer": True}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                          config=config)
-        loss = engine(torch.randn(2, 3, img_size, img_size), torch.randint(0, 50, (2, 8)))
-        engine.backward(loss)
-        engine.step()
-        engine.save_checkpoint(str(out / f"zero{stage}"), tag="checkpoint",
-                               client_state={"hyper_parameters": hparams, "global_step": 1})
-        params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
-            reference = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
-        save_file(reference, out / f"reference_{stage}.safetensors")
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "zero":
-        _zero_main(Path(sys.argv[2]), int(sys.argv[3]))
+    return run_zero_check(out, img_size=img_size, stages=(2, 3))

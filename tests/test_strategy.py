@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from timm.models.vision_transformer import Block
 
 from aimv2 import cli
-from aimv2.commands.pretrain import split_strategy, strategy_preset
+from aimv2.commands.pretrain import strategy_preset
 from aimv2.config import load_config
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
@@ -96,8 +96,11 @@ def test_activation_checkpointing_and_compile_keep_checkpoints_interchangeable()
 
 
 def test_strategy_option_on_the_command_line(tmp_path, capsys):
-    assert split_strategy(["a=1", "--strategy", "fsdp", "b=2"], None) == ("fsdp", ["a=1", "b=2"])
-    assert split_strategy(["--strategy=ddp"], "fsdp") == ("ddp", [])
+    parser = cli.build_parser()
+    args = cli.parse_args(parser, ["pretrain", "c.yaml", "a=1", "--strategy", "fsdp", "b=2"])
+    assert (args.config, args.strategy, args.overrides) == ("c.yaml", "fsdp", ["a=1", "b=2"])
+    args = cli.parse_args(parser, ["pretrain", "--strategy=ddp", "c.yaml"])
+    assert (args.config, args.strategy, args.overrides) == ("c.yaml", "ddp", [])
     assert strategy_preset("deepspeed_zero3") == REPO / "configs/strategy/deepspeed_zero3.yaml"
     with pytest.raises(UserError, match=r"--strategy: no preset 'zero9' \(known: ddp, deepspeed_zero2"):
         strategy_preset("zero9")

@@ -10,6 +10,9 @@ from pathlib import Path
 from aimv2.errors import UserError
 
 HELP = "attach the encoder to an LLM through a token compressor: train, evaluate, plan, export"
+REHEARSE_HELP = ("run the config as it is, shrunk on this machine's CPU (a debug encoder and a tiny LM stand in "
+                 "for what is not here) for a few steps with a checkpoint and a resume; reports what could not "
+                 "be rehearsed here")
 
 
 def _int_list(text: str) -> list[int]:
@@ -29,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            description="Lightning run: RUN/config.yaml, RUN/checkpoints/, RUN/logs/{metrics.csv,tensorboard}")
     train.add_argument("config", help="YAML config, e.g. configs/compress/tiny.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. compressor.kind=resampler compressor.num_tokens=4")
-    train.set_defaults(_compress_run=_run_train)
+    train.add_argument("--rehearse", action="store_true", help=REHEARSE_HELP)
+    train.add_argument("--rehearse-devices", type=int, default=None, metavar="N", help="DDP processes of the rehearsal (default: the config's, at most 2)")
+    train.add_argument("--rehearse-dir", default="runs/rehearse", metavar="DIR", help="where the rehearsal runs (default runs/rehearse)")
+    train.set_defaults(_compress_run=_run_train, _overrides="overrides")
 
     ev = sub.add_parser("evaluate", help="held-out caption loss / perplexity per M: table (md, json) and plot (png)")
     ev.add_argument("runs", nargs="+", help="checkpoints or run directories of `aimv2 compress train`")
@@ -55,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--repeats", type=int, default=5, help="timed prefills per cell (median reported)")
     plan.add_argument("--device", default="cpu", help="cpu or cuda")
     plan.add_argument("--out", default="", help="also write plan.md and plan.json here")
-    plan.set_defaults(_compress_run=_run_plan)
+    plan.set_defaults(_compress_run=_run_plan, _overrides="overrides")
 
     export = sub.add_parser("export", help="write encoder + compressor (+ LM) + config as one bundle directory")
     export.add_argument("run", help="a checkpoint or run directory of `aimv2 compress train`")
@@ -75,9 +81,17 @@ def _load(config: str, overrides: list[str]):
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides)
+    if args.rehearse:
+        from aimv2.compress.rehearse import rehearse_compress
+
+        report = rehearse_compress(cfg, Path(args.rehearse_dir) / f"compress-{Path(args.config).stem}",
+                                   devices=args.rehearse_devices, demo_root=args.rehearse_dir)
+        print(report.table())
+        return 1 if report.failed else 0
     from aimv2.compress.train import train
 
-    train(_load(args.config, args.overrides))
+    train(cfg)
     return 0
 
 

@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="directory for the demo data and run (default runs/demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides of configs/pretrain/debug.yaml, e.g. trainer.max_steps=50")
+    parser.set_defaults(_overrides="overrides")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     demo = build_demo_shards(out / "data")
     print(f"demo shards: {demo['pretrain']['count']} image-caption pairs in {demo['pretrain']['dir']}")
+    # The demo is rerun as a whole: it replaces its previous run (a plain `aimv2 pretrain` refuses to).
     overrides = [f"data.sources=[{{name: demo_digits, urls: '{demo['pretrain']['urls']}'}}]",
-                 f"run_dir={out / 'pretrain'}", *args.overrides]
+                 f"run_dir={out / 'pretrain'}", "trainer.overwrite=true", *args.overrides]
     paths = pretrain(load_config(config, overrides))
     print(loss_trend(paths["metrics"]))
     # Frozen-trunk probe of the last checkpoint on the held-out digits (cached mode, configs/probe/quick.yaml).

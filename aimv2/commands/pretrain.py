@@ -1,8 +1,10 @@
-"""`aimv2 pretrain CONFIG [--strategy PRESET] [key=value ...]`: pre-train with the AIMv2 objective.
+"""`aimv2 pretrain CONFIG [--strategy PRESET] [--rehearse] [key=value ...]`: pre-train with the AIMv2 objective.
 
 `--strategy` merges a scale-out preset over the config, before the overrides: a name of
 configs/strategy/ (ddp, fsdp, deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload) or a YAML
-file path. It may come before or after CONFIG.
+file path. `--rehearse` runs the config as it is, shrunk to the debug size on this machine's CPU for a
+few steps with a checkpoint and a resume (aimv2.training.rehearsal), and reports what could and could
+not be rehearsed here. Options and overrides may come in any order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 from aimv2.errors import UserError
 
 HELP = "pre-train an AIMv2 encoder from a YAML config (key=value overrides)"
+REHEARSE_HELP = ("run the config as it is, shrunk to the debug size on this machine's CPU for a few steps with "
+                 "a checkpoint and a resume; reports what could not be rehearsed here (FSDP and DeepSpeed need CUDA)")
 STRATEGY_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "strategy"
 
 
@@ -21,21 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", metavar="PRESET",
                         help="scale-out preset: ddp, fsdp, deepspeed_zero2, deepspeed_zero3, "
                              "deepspeed_zero3_offload (configs/strategy/), or a YAML path")
-    # REMAINDER keeps `--strategy X` after CONFIG and among the overrides working (argparse alone cannot).
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+    parser.add_argument("--rehearse", action="store_true", help=REHEARSE_HELP)
+    parser.add_argument("--rehearse-devices", type=int, default=None, metavar="N",
+                        help="DDP processes of the rehearsal (default: the config's, at most 2)")
+    parser.add_argument("--rehearse-dir", default="runs/rehearse", metavar="DIR",
+                        help="where the rehearsal runs (default runs/rehearse; its demo shards are reused)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. trainer.max_steps=100 data.batch_size=32")
-
-
-def split_strategy(items: list[str], strategy: str | None) -> tuple[str | None, list[str]]:
-    rest, i = [], 0
-    while i < len(items):
-        if items[i] == "--strategy" and i + 1 < len(items):
-            strategy, i = items[i + 1], i + 2
-        elif items[i].startswith("--strategy="):
-            strategy, i = items[i].split("=", 1)[1], i + 1
-        else:
-            rest, i = rest + [items[i]], i + 1
-    return strategy, rest
+    parser.set_defaults(_overrides="overrides")
 
 
 def strategy_preset(name: str) -> Path:
@@ -51,10 +48,18 @@ def strategy_preset(name: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from aimv2.config import load_config
+
+    files = [args.config] + ([strategy_preset(args.strategy)] if args.strategy else [])
+    cfg = load_config(files, args.overrides)
+    if args.rehearse:
+        from aimv2.training.rehearse_pretrain import rehearse_pretrain
+
+        name = Path(args.config).stem + (f"+{Path(args.strategy).stem}" if args.strategy else "")
+        report = rehearse_pretrain(cfg, Path(args.rehearse_dir) / name, devices=args.rehearse_devices,
+                                   demo_root=args.rehearse_dir)
+        print(report.table())
+        return 1 if report.failed else 0
     from aimv2.training.pretrain import pretrain
 
-    strategy, overrides = split_strategy(list(args.overrides), args.strategy)
-    files = [args.config] + ([strategy_preset(strategy)] if strategy else [])
-    cfg = load_config(files, overrides)
     pretrain(cfg)
     return 0

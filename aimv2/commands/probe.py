@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (default: <checkpoint's run>/probe)")
     parser.add_argument("--mode", choices=("cached", "augmented"), help="cached (default): features once; augmented: the paper's")
     parser.add_argument("--devices", type=int, help="processes, one per device (default 1): feature extraction, or augmented training")
+    parser.set_defaults(_overrides="items")  # overrides may also follow the options (aimv2.cli.parse_args)
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:

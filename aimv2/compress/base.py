@@ -56,6 +56,10 @@ class Compressor(nn.Module):
         self.spec = spec
         self.num_tokens = spec.num_tokens
 
+    def text_parameters(self) -> list[nn.Parameter]:
+        """The parameters only a text embedding reaches (none but for text-conditioned kinds)."""
+        return []
+
     def set_num_tokens(self, m: int) -> None:
         """Change M in place (flexible kinds only: pooling and pruning have no per-M weights)."""
         if not self.flexible:

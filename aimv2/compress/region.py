@@ -82,6 +82,9 @@ class QueCC(_RegionCompressor):
         self.region = RegionAttention(spec.d_vis, width, spec.heads, spec.grid)
         self.out = mlp(width, spec.d_llm, spec.d_llm)
 
+    def text_parameters(self) -> list[nn.Parameter]:
+        return list(self.text_proj.parameters())
+
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
                 keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         if text is not None:  # (B, D_llm) or (1, D_llm); None = unconditioned

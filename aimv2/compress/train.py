@@ -14,6 +14,7 @@ from aimv2.compress.data import AlignmentDataModule
 from aimv2.compress.module import CompressModule
 from aimv2.config import save_config
 from aimv2.errors import UserError
+from aimv2.training.launch_checks import check_launch, claim_run_dir
 from aimv2.training.report import read_metric
 from aimv2.training.resume import resolve_resume
 from aimv2.training.trainer import build_trainer, run_paths
@@ -36,6 +37,8 @@ def train(cfg: CompressConfig) -> dict[str, Path]:
     cfg = resolve_paths(cfg)
     # A path, `auto` (newest intact checkpoint; the default under SLURM, so a requeued job resumes) or `none`.
     resume = resolve_resume(cfg.trainer.resume, run_paths(cfg.run_dir)["checkpoints"])
+    check_launch(cfg.trainer)
+    claim_run_dir(cfg.run_dir, cfg.trainer.resume, cfg.trainer.overwrite)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = CompressModule(config_to_dict(cfg))
     if cfg.compressor.init and resume is None:
@@ -76,7 +79,7 @@ def init_compressor(module: CompressModule, source: str) -> None:
 
 
 def loss_trend(metrics_csv: Path, window: int = 3) -> str:
-    values = [v for _, v in read_metric(metrics_csv, "train/caption_loss")]
+    values = [v for _, v in read_metric(metrics_csv, "train/caption_loss")] if metrics_csv.is_file() else []
     if not values:
         return "no caption loss logged (raise trainer.max_steps or lower trainer.log_every_n_steps)"
     first, last = values[:window], values[-window:]

@@ -42,6 +42,11 @@ class AttachedVLM(nn.Module):
         self.register_buffer("prompt_ids", torch.tensor(list(prompt_ids), dtype=torch.long), persistent=False)
         self.preprocessing = preprocessing  # resize/crop/normalization the encoder expects
         self._keys = LastKeys(encoder) if compressor.uses_keys else None
+        if compressor.uses_text and self.prefix_ids.numel() + self.prompt_ids.numel() == 0:
+            # No instruction text (and no BOS) ever conditions it: the text path would get no gradient,
+            # which DDP refuses (unused parameters); it stays frozen.
+            for p in compressor.text_parameters():
+                p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "AttachedVLM":
         """The encoder always runs in eval mode; so does the LM while it is frozen (stage 1)."""

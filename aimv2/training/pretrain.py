@@ -15,6 +15,7 @@ from aimv2.cpu_tuning import tune_cpu_allocator
 from aimv2.training.checkpoint_io import remove_stale_temporaries
 from aimv2.training.datamodule import PretrainDataModule
 from aimv2.training.init_from import apply_init_from
+from aimv2.training.launch_checks import check_launch, claim_run_dir
 from aimv2.training.module import AIMv2PretrainModule
 from aimv2.training.preemption import Preempted, PreemptionCheckpoint
 from aimv2.training.resume import resolve_resume
@@ -29,6 +30,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     paths = run_paths(cfg.run_dir)
     resume = resolve_resume(cfg.trainer.resume, paths["checkpoints"])  # before any work: bad paths fail fast
+    check_launch(cfg.trainer)
+    claim_run_dir(cfg.run_dir, cfg.trainer.resume, cfg.trainer.overwrite)
     data = PretrainDataModule(cfg.data, cfg.model.img_size)
     module = AIMv2PretrainModule(cfg.model, cfg.objective, cfg.optim, vocab_size=data.vocab_size,
                                  max_text_len=cfg.data.tokenizer.max_length,
