@@ -49,3 +49,16 @@ def test_every_cpu_benchmark_writes_its_results_and_the_summary_reads_them(tmp_p
         assert item in summary, item
     for name in ("train_step", "data_pipeline", "probe", "growth", "attention"):
         assert (tmp_path / f"{name}.md").read_text().startswith("# ")
+
+
+def test_the_prepared_gpu_check_is_ready_to_run():
+    """benchmarks/gpu_check.sh runs only where CUDA is; here: its shell parses, its steps' time limits fit
+    the 10 minutes one device command may take, and the scale-out script it calls accepts its arguments."""
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    limits = [int(n) for n in __import__("re").findall(r"timeout (\d+) ", text)]
+    assert len(limits) == 3 and sum(limits) <= 600
+    assert "--strategies ddp fsdp deepspeed_zero2 deepspeed_zero3" in text
+    done = subprocess.run([sys.executable, str(BENCH / "scaleout.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--config" in done.stdout

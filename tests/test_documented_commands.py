@@ -1,8 +1,8 @@
 """Every command the documentation gives runs as written (tests/doc_commands.py finds them), so the
 documentation cannot drift from the code.
 
-Each documentation file's commands run in order in a fixture directory of their own, which holds the
-repository's configs/, launch/, eval/ and data/ (links) and what the documentation presumes a user
+Each documentation file's commands run in order in a fixture directory of their own, which holds a
+copy of the repository's configs/, launch/, eval/ and data/ and what the documentation presumes a user
 has: the demo's shards and checkpoint (what `aimv2 demo` leaves), a checkpoint where the recipes'
 runs leave theirs, a folder of captioned photos, an ImageNet-style class tree, a local LLM directory
 with its tokenizer. Absolute paths such as /data/... and /models/... point into the fixture. A
@@ -127,10 +127,12 @@ def base(tmp_path_factory) -> Path:
 
 
 def _workspace(base: Path, tmp_path: Path) -> Path:
+    """A copy of the fixture plus copies (not links: commands write into data/, as the README's do) of
+    the repository's directories the commands name."""
     ws = tmp_path / "ws"
     shutil.copytree(base, ws, symlinks=True)
     for name in ("configs", "launch", "eval", "data", "benchmarks"):
-        (ws / name).symlink_to(REPO / name)
+        shutil.copytree(REPO / name, ws / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     return ws
 
 
