@@ -36,7 +36,7 @@ def test_strategy_trains_saves_resumes_and_exports(tmp_path, preset):
     pretrain(20)
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir() == preset.startswith("deepspeed")  # ZeRO checkpoints are directories
-    if preset != "deepspeed_zero2" and preset != "deepspeed_zero3":  # bf16 + clip 1.0 + fused AdamW: logged norms
+    if not preset.startswith("deepspeed"):  # bf16 + clip 1.0 + fused AdamW: the norm is logged where we clip
         from aimv2.training.report import read_metric
 
         assert read_metric(run / "logs/metrics.csv", "train/grad_norm"), "no train/grad_norm: clipping did not run"
