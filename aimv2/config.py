@@ -59,11 +59,14 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak; 0 is allowed (with min_lr 0): nothing moves, neither update nor decay
     min_lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    weight_decay: float = 1e-4  # not applied to norms, biases, position embeddings, start token
+    # The paper's lambda, fully decoupled (ml-l3m's AdamLH): every step a decayed weight is multiplied
+    # by 1 - weight_decay * lr_t / lr, i.e. torch AdamW with weight_decay / lr (aimv2.training.optim).
+    # Not applied to norms, biases, position embeddings, start token.
+    weight_decay: float = 1e-4
     warmup_steps: int = 12_500
     grad_clip: float = 1.0  # 0 disables
 
@@ -191,7 +194,10 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
            "alpha and text_weight must be >= 0")
     _check(cfg.objective.alpha + cfg.objective.text_weight > 0, "objective", "alpha and text_weight are both 0")
     _check(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
-    _check(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be within [0, optim.lr]")
+    o = cfg.optim
+    _check(o.lr >= 0, "optim.lr", f"must be >= 0 (0: nothing trains), got {o.lr:g}")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be within [0, optim.lr={o.lr:g}], got {o.min_lr:g}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay:g}")
     t = cfg.trainer
     if d.mode == "resampled":
         _check(t.max_steps > 0, "trainer.max_steps", "must be > 0 in resampled (infinite) data mode")

@@ -56,10 +56,18 @@ def test_overrides_apply_with_types(tmp_path):
     (["data.sources=[]"], r"data\.sources"),
     (["data.tokenizer.kind=hf"], r"data\.tokenizer\.path"),
     (["data.sources=[{urls: /x/{0..3}.tar}]"], r"data\.sources.*quote shard patterns"),
+    (["optim.lr=-1e-3"], r"optim\.lr.*must be >= 0"),
+    (["optim.lr=0"], r"optim\.min_lr.*within \[0, optim\.lr=0\], got 1e-05"),  # debug.yaml's min_lr
+    (["optim.weight_decay=-1"], r"optim\.weight_decay"),
 ])
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(UserError, match=match):
         load_config(REPO / "configs/pretrain/debug.yaml", overrides)
+
+
+def test_zero_lr_is_a_supported_value():
+    cfg = load_config(REPO / "configs/pretrain/debug.yaml", ["optim.lr=0", "optim.min_lr=0"])
+    assert cfg.optim.lr == 0.0  # trains nothing (tests/test_optim.py: no update, no decay)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -72,7 +72,7 @@ class CompressOptimSection:
     min_lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # fully decoupled, as in pre-training: weights shrink by this x lr_t / lr per step
     warmup_steps: int = 30
     grad_clip: float = 1.0  # 0 disables
     lm_lr_scale: float = 0.125  # stage 2: the LLM's lr = lr * this (AIMv2's VLM: connector lr 8x the LLM's)
@@ -120,7 +120,9 @@ class CompressConfig:
         check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
         o = self.optim
         check(len(o.betas) == 2, "optim.betas", "must be two numbers")
-        check(0 <= o.min_lr <= o.lr, "optim.min_lr", "must be within [0, optim.lr]")
+        check(o.lr >= 0, "optim.lr", f"must be >= 0 (0: nothing trains), got {o.lr:g}")
+        check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be within [0, optim.lr={o.lr:g}], got {o.min_lr:g}")
+        check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay:g}")
         check(o.lm_lr_scale > 0, "optim.lm_lr_scale", "must be > 0")
         check(self.trainer.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps", "must be > 0")
 

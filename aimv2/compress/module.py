@@ -18,7 +18,7 @@ from aimv2.compress.attach import build_attachment
 from aimv2.compress.config import config_from_dict
 from aimv2.errors import UserError
 from aimv2.training.clipping import ClipGradientNorm, fused_optimizer_allowed
-from aimv2.training.optim import adamw, param_groups, warmup_cosine_schedule
+from aimv2.training.optim import adamw, decoupled_weight_decay, param_groups, warmup_cosine_schedule
 
 
 class CompressModule(ClipGradientNorm, L.LightningModule):
@@ -69,10 +69,13 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg.optim
-        groups = [g | {"lr": cfg.lr} for g in param_groups(self.vlm.compressor, cfg.weight_decay)]
+        # Fully decoupled decay as in pre-training; one value for every group (AdamLH divides by the
+        # optimizer's lr), so the LLM at lm_lr_scale x lr also decays at lm_lr_scale x weight_decay.
+        wd = decoupled_weight_decay(cfg.weight_decay, cfg.lr)
+        groups = [g | {"lr": cfg.lr} for g in param_groups(self.vlm.compressor, wd)]
         if self.cfg.stage == 2:
             lm_lr = cfg.lr * cfg.lm_lr_scale
-            groups += [g | {"lr": lm_lr} for g in param_groups(self.vlm.lm, cfg.weight_decay)]
+            groups += [g | {"lr": lm_lr} for g in param_groups(self.vlm.lm, wd)]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise UserError(f"compressor '{self.cfg.compressor.kind}' has nothing to train in stage {self.cfg.stage}")

@@ -1,5 +1,15 @@
-"""The optimizer recipe of AIMv2 (Table A1): AdamW, no weight decay on norms, biases, position
-embeddings and the start token; linear warmup then cosine decay to a minimum learning rate."""
+"""The optimizer recipe of AIMv2 (Table A1): AdamW with fully decoupled weight decay, no decay on
+norms, biases, position embeddings and the start token; linear warmup then cosine decay to a
+minimum learning rate.
+
+Fully decoupled weight decay (AIMv2 Table A1; Apple's ml-l3m `AdamLH`, src/l3m/optim/adamw_lh.py):
+every step a decayed weight is multiplied by (1 - lambda * lr_t / lr_init), where lr_init is the lr
+the optimizer was built with (the peak of the schedule) and lambda = `optim.weight_decay` (1e-4 in
+the paper). The shrink per step follows the schedule but not the size of the peak lr: 1e-4 per
+step at the peak whatever lr is. torch's AdamW multiplies by (1 - lr_t * wd), so the same decay is
+torch's AdamW (or DeepSpeed's CPU Adam in adamw mode, the same form) with wd = lambda / lr_init:
+`decoupled_weight_decay`. Passing lambda itself would decay lr_init times too weakly (1000x at 1e-3).
+"""
 
 from __future__ import annotations
 
@@ -41,6 +51,18 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | Non
     ]
 
 
+def decoupled_weight_decay(lam: float, init_lr: float) -> float:
+    """torch AdamW's `weight_decay` that gives AdamLH's decay p *= 1 - lam * lr_t / init_lr.
+
+    One value for every parameter group, as in AdamLH, whose `init_lr` is the optimizer's own lr, not
+    a group's: a group stepped at s x the lr (the compressor's LLM at `lm_lr_scale`) also decays at
+    s x lam per step at the peak. With init_lr = 0 nothing moves: lr_t is 0 at every step, so is the
+    decay (AdamLH itself would divide by zero)."""
+    if lam < 0 or init_lr < 0:
+        raise ValueError(f"weight decay {lam} and lr {init_lr} must be >= 0")
+    return lam / init_lr if init_lr > 0 else 0.0
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
     """Learning rate at `step` (0-based): linear from lr/warmup to lr, then cosine to min_lr."""
     if step < warmup_steps:
@@ -63,7 +85,8 @@ def adamw(groups: list[dict], lr: float, betas, eps: float, fused: bool = True) 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
                     no_decay: set[str] | None = None, cpu_adam: bool = False, fused: bool = True) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay, no_decay)
+    """The pre-training optimizer; `weight_decay` is the paper's lambda, applied fully decoupled."""
+    groups = param_groups(model, decoupled_weight_decay(weight_decay, lr), no_decay)
     if cpu_adam:  # DeepSpeed with optimizer offload: the states live in CPU memory, stepped by its CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -74,8 +97,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                            lr: float, min_lr: float) -> dict:
     """Lightning's lr_scheduler entry: `warmup_cosine` per optimizer step, scaling each group's own lr
-    (groups may start from different rates). Warm-up is cut to leave at least one decaying step."""
+    (groups may start from different rates). Warm-up is cut to leave at least one decaying step.
+    lr = 0 (then min_lr = 0 too, as the config checks) keeps every rate at 0: no update, no decay."""
     warmup = min(warmup_steps, max(total_steps - 1, 0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, lr, min_lr) / lr)
+
+    def factor(step: int) -> float:
+        return warmup_cosine(step, warmup, total_steps, lr, min_lr) / lr if lr > 0 else 0.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"scheduler": scheduler, "interval": "step"}
