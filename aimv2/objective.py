@@ -24,9 +24,12 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Each patch minus its mean, divided by its std (unbiased=False), as in MAE."""
+    """Each patch minus its mean, divided by sqrt(var + eps) with the unbiased variance (divisor
+    P - 1 over the P = p*p*3 values), exactly as MAE's `forward_loss` (models_mae.py) and ml-l3m's
+    `RasterPixelLoss` (src/l3m/loss/mae_loss.py) compute it: `target.var(dim=-1)` is torch's default,
+    correction=1. Over 588 values the two variances differ by 1/587 (targets 0.09% smaller)."""
     mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    var = patches.var(dim=-1, keepdim=True, correction=1)
     return (patches - mean) / (var + eps).sqrt()
 
 

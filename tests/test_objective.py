@@ -19,10 +19,14 @@ def test_patchify_order_matches_grid_and_pixel_layout():
 
 
 def test_normalize_patches_by_hand():
-    out = normalize_patches(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]]), eps=0.0)
-    # mean 2.5, population variance 1.25
-    expected = [(v - 2.5) / math.sqrt(1.25) for v in (1, 2, 3, 4)]
-    assert out[0, 0].tolist() == pytest.approx(expected, abs=1e-6)
+    out = normalize_patches(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.float64), eps=0.0)
+    # mean 2.5; unbiased variance (MAE, ml-l3m): ((1.5^2 + 0.5^2) * 2) / (4 - 1) = 5/3
+    expected = [(v - 2.5) / math.sqrt(5 / 3) for v in (1, 2, 3, 4)]
+    assert out[0, 0].tolist() == pytest.approx(expected, rel=1e-12)
+    # eps sits inside the square root, as in MAE: (x - mean) / (var + 1e-6) ** 0.5
+    flat = normalize_patches(torch.tensor([[[2.0, 2.0, 2.0, 5.0]]], dtype=torch.float64))
+    # mean 2.75, unbiased variance (3 * 0.75^2 + 2.25^2) / 3 = 2.25
+    assert flat[0, 0, 3].item() == pytest.approx(2.25 / math.sqrt(2.25 + 1e-6), rel=1e-12)
 
 
 def test_image_loss_counts_only_non_prefix_targets():

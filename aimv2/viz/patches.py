@@ -28,7 +28,7 @@ def unnormalize_patches(normalized: torch.Tensor, target: torch.Tensor, eps: flo
     """Normalized patches (B, N, P) back to pixel space using the statistics of `target` (B, N, P),
     the raw patches they were regressing: the inverse of `normalize_patches` for the truth."""
     mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True, unbiased=False)
+    var = target.var(dim=-1, keepdim=True, correction=1)  # as normalize_patches
     return normalized * (var + eps).sqrt() + mean
 
 
