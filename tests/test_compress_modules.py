@@ -5,7 +5,7 @@ most distinct); the text-conditioned compressor changes its output when only the
 import pytest
 import torch
 
-from aimv2.compress.base import CompressorSpec
+from aimv2.compress.base import CompressorSpec, to_grid
 from aimv2.compress.prune import kdv_scores, kdv_select
 from aimv2.compress.registry import COMPRESSORS, build_compressor
 from aimv2.errors import UserError
@@ -122,6 +122,28 @@ def test_text_conditioned_compressor_follows_the_text(m):
         other_comp = make(kind, N if kind == "mlp" else m).eval()
         with torch.no_grad():
             assert torch.equal(other_comp(x, text=text), other_comp(x, text=other))
+
+
+def test_quecc_text_reaches_the_output_only_through_the_queries():
+    """Keys and values are the visual features without the text (QueCC, arXiv 2411.03312): with the
+    queries held at those of text A, text B gives exactly A's tokens; the region attention's
+    key/value input is x itself whatever the text."""
+    comp = make("quecc", 16).eval()
+    x, text, _ = inputs()
+    other = torch.randn(B, D_LLM, generator=torch.Generator().manual_seed(7))
+    seen, held = [], {}
+    comp.region.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    comp.downsample.register_forward_hook(lambda mod, args, out: held.get("queries", out))
+    with torch.no_grad():
+        a = comp(x, text=text)
+        held["queries"] = comp.downsample(to_grid(x + comp.text_norm(comp.text_proj(text)).unsqueeze(1), GRID))
+        b_with_a_queries = comp(x, text=other)
+        held.clear()
+        b = comp(x, text=other)
+    assert torch.equal(b_with_a_queries, a)  # nothing of the text but the queries
+    assert (a - b).abs().max() > 1e-3  # through the queries the text does change the tokens
+    assert all(torch.equal(kv, x) for kv in seen)  # keys/values never carry the text
+    assert isinstance(comp.text_norm, torch.nn.LayerNorm)  # text projection: Linear + LayerNorm
 
 
 def test_tokenpacker_queries_attend_only_to_their_region():

@@ -2,11 +2,15 @@
 region of the grid (k = grid side / s), so the cost is O(N) instead of O(M * N).
 
 - TokenPacker: the queries are the average-pooled (downsampled) grid itself.
-- QueCC ("Inference Optimal VLMs Need Only One Visual Token but Larger Models"): the query text's
-  embedding from the LLM is added to every patch feature first; a depthwise convolution with
-  kernel = stride = k over those text-conditioned features makes the queries; each query
-  attends to its own region of them; an MLP maps into the LLM width. Changing only the text
-  changes the tokens.
+- QueCC ("Inference Optimal VLMs Need Only One Visual Token but Larger Models", arXiv 2411.03312):
+  the query text's embedding from the LLM, projected by Linear + LayerNorm, is added to every
+  patch feature; a depthwise convolution with kernel = stride = k over those text-conditioned
+  features makes the queries; each query attends to its own region of the visual features
+  *without* the text (keys and values never see it); an MLP maps into the LLM width. So the text
+  steers what each region's query looks for, not what the region offers. As in the authors' code
+  (github.com/locuslab/llava-token-compression, llava/model/multimodal_projector/quecc.py), except
+  that their query path and k/v projections are 2-layer MLPs and their keys come from multi-level
+  features; here linear projections and the last layer's features.
 TokenPacker proper attends to multi-level features; here the region keys are the last layer's.
 """
 
@@ -67,7 +71,8 @@ class TokenPacker(_RegionCompressor):
 
 
 class QueCC(_RegionCompressor):
-    """Text-conditioned region compression: (B, N, D_vis) + text (B, D_llm) -> (B, M, D_llm)."""
+    """Text-conditioned region compression: (B, N, D_vis) + text (B, D_llm) -> (B, M, D_llm).
+    Only the queries see the text; keys and values are the visual features alone."""
 
     uses_text = True
 
@@ -76,18 +81,21 @@ class QueCC(_RegionCompressor):
         width = attention_width(spec)
         side = math.isqrt(spec.num_tokens)
         kernel = (spec.grid[0] // side, spec.grid[1] // side)
+        # The paper's code projects the text with Linear + LayerNorm (eps 1e-6) before adding it.
         self.text_proj = nn.Linear(spec.d_llm, spec.d_vis)
+        self.text_norm = nn.LayerNorm(spec.d_vis, eps=1e-6)
         # Depthwise, kernel = stride = region size: one query per region, fixed M per weights.
         self.downsample = nn.Conv2d(spec.d_vis, spec.d_vis, kernel, stride=kernel, groups=spec.d_vis)
         self.region = RegionAttention(spec.d_vis, width, spec.heads, spec.grid)
         self.out = mlp(width, spec.d_llm, spec.d_llm)
 
     def text_parameters(self) -> list[nn.Parameter]:
-        return list(self.text_proj.parameters())
+        return [*self.text_proj.parameters(), *self.text_norm.parameters()]
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
                 keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if text is not None:  # (B, D_llm) or (1, D_llm); None = unconditioned
-            x = x + self.text_proj(text).unsqueeze(1)  # (B, N, D_vis)
-        queries = from_grid(self.downsample(to_grid(x, self.spec.grid)))  # (B, M, D_vis)
-        return self.out(self.region(queries, x))  # (B, M, D_llm)
+        conditioned = x  # text (B, D_llm) or (1, D_llm); None = unconditioned
+        if text is not None:
+            conditioned = x + self.text_norm(self.text_proj(text)).unsqueeze(1)  # (B, N, D_vis)
+        queries = from_grid(self.downsample(to_grid(conditioned, self.spec.grid)))  # (B, M, D_vis)
+        return self.out(self.region(queries, x))  # keys/values: x without the text; (B, M, D_llm)

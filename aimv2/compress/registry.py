@@ -14,7 +14,7 @@ COMPRESSORS: dict[str, type[Compressor]] = {
     "pool": PooledProjector,  # Matryoshka / LDPv2: avg-pool to sqrt(M) x sqrt(M) + MLP
     "resampler": Resampler,  # Perceiver Resampler / Q-Former: M learned queries
     "tokenpacker": TokenPacker,  # pooled grid queries attend to their own region
-    "quecc": QueCC,  # text embedding + depthwise conv queries attend to their own region
+    "quecc": QueCC,  # text-conditioned depthwise-conv queries attend to their own region (k/v without text)
     "kdv": KDVPruner,  # training-free key-diversity pruning to M, then the MLP
 }
 
