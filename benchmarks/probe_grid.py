@@ -22,11 +22,12 @@ from aimv2.models.sizes import get_size  # noqa: E402
 from aimv2.probe.config import PAPER_LRS, PAPER_WDS, ProbeOptimConfig  # noqa: E402
 from aimv2.probe.features import encode  # noqa: E402
 from aimv2.probe.grid import HeadGrid, grid_specs  # noqa: E402
+from aimv2.probe.heads import encoder_attention_heads  # noqa: E402
 
 
-def _grid(kind: str, n_lrs: int, n_wds: int, dim: int, classes: int) -> HeadGrid:
+def _grid(kind: str, n_lrs: int, n_wds: int, dim: int, classes: int, heads: int) -> HeadGrid:
     cfg = ProbeOptimConfig()
-    return HeadGrid(grid_specs([kind], PAPER_LRS[:n_lrs], PAPER_WDS[:n_wds]), dim, classes, cfg)
+    return HeadGrid(grid_specs([kind], PAPER_LRS[:n_lrs], PAPER_WDS[:n_wds]), dim, classes, cfg, heads)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
 
     figures: dict = {}
     for kind in ("attentive", "linear"):
-        one, grid14 = _grid(kind, 1, 1, dim, args.classes), _grid(kind, 7, 2, dim, args.classes)
+        heads = encoder_attention_heads(encoder)  # the probe's default: the trunk's own (6 for small)
+        one, grid14 = _grid(kind, 1, 1, dim, args.classes, heads), _grid(kind, 7, 2, dim, args.classes, heads)
         cached_x = feats if kind == "attentive" else feats.mean(1)
         big_x = cached_x.repeat(8, *([1] * (cached_x.dim() - 1)))  # a batch of 8 x args.batch cached rows
         big_y = labels.repeat(8)

@@ -35,6 +35,7 @@ def test_cli_probe_writes_results_and_resumes(toy, tmp_path, capsys):
     assert sum(r["best"] for r in results["heads"]) == 1
     assert results["skipped"] == {"train": 2, "val": 0}  # the two planted corrupt files
     assert results["train_count"] == 48 and results["val_count"] == 24
+    assert results["attention_heads"] == 2  # the debug encoder's own heads (width // 64 would give 1)
     assert "| head | lr | wd | top-1 | top-5 | best |" in out.out and "**best**" in out.out
     assert (tmp_path / "run/results.md").read_text().count("\n|") >= 9
     # Second run: cached features reused, head training resumed (already finished) from heads.pt.

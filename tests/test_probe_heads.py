@@ -24,6 +24,25 @@ def test_batched_attentive_heads_match_textbook_attention_pooling():
         torch.testing.assert_close(batched[:, h], reference_attentive(tokens, heads, h), rtol=1e-4, atol=1e-5)
 
 
+def test_attentive_probe_defaults_to_the_encoders_own_heads():
+    """AIMv1/AIMv2 protocol: the pooling attention has the trunk's number of heads (not width // 64)."""
+    import pytest
+
+    from aimv2.errors import UserError
+    from aimv2.models.encoder import build_encoder
+    from aimv2.models.sizes import get_size
+    from aimv2.probe.heads import encoder_attention_heads
+
+    with torch.device("meta"):  # shapes only: the large trunk without its 1.2 GB of weights
+        expected = {"debug": 2, "small": 6, "large": 8, "huge": 12, "3b": 24}
+        found = {size: encoder_attention_heads(build_encoder(get_size(size), 56)) for size in expected}
+    assert found == expected  # large: 8 heads of 128, where width // 64 gave 16 heads of 64
+    heads = AttentiveHeads(num_heads=2, dim=64, num_classes=3, attention_heads=found["debug"])
+    assert heads.A == 2 and heads(torch.randn(4, 5, 64)).shape == (4, 2, 3)
+    with pytest.raises(UserError, match="head.attention_heads"):
+        encoder_attention_heads(torch.nn.Linear(2, 2))
+
+
 def _separable(n: int, seed: int):
     """Tokens (n, 4, 16) whose class (of 4) is the argmax of a fixed linear map of their mean, kept only
     with a margin (top-2 gap > 0.5): linearly separable with room to spare."""

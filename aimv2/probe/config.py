@@ -31,7 +31,7 @@ class ProbeDataConfig:
 class ProbeHeadConfig:
     kinds: list[str] = field(default_factory=lambda: ["attentive", "linear"])  # each kind gets the whole grid
     blocks: list[int] = field(default_factory=list)  # [] = last block (normed); else average of these blocks (normed)
-    attention_heads: int = 0  # attentive pooling heads; 0 = width // 64 (1 when width < 64 or not divisible)
+    attention_heads: int = 0  # attentive pooling heads; 0 = the encoder's own number of heads (AIMv1/AIMv2 protocol)
 
 
 @dataclass

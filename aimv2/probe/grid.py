@@ -40,7 +40,7 @@ class HeadGrid(nn.Module):
     """All probes: one stacked module per kind. forward(features) -> {kind: logits (B, H_kind, C)}."""
 
     def __init__(self, specs: list[HeadSpec], dim: int, num_classes: int, cfg: ProbeOptimConfig,
-                 attention_heads: int = 0):
+                 attention_heads: int = 1):
         super().__init__()
         self.specs, self.cfg, self.num_classes = specs, cfg, num_classes
         self.kinds = list(dict.fromkeys(s.kind for s in specs))

@@ -4,7 +4,9 @@ Why batched: the grid (7 lr x 2 wd by default) shares one frozen forward pass, s
 cost little next to the encoder. Stacking their weights turns 14 small modules into a few einsums.
 
 - Attentive probe (AIMv1's head): non-affine BatchNorm over the patch tokens, attention pooling
-  with one learned query (k and v projections, no bias; `A` attention heads), then a linear
+  with one learned query (k and v projections, no bias; `A` attention heads, by default as many as
+  the frozen trunk has: AIMv1's protocol, apple/ml-aim aim-v1/aim/v1/torch/models.py builds the
+  head with the trunk's num_heads, and AIMv2's release keeps 8 for the 8-head L), then a linear
   classifier. The query-key product is reassociated exactly: q.(W_k x) = (W_k^T q).x, and the
   value projection is applied after pooling: sum_n a_n W_v x_n = W_v (sum_n a_n x_n). Same
   parameters, same outputs and gradients as the textbook form, but O(N D A) per head instead of
@@ -22,8 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def default_attention_heads(width: int) -> int:
-    return width // 64 if width >= 64 and width % 64 == 0 else 1
+def encoder_attention_heads(encoder: nn.Module) -> int:
+    """The frozen trunk's own number of attention heads (timm ViT: blocks[0].attn.num_heads), the
+    attentive probe's default (`head.attention_heads: 0`); 8 for AIMv2-L, whose width // 64 is 16."""
+    try:
+        return int(encoder.blocks[0].attn.num_heads)
+    except (AttributeError, IndexError, TypeError):
+        from aimv2.errors import UserError
+
+        raise UserError("config key 'head.attention_heads': the encoder does not say its number of attention "
+                        "heads (blocks[0].attn.num_heads); set it") from None
 
 
 class AttentiveHeads(nn.Module):
@@ -31,10 +41,10 @@ class AttentiveHeads(nn.Module):
 
     kind = "attentive"
 
-    def __init__(self, num_heads: int, dim: int, num_classes: int, attention_heads: int = 0):
+    def __init__(self, num_heads: int, dim: int, num_classes: int, attention_heads: int = 1):
         super().__init__()
-        a = attention_heads or default_attention_heads(dim)
-        if dim % a:
+        a = attention_heads
+        if a < 1 or dim % a:
             raise ValueError(f"attention_heads={a} does not divide the feature width {dim}")
         self.H, self.D, self.A, self.C = num_heads, dim, a, num_classes
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
@@ -94,7 +104,7 @@ class LinearHeads(nn.Module):
         return torch.einsum("bd,hcd->bhc", x, self.weight) + self.bias  # (B, H, C)
 
 
-def build_heads(kind: str, num_heads: int, dim: int, num_classes: int, attention_heads: int = 0) -> nn.Module:
+def build_heads(kind: str, num_heads: int, dim: int, num_classes: int, attention_heads: int = 1) -> nn.Module:
     if kind == "attentive":
         return AttentiveHeads(num_heads, dim, num_classes, attention_heads)
     if kind == "linear":

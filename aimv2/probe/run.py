@@ -26,6 +26,7 @@ from aimv2.data.transforms import eval_transform
 from aimv2.probe.data import match_classes, open_split
 from aimv2.probe.features import ExtractJob, cached_features, check_blocks, pick_device
 from aimv2.probe.grid import HeadGrid, grid_specs
+from aimv2.probe.heads import encoder_attention_heads
 from aimv2.probe.loader import (
     Preprocessing,
     fit_resolution,
@@ -79,10 +80,12 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
     progress = cfg.progress_bar
     dim, num_classes = encoder.embed_dim, len(train.classes)
     specs = grid_specs(cfg.head.kinds, cfg.optim.lrs, cfg.optim.weight_decays)
-    grid = HeadGrid(specs, dim, num_classes, cfg.optim, cfg.head.attention_heads)
+    attention_heads = cfg.head.attention_heads or encoder_attention_heads(encoder)
+    grid = HeadGrid(specs, dim, num_classes, cfg.optim, attention_heads)
     started = time.perf_counter()
     info = {"checkpoint": cfg.checkpoint, "encoder": source, "img_size": size, "mode": cfg.mode,
-            "blocks": list(cfg.head.blocks) or "last", "classes": num_classes, "run_dir": str(run_dir)}
+            "blocks": list(cfg.head.blocks) or "last", "classes": num_classes, "attention_heads": attention_heads,
+            "run_dir": str(run_dir)}
 
     if cfg.mode == "cached":
         pooled = "attentive" not in cfg.head.kinds
@@ -100,13 +103,13 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
                   f"({'reused from cache' if reused else 'extracted'}), {found['skipped']} corrupt skipped", file=sys.stderr)
             data[name] = found
         device = pick_device(cfg.accelerator)
-        fp = _fingerprint(cfg, {"encoder": source, "train": len(data["train"]["labels"])})
+        fp = _fingerprint(cfg, {"encoder": source, "train": len(data["train"]["labels"]), "heads": attention_heads})
         train_cached(grid, data["train"], cfg, device, run_dir / "heads.pt", fp, progress)
         rows = grid.results(evaluate_tensors(grid, data["val"], cfg.data.batch_size, device))
         info |= {"train_count": len(data["train"]["labels"]), "val_count": len(data["val"]["labels"]),
                  "skipped": {"train": data["train"]["skipped"], "val": data["val"]["skipped"]}}
     else:
-        fp = _fingerprint(cfg, {"encoder": source})
+        fp = _fingerprint(cfg, {"encoder": source, "heads": attention_heads})
         found = run_augmented(AugmentedJob(grid, encoder, train, val, cfg, size, mean, std, run_dir / "heads.pt", fp))
         if found is None:
             return None  # a non-zero torchrun rank: its share is done
