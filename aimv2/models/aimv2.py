@@ -7,6 +7,7 @@ from torch import nn
 
 from aimv2.models.decoder import MultimodalDecoder
 from aimv2.models.encoder import build_encoder, encode
+from aimv2.models.init import init_encoder
 from aimv2.models.sizes import SizeSpec
 
 
@@ -18,6 +19,7 @@ class AIMv2(nn.Module):
         self.spec = spec
         self.img_size = img_size
         self.encoder = build_encoder(spec, img_size)
+        init_encoder(self.encoder)  # the reference trainer's init, not timm's (aimv2/models/init.py)
         self.num_patches = self.encoder.patch_embed.num_patches
         self.decoder = MultimodalDecoder(
             encoder_width=spec.width,

@@ -12,9 +12,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import RmsNorm, SwiGLU, trunc_normal_
+from timm.layers import RmsNorm, SwiGLU
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from aimv2.models.init import init_decoder
 
 
 class MultimodalDecoder(nn.Module):
@@ -52,15 +54,7 @@ class MultimodalDecoder(nn.Module):
         self.norm = norm(width)
         self.pixel_head = nn.Linear(width, patch_dim, bias=False)
         self.text_head = nn.Linear(width, vocab_size, bias=False)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        trunc_normal_(self.start_token, std=0.02)
-        trunc_normal_(self.text_pos_embed, std=0.02)
-        nn.init.normal_(self.text_embed.weight, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
+        init_decoder(self)  # the reference trainer's init (aimv2/models/init.py)
 
     def forward(
         self, image_features: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
