@@ -55,7 +55,8 @@ EXTRA = {
     "compress train configs/compress/tiny.yaml": CPU_RUN[:3] + ["data.batch_size=4"],
     "compress evaluate": ["--max-batches", "1", "--batch-size", "4"],
     "compress plan": ["--repeats", "1"],
-    "aimv2 probe": ["optim.epochs=1", "optim.warmup_epochs=0", "data.batch_size=2", "data.num_workers=0", "accelerator=cpu", "--devices", "1"],
+    "aimv2 probe": ["optim.epochs=1", "optim.warmup_epochs=0", "data.num_workers=0", "accelerator=cpu", "--devices", "1"],
+    "imagenet_attentive": ["data.batch_size=2"],  # the fixture's ImageNet has 6 images per split
     "compress_sweep.sh": ["--tokens", "1", "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.devices=1",
                           "trainer.precision=32-true", "trainer.strategy=auto", "lm.dtype=float32",
                           "data.train=FIXTURE/runs/demo/data/pretrain/00000.tar",
@@ -147,7 +148,7 @@ def _extra(text: str) -> list[str]:
     return [arg for fragment, args in EXTRA.items() if fragment in text for arg in args]
 
 
-def _needs_cluster(argv: list[str]) -> bool:
+def _needs_cluster(argv: list[str], ws: Path) -> bool:
     """An `aimv2 pretrain` / `compress train` command whose config asks for GPUs, nodes, FSDP or DeepSpeed."""
     from aimv2.commands.pretrain import strategy_preset
     from aimv2.compress.config import CompressConfig
@@ -162,7 +163,7 @@ def _needs_cluster(argv: list[str]) -> bool:
         if "=" in rest[i] and not rest[i].startswith("-"):
             overrides.append(rest[i])
         i += 1
-    files = [config] + ([strategy_preset(strategy)] if strategy else [])
+    files = [ws / config] + ([strategy_preset(strategy)] if strategy else [])
     t = load_config(files, overrides, **({"schema": CompressConfig} if compress else {})).trainer
     return str(t.accelerator) in ("gpu", "cuda") or t.num_nodes > 1 or t.strategy in ("fsdp", "deepspeed")
 
@@ -211,7 +212,7 @@ def run_documented(command: DocCommand, ws: Path) -> str:
     elif text.startswith("aimv2 "):
         argv = shlex.split(text)[1:]
         if argv[0] == "pretrain" or argv[:2] == ["compress", "train"]:
-            argv += REHEARSE if "--rehearse" in argv or _needs_cluster(argv) else CPU_RUN + ["visualize.every_n_steps=0"][: argv[0] == "pretrain"]
+            argv += REHEARSE if "--rehearse" in argv or _needs_cluster(argv, ws) else CPU_RUN + ["visualize.every_n_steps=0"][: argv[0] == "pretrain"]
             argv = list(dict.fromkeys(argv)) if argv.count("--rehearse") > 1 else argv
         argv += _extra(command.text)
     else:  # a shell script of eval/ or data/, with aimv2 from this interpreter

@@ -81,7 +81,7 @@ def shrink_trainer(t: TrainerConfig, steps: int, devices: int | None, report: Re
     return replace(
         t, accelerator="cpu", devices=n, num_nodes=1, strategy=runs_as, max_steps=steps, max_epochs=None,
         checkpoint_every_n_steps=max(1, steps // 2), log_every_n_steps=1, progress_bar=False, resume="none",
-        overwrite=True, offload=t.offload and runs_as in GPU_ONLY)
+        overwrite=True, offload=False)  # offload belongs to FSDP/DeepSpeed, which do not run here
 
 
 def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path, grad_clip: float) -> None:
