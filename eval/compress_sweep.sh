@@ -5,13 +5,14 @@
 #   eval/compress_sweep.sh my_stage1.yaml runs/sweep "1 4 16 64 144" trainer.max_steps=2000
 # pool and kdv have no per-M weights: one run each (trained over all M), evaluated at every M.
 # resampler, tokenpacker and quecc have weights per M: one run per M. mlp keeps all N tokens.
-# Region kinds (tokenpacker, quecc) need sqrt(M) to divide the patch grid (8 x 8 at 112 px, 16 x 16 at 224).
+# Region kinds (tokenpacker, quecc) need sqrt(M) to divide the patch grid (4 x 4 at the demo's 56 px,
+# 8 x 8 at 112 px, 16 x 16 at 224).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG OUT_DIR [\"M values\"] [key=value ...]" >&2
   exit 2
 fi
-config=$1; out=$2; ms=${3:-"1 4 16 64"}; shift $(( $# >= 3 ? 3 : 2 ))
+config=$1; out=$2; ms=${3:-"1 4 16"}; shift $(( $# >= 3 ? 3 : 2 ))
 list=$(echo "$ms" | tr ' ' ',')
 runs=()
 for kind in pool kdv; do
