@@ -28,7 +28,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
@@ -84,7 +85,8 @@ def markdown(summary: dict) -> str:
              f"Seeds {', '.join(map(str, summary['seeds']))}; cells are mean ± sample std over seeds of the "
              f"{summary['metric']}. (named) tasks ask for what the pre-training captions say; (unnamed) tasks "
              "for what they never say.",
-             f"Machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else "")
+             f"Machine: {m['cpu']}, {m['cores']} cores ({m.get('torch_threads')} torch threads)"
+             + (f", {m['gpu']}" if m["gpu"] else "")
              + f"; torch {m['torch']}; {m['date']}.", ""]
     for kind, by_variant in summary["summary"].items():
         lines += [f"## {kind} probe", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
