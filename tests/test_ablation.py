@@ -68,3 +68,10 @@ def test_rerun_reuses_finished_work_and_refuses_other_settings(ablation, capsys)
     assert {p: p.stat().st_mtime_ns for p in results} == results
     assert cli.main(["ablation", *PRETRAIN, "trainer.max_steps=3", "--out", str(ablation), *FLAGS]) == 2
     assert "other settings" in capsys.readouterr().err
+    # Other probe settings re-probe the same checkpoints (here one variant) without pre-training again.
+    assert cli.main(["ablation", *PRETRAIN, "--out", str(ablation), *FLAGS, "--variants", "aimv2",
+                     "--probe", "optim.epochs=2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("pre-training already done") == 1 and err.count("probing") == len(TASKS)
+    summary = json.loads((ablation / "ablation.json").read_text())
+    assert list(summary["variants"]) == ["aimv2"] and "optim.epochs=2" in summary["probe_overrides"]

@@ -5,7 +5,7 @@ else (model, data, optimizer, steps, seed) must be identical between them. The r
 trains nothing: it is the step-0 checkpoint the trained variants of the same seed started from.
 
 Run directory:
-  plan.json                                 the settings; a rerun with other settings is refused
+  plan.json                                 the settings; other pre-training settings are refused
   runs/<variant>/seed<k>/                   an `aimv2 pretrain` run directory (random: none)
   runs/<variant>/seed<k>/probe/<task>/      an `aimv2 probe` run directory per task
   ablation.json, ablation.md, ablation.png  the summary (aimv2.ablation.table, aimv2.ablation.plot)
@@ -82,17 +82,18 @@ class AblationPlan:
         return self.run_dir(self.trained[0], seed) / "checkpoints" / "step=0000000.ckpt"
 
     def record(self) -> None:
-        """Write plan.json; refuse an output directory that holds an ablation with other settings
-        (its finished runs would be reused as if they had been made with these)."""
+        """Write plan.json; refuse an output directory whose pre-training runs were made with other
+        settings (they would be reused as if made with these). The fingerprint covers what shapes a
+        pre-training run: the config file's content and the overrides. Seeds, variants and tasks may
+        be added later; probes whose settings changed are simply redone (aimv2.ablation.run)."""
         path = Path(self.out) / "plan.json"
-        mine = asdict(self)
-        # More seeds or variants may be added later, and the directory may move; nothing else may change.
-        keep = {k: v for k, v in mine.items() if k not in ("seeds", "variants", "out")}
-        digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        config = Path(self.pretrain_config).read_text(encoding="utf-8")
+        shaped = json.dumps({"config": config, "overrides": self.pretrain_overrides}, sort_keys=True)
+        digest = hashlib.sha256(shaped.encode()).hexdigest()[:16]
         if path.is_file():
             old = json.loads(path.read_text(encoding="utf-8"))
             if old.get("fingerprint") != digest:
-                raise UserError(f"{self.out} holds an ablation made with other settings (see {path}); "
+                raise UserError(f"{self.out} holds pre-training runs made with other settings (see {path}); "
                                 "choose another --out or delete it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps({"fingerprint": digest, **mine}, indent=1) + "\n")
+        atomic_write(path, json.dumps({"fingerprint": digest, **asdict(self)}, indent=1) + "\n")

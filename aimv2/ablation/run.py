@@ -3,8 +3,9 @@
 Why it is resumable piece by piece: a full ablation is many pre-training runs and many probes, hours
 on a CPU at larger scale. A pre-training run that reached its `trainer.max_steps` is not repeated
 (an interrupted one continues from its newest checkpoint, `trainer.resume=auto`), a probe whose
-results exist for the same checkpoint is not repeated, and the summary is rewritten after every
-seed, so an interrupted ablation still leaves a table of what is done.
+results exist for the same checkpoint and probe settings is not repeated (other probe settings, such
+as another grid, re-probe the same checkpoints), and the summary is rewritten after every seed, so
+an interrupted ablation still leaves a table of what is done.
 """
 
 from __future__ import annotations
@@ -47,17 +48,24 @@ def pretrain_variant(plan: AblationPlan, variant: str, seed: int) -> Path:
 
 
 def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoint: Path) -> dict:
-    """The best head of each kind on one task (probing first unless done for this checkpoint)."""
+    """The best head of each kind on one task, probing first unless results exist for the same
+    checkpoint and the same resolved probe config (its config.yaml)."""
+    from omegaconf import OmegaConf
+
     from aimv2.probe.run import run_probe
 
     out = plan.run_dir(variant, seed) / "probe" / task.name
-    results_file = out / "results.json"
-    results = json.loads(results_file.read_text(encoding="utf-8")) if results_file.is_file() else None
-    if results is None or results.get("checkpoint") != str(checkpoint):
+    cfg = load_config(plan.probe_config, [
+        f"checkpoint={_q(checkpoint)}", f"data.train={_q(task.train)}", f"data.val={_q(task.val)}",
+        f"run_dir={_q(out)}", *plan.probe_overrides], schema=ProbeConfig)
+    results_file, config_file = out / "results.json", out / "config.yaml"
+    done = results_file.is_file() and config_file.is_file() and \
+        config_file.read_text(encoding="utf-8") == OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if done:
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+    else:
         _say(f"seed {seed}, {variant}: probing {task.name}")
-        cfg = load_config(plan.probe_config, [
-            f"checkpoint={_q(checkpoint)}", f"data.train={_q(task.train)}", f"data.val={_q(task.val)}",
-            f"run_dir={_q(out)}", *plan.probe_overrides], schema=ProbeConfig)
+        results_file.unlink(missing_ok=True)
         results = run_probe(cfg)
     best = {kind: {"top1": row["top1"], "lr": row["lr"], "wd": row["wd"]}
             for kind, row in results["best_per_kind"].items()}
