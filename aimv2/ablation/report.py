@@ -40,6 +40,13 @@ def _stats(values: list[float]) -> dict:
             "min": round(min(values), 2), "max": round(max(values), 2), "n": len(values)}
 
 
+def _at_edge(top1_by_lr: dict[str, float]) -> bool:
+    """Whether the lowest or highest lr of the grid beats every lr between them: a grid that cuts the
+    optimum off. Ties (saturated tasks at 100%) do not count; grids of fewer than 3 lrs cannot tell."""
+    values = [top1_by_lr[k] for k in sorted(top1_by_lr, key=float)]
+    return len(values) >= 3 and max(values[0], values[-1]) > max(values[1:-1])
+
+
 def summarize(plan: AblationPlan, records: list[dict], command: str) -> dict:
     """Every record plus, per head kind, variant and task, the statistics over seeds."""
     kinds = sorted({k for r in records for k in r["best"]}, key=lambda k: (k != "attentive", k))
@@ -57,7 +64,7 @@ def summarize(plan: AblationPlan, records: list[dict], command: str) -> dict:
             task_means = [statistics.fmean(r["best"][kind]["top1"] for r in rows if r["seed"] == s) for s in seeds]
             table[kind][variant]["mean over tasks"] = _stats(task_means)
     chance = {r["task"]: round(100.0 / r["classes"], 2) for r in records}
-    edges = [r for r in records for b in r["best"].values() if b["lr"] in (r["lrs"][0], r["lrs"][-1])]
+    edges = [(r, kind) for r in records for kind in r["top1_by_lr"] if _at_edge(r["top1_by_lr"][kind])]
     return {
         "command": command, "machine": machine_info(), "seeds": sorted({r["seed"] for r in records}),
         "variants": {v: DESCRIPTIONS[v] for v in variants},
@@ -65,7 +72,8 @@ def summarize(plan: AblationPlan, records: list[dict], command: str) -> dict:
         "pretrain_config": plan.pretrain_config, "pretrain_overrides": plan.pretrain_overrides,
         "probe_config": plan.probe_config, "probe_overrides": plan.probe_overrides,
         "metric": "top-1 (%) of the best head of each kind on the task's val split (the probe's grid)",
-        "best_lr_at_grid_edge": f"{len(edges)} of {sum(len(r['best']) for r in records)} best heads",
+        "best_lr_at_grid_edge": f"{len(edges)} of {sum(len(r['best']) for r in records)} probes"
+                                + "".join(f"; {k}: {sum(1 for _, kk in edges if kk == k)}" for k in kinds),
         "summary": table, "runs": records,
     }
 
@@ -96,7 +104,8 @@ def markdown(summary: dict) -> str:
         lines.append("| chance | " + " | ".join(f"{t['chance']:.1f}" if t["chance"] else "" for t in tasks) + " | |")
         lines.append("")
     lines += ["Variants: " + "; ".join(f"`{k}` = {v}" for k, v in summary["variants"].items()) + ".",
-              f"Best lr at the edge of the probe's grid: {summary['best_lr_at_grid_edge']}.", ""]
+              f"Probes whose best lr is at an edge of the grid (better than every lr inside it): "
+              f"{summary['best_lr_at_grid_edge']}.", ""]
     return "\n".join(lines)
 
 

@@ -69,8 +69,12 @@ def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoi
         results = run_probe(cfg)
     best = {kind: {"top1": row["top1"], "lr": row["lr"], "wd": row["wd"]}
             for kind, row in results["best_per_kind"].items()}
+    by_lr: dict[str, dict[str, float]] = {}  # kind -> lr -> best top-1 over weight decays
+    for row in results["heads"]:
+        cell = by_lr.setdefault(row["head"], {})
+        cell[f"{row['lr']:g}"] = max(cell.get(f"{row['lr']:g}", 0.0), row["top1"])
     return {"variant": variant, "seed": seed, "task": task.name, "classes": results["classes"], "best": best,
-            "lrs": sorted({row["lr"] for row in results["heads"]})}
+            "top1_by_lr": by_lr}
 
 
 def run_ablation(plan: AblationPlan, command: str = "") -> dict:
