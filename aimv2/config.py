@@ -32,8 +32,8 @@ class SourceConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "clip"  # "clip": open_clip's BPE shipped in its wheel (offline); "hf": a local directory
-    path: Optional[str] = None  # for kind=hf: directory holding tokenizer.json / tokenizer_config.json
+    kind: str = "clip"  # "clip": open_clip's BPE shipped in its wheel (offline); "hf": a local directory; "words": a word list
+    path: Optional[str] = None  # kind=hf: directory holding tokenizer.json / tokenizer_config.json; kind=words: the list
     max_length: int = 77  # tokens per caption, end-of-text included
 
 
@@ -185,8 +185,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(d.mode in ("resampled", "epoch"), "data.mode", f"must be 'resampled' or 'epoch', got {d.mode!r}")
     _check(d.batch_size > 0, "data.batch_size", "must be > 0")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(d.tokenizer.kind in ("clip", "hf"), "data.tokenizer.kind", f"must be 'clip' or 'hf', got {d.tokenizer.kind!r}")
-    _check(d.tokenizer.kind != "hf" or bool(d.tokenizer.path), "data.tokenizer.path", "required for kind=hf")
+    _check(d.tokenizer.kind in ("clip", "hf", "words"), "data.tokenizer.kind",
+           f"must be 'clip', 'hf' or 'words', got {d.tokenizer.kind!r}")
+    _check(d.tokenizer.kind == "clip" or bool(d.tokenizer.path), "data.tokenizer.path", f"required for kind={d.tokenizer.kind}")
     _check(d.tokenizer.max_length >= 2, "data.tokenizer.max_length", "must be >= 2")
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
            f"must be [min, max] within (0, 1], got {d.crop_scale}")

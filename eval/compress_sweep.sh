@@ -4,19 +4,20 @@
 #   eval/compress_sweep.sh configs/compress/tiny.yaml runs/compress/sweep            # the offline demo
 #   eval/compress_sweep.sh configs/compress/tiny.yaml runs/sweep --tokens "1 4 16" trainer.max_steps=600
 # Options and key=value overrides (passed to every `aimv2 compress train`) may come in any order after
-# CONFIG and OUT_DIR; --tokens sets the M values (default "1 4 16 64").
+# CONFIG and OUT_DIR; --tokens sets the M values (default "1 4 16": the demo encoder's 4 x 4 grid).
 # pool and kdv have no per-M weights: one run each (trained over all M), evaluated at every M.
 # resampler, tokenpacker and quecc have weights per M: one run per M. mlp keeps all N tokens.
-# Region kinds (tokenpacker, quecc) need sqrt(M) to divide the patch grid (8 x 8 at 112 px, 16 x 16 at 224).
+# Region kinds (tokenpacker, quecc) need sqrt(M) to divide the patch grid (4 x 4 at the demo's 56 px,
+# 8 x 8 at 112 px, 16 x 16 at 224).
 # aimv2 comes from PATH, or from the Python in $PYTHON (e.g. PYTHON=.venv/bin/python).
 set -euo pipefail
 if [ -n "${PYTHON:-}" ] || ! command -v aimv2 >/dev/null; then aimv2() { "${PYTHON:-python3}" -m aimv2 "$@"; }; fi
 if [ $# -lt 2 ]; then
-  echo "usage: $0 CONFIG OUT_DIR [--tokens \"1 4 16 64\"] [key=value ...]" >&2
+  echo "usage: $0 CONFIG OUT_DIR [--tokens \"1 4 16\"] [key=value ...]" >&2
   exit 2
 fi
 config=$1; out=$2; shift 2
-ms="1 4 16 64"; overrides=()
+ms="1 4 16"; overrides=()
 while [ $# -gt 0 ]; do
   case $1 in
     --tokens) ms=$2; shift 2 ;;

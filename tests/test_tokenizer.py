@@ -41,3 +41,16 @@ def test_hf_tokenizer_from_a_local_directory_sets_vocab(tmp_path):
 def test_hf_tokenizer_missing_directory_is_named(tmp_path):
     with pytest.raises(UserError, match="data.tokenizer.path: tokenizer directory not found"):
         build_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "absent")))
+
+
+def test_word_tokenizer_from_a_word_list(tmp_path):
+    from aimv2.data.tokenizer import write_vocabulary
+
+    assert write_vocabulary(["a Red circle", "the shape cross, coloured red"], tmp_path / "vocab.txt") == 8
+    tok = build_tokenizer(TokenizerConfig(kind="words", path=str(tmp_path / "vocab.txt"), max_length=6))
+    assert tok.vocab_size == 3 + 8 and (tok.pad_id, tok.eot_id, tok.bos_id) == (0, 1, None)
+    ids, mask = tok(["A red cross, big"])
+    assert tok.decode(ids[0].tolist()) == "a red cross , <unk>"
+    assert mask[0].tolist() == [True] * 6 and ids[0, -1] == tok.eot_id  # 5 words + end of text
+    with pytest.raises(UserError, match="data.tokenizer.path: word list not found"):
+        build_tokenizer(TokenizerConfig(kind="words", path=str(tmp_path / "absent.txt")))

@@ -1,6 +1,9 @@
 """`aimv2 demo`: the main job on an embedded default, offline: write the demo shards (real digit
-scans shipped inside scikit-learn), pre-train the debug size on them, probe the frozen encoder, draw
-its next-patch predictions on held-out digits, write the run's report, and say where everything is."""
+scans shipped inside scikit-learn), pre-train the debug size on them, probe the frozen encoder and the
+same architecture at its random initialization (the run's step-0 checkpoint) on the same held-out
+digits, print both side by side, draw the next-patch predictions on held-out digits, write the run's
+report, and say where everything is. The side-by-side numbers are the evidence that pre-training
+taught the encoder something: a probe number alone means little on a toy set."""
 
 from __future__ import annotations
 
@@ -19,31 +22,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from aimv2.config import load_config
     from aimv2.data.demo import build_demo_shards
     from aimv2.errors import UserError
+    from aimv2.training.initial_checkpoint import INITIAL_NAME, InitialCheckpoint
     from aimv2.training.pretrain import pretrain
     from aimv2.training.report import loss_trend
+    from aimv2.training.trainer import run_paths
 
     config = CONFIGS / "pretrain" / "debug.yaml"
     if not config.is_file():
         raise UserError(f"demo config not found: {config} (run the demo from a source checkout)")
+    started = time.perf_counter()
     out = Path(args.out)
     demo = build_demo_shards(out / "data")
     print(f"demo shards: {demo['pretrain']['count']} image-caption pairs in {demo['pretrain']['dir']}")
     # The demo is rerun as a whole: it replaces its previous run (a plain `aimv2 pretrain` refuses to).
     overrides = [f"data.sources=[{{name: demo_digits, urls: '{demo['pretrain']['urls']}'}}]",
                  f"run_dir={out / 'pretrain'}", "trainer.overwrite=true", *args.overrides]
-    paths = pretrain(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    paths = pretrain(cfg, callbacks=[InitialCheckpoint(run_paths(cfg.run_dir)["checkpoints"])])
     print(loss_trend(paths["metrics"]))
-    # Frozen-trunk probe of the last checkpoint on the held-out digits (cached mode, configs/probe/quick.yaml).
+    # Frozen-trunk probes on the held-out digits (cached mode, configs/probe/toy.yaml): the last checkpoint,
+    # and the step-0 checkpoint (the weights training started from), identically.
+    from aimv2.probe.compare import comparison_table, write_comparison
     from aimv2.probe.config import ProbeConfig
     from aimv2.probe.run import run_probe
 
-    probe_cfg = load_config(CONFIGS / "probe" / "quick.yaml", [
-        f"checkpoint={paths['checkpoints'] / 'last.ckpt'}", f"data.train={demo['probe_train']['dir']}",
-        f"data.val={demo['probe_val']['dir']}", f"run_dir={out / 'probe'}", "accelerator=cpu"], schema=ProbeConfig)
-    results = run_probe(probe_cfg)
+    results = {}
+    for name, checkpoint, run_dir in (("pre-trained", "last.ckpt", out / "probe"),
+                                      ("random init", INITIAL_NAME, out / "probe_random_init")):
+        probe_cfg = load_config(CONFIGS / "probe" / "toy.yaml", [
+            f"checkpoint={paths['checkpoints'] / checkpoint}", f"data.train={demo['probe_train']['dir']}",
+            f"data.val={demo['probe_val']['dir']}", f"run_dir={run_dir}", "accelerator=cpu"], schema=ProbeConfig)
+        print(f"probe of the {name} encoder ({paths['checkpoints'] / checkpoint}):")
+        results[name] = run_probe(probe_cfg)
+    title = (f"Frozen-trunk probes on {results['pre-trained']['val_count']} held-out digits (10 classes), "
+             "best head of each kind's grid: the pre-trained encoder (last.ckpt) and the same architecture "
+             f"at its random initialization ({INITIAL_NAME}, the weights training started from).")
+    comparison = write_comparison(results, out / "probe_comparison", title)
     # Pictures: the prediction grid of the last checkpoint on held-out digits, and the run's report.
     from aimv2.commands.report import write_report
     from aimv2.commands.visualize import visualize_checkpoint
@@ -51,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     heldout = heldout_examples(Path(demo["probe_val"]["dir"]), out / "heldout", demo["classes"])
     grid = visualize_checkpoint(paths["checkpoints"] / "last.ckpt", [str(heldout)])
     report = write_report([paths["config"].parent], paths["config"].parent / "report")
-    best = results["best"] if results else None
+    minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print("\n".join([
         f"demo finished; everything is under {out}",
         f"  data         {out / 'data'} (pretrain shards, probe/train, probe/val)",
@@ -59,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
         f"  logs         {paths['metrics']} (tensorboard --logdir {paths['tensorboard']})",
         f"  predictions  {paths['visualizations']}/step=*.png during training; held-out digits: {grid['grid']}",
         f"  report       {report['markdown']} and {report['curves']}",
-        f"  probe        {out / 'probe' / 'results.md'}"
-        + (f" (best: {best['head']} head, top-1 {best['top1']:.2f})" if best else ""),
+        f"  probes       {out / 'probe' / 'results.md'} (pre-trained), {out / 'probe_random_init' / 'results.md'} "
+        f"(random init), side by side in {out / 'probe_comparison.md'}",
+        "",
+        f"held-out digit top-1 of the frozen encoder ({minutes} min {seconds:02d} s in all):",
+        comparison_table(comparison),
     ]))
     return 0
 

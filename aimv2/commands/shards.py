@@ -1,5 +1,6 @@
-"""`aimv2 shards`: write WebDataset shards from a captions file, a class folder tree, or the
-offline demo set, and print where they went and the brace pattern a config needs.
+"""`aimv2 shards`: write WebDataset shards from a captions file, a class folder tree, the offline
+demo set or the generated scene set (aimv2.data.scenes), and print where they went and the brace
+pattern a config needs.
 
 Skipped inputs (missing or undecodable images, empty captions) are reported, not fatal: the
 command exits 0 as long as something was written.
@@ -14,7 +15,7 @@ from aimv2.data.shard_inputs import caption_file_samples, class_tree_samples
 from aimv2.data.shards import WriteReport, classes_json, write_shards
 from aimv2.errors import UserError
 
-HELP = "write WebDataset tar shards from a captions file, a class folder tree or the offline demo set"
+HELP = "write WebDataset tar shards from a captions file, a class folder tree, the offline demo set or generated scenes"
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo set")
     demo.set_defaults(_shards_run=_run_demo)
+
+    scenes = sub.add_parser(
+        "scenes",
+        help="generated scenes of shapes whose captions name shape and colour but never position, size or count",
+        description="Writes OUT/pretrain (image-caption) and OUT/probe/<task>/{train,val} (labelled) for the tasks "
+        "shape, colour, position, size and count. Does nothing if a complete set is already there.",
+    )
+    scenes.add_argument("--out", type=Path, required=True, help="directory for the scene set")
+    scenes.add_argument("--counts", type=int, nargs=3, default=[6000, 1000, 500], metavar=("PRETRAIN", "TRAIN", "VAL"),
+                        help="scenes for pre-training, probe train and probe val (default 6000 1000 500)")
+    scenes.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
+    scenes.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    scenes.set_defaults(_shards_run=_run_scenes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,5 +121,23 @@ def _run_demo(args: argparse.Namespace) -> int:
     for name in ("pretrain", "probe_train", "probe_val"):
         split = result[name]
         print(f"  {name:<12} {split['count']:>5} samples in {split['shards']} shards: {split['urls']}")
+    print(f'config, under data.sources:  - urls: "{result["pretrain"]["urls"]}"')
+    return 0
+
+
+def _run_scenes(args: argparse.Namespace) -> int:
+    from aimv2.data.scenes import build_scene_shards
+
+    if min(args.counts) < 1 or args.image_size < 8:
+        raise UserError("--counts must be >= 1 each and --image-size >= 8")
+    pretrain, train, val = args.counts
+    result = build_scene_shards(args.out, pretrain=pretrain, probe_train=train, probe_val=val,
+                                image_size=args.image_size, seed=args.seed, progress=True)
+    print(f"scene set in {result['out_dir']}: {result['pretrain']['count']} captioned scenes in "
+          f"{result['pretrain']['shards']} shards (captions name {' and '.join(result['named'])})")
+    for task, entry in result["tasks"].items():
+        said = "named in captions" if entry["named"] else "never named"
+        print(f"  probe task {task:<9} {len(entry['classes'])} classes ({said}): "
+              f"{entry['train']['dir']} ({entry['train']['count']}), {entry['val']['dir']} ({entry['val']['count']})")
     print(f'config, under data.sources:  - urls: "{result["pretrain"]["urls"]}"')
     return 0

@@ -1,0 +1,94 @@
+"""Run an ablation: pre-train every trained variant for every seed, probe every task, summarize.
+
+Why it is resumable piece by piece: a full ablation is many pre-training runs and many probes, hours
+on a CPU at larger scale. A pre-training run that reached its `trainer.max_steps` is not repeated
+(an interrupted one continues from its newest checkpoint, `trainer.resume=auto`), a probe whose
+results exist for the same checkpoint and probe settings is not repeated (other probe settings, such
+as another grid, re-probe the same checkpoints), and the summary is rewritten after every seed, so
+an interrupted ablation still leaves a table of what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from aimv2.ablation.plan import VARIANTS, AblationPlan, Task
+from aimv2.ablation.report import write_summary
+from aimv2.config import load_config
+from aimv2.probe.config import ProbeConfig
+
+
+def _q(value: object) -> str:
+    """A value as a quoted YAML string for a key=value override (paths may hold ':' or braces)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _say(message: str) -> None:
+    print(f"ablation: {message}", file=sys.stderr, flush=True)
+
+
+def pretrain_variant(plan: AblationPlan, variant: str, seed: int) -> Path:
+    """The variant's final checkpoint for this seed, training (or finishing) it first if needed."""
+    from aimv2.training.initial_checkpoint import InitialCheckpoint
+    from aimv2.training.pretrain import pretrain
+    from aimv2.training.resume import checkpoint_step
+
+    run = plan.run_dir(variant, seed)
+    cfg = load_config(plan.pretrain_config, [*plan.pretrain_overrides, *VARIANTS[variant], f"trainer.seed={seed}",
+                                             f"data.seed={seed}", f"run_dir={_q(run)}", "trainer.resume=auto"])
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_file() and checkpoint_step(last) >= cfg.trainer.max_steps:
+        _say(f"seed {seed}, {variant}: pre-training already done ({last})")
+        return last
+    _say(f"seed {seed}, {variant}: pre-training {cfg.trainer.max_steps} steps in {run}")
+    pretrain(cfg, callbacks=[InitialCheckpoint(run / "checkpoints")])
+    return last
+
+
+def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoint: Path) -> dict:
+    """The best head of each kind on one task, probing first unless results exist for the same
+    checkpoint and the same resolved probe config (its config.yaml)."""
+    from omegaconf import OmegaConf
+
+    from aimv2.probe.run import run_probe
+
+    out = plan.run_dir(variant, seed) / "probe" / task.name
+    cfg = load_config(plan.probe_config, [
+        f"checkpoint={_q(checkpoint)}", f"data.train={_q(task.train)}", f"data.val={_q(task.val)}",
+        f"run_dir={_q(out)}", *plan.probe_overrides], schema=ProbeConfig)
+    results_file, config_file = out / "results.json", out / "config.yaml"
+    done = results_file.is_file() and config_file.is_file() and \
+        config_file.read_text(encoding="utf-8") == OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if done:
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+    else:
+        _say(f"seed {seed}, {variant}: probing {task.name}")
+        results_file.unlink(missing_ok=True)
+        results = run_probe(cfg)
+    best = {kind: {"top1": row["top1"], "lr": row["lr"], "wd": row["wd"]}
+            for kind, row in results["best_per_kind"].items()}
+    by_lr: dict[str, dict[str, float]] = {}  # kind -> lr -> best top-1 over weight decays
+    for row in results["heads"]:
+        cell = by_lr.setdefault(row["head"], {})
+        cell[f"{row['lr']:g}"] = max(cell.get(f"{row['lr']:g}", 0.0), row["top1"])
+    return {"variant": variant, "seed": seed, "task": task.name, "classes": results["classes"], "best": best,
+            "top1_by_lr": by_lr}
+
+
+def run_ablation(plan: AblationPlan, command: str = "") -> dict:
+    """Every variant x seed x task; returns the summary (also written as ablation.{json,md,png})."""
+    plan.validate()
+    plan.record()
+    records: list[dict] = []
+    summary: dict = {}
+    for seed in plan.seeds:
+        for variant in plan.trained:
+            checkpoint = pretrain_variant(plan, variant, seed)
+            records += [probe_task(plan, variant, seed, task, checkpoint) for task in plan.tasks]
+        if "random" in plan.variants:
+            records += [probe_task(plan, "random", seed, task, plan.init_source(seed)) for task in plan.tasks]
+        summary = write_summary(plan, records, command)
+        _say(f"seed {seed} done; summary in {Path(plan.out) / 'ablation.md'}")
+    return summary
