@@ -51,7 +51,8 @@ REHEARSE = ["--rehearse", "--rehearse-devices", "1"]
 EXTRA = {
     # the quickstart's pattern stands for what `aimv2 shards captions` printed; the fixture's photos fill one shard
     "run_dir=runs/mine": ["data.sources=[{urls: 'FIXTURE/abs/data/mine/00000.tar'}]"],
-    "aimv2 demo": ["trainer.max_steps=2", "visualize.every_n_steps=0"],
+    "aimv2 demo": ["trainer.max_steps=2", "visualize.every_n_steps=0", "--probe", "optim.epochs=1",
+                   "--probe", "optim.warmup_epochs=0"],
     "compress train configs/compress/tiny.yaml": CPU_RUN[:3] + ["data.batch_size=4"],
     "compress evaluate": ["--max-batches", "1", "--batch-size", "4"],
     "compress plan": ["--repeats", "1"],
@@ -106,7 +107,7 @@ def base(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("docs_base")
     build_demo_shards(root / "runs/demo/data")
-    _pretrain_checkpoint(root / "runs/demo/pretrain/checkpoints/last.ckpt", 112)
+    _pretrain_checkpoint(root / "runs/demo/pretrain/checkpoints/last.ckpt", 56)
     _pretrain_checkpoint(root / "runs/aimv2_large_224/checkpoints/last.ckpt", 224)
     photos = root / "abs/photos"
     lines = []

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="directory for the demo data and run (default runs/demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides of configs/pretrain/debug.yaml, e.g. trainer.max_steps=50")
+    parser.add_argument("--probe", action="append", default=[], metavar="key=value",
+                        help="override of the probe config (configs/probe/toy.yaml), e.g. --probe optim.epochs=10 "
+                             "(repeatable)")
     parser.set_defaults(_overrides="overrides")
 
 
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                                       ("random init", INITIAL_NAME, out / "probe_random_init")):
         probe_cfg = load_config(CONFIGS / "probe" / "toy.yaml", [
             f"checkpoint={paths['checkpoints'] / checkpoint}", f"data.train={demo['probe_train']['dir']}",
-            f"data.val={demo['probe_val']['dir']}", f"run_dir={run_dir}", "accelerator=cpu"], schema=ProbeConfig)
+            f"data.val={demo['probe_val']['dir']}", f"run_dir={run_dir}", "accelerator=cpu", *args.probe],
+            schema=ProbeConfig)
         print(f"probe of the {name} encoder ({paths['checkpoints'] / checkpoint}):")
         results[name] = run_probe(probe_cfg)
     title = (f"Frozen-trunk probes on {results['pre-trained']['val_count']} held-out digits (10 classes), "
