@@ -20,7 +20,7 @@ from aimv2.errors import UserError
 class ModelConfig:
     size: str = "debug"  # a row of aimv2.models.sizes.SIZES
     img_size: int = 224  # a multiple of the patch size (14)
-    init_from: Optional[str] = None  # start from this checkpoint's weights, not a resume (aimv2.training.init_from)
+    init_from: Optional[str] = None  # start from this checkpoint's weights, not a resume (aimv2.pretraining.init_from)
 
 
 @dataclass
@@ -64,7 +64,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     # The paper's lambda, fully decoupled (ml-l3m's AdamLH): every step a decayed weight is multiplied
-    # by 1 - weight_decay * lr_t / lr, i.e. torch AdamW with weight_decay / lr (aimv2.training.optim).
+    # by 1 - weight_decay * lr_t / lr, i.e. torch AdamW with weight_decay / lr (aimv2.engine.optim).
     # Not applied to norms, biases, position embeddings, start token.
     weight_decay: float = 1e-4
     warmup_steps: int = 12_500
@@ -79,7 +79,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed; presets in configs/strategy/ (aimv2.training.strategy)
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed; presets in configs/strategy/ (aimv2.engine.strategy)
     zero_stage: int = 2  # deepspeed: ZeRO stage 2 (optimizer + gradients sharded) or 3 (+ parameters)
     offload: bool = False  # deepspeed: optimizer states (stage 3: and parameters) in CPU memory; fsdp: parameters
     activation_checkpointing: bool = False  # recompute every transformer block in backward (encoder and decoder)

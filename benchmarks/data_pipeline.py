@@ -31,7 +31,7 @@ from aimv2.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
 from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
 from aimv2.data.shards import ShardSample, write_shards  # noqa: E402
 from aimv2.data.transforms import pretrain_transform  # noqa: E402
-from aimv2.training.datamodule import PretrainDataModule  # noqa: E402
+from aimv2.pretraining.datamodule import PretrainDataModule  # noqa: E402
 
 RAW, RAW_PIL = "raw limit: decode + crop", "PIL decode + PIL crop"
 WORDS = "a photo of the small red large blue dog cat car on in with near street field river house".split()

@@ -42,8 +42,8 @@ def measure(args) -> dict:
     from aimv2.config import TrainerConfig
     from aimv2.cpu_tuning import tune_cpu_allocator
     from aimv2.models import AIMv2, get_size
-    from aimv2.training.optim import build_optimizer
-    from aimv2.training.strategy import prepare_model
+    from aimv2.engine.optim import build_optimizer
+    from aimv2.engine.strategy import prepare_model
 
     device, dtype = args.device, DTYPES[args.dtype]
     if device == "cpu":

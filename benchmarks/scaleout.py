@@ -54,8 +54,8 @@ def one(args) -> dict:
 
     from aimv2.commands.pretrain import strategy_preset
     from aimv2.config import load_config
-    from aimv2.training.pretrain import pretrain
-    from aimv2.training.report import read_metric
+    from aimv2.pretraining.pretrain import pretrain
+    from aimv2.engine.metrics import read_metric
 
     class PeakMemory(Callback):
         peak = 0.0
@@ -65,7 +65,7 @@ def one(args) -> dict:
 
     from aimv2.models.flops import training_flops_per_sample
     from aimv2.models.sizes import get_size
-    from aimv2.training.resume import checkpoint_step
+    from aimv2.engine.resume import checkpoint_step
 
     run = Path(args.work) / args.one
     # The recipe as shipped; only what this machine must change: data, tokenizer, one node, the step count.

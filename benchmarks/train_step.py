@@ -25,7 +25,7 @@ from aimv2.models.flops import training_flops_per_sample  # noqa: E402
 from aimv2.models.masks import sample_prefix_lengths  # noqa: E402
 from aimv2.objective import aimv2_loss  # noqa: E402
 from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
-from aimv2.training.optim import build_optimizer  # noqa: E402
+from aimv2.engine.optim import build_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

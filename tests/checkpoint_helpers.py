@@ -20,7 +20,7 @@ def pretrain_debug(root: Path, img_size: int = 56, steps: int = 3) -> Path:
     from conftest import write_caption_shards
 
     from aimv2.config import PretrainConfig, load_config
-    from aimv2.training.pretrain import pretrain
+    from aimv2.pretraining.pretrain import pretrain
 
     report = write_caption_shards(root / "shards", n=16, per_shard=8)
     overrides = [
@@ -73,8 +73,8 @@ def plain_load(images, timm_dir: Path, hf_dir: Path, tmp: Path) -> dict:
 
 def write_zero_checkpoints(out: Path, img_size: int = 28) -> dict[int, Path]:
     """ZeRO-2 and ZeRO-3 checkpoints of the debug pre-training model after one optimizer step, in
-    Lightning's layout, written by DeepSpeed itself on the CPU (aimv2.training.zero_check); plus
+    Lightning's layout, written by DeepSpeed itself on the CPU (aimv2.engine.zero_check); plus
     OUT/reference_{2,3}.safetensors with the module's weights after the step."""
-    from aimv2.training.zero_check import run_zero_check
+    from aimv2.engine.zero_check import run_zero_check
 
     return run_zero_check(out, img_size=img_size, stages=(2, 3))

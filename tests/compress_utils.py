@@ -10,7 +10,7 @@ import torch
 
 from aimv2.compress.config import CompressConfig
 from aimv2.config import load_config
-from aimv2.training.module import AIMv2PretrainModule
+from aimv2.pretraining.module import AIMv2PretrainModule
 
 TINY_LM = ["lm.hidden_size=32", "lm.num_layers=2", "lm.num_heads=4", "lm.intermediate_size=64", "lm.max_positions=128"]
 

@@ -20,7 +20,7 @@ from aimv2.checkpoints import export as export_module
 from aimv2.cli import main
 from aimv2.errors import UserError
 from aimv2.probe.loader import load_encoder_from_pretrain_checkpoint
-from aimv2.training.module import AIMv2PretrainModule
+from aimv2.pretraining.module import AIMv2PretrainModule
 
 TOL = 1e-5
 FORMATS = ("aimv2", "timm", "hf")

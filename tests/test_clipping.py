@@ -1,4 +1,4 @@
-"""Gradient clipping by norm under every precision and strategy (aimv2.training.clipping): hand-computed
+"""Gradient clipping by norm under every precision and strategy (aimv2.engine.clipping): hand-computed
 norms, the DeepSpeed and FSDP dispatch, and real runs in bf16 autocast with the fused optimizer (the
 combination Lightning refuses) and fp16 with a GradScaler (clipped after unscaling: the logged norm is
 the fp32 run's, not 65536 times it)."""
@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
 from aimv2.config import load_config
-from aimv2.training.clipping import clip_gradient_norm, fused_optimizer_allowed
-from aimv2.training.pretrain import pretrain
-from aimv2.training.report import read_metric
+from aimv2.engine.clipping import clip_gradient_norm, fused_optimizer_allowed
+from aimv2.pretraining.pretrain import pretrain
+from aimv2.engine.metrics import read_metric
 from conftest import REPO, write_caption_shards
 
 

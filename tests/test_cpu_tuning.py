@@ -17,7 +17,7 @@ if sys.argv[1] == "tuned":
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.objective import aimv2_loss
-from aimv2.training.optim import build_optimizer
+from aimv2.engine.optim import build_optimizer
 torch.manual_seed(0)
 model = AIMv2(get_size("debug"), 112, 49408, 77)
 optimizer = build_optimizer(model, 1e-4, 1e-4, (0.9, 0.95), 1e-8)

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from aimv2.training.report import read_metric
+from aimv2.engine.metrics import read_metric
 from conftest import REPO, write_caption_shards
 
 

@@ -77,7 +77,7 @@ def _pretrain_checkpoint(path: Path, img_size: int) -> None:
     """A freshly initialized debug pre-training checkpoint with CLIP's vocabulary (what a run leaves)."""
     import lightning
 
-    from aimv2.training.module import AIMv2PretrainModule
+    from aimv2.pretraining.module import AIMv2PretrainModule
 
     torch.manual_seed(0)
     module = AIMv2PretrainModule({"size": "debug", "img_size": img_size}, {}, {}, vocab_size=49408, max_text_len=77)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from aimv2.training.report import read_metric
-from aimv2.training.resume import checkpoint_step, newest_intact
-from aimv2.training.stream_state import read_sample_log
+from aimv2.engine.metrics import read_metric
+from aimv2.engine.resume import checkpoint_step, newest_intact
+from aimv2.engine.stream_state import read_sample_log
 from conftest import REPO, write_caption_shards
 from fault_helpers import tiny_tokenizer
 

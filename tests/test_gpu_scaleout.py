@@ -37,7 +37,7 @@ def test_strategy_trains_saves_resumes_and_exports(tmp_path, preset):
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir() == preset.startswith("deepspeed")  # ZeRO checkpoints are directories
     if not preset.startswith("deepspeed"):  # bf16 + clip 1.0 + fused AdamW: the norm is logged where we clip
-        from aimv2.training.report import read_metric
+        from aimv2.engine.metrics import read_metric
 
         assert read_metric(run / "logs/metrics.csv", "train/grad_norm"), "no train/grad_norm: clipping did not run"
     out = pretrain(30, "trainer.resume=auto")

@@ -9,7 +9,7 @@ from aimv2.data.transforms import normalize_images
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.objective import aimv2_loss
-from aimv2.training.optim import build_optimizer
+from aimv2.engine.optim import build_optimizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -21,9 +21,9 @@ from aimv2.config import ModelConfig, load_config
 from aimv2.data.shards import ShardSample, write_shards
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
-from aimv2.training.init_from import apply_init_from, init_from_checkpoint
-from aimv2.training.pretrain import pretrain
-from aimv2.training.report import read_metric
+from aimv2.pretraining.init_from import apply_init_from, init_from_checkpoint
+from aimv2.pretraining.pretrain import pretrain
+from aimv2.engine.metrics import read_metric
 from conftest import REPO
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -1,4 +1,4 @@
-"""What would destroy work or hang is refused before a run starts (aimv2.training.launch_checks): a
+"""What would destroy work or hang is refused before a run starts (aimv2.engine.launch_checks): a
 run_dir holding another run (unless resumed or overwritten), GPUs or FSDP/DeepSpeed where no CUDA is
 visible, several nodes without a launcher. Plus the failures found by running every documented
 command: a run shorter than the logging interval leaves metrics, and every compressor trains under
@@ -15,8 +15,8 @@ from aimv2.compress.registry import COMPRESSORS
 from aimv2.compress.train import train
 from aimv2.config import TrainerConfig, load_config
 from aimv2.errors import UserError
-from aimv2.training.launch_checks import check_launch, claim_run_dir
-from aimv2.training.pretrain import pretrain
+from aimv2.engine.launch_checks import check_launch, claim_run_dir
+from aimv2.pretraining.pretrain import pretrain
 from compress_utils import compress_config, write_encoder_checkpoint
 from conftest import REPO, write_caption_shards
 from fault_helpers import tiny_tokenizer

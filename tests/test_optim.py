@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from aimv2.training.optim import build_optimizer, decoupled_weight_decay, no_decay_names, warmup_cosine_schedule
+from aimv2.engine.optim import build_optimizer, decoupled_weight_decay, no_decay_names, warmup_cosine_schedule
 
 LAM, LR, MIN_LR, WARMUP, TOTAL = 1e-4, 1e-3, 1e-5, 3, 8
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -120,7 +120,7 @@ def test_zero_lr_moves_nothing():
 
 
 def test_the_pretraining_module_hands_lambda_over_lr_to_adamw():
-    from aimv2.training.module import AIMv2PretrainModule
+    from aimv2.pretraining.module import AIMv2PretrainModule
 
     module = AIMv2PretrainModule({"size": "debug", "img_size": 28}, {}, {"lr": 2e-3, "weight_decay": 1e-4},
                                  vocab_size=64, max_text_len=8)

@@ -11,9 +11,9 @@ from sklearn.datasets import load_digits
 
 from aimv2.config import load_config
 from aimv2.data.shards import ShardSample, write_shards
-from aimv2.training.module import AIMv2PretrainModule
-from aimv2.training.pretrain import pretrain
-from aimv2.training.report import read_metric
+from aimv2.pretraining.module import AIMv2PretrainModule
+from aimv2.pretraining.pretrain import pretrain
+from aimv2.engine.metrics import read_metric
 from conftest import REPO
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

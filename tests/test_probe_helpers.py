@@ -17,7 +17,7 @@ def write_tiny_checkpoint(path: Path, img_size: int = 28, seed: int = 0) -> Path
     """A random-init `aimv2 pretrain` checkpoint of the debug size, as Lightning would save it."""
     import lightning
 
-    from aimv2.training.module import AIMv2PretrainModule
+    from aimv2.pretraining.module import AIMv2PretrainModule
 
     torch.manual_seed(seed)
     module = AIMv2PretrainModule({"size": "debug", "img_size": img_size}, {}, {}, vocab_size=100, max_text_len=8)

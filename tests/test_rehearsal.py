@@ -13,8 +13,8 @@ from dataclasses import replace
 import pytest
 
 from aimv2.config import load_config
-from aimv2.training.rehearsal import RehearsalReport, check_gpu_strategy, shrink_trainer
-from aimv2.training.rehearse_pretrain import rehearse_pretrain
+from aimv2.engine.rehearsal import RehearsalReport, check_gpu_strategy, shrink_trainer
+from aimv2.pretraining.rehearse import rehearse_pretrain
 from conftest import REPO
 from doc_commands import documented_commands
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from aimv2 import cli
 from aimv2.commands.report import write_report
-from aimv2.training.report import read_metric, tail_mean
+from aimv2.engine.metrics import read_metric, tail_mean
 from aimv2.viz.runs import config_differences, load_runs, run_names
 from viz_runs import STEPS, short_runs
 

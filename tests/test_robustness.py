@@ -13,11 +13,11 @@ from lightning.pytorch.callbacks import Callback
 from aimv2 import cli
 from aimv2.config import load_config
 from aimv2.errors import UserError
-from aimv2.training.checkpoint_io import AtomicCheckpointIO
-from aimv2.training.module import AIMv2PretrainModule
-from aimv2.training.pretrain import pretrain
-from aimv2.training.report import read_metric
-from aimv2.training.resume import newest_intact, resolve_resume
+from aimv2.engine.checkpoint_io import AtomicCheckpointIO
+from aimv2.pretraining.module import AIMv2PretrainModule
+from aimv2.pretraining.pretrain import pretrain
+from aimv2.engine.metrics import read_metric
+from aimv2.engine.resume import newest_intact, resolve_resume
 from conftest import REPO, write_caption_shards
 from fault_helpers import tiny_tokenizer
 
@@ -140,7 +140,7 @@ def test_zero_checkpoint_directories_are_swapped_in_whole_and_validated(tmp_path
     the directory appears under its name only once complete; resume validates ZeRO layouts."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from aimv2.training.strategy import AtomicDeepSpeedStrategy
+    from aimv2.engine.strategy import AtomicDeepSpeedStrategy
 
     def deepspeed_save(self, checkpoint, filepath, storage_options=None):  # DeepSpeed's layout, every rank
         if checkpoint.get("fail"):

@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 import torch
 
-from aimv2.training.report import read_metric
-from aimv2.training.stream_state import read_sample_log
+from aimv2.engine.metrics import read_metric
+from aimv2.engine.stream_state import read_sample_log
 from conftest import REPO, write_caption_shards
 from fault_helpers import tiny_tokenizer
 from slurm_cluster import SlurmCluster, ensure_slurm_installed

@@ -16,9 +16,9 @@ from aimv2.commands.pretrain import strategy_preset
 from aimv2.config import load_config
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
-from aimv2.training.checkpoint_io import AtomicCheckpointIO
-from aimv2.training.optim import param_groups
-from aimv2.training.strategy import build_strategy, prepare_model
+from aimv2.engine.checkpoint_io import AtomicCheckpointIO
+from aimv2.engine.optim import param_groups
+from aimv2.engine.strategy import build_strategy, prepare_model
 from conftest import REPO
 
 PRESETS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from aimv2.config import load_config
-from aimv2.training.pretrain import pretrain
+from aimv2.pretraining.pretrain import pretrain
 from conftest import REPO, write_caption_shards
 
 STEPS, EVERY, IMAGES, IMG = 6, 3, 2, 28

@@ -31,9 +31,9 @@ def _say(message: str) -> None:
 
 def pretrain_variant(plan: AblationPlan, variant: str, seed: int) -> Path:
     """The variant's final checkpoint for this seed, training (or finishing) it first if needed."""
-    from aimv2.training.initial_checkpoint import InitialCheckpoint
-    from aimv2.training.pretrain import pretrain
-    from aimv2.training.resume import checkpoint_step
+    from aimv2.engine.initial_checkpoint import InitialCheckpoint
+    from aimv2.pretraining.pretrain import pretrain
+    from aimv2.engine.resume import checkpoint_step
 
     run = plan.run_dir(variant, seed)
     cfg = load_config(plan.pretrain_config, [*plan.pretrain_overrides, *VARIANTS[variant], f"trainer.seed={seed}",

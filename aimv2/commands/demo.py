@@ -30,10 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from aimv2.config import load_config
     from aimv2.data.demo import build_demo_shards
     from aimv2.errors import UserError
-    from aimv2.training.initial_checkpoint import INITIAL_NAME, InitialCheckpoint
-    from aimv2.training.pretrain import pretrain
-    from aimv2.training.report import loss_trend
-    from aimv2.training.trainer import run_paths
+    from aimv2.engine.initial_checkpoint import INITIAL_NAME, InitialCheckpoint
+    from aimv2.pretraining.pretrain import pretrain
+    from aimv2.engine.metrics import loss_trend
+    from aimv2.engine.trainer import run_paths
 
     config = CONFIGS / "pretrain" / "debug.yaml"
     if not config.is_file():

@@ -3,7 +3,7 @@
 `--strategy` merges a scale-out preset over the config, before the overrides: a name of
 configs/strategy/ (ddp, fsdp, deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload) or a YAML
 file path. `--rehearse` runs the config as it is, shrunk to the debug size on this machine's CPU for a
-few steps with a checkpoint and a resume (aimv2.training.rehearsal), and reports what could and could
+few steps with a checkpoint and a resume (aimv2.engine.rehearsal), and reports what could and could
 not be rehearsed here. Options and overrides may come in any order.
 """
 
@@ -52,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
     files = [args.config] + ([strategy_preset(args.strategy)] if args.strategy else [])
     cfg = load_config(files, args.overrides)
     if args.rehearse:
-        from aimv2.training.rehearse_pretrain import rehearse_pretrain
+        from aimv2.pretraining.rehearse import rehearse_pretrain
 
         name = Path(args.config).stem + (f"+{Path(args.strategy).stem}" if args.strategy else "")
         report = rehearse_pretrain(cfg, Path(args.rehearse_dir) / name, devices=args.rehearse_devices,
                                    demo_root=args.rehearse_dir)
         print(report.table())
         return 1 if report.failed else 0
-    from aimv2.training.pretrain import pretrain
+    from aimv2.pretraining.pretrain import pretrain
 
     pretrain(cfg)
     return 0

@@ -47,7 +47,7 @@ def load_model(checkpoint: Path):
     import torch
 
     from aimv2.errors import UserError
-    from aimv2.training.module import AIMv2PretrainModule
+    from aimv2.pretraining.module import AIMv2PretrainModule
 
     if not checkpoint.is_file():
         raise UserError(f"checkpoint not found: {checkpoint}")

@@ -17,8 +17,8 @@ import torch
 from aimv2.compress.attach import build_attachment
 from aimv2.compress.config import config_from_dict
 from aimv2.errors import UserError
-from aimv2.training.clipping import ClipGradientNorm, fused_optimizer_allowed
-from aimv2.training.optim import adamw, decoupled_weight_decay, param_groups, warmup_cosine_schedule
+from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
+from aimv2.engine.optim import adamw, decoupled_weight_decay, param_groups, warmup_cosine_schedule
 
 
 class CompressModule(ClipGradientNorm, L.LightningModule):

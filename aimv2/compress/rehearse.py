@@ -1,5 +1,5 @@
 """`aimv2 compress train CONFIG --rehearse`: the alignment config run as it is on this machine's CPU
-for a few steps with a checkpoint and a resume (aimv2.training.rehearsal).
+for a few steps with a checkpoint and a resume (aimv2.engine.rehearsal).
 
 Kept: the stage, the compressor (kind, M, widths), the prompt and prefix, the LM's architecture and
 dtype when its directory is here, the optimizer, strategy, precision and every trainer switch. What a
@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from aimv2.compress.config import CompressConfig
-from aimv2.training.rehearsal import (
+from aimv2.engine.rehearsal import (
     RehearsalReport,
     check_gpu_strategy,
     demo_shard_urls,
@@ -31,7 +31,7 @@ STAND_IN_RESOLUTION = 224
 
 def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | None = None,
                       demo_root: str | Path | None = None, in_process: bool = False) -> RehearsalReport:
-    """Rehearse `cfg` in WORKDIR (replaced); see aimv2.training.rehearsal for `devices` and `in_process`."""
+    """Rehearse `cfg` in WORKDIR (replaced); see aimv2.engine.rehearsal for `devices` and `in_process`."""
     workdir = Path(workdir).resolve()
     demo_root = Path(demo_root or workdir)
     report = RehearsalReport(cfg.run_dir)

@@ -14,10 +14,10 @@ from aimv2.compress.data import AlignmentDataModule
 from aimv2.compress.module import CompressModule
 from aimv2.config import save_config
 from aimv2.errors import UserError
-from aimv2.training.launch_checks import check_launch, claim_run_dir
-from aimv2.training.report import read_metric
-from aimv2.training.resume import resolve_resume
-from aimv2.training.trainer import build_trainer, run_paths
+from aimv2.engine.launch_checks import check_launch, claim_run_dir
+from aimv2.engine.metrics import read_metric
+from aimv2.engine.resume import resolve_resume
+from aimv2.engine.trainer import build_trainer, run_paths
 
 
 def resolve_paths(cfg: CompressConfig) -> CompressConfig:

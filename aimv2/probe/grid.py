@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from aimv2.probe.config import ProbeOptimConfig
 from aimv2.probe.heads import build_heads
-from aimv2.training.optim import warmup_cosine
+from aimv2.engine.optim import warmup_cosine
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from aimv2.errors import UserError
-from aimv2.training.report import read_metrics, tail_mean
+from aimv2.engine.metrics import read_metrics, tail_mean
 
 # (metrics.csv column, label): what the curves show and the summary reports.
 CURVES = (

@@ -20,7 +20,7 @@ from typing import Optional
 
 from aimv2.config import TrainerConfig
 from aimv2.errors import UserError
-from aimv2.training.resume import under_slurm
+from aimv2.engine.resume import under_slurm
 
 RUN_ARTEFACTS = ("config.yaml", "checkpoints", "logs", "visualizations")
 

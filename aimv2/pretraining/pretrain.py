@@ -12,21 +12,21 @@ from lightning.pytorch.callbacks import Callback
 
 from aimv2.config import PretrainConfig, save_config
 from aimv2.cpu_tuning import tune_cpu_allocator
-from aimv2.training.checkpoint_io import remove_stale_temporaries
-from aimv2.training.datamodule import PretrainDataModule
-from aimv2.training.init_from import apply_init_from
-from aimv2.training.launch_checks import check_launch, claim_run_dir
-from aimv2.training.module import AIMv2PretrainModule
-from aimv2.training.preemption import Preempted, PreemptionCheckpoint
-from aimv2.training.resume import resolve_resume
-from aimv2.training.strategy import prepare_model
-from aimv2.training.trainer import build_trainer, run_paths
+from aimv2.engine.checkpoint_io import remove_stale_temporaries
+from aimv2.pretraining.datamodule import PretrainDataModule
+from aimv2.pretraining.init_from import apply_init_from
+from aimv2.engine.launch_checks import check_launch, claim_run_dir
+from aimv2.pretraining.module import AIMv2PretrainModule
+from aimv2.engine.preemption import Preempted, PreemptionCheckpoint
+from aimv2.engine.resume import resolve_resume
+from aimv2.engine.strategy import prepare_model
+from aimv2.engine.trainer import build_trainer, run_paths
 from aimv2.viz.callback import visualization_callbacks
 
 
 def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Path]:
     """Train; returns the run's paths (config, checkpoints, metrics, tensorboard). A run continues
-    from `trainer.resume` (aimv2.training.resume); `callbacks` are added to the Trainer's."""
+    from `trainer.resume` (aimv2.engine.resume); `callbacks` are added to the Trainer's."""
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     paths = run_paths(cfg.run_dir)
     resume = resolve_resume(cfg.trainer.resume, paths["checkpoints"])  # before any work: bad paths fail fast

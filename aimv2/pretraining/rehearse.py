@@ -1,5 +1,5 @@
 """`aimv2 pretrain CONFIG --rehearse`: the pre-training config run as it is, shrunk to the debug size
-on this machine's CPU (aimv2.training.rehearsal says what is kept and what is shrunk)."""
+on this machine's CPU (aimv2.engine.rehearsal says what is kept and what is shrunk)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aimv2.config import DataConfig, PretrainConfig
 from aimv2.models.sizes import get_size
-from aimv2.training.rehearsal import (
+from aimv2.engine.rehearsal import (
     RehearsalReport,
     check_gpu_strategy,
     demo_shard_urls,
@@ -26,7 +26,7 @@ def rehearse_pretrain(cfg: PretrainConfig, workdir: str | Path, devices: int | N
                       demo_root: str | Path | None = None, in_process: bool = False) -> RehearsalReport:
     """Rehearse `cfg` in WORKDIR (its run is replaced); `devices` caps the DDP processes (default 2);
     `demo_root` holds the demo shards that stand in for shards this machine cannot read;
-    `in_process` runs one-device phases in this process (aimv2.training.rehearsal.run_phases)."""
+    `in_process` runs one-device phases in this process (aimv2.engine.rehearsal.run_phases)."""
     workdir = Path(workdir).resolve()
     report = RehearsalReport(cfg.run_dir)
     spec = get_size(cfg.model.size)
@@ -50,7 +50,7 @@ def rehearse_pretrain(cfg: PretrainConfig, workdir: str | Path, devices: int | N
                                f"compile {t.compile}, global batch {_global_batch(cfg)} as configured")
     check_gpu_strategy(t, report, workdir, cfg.optim.grad_clip)
 
-    from aimv2.training.pretrain import pretrain
+    from aimv2.pretraining.pretrain import pretrain
 
     run_phases(small, pretrain, ["pretrain"], workdir, report, _read_encoder, in_process=in_process)
     return report
@@ -83,7 +83,7 @@ def _stand_in_stage(cfg: PretrainConfig, model, data: DataConfig, workdir: Path,
     import torch
 
     from aimv2.data.tokenizer import build_tokenizer
-    from aimv2.training.module import AIMv2PretrainModule
+    from aimv2.pretraining.module import AIMv2PretrainModule
 
     patch = get_size("debug").patch_size
     earlier = max(2 * patch, model.img_size - 2 * patch)
@@ -102,7 +102,7 @@ def _stand_in_stage(cfg: PretrainConfig, model, data: DataConfig, workdir: Path,
 
 
 def _global_batch(cfg: PretrainConfig) -> str:
-    from aimv2.training.launch_checks import device_count
+    from aimv2.engine.launch_checks import device_count
 
     per_node = device_count(cfg.trainer.devices)
     if per_node is None:

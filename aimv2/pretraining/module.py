@@ -28,8 +28,8 @@ from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.objective import aimv2_loss
-from aimv2.training.clipping import ClipGradientNorm, fused_optimizer_allowed
-from aimv2.training.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
+from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
+from aimv2.engine.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
     # -- the non-finite guard --------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
         """After backward (and the gradient all-reduce), before clipping and the optimizer step."""
-        from aimv2.training.strategy import skips_nonfinite_itself
+        from aimv2.engine.strategy import skips_nonfinite_itself
 
         loss_ok = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
         self._loss_finite = None
@@ -209,7 +209,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         return int(min(trainer.estimated_stepping_batches, 2**62))
 
     def configure_optimizers(self):
-        from aimv2.training.strategy import offloads_optimizer
+        from aimv2.engine.strategy import offloads_optimizer
 
         cfg = self.optim_cfg
         optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,

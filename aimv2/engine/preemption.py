@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class Preempted(SystemExit):
     """Raised on every rank once the preemption checkpoint is written. A SystemExit with status 0:
     the process should end, successfully (SLURM requeues or ends the job), also under callers that do
-    not catch it; `aimv2.training.pretrain` catches it to say where the checkpoint is."""
+    not catch it; `aimv2.pretraining.pretrain` catches it to say where the checkpoint is."""
 
     def __init__(self, step: int, path: Path, requeued: bool):
         super().__init__(0)

@@ -11,7 +11,7 @@ FSDP and DeepSpeed need CUDA) is checked as far as the CPU allows -- the strateg
 precision plugin, the optimizer, and for DeepSpeed a real ZeRO step and checkpoint read back -- and
 the rest of the config runs under DDP in its place. The report says which is which.
 
-The jobs (aimv2.training.rehearse_pretrain, aimv2.compress.rehearse) shrink their own sections and
+The jobs (aimv2.pretraining.rehearse, aimv2.compress.rehearse) shrink their own sections and
 hand the phases to `run_phases`.
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from aimv2.config import TrainerConfig, save_config
 from aimv2.errors import UserError
-from aimv2.training.launch_checks import device_count
+from aimv2.engine.launch_checks import device_count
 
 GPU_ONLY = ("fsdp", "deepspeed")
 
@@ -88,7 +88,7 @@ def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path,
     """What the CPU can show of the FSDP and DeepSpeed paths: the Lightning objects build with this
     config, the precision plugin accepts its precision, and for DeepSpeed a real ZeRO step (with the
     config's clipping) whose checkpoint directory reads back as the engine's weights."""
-    from aimv2.training.strategy import build_strategy
+    from aimv2.engine.strategy import build_strategy
 
     if t.strategy == "fsdp":
         from lightning.pytorch.plugins.precision import FSDPPrecision
@@ -140,7 +140,7 @@ def _zero_step(stage: int, grad_clip: float, out: Path, report: RehearsalReport)
     from safetensors.torch import load_file
 
     from aimv2 import load_encoder
-    from aimv2.training.zero_check import run_zero_check
+    from aimv2.engine.zero_check import run_zero_check
 
     try:
         directory = run_zero_check(out, img_size=28, stages=(stage,), grad_clip=grad_clip)[stage]

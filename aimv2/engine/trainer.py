@@ -3,7 +3,7 @@
 Run directory layout:
     RUN/config.yaml              the resolved config
     RUN/checkpoints/*.ckpt       every N steps (the newest `keep_checkpoints`), plus last.ckpt; written
-                                 atomically (aimv2.training.checkpoint_io)
+                                 atomically (aimv2.engine.checkpoint_io)
     RUN/logs/samples/rank*.tsv   with trainer.log_samples: the keys of every consumed sample
     RUN/logs/metrics.csv         every logged metric (CSV)
     RUN/logs/tensorboard/        the same for TensorBoard
@@ -20,12 +20,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from aimv2.config import TrainerConfig
-from aimv2.training.csv_log import ResumableCSVLogger, TrimMetricsOnResume
-from aimv2.training.preemption import LastCheckpointAtEnd, PreemptionCheckpoint
-from aimv2.training.progress_bar import progress_callbacks
-from aimv2.training.resume import under_slurm
-from aimv2.training.strategy import build_strategy, precision_plugin, strategy_plugins
-from aimv2.training.stream_state import SampleLog, StreamPosition
+from aimv2.engine.csv_log import ResumableCSVLogger, TrimMetricsOnResume
+from aimv2.engine.preemption import LastCheckpointAtEnd, PreemptionCheckpoint
+from aimv2.engine.progress_bar import progress_callbacks
+from aimv2.engine.resume import under_slurm
+from aimv2.engine.strategy import build_strategy, precision_plugin, strategy_plugins
+from aimv2.engine.stream_state import SampleLog, StreamPosition
 
 
 def run_paths(run_dir: str | Path) -> dict[str, Path]:
@@ -49,7 +49,7 @@ def fault_tolerance_callbacks(cfg: TrainerConfig, paths: dict[str, Path]) -> lis
 
 def cluster_plugins() -> list:
     """Under SLURM: Lightning's SLURM environment without its in-signal-handler requeue (ours is
-    aimv2.training.preemption, which saves at a step boundary)."""
+    aimv2.engine.preemption, which saves at a step boundary)."""
     if not under_slurm():
         return []
     from lightning.fabric.plugins.environments import SLURMEnvironment

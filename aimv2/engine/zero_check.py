@@ -5,11 +5,11 @@ accelerator, a gloo process group of one rank). This module steps the debug pre-
 under a ZeRO stage with gradient clipping and writes the checkpoint directory as Lightning's
 DeepSpeedStrategy does (tag `checkpoint`, the hyper-parameters in the client state), plus the
 engine's weights after the step, so the reader (aimv2.checkpoints.zero, load_encoder) can be checked
-against what DeepSpeed really wrote. The rehearsal (aimv2.training.rehearsal) and the checkpoint
+against what DeepSpeed really wrote. The rehearsal (aimv2.engine.rehearsal) and the checkpoint
 tests use it.
 
 DeepSpeed initializes torch.distributed and global state of its own: run it in a fresh process,
-`python -m aimv2.training.zero_check OUT IMG_SIZE STAGE [STAGE ...]` (`run_zero_check` does that).
+`python -m aimv2.engine.zero_check OUT IMG_SIZE STAGE [STAGE ...]` (`run_zero_check` does that).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run_zero_check(out: Path, img_size: int = 28, stages: tuple[int, ...] = (2, 
                         "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                         "DS_ACCELERATOR": "cpu"}
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "aimv2.training.zero_check", str(out), str(img_size), str(grad_clip),
+    done = subprocess.run([sys.executable, "-m", "aimv2.engine.zero_check", str(out), str(img_size), str(grad_clip),
                            *map(str, stages)], env=env, timeout=timeout, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])

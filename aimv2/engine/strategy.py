@@ -12,7 +12,7 @@ from outside (the model code in aimv2/models stays single-device).
 Activation checkpointing wraps the same blocks (FSDP through its own policy, the others with
 torch's non-reentrant checkpoint wrapper, which keeps state_dict keys unchanged), and
 `trainer.compile` compiles each block in place (no `_orig_mod.` in the keys either). Every strategy
-writes checkpoints atomically (aimv2.training.checkpoint_io). Lightning refuses FSDP and DeepSpeed
+writes checkpoints atomically (aimv2.engine.checkpoint_io). Lightning refuses FSDP and DeepSpeed
 on the CPU accelerator: on CPU machines only `auto` and `ddp` run.
 """
 
@@ -36,8 +36,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from aimv2.config import TrainerConfig
-from aimv2.training.checkpoint_io import AtomicCheckpointIO
-from aimv2.training.clipping import quiet_deepspeed_clipping_warning
+from aimv2.engine.checkpoint_io import AtomicCheckpointIO
+from aimv2.engine.clipping import quiet_deepspeed_clipping_warning
 
 log = logging.getLogger(__name__)
 BLOCKS = {Block}  # the transformer blocks of both the encoder (timm VisionTransformer) and the decoder
@@ -84,7 +84,7 @@ def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Stra
             checkpoint_io=AtomicCheckpointIO(),
         )
     if cfg.strategy == "deepspeed":
-        quiet_deepspeed_clipping_warning()  # DeepSpeed's engine clips (aimv2.training.clipping)
+        quiet_deepspeed_clipping_warning()  # DeepSpeed's engine clips (aimv2.engine.clipping)
         return AtomicDeepSpeedStrategy(
             stage=cfg.zero_stage,
             offload_optimizer=cfg.offload,

@@ -1,1 +1,0 @@
-"""Training: the Lightning module and data module, the optimizer recipe, the Trainer factory."""
