@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aimv2.data.shard_inputs import caption_file_samples, class_tree_samples
-from aimv2.data.shards import WriteReport, classes_json, write_shards
 from aimv2.errors import UserError
+
+if TYPE_CHECKING:  # the writer imports webdataset and torch: only when a shard is written, not for --help
+    from aimv2.data.shards import WriteReport
 
 HELP = "write WebDataset tar shards from a captions file, a class folder tree, the offline demo set or generated scenes"
 
@@ -87,6 +89,9 @@ def _finish(report: WriteReport) -> int:
 
 
 def _run_captions(args: argparse.Namespace) -> int:
+    from aimv2.data.shard_inputs import caption_file_samples
+    from aimv2.data.shards import write_shards
+
     samples = caption_file_samples(args.images, args.captions)
     report = write_shards(
         samples,
@@ -100,6 +105,9 @@ def _run_captions(args: argparse.Namespace) -> int:
 
 
 def _run_classes(args: argparse.Namespace) -> int:
+    from aimv2.data.shard_inputs import class_tree_samples
+    from aimv2.data.shards import classes_json, write_shards
+
     samples = class_tree_samples(args.root)
     report = write_shards(
         samples,
