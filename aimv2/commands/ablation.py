@@ -14,7 +14,6 @@ import shlex
 from pathlib import Path
 
 HELP = "objective ablation: AIMv2 vs captioning-only vs pixel-only vs random init, probed over seeds"
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,12 +62,13 @@ def run(args: argparse.Namespace) -> int:
     from aimv2.ablation.run import run_ablation
     from aimv2.commands.probe import split_items
     from aimv2.errors import UserError
+    from aimv2.shipped import shipped_config, user_config
 
     config, overrides = split_items(args.items)
-    config = config or str(CONFIGS / "pretrain" / "ablation.yaml")
+    config = str(user_config(config) if config else shipped_config("pretrain/ablation.yaml"))
     if not Path(config).is_file():
         raise UserError(f"config file not found: {config} (overrides are written key=value)")
-    probe_config = args.probe_config or str(CONFIGS / "probe" / "toy.yaml")
+    probe_config = str(user_config(args.probe_config) if args.probe_config else shipped_config("probe/toy.yaml"))
     if args.task:
         tasks = [_task(spec) for spec in args.task]
     else:

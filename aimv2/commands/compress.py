@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
 def _load(config: str, overrides: list[str]):
     from aimv2.compress.config import CompressConfig
     from aimv2.config import load_config
+    from aimv2.shipped import user_config
 
-    return load_config(config, overrides, schema=CompressConfig)
+    return load_config(user_config(config), overrides, schema=CompressConfig)
 
 
 def _run_train(args: argparse.Namespace) -> int:

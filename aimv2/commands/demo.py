@@ -11,7 +11,6 @@ import argparse
 from pathlib import Path
 
 HELP = "offline demo: build the demo shards, pre-train the debug size, probe it, report the results"
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,15 +28,13 @@ def run(args: argparse.Namespace) -> int:
 
     from aimv2.config import load_config
     from aimv2.data.demo import build_demo_shards
-    from aimv2.errors import UserError
     from aimv2.engine.initial_checkpoint import INITIAL_NAME, InitialCheckpoint
     from aimv2.pretraining.pretrain import pretrain
     from aimv2.engine.metrics import loss_trend
     from aimv2.engine.trainer import run_paths
+    from aimv2.shipped import shipped_config
 
-    config = CONFIGS / "pretrain" / "debug.yaml"
-    if not config.is_file():
-        raise UserError(f"demo config not found: {config} (run the demo from a source checkout)")
+    config = shipped_config("pretrain/debug.yaml")
     started = time.perf_counter()
     out = Path(args.out)
     demo = build_demo_shards(out / "data")
@@ -57,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for name, checkpoint, run_dir in (("pre-trained", "last.ckpt", out / "probe"),
                                       ("random init", INITIAL_NAME, out / "probe_random_init")):
-        probe_cfg = load_config(CONFIGS / "probe" / "toy.yaml", [
+        probe_cfg = load_config(shipped_config("probe/toy.yaml"), [
             f"checkpoint={paths['checkpoints'] / checkpoint}", f"data.train={demo['probe_train']['dir']}",
             f"data.val={demo['probe_val']['dir']}", f"run_dir={run_dir}", "accelerator=cpu", *args.probe],
             schema=ProbeConfig)

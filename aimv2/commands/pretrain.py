@@ -1,10 +1,11 @@
 """`aimv2 pretrain CONFIG [--strategy PRESET] [--rehearse] [key=value ...]`: pre-train with the AIMv2 objective.
 
 `--strategy` merges a scale-out preset over the config, before the overrides: a name of
-configs/strategy/ (ddp, fsdp, deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload) or a YAML
-file path. `--rehearse` runs the config as it is, shrunk to the debug size on this machine's CPU for a
-few steps with a checkpoint and a resume (aimv2.engine.rehearsal), and reports what could and could
-not be rehearsed here. Options and overrides may come in any order.
+configs/strategy/ (ddp, fsdp, deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload; shipped inside
+the package, aimv2.shipped) or a YAML file path. `--rehearse` runs the config as it is, shrunk to the
+debug size on this machine's CPU for a few steps with a checkpoint and a resume
+(aimv2.engine.rehearsal), and reports what could and could not be rehearsed here. Options and
+overrides may come in any order.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from aimv2.errors import UserError
 HELP = "pre-train an AIMv2 encoder from a YAML config (key=value overrides)"
 REHEARSE_HELP = ("run the config as it is, shrunk to the debug size on this machine's CPU for a few steps with "
                  "a checkpoint and a resume; reports what could not be rehearsed here (FSDP and DeepSpeed need CUDA)")
-STRATEGY_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "strategy"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,20 +36,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def strategy_preset(name: str) -> Path:
+    """A preset's name (the shipped configs/strategy/NAME.yaml) or a YAML path."""
+    from aimv2.shipped import strategy_presets, user_config
+
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        return path
-    preset = STRATEGY_PRESETS / f"{name}.yaml"
-    if not preset.is_file():
-        known = ", ".join(sorted(p.stem for p in STRATEGY_PRESETS.glob("*.yaml")))
-        raise UserError(f"--strategy: no preset {name!r} (known: {known}; or give a YAML path)")
-    return preset
+        return user_config(path)
+    presets = strategy_presets()
+    if name not in presets:
+        raise UserError(f"--strategy: no preset {name!r} (known: {', '.join(presets)}; or give a YAML path)")
+    return presets[name]
 
 
 def run(args: argparse.Namespace) -> int:
     from aimv2.config import load_config
+    from aimv2.shipped import user_config
 
-    files = [args.config] + ([strategy_preset(args.strategy)] if args.strategy else [])
+    files = [user_config(args.config)] + ([strategy_preset(args.strategy)] if args.strategy else [])
     cfg = load_config(files, args.overrides)
     if args.rehearse:
         from aimv2.pretraining.rehearse import rehearse_pretrain

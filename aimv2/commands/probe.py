@@ -41,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from aimv2.errors import UserError
     from aimv2.probe.config import ProbeConfig
     from aimv2.probe.run import run_probe
+    from aimv2.shipped import user_config
 
     config, overrides = split_items(args.items)
+    config = None if config is None else str(user_config(config))
     if config is not None and not Path(config).is_file():
         raise UserError(f"config file not found: {config} (overrides are written key=value)")
     flags = {"checkpoint": args.checkpoint, "data.train": args.train, "data.val": args.val,
