@@ -51,6 +51,14 @@ class EpochAwareLoader(DataLoader):
         self.dataset.start_iteration(epoch, resume)
         return super().__iter__()
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration is epoch `epoch`, the ones after count on from it. A job that keeps its own
+        progress (the augmented probe's heads.pt) resumes the stream here: the shuffle is seeded by the
+        epoch, so a resumed epoch k draws epoch k's order, not epoch 0's again."""
+        if self._epoch_fn is not None:
+            raise ValueError("this loader takes its epoch from epoch_fn; set_epoch would be ignored")
+        self._next_epoch = int(epoch)
+
     def mark_consumed(self, stream_pos: list[int]) -> None:
         """A training step has finished with the batch tagged `stream_pos` = [worker, *position]."""
         self.consumed += 1

@@ -101,17 +101,11 @@ def _run(job: AugmentedJob, rank: int, world: int) -> dict | None:
 def _train(job: AugmentedJob, encoder, device, rank: int, world: int, reduce_grads) -> int:
     """Trains the heads; returns the corrupt samples skipped in the last epoch, on this rank."""
     cfg, grid = job.cfg, job.grid
-    loader = train_batches(job.train, augment_transform(job.size, job.mean, job.std), cfg.data.batch_size,
-                           cfg.data.num_workers, rank=rank, world=world, seed=cfg.seed,
-                           shuffle_buffer=cfg.data.shuffle_buffer)
-    per_epoch = len(loader)
-    total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
     grid.to(device).train()
     start = load_head_state(grid, job.state_path, job.fingerprint)
-    if hasattr(loader, "_epochs_started"):
-        loader._epochs_started = start  # the stream's shuffling is seeded by the epoch
-    else:
-        loader._epoch = start
+    loader = train_loader(job, rank, world, start)
+    per_epoch = len(loader)
+    total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
     bar = progress_bar(total=total, initial=start * per_epoch, desc="heads (augmented)", unit="step",
                        enable=cfg.progress_bar and rank == 0, leave=False)
     skipped = 0
@@ -131,6 +125,18 @@ def _train(job: AugmentedJob, encoder, device, rank: int, world: int, reduce_gra
             save_head_state(grid, job.state_path, job.fingerprint, epoch + 1)
     bar.close()
     return skipped
+
+
+def train_loader(job: AugmentedJob, rank: int, world: int, start_epoch: int):
+    """This rank's augmented training batches, starting at `start_epoch` (the epochs heads.pt says are
+    done): the shuffle is seeded by the epoch, so a resumed run sees the order an uninterrupted run
+    would have seen in that epoch."""
+    cfg = job.cfg
+    loader = train_batches(job.train, augment_transform(job.size, job.mean, job.std), cfg.data.batch_size,
+                           cfg.data.num_workers, rank=rank, world=world, seed=cfg.seed,
+                           shuffle_buffer=cfg.data.shuffle_buffer)
+    loader.set_epoch(start_epoch)
+    return loader
 
 
 def _average_batchnorm(grid: HeadGrid, world: int, comm) -> None:

@@ -229,10 +229,15 @@ class _FolderEpochs(DataLoader):
         self._epoch += 1
         return super().__iter__()
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration shuffles as epoch `epoch` (the same method as the shard loader's)."""
+        self._epoch = int(epoch)
+
 
 def train_batches(split: Split, transform: Callable, batch_size: int, num_workers: int, rank: int = 0,
                   world: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
-    """Augmented training batches; the same number per rank, re-shuffled every epoch."""
+    """Augmented training batches; the same number per rank, re-shuffled every epoch (seeded by the
+    epoch). Either loader has `set_epoch(k)`: the next iteration is epoch k."""
     if split.kind == "folders":
         if len(split.files) // world < batch_size:
             raise UserError(f"{split.key}: {len(split.files)} images leave a rank without one batch of {batch_size}")
