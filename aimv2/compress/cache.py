@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aimv2.compress.lm import keep_last_logits
+from aimv2.compress.lm import keep_last_logits, returned_cache
 
 
 def _kv_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,5 +63,5 @@ def build_prefix(lm: nn.Module, ids: torch.Tensor) -> TextPrefix:
     if ids.numel() == 0:
         raise ValueError("an empty prefix has nothing to cache")
     out = lm(input_ids=ids[None], use_cache=True, output_hidden_states=True, **keep_last_logits(lm, 1))
-    return TextPrefix(ids.clone(), [(k.detach(), v.detach()) for k, v in _kv_pairs(out.past_key_values)],
+    return TextPrefix(ids.clone(), [(k.detach(), v.detach()) for k, v in _kv_pairs(returned_cache(out))],
                       out.hidden_states[-1][:, -1].detach(), lm.config)

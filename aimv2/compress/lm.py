@@ -82,6 +82,21 @@ def prefill_flops(n_params: float, text_tokens: int, visual_tokens: int) -> floa
     return 2.0 * n_params * (text_tokens + visual_tokens)
 
 
+def with_cache(lm: nn.Module, cache) -> dict:
+    """forward kwargs passing a KV cache under the name this LM's forward takes: `cache` in
+    transformers 5.x (which deprecates `past_key_values`, to be removed in 5.40), `past_key_values` in
+    earlier releases (the `hf` extra admits 4.54 and later)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(out):
+    """The KV cache an LM forward returned (`out.cache` in transformers 5.x, where reading
+    `out.past_key_values` warns; `out.past_key_values` before)."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
+
+
 def keep_last_logits(lm: nn.Module, n: int) -> dict:
     """forward kwargs computing logits for the last n positions only, where the LM supports it
     (the vocabulary projection of every position is most of a small LM's cost and memory)."""

@@ -22,7 +22,7 @@ import torch
 
 from aimv2.compress.attach import build_text_tokenizer
 from aimv2.compress.cache import build_prefix
-from aimv2.compress.lm import build_lm, keep_last_logits, prefill_flops, prefill_params
+from aimv2.compress.lm import build_lm, keep_last_logits, prefill_flops, prefill_params, with_cache
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 
@@ -84,7 +84,7 @@ def plan(cfg, text_tokens: int, num_tokens: list[int], params: float | None = No
 
         def cached():
             mask = torch.ones(1, text_tokens + m, dtype=torch.long, device=device)
-            lm(inputs_embeds=visual, attention_mask=mask, past_key_values=prefix.for_batch(1), use_cache=True, **keep)
+            lm(inputs_embeds=visual, attention_mask=mask, use_cache=True, **with_cache(lm, prefix.for_batch(1)), **keep)
 
         rows.append(PlanRow(m, text_tokens, n, prefill_flops(n, text_tokens, m) / 1e9, prefill_flops(n, 0, m) / 1e9,
                             _median_ms(uncached, repeats), _median_ms(cached, repeats)))

@@ -20,7 +20,7 @@ from torch import nn
 from aimv2.compress.base import Compressor
 from aimv2.compress.cache import TextPrefix
 from aimv2.compress.encoder import LastKeys, encode_patches
-from aimv2.compress.lm import keep_last_logits
+from aimv2.compress.lm import keep_last_logits, returned_cache, with_cache
 
 IGNORE = -100
 
@@ -118,7 +118,7 @@ class AttachedVLM(nn.Module):
             b = embeds.shape[0]
             cache, use_cache = prefix.for_batch(b), True
             mask = torch.cat([torch.ones(b, prefix.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=use_cache, **with_cache(self.lm, cache),
                       **keep_last_logits(self.lm, keep))
         return out, mask
 
@@ -152,13 +152,13 @@ class AttachedVLM(nn.Module):
         b = images.shape[0]
         embeds, mask, _ = self.sequence(visual, b, with_prefix=prefix is None)
         out, mask = self._run(embeds, mask, prefix, keep=1, use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         tokens = []
         for _ in range(max_new_tokens):
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
             tokens.append(nxt)
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            out = self.lm(inputs_embeds=self._embed(nxt[:, None]), attention_mask=mask, past_key_values=cache,
-                          use_cache=True, **keep_last_logits(self.lm, 1))
-            cache = out.past_key_values
+            out = self.lm(inputs_embeds=self._embed(nxt[:, None]), attention_mask=mask, use_cache=True,
+                          **with_cache(self.lm, cache), **keep_last_logits(self.lm, 1))
+            cache = returned_cache(out)
         return torch.stack(tokens, dim=1)
