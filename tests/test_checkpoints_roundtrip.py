@@ -19,7 +19,7 @@ from aimv2.checkpoints import detect_format, extract_features, load_decoder
 from aimv2.checkpoints import export as export_module
 from aimv2.cli import main
 from aimv2.errors import UserError
-from aimv2.probe.loader import load_encoder_from_pretrain_checkpoint
+from aimv2.probe.loader import load_probe_encoder
 from aimv2.pretraining.module import AIMv2PretrainModule
 
 TOL = 1e-5
@@ -173,5 +173,5 @@ def test_export_cli_prints_how_to_load(trained, tmp_path, capsys):
 
 
 def test_probe_loader_accepts_every_format(exports):
-    encoder, size, pre = load_encoder_from_pretrain_checkpoint(exports["hf"])
+    encoder, size, pre = load_probe_encoder(exports["hf"])
     assert size == 56 and pre.img_size == 56 and not encoder.training

@@ -10,7 +10,7 @@ from aimv2.probe.config import ProbeOptimConfig
 from aimv2.data.transforms import eval_transform
 from aimv2.probe.data import eval_batches, open_split
 from aimv2.probe.features import ExtractJob, extract_distributed, extract_part
-from aimv2.probe.loader import load_encoder_from_pretrain_checkpoint
+from aimv2.probe.loader import load_probe_encoder
 from aimv2.probe.run import run_probe
 
 
@@ -18,7 +18,7 @@ def test_two_process_extraction_equals_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     demo = build_demo_shards(tmp_path / "data")
     split = open_split(demo["probe_val"]["dir"], "data.val")
-    encoder, size, pre = load_encoder_from_pretrain_checkpoint(write_tiny_checkpoint(tmp_path / "m.ckpt", img_size=28))
+    encoder, size, pre = load_probe_encoder(write_tiny_checkpoint(tmp_path / "m.ckpt", img_size=28))
     job = ExtractJob(encoder, split, eval_transform(size, pre.mean, pre.std), [], True, "float32", 64, 0, "cpu", False)
     one = extract_part(job)
     two = extract_distributed(job, 2, tmp_path / "parts")

@@ -17,7 +17,7 @@ import json
 import pytest
 
 from aimv2 import cli
-from aimv2.probe.loader import load_encoder_from_pretrain_checkpoint
+from aimv2.probe.loader import load_probe_encoder
 
 MARGIN = {"attentive": 15.0, "linear": 10.0}  # top-1 points the pre-trained encoder must gain
 
@@ -37,7 +37,7 @@ def test_demo_pretrained_encoder_probes_better_than_its_random_init(tmp_path, ca
     assert trained["val_count"] == random_init["val_count"] == comparison["val_count"] > 300
     assert trained["checkpoint"].endswith("last.ckpt") and random_init["checkpoint"].endswith("step=0000000.ckpt")
     assert "| random init |" in printed and "gain (pre-trained - random init)" in printed
-    assert load_encoder_from_pretrain_checkpoint(out / "pretrain/checkpoints/last.ckpt")[1] == 56
+    assert load_probe_encoder(out / "pretrain/checkpoints/last.ckpt")[1] == 56
     # The demo's other outputs.
     assert (out / "pretrain/visualizations/visualize_last.png").is_file()
     assert (out / "pretrain/visualizations/step=0001000.png").is_file()

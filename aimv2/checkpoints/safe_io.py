@@ -20,8 +20,6 @@ from safetensors.torch import load_file
 
 from aimv2.errors import UserError
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
     text = str(err).strip().splitlines()

@@ -8,7 +8,6 @@ probes' cross-entropies; as no parameter is shared, each probe receives exactly 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +154,3 @@ class HeadGrid(nn.Module):
                          "top1": 100.0 * float(top1.compute()), "top5": 100.0 * float(top5.compute())})
         return rows
 
-
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_samples / batch_size))

@@ -13,17 +13,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from aimv2.checkpoints import Preprocessing, load_encoder, resize_encoder
 
-__all__ = ["Preprocessing", "fit_resolution", "load_encoder_from_pretrain_checkpoint", "load_probe_encoder"]
+__all__ = ["Preprocessing", "fit_resolution", "load_probe_encoder"]
 
 
 def load_probe_encoder(path: str | Path) -> tuple[VisionTransformer, int, Preprocessing]:
     """(encoder in eval mode, the resolution of its weights, its preprocessing) from any checkpoint format."""
     encoder, preprocessing = load_encoder(path)
     return encoder, preprocessing.img_size, preprocessing
-
-
-# The probe's original name, from when only `aimv2 pretrain` checkpoints were read; same function.
-load_encoder_from_pretrain_checkpoint = load_probe_encoder
 
 
 def fit_resolution(encoder: VisionTransformer, trained_size: int, wanted: int) -> int:

@@ -27,11 +27,7 @@ from aimv2.probe.data import match_classes, open_split
 from aimv2.probe.features import ExtractJob, cached_features, check_blocks, pick_device
 from aimv2.probe.grid import HeadGrid, grid_specs
 from aimv2.probe.heads import encoder_attention_heads
-from aimv2.probe.loader import (
-    Preprocessing,
-    fit_resolution,
-    load_encoder_from_pretrain_checkpoint,
-)
+from aimv2.probe.loader import Preprocessing, fit_resolution, load_probe_encoder
 from aimv2.probe.state import load_head_state, save_head_state
 from aimv2.progress import progress as progress_bar
 
@@ -65,7 +61,7 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
     train, val = open_split(cfg.data.train, "data.train"), open_split(cfg.data.val, "data.val")
     match_classes(train, val)
     if encoder is None:
-        encoder, trained_size, preprocessing = load_encoder_from_pretrain_checkpoint(cfg.checkpoint)
+        encoder, trained_size, preprocessing = load_probe_encoder(cfg.checkpoint)
         source = _identity(cfg.checkpoint, scan_dir=True)
     else:
         trained_size = preprocessing.img_size
