@@ -18,7 +18,7 @@ import torch
 from aimv2.fileio import atomic_write
 
 RESULTS = Path(os.environ.get("AIMV2_BENCHMARK_RESULTS", Path(__file__).resolve().parent / "results"))
-H200_BF16_PEAK = 989e12  # dense bf16, the vendor's figure (REFERENCE.md section 7)
+H200_BF16_PEAK = 989e12  # dense bf16: NVIDIA's H200 datasheet gives 1,979 TFLOP/s with 2:4 sparsity, half dense
 
 
 def cpu_model() -> str:

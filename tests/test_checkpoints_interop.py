@@ -57,7 +57,7 @@ def test_apple_layout_is_the_inverse_of_timms_filter(timm_encoder):
                 "preprocessor.patchifier.norm.weight", "trunk.blocks.1.norm_1.weight", "trunk.blocks.1.attn.qkv.weight",
                 "trunk.blocks.1.attn.proj.weight", "trunk.blocks.1.norm_2.weight", "trunk.blocks.1.mlp.fc1.weight",
                 "trunk.blocks.1.mlp.fc2.weight", "trunk.blocks.1.mlp.fc3.weight", "trunk.post_trunk_norm.weight"):
-        assert key in apple, key  # REFERENCE.md section 4
+        assert key in apple, key  # the state dict keys of Apple's release (github.com/apple/ml-aim, aim-v2)
     assert len(apple) == len(sd)
     back = checkpoint_filter_fn(apple, timm_encoder)  # timm's own conversion of Apple's release
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)

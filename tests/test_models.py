@@ -8,7 +8,8 @@ from aimv2.models import AIMv2, SIZES, get_size
 from aimv2.models.encoder import build_encoder, encode, timm_encoder_kwargs
 from aimv2.errors import UserError
 
-PAPER_ENCODER_PARAMS_M = {"large": 309.2, "huge": 680.9, "1b": 1235.0, "3b": 2720.7}  # REFERENCE.md
+# The AIMv2 paper's encoder sizes (arXiv 2411.14402), counted as timm's aimv2_{large,huge,1b,3b}_patch14_224 have them.
+PAPER_ENCODER_PARAMS_M = {"large": 309.2, "huge": 680.9, "1b": 1235.0, "3b": 2720.7}
 
 
 @pytest.mark.parametrize("size", PAPER_ENCODER_PARAMS_M)

@@ -1,6 +1,7 @@
 """Weight-layout conversion as pure dict-in dict-out functions, kept outside the models.
 
-Layouts (REFERENCE.md section 4):
+Layouts (as the public code defines them: timm's models/vision_transformer.py, Apple's ml-aim
+release at github.com/apple/ml-aim, transformers' models/aimv2/modeling_aimv2.py):
 - timm: the encoder's own `VisionTransformer.state_dict()` (`patch_embed.proj`, `blocks.N.attn.qkv`, ...).
   Every checkpoint this project writes holds the encoder in this layout (under `model.encoder.`).
 - apple: ml-aim's release (`preprocessor.patchifier.*`, `trunk.blocks.N.*`, `trunk.post_trunk_norm`).

@@ -1,7 +1,8 @@
 """The preprocessing an encoder expects, carried next to its weights through every format.
 
 AIMv2's released encoders (and this project's) use CLIP's mean/std, a bicubic resize of the shorter
-side and a center crop to the encoder's resolution (REFERENCE.md section 4). Formats that record
+side and a center crop to the encoder's resolution (the pretrained_cfg of timm's `aimv2_*` models and the
+preprocessor_config.json of Apple's `apple/aimv2-*` releases on the Hugging Face hub). Formats that record
 preprocessing (timm's pretrained_cfg, transformers' preprocessor_config.json, our config.json) are
 read back into this one dataclass so a user never has to guess the normalization.
 """
