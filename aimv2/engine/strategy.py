@@ -68,7 +68,7 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Strategy | str:
-    """The Lightning strategy for `cfg.strategy` (validated by aimv2.config.validate_trainer)."""
+    """The Lightning strategy for `cfg.strategy` (validated by TrainerConfig.validate)."""
     if cfg.strategy == "ddp":
         # No buffer broadcast: the model has no running statistics, and the data counters kept in
         # buffers are per-rank totals summed when logged.
