@@ -9,15 +9,13 @@ config as one directory that downstream code loads with one call.
     DIR/lm/                     the LM (save_pretrained) when it is not a directory on disk to point at:
                                 a random-init LM, or one trained in stage 2
 
-The directory is written under a temporary name beside DIR and renamed into place, so a reader
-never sees half a bundle.
+The directory is written under a temporary name beside DIR and renamed into place
+(aimv2.fileio.atomic_directory), so a reader never sees half a bundle.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from aimv2.compress.encoder import freeze
 from aimv2.compress.registry import build_compressor
 from aimv2.compress.vlm import AttachedVLM
 from aimv2.errors import UserError
+from aimv2.fileio import atomic_directory
 
 FORMAT, VERSION = "aimv2-compress-bundle", 1
 
@@ -50,10 +49,7 @@ def export_bundle(module, out_dir: str | Path) -> Path:
     """Write the bundle of a trained `CompressModule` to out_dir (replacing it atomically)."""
     cfg, vlm = module.cfg, module.vlm
     out = Path(out_dir).resolve()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:
         write_aimv2(tmp, vlm.encoder, vlm.preprocessing, encoder_recipe(vlm.encoder),
                     source={"compress_bundle_of": cfg.encoder.source})
         save_file(_tensors(vlm.compressor), tmp / "compressor.safetensors")
@@ -70,14 +66,6 @@ def export_bundle(module, out_dir: str | Path) -> Path:
             "config": config_to_dict(cfg),
         }
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,6 +13,8 @@ def plot_loss_vs_tokens(rows, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from aimv2.fileio import atomic_file
+
     series: dict[str, list] = defaultdict(list)
     for r in rows:
         control = ", images shuffled" if r.shuffled else ""
@@ -32,8 +34,6 @@ def plot_loss_vs_tokens(rows, path: str | Path) -> None:
         ax.set_ylabel("held-out caption loss (nats / token)")
         ax.grid(True, alpha=0.3)
     ax_m.legend(fontsize="small")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -81,8 +81,9 @@ def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | N
 def _stand_in_encoder(root: Path) -> Path:
     """A randomly initialized debug encoder as an `aimv2` export directory (written once, reused)."""
     from aimv2.checkpoints.arch import recipe_from_size
-    from aimv2.checkpoints.export import atomic_directory, write_aimv2
+    from aimv2.checkpoints.export import write_aimv2
     from aimv2.checkpoints.preprocessing import Preprocessing
+    from aimv2.fileio import atomic_directory
     from aimv2.models.sizes import get_size
 
     out = root / f"stand_in_encoder_{STAND_IN_RESOLUTION}"
