@@ -174,18 +174,3 @@ def read_decoder(loaded: LoadedEncoder) -> tuple[dict, dict] | None:
         spec = get_size(str(raw.config["model"]["size"]))
         return state, decoder_kwargs(spec, int(raw.config["vocab_size"]), int(raw.config["max_text_len"]))
     return None
-
-
-def load_decoder(source: str | Path) -> torch.nn.Module:
-    """The pre-training decoder (`MultimodalDecoder`, eval mode) of a checkpoint that has one."""
-    from aimv2.models.decoder import MultimodalDecoder
-
-    loaded = load_checkpoint(source)
-    found = read_decoder(loaded)
-    if found is None:
-        raise UserError(f"{loaded.raw.path}: holds no pre-training decoder ({loaded.raw.format} format)")
-    state, kwargs = found
-    decoder = MultimodalDecoder(**kwargs)
-    decoder.load_state_dict(state, strict=True)
-    return decoder.eval()
-

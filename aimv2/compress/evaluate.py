@@ -21,6 +21,7 @@ import torch
 from aimv2.compress.data import held_out_loader
 from aimv2.compress.lm import prefill_flops, prefill_params
 from aimv2.compress.module import CompressModule, load_module
+from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 
@@ -46,7 +47,7 @@ def resolve_checkpoint(path: str) -> str:
     """A checkpoint file, or a run directory (its checkpoints/last.ckpt)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "checkpoints" / "last.ckpt"
+        p = RunDir(p).last_checkpoint
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p} (give a .ckpt or a run directory of `aimv2 compress train`)")
     return str(p)
@@ -99,7 +100,7 @@ def markdown_table(rows: list[EvalRow]) -> str:
              "prefill GFLOPs / image | images scored |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {Path(r.run).parent.parent.name or r.run} | {r.compressor} | {r.stage} | {r.num_tokens} | "
+        lines.append(f"| {RunDir.label_of(r.run)} | {r.compressor} | {r.stage} | {r.num_tokens} | "
                      f"{'shuffled' if r.shuffled else 'matched'} | {r.loss:.4f} | {r.perplexity:.2f} | "
                      f"{r.text_tokens:.1f} | {r.prefill_gflops:.4g} | {r.images} |")
     return "\n".join(lines) + "\n"
@@ -108,11 +109,11 @@ def markdown_table(rows: list[EvalRow]) -> str:
 def evaluate(checkpoints: list[str], out_dir: str | Path, **kwargs) -> list[EvalRow]:
     """Evaluate every checkpoint (or run dir); write results.{json,md} and loss_vs_tokens.png to out_dir."""
     rows = [row for ckpt in checkpoints for row in evaluate_checkpoint(resolve_checkpoint(ckpt), **kwargs)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", json.dumps({"rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    atomic_write(out / "results.md", markdown_table(rows))
+    out = RunDir(out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write(out.results_json, json.dumps({"rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    atomic_write(out.results_md, markdown_table(rows))
     from aimv2.compress.plot import plot_loss_vs_tokens
 
-    plot_loss_vs_tokens(rows, out / "loss_vs_tokens.png")
+    plot_loss_vs_tokens(rows, out.root / "loss_vs_tokens.png")
     return rows

@@ -13,12 +13,13 @@ def plot_loss_vs_tokens(rows, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from aimv2.engine.run_dir import RunDir
     from aimv2.fileio import atomic_file
 
     series: dict[str, list] = defaultdict(list)
     for r in rows:
         control = ", images shuffled" if r.shuffled else ""
-        series[f"{r.compressor} (stage {r.stage}) {Path(r.run).parent.parent.name}{control}"].append(r)
+        series[f"{r.compressor} (stage {r.stage}) {RunDir.label_of(r.run)}{control}"].append(r)
     fig, (ax_m, ax_f) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for label, points in series.items():
         points = sorted(points, key=lambda r: r.num_tokens)

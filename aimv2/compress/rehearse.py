@@ -97,7 +97,8 @@ def _stand_in_encoder(root: Path) -> Path:
 def _read_attachment(ckpt: Path) -> str:
     from aimv2.compress.bundle import export_bundle
     from aimv2.compress.module import load_module
+    from aimv2.engine.run_dir import RunDir
 
     module = load_module(str(ckpt))
-    bundle = export_bundle(module, ckpt.parent.parent / "bundle")
+    bundle = export_bundle(module, RunDir.of_checkpoint(ckpt).bundle)
     return f"last.ckpt reloads (load_module) and exports as a bundle ({bundle.name}/)"

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from aimv2.checkpoints.zero import load_client_state
+from aimv2.engine.run_dir import LAST
 from aimv2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def newest_intact(ckpt_dir: str | Path) -> Optional[Path]:
             continue
         seen.add(real)
         try:
-            found.append((checkpoint_step(path), path.stat().st_mtime, path.name != "last.ckpt", path))
+            found.append((checkpoint_step(path), path.stat().st_mtime, path.name != LAST, path))
         except ValueError as err:
             broken.append(f"{path.name} ({err})")
             log.warning("trainer.resume=auto: skipping unreadable checkpoint %s: %s", path, err)

@@ -23,6 +23,22 @@ class AIMv2(nn.Module):
         self.num_patches = self.encoder.patch_embed.num_patches
         self.decoder = MultimodalDecoder(**decoder_kwargs(spec, vocab_size, max_text_len))
 
+    @classmethod
+    def from_parts(cls, encoder: nn.Module, decoder: MultimodalDecoder, spec: SizeSpec | None = None) -> "AIMv2":
+        """An AIMv2 around an encoder and a decoder that already hold their weights (a checkpoint read by
+        aimv2.checkpoints); `spec` is None when the checkpoint does not name a row of the size table."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.spec = spec
+        model.img_size = int(encoder.patch_embed.img_size[0])
+        model.encoder, model.decoder = encoder, decoder
+        model.num_patches = encoder.patch_embed.num_patches
+        return model
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.encoder.patch_embed.patch_size[0])
+
     def forward(
         self,
         images: torch.Tensor,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aimv2.config.checks import check
+from aimv2.engine.run_dir import RunDir
 
 PAPER_LRS = [5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3]
 PAPER_WDS = [0.05, 0.1]
@@ -89,10 +90,8 @@ class ProbeConfig:
         check(self.img_size >= 0, "img_size", "must be >= 0 (0 = the encoder's)")
 
     def resolved_run_dir(self) -> Path:
-        """run_dir, or <run>/probe next to a checkpoint in <run>/checkpoints/."""
+        """run_dir, or RUN/probe for a checkpoint in RUN/checkpoints/ (aimv2.engine.run_dir), else runs/probe."""
         if self.run_dir:
             return Path(self.run_dir)
-        ckpt = Path(self.checkpoint)
-        if ckpt.parent.name == "checkpoints":
-            return ckpt.parent.parent / "probe"
-        return Path("runs/probe")
+        run = RunDir.of_checkpoint(self.checkpoint)
+        return run.probe if run is not None else Path("runs/probe")

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from aimv2.config import VisualizeConfig
 from aimv2.data.tokenizer import CaptionTokenizer
+from aimv2.engine.run_dir import RunDir
 from aimv2.fileio import atomic_write
 from aimv2.viz.frame import Frame, make_frame
 from aimv2.viz.grid import save_png
@@ -107,9 +108,9 @@ class PredictionFrames(Callback):
                 logger.experiment.add_text("captions", frame.captions_markdown(), step)
 
 
-def visualization_callbacks(cfg: VisualizeConfig, run_dir: str | Path, tokenizer: CaptionTokenizer | None = None) -> list[Callback]:
+def visualization_callbacks(cfg: VisualizeConfig, run: RunDir, tokenizer: CaptionTokenizer | None = None) -> list[Callback]:
     """The callbacks for `build_trainer(extra_callbacks=...)`: none when `visualize.every_n_steps` is 0
     (the section's values are checked by `VisualizeConfig.validate` when the config loads)."""
     if cfg.every_n_steps <= 0:
         return []
-    return [PredictionFrames(cfg, Path(run_dir) / "visualizations", tokenizer)]
+    return [PredictionFrames(cfg, run.visualizations, tokenizer)]
