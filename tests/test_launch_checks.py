@@ -122,7 +122,7 @@ def test_every_compressor_gives_every_trainable_parameter_a_gradient(kind, promp
     cfg = compress_config(tmp_path, encoder, "unused.tar", f"compressor.kind={kind}", f"compressor.num_tokens={0 if kind == 'mlp' else 4}",
                           "compressor.hidden=16", f"text.prompt='{prompt}'", "text.tokenizer.kind=hf",
                           f"text.tokenizer.path={words[1].split('=', 1)[1]}")
-    vlm, tokenizer = build_attachment(cfg)
+    vlm, tokenizer = build_attachment(cfg.stage, cfg.encoder, cfg.compressor, cfg.lm, cfg.text)
     assert tokenizer.bos_id is None  # nothing precedes the image unless the prompt does
     vlm.train()
     images = torch.randn(2, 3, 56, 56)

@@ -114,8 +114,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
-    rows, facts = plan(_load(args.config, args.overrides), args.text_tokens, args.tokens, args.params,
-                       args.repeats, args.device)
+    cfg = _load(args.config, args.overrides)
+    rows, facts = plan(cfg.lm, cfg.text, args.text_tokens, args.tokens, args.params, args.repeats, args.device)
     print(markdown_table(rows, facts), end="")
     if args.out:
         write_plan(rows, facts, args.out)

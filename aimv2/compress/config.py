@@ -132,17 +132,3 @@ class CompressConfig:
                 value = getattr(value, part)
             if not value:
                 raise UserError(f"config key '{key}': required (set it in the config file or as {key}=...)")
-
-
-def config_to_dict(cfg: CompressConfig) -> dict:
-    """Plain dict (checkpoint hyper-parameters and bundles load with weights_only=True)."""
-    from dataclasses import asdict
-
-    return asdict(cfg)
-
-
-def config_from_dict(values: dict) -> CompressConfig:
-    """The dataclass back from `config_to_dict` output (keys added since are filled with defaults)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompressConfig), values))

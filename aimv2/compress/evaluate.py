@@ -53,6 +53,18 @@ def resolve_checkpoint(path: str) -> str:
     return str(p)
 
 
+def trained_val_shards(checkpoint: str) -> str:
+    """The held-out shards (data.val) of the run that trained `checkpoint`: its RUN/config.yaml, or the
+    whole config that checkpoints written before the module received sections held; "" when unknown."""
+    run = RunDir.of_checkpoint(checkpoint)
+    if run is not None and run.config.is_file():
+        from omegaconf import OmegaConf
+
+        return str(OmegaConf.load(run.config).get("data", {}).get("val", "") or "")
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return str((raw.get("hyper_parameters") or {}).get("config", {}).get("data", {}).get("val", "") or "")
+
+
 @torch.no_grad()
 def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool = False) -> dict:
     """Summed caption cross-entropy over the held-out batches at the compressor's current M
@@ -75,22 +87,22 @@ def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), ba
                         num_workers: int = 2, max_batches: int = 0, device: str = "cpu",
                         shuffled: bool = False) -> list[EvalRow]:
     module = load_module(path).to(device)
-    cfg, vlm = module.cfg, module.vlm
+    vlm = module.vlm
     trained = vlm.compressor.num_tokens
     values = list(num_tokens) if num_tokens and vlm.compressor.flexible else [trained]
     key = "--val" if val else "data.val"
+    val = val or trained_val_shards(path)
     n_params = prefill_params(vlm.lm)
     rows = []
     for m in values:
         if m != vlm.compressor.num_tokens:
             vlm.compressor.set_num_tokens(m)
         for control in ((False, True) if shuffled else (False,)):
-            loader = held_out_loader(val or cfg.data.val, key, module.tokenizer, vlm.preprocessing, batch_size,
-                                     num_workers)
+            loader = held_out_loader(val, key, module.tokenizer, vlm.preprocessing, batch_size, num_workers)
             s = score(module, loader, max_batches, shuffled=control)
             q = vlm.prefix_ids.numel() + vlm.prompt_ids.numel() + s["tokens"] / s["images"]
             loss = s["sum"] / s["tokens"]
-            rows.append(EvalRow(path, cfg.compressor.kind, cfg.stage, m, loss, math.exp(min(loss, 700)), s["tokens"],
+            rows.append(EvalRow(path, module.compressor_cfg.kind, module.stage, m, loss, math.exp(min(loss, 700)), s["tokens"],
                                 s["images"], s["skipped"], q, n_params, prefill_flops(n_params, q, m) / 1e9, control))
     return rows
 

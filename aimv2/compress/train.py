@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
-from aimv2.compress.config import CompressConfig, config_to_dict
+from aimv2.compress.config import CompressConfig
 from aimv2.compress.data import AlignmentDataModule
 from aimv2.compress.module import CompressModule
 from aimv2.config import save_config
@@ -42,7 +42,7 @@ def train(cfg: CompressConfig) -> RunDir:
     check_launch(cfg.trainer)
     claim_run_dir(run, cfg.trainer.resume, cfg.trainer.overwrite)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    module = CompressModule(config_to_dict(cfg))
+    module = build_module(cfg)
     if cfg.compressor.init and resume is None:
         init_compressor(module, cfg.compressor.init)
     data = AlignmentDataModule(cfg.data, module.tokenizer, module.vlm.preprocessing)
@@ -56,6 +56,11 @@ def train(cfg: CompressConfig) -> RunDir:
     if trainer.is_global_zero:
         print(summary(cfg, run, trainer.global_step))
     return run
+
+
+def build_module(cfg: CompressConfig) -> CompressModule:
+    """The alignment module of a config: it receives the sections it needs, not the whole tree."""
+    return CompressModule(cfg.stage, cfg.encoder, cfg.compressor, cfg.lm, cfg.text, cfg.optim, seed=cfg.trainer.seed)
 
 
 def init_compressor(module: CompressModule, source: str) -> None:

@@ -105,6 +105,18 @@ def validate_config(cfg: Any, prefix: str = "") -> None:
         raise UserError(f"config key '{key}': {err.msg}" if key else err.msg) from None
 
 
+def as_section(cls: type, value: Any):
+    """A config section from itself or from its plain dict (a checkpoint's hyper-parameters, a bundle's
+    config): checkpoints store plain dicts so they load with weights_only=True, and keys added to the
+    schema since a checkpoint was written take their defaults."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value or {}))
+    except OmegaConfBaseException as err:
+        raise UserError(_one_line(err)) from None
+
+
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) so a run directory says how it was made."""
     from aimv2.fileio import atomic_write
