@@ -74,10 +74,13 @@ def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool =
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        skipped += int(batch["skipped"])
+        if batch["image"].shape[0] == 0:  # corrupt samples only: their count is all it carries
+            continue
         pixels = batch["image"].roll(1, dims=0) if shuffled else batch["image"]
         ce, n = vlm.caption_loss(pixels.to(device), batch["tokens"].to(device), batch["token_mask"].to(device))
         total, tokens = total + float(ce), tokens + int(n)
-        images, skipped = images + batch["image"].shape[0], skipped + int(batch["skipped"])
+        images += batch["image"].shape[0]
     if tokens == 0:
         raise UserError("no held-out caption was scored (empty or unreadable shards)")
     return {"sum": total, "tokens": tokens, "images": images, "skipped": skipped}

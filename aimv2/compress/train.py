@@ -52,6 +52,8 @@ def train(cfg: CompressConfig) -> RunDir:
     with warnings.catch_warnings():  # expected here: frozen parts in eval mode, frozen weights not in checkpoints
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
+        # Lightning cannot see that the data module restores the stream position (aimv2.engine.stream_data).
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
         print(summary(cfg, run, trainer.global_step))
