@@ -79,11 +79,11 @@ def one(args) -> dict:
     start = time.perf_counter()
     paths = pretrain(cfg, callbacks=[PeakMemory()])
     train_s = time.perf_counter() - start
-    rates = [v for s, v in read_metric(paths["metrics"], "train/samples_per_sec") if s > 10]
+    rates = [v for s, v in read_metric(paths.metrics, "train/samples_per_sec") if s > 10]
     start = time.perf_counter()
     pretrain(load_config(files, overrides + [f"trainer.max_steps={args.steps + 20}", "trainer.resume=auto"]))
     resume_s = time.perf_counter() - start
-    last = paths["checkpoints"] / "last.ckpt"
+    last = paths.checkpoints / "last.ckpt"
     # FLOPs per sample at the caption lengths of the synthetic set (about 5 real tokens of 77 positions).
     flops = training_flops_per_sample(get_size(cfg.model.size), cfg.model.img_size, cfg.data.tokenizer.max_length,
                                       5.0, 49408)["total"]

@@ -33,7 +33,7 @@ def pretrain_debug(root: Path, img_size: int = 56, steps: int = 3) -> Path:
     if "visualize" in {f.name for f in fields(PretrainConfig)}:  # prediction grids: not needed here
         overrides.append("visualize.every_n_steps=0")
     paths = pretrain(load_config(None, overrides))
-    return paths["checkpoints"] / "last.ckpt"
+    return paths.checkpoints / "last.ckpt"
 
 
 # Runs in a fresh interpreter: loads each export with plain timm and transformers only.

@@ -66,9 +66,9 @@ def _first_grad_norm(tmp_path, shards, precision: str, strategy: str) -> float:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if precision == "16-mixed":  # fp16 really ran (Lightning alone would have swapped in bf16 on the CPU)
-        ckpt = torch.load(paths["checkpoints"] / "last.ckpt", map_location="cpu", weights_only=True)
+        ckpt = torch.load(paths.checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["MixedPrecision"]["scale"] > 1  # the GradScaler's state
-    norms = read_metric(paths["metrics"], "train/grad_norm")
+    norms = read_metric(paths.metrics, "train/grad_norm")
     assert [s for s, _ in norms] == [0, 1]
     return norms[0][1]
 

@@ -13,10 +13,11 @@ import torch
 from aimv2 import load_encoder
 from aimv2.cli import main
 from aimv2.compress import load_bundle
-from aimv2.compress.config import CompressConfig, config_to_dict
+from aimv2.compress.config import CompressConfig
 from aimv2.compress.data import held_out_loader
 from aimv2.compress.evaluate import score
-from aimv2.compress.module import CompressModule, load_module
+from aimv2.compress.module import load_module
+from aimv2.compress.train import build_module
 from aimv2.config import load_config
 from aimv2.data.demo import build_demo_shards
 from compress_utils import TINY_LM, compress_config, write_encoder_checkpoint
@@ -38,7 +39,7 @@ def aligned(tmp_path_factory):
     encoder = write_encoder_checkpoint(tmp / "encoder.ckpt", img_size=56)
     cfg = compress_config(tmp, encoder, train, *STAGE1, val=val)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the start `train` draws
-    start = CompressModule(config_to_dict(cfg)).eval()
+    start = build_module(cfg).eval()
     held_out = list(held_out_loader(val, "data.val", start.tokenizer, start.vlm.preprocessing, 32, 0))[:3]
     s = score(start, held_out)
     argv = [f"encoder.source={encoder}", f"data.train='{train}'", f"data.val='{val}'", f"run_dir={tmp / 'run'}",
@@ -51,7 +52,7 @@ def aligned(tmp_path_factory):
 def test_stage1_alignment_lowers_the_held_out_caption_loss(aligned, capsys):
     run = aligned["run"]
     module = load_module(str(run / "checkpoints" / "last.ckpt"))
-    assert module.cfg.stage == 1 and not any(p.requires_grad for p in module.vlm.lm.parameters())
+    assert module.stage == 1 and not any(p.requires_grad for p in module.vlm.lm.parameters())
     s = score(module, aligned["held_out"])
     after = s["sum"] / s["tokens"]
     print(f"held-out caption loss before {aligned['before']:.3f} -> after {after:.3f} ({STEPS} steps)")
@@ -144,7 +145,7 @@ def test_stage2_starts_from_the_stage1_compressor_and_trains_the_lm(aligned):
     from aimv2.compress.train import init_compressor, train
 
     L.seed_everything(0, verbose=False)
-    module = CompressModule(config_to_dict(cfg))
+    module = build_module(cfg)
     assert all(p.requires_grad for p in module.vlm.lm.parameters())
     init_compressor(module, str(aligned["run"]))
     for k, v in module.vlm.compressor.state_dict().items():
@@ -155,3 +156,22 @@ def test_stage2_starts_from_the_stage1_compressor_and_trains_the_lm(aligned):
     assert lrs == [1e-2 * 0.125, 1e-2]  # the LLM at lm_lr_scale of the compressor's lr
     key = "vlm.lm.model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(stage2["state_dict"][key], stage1["state_dict"][key])  # the LLM trained
+
+
+def test_checkpoints_that_hold_the_whole_config_still_load(aligned, tmp_path):
+    """Before the module received its sections, checkpoints held the whole config tree ({"config": ...});
+    such a checkpoint, even moved out of its run directory, loads to the same attachment and still
+    names its held-out shards."""
+    from dataclasses import asdict
+
+    from aimv2.compress.evaluate import trained_val_shards
+
+    last = aligned["run"] / "checkpoints" / "last.ckpt"
+    whole = asdict(load_config(aligned["run"] / "config.yaml", schema=CompressConfig))
+    torch.save(torch.load(last, weights_only=True) | {"hyper_parameters": {"config": whole}}, tmp_path / "old.ckpt")
+    old, new = load_module(str(tmp_path / "old.ckpt")), load_module(str(last))
+    assert (old.stage, old.seed, old.compressor_cfg, old.lm_cfg) == (new.stage, new.seed, new.compressor_cfg, new.lm_cfg)
+    assert trained_val_shards(str(tmp_path / "old.ckpt")) == trained_val_shards(str(last)) == aligned["val"]
+    images = aligned["held_out"][0]["image"][:2]
+    with torch.no_grad():
+        assert torch.equal(old.vlm.prefill_logits(images), new.vlm.prefill_logits(images))

@@ -26,7 +26,8 @@ def attach(*overrides: str):
     cfg = load_config(None, [*TINY_LM, "text.tokenizer.max_length=8", *overrides], schema=CompressConfig)
     torch.manual_seed(0)
     encoder = build_encoder(get_size("debug"), IMG)
-    vlm, tok = build_attachment(cfg, encoder=encoder, preprocessing=Preprocessing(IMG))
+    vlm, tok = build_attachment(cfg.stage, cfg.encoder, cfg.compressor, cfg.lm, cfg.text, frozen_encoder=encoder,
+                                preprocessing=Preprocessing(IMG))
     return vlm.eval(), tok
 
 
@@ -120,12 +121,12 @@ def test_plan_flops_follow_the_formula_by_hand():
     assert n_hand == 1_601_696
     assert prefill_params(vlm.lm) == n_hand
     cfg = load_config(None, TINY_LM, schema=CompressConfig)
-    rows, facts = plan(cfg, text_tokens=50, num_tokens=[1, 16], repeats=1)
+    rows, facts = plan(cfg.lm, cfg.text, text_tokens=50, num_tokens=[1, 16], repeats=1)
     assert facts["attached_lm_params"] == n_hand
     assert [r.gflops for r in rows] == [2 * n_hand * 51 / 1e9, 2 * n_hand * 66 / 1e9]
     assert [r.gflops_cached for r in rows] == [2 * n_hand * 1 / 1e9, 2 * n_hand * 16 / 1e9]
     assert all(r.ms > 0 and r.ms_cached > 0 for r in rows)
-    rows, facts = plan(cfg, text_tokens=50, num_tokens=[1], params=7e9, repeats=1)
+    rows, facts = plan(cfg.lm, cfg.text, text_tokens=50, num_tokens=[1], params=7e9, repeats=1)
     assert rows[0].gflops == 2 * 7e9 * 51 / 1e9 and facts["params_used"] == 7e9  # an 8B-class LLM: 714 GFLOPs
 
 

@@ -98,3 +98,44 @@ def test_missing_shard_is_reported_before_training(tmp_path, capsys):
     assert code == 2
     assert f"shard not found: {tmp_path}/00000.tar" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_base_chains_resolve_relative_to_the_file_and_overlays_win(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "root.yaml").write_text("run_dir: runs/root\noptim:\n  lr: 0.5\n  min_lr: 0.0\n")
+    (tmp_path / "recipes" / "mid.yaml").write_text("base: ../root.yaml\nmodel:\n  img_size: 28\noptim:\n  lr: 0.25\n")
+    (tmp_path / "recipes" / "top.yaml").write_text("base: mid.yaml\nrun_dir: runs/top\n")
+    cfg = load_config([REPO / "configs/pretrain/debug.yaml", tmp_path / "recipes" / "top.yaml"], ["optim.lr=0.125"])
+    assert (cfg.run_dir, cfg.model.img_size, cfg.optim.min_lr, cfg.optim.lr) == ("runs/top", 28, 0.0, 0.125)
+    assert cfg.data.sources[0].name == "demo_digits"  # debug.yaml, the first file, stays under the chain
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert "base" not in (tmp_path / "saved.yaml").read_text()
+
+
+@pytest.mark.parametrize("files,match", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"a\.yaml: its base chain loops \(a\.yaml -> b\.yaml -> a\.yaml\)"),
+    ({"a.yaml": "base: a.yaml\n"}, r"its base chain loops \(a\.yaml -> a\.yaml\)"),
+    ({"a.yaml": "base: gone.yaml\n"}, r"config file not found: .*gone\.yaml \(the base of .*a\.yaml\)"),
+    ({"a.yaml": "base: [x.yaml]\n"}, r"a\.yaml: 'base' must name a config file"),
+])
+def test_base_mistakes_are_one_line_errors(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_every_section_validates_itself_under_any_parent():
+    """The trainer section's checks run for compress as for pre-training; keys are named in full."""
+    from aimv2.compress.config import CompressConfig
+
+    with pytest.raises(UserError, match=r"config key 'trainer\.keep_checkpoints': must be >= 1"):
+        load_config(REPO / "configs/compress/tiny.yaml", ["trainer.keep_checkpoints=0"], schema=CompressConfig)
+    with pytest.raises(UserError, match=r"config key 'trainer\.strategy': fsdp needs GPUs"):
+        load_config(REPO / "configs/compress/tiny.yaml", ["trainer.strategy=fsdp"], schema=CompressConfig)
+    with pytest.raises(UserError, match=r"config key 'data\.sources\.0\.weight': must be > 0"):
+        load_config(REPO / "configs/pretrain/debug.yaml", ["data.sources=[{urls: 'x.tar', weight: 0}]"])
+    with pytest.raises(UserError, match=r"config key 'visualize\.prefix_ratio': must be within \(0, 1\)"):
+        load_config(REPO / "configs/pretrain/debug.yaml", ["visualize.prefix_ratio=1.5"])
+    with pytest.raises(UserError, match=r"config key 'objective': alpha and text_weight are both 0"):
+        load_config(REPO / "configs/pretrain/debug.yaml", ["objective.alpha=0", "objective.text_weight=0"])

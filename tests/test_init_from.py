@@ -57,7 +57,7 @@ def stages(tmp_path_factory):
     first = load_config(REPO / "configs/pretrain/debug.yaml",
                         overrides(root, "s56", urls) + ["model.img_size=56", f"trainer.max_epochs={STAGE1_EPOCHS}"])
     paths1 = pretrain(first)
-    last1 = paths1["checkpoints"] / "last.ckpt"
+    last1 = paths1.checkpoints / "last.ckpt"
     second = load_config(REPO / "configs/pretrain/debug.yaml",
                          overrides(root, "s84", urls) + ["model.img_size=84", f"model.init_from={last1}",
                                                          "optim.weight_decay=0", "trainer.max_epochs=1",
@@ -69,7 +69,7 @@ def stages(tmp_path_factory):
 
 
 def losses(paths, key: str) -> list[float]:
-    return [v for _, v in read_metric(paths["metrics"], key)]
+    return [v for _, v in read_metric(paths.metrics, key)]
 
 
 def test_second_stage_starts_near_the_first_stages_end(stages):
@@ -85,14 +85,14 @@ def test_second_stage_starts_near_the_first_stages_end(stages):
 
 
 def test_second_stage_is_a_new_run_at_the_new_resolution(stages):
-    ckpt = torch.load(stages["paths2"]["checkpoints"] / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(stages["paths2"].checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["state_dict"]["model.encoder.pos_embed"].shape == (1, 36, 64)  # (84/14)^2 tokens, resampled
     assert ckpt["global_step"] == STAGE2_STEPS  # the step counter started at 0
     steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
     assert steps == {STAGE2_STEPS}, "fresh AdamW: its step count starts at 0"
-    lrs = read_metric(stages["paths2"]["metrics"], "train/lr")
+    lrs = read_metric(stages["paths2"].metrics, "train/lr")
     assert lrs[0] == (0, pytest.approx(3e-3 / 4)), "fresh schedule: warmup from its first step"
-    assert [s for s, _ in read_metric(stages["paths2"]["metrics"], "train/loss")] == list(range(STAGE2_STEPS))
+    assert [s for s, _ in read_metric(stages["paths2"].metrics, "train/loss")] == list(range(STAGE2_STEPS))
     assert ckpt["hyper_parameters"]["model"]["init_from"] == str(stages["last1"])  # where the run came from
     log = stages["log2"]
     assert "trained at 56 px (16 tokens) -> position embedding resampled to 84 px (36 tokens)" in log

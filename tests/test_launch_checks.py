@@ -16,6 +16,7 @@ from aimv2.compress.train import train
 from aimv2.config import TrainerConfig, load_config
 from aimv2.errors import UserError
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
+from aimv2.engine.run_dir import RunDir
 from aimv2.pretraining.pretrain import pretrain
 from compress_utils import compress_config, write_encoder_checkpoint
 from conftest import REPO, write_caption_shards
@@ -32,15 +33,15 @@ def _fake_run(run_dir: Path) -> None:
 
 def test_a_fresh_run_refuses_a_run_dir_that_holds_another_run(tmp_path):
     run = tmp_path / "run"
-    claim_run_dir(run, None, False)  # nothing there yet
+    claim_run_dir(RunDir(run), None, False)  # nothing there yet
     _fake_run(run)
     with pytest.raises(UserError, match=r"run_dir .*run already holds a run \(config.yaml, 1 checkpoint\(s\), "
                                          r"logs/metrics.csv\): continue it with trainer.resume=auto"):
-        claim_run_dir(run, None, False)
+        claim_run_dir(RunDir(run), None, False)
     with pytest.raises(UserError, match="already holds a run"):
-        claim_run_dir(run, "none", False)
-    claim_run_dir(run, "auto", False)  # resuming it is what the run dir is for
-    claim_run_dir(run, str(run / "checkpoints/last.ckpt"), False)
+        claim_run_dir(RunDir(run), "none", False)
+    claim_run_dir(RunDir(run), "auto", False)  # resuming it is what the run dir is for
+    claim_run_dir(RunDir(run), str(run / "checkpoints/last.ckpt"), False)
     assert (run / "checkpoints/last.ckpt").exists()
 
 
@@ -48,7 +49,7 @@ def test_overwrite_removes_the_old_runs_artefacts_and_keeps_the_rest(tmp_path, c
     run = tmp_path / "run"
     _fake_run(run)
     (run / "probe").mkdir()  # another verb's output, not the run's
-    claim_run_dir(run, None, True)
+    claim_run_dir(RunDir(run), None, True)
     assert sorted(p.name for p in run.iterdir()) == ["probe"]
     assert "trainer.overwrite=true: removed the previous run" in capsys.readouterr().out
 
@@ -57,7 +58,7 @@ def test_only_the_launching_process_checks(tmp_path, monkeypatch):
     run = tmp_path / "run"
     _fake_run(run)
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child started after rank 0 wrote config.yaml
-    claim_run_dir(run, None, False)
+    claim_run_dir(RunDir(run), None, False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA refuses")
@@ -121,7 +122,7 @@ def test_every_compressor_gives_every_trainable_parameter_a_gradient(kind, promp
     cfg = compress_config(tmp_path, encoder, "unused.tar", f"compressor.kind={kind}", f"compressor.num_tokens={0 if kind == 'mlp' else 4}",
                           "compressor.hidden=16", f"text.prompt='{prompt}'", "text.tokenizer.kind=hf",
                           f"text.tokenizer.path={words[1].split('=', 1)[1]}")
-    vlm, tokenizer = build_attachment(cfg)
+    vlm, tokenizer = build_attachment(cfg.stage, cfg.encoder, cfg.compressor, cfg.lm, cfg.text)
     assert tokenizer.bos_id is None  # nothing precedes the image unless the prompt does
     vlm.train()
     images = torch.randn(2, 3, 56, 56)

@@ -151,13 +151,12 @@ def test_no_decay_split_is_ml_l3m_wd_exclude():
 def test_compressor_groups_share_one_decay_and_the_llm_decays_at_its_lr_scale(tmp_path):
     from compress_utils import compress_config, write_encoder_checkpoint
 
-    from aimv2.compress.config import config_to_dict
-    from aimv2.compress.module import CompressModule
+    from aimv2.compress.train import build_module
 
     encoder = write_encoder_checkpoint(tmp_path / "enc.ckpt")
     cfg = compress_config(tmp_path, encoder, "unused", "stage=2", "compressor.kind=mlp", "compressor.num_tokens=0",
                           "optim.lr=2e-3", "optim.weight_decay=1e-4", "optim.lm_lr_scale=0.25")
-    module = CompressModule(config_to_dict(cfg))
+    module = build_module(cfg)
     module._trainer = SimpleNamespace(estimated_stepping_batches=10, precision="32-true")
     optimizer = module.configure_optimizers()["optimizer"]
     rows = sorted((g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups)  # lr before warmup scaling

@@ -64,7 +64,7 @@ def test_writer_kept_the_planted_corrupt_samples(run):
 def test_both_losses_fall(run):
     _, paths, _ = run
     for key in ("train/loss_img", "train/loss_text"):
-        values = [v for _, v in read_metric(paths["metrics"], key)]
+        values = [v for _, v in read_metric(paths.metrics, key)]
         assert len(values) == N // BATCH * EPOCHS
         first, last = np.mean(values[:5]), np.mean(values[-5:])
         assert last < 0.9 * first, f"{key}: {first:.3f} -> {last:.3f}"
@@ -72,23 +72,23 @@ def test_both_losses_fall(run):
 
 def test_skip_count_equals_corrupt_samples_read(run):
     _, paths, _ = run
-    skipped = read_metric(paths["metrics"], "data/skipped_samples")
+    skipped = read_metric(paths.metrics, "data/skipped_samples")
     assert skipped[-1][1] == len(CORRUPT) * EPOCHS  # every epoch reads each corrupt sample once
 
 
 def test_run_directory_holds_config_checkpoints_and_logs(run):
     cfg, paths, _ = run
-    assert load_config(paths["config"]) == cfg
-    names = sorted(p.name for p in paths["checkpoints"].iterdir())
+    assert load_config(paths.config) == cfg
+    names = sorted(p.name for p in paths.checkpoints.iterdir())
     assert names == ["last.ckpt", "step=0000016.ckpt", "step=0000032.ckpt"]
-    assert any(paths["tensorboard"].glob("events.out.tfevents.*"))
-    rates = read_metric(paths["metrics"], "train/samples_per_sec")
+    assert any(paths.tensorboard.glob("events.out.tfevents.*"))
+    rates = read_metric(paths.metrics, "train/samples_per_sec")
     assert rates and all(r > 0 for _, r in rates)
 
 
 def test_checkpoint_reloads_safely_and_resumes(run):
     cfg, paths, _ = run
-    last = paths["checkpoints"] / "last.ckpt"
+    last = paths.checkpoints / "last.ckpt"
     raw = torch.load(last, map_location="cpu", weights_only=True)  # plain data only: no code runs
     assert raw["global_step"] == 32
     assert raw["hyper_parameters"]["vocab_size"] == 49408  # the tokenizer sets the text head
@@ -107,6 +107,6 @@ def test_checkpoint_reloads_safely_and_resumes(run):
     more = replace(cfg, trainer=replace(cfg.trainer, resume=str(last), max_epochs=EPOCHS + 1))
     pretrain(more)
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 40
-    assert read_metric(paths["metrics"], "data/skipped_samples")[-1][1] == len(CORRUPT) * (EPOCHS + 1)
-    steps = [s for s, _ in read_metric(paths["metrics"], "train/loss_text")]
+    assert read_metric(paths.metrics, "data/skipped_samples")[-1][1] == len(CORRUPT) * (EPOCHS + 1)
+    steps = [s for s, _ in read_metric(paths.metrics, "train/loss_text")]
     assert steps == list(range(40)), "the resumed run appends to the metrics of the first, without gaps or repeats"

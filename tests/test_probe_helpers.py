@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from aimv2.config import validate_config
 from aimv2.probe.config import ProbeConfig, ProbeDataConfig, ProbeOptimConfig, ProbeHeadConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -53,5 +54,5 @@ def small_config(tmp: Path, train: Path, val: Path, **kw) -> ProbeConfig:
     cfg = ProbeConfig(checkpoint=kw.pop("checkpoint", str(tmp / "ckpt" / "model.ckpt")), run_dir=str(tmp / "probe"),
                       data=ProbeDataConfig(train=str(train), val=str(val), batch_size=16, num_workers=0),
                       optim=optim, head=head, accelerator="cpu", progress_bar=False, **kw)
-    cfg.validate()
+    validate_config(cfg)
     return cfg

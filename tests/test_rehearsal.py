@@ -90,3 +90,15 @@ def test_a_crash_is_reported_not_raised(demo_root):
     failed = [f for f in report.findings if f.status == "FAILED"]
     assert failed[0].area == "train" and "beta" in failed[0].detail and "traceback:" in failed[0].detail
     assert report.table().endswith("FAILED: fix the lines marked FAILED before submitting")
+
+
+def test_a_resumed_compress_run_equals_the_uninterrupted_one_bit_for_bit(demo_root):
+    """Compressor alignment resumes its data stream exactly, as pre-training does: the rehearsal's
+    phase 2 starts a fresh process state from the step-1 checkpoint and must end with phase 1's weights."""
+    from aimv2.compress.config import CompressConfig
+    from aimv2.compress.rehearse import rehearse_compress
+
+    cfg = load_config(REPO / "configs/compress/tiny.yaml", schema=CompressConfig)
+    report = rehearse_compress(cfg, demo_root / "compress", devices=1, demo_root=demo_root, in_process=True)
+    found = _passed(report, "resume")
+    assert found["resume"] == ["ok: from step=0000001.ckpt to step 2: weights equal the uninterrupted run's bit for bit"]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from aimv2 import cli
-from aimv2.commands.report import write_report
+from aimv2.viz.report import write_report
 from aimv2.engine.metrics import read_metric, tail_mean
 from aimv2.viz.runs import config_differences, load_runs, run_names
 from viz_runs import STEPS, short_runs

@@ -56,3 +56,25 @@ def test_visualize_cli_writes_grid_and_captions(runs, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"aimv2 visualize: error: --images: image not found: {tmp_path / 'nope.jpg'}"
     assert cli.main(["visualize", str(tmp_path / "x.txt"), "--images", str(tmp_path / "more")]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_visualize_reads_any_checkpoint_that_holds_the_decoder(runs, tmp_path):
+    """One loader for pre-training checkpoints (aimv2.checkpoints.pretrained): the .ckpt and its
+    `aimv2 export --with-decoder` directory draw the same picture; an encoder-only export is refused."""
+    import numpy as np
+    import pytest
+
+    from aimv2.checkpoints import export_checkpoint
+    from aimv2.errors import UserError
+    from aimv2.viz.checkpoint import visualize_checkpoint
+
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(np.random.default_rng(1), 40))
+    ckpt = runs["a"] / "checkpoints" / "last.ckpt"
+    export_checkpoint(ckpt, tmp_path / "full", "aimv2", with_decoder=True)
+    export_checkpoint(ckpt, tmp_path / "encoder", "aimv2")
+    drawn = [visualize_checkpoint(src, [str(tmp_path / "x.jpg")], tmp_path / name, max_caption_tokens=0, device="cpu")
+             for name, src in (("a", ckpt), ("b", tmp_path / "full"))]
+    assert drawn[0]["step"] == STEPS and drawn[1]["step"] is None
+    assert Image.open(drawn[0]["grid"]).tobytes() == Image.open(drawn[1]["grid"]).tobytes()
+    with pytest.raises(UserError, match="holds no pre-training decoder"):
+        visualize_checkpoint(tmp_path / "encoder", [str(tmp_path / "x.jpg")], tmp_path / "c", max_caption_tokens=0)

@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 
@@ -73,13 +74,13 @@ class AblationPlan:
     def trained(self) -> list[str]:
         return [v for v in self.variants if VARIANTS[v] is not None]
 
-    def run_dir(self, variant: str, seed: int) -> Path:
-        return Path(self.out) / "runs" / variant / f"seed{seed}"
+    def run_dir(self, variant: str, seed: int) -> RunDir:
+        return RunDir(Path(self.out) / "runs" / variant / f"seed{seed}")
 
     def init_source(self, seed: int) -> Path:
         """The step-0 checkpoint of a seed: from the first trained variant (all start from the same
         weights: model construction does not depend on the objective)."""
-        return self.run_dir(self.trained[0], seed) / "checkpoints" / "step=0000000.ckpt"
+        return self.run_dir(self.trained[0], seed).step_checkpoint(0)
 
     def record(self) -> None:
         """Write plan.json; refuse an output directory whose pre-training runs were made with other

@@ -12,6 +12,8 @@ def plot_summary(summary: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from aimv2.fileio import atomic_file
+
     tasks = summary["tasks"]
     kinds = list(summary["summary"])
     fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 1.6 * len(tasks) + 2), 3.6 * len(kinds)),
@@ -42,8 +44,6 @@ def plot_summary(summary: dict, path: str | Path) -> None:
         ax.legend(fontsize="small", ncol=len(variants), loc="upper center")
     seeds = ", ".join(map(str, summary["seeds"]))
     fig.suptitle(f"objective ablation: mean ± std over seeds {seeds} (dots: seeds; dashes: chance)", fontsize="medium")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)

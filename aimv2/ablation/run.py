@@ -17,6 +17,7 @@ from pathlib import Path
 from aimv2.ablation.plan import VARIANTS, AblationPlan, Task
 from aimv2.ablation.report import write_summary
 from aimv2.config import load_config
+from aimv2.engine.run_dir import RunDir
 from aimv2.probe.config import ProbeConfig
 
 
@@ -37,13 +38,13 @@ def pretrain_variant(plan: AblationPlan, variant: str, seed: int) -> Path:
 
     run = plan.run_dir(variant, seed)
     cfg = load_config(plan.pretrain_config, [*plan.pretrain_overrides, *VARIANTS[variant], f"trainer.seed={seed}",
-                                             f"data.seed={seed}", f"run_dir={_q(run)}", "trainer.resume=auto"])
-    last = run / "checkpoints" / "last.ckpt"
+                                             f"data.seed={seed}", f"run_dir={_q(run.root)}", "trainer.resume=auto"])
+    last = run.last_checkpoint
     if last.is_file() and checkpoint_step(last) >= cfg.trainer.max_steps:
         _say(f"seed {seed}, {variant}: pre-training already done ({last})")
         return last
     _say(f"seed {seed}, {variant}: pre-training {cfg.trainer.max_steps} steps in {run}")
-    pretrain(cfg, callbacks=[InitialCheckpoint(run / "checkpoints")])
+    pretrain(cfg, callbacks=[InitialCheckpoint(run.checkpoints)])
     return last
 
 
@@ -54,11 +55,11 @@ def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoi
 
     from aimv2.probe.run import run_probe
 
-    out = plan.run_dir(variant, seed) / "probe" / task.name
+    out = RunDir(plan.run_dir(variant, seed).probe / task.name)  # a probe run of its own
     cfg = load_config(plan.probe_config, [
         f"checkpoint={_q(checkpoint)}", f"data.train={_q(task.train)}", f"data.val={_q(task.val)}",
-        f"run_dir={_q(out)}", *plan.probe_overrides], schema=ProbeConfig)
-    results_file, config_file = out / "results.json", out / "config.yaml"
+        f"run_dir={_q(out.root)}", *plan.probe_overrides], schema=ProbeConfig)
+    results_file, config_file = out.results_json, out.config
     done = results_file.is_file() and config_file.is_file() and \
         config_file.read_text(encoding="utf-8") == OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if done:

@@ -7,17 +7,13 @@
 | hf     | model.safetensors, config.json, preprocessor_config.json | `transformers.Aimv2VisionModel.from_pretrained(dir)` |
 
 Every export is a directory written under a temporary name beside its destination and renamed
-into place at the end: an interrupted export leaves nothing under the final name.
+into place at the end (aimv2.fileio.atomic_directory): an interrupted export leaves nothing under
+the final name.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -30,34 +26,9 @@ from aimv2.checkpoints.formats import EXPORT_FORMAT
 from aimv2.checkpoints.load import LoadedEncoder, load_checkpoint, read_decoder
 from aimv2.checkpoints.preprocessing import Preprocessing
 from aimv2.errors import UserError
+from aimv2.fileio import atomic_directory
 
 EXPORT_FORMATS = ("aimv2", "timm", "hf")
-
-
-@contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success its files are fsynced and it is renamed
-    to `out` (replacing an old one only with overwrite=True); on any error or interrupt it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, value: dict) -> None:

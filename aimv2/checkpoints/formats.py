@@ -40,6 +40,7 @@ class RawCheckpoint:
     config: dict  # hyper_parameters (lightning, zero) or config.json; {} when the source has none
     preprocessor: dict | None = None  # transformers' preprocessor_config.json, when present
     decoder_file: Path | None = None  # an export's decoder.safetensors, read only when asked for
+    step: int | None = None  # the training step of a Lightning or ZeRO checkpoint
 
 
 def _resolve(path: str | Path) -> Path:
@@ -120,6 +121,11 @@ def _unwrap(obj, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, hparams
 
 
+def _step(obj) -> int | None:
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    return int(step) if isinstance(step, int) else None
+
+
 def detect_format(path: str | Path) -> str:
     """One of FORMATS, or a UserError naming the file. Directories and safetensors are recognised from
     their listing and headers; a pickle is loaded (weights_only) to look at its keys."""
@@ -135,15 +141,18 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     """Detect the format and read the tensors and whatever describes the architecture."""
     path = _resolve(path)
     if path.is_file():
+        step = None
         if path.suffix == ".safetensors":
             tensors, config = load_safetensors(path), {}
         else:
-            tensors, config = _unwrap(load_pickle(path), path)
-        return RawCheckpoint(path, _format_of_keys(list(tensors), path), tensors, config)
+            obj = load_pickle(path)
+            tensors, config = _unwrap(obj, path)
+            step = _step(obj)
+        return RawCheckpoint(path, _format_of_keys(list(tensors), path), tensors, config, step=step)
     fmt = _detect_dir(path)
     if fmt == "zero":
         tensors, client = read_zero_checkpoint(path)
-        return RawCheckpoint(path, fmt, tensors, client.get("hyper_parameters") or {})
+        return RawCheckpoint(path, fmt, tensors, client.get("hyper_parameters") or {}, step=_step(client))
     config = read_json(path / "config.json")
     if fmt == "aimv2":
         decoder = path / "decoder.safetensors"

@@ -25,6 +25,7 @@ from aimv2.checkpoints.convert import apple_names_to_timm, apple_to_timm, hf_to_
 from aimv2.checkpoints.formats import RawCheckpoint, read_checkpoint
 from aimv2.checkpoints.preprocessing import Preprocessing
 from aimv2.errors import UserError
+from aimv2.models.decoder import decoder_kwargs
 from aimv2.models.sizes import get_size
 
 
@@ -171,24 +172,5 @@ def read_decoder(loaded: LoadedEncoder) -> tuple[dict, dict] | None:
         if not state:
             return None
         spec = get_size(str(raw.config["model"]["size"]))
-        kwargs = {"encoder_width": spec.width, "width": spec.decoder_width, "depth": spec.decoder_depth,
-                  "heads": spec.decoder_heads, "mlp_hidden": spec.decoder_mlp_hidden,
-                  "patch_dim": spec.patch_size * spec.patch_size * 3,
-                  "vocab_size": int(raw.config["vocab_size"]), "max_text_len": int(raw.config["max_text_len"])}
-        return state, kwargs
+        return state, decoder_kwargs(spec, int(raw.config["vocab_size"]), int(raw.config["max_text_len"]))
     return None
-
-
-def load_decoder(source: str | Path) -> torch.nn.Module:
-    """The pre-training decoder (`MultimodalDecoder`, eval mode) of a checkpoint that has one."""
-    from aimv2.models.decoder import MultimodalDecoder
-
-    loaded = load_checkpoint(source)
-    found = read_decoder(loaded)
-    if found is None:
-        raise UserError(f"{loaded.raw.path}: holds no pre-training decoder ({loaded.raw.format} format)")
-    state, kwargs = found
-    decoder = MultimodalDecoder(**kwargs)
-    decoder.load_state_dict(state, strict=True)
-    return decoder.eval()
-

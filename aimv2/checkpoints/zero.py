@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO checkpoint directory -> one fp32 state dict on the CPU (no GPU needed).
+"""DeepSpeed ZeRO checkpoint directories, the one place that reads them: one fp32 state dict on the
+CPU (no GPU needed) for checkpoint I/O, and the client state alone for resume (aimv2.engine.resume).
 
 Lightning's DeepSpeed strategy saves `last.ckpt/` as a directory: `latest` (holding the tag,
 `checkpoint`), `checkpoint/*_model_states.pt` (Lightning's client state: hyper-parameters, ...)
@@ -60,13 +61,31 @@ def _root_and_tag(path: Path) -> tuple[Path, str]:
     return path, tags[0]
 
 
-def _safe_classes() -> list[type]:
+def safe_classes() -> list[type]:
+    """DeepSpeed's plain-data classes that are installed here, for `torch.serialization.safe_globals`."""
     classes = []
     for entry in DEEPSPEED_SAFE_GLOBALS:
         module, name = entry.split(":")
         with contextlib.suppress(ImportError, AttributeError):
             classes.append(getattr(importlib.import_module(module), name))
     return classes
+
+
+def model_states_files(path: str | Path) -> list[Path]:
+    """The `*model_states.pt` files of a ZeRO checkpoint (root or tag directory); FileNotFoundError when none."""
+    root, tag = _root_and_tag(Path(path))
+    files = sorted((root / tag).glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"no model states under {root / tag}")
+    return files
+
+
+def load_client_state(path: str | Path, mmap: bool = False) -> dict:
+    """Rank 0's model-states file of a ZeRO checkpoint, loaded with weights_only=True (DeepSpeed's own
+    plain classes allowed). `mmap=True` reads the pickle without the tensor bytes: enough to tell an
+    intact checkpoint and its step (aimv2.engine.resume) without reading gigabytes."""
+    with torch.serialization.safe_globals(safe_classes()):
+        return torch.load(model_states_files(path)[0], map_location="cpu", weights_only=True, mmap=mmap)
 
 
 @contextlib.contextmanager
@@ -77,7 +96,7 @@ def _weights_only_loads():
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:
-        with torch.serialization.safe_globals(_safe_classes()):
+        with torch.serialization.safe_globals(safe_classes()):
             yield
     finally:
         for k, v in saved.items():
@@ -96,12 +115,11 @@ def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         raise UserError(f"{path} is a DeepSpeed ZeRO checkpoint; converting it needs deepspeed "
                         "(pip install 'aimv2[deepspeed]'); it runs on the CPU") from None
     root, tag = _root_and_tag(path)
-    model_states = sorted((root / tag).glob("*model_states.pt"))
     with _weights_only_loads():
         try:
             with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress on stdout
                 state_dict = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-            client = torch.load(model_states[0], map_location="cpu", weights_only=True)
+            client = load_client_state(root / tag)
         except pickle.UnpicklingError as err:  # refused by weights_only, or a corrupt pickle
             raise describe_load_error(root / tag, err) from None
         except (FileNotFoundError, ValueError, KeyError, IndexError) as err:  # a missing rank file or entry

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--val", default="", help="held-out image-caption shards (default: each run's data.val)")
     ev.add_argument("--tokens", type=_int_list, default=[], help="M values for pool/kdv runs, e.g. 1,4,16,64 "
                     "(other kinds are evaluated at their trained M)")
-    ev.add_argument("--out", default="", help="output directory (default: <first run>/eval)")
+    ev.add_argument("--out", default="", help="output directory (default: RUN/eval of the first run)")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--num-workers", type=int, default=2)
     ev.add_argument("--max-batches", type=int, default=0, help="stop after this many batches per M (0 = all)")
@@ -98,9 +98,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from aimv2.compress.evaluate import evaluate, markdown_table, resolve_checkpoint
+    from aimv2.engine.run_dir import RunDir
 
-    first = Path(resolve_checkpoint(args.runs[0]))
-    out = Path(args.out) if args.out else first.parent.parent / "eval"
+    first = RunDir.of_checkpoint(resolve_checkpoint(args.runs[0]))
+    out = Path(args.out) if args.out else first.eval if first is not None else Path(args.runs[0]).parent / "eval"
     rows = evaluate(args.runs, out, val=args.val, num_tokens=args.tokens, batch_size=args.batch_size,
                     num_workers=args.num_workers, max_batches=args.max_batches, device=args.device,
                     shuffled=args.shuffled)
@@ -114,8 +115,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
-    rows, facts = plan(_load(args.config, args.overrides), args.text_tokens, args.tokens, args.params,
-                       args.repeats, args.device)
+    cfg = _load(args.config, args.overrides)
+    rows, facts = plan(cfg.lm, cfg.text, args.text_tokens, args.tokens, args.params, args.repeats, args.device)
     print(markdown_table(rows, facts), end="")
     if args.out:
         write_plan(rows, facts, args.out)

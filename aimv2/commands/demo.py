@@ -29,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from aimv2.config import load_config
     from aimv2.data.demo import build_demo_shards
     from aimv2.engine.initial_checkpoint import INITIAL_NAME, InitialCheckpoint
+    from aimv2.engine.run_dir import RunDir
     from aimv2.pretraining.pretrain import pretrain
     from aimv2.engine.metrics import loss_trend
-    from aimv2.engine.trainer import run_paths
     from aimv2.shipped import shipped_config
 
     config = shipped_config("pretrain/debug.yaml")
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"data.sources=[{{name: demo_digits, urls: '{demo['pretrain']['urls']}'}}]",
                  f"run_dir={out / 'pretrain'}", "trainer.overwrite=true", *args.overrides]
     cfg = load_config(config, overrides)
-    paths = pretrain(cfg, callbacks=[InitialCheckpoint(run_paths(cfg.run_dir)["checkpoints"])])
-    print(loss_trend(paths["metrics"]))
+    run = pretrain(cfg, callbacks=[InitialCheckpoint(RunDir(cfg.run_dir).checkpoints)])
+    print(loss_trend(run.metrics))
     # Frozen-trunk probes on the held-out digits (cached mode, configs/probe/toy.yaml): the last checkpoint,
     # and the step-0 checkpoint (the weights training started from), identically.
     from aimv2.probe.compare import comparison_table, write_comparison
@@ -52,32 +52,33 @@ def run(args: argparse.Namespace) -> int:
     from aimv2.probe.run import run_probe
 
     results = {}
-    for name, checkpoint, run_dir in (("pre-trained", "last.ckpt", out / "probe"),
-                                      ("random init", INITIAL_NAME, out / "probe_random_init")):
+    for name, checkpoint, run_dir in (("pre-trained", run.last_checkpoint, RunDir(out).probe),
+                                      ("random init", run.checkpoints / INITIAL_NAME, out / "probe_random_init")):
         probe_cfg = load_config(shipped_config("probe/toy.yaml"), [
-            f"checkpoint={paths['checkpoints'] / checkpoint}", f"data.train={demo['probe_train']['dir']}",
+            f"checkpoint={checkpoint}", f"data.train={demo['probe_train']['dir']}",
             f"data.val={demo['probe_val']['dir']}", f"run_dir={run_dir}", "accelerator=cpu", *args.probe],
             schema=ProbeConfig)
-        print(f"probe of the {name} encoder ({paths['checkpoints'] / checkpoint}):")
+        print(f"probe of the {name} encoder ({checkpoint}):")
         results[name] = run_probe(probe_cfg)
     title = (f"Frozen-trunk probes on {results['pre-trained']['val_count']} held-out digits (10 classes), "
              "best head of each kind's grid: the pre-trained encoder (last.ckpt) and the same architecture "
              f"at its random initialization ({INITIAL_NAME}, the weights training started from).")
     comparison = write_comparison(results, out / "probe_comparison", title)
     # Pictures: the prediction grid of the last checkpoint on held-out digits, and the run's report.
-    from aimv2.commands.report import write_report
-    from aimv2.commands.visualize import visualize_checkpoint
+    from aimv2.data.demo import heldout_examples
+    from aimv2.viz.checkpoint import visualize_checkpoint
+    from aimv2.viz.report import write_report
 
     heldout = heldout_examples(Path(demo["probe_val"]["dir"]), out / "heldout", demo["classes"])
-    grid = visualize_checkpoint(paths["checkpoints"] / "last.ckpt", [str(heldout)])
-    report = write_report([paths["config"].parent], paths["config"].parent / "report")
+    grid = visualize_checkpoint(run.last_checkpoint, [str(heldout)])
+    report = write_report([run.root], run.report)
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print("\n".join([
         f"demo finished; everything is under {out}",
         f"  data         {out / 'data'} (pretrain shards, probe/train, probe/val)",
-        f"  checkpoint   {paths['checkpoints'] / 'last.ckpt'}",
-        f"  logs         {paths['metrics']} (tensorboard --logdir {paths['tensorboard']})",
-        f"  predictions  {paths['visualizations']}/step=*.png during training; held-out digits: {grid['grid']}",
+        f"  checkpoint   {run.last_checkpoint}",
+        f"  logs         {run.metrics} (tensorboard --logdir {run.tensorboard})",
+        f"  predictions  {run.visualizations}/step=*.png during training; held-out digits: {grid['grid']}",
         f"  report       {report['markdown']} and {report['curves']}",
         f"  probes       {out / 'probe' / 'results.md'} (pre-trained), {out / 'probe_random_init' / 'results.md'} "
         f"(random init), side by side in {out / 'probe_comparison.md'}",
@@ -87,24 +88,3 @@ def run(args: argparse.Namespace) -> int:
     ]))
     return 0
 
-
-def heldout_examples(val_dir: Path, out_dir: Path, classes: list[str], count: int = 4) -> Path:
-    """The first `count` held-out digits of distinct classes as image files with a true caption
-    (`NNN.jpg` + `NNN.txt`), so `aimv2 visualize --images DIR` can show what the model makes of them."""
-    import tarfile
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(sorted(val_dir.glob("*.tar"))[0]) as tar:
-        for info in tar:
-            key, _, ext = info.name.partition(".")
-            if info.isfile() and ext in ("jpg", "cls"):
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    seen: set[int] = set()
-    for key, sample in sorted(members.items()):
-        cls = int(sample.get("cls", b"-1"))
-        if "jpg" in sample and cls not in seen and len(seen) < count:
-            seen.add(cls)
-            (out_dir / f"{key}.jpg").write_bytes(sample["jpg"])
-            (out_dir / f"{key}.txt").write_text(f"a handwritten digit {classes[cls]}\n", encoding="utf-8")
-    return out_dir

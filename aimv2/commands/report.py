@@ -2,7 +2,8 @@
 
 Reads each run's logs/metrics.csv, config.yaml and (when probed) probe/results.json; writes
 OUT/curves.png (image loss, text loss, total loss, lr, samples/s, skipped samples; runs overlaid)
-and OUT/report.md (final losses, throughput, config differences, probe results).
+and OUT/report.md (final losses, throughput, config differences, probe results): aimv2.viz.report
+does the work; this module is the command line.
 """
 
 from __future__ import annotations
@@ -21,26 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_out(runs: list[str]) -> Path:
     """RUN/report for one run; for several, report/ beside the first (e.g. runs/report)."""
-    first = Path(runs[0])
-    return first / "report" if len(runs) == 1 else first.resolve().parent / "report"
+    from aimv2.engine.run_dir import RunDir
 
-
-def write_report(runs: list[str | Path], out: str | Path) -> dict[str, Path]:
-    """Write curves.png and report.md for `runs` into `out`; returns their paths."""
-    from aimv2.fileio import atomic_write
-    from aimv2.viz.curves import plot_curves
-    from aimv2.viz.runs import load_runs, summary_markdown
-
-    loaded = load_runs(list(runs))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    curves = plot_curves(loaded, out / "curves.png")
-    markdown = out / "report.md"
-    atomic_write(markdown, summary_markdown(loaded, curves.name))
-    return {"curves": curves, "markdown": markdown, "names": [r.name for r in loaded]}
+    first = RunDir(runs[0])
+    return first.report if len(runs) == 1 else RunDir(first.root.resolve().parent).report
 
 
 def run(args: argparse.Namespace) -> int:
+    from aimv2.viz.report import write_report
+
     out = Path(args.out) if args.out else default_out(args.runs)
     written = write_report(args.runs, out)
     print(f"report of {len(args.runs)} run(s): {', '.join(written['names'])}")

@@ -1,7 +1,7 @@
 """`aimv2 compress export` / `aimv2.compress.load_bundle`: the encoder + compressor (+ LM) +
 config as one directory that downstream code loads with one call.
 
-    DIR/bundle.json             format, compressor spec, text ids, the full config
+    DIR/bundle.json             format, compressor spec, text ids, the attachment's config sections
     DIR/encoder.safetensors     the frozen encoder, with DIR/config.json (timm recipe, preprocessing):
                                 DIR is also an `aimv2 export --format aimv2` directory, so
                                 `aimv2.load_encoder(DIR)` and `aimv2 probe --checkpoint DIR` read it
@@ -9,15 +9,13 @@ config as one directory that downstream code loads with one call.
     DIR/lm/                     the LM (save_pretrained) when it is not a directory on disk to point at:
                                 a random-init LM, or one trained in stage 2
 
-The directory is written under a temporary name beside DIR and renamed into place, so a reader
-never sees half a bundle.
+The directory is written under a temporary name beside DIR and renamed into place
+(aimv2.fileio.atomic_directory), so a reader never sees half a bundle.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,11 +24,13 @@ from safetensors.torch import load_file, save_file
 from aimv2.checkpoints.arch import TimmRecipe, encoder_dims, recipe_from_dims
 from aimv2.checkpoints.export import write_aimv2
 from aimv2.compress.base import CompressorSpec
-from aimv2.compress.config import config_from_dict, config_to_dict
+from aimv2.compress.config import LMSection
 from aimv2.compress.encoder import freeze
 from aimv2.compress.registry import build_compressor
 from aimv2.compress.vlm import AttachedVLM
+from aimv2.config import as_section
 from aimv2.errors import UserError
+from aimv2.fileio import atomic_directory
 
 FORMAT, VERSION = "aimv2-compress-bundle", 1
 
@@ -48,36 +48,25 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def export_bundle(module, out_dir: str | Path) -> Path:
     """Write the bundle of a trained `CompressModule` to out_dir (replacing it atomically)."""
-    cfg, vlm = module.cfg, module.vlm
+    vlm, source, text, lm_path = module.vlm, module.encoder_cfg.source, module.text_cfg, module.lm_cfg.path
     out = Path(out_dir).resolve()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:
         write_aimv2(tmp, vlm.encoder, vlm.preprocessing, encoder_recipe(vlm.encoder),
-                    source={"compress_bundle_of": cfg.encoder.source})
+                    source={"compress_bundle_of": source})
         save_file(_tensors(vlm.compressor), tmp / "compressor.safetensors")
-        bundle_lm = not cfg.lm.path or cfg.stage == 2
+        bundle_lm = not lm_path or module.stage == 2
         if bundle_lm:
             vlm.lm.save_pretrained(tmp / "lm", safe_serialization=True)
         meta = {
             "format": FORMAT, "version": VERSION,
-            "encoder": {"source": cfg.encoder.source, "files": ["encoder.safetensors", "config.json"]},
+            "encoder": {"source": source, "files": ["encoder.safetensors", "config.json"]},
             "compressor": vlm.compressor.spec.to_dict() | {"num_tokens": vlm.compressor.num_tokens},
-            "text": {"prefix": cfg.text.prefix, "prompt": cfg.text.prompt, "prefix_ids": vlm.prefix_ids.tolist(),
+            "text": {"prefix": text.prefix, "prompt": text.prompt, "prefix_ids": vlm.prefix_ids.tolist(),
                      "prompt_ids": vlm.prompt_ids.tolist()},
-            "lm": {"bundled": bundle_lm, "path": cfg.lm.path, "hidden_size": vlm.compressor.spec.d_llm},
-            "config": config_to_dict(cfg),
+            "lm": {"bundled": bundle_lm, "path": lm_path, "hidden_size": vlm.compressor.spec.d_llm},
+            "config": module.attachment_config(),
         }
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -113,11 +102,11 @@ def load_bundle(bundle_dir: str | Path, lm: bool = True, device: str | torch.dev
 def _load_lm(root: Path, meta: dict):
     from aimv2.compress.lm import build_lm
 
-    cfg = config_from_dict(meta["config"])
+    lm = as_section(LMSection, meta["config"].get("lm"))  # bundles of every version hold config.lm
     if meta["lm"]["bundled"]:
-        cfg.lm.path = str(root / "lm")
-    elif not Path(cfg.lm.path).is_dir():
-        raise UserError(f"bundle {root}: its LM {cfg.lm.path!r} is not on this machine; load_bundle(..., lm=False) "
+        lm.path = str(root / "lm")
+    elif not Path(lm.path).is_dir():
+        raise UserError(f"bundle {root}: its LM {lm.path!r} is not on this machine; load_bundle(..., lm=False) "
                         "loads the front end alone")
-    language_model = build_lm(cfg.lm, vocab_size=0)
+    language_model = build_lm(lm, vocab_size=0)
     return freeze(language_model)

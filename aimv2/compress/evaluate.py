@@ -21,6 +21,7 @@ import torch
 from aimv2.compress.data import held_out_loader
 from aimv2.compress.lm import prefill_flops, prefill_params
 from aimv2.compress.module import CompressModule, load_module
+from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 
@@ -46,10 +47,22 @@ def resolve_checkpoint(path: str) -> str:
     """A checkpoint file, or a run directory (its checkpoints/last.ckpt)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "checkpoints" / "last.ckpt"
+        p = RunDir(p).last_checkpoint
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p} (give a .ckpt or a run directory of `aimv2 compress train`)")
     return str(p)
+
+
+def trained_val_shards(checkpoint: str) -> str:
+    """The held-out shards (data.val) of the run that trained `checkpoint`: its RUN/config.yaml, or the
+    whole config that checkpoints written before the module received sections held; "" when unknown."""
+    run = RunDir.of_checkpoint(checkpoint)
+    if run is not None and run.config.is_file():
+        from omegaconf import OmegaConf
+
+        return str(OmegaConf.load(run.config).get("data", {}).get("val", "") or "")
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return str((raw.get("hyper_parameters") or {}).get("config", {}).get("data", {}).get("val", "") or "")
 
 
 @torch.no_grad()
@@ -61,10 +74,13 @@ def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool =
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        skipped += int(batch["skipped"])
+        if batch["image"].shape[0] == 0:  # corrupt samples only: their count is all it carries
+            continue
         pixels = batch["image"].roll(1, dims=0) if shuffled else batch["image"]
         ce, n = vlm.caption_loss(pixels.to(device), batch["tokens"].to(device), batch["token_mask"].to(device))
         total, tokens = total + float(ce), tokens + int(n)
-        images, skipped = images + batch["image"].shape[0], skipped + int(batch["skipped"])
+        images += batch["image"].shape[0]
     if tokens == 0:
         raise UserError("no held-out caption was scored (empty or unreadable shards)")
     return {"sum": total, "tokens": tokens, "images": images, "skipped": skipped}
@@ -74,22 +90,22 @@ def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), ba
                         num_workers: int = 2, max_batches: int = 0, device: str = "cpu",
                         shuffled: bool = False) -> list[EvalRow]:
     module = load_module(path).to(device)
-    cfg, vlm = module.cfg, module.vlm
+    vlm = module.vlm
     trained = vlm.compressor.num_tokens
     values = list(num_tokens) if num_tokens and vlm.compressor.flexible else [trained]
     key = "--val" if val else "data.val"
+    val = val or trained_val_shards(path)
     n_params = prefill_params(vlm.lm)
     rows = []
     for m in values:
         if m != vlm.compressor.num_tokens:
             vlm.compressor.set_num_tokens(m)
         for control in ((False, True) if shuffled else (False,)):
-            loader = held_out_loader(val or cfg.data.val, key, module.tokenizer, vlm.preprocessing, batch_size,
-                                     num_workers)
+            loader = held_out_loader(val, key, module.tokenizer, vlm.preprocessing, batch_size, num_workers)
             s = score(module, loader, max_batches, shuffled=control)
             q = vlm.prefix_ids.numel() + vlm.prompt_ids.numel() + s["tokens"] / s["images"]
             loss = s["sum"] / s["tokens"]
-            rows.append(EvalRow(path, cfg.compressor.kind, cfg.stage, m, loss, math.exp(min(loss, 700)), s["tokens"],
+            rows.append(EvalRow(path, module.compressor_cfg.kind, module.stage, m, loss, math.exp(min(loss, 700)), s["tokens"],
                                 s["images"], s["skipped"], q, n_params, prefill_flops(n_params, q, m) / 1e9, control))
     return rows
 
@@ -99,7 +115,7 @@ def markdown_table(rows: list[EvalRow]) -> str:
              "prefill GFLOPs / image | images scored |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {Path(r.run).parent.parent.name or r.run} | {r.compressor} | {r.stage} | {r.num_tokens} | "
+        lines.append(f"| {RunDir.label_of(r.run)} | {r.compressor} | {r.stage} | {r.num_tokens} | "
                      f"{'shuffled' if r.shuffled else 'matched'} | {r.loss:.4f} | {r.perplexity:.2f} | "
                      f"{r.text_tokens:.1f} | {r.prefill_gflops:.4g} | {r.images} |")
     return "\n".join(lines) + "\n"
@@ -108,11 +124,11 @@ def markdown_table(rows: list[EvalRow]) -> str:
 def evaluate(checkpoints: list[str], out_dir: str | Path, **kwargs) -> list[EvalRow]:
     """Evaluate every checkpoint (or run dir); write results.{json,md} and loss_vs_tokens.png to out_dir."""
     rows = [row for ckpt in checkpoints for row in evaluate_checkpoint(resolve_checkpoint(ckpt), **kwargs)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", json.dumps({"rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    atomic_write(out / "results.md", markdown_table(rows))
+    out = RunDir(out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write(out.results_json, json.dumps({"rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    atomic_write(out.results_md, markdown_table(rows))
     from aimv2.compress.plot import plot_loss_vs_tokens
 
-    plot_loss_vs_tokens(rows, out / "loss_vs_tokens.png")
+    plot_loss_vs_tokens(rows, out.root / "loss_vs_tokens.png")
     return rows

@@ -1,39 +1,64 @@
 """The alignment LightningModule: caption loss through the attached LM; only the compressor trains
 (stage 1), or the compressor and the LM (stage 2, the LM at `optim.lm_lr_scale` of the lr).
 
-Checkpoints hold the trainable weights and the config as a plain dict. The frozen encoder is left
-out (it is rebuilt from `encoder.source`), and so is a frozen LM loaded from `lm.path`; a randomly
-initialized or trained LM is kept. `aimv2 compress export` makes a self-contained bundle.
+Checkpoints hold the trainable weights and the module's sections (stage, encoder, compressor, lm,
+text, optim, seed) as plain dicts. The frozen encoder is left out (it is rebuilt from
+`encoder.source`), and so is a frozen LM loaded from `lm.path`; a randomly initialized or trained LM
+is kept. `aimv2 compress export` makes a self-contained bundle.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
+from dataclasses import asdict
 
 import lightning as L
 import torch
 
 from aimv2.compress.attach import build_attachment
-from aimv2.compress.config import config_from_dict
+from aimv2.compress.config import CompressOptimSection, CompressorSection, EncoderSection, LMSection, TextSection
+from aimv2.config import as_section
 from aimv2.errors import UserError
 from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
 from aimv2.engine.optim import adamw, decoupled_weight_decay, param_groups, warmup_cosine_schedule
 
 
+SECTIONS = {"encoder": EncoderSection, "compressor": CompressorSection, "lm": LMSection, "text": TextSection,
+            "optim": CompressOptimSection}
+
+
 class CompressModule(ClipGradientNorm, L.LightningModule):
-    def __init__(self, config: dict):
+    """Receives the sections it needs, as dataclasses or as the plain dicts a checkpoint holds.
+    `config` is the whole tree that checkpoints written before the split held; they still load."""
+
+    def __init__(self, stage: int = 1, encoder: EncoderSection | dict | None = None,
+                 compressor: CompressorSection | dict | None = None, lm: LMSection | dict | None = None,
+                 text: TextSection | dict | None = None, optim: CompressOptimSection | dict | None = None,
+                 seed: int = 0, config: dict | None = None):
         super().__init__()
-        self.save_hyperparameters({"config": config})
-        self.cfg = config_from_dict(config)
-        self.vlm, self.tokenizer = build_attachment(self.cfg)
+        if config is not None:  # an old checkpoint's hyper-parameters: the whole config tree
+            stage, seed = int(config.get("stage", stage)), int(config.get("trainer", {}).get("seed", seed))
+            encoder, compressor, lm, text, optim = (config.get(name) for name in SECTIONS)
+        given = {"encoder": encoder, "compressor": compressor, "lm": lm, "text": text, "optim": optim}
+        sections = {name: as_section(cls, given[name]) for name, cls in SECTIONS.items()}
+        # Plain dicts in the checkpoint: it reloads with weights_only=True and without this package's classes.
+        self.save_hyperparameters({"stage": stage, **{k: asdict(v) for k, v in sections.items()}, "seed": seed})
+        self.stage, self.seed = stage, seed
+        self.encoder_cfg, self.compressor_cfg, self.lm_cfg, self.text_cfg, self.optim_cfg = sections.values()
+        self.vlm, self.tokenizer = build_attachment(stage, self.encoder_cfg, self.compressor_cfg, self.lm_cfg,
+                                                    self.text_cfg)
         self.strict_loading = False  # frozen parts are rebuilt from their sources, not the checkpoint
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
+
+    def attachment_config(self) -> dict:
+        """The sections that define the attachment, as plain data (a bundle's record of how it was made)."""
+        return {"stage": self.stage, **{k: self.hparams[k] for k in ("encoder", "compressor", "lm", "text")}}
 
     # -- what a checkpoint holds ---------------------------------------------------------------
     def _frozen_prefixes(self) -> tuple[str, ...]:
         prefixes = ["vlm.encoder."]
-        if self.cfg.stage == 1 and self.cfg.lm.path:
+        if self.stage == 1 and self.lm_cfg.path:
             prefixes.append("vlm.lm.")
         return tuple(prefixes)
 
@@ -51,9 +76,9 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def _draw_num_tokens(self) -> None:
         """Matryoshka-style: M for this step, the same on every rank and after a resume (seeded by step)."""
-        choices = self.cfg.compressor.train_tokens
+        choices = self.compressor_cfg.train_tokens
         if choices:
-            draw = random.Random(f"{self.cfg.trainer.seed}-{self.global_step}")
+            draw = random.Random(f"{self.seed}-{self.global_step}")
             self.vlm.compressor.set_num_tokens(draw.choice(choices))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -68,17 +93,17 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        cfg = self.cfg.optim
+        cfg = self.optim_cfg
         # Fully decoupled decay as in pre-training; one value for every group (AdamLH divides by the
         # optimizer's lr), so the LLM at lm_lr_scale x lr also decays at lm_lr_scale x weight_decay.
         wd = decoupled_weight_decay(cfg.weight_decay, cfg.lr)
         groups = [g | {"lr": cfg.lr} for g in param_groups(self.vlm.compressor, wd)]
-        if self.cfg.stage == 2:
+        if self.stage == 2:
             lm_lr = cfg.lr * cfg.lm_lr_scale
             groups += [g | {"lr": lm_lr} for g in param_groups(self.vlm.lm, wd)]
         groups = [g for g in groups if g["params"]]
         if not groups:
-            raise UserError(f"compressor '{self.cfg.compressor.kind}' has nothing to train in stage {self.cfg.stage}")
+            raise UserError(f"compressor '{self.compressor_cfg.kind}' has nothing to train in stage {self.stage}")
         optimizer = adamw(groups, cfg.lr, cfg.betas, cfg.eps, fused=fused_optimizer_allowed(self.trainer.precision))
         total = int(min(self.trainer.estimated_stepping_batches, 2**62))
         return {"optimizer": optimizer,
@@ -95,7 +120,8 @@ def load_module(path: str, map_location: str = "cpu") -> CompressModule:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means not a checkpoint we can read
         raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(raw, dict) or "config" not in (raw.get("hyper_parameters") or {}):
+    hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if not isinstance(hparams, dict) or not ("compressor" in hparams or "config" in hparams):
         raise UserError(f"{path}: not an `aimv2 compress train` checkpoint (no config in its hyper-parameters)")
     with warnings.catch_warnings():  # the frozen encoder is rebuilt from encoder.source, not missing
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")

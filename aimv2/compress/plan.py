@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from aimv2.compress.attach import build_text_tokenizer
+from aimv2.compress.config import LMSection, TextSection
 from aimv2.compress.cache import build_prefix
 from aimv2.compress.lm import build_lm, keep_last_logits, prefill_flops, prefill_params, with_cache
 from aimv2.errors import UserError
@@ -57,13 +58,13 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def plan(cfg, text_tokens: int, num_tokens: list[int], params: float | None = None, repeats: int = 5,
-         device: str = "cpu") -> tuple[list[PlanRow], dict]:
+def plan(lm_cfg: LMSection, text: TextSection, text_tokens: int, num_tokens: list[int], params: float | None = None,
+         repeats: int = 5, device: str = "cpu") -> tuple[list[PlanRow], dict]:
     """Rows per M and facts about the measurement (attached LM size, cache build time, device)."""
     if text_tokens < 1 or not num_tokens or min(num_tokens) < 1:
         raise UserError("plan needs --text-tokens >= 1 and a list of M >= 1 (e.g. --tokens 1,4,16,64)")
-    tokenizer = build_text_tokenizer(cfg)
-    lm = build_lm(cfg.lm, tokenizer.vocab_size).to(device)
+    tokenizer = build_text_tokenizer(text)
+    lm = build_lm(lm_cfg, tokenizer.vocab_size).to(device)
     attached = prefill_params(lm)
     n = float(params) if params else float(attached)
     g = torch.Generator().manual_seed(0)
@@ -89,8 +90,8 @@ def plan(cfg, text_tokens: int, num_tokens: list[int], params: float | None = No
         rows.append(PlanRow(m, text_tokens, n, prefill_flops(n, text_tokens, m) / 1e9, prefill_flops(n, 0, m) / 1e9,
                             _median_ms(uncached, repeats), _median_ms(cached, repeats)))
     facts = {"attached_lm_params": attached, "params_used": n, "device": str(device), "repeats": repeats,
-             "prefix_cache_build_ms": build_ms, "lm": cfg.lm.path or f"random {cfg.lm.arch} "
-             f"(hidden {cfg.lm.hidden_size}, {cfg.lm.num_layers} layers)"}
+             "prefix_cache_build_ms": build_ms, "lm": lm_cfg.path or f"random {lm_cfg.arch} "
+             f"(hidden {lm_cfg.hidden_size}, {lm_cfg.num_layers} layers)"}
     return rows, facts
 
 

@@ -13,10 +13,13 @@ def plot_loss_vs_tokens(rows, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from aimv2.engine.run_dir import RunDir
+    from aimv2.fileio import atomic_file
+
     series: dict[str, list] = defaultdict(list)
     for r in rows:
         control = ", images shuffled" if r.shuffled else ""
-        series[f"{r.compressor} (stage {r.stage}) {Path(r.run).parent.parent.name}{control}"].append(r)
+        series[f"{r.compressor} (stage {r.stage}) {RunDir.label_of(r.run)}{control}"].append(r)
     fig, (ax_m, ax_f) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for label, points in series.items():
         points = sorted(points, key=lambda r: r.num_tokens)
@@ -32,8 +35,6 @@ def plot_loss_vs_tokens(rows, path: str | Path) -> None:
         ax.set_ylabel("held-out caption loss (nats / token)")
         ax.grid(True, alpha=0.3)
     ax_m.legend(fontsize="small")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -81,8 +81,9 @@ def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | N
 def _stand_in_encoder(root: Path) -> Path:
     """A randomly initialized debug encoder as an `aimv2` export directory (written once, reused)."""
     from aimv2.checkpoints.arch import recipe_from_size
-    from aimv2.checkpoints.export import atomic_directory, write_aimv2
+    from aimv2.checkpoints.export import write_aimv2
     from aimv2.checkpoints.preprocessing import Preprocessing
+    from aimv2.fileio import atomic_directory
     from aimv2.models.sizes import get_size
 
     out = root / f"stand_in_encoder_{STAND_IN_RESOLUTION}"
@@ -96,7 +97,8 @@ def _stand_in_encoder(root: Path) -> Path:
 def _read_attachment(ckpt: Path) -> str:
     from aimv2.compress.bundle import export_bundle
     from aimv2.compress.module import load_module
+    from aimv2.engine.run_dir import RunDir
 
     module = load_module(str(ckpt))
-    bundle = export_bundle(module, ckpt.parent.parent / "bundle")
+    bundle = export_bundle(module, RunDir.of_checkpoint(ckpt).bundle)
     return f"last.ckpt reloads (load_module) and exports as a bundle ({bundle.name}/)"

@@ -1,6 +1,6 @@
 """`aimv2 compress train`: alignment of a compressor between a frozen encoder and an LLM, as a
-Lightning run with the pre-training run layout (config.yaml, checkpoints/, logs/metrics.csv,
-logs/tensorboard/) built by the same `build_trainer`."""
+Lightning run in the engine's run directory layout (aimv2.engine.run_dir) built by the same
+`build_trainer` as pre-training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
-from aimv2.compress.config import CompressConfig, config_to_dict
+from aimv2.compress.config import CompressConfig
 from aimv2.compress.data import AlignmentDataModule
 from aimv2.compress.module import CompressModule
 from aimv2.config import save_config
@@ -17,7 +17,8 @@ from aimv2.errors import UserError
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.engine.metrics import read_metric
 from aimv2.engine.resume import resolve_resume
-from aimv2.engine.trainer import build_trainer, run_paths
+from aimv2.engine.run_dir import RunDir
+from aimv2.engine.trainer import build_trainer
 
 
 def resolve_paths(cfg: CompressConfig) -> CompressConfig:
@@ -29,32 +30,39 @@ def resolve_paths(cfg: CompressConfig) -> CompressConfig:
     return cfg
 
 
-def train(cfg: CompressConfig) -> dict[str, Path]:
-    """Train; returns the run's paths (config, checkpoints, metrics, tensorboard)."""
+def train(cfg: CompressConfig) -> RunDir:
+    """Train; returns the run directory (config, checkpoints, metrics, tensorboard)."""
     cfg.require("encoder.source", "data.train")
     if cfg.trainer.max_steps <= 0:
         raise UserError("config key 'trainer.max_steps': must be > 0 (the training stream is infinite)")
     cfg = resolve_paths(cfg)
     # A path, `auto` (newest intact checkpoint; the default under SLURM, so a requeued job resumes) or `none`.
-    resume = resolve_resume(cfg.trainer.resume, run_paths(cfg.run_dir)["checkpoints"])
+    run = RunDir(cfg.run_dir)
+    resume = resolve_resume(cfg.trainer.resume, run.checkpoints)
     check_launch(cfg.trainer)
-    claim_run_dir(cfg.run_dir, cfg.trainer.resume, cfg.trainer.overwrite)
+    claim_run_dir(run, cfg.trainer.resume, cfg.trainer.overwrite)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    module = CompressModule(config_to_dict(cfg))
+    module = build_module(cfg)
     if cfg.compressor.init and resume is None:
         init_compressor(module, cfg.compressor.init)
     data = AlignmentDataModule(cfg.data, module.tokenizer, module.vlm.preprocessing)
-    trainer = build_trainer(cfg.trainer, cfg.run_dir, grad_clip=cfg.optim.grad_clip)
-    paths = run_paths(cfg.run_dir)
+    trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip)
     if trainer.is_global_zero:
-        save_config(cfg, paths["config"])
+        save_config(cfg, run.config)
     with warnings.catch_warnings():  # expected here: frozen parts in eval mode, frozen weights not in checkpoints
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
+        # Lightning cannot see that the data module restores the stream position (aimv2.engine.stream_data).
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
-        print(summary(cfg, paths, trainer.global_step))
-    return paths
+        print(summary(cfg, run, trainer.global_step))
+    return run
+
+
+def build_module(cfg: CompressConfig) -> CompressModule:
+    """The alignment module of a config: it receives the sections it needs, not the whole tree."""
+    return CompressModule(cfg.stage, cfg.encoder, cfg.compressor, cfg.lm, cfg.text, cfg.optim, seed=cfg.trainer.seed)
 
 
 def init_compressor(module: CompressModule, source: str) -> None:
@@ -86,13 +94,13 @@ def loss_trend(metrics_csv: Path, window: int = 3) -> str:
     return f"caption loss {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} (mean of the first/last {window} logged)"
 
 
-def summary(cfg: CompressConfig, paths: dict[str, Path], steps: int) -> str:
+def summary(cfg: CompressConfig, run: RunDir, steps: int) -> str:
     c = cfg.compressor
     return "\n".join([
         f"alignment (stage {cfg.stage}, compressor {c.kind}, M={c.num_tokens or 'N'}) finished after {steps} steps",
-        f"  {loss_trend(paths['metrics'])}",
-        f"  config       {paths['config']}",
-        f"  checkpoints  {paths['checkpoints']}/ (last.ckpt is the newest)",
-        f"  metrics      {paths['metrics']}",
-        f"  tensorboard  tensorboard --logdir {paths['tensorboard']}",
+        f"  {loss_trend(run.metrics)}",
+        f"  config       {run.config}",
+        f"  checkpoints  {run.checkpoints}/ (last.ckpt is the newest)",
+        f"  metrics      {run.metrics}",
+        f"  tensorboard  tensorboard --logdir {run.tensorboard}",
     ])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,23 @@ def build_demo_shards(out_dir: str | Path, samples_per_shard: int = 256, seed: i
         result[name] = {"dir": str(report.out_dir), "urls": report.urls, "count": report.total, "shards": len(report.shards)}
     atomic_write(out / "demo.json", json.dumps({"params": params, "result": result}, indent=1) + "\n")
     return result
+
+
+def heldout_examples(val_dir: Path, out_dir: Path, classes: list[str], count: int = 4) -> Path:
+    """The first `count` held-out digits of distinct classes as image files with a true caption
+    (`NNN.jpg` + `NNN.txt`), so `aimv2 visualize --images DIR` can show what the model makes of them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(sorted(val_dir.glob("*.tar"))[0]) as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if info.isfile() and ext in ("jpg", "cls"):
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    seen: set[int] = set()
+    for key, sample in sorted(members.items()):
+        cls = int(sample.get("cls", b"-1"))
+        if "jpg" in sample and cls not in seen and len(seen) < count:
+            seen.add(cls)
+            (out_dir / f"{key}.jpg").write_bytes(sample["jpg"])
+            (out_dir / f"{key}.txt").write_text(f"a handwritten digit {classes[cls]}\n", encoding="utf-8")
+    return out_dir

@@ -27,7 +27,11 @@ class ImageCaptionCollator:
         self.tokenizer = tokenizer
 
     def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict:
+        """An empty list (an evaluation batch of corrupt samples only) gives empty tensors."""
         tokens, mask = self.tokenizer([caption for _, caption in items])
+        if not items:
+            return {"image": torch.empty(0), "tokens": tokens, "token_mask": mask,
+                    "token_index": torch.empty(0, dtype=torch.long)}
         # Flat positions of the real tokens, found here on the host: packing the logits on the device
         # by the boolean mask would stall the step on a device-to-host sync.
         return {"image": torch.stack([image for image, _ in items]), "tokens": tokens, "token_mask": mask,

@@ -4,7 +4,7 @@ Why a fixed layout: the streaming pipeline reads our shards and img2dataset's wi
 code, so we follow img2dataset's webdataset output (`00000.tar` + `00000_stats.json`, members
 `<key>.jpg`, `<key>.txt`, `<key>.json`). Why atomic writes: a training job that globs or
 brace-expands a directory must never read a truncated shard, so every file appears under its
-final name only once complete (temp name in the same directory, then `os.replace`).
+final name only once complete (temp name in the same directory, then a rename: aimv2.fileio).
 
 Inputs that cannot be used (missing file, undecodable image, empty caption) are not errors:
 they are skipped and listed in the `WriteReport`, because one bad file in a million must not
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -27,7 +26,7 @@ import webdataset
 from PIL import Image
 
 from aimv2.data.samples import IMAGE_EXTS
-from aimv2.fileio import atomic_write
+from aimv2.fileio import atomic_write, publish_file
 from aimv2.errors import UserError
 from aimv2.progress import progress as progress_bar
 
@@ -125,10 +124,8 @@ class _OpenShard:
 
     def commit(self) -> None:
         self._tar.close()  # writes the tar end-of-archive blocks; our file object stays open
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
+        publish_file(self.tmp, self.path)
 
     def abort(self) -> None:
         try:

@@ -4,8 +4,9 @@ Lightning's TorchCheckpointIO serializes the whole checkpoint into memory, write
 file in the system temp directory and then *copies* it over the final path (an fsspec transaction
 across file systems): a job killed during that copy leaves a truncated `step=N.ckpt`, and the
 checkpoint briefly takes twice its size in host memory. Here `torch.save` streams straight into a
-hidden temporary file beside the target, which is fsynced and renamed over it: the rename is atomic
-on POSIX file systems, so readers (and `trainer.resume=auto`) see the old file or the new one.
+hidden temporary file beside the target, which is fsynced and renamed over it (aimv2.fileio): the
+rename is atomic on POSIX file systems, so readers (and `trainer.resume=auto`) see the old file or
+the new one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
+from aimv2.fileio import atomic_file
+
 TMP_SUFFIX = ".tmp"  # temporary names: `.NAME.<pid>.tmp`; never taken for checkpoints
 
 
@@ -30,17 +33,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"storage_options are not supported by {type(self).__name__}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # also replaces a `last.ckpt` symlink itself, not its target
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        # A pid in the temporary name: ranks of one node never share a temporary (aimv2.fileio).
+        with atomic_file(path, tmp_name=f".{path.name}.{os.getpid()}{TMP_SUFFIX}", sync_dir=True) as tmp:
+            torch.save(checkpoint, tmp)
 
     def remove_checkpoint(self, path: _PATH) -> None:
         fs = get_filesystem(path)
@@ -60,17 +55,3 @@ def remove_stale_temporaries(ckpt_dir: str | Path) -> list[str]:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             removed.append(path.name)
     return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (the directory entry), where the platform allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

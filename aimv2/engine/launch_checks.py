@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 from typing import Optional
 
 from aimv2.config import TrainerConfig
 from aimv2.errors import UserError
 from aimv2.engine.resume import under_slurm
-
-RUN_ARTEFACTS = ("config.yaml", "checkpoints", "logs", "visualizations")
-
+from aimv2.engine.run_dir import RunDir
 
 def is_launching_process() -> bool:
     """Not a rank > 0 (Lightning's DDP children, torchrun and srun tasks carry their rank in the environment)."""
@@ -35,40 +32,25 @@ def launched_externally() -> bool:
     return under_slurm() or "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def held_run(run_dir: Path) -> list[str]:
-    """What of a previous run RUN_DIR holds (empty when nothing)."""
-    found = []
-    if (run_dir / "config.yaml").is_file():
-        found.append("config.yaml")
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        found.append(f"{sum(1 for _ in ckpts.iterdir())} checkpoint(s)")
-    if (run_dir / "logs" / "metrics.csv").is_file():
-        found.append("logs/metrics.csv")
-    return found
-
-
-def claim_run_dir(run_dir: str | Path, resume: Optional[str], overwrite: bool) -> None:
+def claim_run_dir(run: RunDir, resume: Optional[str], overwrite: bool) -> None:
     """Refuse to start a fresh run over another (see the module docstring); with `overwrite`, remove the
     old run's config, checkpoints, logs and pictures first, and say so."""
-    run_dir = Path(run_dir)
     if not is_launching_process():
         return
     if resume is None:
         resume = "auto" if under_slurm() else "none"
-    held = held_run(run_dir)
+    held = run.held()
     if not held or resume != "none":
         return
     if not overwrite:
-        raise UserError(f"run_dir {run_dir} already holds a run ({', '.join(held)}): continue it with "
+        raise UserError(f"run_dir {run} already holds a run ({', '.join(held)}): continue it with "
                         f"trainer.resume=auto, choose another run_dir=..., or replace it with trainer.overwrite=true")
-    for name in RUN_ARTEFACTS:
-        path = run_dir / name
+    for path in run.artefacts:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    print(f"trainer.overwrite=true: removed the previous run in {run_dir} ({', '.join(held)})", flush=True)
+    print(f"trainer.overwrite=true: removed the previous run in {run} ({', '.join(held)})", flush=True)
 
 
 def check_launch(t: TrainerConfig) -> None:

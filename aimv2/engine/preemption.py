@@ -28,6 +28,8 @@ from typing import Optional
 
 from lightning.pytorch.callbacks import Callback
 
+from aimv2.engine.run_dir import LAST
+
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +94,7 @@ class PreemptionCheckpoint(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         step = trainer.global_step
-        path = self.checkpoint_dir / "last.ckpt"
+        path = self.checkpoint_dir / LAST
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, after the same step
         signum = self.received if self.received is not None else self.requeue_signal
         requeued = False
@@ -133,4 +135,4 @@ class LastCheckpointAtEnd(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 and self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.checkpoint_dir / "last.ckpt", weights_only=False)
+            trainer.save_checkpoint(self.checkpoint_dir / LAST, weights_only=False)

@@ -31,6 +31,7 @@ import torch
 from aimv2.config import TrainerConfig, save_config
 from aimv2.errors import UserError
 from aimv2.engine.launch_checks import device_count
+from aimv2.engine.run_dir import RunDir
 
 GPU_ONLY = ("fsdp", "deepspeed")
 
@@ -165,26 +166,27 @@ def run_phases(cfg: Any, train: Callable[[Any], Any], verb: list[str], workdir: 
     starts the DDP ranks from it), or, with `in_process` and one device, as `train(cfg)` in this
     process (tests: seconds instead of an interpreter start per phase).
     `check_checkpoint(last.ckpt)` reads the result as a user would."""
-    steps, ckpts = cfg.trainer.max_steps, Path(cfg.run_dir) / "checkpoints"
-    half = ckpts / f"step={max(1, steps // 2):07d}.ckpt"
+    steps, run = cfg.trainer.max_steps, RunDir(cfg.run_dir)
+    half = run.step_checkpoint(max(1, steps // 2))
     if not _run(cfg, train, verb, workdir / "phase1", report, "train", in_process):
         return
-    first = _load_state(ckpts / "last.ckpt")
-    report.add("train", "ok", f"{first['global_step']} optimizer steps, checkpoints {sorted(p.name for p in ckpts.iterdir())}")
+    first = _load_state(run.last_checkpoint)
+    report.add("train", "ok", f"{first['global_step']} optimizer steps, checkpoints "
+                              f"{sorted(p.name for p in run.checkpoints.iterdir())}")
     if not half.exists():
         report.add("checkpoint", "FAILED", f"no half-way checkpoint {half.name}")
         return
     resumed = replace(cfg, trainer=replace(cfg.trainer, resume=str(half), overwrite=False))
     if not _run(resumed, train, verb, workdir / "phase2", report, "resume", in_process):
         return
-    second = _load_state(ckpts / "last.ckpt")
+    second = _load_state(run.last_checkpoint)
     diff = max(((a.float() - second["state_dict"][k].float()).abs().max().item()
                 for k, a in first["state_dict"].items() if torch.is_floating_point(a)), default=0.0)
     report.add("resume", "ok" if second["global_step"] == first["global_step"] else "FAILED",
                f"from {half.name} to step {second['global_step']}: weights "
                + ("equal the uninterrupted run's bit for bit" if diff == 0 else f"differ from the uninterrupted run's by {diff:.2e}"))
     try:
-        report.add("checkpoint", "ok", check_checkpoint(ckpts / "last.ckpt"))
+        report.add("checkpoint", "ok", check_checkpoint(run.last_checkpoint))
     except Exception as err:  # noqa: BLE001
         report.add("checkpoint", "FAILED", f"reading last.ckpt back: {_one_line(err)}")
 

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from aimv2.checkpoints.zero import load_client_state
+from aimv2.engine.run_dir import LAST
 from aimv2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,37 +38,12 @@ def _load_light(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _deepspeed_plain_classes() -> list[type]:
-    """The plain-data classes DeepSpeed pickles into its files (listed by aimv2.checkpoints.zero)."""
-    import importlib
-
-    from aimv2.checkpoints.zero import DEEPSPEED_SAFE_GLOBALS
-
-    classes = []
-    for entry in DEEPSPEED_SAFE_GLOBALS:
-        module, name = entry.split(":")
-        try:
-            classes.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return classes
-
-
-def _zero_model_states(path: Path) -> Path:
-    tag = (path / "latest").read_text().strip()
-    files = sorted((path / tag).glob("*model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"no model states under {path / tag}")
-    return files[0]
-
-
 def checkpoint_step(path: str | Path) -> int:
     """The global step stored in an intact checkpoint; raises ValueError saying why it is not intact."""
     path = Path(path)
     try:
         if path.is_dir():
-            with torch.serialization.safe_globals(_deepspeed_plain_classes()):
-                state = _load_light(_zero_model_states(path))
+            state = load_client_state(path, mmap=True)
         else:
             state = _load_light(path)
     except Exception as err:  # zip/EOF/unpickling errors all mean "cannot be resumed from"
@@ -96,7 +73,7 @@ def newest_intact(ckpt_dir: str | Path) -> Optional[Path]:
             continue
         seen.add(real)
         try:
-            found.append((checkpoint_step(path), path.stat().st_mtime, path.name != "last.ckpt", path))
+            found.append((checkpoint_step(path), path.stat().st_mtime, path.name != LAST, path))
         except ValueError as err:
             broken.append(f"{path.name} ({err})")
             log.warning("trainer.resume=auto: skipping unreadable checkpoint %s: %s", path, err)

@@ -19,7 +19,6 @@ on the CPU accelerator: on CPU machines only `auto` and `ddp` run.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 from aimv2.config import TrainerConfig
 from aimv2.engine.checkpoint_io import AtomicCheckpointIO
 from aimv2.engine.clipping import quiet_deepspeed_clipping_warning
+from aimv2.fileio import publish_directory
 
 log = logging.getLogger(__name__)
 BLOCKS = {Block}  # the transformer blocks of both the encoder (timm VisionTransformer) and the decoder
@@ -56,19 +56,12 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("aimv2_ckpt_written")
         if self.is_global_zero:
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if final.is_symlink() or final.is_file():
-                final.unlink()
-            elif final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            publish_directory(tmp, final, fsync=False)  # DeepSpeed's own writes, as before this class
         self.barrier("aimv2_ckpt_renamed")
 
 
 def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Strategy | str:
-    """The Lightning strategy for `cfg.strategy` (validated by aimv2.config.validate_trainer)."""
+    """The Lightning strategy for `cfg.strategy` (validated by TrainerConfig.validate)."""
     if cfg.strategy == "ddp":
         # No buffer broadcast: the model has no running statistics, and the data counters kept in
         # buffers are per-rank totals summed when logged.

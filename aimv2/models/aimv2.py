@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aimv2.models.decoder import MultimodalDecoder
+from aimv2.models.decoder import MultimodalDecoder, decoder_kwargs
 from aimv2.models.encoder import build_encoder, encode
 from aimv2.models.init import init_encoder
 from aimv2.models.sizes import SizeSpec
@@ -21,16 +21,23 @@ class AIMv2(nn.Module):
         self.encoder = build_encoder(spec, img_size)
         init_encoder(self.encoder)  # the reference trainer's init, not timm's (aimv2/models/init.py)
         self.num_patches = self.encoder.patch_embed.num_patches
-        self.decoder = MultimodalDecoder(
-            encoder_width=spec.width,
-            width=spec.decoder_width,
-            depth=spec.decoder_depth,
-            heads=spec.decoder_heads,
-            mlp_hidden=spec.decoder_mlp_hidden,
-            patch_dim=spec.patch_size * spec.patch_size * 3,
-            vocab_size=vocab_size,
-            max_text_len=max_text_len,
-        )
+        self.decoder = MultimodalDecoder(**decoder_kwargs(spec, vocab_size, max_text_len))
+
+    @classmethod
+    def from_parts(cls, encoder: nn.Module, decoder: MultimodalDecoder, spec: SizeSpec | None = None) -> "AIMv2":
+        """An AIMv2 around an encoder and a decoder that already hold their weights (a checkpoint read by
+        aimv2.checkpoints); `spec` is None when the checkpoint does not name a row of the size table."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.spec = spec
+        model.img_size = int(encoder.patch_embed.img_size[0])
+        model.encoder, model.decoder = encoder, decoder
+        model.num_patches = encoder.patch_embed.num_patches
+        return model
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.encoder.patch_embed.patch_size[0])
 
     def forward(
         self,

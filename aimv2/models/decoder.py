@@ -17,6 +17,15 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from aimv2.models.init import init_decoder
+from aimv2.models.sizes import SizeSpec
+
+
+def decoder_kwargs(spec: SizeSpec, vocab_size: int, max_text_len: int) -> dict:
+    """`MultimodalDecoder` keyword arguments of a size: one function, so the model built for training
+    (aimv2.models.aimv2) and the decoder read back from a checkpoint (aimv2.checkpoints.load) agree."""
+    return {"encoder_width": spec.width, "width": spec.decoder_width, "depth": spec.decoder_depth,
+            "heads": spec.decoder_heads, "mlp_hidden": spec.decoder_mlp_hidden,
+            "patch_dim": spec.patch_size * spec.patch_size * 3, "vocab_size": vocab_size, "max_text_len": max_text_len}
 
 
 class MultimodalDecoder(nn.Module):

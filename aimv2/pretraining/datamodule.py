@@ -1,23 +1,24 @@
-"""The pre-training LightningDataModule: image-caption batches streamed from shard sources."""
+"""The pre-training LightningDataModule: image-caption batches streamed from shard sources, resumable
+at any batch (aimv2.engine.stream_data)."""
 
 from __future__ import annotations
-
-import lightning as L
-import torch
 
 from aimv2.config import DataConfig
 from aimv2.data.image_caption import ImageCaptionCollator, ImageCaptionProcessor
 from aimv2.data.samples import decode_image_tensor
 from aimv2.data.shardlist import resolve_shards
-from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
+from aimv2.data.stream import ShardStream, StreamSource
 from aimv2.data.tokenizer import build_tokenizer
 from aimv2.data.transforms import normalize_images, pretrain_transform
+from aimv2.engine.stream_data import StreamDataModule
 from aimv2.errors import UserError
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(StreamDataModule):
+    """Exact resume of the stream comes from `StreamDataModule` (aimv2.engine.stream_data)."""
+
     def __init__(self, cfg: DataConfig, img_size: int):
-        super().__init__()
+        super().__init__(cfg.num_workers)
         self.cfg, self.img_size = cfg, img_size
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         # Resolve shards now: a missing shard is reported before any model is built.
@@ -27,9 +28,6 @@ class PretrainDataModule(L.LightningDataModule):
                          src.weight)
             for i, src in enumerate(cfg.sources)
         ]
-        self.stream: ShardStream | None = None
-        self.loader: EpochAwareLoader | None = None
-        self._position: dict | None = None  # a restored stream position, for the loader to come
 
     @property
     def vocab_size(self) -> int:
@@ -49,43 +47,7 @@ class PretrainDataModule(L.LightningDataModule):
         except ValueError as err:
             raise UserError(f"data: {err}") from None
 
-    def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.stream = self.build_stream(rank, world)
-
-    def train_dataloader(self) -> EpochAwareLoader:
-        trainer = self.trainer
-        self.loader = EpochAwareLoader(self.stream, num_workers=self.cfg.num_workers,
-                                       pin_memory=torch.cuda.is_available(),
-                                       epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
-                                       gather=self._gather if trainer is not None else None)
-        if self._position is not None:
-            self.loader.load_position_state(self._position)
-            self._position = None
-        return self.loader
-
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """uint8 images from the workers become normalized floats here, on the training device."""
         batch["image"] = normalize_images(batch["image"])
         return batch
-
-    # -- where the stream stands, in every checkpoint (exact resume) -------------------------
-    def state_dict(self) -> dict:
-        return {"stream": self.loader.position_state()} if self.loader is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Called by Lightning on resume, before the loader exists (or before its first batch)."""
-        if "stream" not in state:
-            return
-        if self.loader is not None:
-            self.loader.load_position_state(state["stream"])
-        else:
-            self._position = state["stream"]
-
-    def _gather(self, table: torch.Tensor) -> torch.Tensor:
-        """(world, ...) from every rank's `table`; a collective, called by all ranks at checkpoint time."""
-        strategy = self.trainer.strategy
-        if self.trainer.world_size == 1:
-            return table[None]
-        return strategy.all_gather(table.to(strategy.root_device)).cpu()

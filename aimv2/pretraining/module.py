@@ -23,7 +23,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
-from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig
+from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig, as_section
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
@@ -32,10 +32,6 @@ from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
 from aimv2.engine.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
-
-
-def _as(cls, value):
-    return value if isinstance(value, cls) else cls(**value)
 
 
 def skips_on_device(optimizer) -> bool:
@@ -51,7 +47,8 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
     def __init__(self, model: ModelConfig | dict, objective: ObjectiveConfig | dict, optim: OptimConfig | dict,
                  vocab_size: int, max_text_len: int, max_nonfinite_steps: int = 10):
         super().__init__()
-        model, objective, optim = _as(ModelConfig, model), _as(ObjectiveConfig, objective), _as(OptimConfig, optim)
+        model, objective, optim = (as_section(ModelConfig, model), as_section(ObjectiveConfig, objective),
+                                   as_section(OptimConfig, optim))
         # Plain dicts in the checkpoint: it reloads with weights_only=True and without this package's classes.
         self.save_hyperparameters({"model": asdict(model), "objective": asdict(objective), "optim": asdict(optim),
                                    "vocab_size": vocab_size, "max_text_len": max_text_len})

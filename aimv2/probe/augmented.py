@@ -12,7 +12,6 @@ sample and skip counts are summed across processes; rank 0 writes the head state
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from aimv2.data.transforms import eval_transform
+from aimv2.fileio import atomic_write
 from aimv2.probe.config import ProbeConfig
 from aimv2.probe.data import Split, augment_transform, eval_batches, train_batches
 from aimv2.probe.dist import all_reduce_sum, comm_device, pick_device, spawn
@@ -62,9 +62,7 @@ def run_augmented(job: AugmentedJob) -> dict | None:
 def _spawned_rank(rank: int, world: int, job: AugmentedJob, out: Path) -> None:
     result = _run(job, rank, world)
     if rank == 0:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, out)
+        atomic_write(out, json.dumps(result))
 
 
 def _run(job: AugmentedJob, rank: int, world: int) -> dict | None:

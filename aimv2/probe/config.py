@@ -1,4 +1,5 @@
-"""The `aimv2 probe` schema: typed dataclasses loaded with `aimv2.config.load_config(..., schema=ProbeConfig)`.
+"""The `aimv2 probe` schema: typed dataclasses loaded with `aimv2.config.load_config(..., schema=ProbeConfig)`;
+each section checks its own values in `validate()`.
 
 Defaults are the quick cached mode (features of unaugmented images extracted once, heads train
 for many epochs in seconds); `configs/probe/imagenet_attentive.yaml` holds the paper's protocol.
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aimv2.errors import UserError
+from aimv2.config.checks import check
+from aimv2.engine.run_dir import RunDir
 
 PAPER_LRS = [5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3]
 PAPER_WDS = [0.05, 0.1]
@@ -26,12 +28,22 @@ class ProbeDataConfig:
     num_workers: int = 2  # dataloader workers per device
     shuffle_buffer: int = 1000  # augmented mode on shards: samples in the shuffle buffer
 
+    def validate(self) -> None:
+        check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+
 
 @dataclass
 class ProbeHeadConfig:
     kinds: list[str] = field(default_factory=lambda: ["attentive", "linear"])  # each kind gets the whole grid
     blocks: list[int] = field(default_factory=list)  # [] = last block (normed); else average of these blocks (normed)
     attention_heads: int = 0  # attentive pooling heads; 0 = the encoder's own number of heads (AIMv1/AIMv2 protocol)
+
+    def validate(self) -> None:
+        check(len(self.kinds) > 0 and all(k in HEAD_KINDS for k in self.kinds), "kinds",
+              f"must be a non-empty list of {', '.join(HEAD_KINDS)}, got {self.kinds}")
+        check(len(set(self.kinds)) == len(self.kinds), "kinds", "lists a kind twice")
+        check(self.attention_heads >= 0, "attention_heads", "must be >= 0")
 
 
 @dataclass
@@ -43,6 +55,16 @@ class ProbeOptimConfig:
     epochs: int = 100
     warmup_epochs: int = 5
     grad_clip: float = 3.0  # per head gradient-norm clip; 0 disables
+
+    def validate(self) -> None:
+        check(len(self.lrs) > 0 and all(lr > 0 for lr in self.lrs), "lrs", "must be a non-empty list of values > 0")
+        check(len(self.weight_decays) > 0 and all(wd >= 0 for wd in self.weight_decays), "weight_decays",
+              "must be a non-empty list of values >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        check(self.min_lr >= 0, "min_lr", "must be >= 0")
+        check(self.epochs > 0, "epochs", "must be > 0")
+        check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be within [0, optim.epochs)")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)")
 
 
 @dataclass
@@ -61,38 +83,15 @@ class ProbeConfig:
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
 
     def validate(self) -> None:
-        """Called by load_config: bad values are one-line errors naming the key."""
-        def check(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise UserError(f"config key '{key}': {msg}")
-
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         check(self.cache_dtype in CACHE_DTYPES, "cache_dtype", f"must be one of {', '.join(CACHE_DTYPES)}")
         check(self.accelerator in ("auto", "cpu", "cuda"), "accelerator", "must be auto, cpu or cuda")
         check(self.devices >= 1, "devices", "must be >= 1")
         check(self.img_size >= 0, "img_size", "must be >= 0 (0 = the encoder's)")
-        check(self.data.batch_size > 0, "data.batch_size", "must be > 0")
-        check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-        h = self.head
-        check(len(h.kinds) > 0 and all(k in HEAD_KINDS for k in h.kinds), "head.kinds",
-              f"must be a non-empty list of {', '.join(HEAD_KINDS)}, got {h.kinds}")
-        check(len(set(h.kinds)) == len(h.kinds), "head.kinds", "lists a kind twice")
-        check(h.attention_heads >= 0, "head.attention_heads", "must be >= 0")
-        o = self.optim
-        check(len(o.lrs) > 0 and all(lr > 0 for lr in o.lrs), "optim.lrs", "must be a non-empty list of values > 0")
-        check(len(o.weight_decays) > 0 and all(wd >= 0 for wd in o.weight_decays), "optim.weight_decays",
-              "must be a non-empty list of values >= 0")
-        check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
-        check(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
-        check(o.epochs > 0, "optim.epochs", "must be > 0")
-        check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be within [0, optim.epochs)")
-        check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
 
     def resolved_run_dir(self) -> Path:
-        """run_dir, or <run>/probe next to a checkpoint in <run>/checkpoints/."""
+        """run_dir, or RUN/probe for a checkpoint in RUN/checkpoints/ (aimv2.engine.run_dir), else runs/probe."""
         if self.run_dir:
             return Path(self.run_dir)
-        ckpt = Path(self.checkpoint)
-        if ckpt.parent.name == "checkpoints":
-            return ckpt.parent.parent / "probe"
-        return Path("runs/probe")
+        run = RunDir.of_checkpoint(self.checkpoint)
+        return run.probe if run is not None else Path("runs/probe")

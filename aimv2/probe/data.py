@@ -2,7 +2,7 @@
 shards written by `aimv2 shards classes` (<key>.jpg + <key>.cls, classes.json beside the tars).
 
 Two readers per split: `eval_batches` (every sample exactly once, split across ranks and workers,
-unaugmented: feature extraction and validation) and `train_batches` (augmented training: shards go
+unaugmented: feature extraction and validation; shards through aimv2.data.every_sample) and `train_batches` (augmented training: shards go
 through the project's `ShardStream` in epoch mode, so every rank runs the same number of steps).
 Corrupt images are skipped and counted: each batch carries how many it skipped.
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from aimv2.data.every_sample import every_sample_loader
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, decode_image
 from aimv2.data.shardlist import ShardInfo, resolve_shards
-from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource, plan_epoch
+from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
 from aimv2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -170,35 +170,6 @@ class _FolderDataset(Dataset):
             return None
 
 
-class _EvalShardStream(IterableDataset):
-    """Every sample of the shards exactly once, split over (rank, worker) slots by the epoch-mode
-    packing of `plan_epoch` (whole shards per slot, or every k-th sample when shards are few)."""
-
-    def __init__(self, shards: list[ShardInfo], process: Callable, batch_size: int, rank: int, world: int, workers: int):
-        self.process, self.batch_size, self.rank, self.workers = process, batch_size, rank, max(1, workers)
-        self.plan = plan_epoch(shards, world * self.workers, 1)
-
-    def __iter__(self):
-        info = get_worker_info()
-        slot = self.rank * self.workers + (info.id if info is not None else 0)
-        urls = self.plan.slot_shards[slot]
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in urls)
-        if self.plan.sample_split:
-            samples = (s for i, s in enumerate(samples) if i % len(self.plan.slot_shards) == slot)
-        items = []
-        for sample in samples:
-            try:
-                items.append(self.process(sample))
-            except CorruptSample as err:
-                log.warning("skipping sample: %s", err)
-                items.append(None)
-            if len(items) == self.batch_size:
-                yield collate(items)
-                items = []
-        if items:
-            yield collate(items)
-
-
 def eval_batches(split: Split, transform: Callable, batch_size: int, num_workers: int,
                  rank: int = 0, world: int = 1) -> DataLoader:
     """Batches {keys, image, label, skipped} covering this rank's share of the split, each sample once."""
@@ -207,9 +178,7 @@ def eval_batches(split: Split, transform: Callable, batch_size: int, num_workers
         return DataLoader(_FolderDataset(split.files, indices, transform), batch_size=batch_size,
                           num_workers=num_workers, collate_fn=collate)
     process = _ShardProcessor(transform, len(split.classes), split.label_map)
-    workers = min(num_workers, max(1, len(split.shards) // world)) if num_workers else 0
-    return DataLoader(_EvalShardStream(split.shards, process, batch_size, rank, world, workers),
-                      batch_size=None, num_workers=workers)
+    return every_sample_loader(split.shards, process, collate, batch_size, num_workers, rank, world)
 
 
 class _FolderEpochs(DataLoader):

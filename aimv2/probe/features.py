@@ -4,7 +4,7 @@ across processes (torch.distributed: gloo on CPU, nccl on CUDA).
 Cache layout, in the run directory: `features/{train,val}.safetensors` holding `features`
 (N_images, tokens, D) -- or (N_images, D) when only linear heads need them (mean-pooled) -- and
 `labels` (N_images,), with metadata saying how they were made; a cache whose metadata differs from
-the current run is recomputed. Files appear atomically (temp name, then os.replace), so an
+the current run is recomputed. Files appear atomically (aimv2.fileio), so an
 interrupted extraction leaves no half file. Rows are sorted by sample key, so the cache does not
 depend on how many processes wrote it.
 """
@@ -12,7 +12,6 @@ depend on how many processes wrote it.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aimv2.errors import UserError
+from aimv2.fileio import atomic_file
 from aimv2.probe.data import Split, eval_batches
 from aimv2.probe.dist import pick_device, spawn
 from aimv2.progress import progress
@@ -106,9 +106,8 @@ def _extract_rank(rank: int, world: int, job: ExtractJob, parts_dir: Path) -> No
     import torch.distributed as dist
 
     part = extract_part(job, rank, world)
-    tmp = parts_dir / f".part{rank}.pt.tmp"
-    torch.save(part, tmp)
-    os.replace(tmp, parts_dir / f"part{rank}.pt")
+    with atomic_file(parts_dir / f"part{rank}.pt") as tmp:
+        torch.save(part, tmp)
     dist.barrier()
 
 
@@ -153,10 +152,9 @@ def load_cache(path: Path, meta: dict[str, str]) -> dict | None:
 
 def save_cache(path: Path, data: dict, meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"features": data["features"].contiguous(), "labels": data["labels"].contiguous()}, str(tmp),
-              metadata={**meta, "skipped": str(data["skipped"]), "count": str(len(data["labels"]))})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({"features": data["features"].contiguous(), "labels": data["labels"].contiguous()}, str(tmp),
+                  metadata={**meta, "skipped": str(data["skipped"]), "count": str(len(data["labels"]))})
 
 
 def cached_features(job: ExtractJob, path: Path, meta: dict[str, str], devices: int) -> tuple[dict | None, bool]:

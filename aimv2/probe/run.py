@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from aimv2.config import save_config
+from aimv2.engine.run_dir import RunDir
 from aimv2.fileio import atomic_write
 from aimv2.probe.augmented import AugmentedJob, run_augmented
 from aimv2.probe.config import ProbeConfig
@@ -70,7 +71,7 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
     check_blocks(encoder, cfg.head.blocks)
     encoder.requires_grad_(False).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, RunDir(run_dir).config)
     torch.manual_seed(cfg.seed)
     mean, std = preprocessing.mean, preprocessing.std
     progress = cfg.progress_bar
@@ -119,11 +120,12 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
                       "best": rows[best], "heads": rows,
                       "best_per_kind": {k: max((r for r in rows if r["head"] == k), key=lambda r: r["top1"])
                                         for k in cfg.head.kinds}}
-    atomic_write(run_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    out = RunDir(run_dir)
+    atomic_write(out.results_json, json.dumps(results, indent=1) + "\n")
     table = results_table(results)
-    atomic_write(run_dir / "results.md", table + "\n")
+    atomic_write(out.results_md, table + "\n")
     print(table)
-    print(f"results: {run_dir / 'results.json'} and {run_dir / 'results.md'}")
+    print(f"results: {out.results_json} and {out.results_md}")
     return results
 
 

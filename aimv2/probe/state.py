@@ -3,12 +3,12 @@ fingerprint of the settings so that a probe resumes only what was trained the sa
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from aimv2.fileio import atomic_file
 from aimv2.probe.grid import HeadGrid
 
 
@@ -31,7 +31,6 @@ def load_head_state(grid: HeadGrid, path: Path, fingerprint: str) -> int:
 
 def save_head_state(grid: HeadGrid, path: Path, fingerprint: str, epoch: int) -> None:
     """Atomic: a crash mid-write leaves the previous epoch's state."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"fingerprint": fingerprint, "epoch": epoch, "grid": grid.state_dict(),
-                "optim": grid.optimizer_state()}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save({"fingerprint": fingerprint, "epoch": epoch, "grid": grid.state_dict(),
+                    "optim": grid.optimizer_state()}, tmp)

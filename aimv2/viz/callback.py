@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from aimv2.config import VisualizeConfig
 from aimv2.data.tokenizer import CaptionTokenizer
+from aimv2.engine.run_dir import RunDir
 from aimv2.fileio import atomic_write
 from aimv2.viz.frame import Frame, make_frame
 from aimv2.viz.grid import save_png
@@ -107,22 +108,9 @@ class PredictionFrames(Callback):
                 logger.experiment.add_text("captions", frame.captions_markdown(), step)
 
 
-def check_config(cfg: VisualizeConfig) -> None:
-    """One-line errors naming the `visualize.*` key, before any training starts."""
-    from aimv2.errors import UserError
-
-    checks = [(cfg.every_n_steps >= 0, "every_n_steps", "must be >= 0 (0 disables)"),
-              (cfg.num_images >= 1, "num_images", "must be >= 1"),
-              (0 < cfg.prefix_ratio < 1, "prefix_ratio", "must be within (0, 1)"),
-              (cfg.max_caption_tokens >= 0, "max_caption_tokens", "must be >= 0 (0: no captions)")]
-    for ok, key, msg in checks:
-        if not ok:
-            raise UserError(f"config key 'visualize.{key}': {msg}, got {getattr(cfg, key)}")
-
-
-def visualization_callbacks(cfg: VisualizeConfig, run_dir: str | Path, tokenizer: CaptionTokenizer | None = None) -> list[Callback]:
-    """The callbacks for `build_trainer(extra_callbacks=...)`: none when `visualize.every_n_steps` is 0."""
-    check_config(cfg)
+def visualization_callbacks(cfg: VisualizeConfig, run: RunDir, tokenizer: CaptionTokenizer | None = None) -> list[Callback]:
+    """The callbacks for `build_trainer(extra_callbacks=...)`: none when `visualize.every_n_steps` is 0
+    (the section's values are checked by `VisualizeConfig.validate` when the config loads)."""
     if cfg.every_n_steps <= 0:
         return []
-    return [PredictionFrames(cfg, Path(run_dir) / "visualizations", tokenizer)]
+    return [PredictionFrames(cfg, run.visualizations, tokenizer)]

@@ -72,6 +72,6 @@ def make_frame(model: AIMv2, images: torch.Tensor, prefix_ratio: float = 0.5, *,
         if i < len(true_captions) and true_captions[i]:
             line += f" | true: {true_captions[i]}"
         notes.append([line] + ([f"generated: {generated[i] or '(empty)'}"] if generated else []))
-    image = prediction_grid(images.float().cpu(), pixels.float().cpu(), prefix.cpu(), model.spec.patch_size,
+    image = prediction_grid(images.float().cpu(), pixels.float().cpu(), prefix.cpu(), model.patch_size,
                             mean, std, notes)
     return Frame(image, prefix.tolist(), model.num_patches, true_captions, generated)

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from aimv2.errors import UserError
 from aimv2.engine.metrics import read_metrics, tail_mean
+from aimv2.engine.run_dir import RunDir
 
 # (metrics.csv column, label): what the curves show and the summary reports.
 CURVES = (
@@ -76,27 +77,28 @@ def run_names(paths: list[Path]) -> list[str]:
 
 
 def load_run(path: str | Path, name: str) -> Run:
-    path = Path(path)
-    metrics = path / "logs" / "metrics.csv"
-    if not path.is_dir():
-        raise UserError(f"run directory not found: {path}")
-    if not metrics.is_file():
-        raise UserError(f"{path}: no logs/metrics.csv (not an `aimv2 pretrain` run directory, or no step logged yet)")
+    run = RunDir(path)
+    if not run.root.is_dir():
+        raise UserError(f"run directory not found: {run}")
+    if not run.metrics.is_file():
+        raise UserError(f"{run}: no logs/metrics.csv (not an `aimv2 pretrain` run directory, or no step logged yet)")
     config: dict[str, Any] = {}
-    if (path / "config.yaml").is_file():
+    if run.config.is_file():
         try:
-            config = flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))
+            config = flatten(OmegaConf.to_container(OmegaConf.load(run.config)))
         except Exception as err:  # noqa: BLE001 - a damaged config should not hide the curves
-            raise UserError(f"{path / 'config.yaml'}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise UserError(f"{run.config}: not valid YAML ({str(err).splitlines()[0]})") from None
     config.pop("run_dir", None)  # always differs; the directory is listed anyway
-    return Run(name, path, config, read_metrics(metrics, [key for key, _ in CURVES] + ["train/data_wait_s"]),
-               find_probe(path))
+    return Run(name, run.root, config, read_metrics(run.metrics, [key for key, _ in CURVES] + ["train/data_wait_s"]),
+               find_probe(run))
 
 
-def find_probe(run_dir: Path) -> dict | None:
+def find_probe(run: RunDir) -> dict | None:
     """probe/results.json of the run: `aimv2 probe`'s default RUN/probe, or a sibling probe/ directory
     (the demo's layout, runs/demo/{pretrain,probe}) whose results name a checkpoint of this run."""
-    for results in (run_dir / "probe" / "results.json", run_dir.parent / "probe" / "results.json"):
+    sibling = RunDir(run.root.parent).probe
+    for results_dir in (run.probe, sibling):
+        results = RunDir(results_dir).results_json
         if not results.is_file():
             continue
         try:
@@ -104,8 +106,8 @@ def find_probe(run_dir: Path) -> dict | None:
         except ValueError as err:
             raise UserError(f"{results}: not valid JSON ({err})") from None
         checkpoint = probe.get("checkpoint") if isinstance(probe, dict) else None
-        if results.parent.parent == run_dir or (checkpoint and Path(checkpoint).resolve().is_relative_to(run_dir.resolve())):
-            return probe | {"results_dir": str(results.parent)}
+        if results_dir == run.probe or (checkpoint and Path(checkpoint).resolve().is_relative_to(run.root.resolve())):
+            return probe | {"results_dir": str(results_dir)}
     return None
 
 

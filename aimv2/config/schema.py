@@ -1,0 +1,189 @@
+"""The pre-training schema: typed dataclasses; values come from YAML files and `key=value` overrides.
+
+Each section checks its own values in `validate()` (called section by section by
+aimv2.config.load_config) and each component receives only its own section (`ModelConfig`,
+`DataConfig`, ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from aimv2.config.checks import check
+
+
+@dataclass
+class ModelConfig:
+    size: str = "debug"  # a row of aimv2.models.sizes.SIZES
+    img_size: int = 224  # a multiple of the patch size (14)
+    init_from: Optional[str] = None  # start from this checkpoint's weights, not a resume (aimv2.pretraining.init_from)
+
+    def validate(self) -> None:
+        from aimv2.models.sizes import get_size
+
+        spec = get_size(self.size)
+        check(self.img_size % spec.patch_size == 0, "img_size",
+              f"{self.img_size} is not a multiple of the patch size {spec.patch_size}")
+
+
+@dataclass
+class SourceConfig:
+    urls: str = "???"  # brace-expanded shard list, e.g. /data/cc/{00000..00127}.tar ('::' joins lists)
+    weight: float = 1.0  # sampling weight in resampled mode
+    name: str = ""
+
+    def validate(self) -> None:
+        check(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+
+
+TOKENIZER_KINDS = ("clip", "hf", "words")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "clip"  # "clip": open_clip's BPE shipped in its wheel (offline); "hf": a local directory; "words": a word list
+    path: Optional[str] = None  # kind=hf: directory holding tokenizer.json / tokenizer_config.json; kind=words: the list
+    max_length: int = 77  # tokens per caption, end-of-text included
+
+    def validate(self) -> None:
+        """The path is checked by the job that needs it (pre-training at load time, compress when it
+        builds the tokenizer: a rehearsal may stand in for a missing one)."""
+        check(self.kind in TOKENIZER_KINDS, "kind", f"must be 'clip', 'hf' or 'words', got {self.kind!r}")
+        check(self.max_length >= 2, "max_length", "must be >= 2")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    mode: str = "resampled"  # "resampled": infinite, shards drawn with replacement; "epoch": each sample once per epoch
+    batch_size: int = 8  # per device
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # samples; 0 disables
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    seed: int = 0
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self) -> None:
+        check(len(self.sources) > 0, "sources", "no shard sources given (list of {urls, weight})")
+        check(self.mode in ("resampled", "epoch"), "mode", f"must be 'resampled' or 'epoch', got {self.mode!r}")
+        check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        tok = self.tokenizer
+        check(tok.kind == "clip" or bool(tok.path), "tokenizer.path", f"required for kind={tok.kind}")
+        check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
+              f"must be [min, max] within (0, 1], got {self.crop_scale}")
+
+
+@dataclass
+class ObjectiveConfig:
+    alpha: float = 0.4  # weight of the image loss; 0 = captioning-only baseline
+    text_weight: float = 1.0  # weight of the text loss; 0 = image-only (AIMv1-like)
+
+    def validate(self) -> None:
+        check(self.alpha >= 0 and self.text_weight >= 0, "", "alpha and text_weight must be >= 0")
+        check(self.alpha + self.text_weight > 0, "", "alpha and text_weight are both 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak; 0 is allowed (with min_lr 0): nothing moves, neither update nor decay
+    min_lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # The paper's lambda, fully decoupled (ml-l3m's AdamLH): every step a decayed weight is multiplied
+    # by 1 - weight_decay * lr_t / lr, i.e. torch AdamW with weight_decay / lr (aimv2.engine.optim).
+    # Not applied to norms, biases, position embeddings, start token.
+    weight_decay: float = 1e-4
+    warmup_steps: int = 12_500
+    grad_clip: float = 1.0  # 0 disables
+
+    def validate(self) -> None:
+        check_lr_schedule(self.lr, self.min_lr, self.betas, self.weight_decay)
+
+
+def check_lr_schedule(lr: float, min_lr: float, betas: list[float], weight_decay: float) -> None:
+    """The checks every AdamW + warmup-cosine section shares (pre-training, compress)."""
+    check(len(betas) == 2, "betas", "must be two numbers")
+    check(lr >= 0, "lr", f"must be >= 0 (0: nothing trains), got {lr:g}")
+    check(0 <= min_lr <= lr, "min_lr", f"must be within [0, optim.lr={lr:g}], got {min_lr:g}")
+    check(weight_decay >= 0, "weight_decay", f"must be >= 0, got {weight_decay:g}")
+
+
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed; presets in configs/strategy/ (aimv2.engine.strategy)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 2 (optimizer + gradients sharded) or 3 (+ parameters)
+    offload: bool = False  # deepspeed: optimizer states (stage 3: and parameters) in CPU memory; fsdp: parameters
+    activation_checkpointing: bool = False  # recompute every transformer block in backward (encoder and decoder)
+    accumulate_grad_batches: int = 1  # batches per optimizer step
+    compile: bool = False  # torch.compile every transformer block
+    precision: str = "32-true"  # bf16-mixed on GPUs; keep fp32 on CPUs
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 1000
+    keep_checkpoints: int = 3  # newest step=N checkpoints kept (plus last.ckpt); -1 keeps all
+    max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (each skipped) before stopping
+    seed: int = 0
+    resume: Optional[str] = None  # checkpoint path, "auto" (newest intact in run_dir), "none"; unset: auto under SLURM
+    overwrite: bool = False  # start afresh in a run_dir that holds another run, deleting its checkpoints and logs
+    log_samples: bool = False  # write the keys of every consumed sample to RUN/logs/samples/rank*.tsv
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        """Every job that trains through aimv2.engine (pre-training, compress) gets these checks."""
+        check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        check(self.strategy not in ("fsdp", "deepspeed") or self.accelerator != "cpu", "strategy",
+              f"{self.strategy} needs GPUs (Lightning refuses it on the CPU accelerator): set trainer.accelerator=gpu")
+        check(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
+        check(not self.offload or self.strategy in ("deepspeed", "fsdp"), "offload",
+              f"needs trainer.strategy=deepspeed or fsdp, got {self.strategy!r}")
+        check(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", "must be >= 1")
+        check(self.checkpoint_every_n_steps > 0, "checkpoint_every_n_steps", "must be > 0")
+        check(self.keep_checkpoints == -1 or self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1, or -1 (all)")
+        check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+
+
+@dataclass
+class VisualizeConfig:
+    every_n_steps: int = 1000  # a prediction grid every N optimizer steps (plus step 0 and the last); 0 disables
+    num_images: int = 4  # samples of the fixed batch (the first training batch) shown
+    prefix_ratio: float = 0.5  # prefix length M = round(ratio * patches), within [1, N-1]
+    max_caption_tokens: int = 20  # greedy caption length limit; 0: no captions
+    images: list[str] = field(default_factory=list)  # image files/dirs to show instead of the first batch
+
+    def validate(self) -> None:
+        check(self.every_n_steps >= 0, "every_n_steps", f"must be >= 0 (0 disables), got {self.every_n_steps}")
+        check(self.num_images >= 1, "num_images", f"must be >= 1, got {self.num_images}")
+        check(0 < self.prefix_ratio < 1, "prefix_ratio", f"must be within (0, 1), got {self.prefix_ratio}")
+        check(self.max_caption_tokens >= 0, "max_caption_tokens",
+              f"must be >= 0 (0: no captions), got {self.max_caption_tokens}")
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+
+    def validate(self) -> None:
+        """What depends on two sections: how the run ends for the data mode."""
+        t = self.trainer
+        if self.data.mode == "resampled":
+            check(t.max_steps > 0, "trainer.max_steps", "must be > 0 in resampled (infinite) data mode")
+        else:
+            check(t.max_steps > 0 or (t.max_epochs or 0) > 0, "trainer.max_epochs",
+                  "set trainer.max_epochs or trainer.max_steps in epoch data mode")

@@ -1,0 +1,72 @@
+"""The one evaluation reader of shards: every sample exactly once, in order, last partial batch
+included, split over (rank, worker) slots. Probe feature extraction and validation
+(aimv2.probe.data) and compressor evaluation (aimv2.compress.data) read held-out shards through it.
+
+Slots follow the epoch-mode packing of `plan_epoch` (whole shards per slot, or, with fewer shards
+than slots, every slot reads all of them and keeps every k-th sample), so no sample is read twice
+and none is dropped, whatever the number of processes. Sample counts only balance the packing:
+shards without a count manifest are read all the same. Corrupt samples (the processor raises
+CorruptSample) and unreadable shard data are skipped with a warning; each batch carries in
+`skipped` how many samples were passed over while it was assembled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from aimv2.data.samples import CorruptSample
+from aimv2.data.shardlist import ShardInfo
+from aimv2.data.stream import plan_epoch
+
+log = logging.getLogger(__name__)
+
+
+class EverySample(IterableDataset):
+    """Batches `collate(items) | {"skipped": n}` of this rank's share; `process(sample) -> item`."""
+
+    def __init__(self, shards: list[ShardInfo], process: Callable[[dict], object], collate: Callable[[list], dict],
+                 batch_size: int, rank: int = 0, world: int = 1, workers: int = 0):
+        super().__init__()
+        self.process, self.collate, self.batch_size = process, collate, batch_size
+        self.rank, self.workers = rank, max(1, workers)
+        self.plan = plan_epoch(shards, world * self.workers, 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        slot = self.rank * self.workers + (info.id if info is not None else 0)
+        urls = self.plan.slot_shards[slot]
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in urls)
+        if self.plan.sample_split:
+            samples = (s for i, s in enumerate(samples) if i % len(self.plan.slot_shards) == slot)
+        items, skipped = [], 0
+        for sample in samples:
+            try:
+                items.append(self.process(sample))
+            except CorruptSample as err:
+                log.warning("skipping sample: %s", err)
+                skipped += 1
+                continue
+            if len(items) == self.batch_size:
+                yield self._batch(items, skipped)
+                items, skipped = [], 0
+        if items or skipped:
+            yield self._batch(items, skipped)
+
+    def _batch(self, items: list, skipped: int) -> dict:
+        batch = self.collate(items)
+        batch["skipped"] = torch.tensor(skipped)
+        return batch
+
+
+def every_sample_loader(shards: list[ShardInfo], process: Callable[[dict], object], collate: Callable[[list], dict],
+                        batch_size: int, num_workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """A DataLoader over `EverySample`: at most as many workers as this rank has shards (more would
+    only read every k-th sample of the same tars)."""
+    workers = min(num_workers, max(1, len(shards) // world)) if num_workers else 0
+    return DataLoader(EverySample(shards, process, collate, batch_size, rank, world, workers),
+                      batch_size=None, num_workers=workers)

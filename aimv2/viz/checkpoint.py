@@ -1,0 +1,70 @@
+"""What a pre-training checkpoint predicts on chosen images (`aimv2 visualize`, the demo): the frame
+the training callback draws (aimv2.viz.frame), from a checkpoint read by aimv2.checkpoints.
+
+Captions are decoded with the tokenizer of the run the checkpoint belongs to (RUN/config.yaml, found
+through aimv2.engine.run_dir); a checkpoint outside a run directory gets the default CLIP tokenizer,
+with a note.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from aimv2.engine.run_dir import RunDir
+from aimv2.errors import UserError
+
+
+def run_tokenizer(run: RunDir | None):
+    """The tokenizer the run trained with, from RUN/config.yaml; the default one (with a note) when unknown."""
+    from omegaconf import OmegaConf
+
+    from aimv2.config import TokenizerConfig
+    from aimv2.data.tokenizer import build_tokenizer
+
+    if run is None or not run.config.is_file():
+        where = f"no {run.config}" if run is not None else "the checkpoint is not in a run's checkpoints/ directory"
+        print(f"visualize: {where}: assuming the default CLIP tokenizer for captions", file=sys.stderr)
+        return build_tokenizer(TokenizerConfig())
+    section = OmegaConf.to_container(OmegaConf.load(run.config)).get("data", {}).get("tokenizer", {})
+    return build_tokenizer(TokenizerConfig(**section))
+
+
+def visualize_checkpoint(checkpoint: str | Path, images: list[str], out: str | Path | None = None,
+                         prefix_ratio: float = 0.5, max_caption_tokens: int = 20, device: str = "auto") -> dict:
+    """Write the grid PNG and the captions Markdown of `checkpoint` on `images` (default output:
+    RUN/visualizations of the checkpoint's run); returns what was written."""
+    import torch
+
+    from aimv2.checkpoints.pretrained import load_pretrained
+    from aimv2.fileio import atomic_write
+    from aimv2.viz.frame import make_frame
+    from aimv2.viz.grid import save_png
+    from aimv2.viz.images import image_files, load_images
+
+    if not 0 < prefix_ratio < 1:
+        raise UserError(f"--prefix-ratio must be within (0, 1), got {prefix_ratio}")
+    checkpoint = Path(checkpoint)
+    image_files(images)  # a missing image is reported before the model is loaded
+    pretrained = load_pretrained(checkpoint)
+    model, step = pretrained.model, pretrained.step
+    run = RunDir.of_checkpoint(checkpoint.resolve())
+    pixels, captions = load_images(images, model.img_size)
+    tokenizer = run_tokenizer(run) if max_caption_tokens > 0 else None
+    if tokenizer is not None and tokenizer.vocab_size != model.decoder.text_head.out_features:
+        where = run.config if run is not None else "the default CLIP tokenizer"
+        raise UserError(f"{where}: its tokenizer has {tokenizer.vocab_size} tokens but the "
+                        f"checkpoint's text head {model.decoder.text_head.out_features}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    frame = make_frame(model.to(torch.device(device)), pixels, prefix_ratio, tokenizer=tokenizer,
+                       true_captions=captions, max_caption_tokens=max_caption_tokens)
+    out = Path(out) if out else (run or RunDir(checkpoint.parent)).visualizations
+    grid = save_png(frame.image, out / f"visualize_{checkpoint.stem}.png")
+    notes = out / f"visualize_{checkpoint.stem}.md"
+    table = frame.captions_markdown()
+    at = f" (step {step})" if step is not None else ""
+    atomic_write(notes, f"# {checkpoint}{at}\n\n![predictions]({grid.name})\n\n{table}\n")
+    return {"grid": grid, "captions": notes, "table": table, "step": step, "count": len(captions),
+            "prefix": f"{frame.prefix_lengths[0]}/{frame.num_patches}", "img_size": model.img_size,
+            "size": frame.image.size}

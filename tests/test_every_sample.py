@@ -1,0 +1,56 @@
+"""The one evaluation reader (aimv2.data.every_sample), as probes and compressor evaluation use it:
+every sample exactly once over any number of ranks and workers, in shard order, the last partial
+batch included, and every corrupt sample counted -- a tail of corrupt samples too."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_caption_shards
+
+from aimv2.config import TokenizerConfig
+from aimv2.data.every_sample import every_sample_loader
+from aimv2.data.image_caption import ImageCaptionCollator
+from aimv2.data.samples import CorruptSample, decode_caption, decode_image
+from aimv2.data.shardlist import resolve_shards
+from aimv2.data.tokenizer import build_tokenizer
+
+N, CORRUPT = 23, (4, 21, 22)  # 21 and 22: the last two samples of the last shard
+
+
+def _keys(sample: dict) -> tuple[str, str]:
+    decode_image(sample)  # raises CorruptSample on the planted bytes
+    return sample["__key__"], decode_caption(sample)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 1), (3, 2), (8, 0)])
+def test_every_sample_once_and_every_corrupt_one_counted(tmp_path, world, workers):
+    report = write_caption_shards(tmp_path / "s", N, per_shard=5, corrupt_at=CORRUPT)
+    shards = resolve_shards(report.urls, "val", need_counts=False)
+    keys, skipped = [], 0
+    for rank in range(world):
+        for batch in every_sample_loader(shards, _keys, lambda items: {"keys": [k for k, _ in items]}, 4, workers,
+                                         rank, world):
+            assert len(batch["keys"]) <= 4
+            keys += batch["keys"]
+            skipped += int(batch["skipped"])
+    assert sorted(keys) == [f"{i:06d}" for i in range(N) if i not in CORRUPT] and skipped == len(CORRUPT)
+
+
+def test_one_process_reads_in_shard_order_and_collates_image_captions(tmp_path):
+    import torchvision.transforms.functional as F
+
+    report = write_caption_shards(tmp_path / "s", 9, per_shard=3, corrupt_at=(8,))
+    shards = resolve_shards(report.urls, "val", need_counts=False)
+    keys = [k for b in every_sample_loader(shards, _keys, lambda items: {"keys": [k for k, _ in items]}, 4)
+            for k in b["keys"]]
+    assert keys == [f"{i:06d}" for i in range(8)]
+    collate = ImageCaptionCollator(build_tokenizer(TokenizerConfig(max_length=8)))
+
+    def process(sample: dict):
+        return F.to_tensor(decode_image(sample).resize((4, 4))), decode_caption(sample)
+
+    batches = list(every_sample_loader(shards, process, collate, 4))
+    assert [b["image"].shape[0] for b in batches] == [4, 4, 0]  # the last: the corrupt tail's count alone
+    assert [int(b["skipped"]) for b in batches] == [0, 0, 1] and batches[-1]["tokens"].shape == (0, 8)
+    with pytest.raises(CorruptSample):
+        process({"__key__": "x", "jpg": b"nope", "txt": b"a"})
