@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probe override, e.g. --probe optim.epochs=20 (repeatable)")
     parser.add_argument("--scenes", type=int, nargs=3, default=[6000, 1000, 500], metavar=("PRETRAIN", "TRAIN", "VAL"),
                         help="offline set: generated scenes for pre-training, probe train and probe val")
+    parser.set_defaults(_overrides="items")  # overrides may also follow the options (aimv2.cli.parse_args)
 
 
 def _task(spec: str):
