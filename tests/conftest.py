@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aimv2.data.shards import ShardSample, write_shards
@@ -34,6 +35,17 @@ def write_caption_shards(out_dir: Path, n: int, per_shard: int, *, prefix: str =
 
 
 @pytest.fixture(autouse=True)
-def _quiet_cpu(monkeypatch):
+def _isolated_process(monkeypatch):
+    """Each test starts from the same environment and leaves no process group behind.
+
+    A Lightning DDP run made in-process writes MASTER_PORT, LOCAL_RANK, WORLD_SIZE, ... into os.environ;
+    a later test's subprocess would inherit them, believe it was launched externally and wait for ranks
+    that never come (or meet another test's ranks on the same port).
+    """
+    saved = dict(os.environ)
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    return sys
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)

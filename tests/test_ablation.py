@@ -75,3 +75,14 @@ def test_rerun_reuses_finished_work_and_refuses_other_settings(ablation, capsys)
     assert err.count("pre-training already done") == 1 and err.count("probing") == len(TASKS)
     summary = json.loads((ablation / "ablation.json").read_text())
     assert list(summary["variants"]) == ["aimv2"] and "optim.epochs=2" in summary["probe_overrides"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "random"], "step-0 checkpoint of a trained variant"),
+    (["--variants", "aimv2", "mae"], "unknown variant(s) mae"),
+    (["--task", "digits=/only/train"], "expected NAME=TRAIN,VAL"),
+])
+def test_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
+    assert cli.main(["ablation", "--out", str(tmp_path / "a"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # refused before writing anything

@@ -58,6 +58,10 @@ EXTRA = {
     "compress plan": ["--repeats", "1"],
     "aimv2 probe": ["optim.epochs=1", "optim.warmup_epochs=0", "data.num_workers=0", "accelerator=cpu", "--devices", "1"],
     "imagenet_attentive": ["data.batch_size=2"],  # the fixture's ImageNet has 6 images per split
+    "aimv2 ablation": ["trainer.max_steps=2", "--seeds", "0", "--scenes", "40", "20", "20", "--probe", "optim.epochs=1",
+                       "--probe", "optim.warmup_epochs=0"],
+    # the documented pattern stands for the user's shards: one of the demo's
+    "ablation configs/pretrain/debug.yaml": ["data.sources=[{urls: 'FIXTURE/runs/demo/data/pretrain/00000.tar'}]"],
     "compress_sweep.sh": ["--tokens", "1", "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.devices=1",
                           "trainer.precision=32-true", "trainer.strategy=auto", "lm.dtype=float32",
                           "data.train=FIXTURE/runs/demo/data/pretrain/00000.tar",
@@ -115,11 +119,11 @@ def base(tmp_path_factory) -> Path:
         _jpeg(photos / f"img{i}.jpg", i)
         lines.append(json.dumps({"image": f"img{i}.jpg", "caption": f"a photo number {i}"}))
     (photos / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    for top in ("data", "datasets"):
-        for split in ("train", "val"):
+    for top, name in (("data", "imagenet"), ("datasets", "imagenet"), ("data", "birds"), ("data", "cars")):
+        for split in ("train", "val"):  # class folders, as ImageNet's and the ablation's example tasks
             for c, wnid in enumerate(("n01440764", "n01443537")):
                 for i in range(3):
-                    _jpeg(root / f"abs/{top}/imagenet/{split}/{wnid}/{split}_{c}_{i}.JPEG", 100 * c + i)
+                    _jpeg(root / f"abs/{top}/{name}/{split}/{wnid}/{split}_{c}_{i}.JPEG", 100 * c + i)
     shards = root / "runs/demo/data/pretrain"
     (root / "abs/data/cc").mkdir(parents=True)
     for i in range(10):  # the debug config's example pattern /data/cc/{00000..00009}.tar

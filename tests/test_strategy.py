@@ -110,6 +110,16 @@ def test_strategy_option_on_the_command_line(tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,dest", [
+    (["pretrain", "c.yaml", "--strategy", "ddp", "a=1"], "overrides"),
+    (["demo", "--out", "d", "a=1"], "overrides"),
+    (["probe", "p.yaml", "--devices", "1", "a=1"], "items"),
+    (["ablation", "c.yaml", "--seeds", "0", "--task", "t=x,y", "a=1"], "items"),
+    (["compress", "train", "c.yaml", "--rehearse-devices", "2", "a=1"], "overrides"),
+])
+def test_every_verb_with_overrides_takes_them_after_its_options(argv, dest):
+    assert getattr(cli.parse_args(cli.build_parser(), argv), dest)[-1] == "a=1"
+
 @pytest.mark.parametrize("override,match", [
     ("trainer.zero_stage=1", r"trainer\.zero_stage"), ("trainer.offload=true", r"trainer\.offload"),
     ("trainer.strategy=fsdp", r"trainer\.strategy': fsdp needs GPUs"),

@@ -37,6 +37,16 @@ DESCRIPTIONS = {
 }
 
 
+def check_variants(variants: list[str]) -> None:
+    """Known names, and a trained one among them (random init is a trained variant's step 0)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if not any(VARIANTS[v] is not None for v in variants):
+        raise UserError("the random-init variant is the step-0 checkpoint of a trained variant: "
+                        "name at least one of " + ", ".join(v for v, o in VARIANTS.items() if o is not None))
+
+
 @dataclass(frozen=True)
 class Task:
     """A probe task: class-labelled train and val splits (anything `aimv2 probe` reads)."""
@@ -59,14 +69,9 @@ class AblationPlan:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
 
     def validate(self) -> None:
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown:
-            raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-        if not self.variants or not self.seeds or not self.tasks:
-            raise UserError("an ablation needs at least one variant, one seed and one probe task")
-        if not self.trained:
-            raise UserError("the random-init variant is the step-0 checkpoint of a trained variant: "
-                            "name at least one of " + ", ".join(v for v, o in VARIANTS.items() if o is not None))
+        check_variants(self.variants)
+        if not self.seeds or not self.tasks:
+            raise UserError("an ablation needs at least one seed and one probe task")
         if len(set(self.seeds)) != len(self.seeds) or len({t.name for t in self.tasks}) != len(self.tasks):
             raise UserError("seeds and task names must be distinct")
 

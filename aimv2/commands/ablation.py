@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probe override, e.g. --probe optim.epochs=20 (repeatable)")
     parser.add_argument("--scenes", type=int, nargs=3, default=[6000, 1000, 500], metavar=("PRETRAIN", "TRAIN", "VAL"),
                         help="offline set: generated scenes for pre-training, probe train and probe val")
+    parser.set_defaults(_overrides="items")  # overrides may also follow the options (aimv2.cli.parse_args)
 
 
 def _task(spec: str):
@@ -58,7 +59,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from aimv2.ablation.offline import offline_data
-    from aimv2.ablation.plan import VARIANTS, AblationPlan
+    from aimv2.ablation.plan import VARIANTS, AblationPlan, check_variants
     from aimv2.ablation.run import run_ablation
     from aimv2.commands.probe import split_items
     from aimv2.errors import UserError
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if not Path(config).is_file():
         raise UserError(f"config file not found: {config} (overrides are written key=value)")
     probe_config = str(user_config(args.probe_config) if args.probe_config else shipped_config("probe/toy.yaml"))
+    variants = list(args.variants or VARIANTS)
+    check_variants(variants)  # before minutes of data writing
     if args.task:
         tasks = [_task(spec) for spec in args.task]
     else:
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         overrides = [*sources, *overrides]
     plan = AblationPlan(out=str(args.out), pretrain_config=config, pretrain_overrides=overrides,
                         probe_config=probe_config, probe_overrides=list(args.probe), tasks=tasks,
-                        seeds=list(args.seeds), variants=list(args.variants or VARIANTS))
+                        seeds=list(args.seeds), variants=variants)
     run_ablation(plan, command=command_line(args))
     out = args.out
     print("\n".join([f"ablation finished; everything is under {out}",
