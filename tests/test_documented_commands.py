@@ -62,7 +62,8 @@ EXTRA = {
                        "--probe", "optim.warmup_epochs=0"],
     # the documented pattern stands for the user's shards: one of the demo's
     "ablation configs/pretrain/debug.yaml": ["data.sources=[{urls: 'FIXTURE/runs/demo/data/pretrain/00000.tar'}]"],
-    "compress_sweep.sh": ["--tokens", "1", "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.devices=1",
+    # one per-M kind and one trained over all M; every kind trains in tests/test_compress_*.py
+    "compress_sweep.sh": ["--tokens", "1", "--kinds", "pool quecc", "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.devices=1",
                           "trainer.precision=32-true", "trainer.strategy=auto", "lm.dtype=float32",
                           "data.train=FIXTURE/runs/demo/data/pretrain/00000.tar",
                           "data.val=FIXTURE/runs/demo/data/pretrain/00005.tar",

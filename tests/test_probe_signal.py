@@ -1,15 +1,16 @@
 """Learning signal on real images, as the user sees it: `aimv2 demo` pre-trains the debug size on the
 offline demo set (real digit scans from scikit-learn, captions naming the digit), then probes its
 last checkpoint and its step-0 checkpoint (the same architecture at the random initialization
-training started from) on the same held-out digits. The demo claims the pre-trained encoder wins by
-at least 15 top-1 points with the attentive head; this test holds it to that claim, with the demo's
-own settings (configs/pretrain/debug.yaml, configs/probe/toy.yaml), and checks its other outputs.
+training started from) on the same held-out digits. The README claims the pre-trained encoder wins
+by at least 20 top-1 points with the attentive head and 20 with the linear one; this test holds the
+demo to that claim, with its own settings (configs/pretrain/demo.yaml, configs/probe/toy.yaml), and
+checks its other outputs.
 
-Why 1000 steps at 56 px: the debug size first learns the caption templates and the image statistics;
+Why 2000 steps at 56 px: the debug size first learns the caption templates and the image statistics;
 the digit's name -- the part of the caption that needs the image's content -- starts being predicted
-after about 500-700 steps (measured: greedy digit-word accuracy on held-out scans 10% up to step 500,
-29% at 600, 55% at 1000). Before that, pre-trained features probe no better than random ones.
-Measured over seeds: README.md, "What the demo leaves behind".
+after about 500-700 steps. Before that, pre-trained features probe no better than random ones. The
+captions' word list as tokenizer makes a step cheap enough for 2000 steps in about two minutes.
+Measured over five seeds (smallest gains well above the bars): eval/results/demo_seeds.md.
 """
 
 import json
@@ -19,7 +20,7 @@ import pytest
 from aimv2 import cli
 from aimv2.probe.loader import load_probe_encoder
 
-MARGIN = {"attentive": 15.0, "linear": 10.0}  # top-1 points the pre-trained encoder must gain
+MARGIN = {"attentive": 20.0, "linear": 20.0}  # top-1 points the pre-trained encoder must gain
 
 
 @pytest.mark.slow
@@ -40,5 +41,5 @@ def test_demo_pretrained_encoder_probes_better_than_its_random_init(tmp_path, ca
     assert load_probe_encoder(out / "pretrain/checkpoints/last.ckpt")[1] == 56
     # The demo's other outputs.
     assert (out / "pretrain/visualizations/visualize_last.png").is_file()
-    assert (out / "pretrain/visualizations/step=0001000.png").is_file()
+    assert (out / "pretrain/visualizations/step=0002000.png").is_file()
     assert (out / "pretrain/report/report.md").is_file() and (out / "probe_comparison.md").is_file()

@@ -360,6 +360,13 @@ def test_demo_set(demo_dir):
         assert DIGIT_NAMES[label] in text.split() or str(label) in text.split()
         img = Image.open(io.BytesIO(sample["jpg"]))
         assert img.size == (112, 112) and img.mode == "RGB"
+    # The word list holds every word of every caption: the word tokenizer never says <unk> on them.
+    from aimv2.data.tokenizer import WordTokenizer
+
+    tokenizer = WordTokenizer(result["vocabulary"], max_length=16)
+    assert set(DIGIT_NAMES) <= set(Path(result["vocabulary"]).read_text().split())
+    for sample in pre.values():
+        assert tokenizer.unk_id not in tokenizer.encode(sample["txt"].decode())
 
 
 def test_demo_set_is_idempotent(demo_dir, capsys):

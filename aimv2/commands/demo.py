@@ -1,5 +1,5 @@
 """`aimv2 demo`: the main job on an embedded default, offline: write the demo shards (real digit
-scans shipped inside scikit-learn), pre-train the debug size on them, probe the frozen encoder and the
+scans shipped inside scikit-learn), pre-train the debug size on them (configs/pretrain/demo.yaml), probe the frozen encoder and the
 same architecture at its random initialization (the run's step-0 checkpoint) on the same held-out
 digits, print both side by side, draw the next-patch predictions on held-out digits, write the run's
 report, and say where everything is. The side-by-side numbers are the evidence that pre-training
@@ -16,7 +16,7 @@ HELP = "offline demo: build the demo shards, pre-train the debug size, probe it,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="directory for the demo data and run (default runs/demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="overrides of configs/pretrain/debug.yaml, e.g. trainer.max_steps=50")
+                        help="overrides of configs/pretrain/demo.yaml, e.g. trainer.max_steps=50")
     parser.add_argument("--probe", action="append", default=[], metavar="key=value",
                         help="override of the probe config (configs/probe/toy.yaml), e.g. --probe optim.epochs=10 "
                              "(repeatable)")
@@ -34,14 +34,15 @@ def run(args: argparse.Namespace) -> int:
     from aimv2.engine.metrics import loss_trend
     from aimv2.shipped import shipped_config
 
-    config = shipped_config("pretrain/debug.yaml")
+    config = shipped_config("pretrain/demo.yaml")
     started = time.perf_counter()
     out = Path(args.out)
     demo = build_demo_shards(out / "data")
     print(f"demo shards: {demo['pretrain']['count']} image-caption pairs in {demo['pretrain']['dir']}")
     # The demo is rerun as a whole: it replaces its previous run (a plain `aimv2 pretrain` refuses to).
     overrides = [f"data.sources=[{{name: demo_digits, urls: '{demo['pretrain']['urls']}'}}]",
-                 f"run_dir={out / 'pretrain'}", "trainer.overwrite=true", *args.overrides]
+                 f"data.tokenizer.path={demo['vocabulary']}", f"run_dir={out / 'pretrain'}",
+                 "trainer.overwrite=true", *args.overrides]
     cfg = load_config(config, overrides)
     run = pretrain(cfg, callbacks=[InitialCheckpoint(RunDir(cfg.run_dir).checkpoints)])
     print(loss_trend(run.metrics))

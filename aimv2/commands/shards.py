@@ -130,6 +130,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         split = result[name]
         print(f"  {name:<12} {split['count']:>5} samples in {split['shards']} shards: {split['urls']}")
     print(f'config, under data.sources:  - urls: "{result["pretrain"]["urls"]}"')
+    print(f"the captions' word list (data.tokenizer.kind=words, data.tokenizer.path): {result['vocabulary']}")
     return 0
 
 

@@ -91,12 +91,16 @@ def _existing(out: Path, params: dict) -> dict | None:
         return None
     if not all((out / sub / "manifest.json").is_file() for sub in _SPLITS.values()):
         return None
+    if not (out / "vocab.txt").is_file():  # a set written before the word list was
+        return None
     return recorded.get("result")
 
 
 def build_demo_shards(out_dir: str | Path, samples_per_shard: int = 256, seed: int = 0, image_size: int = 112) -> dict:
-    """Write (or find) the demo set; returns {"out_dir", "classes", and per split
+    """Write (or find) the demo set; returns {"out_dir", "classes", "vocabulary" (the captions' word
+    list, for data.tokenizer.kind=words), and per split
     "pretrain"/"probe_train"/"probe_val": {"dir", "urls", "count", "shards"}}."""
+    from aimv2.data.tokenizer import write_vocabulary
     from sklearn.datasets import load_digits  # deferred: sklearn import costs ~1 s
 
     out = Path(out_dir).resolve()
@@ -141,6 +145,9 @@ def build_demo_shards(out_dir: str | Path, samples_per_shard: int = 256, seed: i
             samples, out / _SPLITS[name], samples_per_shard, progress=False, overwrite=True, extra_files=extra
         )
         result[name] = {"dir": str(report.out_dir), "urls": report.urls, "count": report.total, "shards": len(report.shards)}
+    # The captions' own words (a few dozen): the word tokenizer's vocabulary (data.tokenizer.kind=words).
+    write_vocabulary((caption for _, caption in rendered), out / "vocab.txt")
+    result["vocabulary"] = str(out / "vocab.txt")
     atomic_write(out / "demo.json", json.dumps({"params": params, "result": result}, indent=1) + "\n")
     return result
 
