@@ -82,6 +82,19 @@ def test_gpu_only_presets_are_checked_as_far_as_the_cpu_allows(preset, tmp_path)
     assert trainer.precision == "bf16-mixed" and trainer.checkpoint_every_n_steps == 1
 
 
+@pytest.mark.parametrize("name", ["demo", "ablation"])
+def test_a_word_list_tokenizer_that_is_not_here_has_a_stand_in(name, demo_root, tmp_path, monkeypatch):
+    """The demo's and the ablation's configs name a word list their command writes (runs/.../vocab.txt):
+    rehearsed where it is absent, the demo set's list stands in with the demo shards, and it says so."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / f"configs/pretrain/{name}.yaml")
+    report = rehearse_pretrain(cfg, tmp_path / "r", devices=1, demo_root=demo_root, in_process=True)
+    tokenizer = _passed(report, "train", "resume")["tokenizer"]
+    assert tokenizer == [f"changed: data.tokenizer.path: word list {cfg.data.tokenizer.path!r} is not here: the "
+                         f"demo set's word list {demo_root / 'demo_data' / 'vocab.txt'} stands in (the real run "
+                         "needs its list)"]
+
+
 def test_a_crash_is_reported_not_raised(demo_root):
     cfg = load_config(REPO / "configs/pretrain/debug.yaml")
     broken = replace(cfg, optim=replace(cfg.optim, betas=[0.9, 1.5]))  # AdamW refuses beta2 >= 1 at step 0

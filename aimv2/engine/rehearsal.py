@@ -251,13 +251,21 @@ def demo_shard_urls(root: Path) -> dict:
     return build_demo_shards(root / "demo_data")
 
 
-def rehearsal_tokenizer(tok, report: RehearsalReport, key: str):
-    """The config's tokenizer when it is on this machine; else the offline CLIP tokenizer, said so."""
+def rehearsal_tokenizer(tok, report: RehearsalReport, key: str, words_stand_in: str | None = None):
+    """The config's tokenizer when it is on this machine; else a stand-in, said so: for a missing word
+    list `words_stand_in` (the demo set's, when the demo stands in for the shards too) or the offline
+    CLIP tokenizer, for a missing tokenizer directory the offline CLIP tokenizer."""
     if tok.kind == "hf" and not (tok.path and Path(tok.path).is_dir()):
         report.add("tokenizer", "changed", f"{key}.path {tok.path!r} is not a directory here: the offline CLIP "
                                            "tokenizer stands in (the cluster run needs the directory: README, Tokenizer)")
         return replace(tok, kind="clip", path=None)
-    report.add("tokenizer", "ok", f"{tok.kind}" + (f" from {tok.path}" if tok.kind == "hf" else " (offline BPE)"))
+    if tok.kind == "words" and not (tok.path and Path(tok.path).is_file()):
+        stand_in = f"the demo set's word list {words_stand_in}" if words_stand_in else "the offline CLIP tokenizer"
+        report.add("tokenizer", "changed", f"{key}.path: word list {tok.path!r} is not here: {stand_in} stands in "
+                                           "(the real run needs its list)")
+        return replace(tok, path=words_stand_in) if words_stand_in else replace(tok, kind="clip", path=None)
+    where = {"clip": "the offline BPE", "hf": f"from {tok.path}", "words": f"word list {tok.path}"}[tok.kind]
+    report.add("tokenizer", "ok", f"{tok.kind} ({where})")
     return tok
 
 

@@ -60,11 +60,11 @@ def _shrink_data(d: DataConfig, demo_root: Path, report: RehearsalReport) -> Dat
     """The config's own shards when this machine can read them all; otherwise the demo set stands in
     for every source (names, weights and mode kept, so the mixture has the configured shape)."""
     reasons = [unreadable(src.urls) for src in d.sources]
-    sources = d.sources
+    sources, words = d.sources, None
     if any(reasons):
         demo = demo_shard_urls(demo_root)
         first = next(r for r in reasons if r)
-        sources = [replace(src, urls=demo["pretrain"]["urls"]) for src in d.sources]
+        sources, words = [replace(src, urls=demo["pretrain"]["urls"]) for src in d.sources], demo["vocabulary"]
         report.add("data", "changed", f"{sum(map(bool, reasons))} of {len(reasons)} sources not readable here "
                                       f"({first}): the demo set stands in for each; {d.mode} mode, "
                                       f"weights {[s.weight for s in d.sources]} kept")
@@ -72,7 +72,7 @@ def _shrink_data(d: DataConfig, demo_root: Path, report: RehearsalReport) -> Dat
         report.add("data", "ok", f"the config's own {len(sources)} source(s), {d.mode} mode")
     return replace(d, sources=sources, batch_size=min(d.batch_size, 2), num_workers=min(d.num_workers, 1),
                    shuffle_buffer=min(d.shuffle_buffer, 64),
-                   tokenizer=rehearsal_tokenizer(d.tokenizer, report, "data.tokenizer"))
+                   tokenizer=rehearsal_tokenizer(d.tokenizer, report, "data.tokenizer", words))
 
 
 def _stand_in_stage(cfg: PretrainConfig, model, data: DataConfig, workdir: Path, report: RehearsalReport) -> Path:
