@@ -87,7 +87,7 @@ def _run_train(args: argparse.Namespace) -> int:
         from aimv2.compress.rehearse import rehearse_compress
 
         report = rehearse_compress(cfg, Path(args.rehearse_dir) / f"compress-{Path(args.config).stem}",
-                                   devices=args.rehearse_devices, demo_root=args.rehearse_dir)
+                                   devices=args.rehearse_devices, demo_root=args.rehearse_dir, in_process=True)
         print(report.table())
         return 1 if report.failed else 0
     from aimv2.compress.train import train

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
         name = Path(args.config).stem + (f"+{Path(args.strategy).stem}" if args.strategy else "")
         report = rehearse_pretrain(cfg, Path(args.rehearse_dir) / name, devices=args.rehearse_devices,
-                                   demo_root=args.rehearse_dir)
+                                   demo_root=args.rehearse_dir, in_process=True)
         print(report.table())
         return 1 if report.failed else 0
     from aimv2.pretraining.pretrain import pretrain

@@ -164,7 +164,7 @@ def run_phases(cfg: Any, train: Callable[[Any], Any], verb: list[str], workdir: 
     a fresh start that resumes from the half-way checkpoint and finishes; its weights are compared with
     phase 1's. Each phase runs as `python -m aimv2 VERB phase.yaml` (output in phaseN.log; Lightning
     starts the DDP ranks from it), or, with `in_process` and one device, as `train(cfg)` in this
-    process (tests: seconds instead of an interpreter start per phase).
+    process (the CLI's one-process rehearsals: no interpreter start per phase, half the time).
     `check_checkpoint(last.ckpt)` reads the result as a user would."""
     steps, run = cfg.trainer.max_steps, RunDir(cfg.run_dir)
     half = run.step_checkpoint(max(1, steps // 2))
