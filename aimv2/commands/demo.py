@@ -2,8 +2,9 @@
 scans shipped inside scikit-learn), pre-train the debug size on them (configs/pretrain/demo.yaml),
 probe the frozen encoder and the same architecture at its random initialization (the run's step-0
 checkpoint) on the same held-out digits, print both side by side, draw the next-patch predictions
-on held-out digits, write the run's report, and say where everything is. The side-by-side numbers are the evidence that pre-training
-taught the encoder something: a probe number alone means little on a toy set."""
+on held-out digits, write the run's report, and say where everything is. The side-by-side numbers
+are the evidence that pre-training taught the encoder something: a probe number alone means little
+on a toy set."""
 
 from __future__ import annotations
 
