@@ -58,10 +58,12 @@ EXTRA = {
     "compress plan": ["--repeats", "1"],
     "aimv2 probe": ["optim.epochs=1", "optim.warmup_epochs=0", "data.num_workers=0", "accelerator=cpu", "--devices", "1"],
     "imagenet_attentive": ["data.batch_size=2"],  # the fixture's ImageNet has 6 images per split
-    "aimv2 ablation": ["trainer.max_steps=2", "--seeds", "0", "--scenes", "40", "20", "20", "--probe", "optim.epochs=1",
-                       "--probe", "optim.warmup_epochs=0"],
     # the documented pattern stands for the user's shards: one of the demo's
     "ablation configs/pretrain/debug.yaml": ["data.sources=[{urls: 'FIXTURE/runs/demo/data/pretrain/00000.tar'}]"],
+    # one trained variant and the random init (tests/test_ablation.py runs all of them); --variants
+    # last, since its list would take the overrides after it
+    "aimv2 ablation": ["trainer.max_steps=2", "--seeds", "0", "--scenes", "40", "20", "20", "--probe", "optim.epochs=1",
+                       "--probe", "optim.warmup_epochs=0", "--variants", "aimv2", "random"],
     # one per-M kind and one trained over all M; every kind trains in tests/test_compress_*.py
     "compress_sweep.sh": ["--tokens", "1", "--kinds", "pool quecc", "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.devices=1",
                           "trainer.precision=32-true", "trainer.strategy=auto", "lm.dtype=float32",
