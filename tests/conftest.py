@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from aimv2.data.shards import ShardSample, write_shards
+from aimv2.engine.rehearsal import restored_process_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,16 +35,8 @@ def write_caption_shards(out_dir: Path, n: int, per_shard: int, *, prefix: str =
 
 @pytest.fixture(autouse=True)
 def _isolated_process(monkeypatch):
-    """Each test starts from the same environment and leaves no process group behind.
-
-    A Lightning DDP run made in-process writes MASTER_PORT, LOCAL_RANK, WORLD_SIZE, ... into os.environ;
-    a later test's subprocess would inherit them, believe it was launched externally and wait for ranks
-    that never come (or meet another test's ranks on the same port).
-    """
-    saved = dict(os.environ)
+    """Each test starts from the same environment and leaves no process group behind (an in-process
+    Lightning DDP run would leave MASTER_PORT, LOCAL_RANK, ... for later tests' subprocesses)."""
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+    with restored_process_state():
+        yield

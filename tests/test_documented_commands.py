@@ -32,6 +32,7 @@ from PIL import Image
 
 from aimv2.cli import main
 from aimv2.config import load_config
+from aimv2.engine.rehearsal import restored_process_state
 from doc_commands import MARKDOWN, REPO, DocCommand, documented_commands
 
 ROOTS = ("data", "photos", "models", "datasets")  # absolute documentation paths, found in FIXTURE/abs/
@@ -234,17 +235,13 @@ def run_documented(command: DocCommand, ws: Path) -> str:
     if key in REHEARSED:
         return REHEARSED[key]
     out = io.StringIO()
-    cwd, environ = os.getcwd(), dict(os.environ)
+    cwd = os.getcwd()
     os.chdir(ws)
     try:
-        with redirect_stdout(out), redirect_stderr(out):
+        with restored_process_state(), redirect_stdout(out), redirect_stderr(out):
             code = main(argv)
     finally:
         os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(environ)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     assert code == 0, f"{command}\nran as: aimv2 {shlex.join(argv)}\n{out.getvalue()[-4000:]}"
     if key is not None:
         REHEARSED[key] = out.getvalue()

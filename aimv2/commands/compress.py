@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from aimv2.commands import add_rehearse_arguments
 from aimv2.errors import UserError
 
 HELP = "attach the encoder to an LLM through a token compressor: train, evaluate, plan, export"
@@ -32,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            description="Lightning run: RUN/config.yaml, RUN/checkpoints/, RUN/logs/{metrics.csv,tensorboard}")
     train.add_argument("config", help="YAML config, e.g. configs/compress/tiny.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. compressor.kind=resampler compressor.num_tokens=4")
-    train.add_argument("--rehearse", action="store_true", help=REHEARSE_HELP)
-    train.add_argument("--rehearse-devices", type=int, default=None, metavar="N", help="DDP processes of the rehearsal (default: the config's, at most 2)")
-    train.add_argument("--rehearse-dir", default="runs/rehearse", metavar="DIR", help="where the rehearsal runs (default runs/rehearse)")
+    add_rehearse_arguments(train, REHEARSE_HELP)
     train.set_defaults(_compress_run=_run_train, _overrides="overrides")
 
     ev = sub.add_parser("evaluate", help="held-out caption loss / perplexity per M: table (md, json) and plot (png)")

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from aimv2.probe.run import run_probe
 
     results = {}
-    for name, checkpoint, run_dir in (("pre-trained", run.last_checkpoint, RunDir(out).probe),
+    for name, checkpoint, run_dir in (("pre-trained", run.last_checkpoint, out / "probe"),
                                       ("random init", run.checkpoints / INITIAL_NAME, out / "probe_random_init")):
         probe_cfg = load_config(shipped_config("probe/toy.yaml"), [
             f"checkpoint={checkpoint}", f"data.train={demo['probe_train']['dir']}",

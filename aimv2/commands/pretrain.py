@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from aimv2.commands import add_rehearse_arguments
 from aimv2.errors import UserError
 
 HELP = "pre-train an AIMv2 encoder from a YAML config (key=value overrides)"
@@ -25,11 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", metavar="PRESET",
                         help="scale-out preset: ddp, fsdp, deepspeed_zero2, deepspeed_zero3, "
                              "deepspeed_zero3_offload (configs/strategy/), or a YAML path")
-    parser.add_argument("--rehearse", action="store_true", help=REHEARSE_HELP)
-    parser.add_argument("--rehearse-devices", type=int, default=None, metavar="N",
-                        help="DDP processes of the rehearsal (default: the config's, at most 2)")
-    parser.add_argument("--rehearse-dir", default="runs/rehearse", metavar="DIR",
-                        help="where the rehearsal runs (default runs/rehearse; its demo shards are reused)")
+    add_rehearse_arguments(parser, REHEARSE_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. trainer.max_steps=100 data.batch_size=32")
     parser.set_defaults(_overrides="overrides")

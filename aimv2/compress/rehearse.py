@@ -35,14 +35,14 @@ def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | N
     workdir = Path(workdir).resolve()
     demo_root = Path(demo_root or workdir)
     report = RehearsalReport(cfg.run_dir)
-    encoder = replace(cfg.encoder)
+    encoder = cfg.encoder
     if not cfg.encoder.source or not Path(cfg.encoder.source).exists():
         encoder = replace(encoder, source=str(_stand_in_encoder(demo_root)), img_size=0)
         report.add("encoder", "changed", f"encoder.source {cfg.encoder.source!r} is not here: a random debug encoder "
                                          f"at {STAND_IN_RESOLUTION} px stands in")
     else:
         report.add("encoder", "ok", f"{cfg.encoder.source}")
-    lm = replace(cfg.lm)
+    lm = cfg.lm
     if not cfg.lm.path:
         report.add("lm", "ok", f"a random {lm.arch} of width {lm.hidden_size}, {lm.num_layers} layers ({lm.dtype}): "
                                "no lm.path is set")
@@ -53,7 +53,7 @@ def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | N
         report.add("lm", "changed", f"lm.path {cfg.lm.path!r} is not here: a random {lm.arch} of width 64, "
                                     f"2 layers ({lm.dtype}) stands in")
     text = replace(cfg.text, tokenizer=rehearsal_tokenizer(cfg.text.tokenizer, report, "text.tokenizer"))
-    compressor = replace(cfg.compressor)
+    compressor = cfg.compressor
     if cfg.compressor.init and not Path(cfg.compressor.init).exists():
         compressor = replace(compressor, init="")
         report.add("compressor", "changed", f"compressor.init {cfg.compressor.init!r} is not here: a fresh compressor")
@@ -61,11 +61,11 @@ def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | N
                                    f"prompt {cfg.text.prompt!r}")
     data = replace(cfg.data, batch_size=min(cfg.data.batch_size, 2), num_workers=min(cfg.data.num_workers, 1),
                    shuffle_buffer=min(cfg.data.shuffle_buffer, 64))
-    if unreadable(cfg.data.train) or (cfg.data.val and unreadable(cfg.data.val)):
+    why = unreadable(cfg.data.train) or (cfg.data.val and unreadable(cfg.data.val))
+    if why:
         demo = demo_shard_urls(demo_root)["pretrain"]
         data = replace(data, train=demo["urls"], val=demo["urls"])
-        report.add("data", "changed", f"data.train/val not readable here ({unreadable(cfg.data.train) or unreadable(cfg.data.val)}): "
-                                      "the demo set stands in")
+        report.add("data", "changed", f"data.train/val not readable here ({why}): the demo set stands in")
     else:
         report.add("data", "ok", "the config's own shards")
     small = replace(cfg, run_dir=str(workdir / "run"), encoder=encoder, lm=lm, text=text, compressor=compressor,

@@ -22,6 +22,7 @@ from aimv2.errors import UserError
 from aimv2.engine.resume import under_slurm
 from aimv2.engine.run_dir import RunDir
 
+
 def is_launching_process() -> bool:
     """Not a rank > 0 (Lightning's DDP children, torchrun and srun tasks carry their rank in the environment)."""
     return all(int(os.environ.get(key, "0") or 0) == 0 for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))

@@ -21,7 +21,8 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -206,19 +207,30 @@ def _run(cfg: Any, train: Callable[[Any], Any], verb: list[str], log_stem: Path,
                                        f"(log: {log_stem.with_suffix('.log')})")
             return False
         return True
-    saved_env = dict(os.environ)
     try:
-        train(cfg)
+        with restored_process_state():
+            train(cfg)
         return True
     except Exception as err:  # noqa: BLE001 - a crash of the rehearsed run is the finding
         log_stem.with_suffix(".log").write_text(traceback.format_exc(), encoding="utf-8")
         report.add(area, "FAILED", f"{_one_line(err)} (traceback: {log_stem.with_suffix('.log')})")
         return False
-    finally:  # an in-process DDP run leaves its process group and environment behind
+
+
+@contextmanager
+def restored_process_state() -> Iterator[None]:
+    """Run a training in this process and leave nothing of it behind: Lightning's DDP setup writes
+    MASTER_PORT, LOCAL_RANK, WORLD_SIZE, ... into os.environ and opens a process group; a later run
+    (or a subprocess inheriting the environment) would believe it was launched externally and wait
+    for ranks that never come. The environment is restored and the process group destroyed."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         os.environ.clear()
-        os.environ.update(saved_env)
+        os.environ.update(saved)
 
 
 def _load_state(path: Path) -> dict:

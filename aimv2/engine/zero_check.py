@@ -15,16 +15,9 @@ DeepSpeed initializes torch.distributed and global state of its own: run it in a
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_zero_check(out: Path, img_size: int = 28, stages: tuple[int, ...] = (2, 3), grad_clip: float = 1.0,
@@ -32,7 +25,9 @@ def run_zero_check(out: Path, img_size: int = 28, stages: tuple[int, ...] = (2, 
     """Write OUT/zero{stage}/ (a ZeRO checkpoint after one optimizer step) and
     OUT/reference_{stage}.safetensors (the engine's weights after that step) for each stage, in a
     subprocess; raises RuntimeError with the subprocess's last lines when DeepSpeed fails."""
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()), "RANK": "0", "WORLD_SIZE": "1",
                         "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                         "DS_ACCELERATOR": "cpu"}
     out.mkdir(parents=True, exist_ok=True)

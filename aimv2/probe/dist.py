@@ -7,12 +7,12 @@ device the backend can reduce on (nccl cannot reduce CPU tensors) and back.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 from aimv2.errors import UserError
 
@@ -23,12 +23,6 @@ def pick_device(accelerator: str, rank: int = 0) -> torch.device:
             raise UserError("accelerator=cuda but no CUDA device is available")
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, fn: Callable, world: int, accelerator: str, init: str, args: tuple) -> None:
@@ -44,7 +38,8 @@ def _entry(rank: int, fn: Callable, world: int, accelerator: str, init: str, arg
 
 def spawn(fn: Callable, world: int, accelerator: str, *args) -> None:
     """Run `fn(rank, world, *args)` in `world` new processes joined in one process group."""
-    mp.spawn(_entry, args=(fn, world, accelerator, f"tcp://127.0.0.1:{_free_port()}", args), nprocs=world, join=True)
+    init = f"tcp://127.0.0.1:{find_free_network_port()}"
+    mp.spawn(_entry, args=(fn, world, accelerator, init, args), nprocs=world, join=True)
 
 
 def comm_device(accelerator: str, rank: int) -> torch.device:
