@@ -6,7 +6,9 @@ A verb module provides `HELP` (one line), `add_arguments(parser)` and `run(args)
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
+import signal
 import sys
 import warnings
 
@@ -54,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     # keep glibc from unmapping and re-faulting large buffers (aimv2.cpu_tuning; a frozen encoder's
     # forward on the CPU measured 1.46-1.69 s -> 1.18-1.21 s per batch with it).
     tune_cpu_allocator()
+    # A hung job (a rank waiting in a collective, a stuck data worker) tells where it waits:
+    # `kill -USR2 PID` prints every thread's stack to stderr and the job carries on. Data workers
+    # forked from it inherit the handler. SIGUSR1 is SLURM's checkpoint-and-requeue signal.
+    if hasattr(signal, "SIGUSR2"):
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:
         return int(args._run(args) or 0)
     except UserError as err:

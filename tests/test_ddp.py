@@ -2,13 +2,13 @@
 every rank runs the same number of steps."""
 
 import os
-import subprocess
 import sys
 
 import torch
 
 from aimv2.engine.metrics import read_metric
 from conftest import REPO, write_caption_shards
+from fault_helpers import run_or_show_stacks
 
 
 def test_two_rank_ddp_on_uneven_shards_finishes(tmp_path):
@@ -25,7 +25,7 @@ def test_two_rank_ddp_on_uneven_shards_finishes(tmp_path):
         "trainer.progress_bar=false", "optim.warmup_steps=2",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_or_show_stacks(cmd, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     # Two ranks ran: each read its share (25 and 26 samples -> 6 batches of 4 per epoch), so 2 epochs are

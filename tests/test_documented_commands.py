@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -34,6 +33,7 @@ from aimv2.cli import main
 from aimv2.config import load_config
 from aimv2.engine.rehearsal import restored_process_state
 from doc_commands import MARKDOWN, REPO, DocCommand, documented_commands
+from fault_helpers import run_or_show_stacks
 
 ROOTS = ("data", "photos", "models", "datasets")  # absolute documentation paths, found in FIXTURE/abs/
 COVERED = {  # command prefix -> why it does not run here, and what runs it instead
@@ -227,7 +227,7 @@ def run_documented(command: DocCommand, ws: Path) -> str:
     else:  # a shell script of eval/ or data/, with aimv2 from this interpreter
         words = shlex.split(text) + [_localize(a, ws) for a in _extra(command.text)]
         env = os.environ | {"PYTHON": sys.executable, "AIMV2_PROGRESS": "off"}
-        done = subprocess.run(words, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
+        done = run_or_show_stacks(words, cwd=ws, env=env, timeout=900)
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         return done.stdout
     argv = [_localize(a, ws) for a in argv]

@@ -20,7 +20,7 @@ from aimv2.engine.metrics import read_metric
 from aimv2.engine.resume import checkpoint_step, newest_intact
 from aimv2.engine.stream_state import read_sample_log
 from conftest import REPO, write_caption_shards
-from fault_helpers import tiny_tokenizer
+from fault_helpers import run_or_show_stacks, tiny_tokenizer
 
 
 def shard_urls(root: Path, counts, corrupt=()) -> str:
@@ -45,7 +45,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 def train(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = run_or_show_stacks(cmd, cwd=cwd, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

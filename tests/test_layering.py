@@ -13,7 +13,7 @@ from conftest import REPO
 # docs/architecture.md ("Which package may import which").
 LAYERS: list[set[str]] = [
     {"errors"},  # the one-line error every layer raises
-    {"fileio", "progress", "cpu_tuning", "shipped", "objective"},  # foundations
+    {"fileio", "processes", "progress", "cpu_tuning", "shipped", "objective"},  # foundations
     {"models"},
     {"config"},  # the schema reads the size table
     {"data", "checkpoints"},

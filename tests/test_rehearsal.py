@@ -6,7 +6,6 @@ two real DDP ranks, what the CPU can check of FSDP and DeepSpeed (their Lightnin
 plugins, a real ZeRO step whose checkpoint reads back), and that a crash is reported, not raised."""
 
 import os
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -17,6 +16,7 @@ from aimv2.engine.rehearsal import RehearsalReport, check_gpu_strategy, shrink_t
 from aimv2.pretraining.rehearse import rehearse_pretrain
 from conftest import REPO
 from doc_commands import documented_commands
+from fault_helpers import run_or_show_stacks
 
 PRETRAIN = sorted((REPO / "configs/pretrain").glob("*.yaml"))
 COMPRESS = sorted((REPO / "configs/compress").glob("*.yaml"))
@@ -53,9 +53,8 @@ def test_the_cli_rehearses_a_paper_recipe_on_two_ddp_ranks(tmp_path):
     """The command the README gives, as a user runs it: 2 CPU ranks of DDP in bf16 with clipping and
     the fused AdamW (the step-1 crash of every paper recipe before), a checkpoint, a resume."""
     env = os.environ | {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/aimv2_large_224.yaml"),
-                           "--rehearse", "--rehearse-dir", str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = run_or_show_stacks([sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/aimv2_large_224.yaml"),
+                               "--rehearse", "--rehearse-dir", str(tmp_path)], cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 node x 2 CPU process(es) (ddp, gloo)" in done.stdout
     assert "resume      ok       from step=0000001.ckpt to step 2: weights equal the uninterrupted run's bit for bit" \

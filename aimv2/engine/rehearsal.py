@@ -18,7 +18,6 @@ hand the phases to `run_phases`.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -33,8 +32,10 @@ from aimv2.config import TrainerConfig, save_config
 from aimv2.errors import UserError
 from aimv2.engine.launch_checks import device_count
 from aimv2.engine.run_dir import RunDir
+from aimv2.processes import run_with_deadline
 
 GPU_ONLY = ("fsdp", "deepspeed")
+PHASE_DEADLINE_S = 900  # a rehearsal phase runs a few debug-size steps: minutes at most, even on two CPU ranks
 
 
 @dataclass
@@ -198,9 +199,13 @@ def _run(cfg: Any, train: Callable[[Any], Any], verb: list[str], log_stem: Path,
     if cfg.trainer.devices > 1 or not in_process:  # Lightning's DDP launcher re-runs the command line per rank
         save_config(cfg, log_stem.with_suffix(".yaml"))
         env = os.environ | {"AIMV2_PROGRESS": "off", "PYTHONWARNINGS": "ignore"}
-        done = subprocess.run([sys.executable, "-m", "aimv2", *verb, str(log_stem.with_suffix(".yaml"))],
-                              env=env, capture_output=True, text=True)
+        done = run_with_deadline([sys.executable, "-m", "aimv2", *verb, str(log_stem.with_suffix(".yaml"))],
+                                 env=env, timeout=PHASE_DEADLINE_S)
         log_stem.with_suffix(".log").write_text(done.stdout + done.stderr, encoding="utf-8")
+        if done.hung:
+            report.add(area, "FAILED", f"still running after {PHASE_DEADLINE_S} s: a hang (every process's stacks are "
+                                       f"in the log: {log_stem.with_suffix('.log')})")
+            return False
         if done.returncode != 0:
             lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
             report.add(area, "FAILED", f"{lines[-1] if lines else 'exit ' + str(done.returncode)} "
