@@ -85,3 +85,25 @@ def aimv2_loss(
     l_img = image_loss(pixel_pred, target, prefix_lengths)
     l_text = text_loss(logits, tokens, token_mask, token_index)
     return Losses(total=text_weight * l_text + alpha * l_img, image=l_img, text=l_text)
+
+
+def packed_aimv2_loss(
+    pixel_pred: torch.Tensor,
+    logits: torch.Tensor,
+    patches: torch.Tensor,
+    tokens: torch.Tensor,
+    layout: dict,
+    prefix_lengths: torch.Tensor,
+    alpha: float = 0.4,
+    text_weight: float = 1.0,
+) -> Losses:
+    """The same losses for packed rows (aimv2.models.packing): patches (R, T, P) normalized pixels in
+    patchify's order, pixel_pred (K, P) and logits (n_real, V) from `AIMv2.forward_packed`.
+    Every term is what `aimv2_loss` computes for each image alone; the batch means are over all
+    counted patches and all real tokens, as `aimv2_loss` takes them over a fixed-size batch."""
+    target = normalize_patches(patches.float().flatten(0, 1)[layout["pixel_target"]])  # (K, P)
+    counted = (layout["pixel_target_pos"] >= prefix_lengths[layout["pixel_image"]]).to(pixel_pred.dtype)
+    per_patch = (pixel_pred.float() - target).pow(2).mean(dim=-1)  # (K,)
+    l_img = (per_patch * counted).sum() / counted.sum().clamp_min(1)
+    l_text = F.cross_entropy(logits.float(), tokens.flatten()[layout["text_target"]])
+    return Losses(total=text_weight * l_text + alpha * l_img, image=l_img, text=l_text)

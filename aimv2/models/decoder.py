@@ -16,6 +16,7 @@ from timm.layers import RmsNorm, SwiGLU
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from aimv2.models.attention import Attention
 from aimv2.models.init import init_decoder
 from aimv2.models.sizes import SizeSpec
 
@@ -57,6 +58,7 @@ class MultimodalDecoder(nn.Module):
                 norm_layer=norm,
                 mlp_layer=SwiGLU,
                 act_layer=nn.SiLU,
+                attn_layer=Attention,  # timm's, plus FlexAttention block masks (aimv2.models.attention)
             )
             for _ in range(depth)
         )
@@ -94,3 +96,21 @@ class MultimodalDecoder(nn.Module):
         elif text_mask is not None:
             text_out = text_out[text_mask]  # (n_true, W)
         return self.pixel_head(x[:, :num_patches]), self.text_head(text_out)
+
+    def forward_packed(self, image_features: torch.Tensor, tokens: torch.Tensor, layout: dict,
+                       attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed rows (aimv2.models.packing): image_features (R, T, D_enc), tokens (n, L) ->
+        pixel predictions (K, patch_dim) at layout["pixel_pred"] and logits (n_real, V) at
+        layout["text_pred"]. attn_mask: (R, 1, S, S) bias from packed_decoder_mask, or a BlockMask."""
+        num_images, text_len = tokens.shape
+        if text_len > self.max_text_len:
+            raise ValueError(f"caption length {text_len} exceeds the decoder's {self.max_text_len} positions")
+        image = self.image_proj(image_features).flatten(0, 1)  # (R*T, W)
+        start = self.start_token.expand(num_images, -1, -1)  # (n, 1, W)
+        text = torch.cat([start, self.text_embed(tokens[:, :-1])], dim=1) + self.text_pos_embed[:, :text_len]
+        table = torch.cat([image, text.flatten(0, 1), image.new_zeros(1, image.shape[-1])])  # (R*T + n*L + 1, W)
+        x = table[layout["dec_source"]]  # (R, S, W)
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        x = self.norm(x).flatten(0, 1)  # (R*S, W)
+        return self.pixel_head(x[layout["pixel_pred"]]), self.text_head(x[layout["text_pred"]])

@@ -11,6 +11,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from aimv2.models.attention import Attention
 from aimv2.models.masks import prefix_attention_bias
 from aimv2.models.sizes import SizeSpec
 
@@ -32,7 +33,8 @@ def timm_encoder_kwargs(spec: SizeSpec, img_size: int) -> dict:
 def build_encoder(spec: SizeSpec, img_size: int = 224, **timm_kwargs) -> VisionTransformer:
     if img_size % spec.patch_size:
         raise ValueError(f"image size {img_size} is not a multiple of the patch size {spec.patch_size}")
-    kwargs = timm_encoder_kwargs(spec, img_size) | timm_kwargs
+    # Our Attention subclass: timm's, which also takes FlexAttention block masks (aimv2.models.attention).
+    kwargs = timm_encoder_kwargs(spec, img_size) | {"attn_layer": Attention} | timm_kwargs
     return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
 
 
@@ -42,5 +44,7 @@ def encode(encoder: VisionTransformer, images: torch.Tensor, prefix_lengths: tor
     if prefix_lengths is not None:
         # In the activations' dtype; under autocast SDPA casts it together with q, k and v.
         dtype = images.dtype if images.is_floating_point() else torch.float32
-        mask = prefix_attention_bias(prefix_lengths.to(images.device), encoder.patch_embed.num_patches, dtype)
+        p = encoder.patch_embed.patch_size
+        num_patches = (images.shape[-2] // p[0]) * (images.shape[-1] // p[1])  # any grid (a native encoder)
+        mask = prefix_attention_bias(prefix_lengths.to(images.device), num_patches, dtype)
     return encoder.forward_features(images, attn_mask=mask)

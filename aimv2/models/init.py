@@ -53,7 +53,8 @@ def init_encoder(encoder: VisionTransformer) -> None:
     init_blocks(encoder.blocks)
     weight = encoder.patch_embed.proj.weight  # (D, 3, p, p)
     nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # as a (D, 3*p*p) Linear
-    nn.init.normal_(encoder.pos_embed, std=0.02)
+    if encoder.pos_embed is not None:  # a native encoder's sin-cos embedding is fixed (aimv2.models.native)
+        nn.init.normal_(encoder.pos_embed, std=0.02)
 
 
 @torch.no_grad()

@@ -37,3 +37,65 @@ def prefix_attention_bias(prefix_lengths: torch.Tensor, num_patches: int,
     allowed = prefix_attention_mask(prefix_lengths, num_patches)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=prefix_lengths.device)
     return bias.masked_fill_(~allowed, float("-inf"))
+
+
+# -- packed rows (native resolution): several images per row, none attending to another ----------
+def packed_encoder_mask(patch_image: torch.Tensor, patch_pos: torch.Tensor,
+                        prefix_lengths: torch.Tensor | None) -> torch.Tensor:
+    """Boolean (R, 1, T, T) for packed encoder rows; True means "may attend".
+
+    patch_image (R, T): the image each token belongs to (-1: padding); patch_pos (R, T): its raster
+    index in that image; prefix_lengths (n,): each image's M, or None for full (inference) attention.
+    Within an image: the prefix rule above; across images: nothing. A padding token attends to itself
+    only, so no row is empty (its output is ignored)."""
+    same = (patch_image[:, :, None] == patch_image[:, None, :]) & (patch_image[:, :, None] >= 0)  # (R, T, T)
+    if prefix_lengths is not None:
+        m = prefix_lengths[patch_image.clamp_min(0)]  # (R, T): each query's image's M
+        key, query = patch_pos[:, None, :], patch_pos[:, :, None]
+        same = same & ((key < m[:, :, None]) | (key <= query))
+    eye = torch.eye(patch_image.shape[1], dtype=torch.bool, device=patch_image.device)
+    return (same | eye).unsqueeze(1)
+
+
+def packed_decoder_mask(dec_image: torch.Tensor) -> torch.Tensor:
+    """Boolean (R, 1, S, S) for packed decoder rows: causal within each image's segment (its patches,
+    then its caption, contiguous in the row), nothing across segments; padding attends to itself."""
+    same = (dec_image[:, :, None] == dec_image[:, None, :]) & (dec_image[:, :, None] >= 0)
+    idx = torch.arange(dec_image.shape[1], device=dec_image.device)
+    causal = idx[None, :] <= idx[:, None]
+    eye = torch.eye(dec_image.shape[1], dtype=torch.bool, device=dec_image.device)
+    return ((same & causal) | eye).unsqueeze(1)
+
+
+def as_bias(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A boolean mask as an additive SDPA bias (0 / -inf), built once and shared by every layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def packed_encoder_block_mask(patch_image: torch.Tensor, patch_pos: torch.Tensor,
+                              prefix_lengths: torch.Tensor | None):
+    """`packed_encoder_mask` as a FlexAttention BlockMask (GPU training; aimv2.models.attention)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, length = patch_image.shape
+    m = (prefix_lengths[patch_image.clamp_min(0)] if prefix_lengths is not None
+         else torch.full_like(patch_image, length))  # full attention: every key counts as prefix
+
+    def mask_mod(b, h, q, k):
+        same = (patch_image[b, q] == patch_image[b, k]) & (patch_image[b, q] >= 0)
+        visible = (patch_pos[b, k] < m[b, q]) | (patch_pos[b, k] <= patch_pos[b, q])
+        return (same & visible) | (q == k)
+
+    return create_block_mask(mask_mod, rows, None, length, length, device=patch_image.device)
+
+
+def packed_decoder_block_mask(dec_image: torch.Tensor):
+    """`packed_decoder_mask` as a FlexAttention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, length = dec_image.shape
+
+    def mask_mod(b, h, q, k):
+        return ((dec_image[b, q] == dec_image[b, k]) & (dec_image[b, q] >= 0) & (k <= q)) | (q == k)
+
+    return create_block_mask(mask_mod, rows, None, length, length, device=dec_image.device)
