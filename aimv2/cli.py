@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import importlib
+import io
 import signal
 import sys
 import warnings
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR2 PID` prints every thread's stack to stderr and the job carries on. Data workers
     # forked from it inherit the handler. SIGUSR1 is SLURM's checkpoint-and-requeue signal.
     if hasattr(signal, "SIGUSR2"):
-        faulthandler.register(signal.SIGUSR2, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR2, all_threads=True)
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # a stderr without a file descriptor
+            pass  # (a caller that captured it): no stack dumps, nothing else changes
     try:
         return int(args._run(args) or 0)
     except UserError as err:

@@ -22,7 +22,7 @@ from aimv2.data.shards import ShardSample, classes_json, shard_sample_count, wri
 from aimv2.errors import UserError
 
 
-def _image_bytes(fmt: str, seed: int, size: int = 16) -> bytes:
+def image_bytes(fmt: str, seed: int, size: int = 16) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format=fmt)
@@ -48,7 +48,7 @@ def image_folder(tmp_path: Path) -> tuple[Path, list[tuple[str, str, bytes]]]:
     for i in range(7):
         ext, fmt = [("png", "PNG"), ("jpg", "JPEG"), ("jpeg", "JPEG")][i % 3]
         rel = f"sub/img{i}.{ext}" if i == 4 else f"img{i}.{ext}"
-        data = _image_bytes(fmt, i)
+        data = image_bytes(fmt, i)
         (images / rel).write_bytes(data)
         entries.append((rel, f"caption number {i}, with a comma", data))
     return images, entries
@@ -95,7 +95,9 @@ def test_caption_round_trip(tmp_path, image_folder, kind):
         assert fields[ext] == data  # original bytes, never re-encoded
         assert fields["txt"].decode() == caption
         meta = json.loads(fields["json"])
-        assert meta == {"key": f"{i:09d}", "caption": caption, "cls": None, "source": str(images / rel)}
+        width, height = Image.open(io.BytesIO(data)).size  # recorded as img2dataset does (native resolution)
+        assert meta == {"key": f"{i:09d}", "caption": caption, "cls": None, "source": str(images / rel),
+                        "width": width, "height": height}
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total"] == 7 and manifest["urls"] == report.urls
@@ -201,7 +203,7 @@ def test_class_tree_round_trip(tmp_path):
     for cls, (name, fmt, ext) in enumerate([("cat", "PNG", "png"), ("dog", "JPEG", "jpg"), ("emu", "WEBP", "webp")]):
         (root / name).mkdir(parents=True)
         for i in range(3):
-            data = _image_bytes(fmt, 10 * cls + i)
+            data = image_bytes(fmt, 10 * cls + i)
             (root / name / f"{i}.{ext}").write_bytes(data)
             expected[data] = cls
     (root / "cat" / ".DS_Store").write_bytes(b"junk")  # hidden: ignored
@@ -229,13 +231,13 @@ def test_class_tree_round_trip(tmp_path):
 def test_class_tree_errors(tmp_path):
     root = tmp_path / "tree"
     (root / "a").mkdir(parents=True)
-    (root / "a" / "x.png").write_bytes(_image_bytes("PNG", 0))
+    (root / "a" / "x.png").write_bytes(image_bytes("PNG", 0))
     (root / "b").mkdir()
     (root / "b" / "readme.txt").write_text("no images here")
     with pytest.raises(UserError, match=rf"class directory has no images.*{root / 'b'}"):
         class_tree_samples(root)
     (tmp_path / "flat").mkdir()
-    (tmp_path / "flat" / "x.png").write_bytes(_image_bytes("PNG", 0))
+    (tmp_path / "flat" / "x.png").write_bytes(image_bytes("PNG", 0))
     with pytest.raises(UserError, match="no class directories"):
         class_tree_samples(tmp_path / "flat")
     with pytest.raises(UserError, match="class tree root not found"):
@@ -246,7 +248,7 @@ def test_class_tree_errors(tmp_path):
 def test_interrupted_write_leaves_only_complete_shards(tmp_path, error):
     def samples():
         for i in range(5):
-            yield ShardSample(f"{i:04d}", _image_bytes("PNG", i), "png", caption=f"c{i}")
+            yield ShardSample(f"{i:04d}", image_bytes("PNG", i), "png", caption=f"c{i}")
         raise error("stop mid-shard")
 
     out = tmp_path / "out"
@@ -259,7 +261,7 @@ def test_interrupted_write_leaves_only_complete_shards(tmp_path, error):
 
 def test_refuses_existing_shards_unless_overwrite(tmp_path):
     out = tmp_path / "out"
-    many = [ShardSample(f"k{i}", _image_bytes("PNG", i), "png") for i in range(5)]
+    many = [ShardSample(f"k{i}", image_bytes("PNG", i), "png") for i in range(5)]
     write_shards(many, out, samples_per_shard=2, progress=False)
     with pytest.raises(UserError, match=rf"{out} already holds 3 .tar shards"):
         write_shards(many[:1], out, progress=False)
@@ -308,7 +310,7 @@ def test_cli_captions_and_classes(tmp_path, image_folder, capsys):
     root = tmp_path / "tree"
     for name in ("b", "a"):
         (root / name).mkdir(parents=True)
-        (root / name / "0.png").write_bytes(_image_bytes("PNG", 1))
+        (root / name / "0.png").write_bytes(image_bytes("PNG", 1))
     assert cli.main(["shards", "classes", "--root", str(root), "--out", str(tmp_path / "cls")]) == 0
     assert json.loads((tmp_path / "cls" / "classes.json").read_text()) == ["a", "b"]
     assert cli.main(["shards", "classes", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "c2")]) == 2

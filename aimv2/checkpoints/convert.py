@@ -10,6 +10,11 @@ release at github.com/apple/ml-aim, transformers' models/aimv2/modeling_aimv2.py
   with q/k/v as three matrices where timm has one fused `qkv`.
 Keys a mapping does not know pass through unchanged, so a strict load lists them as unexpected
 instead of silently dropping weights.
+
+A native-resolution encoder (aimv2.models.native) has the same keys minus `pos_embed`: its sin-cos
+positions are computed, not stored, so the timm <-> hf mappings carry it unchanged (transformers
+computes the same table when its config says `is_native`). `native_to_learned` writes the table
+out for layouts that can only hold a learned one (timm's own).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from functools import cache
 
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from aimv2.models.native import grid_position_embedding
 
 StateDict = dict[str, torch.Tensor]
 
@@ -149,3 +156,13 @@ def apple_to_timm(state_dict: StateDict, model: VisionTransformer) -> StateDict:
     """ml-aim's release layout -> timm, by timm's own `checkpoint_filter_fn` (it also resamples the
     position embedding if `model` has another grid)."""
     return checkpoint_filter_fn(dict(state_dict), model)
+
+
+def native_to_learned(state_dict: StateDict, grid: tuple[int, int]) -> StateDict:
+    """A native encoder's timm state dict plus the `pos_embed` (1, gh*gw, D) a learned-table encoder of
+    that grid needs: its sin-cos table, exact on this grid only (another grid gets it resampled)."""
+    if "pos_embed" in state_dict:
+        raise ValueError("native_to_learned: the state dict already has a pos_embed (not a native encoder's)")
+    width = state_dict["patch_embed.proj.weight"].shape[0]  # (D, 3, p, p)
+    table = grid_position_embedding(int(grid[0]), int(grid[1]), int(width))  # (gh, gw, D), row-major
+    return {**state_dict, "pos_embed": table.reshape(1, -1, width)}

@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from aimv2.checkpoints.arch import (
@@ -43,8 +42,13 @@ def load_encoder(source: str | Path, img_size: int | None = None, *, heads: int 
     """(timm VisionTransformer in eval mode on the CPU, its eval preprocessing) from any checkpoint:
     this project's .ckpt, a DeepSpeed ZeRO directory, an `aimv2 export` directory, a timm or
     transformers directory, or Apple's ml-aim release. `img_size` (a multiple of the patch size)
-    resamples the position embedding to another resolution; `heads` is needed only for a bare state
-    dict whose shapes match no row of the size table."""
+    resamples the position embedding to another resolution (a native-resolution encoder takes any
+    grid as it is: there img_size only sets the nominal size, see resize_encoder); `heads` is needed
+    only for a bare state dict whose shapes match no row of the size table.
+
+    Native-resolution encoders (aimv2.models.native; `is_native` tells) come from a pre-training
+    checkpoint with `model.native: true`, an `aimv2` export of one, or a transformers config with
+    `is_native: true`."""
     loaded = load_checkpoint(source, img_size, heads=heads)
     return loaded.encoder, loaded.preprocessing
 
@@ -71,7 +75,12 @@ def load_checkpoint(source: str | Path, img_size: int | None = None, *, heads: i
 
 
 def resize_encoder(encoder: VisionTransformer, img_size: int, where: str = "encoder") -> None:
-    """Set another input resolution; timm resamples the position embedding (bicubic, as its loader does)."""
+    """Set another input resolution; timm resamples the position embedding (bicubic, as its loader does).
+
+    A native encoder has no table to resample (its sin-cos positions are exact on every grid): only
+    its nominal size moves (patch_embed.img_size / grid_size, which callers such as the compress
+    attachments read for the grid they will feed), so its features on any image are unchanged. The
+    size must still be a positive multiple of the patch size: the images fed at it are."""
     patch = encoder.patch_embed.patch_size[0]
     if img_size <= 0 or img_size % patch:
         raise UserError(f"img_size={img_size} does not fit {where}: not a positive multiple of its patch size {patch}")
@@ -101,7 +110,8 @@ def _encoder_parts(raw: RawCheckpoint, heads: int | None) -> tuple[dict, TimmRec
             spec = get_size(str(model.get("size")))
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
-        return state, recipe_from_size(spec, int(model.get("img_size", 224))), Preprocessing(0)
+        native = bool(model.get("native", False))  # absent in checkpoints from before native resolution
+        return state, recipe_from_size(spec, int(model.get("img_size", 224)), native), Preprocessing(0)
     if raw.format == "aimv2":
         try:
             return raw.tensors, TimmRecipe(**cfg["timm"]), Preprocessing.from_dict(cfg["preprocessing"])
@@ -111,10 +121,7 @@ def _encoder_parts(raw: RawCheckpoint, heads: int | None) -> tuple[dict, TimmRec
         recipe = recipe_from_timm_config(cfg, where) if cfg else recipe_from_shapes(raw.tensors, where, heads)
         return raw.tensors, recipe, Preprocessing.from_timm_cfg(cfg.get("pretrained_cfg", {}), 0)
     if raw.format == "hf":
-        state = _drop_head(hf_to_timm(raw.tensors), where)
-        vision = hf_vision_config(cfg)
-        if vision.get("is_native"):
-            state["pos_embed"] = _native_pos_embed(vision)
+        state = _drop_head(hf_to_timm(raw.tensors), where)  # is_native: no position weights, a native recipe
         recipe = recipe_from_hf_config(cfg, where) if cfg else recipe_from_shapes(state, where, heads)
         pre = Preprocessing.from_hf_processor(raw.preprocessor, 0) if raw.preprocessor else Preprocessing(0)
         return state, recipe, pre
@@ -124,22 +131,20 @@ def _encoder_parts(raw: RawCheckpoint, heads: int | None) -> tuple[dict, TimmRec
     return state, recipe, Preprocessing(0)
 
 
-def _native_pos_embed(cfg: dict) -> torch.Tensor:
-    """The fixed 2-D sin-cos table a native-resolution `Aimv2VisionModel` computes on the fly, at the
-    config's image size, as a learned-style (1, N, D) table (change resolution with img_size=)."""
-    try:
-        from transformers.models.aimv2.modeling_aimv2 import build_2d_sinusoidal_position_embedding
-    except ImportError:
-        raise UserError("a native-resolution transformers checkpoint needs transformers installed") from None
-    side = int(cfg.get("image_size", 224)) // int(cfg.get("patch_size", 14))
-    table = build_2d_sinusoidal_position_embedding(side, side, int(cfg.get("hidden_size", 1024)))  # (N, D)
-    half = table.shape[-1] // 2  # the [sin_w|cos_w|sin_h|cos_h] order transformers uses for AIMv2
-    return torch.cat([table[..., half:], table[..., :half]], dim=-1).unsqueeze(0)
-
-
 def _listing(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _native_hint(recipe: TimmRecipe, missing: list[str], unexpected: list[str]) -> str:
+    """A native encoder has no `pos_embed`: when that key alone tells the config and the weights apart, say so."""
+    if recipe.native and "pos_embed" in unexpected:
+        return ("; the config says native resolution (sin-cos positions, no pos_embed) but the weights hold a "
+                "learned position table")
+    if not recipe.native and "pos_embed" in missing:
+        return ("; weights without a position table are a native-resolution encoder's, which the config does not "
+                "say (model.native / is_native)")
+    return ""
 
 
 def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, recipe: TimmRecipe) -> None:
@@ -151,7 +156,8 @@ def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, re
     if missing or unexpected or mis_shaped:
         parts = [f"{label} {len(keys)} keys [{_listing(keys)}]" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if keys]
-        raise UserError(f"{raw.path}: {raw.format} weights do not fit the {recipe.name} encoder: " + "; ".join(parts))
+        raise UserError(f"{raw.path}: {raw.format} weights do not fit the {recipe.name} encoder: " + "; ".join(parts)
+                        + _native_hint(recipe, missing, unexpected))
     # fp32 on the CPU whatever the file holds (releases are often bf16); assign: the meta tensors are replaced.
     state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     encoder.load_state_dict(state, strict=True, assign=True)

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory (must not exist, see --overwrite)")
     parser.add_argument("--with-decoder", action="store_true", help="aimv2 format: also write the pre-training decoder")
     parser.add_argument("--img-size", type=int, help="export at another resolution (a multiple of the patch size); "
-                                                     "the position embedding is resampled")
+                                                     "the position embedding is resampled (a native-resolution "
+                                                     "encoder's sin-cos positions need none: only its nominal "
+                                                     "size changes)")
     parser.add_argument("--heads", type=int, help="attention heads, only for a bare state dict matching no size-table row")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 

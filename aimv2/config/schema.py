@@ -18,6 +18,10 @@ class ModelConfig:
     size: str = "debug"  # a row of aimv2.models.sizes.SIZES
     img_size: int = 224  # a multiple of the patch size (14)
     init_from: Optional[str] = None  # start from this checkpoint's weights, not a resume (aimv2.pretraining.init_from)
+    # Native resolution (aimv2.models.native): images at their own aspect ratio, 2-D sin-cos positions,
+    # packed rows under a token budget (data.native); img_size is then only the nominal size.
+    native: bool = False
+    attention: str = "auto"  # packed rows: "auto" (FlexAttention on CUDA, dense masked SDPA elsewhere), "sdpa", "flex"
 
     def validate(self) -> None:
         from aimv2.models.sizes import get_size
@@ -25,6 +29,8 @@ class ModelConfig:
         spec = get_size(self.size)
         check(self.img_size % spec.patch_size == 0, "img_size",
               f"{self.img_size} is not a multiple of the patch size {spec.patch_size}")
+        check(self.attention in ("auto", "sdpa", "flex"), "attention",
+              f"must be 'auto', 'sdpa' or 'flex', got {self.attention!r}")
 
 
 @dataclass
@@ -54,6 +60,27 @@ class TokenizerConfig:
 
 
 @dataclass
+class NativeDataConfig:
+    """Batches of a native-resolution run (model.native; aimv2.data.native): every image keeps its aspect
+    ratio with between min_patches and max_patches patches; images are packed, first-fit decreasing,
+    into `rows` rows of `row_tokens` encoder tokens (the batch's token budget is rows x row_tokens),
+    over windows of `window` samples."""
+
+    min_patches: int = 112
+    max_patches: int = 1024
+    row_tokens: int = 2048
+    rows: int = 8
+    window: int = 256  # samples packed together: larger packs tighter and holds more decoded images
+
+    def validate(self) -> None:
+        check(2 <= self.min_patches <= self.max_patches, "min_patches",
+              f"need 2 <= min_patches <= max_patches, got {self.min_patches} and {self.max_patches}")
+        check(self.row_tokens >= self.max_patches, "row_tokens",
+              f"{self.row_tokens} cannot hold an image of max_patches={self.max_patches}")
+        check(self.rows > 0 and self.window > 0, "rows", "rows and window must be > 0")
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     mode: str = "resampled"  # "resampled": infinite, shards drawn with replacement; "epoch": each sample once per epoch
@@ -65,6 +92,7 @@ class DataConfig:
     hflip: float = 0.5
     seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    native: NativeDataConfig = field(default_factory=NativeDataConfig)  # used when model.native
 
     def validate(self) -> None:
         check(len(self.sources) > 0, "sources", "no shard sources given (list of {urls, weight})")
@@ -182,6 +210,10 @@ class PretrainConfig:
     def validate(self) -> None:
         """What depends on two sections: how the run ends for the data mode."""
         t = self.trainer
+        if self.model.native:
+            check(self.data.mode == "resampled", "data.mode",
+                  "model.native packs images by token budget and streams in resampled mode only for now "
+                  "(ranks cannot plan equal batch counts per epoch without every image's size in advance)")
         if self.data.mode == "resampled":
             check(t.max_steps > 0, "trainer.max_steps", "must be > 0 in resampled (infinite) data mode")
         else:

@@ -23,7 +23,7 @@ class CorruptSample(Exception):
     """A sample that cannot be used (undecodable image, missing or empty caption)."""
 
 
-def _image_bytes(sample: dict) -> bytes:
+def image_bytes(sample: dict) -> bytes:
     for ext in IMAGE_EXTS:
         data = sample.get(ext)
         if data is not None:
@@ -31,8 +31,17 @@ def _image_bytes(sample: dict) -> bytes:
     raise CorruptSample(f"no image ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')!r}")
 
 
+def image_header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an encoded image's header, without decoding its pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception as err:  # noqa: BLE001 - any header error means an unusable image
+        raise CorruptSample(f"unreadable image header ({type(err).__name__})") from None
+
+
 def decode_image(sample: dict) -> Image.Image:
-    data = _image_bytes(sample)
+    data = image_bytes(sample)
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")  # forces a full decode: truncated files fail here, not later
@@ -44,7 +53,7 @@ def decode_image_tensor(sample: dict) -> torch.Tensor:
     """uint8 (3, H, W) RGB, decoded by torchvision (libjpeg-turbo, as PIL: the same pixels) straight
     into a tensor, so the tensor transforms that follow skip PIL's much slower resampling
     (benchmarks/results/data_pipeline.md). Formats torchvision cannot read go through PIL."""
-    data = _image_bytes(sample)
+    data = image_bytes(sample)
     try:
         return decode_image_bytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:

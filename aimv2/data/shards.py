@@ -25,7 +25,7 @@ from pathlib import Path
 import webdataset
 from PIL import Image
 
-from aimv2.data.samples import IMAGE_EXTS
+from aimv2.data.samples import IMAGE_EXTS, CorruptSample, image_header_size
 from aimv2.fileio import atomic_write, publish_file
 from aimv2.errors import UserError
 from aimv2.progress import progress as progress_bar
@@ -113,6 +113,10 @@ class _OpenShard:
 
     def write(self, sample: ShardSample, ext: str) -> None:
         meta = {"key": sample.key, "caption": sample.caption, "cls": sample.cls, "source": sample.source}
+        try:  # as img2dataset records them: a native-resolution stream sizes samples without decoding
+            meta["width"], meta["height"] = image_header_size(sample.image)
+        except CorruptSample:
+            pass  # an unreadable image (written unverified): the reader skips and counts it
         members: dict[str, bytes | str] = {"__key__": sample.key, ext: sample.image}
         members["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
         if sample.caption is not None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from itertools import islice
 from typing import Callable, Iterator, Optional
 
@@ -36,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from aimv2.cpu_tuning import tune_cpu_allocator
 from aimv2.data.readers import Mixture, Resampler, ShardSequence, split_positions, stable_seed
 from aimv2.data.samples import CorruptSample
+from aimv2.data.native import Packing, pack_batches
 from aimv2.data.shardlist import ShardInfo
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,16 @@ class ShardStream(IterableDataset):
         num_workers: int = 0,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        packing: Optional[Packing] = None,
     ):
         super().__init__()
         self.sources, self.process, self.collate = sources, process, collate
+        # Native resolution: batches by token budget (see `_packed_batches`); process(sample, grid) and
+        # collate(items, rows) then take the packer's grid and row placement.
+        self.packing = packing
+        if packing is not None and mode != "resampled":
+            raise ValueError("native-resolution packing streams in resampled mode only for now: ranks cannot "
+                             "plan equal batch counts per epoch without every image's size in advance")
         self.batch_size, self.mode = batch_size, mode
         self.rank, self.world_size = rank, world_size
         self.workers_per_rank = max(1, num_workers)
@@ -123,14 +131,20 @@ class ShardStream(IterableDataset):
         return self.plan.batches_per_slot * self.workers_per_rank
 
     @property
+    def head(self) -> int:
+        """Position fields before the reader's; packing adds the batches done in the current window."""
+        return HEAD + (self.packing is not None)
+
+    @property
     def position_width(self) -> int:
-        return HEAD + (ShardSequence.width if self.plan is not None else Resampler.width * len(self.sources))
+        return self.head + (ShardSequence.width if self.plan is not None else Resampler.width * len(self.sources))
 
     def layout(self) -> dict:
         """What a saved position depends on; a resume under another layout cannot continue it."""
         return {"mode": self.mode, "world_size": self.world_size, "workers": self.workers_per_rank,
                 "batch_size": self.batch_size, "seed": self.seed, "segment": self.segment,
-                "sources": [[s.name, len(s.shards)] for s in self.sources]}
+                "sources": [[s.name, len(s.shards)] for s in self.sources],
+                **({"packing": list(astuple(self.packing))} if self.packing is not None else {})}
 
     def set_epoch(self, epoch: int) -> None:
         self.start_iteration(epoch, None)
@@ -193,14 +207,18 @@ class ShardStream(IterableDataset):
 
     def _resampled(self, logical: int, start: Optional[tuple]) -> Iterator[dict]:
         key = (self.rank, logical, self.epoch)
-        _, seg, taken, produced, *flat = start or (0, 0, 0, 0)
+        start = start or (0,) * self.head
+        seg, taken, produced, flat = start[1], start[2], start[3], start[self.head:]
         widths = [Resampler.width] * len(self.sources)
         positions = split_positions(tuple(flat), widths) if flat else [(0, 0)] * len(self.sources)
         readers = [Resampler([s.url for s in src.shards], self._read_one, str(self._key(*key, "source", i)), pos)
                    for i, (src, pos) in enumerate(zip(self.sources, positions, strict=True))]
         mixture = Mixture(readers, [src.weight for src in self.sources])
         tagged = self._segments(mixture, mixture.take, seg, taken, key)
-        yield from self._batches(tagged, logical, 0, produced)
+        if self.packing is not None:
+            yield from self._packed_batches(tagged, logical, 0, produced, start[HEAD] if len(start) > HEAD else 0)
+        else:
+            yield from self._batches(tagged, logical, 0, produced)
 
     def _epoch_slot(self, logical: int, start: Optional[tuple]) -> Iterator[dict]:
         plan, slot = self.plan, self.rank * self.workers_per_rank + logical
@@ -261,6 +279,63 @@ class ShardStream(IterableDataset):
                 batch["seed"] = self._key(self.rank, logical, self.epoch, pas, seg, count, "batch")
                 yield batch
                 items, keys, skipped, self._shard_errors = [], [], 0, 0
+
+
+    def _packed_batches(self, tagged: Iterator[tuple[dict, tuple]], logical: int, pas: int, produced: int,
+                        done: int) -> Iterator[dict]:
+        """Native resolution: windows of `packing.window` raw samples are measured without decoding
+        (their grids), packed first-fit decreasing into batches of rows under the token budget
+        (aimv2.data.native.pack_batches), then decoded batch by batch. A batch's position is its
+        window's first sample plus the batches of that window already done (`done` on a resume), so a
+        restart re-reads and re-packs the same window, skips those batches, and continues exactly.
+        A corrupt header counts in the window's first batch, an undecodable image in its own."""
+        packing = self.packing
+        while True:
+            window = list(islice(tagged, packing.window))
+            if not window:
+                return
+            seg, count, start = window[0][1]
+            measured, carried = [], 0
+            for sample, tag in window:
+                try:  # the crop is drawn from the sample's own seed: the same plan after a resume
+                    with _cpu_rng(self._key(self.rank, logical, self.epoch, pas, tag[0], tag[1], "plan")):
+                        measured.append((sample, tag, packing.plan(sample)))
+                except CorruptSample as err:
+                    carried += 1
+                    log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
+            lengths = [plan.grid[0] * plan.grid[1] for _, _, plan in measured]
+            batches = pack_batches(lengths, packing.row_tokens, packing.rows) if measured else []
+            for k, rows in enumerate(batches):
+                if k < done:  # emitted before the checkpoint this run resumed from, with every skip it counted
+                    carried = 0
+                    continue
+                items, keys, index = [], [], {}
+                for row in rows:
+                    for i in row:
+                        sample, (s_seg, s_count, _), plan = measured[i]
+                        try:
+                            with _cpu_rng(self._key(self.rank, logical, self.epoch, pas, s_seg, s_count)):
+                                items.append(self.process(sample, plan))
+                        except CorruptSample as err:
+                            carried += 1
+                            log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
+                            continue
+                        index[i] = len(items) - 1
+                        keys.append(sample.get("__key__"))
+                placed = [[index[i] for i in row if i in index] for row in rows]
+                placed = [row for row in placed if row]
+                if not placed:  # every image of this batch was corrupt: its count goes with the next one
+                    continue
+                produced += 1
+                batch = self.collate(items, placed)
+                batch["skipped"] = torch.tensor(carried)
+                batch["shard_errors"] = torch.tensor(self._shard_errors)
+                batch.setdefault("keys", keys)
+                batch["stream_pos"] = [logical, pas, seg, count - 1, produced, k + 1, *start]
+                batch["seed"] = self._key(self.rank, logical, self.epoch, pas, seg, count, k, "batch")
+                yield batch
+                carried, self._shard_errors = 0, 0
+            done = 0
 
 
 @contextmanager

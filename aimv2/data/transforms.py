@@ -65,3 +65,15 @@ def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -
     mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=dtype, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD, dtype=dtype, device=images.device).view(1, 3, 1, 1)
     return images.to(dtype).div_(255).sub_(mean).div_(std)
+
+
+def normalize_patch_pixels(patches: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 packed patches (..., p*p*3), pixels in (row, column, channel) order (aimv2.objective.patchify)
+    -> CLIP-normalized floats, the arithmetic of `normalize_images`; floating inputs are returned unchanged."""
+    if patches.is_floating_point():
+        return patches
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=dtype, device=patches.device)
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=dtype, device=patches.device)
+    shape = patches.shape
+    pixels = patches.to(dtype).view(*shape[:-1], -1, 3)  # (..., p*p, 3): the channel varies fastest
+    return pixels.div_(255).sub_(mean).div_(std).view(shape)

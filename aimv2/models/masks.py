@@ -17,6 +17,12 @@ def sample_prefix_lengths(
     return torch.randint(1, num_patches, (batch_size,), device=device, generator=generator)
 
 
+def sample_prefix_lengths_per_image(num_patches: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) int64 prefix lengths, each uniform in [1, N_i - 1] for its image's N_i patches (N_i >= 2)."""
+    draws = torch.rand(num_patches.shape, generator=generator, dtype=torch.float64)
+    return 1 + (draws * (num_patches - 1)).long().clamp_max(num_patches - 2)
+
+
 def prefix_attention_mask(prefix_lengths: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Boolean SDPA mask (B, 1, N, N); True means "may attend". Broadcasts over heads."""
     idx = torch.arange(num_patches, device=prefix_lengths.device)

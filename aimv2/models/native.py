@@ -60,9 +60,13 @@ class SinCosPatchEmbed(PatchEmbed):
         return x + grid_position_embedding(x.shape[1], x.shape[2], x.shape[3], x.device, x.dtype)
 
 
+# What turns timm's aimv2 VisionTransformer into a native one (also used by aimv2.checkpoints.arch).
+NATIVE_TIMM_KWARGS = {"embed_layer": SinCosPatchEmbed, "pos_embed": "none", "dynamic_img_size": True}
+
+
 def build_native_encoder(spec: SizeSpec, img_size: int = 224) -> VisionTransformer:
     """A timm aimv2 encoder for any grid; `img_size` is only its nominal size (timm's pretrained_cfg)."""
-    return build_encoder(spec, img_size, embed_layer=SinCosPatchEmbed, pos_embed="none", dynamic_img_size=True)
+    return build_encoder(spec, img_size, **NATIVE_TIMM_KWARGS)
 
 
 def is_native(encoder: VisionTransformer) -> bool:

@@ -18,6 +18,9 @@ What is taken from the checkpoint:
   (`data.tokenizer.max_length`), so a decoder fits at any resolution. The vocabulary and caption
   length must match the run's tokenizer.
 
+A native-resolution run (model.native) continues a fixed-size one the same way, except that its
+encoder's positions are the fixed 2-D sin-cos embedding: the learned table stays behind.
+
 Anything that does not fit (another size, another tokenizer) is one UserError listing it; nothing
 is half-loaded. When the run resumes from its own checkpoint, `init_from` is ignored: the resumed
 weights win, and the log says so.
@@ -35,6 +38,7 @@ from aimv2.checkpoints.load import LoadedEncoder, load_checkpoint, read_decoder
 from aimv2.config import ModelConfig
 from aimv2.errors import UserError
 from aimv2.models.aimv2 import AIMv2
+from aimv2.models.native import is_native
 
 KEY = "model.init_from"
 
@@ -67,7 +71,7 @@ def init_from_checkpoint(model: AIMv2, source: str | Path) -> list[str]:
     if problems:
         raise UserError(f"{KEY}: {loaded.raw.path} does not fit model.size={model.spec.name}: " + "; ".join(problems))
     with torch.no_grad():
-        model.encoder.load_state_dict(loaded.encoder.state_dict(), strict=True)
+        model.encoder.load_state_dict(_encoder_state(model, loaded), strict=True)
         if decoder is not None:
             model.decoder.load_state_dict(decoder[0], strict=True)
     return _describe(model, loaded, decoder is not None)
@@ -85,8 +89,17 @@ def _encoder_problems(model: AIMv2, loaded: LoadedEncoder) -> list[str]:
     differ = [f"{k} {found[k]} vs {v}" for k, v in wanted.items() if found[k] != v]
     problems = [f"encoder {', '.join(differ)} (checkpoint vs config)"] if differ else []
     if not differ:  # same dimensions: a key-level mismatch would be a bug worth naming
-        problems += [f"encoder {p}" for p in _state_problems(model.encoder, loaded.encoder.state_dict())]
+        problems += [f"encoder {p}" for p in _state_problems(model.encoder, _encoder_state(model, loaded))]
     return problems
+
+
+def _encoder_state(model: AIMv2, loaded: LoadedEncoder) -> dict[str, torch.Tensor]:
+    """The checkpoint's encoder weights for `model`: a native encoder (2-D sin-cos positions, fixed)
+    continuing a fixed-size run leaves that run's learned position table behind."""
+    state = loaded.encoder.state_dict()
+    if is_native(model.encoder):
+        state.pop("pos_embed", None)
+    return state
 
 
 def _listing(keys: list[str], limit: int = 4) -> str:
@@ -109,7 +122,12 @@ def _describe(model: AIMv2, loaded: LoadedEncoder, with_decoder: bool) -> list[s
     patch = model.spec.patch_size
     trained, now = loaded.trained_size, model.img_size
     where = f"{loaded.raw.path} ({loaded.raw.format})"
-    if trained == now:
+    if is_native(model.encoder):
+        replaced = ("" if is_native(loaded.encoder) else
+                    f"; its learned position table ({(trained // patch) ** 2} tokens) is replaced by the native "
+                    "2-D sin-cos embedding, which serves any grid")
+        encoder = f"{KEY}: encoder from {where} trained at {trained} px{replaced}"
+    elif trained == now:
         encoder = f"{KEY}: encoder from {where} at {trained} px ({(trained // patch) ** 2} tokens), as trained"
     else:
         encoder = (f"{KEY}: encoder from {where} trained at {trained} px ({(trained // patch) ** 2} tokens) -> "

@@ -26,8 +26,9 @@ import torch
 from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig, as_section
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
-from aimv2.models.masks import sample_prefix_lengths
-from aimv2.objective import aimv2_loss
+from aimv2.models.attention import attention_backend
+from aimv2.models.masks import sample_prefix_lengths, sample_prefix_lengths_per_image
+from aimv2.objective import Losses, aimv2_loss, packed_aimv2_loss
 from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
 from aimv2.engine.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
 
@@ -55,7 +56,8 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self.objective, self.optim_cfg = objective, optim
         self.max_nonfinite_steps = max_nonfinite_steps
         self.spec = get_size(model.size)
-        self.model = AIMv2(self.spec, model.img_size, vocab_size, max_text_len)
+        self.model = AIMv2(self.spec, model.img_size, vocab_size, max_text_len, native=model.native)
+        self.attention = model.attention  # packed rows: resolved per device (aimv2.models.attention)
         self._no_decay = no_decay_names(self.model)  # before any wrapper flattens the parameters
         # Running totals live in buffers so they are summed across ranks and saved in checkpoints.
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
@@ -68,17 +70,12 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self._steps_counted = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
         # Prefix lengths from the batch's own seed (set by the stream): the same after a resume.
         generator = torch.Generator().manual_seed(int(batch["seed"])) if "seed" in batch else None
-        prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator)
-        if images.is_cuda:  # from pinned memory the copy is asynchronous: no host sync
-            prefix = prefix.pin_memory().to(images.device, non_blocking=True)
-        token_index = batch.get("token_index")  # from the collator: packing without a device sync
-        pixels, logits = self.model(images, tokens, prefix, token_mask, token_index)  # logits (n_real_tokens, V)
-        losses = aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
-                            alpha=self.objective.alpha, text_weight=self.objective.text_weight,
-                            token_index=token_index)
+        if "patches" in batch:
+            losses, num_images = self._packed_losses(batch, generator)
+        else:
+            losses, num_images = self._losses(batch, generator)
         finite = torch.isfinite(losses.total.detach())
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.skipped_samples += batch["skipped"]
@@ -89,8 +86,35 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("data/skipped_samples", self.skipped_samples.float(), reduce_fx="sum", sync_dist=True)
         self.log("data/shard_errors", self.shard_errors.float(), reduce_fx="sum", sync_dist=True)
-        self._log_throughput(images.shape[0])
+        self._log_throughput(num_images)
         return losses.total
+
+    def _losses(self, batch: dict, generator) -> tuple[Losses, int]:
+        images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
+        prefix = self._to_device(sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator),
+                                 images)
+        token_index = batch.get("token_index")  # from the collator: packing without a device sync
+        pixels, logits = self.model(images, tokens, prefix, token_mask, token_index)  # logits (n_real_tokens, V)
+        return aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
+                          alpha=self.objective.alpha, text_weight=self.objective.text_weight,
+                          token_index=token_index), images.shape[0]
+
+    def _packed_losses(self, batch: dict, generator) -> tuple[Losses, int]:
+        """Native resolution: packed rows of images of any grid (aimv2.models.packing); one prefix
+        length per image, uniform in [1, N_i - 1] for its own N_i patches."""
+        patches, tokens, layout = batch["patches"], batch["tokens"], batch["layout"]
+        counts = torch.tensor(batch["grid_patches"])  # a list from the collator: on the host, no sync
+        prefix = self._to_device(sample_prefix_lengths_per_image(counts, generator=generator), patches)
+        backend = attention_backend(self.attention, patches.device)
+        pixels, logits = self.model.forward_packed(patches, tokens, layout, prefix, backend=backend)
+        return packed_aimv2_loss(pixels, logits, patches, tokens, layout, prefix, alpha=self.objective.alpha,
+                                 text_weight=self.objective.text_weight), tokens.shape[0]
+
+    @staticmethod
+    def _to_device(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.is_cuda:  # from pinned memory the copy is asynchronous: no host sync
+            return values.pin_memory().to(like.device, non_blocking=True)
+        return values
 
     # -- the non-finite guard --------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -21,6 +21,7 @@ from aimv2.engine.resume import resolve_resume
 from aimv2.engine.strategy import prepare_model
 from aimv2.engine.run_dir import RunDir
 from aimv2.engine.trainer import build_trainer
+from aimv2.models.sizes import get_size
 from aimv2.viz.callback import visualization_callbacks
 
 
@@ -32,15 +33,17 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
     resume = resolve_resume(cfg.trainer.resume, run.checkpoints)  # before any work: bad paths fail fast
     check_launch(cfg.trainer)
     claim_run_dir(run, cfg.trainer.resume, cfg.trainer.overwrite)
-    data = PretrainDataModule(cfg.data, cfg.model.img_size)
+    data = PretrainDataModule(cfg.data, cfg.model.img_size,
+                              native_patch=get_size(cfg.model.size).patch_size if cfg.model.native else None)
     module = AIMv2PretrainModule(cfg.model, cfg.objective, cfg.optim, vocab_size=data.vocab_size,
                                  max_text_len=cfg.data.tokenizer.max_length,
                                  max_nonfinite_steps=cfg.trainer.max_nonfinite_steps)
     loaded = apply_init_from(module.model, cfg.model, resume)  # before any wrapper renames the parameters
     prepare_model(module.model, cfg.trainer)
+    # The prediction frames draw fixed-size batches; packed native rows have none to draw yet.
+    frames = [] if cfg.model.native else visualization_callbacks(cfg.visualize, run, data.tokenizer)
     trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip, batch_size=cfg.data.batch_size,
-                            extra_callbacks=[*visualization_callbacks(cfg.visualize, run, data.tokenizer),
-                                             *callbacks])
+                            extra_callbacks=[*frames, *callbacks])
     if isinstance(trainer.accelerator, CPUAccelerator):
         tune_cpu_allocator()  # for Python callers; the aimv2 command has already done it (aimv2.cpu_tuning)
     if trainer.is_global_zero:
@@ -51,6 +54,9 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
             print(f"resuming from {resume}", flush=True)
         for line in loaded:  # what model.init_from loaded, or why it was ignored
             print(line, flush=True)
+        if cfg.model.native and cfg.visualize.every_n_steps > 0:
+            print("visualize.every_n_steps: no prediction frames for a native-resolution run (packed rows; "
+                  "not drawn yet)", flush=True)
     preemption = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
     for callback in preemption:
         callback.install()  # a signal during start-up must not kill the job before training begins
