@@ -81,12 +81,12 @@ def varied_shards(tmp_path, n: int, corrupt=()):
     return StreamSource("v", resolve_shards(report.urls, "v", need_counts=True))
 
 
-def packed_loader(tmp_path, src, workers=2, window=12, seed=0):
+def packed_loader(tmp_path, src, workers=2, window=12, seed=0, mode="resampled", batch_size=1):
     tokenizer = build_tokenizer(TokenizerConfig(kind="words", path=str(words(tmp_path)), max_length=6))
     packing = Packing(P, 4, 24, row_tokens=32, rows=2, window=window, crop_scale=(0.7, 1.0), crop_ratio=(0.5, 2.0))
     stream = ShardStream([src], process=NativeImageCaptionProcessor(NativeResizeFlip(P, 0.5), decode_image_tensor),
-                         collate=PackedCollator(tokenizer, P, 32), batch_size=1, mode="resampled", num_workers=workers,
-                         seed=seed, shuffle_buffer=5, packing=packing)
+                         collate=PackedCollator(tokenizer, P, 32), batch_size=batch_size, mode=mode,
+                         num_workers=workers, seed=seed, shuffle_buffer=5, packing=packing)
     stream.segment = 10  # windows straddle segment boundaries
     return EpochAwareLoader(stream, num_workers=workers, gather=lambda table: table[None])
 
@@ -164,3 +164,35 @@ def test_corrupt_samples_are_skipped_and_counted_once(tmp_path):
             break
     assert seen == 24 - corrupt and sum(int(b["skipped"]) for b in first_window) == corrupt
     assert not {"s0002", "s0007", "s0015"} & {k for b in first_window for k in b["keys"]}
+
+
+def test_a_packed_epoch_holds_each_sample_once_and_continues_exactly(tmp_path):
+    """Epoch mode: batch_size images per batch in as many rows as they need (steps planned from counts)."""
+    src = varied_shards(tmp_path, 40, corrupt={5})  # 5 shards of 9 / 4 over 2 workers
+    loader = packed_loader(tmp_path, src, mode="epoch", batch_size=4)
+    per_epoch = len(loader)
+    full = []
+    for _ in range(2):
+        got = []
+        for batch in loader:
+            loader.mark_consumed(batch["stream_pos"])
+            got.append(fingerprint(batch))
+        full.append(got)
+    assert len(full[0]) == per_epoch == len(full[1])
+    keys = [k for keys, *_ in full[0] for k in keys]
+    assert len(keys) == len(set(keys)) and "s0005" not in keys  # once each, the corrupt one skipped
+    assert sum(len(keys) for keys, *_ in full[0]) + sum(skip for *_, skip in full[0]) == per_epoch * 4
+    for k in (1, per_epoch // 2, per_epoch - 1):
+        cut = packed_loader(tmp_path, src, mode="epoch", batch_size=4)
+        head = [fingerprint(b) for b in take(cut, k)]
+        state = cut.position_state()
+        rest = packed_loader(tmp_path, src, mode="epoch", batch_size=4)
+        rest.load_position_state(state)
+        tail = []
+        for _ in range(2):
+            got = []
+            for batch in rest:
+                rest.mark_consumed(batch["stream_pos"])
+                got.append(fingerprint(batch))
+            tail.append(got)
+        assert head + tail[0] == full[0] and tail[1] == full[1], f"cut after {k} batches"

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
 import torch
 
 from aimv2.config import load_config
 from aimv2.engine.metrics import read_metric
-from aimv2.errors import UserError
+from aimv2.engine.stream_state import read_sample_log
 from aimv2.pretraining.pretrain import pretrain
 from conftest import REPO
 from test_native_data import SIZES, jpeg, words
@@ -72,6 +71,15 @@ def test_a_native_stage_continues_a_fixed_size_run(tmp_path, capsys):
     assert "model.encoder.pos_embed" in a and "model.encoder.pos_embed" not in b
 
 
-def test_native_runs_refuse_epoch_mode_in_one_line(tmp_path):
-    with pytest.raises(UserError, match="data.mode.*resampled mode only"):
-        config(tmp_path, "x", "/nonexistent.tar", "data.mode=epoch", "trainer.max_epochs=1")
+def test_a_native_epoch_sees_every_sample_once_on_two_workers(tmp_path):
+    """Epoch mode: a batch is data.batch_size images packed into as many rows as they need, so the
+    step count is planned from sample counts and the sample log shows each sample once per epoch."""
+    urls = shards(tmp_path)  # 48 samples in 3 shards of 16
+    run = pretrain(config(tmp_path, "epochs", urls, "data.mode=epoch", "data.batch_size=5", "data.num_workers=2",
+                          "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.log_samples=true"))
+    log = read_sample_log(run.root / "logs/samples/rank0.tsv")
+    # 3 shards over 2 slots: 32 and 16 samples -> 16 // 5 = 3 batches per slot, 6 per epoch
+    assert last(run.root)["global_step"] == 12 and [step for _, _, step, _ in log] == list(range(1, 13))
+    for epoch in (0, 1):
+        keys = [k for e, _, _, batch in log if e == epoch for k in batch]
+        assert len(keys) == 30 and len(set(keys)) == 30, f"epoch {epoch}: a sample repeated"

@@ -63,8 +63,10 @@ class TokenizerConfig:
 class NativeDataConfig:
     """Batches of a native-resolution run (model.native; aimv2.data.native): every image keeps its aspect
     ratio with between min_patches and max_patches patches; images are packed, first-fit decreasing,
-    into `rows` rows of `row_tokens` encoder tokens (the batch's token budget is rows x row_tokens),
-    over windows of `window` samples."""
+    into rows of `row_tokens` encoder tokens. Resampled mode: `rows` rows per batch (the batch's token
+    budget is rows x row_tokens), packed over windows of `window` samples. Epoch mode: a batch is
+    data.batch_size images in as many rows as they need, so that every rank plans the same number of
+    steps from sample counts and each sample is seen once per epoch (tokens per step then vary)."""
 
     min_patches: int = 112
     max_patches: int = 1024
@@ -210,10 +212,6 @@ class PretrainConfig:
     def validate(self) -> None:
         """What depends on two sections: how the run ends for the data mode."""
         t = self.trainer
-        if self.model.native:
-            check(self.data.mode == "resampled", "data.mode",
-                  "model.native packs images by token budget and streams in resampled mode only for now "
-                  "(ranks cannot plan equal batch counts per epoch without every image's size in advance)")
         if self.data.mode == "resampled":
             check(t.max_steps > 0, "trainer.max_steps", "must be > 0 in resampled (infinite) data mode")
         else:

@@ -86,10 +86,12 @@ def place_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def pack_batches(lengths: Sequence[int], row_tokens: int, rows_per_batch: int) -> list[list[list[int]]]:
+def pack_batches(lengths: Sequence[int], row_tokens: int, rows_per_batch: int | None) -> list[list[list[int]]]:
     """`place_rows`, then rows grouped into batches of `rows_per_batch` (the last may hold fewer),
-    fullest rows first so that any short batch is the emptiest."""
+    fullest rows first so that any short batch is the emptiest; None: one batch of all the rows."""
     rows = place_rows(lengths, row_tokens)
+    if rows_per_batch is None:
+        return [rows] if rows else []
     rows.sort(key=lambda row: -sum(lengths[i] for i in row))
     return [rows[k:k + rows_per_batch] for k in range(0, len(rows), rows_per_batch)]
 
@@ -121,7 +123,7 @@ class Packing:
     min_patches: int
     max_patches: int
     row_tokens: int
-    rows: int
+    rows: int | None  # None: every row a window needs, in one batch (epoch mode; aimv2.data.stream)
     window: int
     crop_scale: tuple[float, float] = (1.0, 1.0)
     crop_ratio: tuple[float, float] = (1.0, 1.0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from itertools import islice
 from typing import Callable, Iterator, Optional
 
@@ -101,10 +101,12 @@ class ShardStream(IterableDataset):
         self.sources, self.process, self.collate = sources, process, collate
         # Native resolution: batches by token budget (see `_packed_batches`); process(sample, grid) and
         # collate(items, rows) then take the packer's grid and row placement.
+        if packing is not None and mode == "epoch":
+            # Every rank must run the same number of steps, planned from sample counts (image sizes are
+            # unknown until read): a batch is `batch_size` samples, packed into as many rows as they
+            # need. Each sample once per epoch as in fixed-size epochs; the tokens per step vary.
+            packing = replace(packing, window=batch_size, rows=None)
         self.packing = packing
-        if packing is not None and mode != "resampled":
-            raise ValueError("native-resolution packing streams in resampled mode only for now: ranks cannot "
-                             "plan equal batch counts per epoch without every image's size in advance")
         self.batch_size, self.mode = batch_size, mode
         self.rank, self.world_size = rank, world_size
         self.workers_per_rank = max(1, num_workers)
@@ -223,7 +225,9 @@ class ShardStream(IterableDataset):
     def _epoch_slot(self, logical: int, start: Optional[tuple]) -> Iterator[dict]:
         plan, slot = self.plan, self.rank * self.workers_per_rank + logical
         quota = plan.batches_per_slot
-        pas, seg, taken, produced, *reader_pos = start or (0, 0, 0, 0, 0, 0, 0)
+        start = start or (0,) * (self.head + ShardSequence.width)
+        pas, seg, taken, produced = start[:HEAD]
+        done, reader_pos = (start[HEAD] if self.packing is not None else 0), start[self.head:]
         while produced < quota:
             urls = list(plan.slot_shards[slot])
             keep = None
@@ -242,7 +246,9 @@ class ShardStream(IterableDataset):
 
             tagged = self._segments(reader, take, seg, taken, (self.rank, logical, self.epoch, pas))
             before = produced
-            for batch in self._batches(tagged, logical, pas, produced):
+            batches = (self._packed_batches(tagged, logical, pas, produced, done) if self.packing is not None
+                       else self._batches(tagged, logical, pas, produced))
+            for batch in batches:
                 yield batch
                 produced += 1
                 if produced == quota:
@@ -253,7 +259,7 @@ class ShardStream(IterableDataset):
             # so that all ranks still run the same number of steps.
             log.warning("slot %d fell %d batch(es) short (corrupt samples); re-reading its shards", slot,
                         quota - produced)
-            pas, seg, taken, reader_pos = pas + 1, 0, 0, (0, 0, 0)
+            pas, seg, taken, done, reader_pos = pas + 1, 0, 0, 0, (0, 0, 0)
 
     def _batches(self, tagged: Iterator[tuple[dict, tuple]], logical: int, pas: int, produced: int) -> Iterator[dict]:
         items, keys, skipped, warned = [], [], 0, 0
