@@ -73,6 +73,9 @@ class ProbeConfig:
     run_dir: str = ""  # "" = <checkpoint's run dir>/probe
     mode: str = "cached"  # cached: features once, heads train many epochs fast; augmented: the paper's protocol
     img_size: int = 0  # 0 = the encoder's training resolution
+    # [min, max] patches: probe at native resolution (each image at its own aspect ratio, its grid within
+    # the range; a native encoder, model.native, is needed; cached mode). [] = square img_size images.
+    native_patches: list[int] = field(default_factory=list)
     cache_dtype: str = "float32"  # dtype of cached features; float16 halves the file (see the README)
     accelerator: str = "auto"  # auto | cpu | cuda
     devices: int = 1  # processes (torch.distributed; gloo on CPU, nccl on CUDA): extraction in cached mode, training in augmented
@@ -88,6 +91,10 @@ class ProbeConfig:
         check(self.accelerator in ("auto", "cpu", "cuda"), "accelerator", "must be auto, cpu or cuda")
         check(self.devices >= 1, "devices", "must be >= 1")
         check(self.img_size >= 0, "img_size", "must be >= 0 (0 = the encoder's)")
+        if self.native_patches:
+            check(len(self.native_patches) == 2 and 2 <= self.native_patches[0] <= self.native_patches[1],
+                  "native_patches", f"must be [min, max] with 2 <= min <= max, got {self.native_patches}")
+            check(self.mode == "cached", "native_patches", "native-resolution probing runs in cached mode only")
 
     def resolved_run_dir(self) -> Path:
         """run_dir, or RUN/probe for a checkpoint in RUN/checkpoints/ (aimv2.engine.run_dir), else runs/probe."""

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from aimv2.data.every_sample import every_sample_loader
+from aimv2.data.native import native_grid
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, decode_image
 from aimv2.data.shardlist import ShardInfo, resolve_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
@@ -144,11 +145,27 @@ def _load_file(path: str, transform: Callable) -> torch.Tensor:
     return transform(image)
 
 
+class NativeEvalTransform:
+    """PIL image -> normalized float tensor at its own aspect ratio: resized (bicubic) to the patch grid
+    `aimv2.data.native.native_grid` gives it within [min_patches, max_patches]; no crop."""
+
+    def __init__(self, patch: int, min_patches: int, max_patches: int, mean, std):
+        self.patch, self.min_patches, self.max_patches = patch, min_patches, max_patches
+        self.tail = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        gh, gw = native_grid(image.width, image.height, self.patch, self.min_patches, self.max_patches)
+        return self.tail(image.resize((gw * self.patch, gh * self.patch), Image.BICUBIC))
+
+
 def collate(items: list) -> dict:
-    """Items are (key, image, label) or None (corrupt); None are dropped and counted."""
+    """Items are (key, image, label) or None (corrupt); None are dropped and counted. Images of
+    different sizes (native resolution) stay a list."""
     good = [it for it in items if it is not None]
     batch = {"keys": [k for k, _, _ in good], "skipped": len(items) - len(good)}
-    batch["image"] = torch.stack([im for _, im, _ in good]) if good else torch.empty(0)
+    images = [im for _, im, _ in good]
+    same = len({tuple(im.shape) for im in images}) <= 1
+    batch["image"] = (torch.stack(images) if same else images) if good else torch.empty(0)
     batch["label"] = torch.tensor([y for _, _, y in good], dtype=torch.long)
     return batch
 

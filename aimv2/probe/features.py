@@ -3,7 +3,8 @@ across processes (torch.distributed: gloo on CPU, nccl on CUDA).
 
 Cache layout, in the run directory: `features/{train,val}.safetensors` holding `features`
 (N_images, tokens, D) -- or (N_images, D) when only linear heads need them (mean-pooled) -- and
-`labels` (N_images,), with metadata saying how they were made; a cache whose metadata differs from
+`labels` (N_images,); at native resolution the token sets are zero-padded to the longest and
+`lengths` (N_images,) says how many are real; with metadata saying how they were made; a cache whose metadata differs from
 the current run is recomputed. Files appear atomically (aimv2.fileio), so an
 interrupted extraction leaves no half file. Rows are sorted by sample key, so the cache does not
 depend on how many processes wrote it.
@@ -59,6 +60,7 @@ class ExtractJob:
     num_workers: int
     accelerator: str
     progress: bool = True
+    native: bool = False  # images of different sizes (native resolution): tokens padded, lengths kept
 
 
 def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
@@ -75,17 +77,33 @@ def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
         bar.update(1)
         if not batch["keys"]:
             continue
-        out = encode(encoder, batch["image"].to(device), job.blocks)  # (B, N, D)
-        if job.pooled:
-            out = out.mean(1)  # (B, D)
-        feats.append(out.to(DTYPES[job.dtype]).cpu())
+        images = batch["image"]
+        if isinstance(images, list):  # native resolution: one forward per image, at its own grid
+            outs = [encode(encoder, image[None].to(device), job.blocks)[0] for image in images]  # (N_i, D)
+        else:
+            outs = list(encode(encoder, images.to(device), job.blocks))  # (B, N, D) as B tensors (N, D)
+        feats += [(out.mean(0) if job.pooled else out).to(DTYPES[job.dtype]).cpu() for out in outs]
         labels.append(batch["label"])
         keys += batch["keys"]
     bar.close()
     if not feats:
         empty = torch.empty(0)
         return {"keys": [], "features": empty, "labels": empty.long(), "skipped": skipped}
-    return {"keys": keys, "features": torch.cat(feats), "labels": torch.cat(labels), "skipped": skipped}
+    part = {"keys": keys, "labels": torch.cat(labels), "skipped": skipped}
+    if job.native and not job.pooled:
+        part["features"], part["lengths"] = pad_tokens(feats)
+    else:
+        part["features"] = torch.stack(feats)
+    return part
+
+
+def pad_tokens(rows: list[torch.Tensor], length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sets of different lengths (N_i, D) -> zero-padded (B, max N, D) and the lengths (B,)."""
+    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
+    out = rows[0].new_zeros((len(rows), max(length, int(lengths.max())), rows[0].shape[-1]))
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]] = r
+    return out, lengths
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -94,10 +112,15 @@ def merge_parts(parts: list[dict]) -> dict:
     keys = [k for p in parts for k in p["keys"]]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     index = torch.tensor(order, dtype=torch.long)
-    return {"keys": [keys[i] for i in order],
-            "features": torch.cat([p["features"] for p in parts])[index] if keys else parts[0]["features"],
-            "labels": torch.cat([p["labels"] for p in parts])[index] if keys else parts[0]["labels"],
-            "skipped": sum(p["skipped"] for p in parts)}
+    merged = {"keys": [keys[i] for i in order],
+              "features": torch.cat([p["features"] for p in parts])[index] if keys else parts[0]["features"],
+              "labels": torch.cat([p["labels"] for p in parts])[index] if keys else parts[0]["labels"],
+              "skipped": sum(p["skipped"] for p in parts)}
+    if keys and "lengths" in parts[0]:  # padded tokens: to the longest of every part
+        longest = max(p["features"].shape[1] for p in parts)
+        rows = [f[:n] for p in parts for f, n in zip(p["features"], p["lengths"].tolist())]
+        merged["features"], merged["lengths"] = pad_tokens([rows[i] for i in order], longest)
+    return merged
 
 
 # -- multi-process extraction -------------------------------------------------------------------
@@ -147,13 +170,15 @@ def load_cache(path: Path, meta: dict[str, str]) -> dict | None:
         tensors = load_file(str(path))
     except Exception:  # noqa: BLE001 - an unreadable cache is recomputed, not fatal
         return None
-    return {"features": tensors["features"], "labels": tensors["labels"], "skipped": int(found.get("skipped", 0))}
+    return {"features": tensors["features"], "labels": tensors["labels"], "skipped": int(found.get("skipped", 0)),
+            **({"lengths": tensors["lengths"]} if "lengths" in tensors else {})}
 
 
 def save_cache(path: Path, data: dict, meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        save_file({"features": data["features"].contiguous(), "labels": data["labels"].contiguous()}, str(tmp),
+        tensors = {k: data[k].contiguous() for k in ("features", "labels", "lengths") if k in data}
+        save_file(tensors, str(tmp),
                   metadata={**meta, "skipped": str(data["skipped"]), "count": str(len(data["labels"]))})
 
 

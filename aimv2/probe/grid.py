@@ -52,8 +52,9 @@ class HeadGrid(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: self.heads[k](features) for k in self.kinds}
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """lengths: real tokens per zero-padded row (native resolution), or None."""
+        return {k: self.heads[k](features, lengths) for k in self.kinds}
 
     def loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Sum over probes of the mean cross-entropy: each probe's gradient is its own."""
@@ -64,7 +65,7 @@ class HeadGrid(nn.Module):
         return total
 
     def train_step(self, features: torch.Tensor | None, labels: torch.Tensor | None, total_steps: int, warmup_steps: int,
-                   reduce_grads=None) -> float:
+                   reduce_grads=None, lengths: torch.Tensor | None = None) -> float:
         """One step of every probe; returns the mean probe loss. `reduce_grads(params)` averages the
         gradients across processes (multi-device augmented mode) before the update."""
         if features is None:  # nothing usable in this process's batch: join the averaging with zeros
@@ -72,7 +73,7 @@ class HeadGrid(nn.Module):
             for p in self.parameters():
                 p.grad = torch.zeros_like(p)
         else:
-            loss = self.loss(self(features.float()), labels)
+            loss = self.loss(self(features.float(), lengths), labels)
             loss.backward()
         if reduce_grads is not None:
             reduce_grads([p for p in self.parameters() if p.grad is not None])

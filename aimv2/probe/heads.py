@@ -66,14 +66,23 @@ class AttentiveHeads(nn.Module):
         self.weight.copy_(one((self.C, self.D), 0.01).expand(self.H, -1, -1))
         self.bias.zero_()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """lengths (B,): real tokens per row when rows are zero-padded (native resolution); padding
+        enters neither the BatchNorm statistics nor the attention."""
         B, N, D = tokens.shape
         H, A, c = self.H, self.A, D // self.A
-        x = self.bn(tokens.reshape(B * N, D)).reshape(B, N, D)  # (B, N, D)
+        if lengths is None:
+            x = self.bn(tokens.reshape(B * N, D)).reshape(B, N, D)  # (B, N, D)
+        else:
+            real = torch.arange(N, device=tokens.device)[None, :] < lengths[:, None]  # (B, N)
+            x = torch.zeros_like(tokens)
+            x[real] = self.bn(tokens[real])
         q = self.query.reshape(H, A, c)  # (H, A, c)
         # u[h, a] = W_k[h, a-th block]^T q[h, a]: the query pulled back through the key projection.
         u = torch.einsum("hac,hacd->had", q, self.k.reshape(H, A, c, D))  # (H, A, D)
         scores = torch.einsum("bnd,had->bhan", x, u) * c ** -0.5  # (B, H, A, N)
+        if lengths is not None:
+            scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
         attn = scores.softmax(dim=-1)
         pooled = torch.einsum("bhan,bnd->bhad", attn, x)  # (B, H, A, D)
         out = torch.einsum("bhad,hacd->bhac", pooled, self.v.reshape(H, A, c, D)).reshape(B, H, D)
@@ -98,8 +107,11 @@ class LinearHeads(nn.Module):
         self.weight.copy_((torch.randn(self.C, self.D) * 0.01).expand(self.H, -1, -1))
         self.bias.zero_()
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = features.mean(dim=1) if features.dim() == 3 else features  # (B, D)
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if features.dim() == 3 and lengths is not None:  # zero-padded rows: the mean of the real tokens
+            pooled = features.sum(dim=1) / lengths[:, None].to(features.dtype)
+        else:
+            pooled = features.mean(dim=1) if features.dim() == 3 else features  # (B, D)
         x = self.bn(pooled)
         return torch.einsum("bd,hcd->bhc", x, self.weight) + self.bias  # (B, H, C)
 

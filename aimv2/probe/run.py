@@ -24,7 +24,9 @@ from aimv2.fileio import atomic_write
 from aimv2.probe.augmented import AugmentedJob, run_augmented
 from aimv2.probe.config import ProbeConfig
 from aimv2.data.transforms import eval_transform
-from aimv2.probe.data import match_classes, open_split
+from aimv2.errors import UserError
+from aimv2.models.native import is_native
+from aimv2.probe.data import NativeEvalTransform, match_classes, open_split
 from aimv2.probe.features import ExtractJob, cached_features, check_blocks, pick_device
 from aimv2.probe.grid import HeadGrid, grid_specs
 from aimv2.probe.heads import encoder_attention_heads
@@ -50,7 +52,8 @@ def _identity(path: str, scan_dir: bool = False) -> str:
 
 def _fingerprint(cfg: ProbeConfig, extra: dict) -> str:
     """What must match for saved head state to be resumed."""
-    keys = {"mode": cfg.mode, "img_size": cfg.img_size, "cache_dtype": cfg.cache_dtype, "seed": cfg.seed,
+    keys = {"mode": cfg.mode, "img_size": cfg.img_size, "native_patches": list(cfg.native_patches),
+            "cache_dtype": cfg.cache_dtype, "seed": cfg.seed,
             "data": asdict(cfg.data) | {"num_workers": None}, "head": asdict(cfg.head), "optim": asdict(cfg.optim), **extra}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -68,6 +71,9 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
         trained_size = preprocessing.img_size
         source = f"in-memory encoder {hashlib.sha256(b''.join(p.detach().cpu().numpy().tobytes() for p in encoder.parameters())).hexdigest()[:16]}"
     size = fit_resolution(encoder, trained_size, cfg.img_size)
+    if cfg.native_patches and not is_native(encoder):
+        raise UserError(f"config key 'native_patches': {cfg.checkpoint or 'the encoder'} is a fixed-size encoder "
+                        "(a learned position table); native-resolution probing needs a native one (model.native)")
     check_blocks(encoder, cfg.head.blocks)
     encoder.requires_grad_(False).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,16 +88,22 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
     started = time.perf_counter()
     info = {"checkpoint": cfg.checkpoint, "encoder": source, "img_size": size, "mode": cfg.mode,
             "blocks": list(cfg.head.blocks) or "last", "classes": num_classes, "attention_heads": attention_heads,
-            "run_dir": str(run_dir)}
+            "run_dir": str(run_dir), **({"native_patches": list(cfg.native_patches)} if cfg.native_patches else {})}
 
     if cfg.mode == "cached":
         pooled = "attentive" not in cfg.head.kinds
         meta = {"encoder": source, "img_size": str(size), "blocks": json.dumps(list(cfg.head.blocks)),
                 "pooled": str(pooled), "dtype": cfg.cache_dtype, "classes": json.dumps(train.classes)}
         data = {}
+        if cfg.native_patches:  # each image at its own aspect ratio; the cache says so
+            transform = NativeEvalTransform(encoder.patch_embed.patch_size[0], *cfg.native_patches, mean, std)
+            meta["native_patches"] = json.dumps(list(cfg.native_patches))
+        else:
+            transform = eval_transform(size, mean, std)
         for name, split in (("train", train), ("val", val)):
-            job = ExtractJob(encoder, split, eval_transform(size, mean, std), list(cfg.head.blocks), pooled,
-                             cfg.cache_dtype, cfg.data.batch_size, cfg.data.num_workers, cfg.accelerator, progress)
+            job = ExtractJob(encoder, split, transform, list(cfg.head.blocks), pooled, cfg.cache_dtype,
+                             cfg.data.batch_size, cfg.data.num_workers, cfg.accelerator, progress,
+                             native=bool(cfg.native_patches))
             found, reused = cached_features(job, run_dir / "features" / f"{name}.safetensors",
                                             meta | {"split": _identity(getattr(cfg.data, name)), "planned": str(split.count)}, cfg.devices)
             if found is None:
@@ -131,7 +143,7 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
 
 # -- training -----------------------------------------------------------------------------------
 def train_cached(grid, train: dict, cfg: ProbeConfig, device, state_path: Path, fp: str, progress: bool) -> None:
-    feats, labels = train["features"], train["labels"]
+    feats, labels, lengths = train["features"], train["labels"], train.get("lengths")
     n, bs = len(labels), cfg.data.batch_size
     per_epoch = n // bs if n >= bs else 1  # full batches (BatchNorm needs > 1 sample); all when fewer
     total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
@@ -142,7 +154,8 @@ def train_cached(grid, train: dict, cfg: ProbeConfig, device, state_path: Path, 
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         for i in range(per_epoch):
             idx = order[i * bs:(i + 1) * bs]
-            loss = grid.train_step(feats[idx].to(device), labels[idx].to(device), total, warmup)
+            loss = grid.train_step(feats[idx].to(device), labels[idx].to(device), total, warmup,
+                                   lengths=lengths[idx].to(device) if lengths is not None else None)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         if state_path:
@@ -155,8 +168,11 @@ def train_cached(grid, train: dict, cfg: ProbeConfig, device, state_path: Path, 
 def evaluate_tensors(grid: HeadGrid, val: dict, batch_size: int, device) -> dict:
     grid.to(device).eval()
     metrics = grid.new_metrics()
+    lengths = val.get("lengths")
     for i in range(0, len(val["labels"]), batch_size):
-        grid.update_metrics(metrics, grid(val["features"][i:i + batch_size].to(device).float()), val["labels"][i:i + batch_size])
+        rows = slice(i, i + batch_size)
+        logits = grid(val["features"][rows].to(device).float(), lengths[rows].to(device) if lengths is not None else None)
+        grid.update_metrics(metrics, logits, val["labels"][rows])
     return metrics
 
 
@@ -164,7 +180,7 @@ def evaluate_tensors(grid: HeadGrid, val: dict, batch_size: int, device) -> dict
 def results_table(results: dict) -> str:
     """A Markdown table of every head, the best marked."""
     lines = [f"Probe of {results['checkpoint'] or results['encoder']} ({results['mode']} mode, {results['epochs']} epochs, "
-             f"img {results['img_size']}, {results['classes']} classes, {results['train_count']} train / "
+             f"img {_resolution(results)}, {results['classes']} classes, {results['train_count']} train / "
              f"{results['val_count']} val images, skipped {results['skipped']})", "",
              "| head | lr | wd | top-1 | top-5 | best |", "|---|---|---|---|---|---|"]
     for r in results["heads"]:
@@ -173,3 +189,10 @@ def results_table(results: dict) -> str:
     b = results["best"]
     lines += ["", f"best on val: {b['head']} lr={b['lr']:g} wd={b['wd']:g}: top-1 {b['top1']:.2f}, top-5 {b['top5']:.2f}"]
     return "\n".join(lines)
+
+
+def _resolution(results: dict) -> str:
+    if "native_patches" in results:
+        low, high = results["native_patches"]
+        return f"native ({low} to {high} patches, own aspect ratio)"
+    return str(results["img_size"])
