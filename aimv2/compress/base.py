@@ -74,8 +74,20 @@ class Compressor(nn.Module):
         check_num_tokens(kind, m, grid)
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """`grid`: the (gh, gw) of these features when it is not the trained one (a native-resolution
+        encoder takes any image size); None = spec.grid."""
         raise NotImplementedError
+
+    def grid_of(self, x: torch.Tensor, grid: Optional[tuple[int, int]]) -> tuple[int, int]:
+        """The features' grid (spec.grid unless given), checked against their N and this kind's M."""
+        grid = tuple(grid) if grid is not None else self.spec.grid
+        if grid[0] * grid[1] != x.shape[1]:
+            raise UserError(f"compressor {self.spec.kind}: {x.shape[1]} patch features do not form a "
+                            f"{grid[0]}x{grid[1]} grid")
+        if grid != self.spec.grid:
+            self.check_m(self.spec.kind, self.num_tokens, grid)
+        return grid
 
 
 def check_num_tokens(kind: str, m: int, grid: tuple[int, int], *, square: bool = False, divides: bool = False) -> None:

@@ -29,7 +29,7 @@ class MLPProjector(Compressor):
             raise UserError(f"config key 'compressor.num_tokens': mlp keeps all N={n} patch tokens, got {m} (use 0 for N)")
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
         return self.proj(x)  # (B, N, D_llm)
 
 
@@ -47,6 +47,6 @@ class PooledProjector(Compressor):
         check_num_tokens(kind, m, grid, square=True)
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pooled = pool_tokens(x, self.spec.grid, self.num_tokens)  # (B, M, D_vis)
+                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        pooled = pool_tokens(x, self.grid_of(x, grid), self.num_tokens)  # (B, M, D_vis), any grid
         return self.proj(pooled)  # (B, M, D_llm)

@@ -41,7 +41,8 @@ class KDVPruner(Compressor):
         self.proj = mlp(spec.d_vis, spec.hidden or spec.d_llm, spec.d_llm)
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        self.grid_of(x, grid)  # any grid with N >= M
         # Without the encoder's keys (a bare feature tensor), score the features themselves.
         idx = kdv_select(x if keys is None else keys, self.num_tokens)  # (B, M)
         kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, M, D_vis)

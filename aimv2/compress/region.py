@@ -25,6 +25,7 @@ from torch import nn
 from aimv2.compress.base import (Compressor, CompressorSpec, check_num_tokens, from_grid, mlp, pool_tokens,
                                  to_grid, to_regions)
 from aimv2.compress.resampler import attention_width
+from aimv2.errors import UserError
 
 
 class RegionAttention(nn.Module):
@@ -38,11 +39,12 @@ class RegionAttention(nn.Module):
         self.norm_q, self.norm_kv = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
 
-    def forward(self, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, features: torch.Tensor, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """`grid`: the features' grid when not the trained one (the regions follow it)."""
         b, m, _ = queries.shape
         side = math.isqrt(m)
         q = self.q(queries).reshape(b * m, 1, -1)  # (B*M, 1, W): one query per region
-        kv = self.norm_kv(self.kv(to_regions(features, self.grid, side)))  # (B*M, k*k, W)
+        kv = self.norm_kv(self.kv(to_regions(features, grid or self.grid, side)))  # (B*M, k*k, W)
         out = q + self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]  # (B*M, 1, W)
         return out.reshape(b, m, -1)
 
@@ -65,9 +67,10 @@ class TokenPacker(_RegionCompressor):
         self.out = mlp(width, spec.d_llm, spec.d_llm)
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-        queries = pool_tokens(x, self.spec.grid, self.num_tokens)  # (B, M, D_vis), regions are exact here
-        return self.out(self.region(queries, x))  # (B, M, D_llm)
+                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        grid = self.grid_of(x, grid)  # any grid whose sides sqrt(M) divides
+        queries = pool_tokens(x, grid, self.num_tokens)  # (B, M, D_vis), regions are exact here
+        return self.out(self.region(queries, x, grid))  # (B, M, D_llm)
 
 
 class QueCC(_RegionCompressor):
@@ -93,7 +96,12 @@ class QueCC(_RegionCompressor):
         return [*self.text_proj.parameters(), *self.text_norm.parameters()]
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        if grid is not None and tuple(grid) != self.spec.grid:
+            raise UserError(f"compressor quecc: its depthwise kernel was trained for the {self.spec.grid[0]}x"
+                            f"{self.spec.grid[1]} patch grid; features of a {grid[0]}x{grid[1]} grid need a "
+                            "compressor trained at that grid (or a kind that takes any grid: mlp, pool, resampler, "
+                            "kdv, tokenpacker)")
         conditioned = x  # text (B, D_llm) or (1, D_llm); None = unconditioned
         if text is not None:
             conditioned = x + self.text_norm(self.text_proj(text)).unsqueeze(1)  # (B, N, D_vis)

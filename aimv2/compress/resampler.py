@@ -53,7 +53,7 @@ class Resampler(Compressor):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, spec.d_llm))
 
     def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
         kv = self.norm_kv(self.inp(x))  # (B, N, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
         for block in self.blocks:

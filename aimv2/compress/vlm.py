@@ -84,7 +84,9 @@ class AttachedVLM(nn.Module):
         cond = text if text is not None else self.text_condition(prefix=prefix)
         if cond is not None:
             cond = cond.to(features.dtype)
-        tokens = self.compressor(features, text=cond, keys=keys)  # (B, M, D_llm)
+        patch = self.encoder.patch_embed.patch_size
+        grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])  # any size a native encoder takes
+        tokens = self.compressor(features, text=cond, keys=keys, grid=grid)  # (B, M, D_llm)
         return tokens.to(self.lm.dtype) if self.lm is not None else tokens
 
     # -- sequences -----------------------------------------------------------------------------
