@@ -105,9 +105,12 @@ def _global_batch(cfg: PretrainConfig) -> str:
     from aimv2.engine.launch_checks import device_count
 
     per_node = device_count(cfg.trainer.devices)
+    native = cfg.model.native and cfg.data.mode == "resampled"  # batches of tokens, not of images
+    unit = cfg.data.native.rows * cfg.data.native.row_tokens if native else cfg.data.batch_size
+    suffix = " encoder tokens (native rows x row_tokens)" if native else ""
     if per_node is None:
-        return f"{cfg.data.batch_size} x devices"
-    return str(cfg.data.batch_size * per_node * cfg.trainer.num_nodes * cfg.trainer.accumulate_grad_batches)
+        return f"{unit} x devices{suffix}"
+    return f"{unit * per_node * cfg.trainer.num_nodes * cfg.trainer.accumulate_grad_batches}{suffix}"
 
 
 def _read_encoder(ckpt: Path) -> str:
