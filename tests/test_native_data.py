@@ -166,18 +166,24 @@ def test_corrupt_samples_are_skipped_and_counted_once(tmp_path):
     assert not {"s0002", "s0007", "s0015"} & {k for b in first_window for k in b["keys"]}
 
 
+def epochs(loader, count=2) -> list[list]:
+    """Fingerprints of every batch of `count` epochs, each consumed."""
+    out = []
+    for _ in range(count):
+        got = []
+        for batch in loader:
+            loader.mark_consumed(batch["stream_pos"])
+            got.append(fingerprint(batch))
+        out.append(got)
+    return out
+
+
 def test_a_packed_epoch_holds_each_sample_once_and_continues_exactly(tmp_path):
     """Epoch mode: batch_size images per batch in as many rows as they need (steps planned from counts)."""
     src = varied_shards(tmp_path, 40, corrupt={5})  # 5 shards of 9 / 4 over 2 workers
     loader = packed_loader(tmp_path, src, mode="epoch", batch_size=4)
     per_epoch = len(loader)
-    full = []
-    for _ in range(2):
-        got = []
-        for batch in loader:
-            loader.mark_consumed(batch["stream_pos"])
-            got.append(fingerprint(batch))
-        full.append(got)
+    full = epochs(loader)
     assert len(full[0]) == per_epoch == len(full[1])
     keys = [k for keys, *_ in full[0] for k in keys]
     assert len(keys) == len(set(keys)) and "s0005" not in keys  # once each, the corrupt one skipped
@@ -185,14 +191,7 @@ def test_a_packed_epoch_holds_each_sample_once_and_continues_exactly(tmp_path):
     for k in (1, per_epoch // 2, per_epoch - 1):
         cut = packed_loader(tmp_path, src, mode="epoch", batch_size=4)
         head = [fingerprint(b) for b in take(cut, k)]
-        state = cut.position_state()
         rest = packed_loader(tmp_path, src, mode="epoch", batch_size=4)
-        rest.load_position_state(state)
-        tail = []
-        for _ in range(2):
-            got = []
-            for batch in rest:
-                rest.mark_consumed(batch["stream_pos"])
-                got.append(fingerprint(batch))
-            tail.append(got)
+        rest.load_position_state(cut.position_state())
+        tail = epochs(rest)
         assert head + tail[0] == full[0] and tail[1] == full[1], f"cut after {k} batches"
