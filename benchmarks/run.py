@@ -2,7 +2,7 @@
 figure beside its target (issue 7), met or not, with the GPU items marked "not measured" when
 there is no GPU.
 
-    .venv/bin/python benchmarks/run.py              # CPU figures, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/run.py              # CPU figures, about 15 minutes on 2 cores
     .venv/bin/python benchmarks/run.py --gpu        # also the H200 items (needs CUDA)
     .venv/bin/python benchmarks/run.py --only summary   # rewrite the summary from the stored JSON
 
@@ -28,6 +28,7 @@ CPU_JOBS = {
     "data_pipeline": ["data_pipeline.py"],
     "probe": ["probe_grid.py"],
     "growth": ["growth.py"],
+    "native_packing": ["native_packing.py"],
 }
 GPU_JOBS = {
     "train_step_gpu": ["train_step.py", "--device", "cuda", "--size", "large", "--batch", "64", "--dtype", "bf16",
@@ -37,6 +38,8 @@ GPU_JOBS = {
     "growth_gpu": ["growth.py", "--device", "cuda", "--size", "large", "--dtype", "bf16", "--batches", "32", "64",
                    "128", "--res-batch", "32", "--steps", "5", "--name", "growth_gpu"],
     "scaleout": ["scaleout.py", "--size", "huge", "--steps", "30", "--strategies", "deepspeed_zero2", "deepspeed_zero3"],
+    "native_packing_gpu": ["native_packing.py", "--device", "cuda", "--size", "large", "--dtype", "bf16",
+                           "--time-scale", "1", "--name", "native_packing_gpu"],
 }
 
 
@@ -88,6 +91,25 @@ def summary() -> Path:
         biggest = max((p for p in growth["points"] if "error" not in p), key=lambda p: (p["tokens"], p["batch"]))
         rows.append(["Growth (batch, resolution, checkpointing)", f"{len(growth['points'])} points, up to "
                      f"{biggest['tokens']} tokens", "recorded", "recorded", growth["date"]])
+    native = load("native_packing")
+    if native:
+        packed = {k: v["padding"] for k, v in native["padding"].items() if k.startswith("packed")}
+        worst = max(packed.values())
+        rows.append(["Native resolution: padding of packed batches", f"{worst:.1%} at most ({len(packed)} row "
+                     f"lengths; padded batches {native['padding']['padded to max_patches']['padding']:.0%})", "< 5%",
+                     verdict(worst, 0.05, False), native["date"]])
+        ratio = native["ratios"]["packed / fixed"]
+        rows.append(["Native resolution, CPU: packed / fixed-size real tokens/s", f"{ratio:.3f} (packed / padded "
+                     f"{native['ratios']['packed / padded']:.3f})", ">= 0.95", verdict(ratio, 0.95, True),
+                     native["date"]])
+    native_gpu = load("native_packing_gpu")
+    if native_gpu and native_gpu.get("device", "").startswith("cuda"):
+        ratio = native_gpu["ratios"]["packed flex / fixed"]
+        rows.append(["H200: native packed (FlexAttention) / fixed-size real tokens/s", f"{ratio:.3f}", ">= 0.95",
+                     verdict(ratio, 0.95, True), native_gpu["date"]])
+    else:
+        rows.append(["H200: native packed (FlexAttention) / fixed-size real tokens/s",
+                     "not measured: no GPU was available", ">= 0.95", "not measured", "-"])
     gpu = load("train_step_gpu")
     if gpu and gpu.get("device", "").startswith("cuda"):
         ours = gpu["variants"].get("aimv2, compiled blocks") or gpu["variants"]["aimv2"]

@@ -27,6 +27,8 @@ def test_every_cpu_benchmark_writes_its_results_and_the_summary_reads_them(tmp_p
         results=tmp_path)
     run("growth.py", "--size", "debug", "--batches", "2", "--batch-px", "56", "--resolutions", "56", "--res-batch", "2", "--steps", "1",
         "--warmup", "1", "--vocab", "100", "--text-len", "8", results=tmp_path)
+    run("native_packing.py", "--size", "debug", "--samples", "300", "--time-scale", "0.25", "--rows", "2", "--window",
+        "64", "--batches", "1", "--rounds", "1", "--vocab", "100", "--text-len", "40", results=tmp_path)
     run("run.py", "--only", "summary", results=tmp_path)
 
     step = json.loads((tmp_path / "train_step.json").read_text())
@@ -43,11 +45,17 @@ def test_every_cpu_benchmark_writes_its_results_and_the_summary_reads_them(tmp_p
     assert [(p["batch"], p["img_size"], p["activation_checkpointing"]) for p in growth["points"]] == [
         (2, 56, False), (2, 56, True)]
     assert all(p["peak_gib"] > 0 for p in growth["points"])
+    native = json.loads((tmp_path / "native_packing.json").read_text())
+    names = list(native["variants"])  # the fixed side holds max_patches = 64 tokens at this scale: 8 x 14 px
+    assert names[:2] == ["packed, dense SDPA", "padded, dense SDPA"] and names[2].startswith("fixed 112 px, batch ")
+    assert all(v["real_tokens_per_s"] > 0 and "peak_gib" in v for v in native["variants"].values())
+    assert set(native["ratios"]) == {"packed / fixed", "packed / padded"}
     summary = (tmp_path / "summary.md").read_text()
     for item in ("MFU vs measured matmul peak", "time vs stock baseline", "Data pipeline", "Probe: 14 attentive",
-                 "Growth", "H200: AIMv2-L 224 px bf16 MFU (989 TFLOP/s) | not measured"):
+                 "Growth", "Native resolution: padding of packed batches",
+                 "H200: AIMv2-L 224 px bf16 MFU (989 TFLOP/s) | not measured"):
         assert item in summary, item
-    for name in ("train_step", "data_pipeline", "probe", "growth", "attention"):
+    for name in ("train_step", "data_pipeline", "probe", "growth", "attention", "native_packing"):
         assert (tmp_path / f"{name}.md").read_text().startswith("# ")
 
 

@@ -39,6 +39,10 @@ def test_grids_keep_the_aspect_ratio_within_the_patch_budget():
     assert gh * gw <= 64 and abs(gw / gh - 4) < 0.5
     assert native_grid(28, 28, P, 16, 64) == (4, 4)  # 2 x 2 upscaled to the minimum
     assert native_grid(10_000, 100, P, 8, 64) == (1, 64)  # extreme ratios clamp, never exceed the budget
+    # A narrow budget and a tall image: the grid grows in height when its width cannot grow.
+    assert native_grid(256, 3298, P, 282, 289) == (71, 4)
+    gh, gw = native_grid(91, 2012, P, 33, 45)
+    assert 33 <= gh * gw <= 45
     with pytest.raises(ValueError, match="min_patches"):
         native_grid(100, 100, P, 1, 64)
 

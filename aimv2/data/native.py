@@ -42,9 +42,10 @@ def native_grid(width: int, height: int, patch: int, min_patches: int, max_patch
         else:
             gw -= 1
     while gh * gw < min_patches:  # flooring lost patches: grow the side furthest below its ideal
-        if (gh + 1) * gw <= max_patches and (gh / (ideal_h * scale) <= gw / (ideal_w * scale) or gw * (gh + 1) > max_patches):
+        taller, wider = (gh + 1) * gw <= max_patches, gh * (gw + 1) <= max_patches
+        if taller and (not wider or gh / (ideal_h * scale) <= gw / (ideal_w * scale)):
             gh += 1
-        elif gh * (gw + 1) <= max_patches:
+        elif wider:
             gw += 1
         else:
             break

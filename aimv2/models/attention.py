@@ -22,7 +22,10 @@ def _flex(q, k, v, block_mask: BlockMask) -> torch.Tensor:
     if not q.is_cuda:
         return flex_attention(q, k, v, block_mask=block_mask)
     if _compiled is None:
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        # Shapes change from batch to batch (the decoder row length follows the captions, a window's last
+        # batch has fewer rows): the default lets the first recompile mark them dynamic instead of
+        # compiling per shape until torch's recompile limit falls back to the eager, dense kernel.
+        _compiled = torch.compile(flex_attention)
     return _compiled(q, k, v, block_mask=block_mask)
 
 
