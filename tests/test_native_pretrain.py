@@ -57,6 +57,16 @@ def test_a_native_run_trains_and_resumes_bitwise(tmp_path):
         assert torch.equal(value, b["state_dict"][name]), f"{name} differs after the resume"
 
 
+def test_a_native_run_draws_its_prediction_frames(tmp_path):
+    run = pretrain(config(tmp_path, "frames", shards(tmp_path), "visualize.every_n_steps=3", "trainer.max_steps=3",
+                          "visualize.num_images=3"))
+    assert sorted(p.name for p in run.visualizations.glob("step=*.png")) == ["step=0000000.png", "step=0000003.png"]
+    fixed = torch.load(run.visualizations / "fixed_batch.pt", weights_only=True)
+    images = fixed["image"]  # the first images of the first image's grid, at that grid
+    assert images.dim() == 4 and images.shape[1] == 3 and images.shape[2] % 14 == 0 and images.shape[3] % 14 == 0
+    assert len(fixed["captions"]) == images.shape[0] and all(c.startswith("sample") for c in fixed["captions"])
+
+
 def test_a_native_stage_continues_a_fixed_size_run(tmp_path, capsys):
     urls = shards(tmp_path)
     fixed = pretrain(load_config(REPO / "configs/pretrain/demo.yaml", [

@@ -49,6 +49,11 @@ class AIMv2(nn.Module):
     def patch_size(self) -> int:
         return int(self.encoder.patch_embed.patch_size[0])
 
+    def patches_of(self, images: torch.Tensor) -> int:
+        """Patches per image of `images` (B, 3, H, W): `num_patches` at the fixed size, any grid for a
+        native encoder."""
+        return (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+
     def forward(
         self,
         images: torch.Tensor,

@@ -40,10 +40,9 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
                                  max_nonfinite_steps=cfg.trainer.max_nonfinite_steps)
     loaded = apply_init_from(module.model, cfg.model, resume)  # before any wrapper renames the parameters
     prepare_model(module.model, cfg.trainer)
-    # The prediction frames draw fixed-size batches; packed native rows have none to draw yet.
-    frames = [] if cfg.model.native else visualization_callbacks(cfg.visualize, run, data.tokenizer)
     trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip, batch_size=cfg.data.batch_size,
-                            extra_callbacks=[*frames, *callbacks])
+                            extra_callbacks=[*visualization_callbacks(cfg.visualize, run, data.tokenizer),
+                                             *callbacks])
     if isinstance(trainer.accelerator, CPUAccelerator):
         tune_cpu_allocator()  # for Python callers; the aimv2 command has already done it (aimv2.cpu_tuning)
     if trainer.is_global_zero:
@@ -54,9 +53,6 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
             print(f"resuming from {resume}", flush=True)
         for line in loaded:  # what model.init_from loaded, or why it was ignored
             print(line, flush=True)
-        if cfg.model.native and cfg.visualize.every_n_steps > 0:
-            print("visualize.every_n_steps: no prediction frames for a native-resolution run (packed rows; "
-                  "not drawn yet)", flush=True)
     preemption = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
     for callback in preemption:
         callback.install()  # a signal during start-up must not kill the job before training begins

@@ -57,9 +57,13 @@ class PredictionFrames(Callback):
 
     def _capture(self, trainer, batch: dict) -> dict:
         k = self.cfg.num_images
-        fixed = {"image": batch["image"][:k].detach().float().cpu().clone()}
+        if "patches" in batch:  # packed native rows: the first images of the first image's grid
+            images, chosen = packed_images(batch, trainer.lightning_module.model.patch_size, k)
+        else:
+            images, chosen = batch["image"][:k], list(range(min(k, batch["image"].shape[0])))
+        fixed = {"image": images.detach().float().cpu().clone()}
         if self.tokenizer is not None and "tokens" in batch:
-            ids, mask = batch["tokens"][:k].cpu(), batch["token_mask"][:k].cpu()
+            ids, mask = batch["tokens"][chosen].cpu(), batch["token_mask"][chosen].cpu()
             fixed["captions"] = [self.tokenizer.decode(row[m].tolist()) for row, m in zip(ids, mask)]
         if trainer.is_global_zero:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,3 +118,25 @@ def visualization_callbacks(cfg: VisualizeConfig, run: RunDir, tokenizer: Captio
     if cfg.every_n_steps <= 0:
         return []
     return [PredictionFrames(cfg, run.visualizations, tokenizer)]
+
+
+def packed_images(batch: dict, patch: int, k: int) -> tuple[torch.Tensor, list[int]]:
+    """Up to k images of a packed batch (aimv2.models.packing) that share the first image's grid, as
+    (k, 3, gh*p, gw*p) normalized pixels, and their indices: a frame stacks images of one size."""
+    patches, grids = batch["patches"], batch["grid_patches"]
+    layout = batch["layout"]
+    flat = patches.flatten(0, 1)  # (R*T, p*p*3)
+    starts = layout["image_start"].tolist()
+    first = _grid(layout, 0)
+    chosen = [i for i in range(len(grids)) if _grid(layout, i) == first][:k]
+    gh, gw = first
+    images = [flat[starts[i]:starts[i] + gh * gw].reshape(gh, gw, patch, patch, 3).permute(4, 0, 2, 1, 3)
+              .reshape(3, gh * patch, gw * patch) for i in chosen]
+    return torch.stack(images), chosen
+
+
+def _grid(layout: dict, i: int) -> tuple[int, int]:
+    """(rows, columns) of image i: its last patch's coordinates plus one."""
+    last = int(layout["image_start"][i]) + int((layout["patch_image"].flatten() == i).sum()) - 1
+    row, col = layout["coords"].flatten(0, 1)[last].tolist()
+    return row + 1, col + 1

@@ -26,7 +26,7 @@ def greedy_tokens(model: AIMv2, images: torch.Tensor, eot_id: int, max_tokens: i
     `stop_early=False` always runs `max_tokens` decoder passes, so that every process of a sharded
     model (FSDP, ZeRO-3) makes the same number of collective calls.
     """
-    b, n = images.shape[0], model.num_patches
+    b, n = images.shape[0], model.patches_of(images)
     steps = max(0, min(max_tokens, model.decoder.max_text_len))
     features = encode(model.encoder, images, torch.full((b,), n - 1, dtype=torch.long, device=images.device))
     tokens = torch.zeros((b, steps + 1), dtype=torch.long, device=images.device)  # last column: a placeholder

@@ -58,7 +58,8 @@ def make_frame(model: AIMv2, images: torch.Tensor, prefix_ratio: float = 0.5, *,
     was_training = model.training
     model.eval()
     try:
-        prefix = fixed_prefix_lengths(images.shape[0], model.num_patches, prefix_ratio, images.device)
+        num_patches = model.patches_of(images)
+        prefix = fixed_prefix_lengths(images.shape[0], num_patches, prefix_ratio, images.device)
         dummy = torch.zeros((images.shape[0], 1), dtype=torch.long, device=images.device)
         pixels, _ = model(images, dummy, prefix)  # (B, N, P); the one text position is ignored
         generated = (generate_captions(model, images, tokenizer, max_caption_tokens, stop_early)
@@ -68,10 +69,10 @@ def make_frame(model: AIMv2, images: torch.Tensor, prefix_ratio: float = 0.5, *,
     true_captions = list(true_captions or [])
     notes = []
     for i, m in enumerate(prefix.tolist()):
-        line = f"prefix {m}/{model.num_patches} patches"
+        line = f"prefix {m}/{num_patches} patches"
         if i < len(true_captions) and true_captions[i]:
             line += f" | true: {true_captions[i]}"
         notes.append([line] + ([f"generated: {generated[i] or '(empty)'}"] if generated else []))
     image = prediction_grid(images.float().cpu(), pixels.float().cpu(), prefix.cpu(), model.patch_size,
                             mean, std, notes)
-    return Frame(image, prefix.tolist(), model.num_patches, true_captions, generated)
+    return Frame(image, prefix.tolist(), num_patches, true_captions, generated)
