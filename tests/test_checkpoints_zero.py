@@ -39,7 +39,8 @@ def test_zero_checkpoint_converts_to_the_trained_weights(zero, stage):
     state, client = read_zero_checkpoint(dirs[stage])
     assert state.keys() == reference.keys()
     assert all(state[k].dtype == torch.float32 and torch.equal(state[k], reference[k]) for k in reference)
-    assert client["hyper_parameters"]["model"] == {"size": "debug", "img_size": IMG, "init_from": None}
+    assert client["hyper_parameters"]["model"] == {"size": "debug", "img_size": IMG, "init_from": None,
+                                                  "native": False, "attention": "auto"}
     # As an encoder: the hyper-parameters pick the architecture; the tag directory works as well.
     images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
     expected = {k.removeprefix("model.encoder."): v for k, v in reference.items() if k.startswith("model.encoder.")}
