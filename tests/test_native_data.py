@@ -123,8 +123,8 @@ def test_packed_batches_hold_their_window_once_within_the_token_budget(tmp_path)
         rows = batch["layout"]["patch_image"]
         assert rows.shape[0] <= 2 and rows.shape[1] == 32  # rows x row_tokens: the batch's token budget
         assert batch["patches"].dtype == torch.uint8 and batch["patches"].shape == (rows.shape[0], 32, P * P * 3)
-        assert len(batch["keys"]) == batch["tokens"].shape[0] == len(batch["grid_patches"])
-        for i, count in enumerate(batch["grid_patches"]):
+        assert len(batch["keys"]) == batch["tokens"].shape[0] == len(batch["grids"])
+        for i, count in enumerate(gh * gw for gh, gw in batch["grids"]):
             assert 4 <= count <= 24 and (rows == i).sum() == count
     window = []
     for b in batches:  # the first window (24 samples) is emitted whole before the next one starts

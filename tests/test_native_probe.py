@@ -77,3 +77,22 @@ def test_a_native_encoder_probes_each_image_at_its_own_grid(tmp_path):
         run_probe(load_config(REPO / "configs/probe/quick.yaml", [
             f"checkpoint={pretrain(cfg_fixed).checkpoints / 'last.ckpt'}", f"data.train={train}", f"data.val={val}",
             f"run_dir={tmp_path / 'p2'}", "native_patches=[4, 24]"], schema=ProbeConfig))
+
+
+def test_shares_of_several_processes_merge_with_their_padding():
+    """Two ranks' shares, each padded to its own longest (3 and 5 tokens), merge sorted by key and padded
+    together, every image's tokens intact."""
+    from aimv2.probe.features import merge_parts
+
+    rows = {k: torch.full((n, 2), float(i)) for i, (k, n) in enumerate([("a", 3), ("b", 5), ("c", 2), ("d", 1)])}
+    parts = []
+    for keys in (["c", "a"], ["d", "b"]):
+        features, lengths = pad_tokens([rows[k] for k in keys])
+        parts.append({"keys": keys, "features": features, "lengths": lengths,
+                      "labels": torch.tensor([ord(k) for k in keys]), "skipped": 0})
+    merged = merge_parts(parts)
+    assert merged["keys"] == ["a", "b", "c", "d"] and merged["lengths"].tolist() == [3, 5, 2, 1]
+    assert merged["features"].shape == (4, 5, 2) and merged["labels"].tolist() == [97, 98, 99, 100]
+    for i, k in enumerate(merged["keys"]):
+        n = rows[k].shape[0]
+        assert torch.equal(merged["features"][i, :n], rows[k]) and not merged["features"][i, n:].any()

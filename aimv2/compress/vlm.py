@@ -21,6 +21,7 @@ from aimv2.compress.base import Compressor
 from aimv2.compress.cache import TextPrefix
 from aimv2.compress.encoder import LastKeys, encode_patches
 from aimv2.compress.lm import keep_last_logits, returned_cache, with_cache
+from aimv2.models.encoder import grid_of
 
 IGNORE = -100
 
@@ -84,8 +85,7 @@ class AttachedVLM(nn.Module):
         cond = text if text is not None else self.text_condition(prefix=prefix)
         if cond is not None:
             cond = cond.to(features.dtype)
-        patch = self.encoder.patch_embed.patch_size
-        grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])  # any size a native encoder takes
+        grid = grid_of(self.encoder, images)  # any size a native encoder takes
         tokens = self.compressor(features, text=cond, keys=keys, grid=grid)  # (B, M, D_llm)
         return tokens.to(self.lm.dtype) if self.lm is not None else tokens
 

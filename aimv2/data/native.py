@@ -188,6 +188,5 @@ class PackedCollator:
         grids = [(image.shape[-2] // self.patch, image.shape[-1] // self.patch) for image, _ in items]
         layout = pack_layout(grids, mask.sum(1).tolist(), rows, self.row_tokens, tokens.shape[1])
         patches = pack_patches([patchify(image[None], self.patch)[0] for image, _ in items], layout)
-        # grid_patches: a list, so it stays on the host (the prefix lengths are drawn from it without a sync)
-        return {"patches": patches, "tokens": tokens, "token_mask": mask, "layout": layout,
-                "grid_patches": [gh * gw for gh, gw in grids]}
+        # grids: a list, so it stays on the host (the prefix lengths are drawn from it without a sync)
+        return {"patches": patches, "tokens": tokens, "token_mask": mask, "layout": layout, "grids": grids}

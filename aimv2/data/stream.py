@@ -137,6 +137,14 @@ class ShardStream(IterableDataset):
         """Position fields before the reader's; packing adds the batches done in the current window."""
         return HEAD + (self.packing is not None)
 
+    def _position(self, start: Optional[tuple], reader_width: int) -> tuple[int, int, int, int, int, tuple]:
+        """(pass, segment, taken, produced, batches done in the packing window, reader position) of a
+        saved position; zeros for a fresh start."""
+        start = tuple(start) if start else (0,) * (self.head + reader_width)
+        pas, seg, taken, produced = start[:HEAD]
+        done = start[HEAD] if self.packing is not None else 0
+        return pas, seg, taken, produced, done, start[self.head:]
+
     @property
     def position_width(self) -> int:
         return self.head + (ShardSequence.width if self.plan is not None else Resampler.width * len(self.sources))
@@ -171,7 +179,7 @@ class ShardStream(IterableDataset):
         consumed = self._resume["consumed"] if self._resume else 0
         logical = (physical + consumed) % workers
         start = self._resume["slots"].get(logical) if self._resume else None
-        self._shard_errors = 0
+        self._shard_errors, self._warned = 0, 0
         if self.plan is None:
             return self._resampled(logical, start)
         return self._epoch_slot(logical, start)
@@ -209,25 +217,22 @@ class ShardStream(IterableDataset):
 
     def _resampled(self, logical: int, start: Optional[tuple]) -> Iterator[dict]:
         key = (self.rank, logical, self.epoch)
-        start = start or (0,) * self.head
-        seg, taken, produced, flat = start[1], start[2], start[3], start[self.head:]
         widths = [Resampler.width] * len(self.sources)
-        positions = split_positions(tuple(flat), widths) if flat else [(0, 0)] * len(self.sources)
+        _, seg, taken, produced, done, flat = self._position(start, sum(widths))
+        positions = split_positions(flat, widths)
         readers = [Resampler([s.url for s in src.shards], self._read_one, str(self._key(*key, "source", i)), pos)
                    for i, (src, pos) in enumerate(zip(self.sources, positions, strict=True))]
         mixture = Mixture(readers, [src.weight for src in self.sources])
         tagged = self._segments(mixture, mixture.take, seg, taken, key)
         if self.packing is not None:
-            yield from self._packed_batches(tagged, logical, 0, produced, start[HEAD] if len(start) > HEAD else 0)
+            yield from self._packed_batches(tagged, logical, 0, produced, done)
         else:
             yield from self._batches(tagged, logical, 0, produced)
 
     def _epoch_slot(self, logical: int, start: Optional[tuple]) -> Iterator[dict]:
         plan, slot = self.plan, self.rank * self.workers_per_rank + logical
         quota = plan.batches_per_slot
-        start = start or (0,) * (self.head + ShardSequence.width)
-        pas, seg, taken, produced = start[:HEAD]
-        done, reader_pos = (start[HEAD] if self.packing is not None else 0), start[self.head:]
+        pas, seg, taken, produced, done, reader_pos = self._position(start, ShardSequence.width)
         while produced < quota:
             urls = list(plan.slot_shards[slot])
             keep = None
@@ -261,31 +266,46 @@ class ShardStream(IterableDataset):
                         quota - produced)
             pas, seg, taken, done, reader_pos = pas + 1, 0, 0, 0, (0, 0, 0)
 
+    def _processed(self, sample: dict, logical: int, pas: int, seg: int, count: int, *args):
+        """`process(sample, *args)` under the sample's own seed (identical augmentation after a resume),
+        or None for a corrupt sample (warned about at most MAX_SKIP_WARNINGS times per iteration)."""
+        try:
+            with _cpu_rng(self._key(self.rank, logical, self.epoch, pas, seg, count)):
+                return self.process(sample, *args)
+        except CorruptSample as err:
+            self._skip_warning(sample, err)
+            return None
+
+    def _skip_warning(self, sample: dict, err: Exception) -> None:
+        if self._warned < MAX_SKIP_WARNINGS:
+            self._warned += 1
+            log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
+
+    def _tagged(self, batch: dict, keys: list, skipped: int, position: list, seed: int) -> dict:
+        """A collated batch with what the loop around training needs: the skip and shard-error counts
+        since the last batch, the keys, where this worker's stream continues, the batch's seed."""
+        batch["skipped"] = torch.tensor(skipped)
+        batch["shard_errors"] = torch.tensor(self._shard_errors)
+        batch.setdefault("keys", keys)
+        batch["stream_pos"] = position
+        batch["seed"] = seed
+        self._shard_errors = 0
+        return batch
+
     def _batches(self, tagged: Iterator[tuple[dict, tuple]], logical: int, pas: int, produced: int) -> Iterator[dict]:
-        items, keys, skipped, warned = [], [], 0, 0
+        items, keys, skipped = [], [], 0
         for sample, (seg, count, start) in tagged:
-            try:
-                # Augmentation is drawn from this sample's own seed: identical after a resume.
-                with _cpu_rng(self._key(self.rank, logical, self.epoch, pas, seg, count)):
-                    items.append(self.process(sample))
-                keys.append(sample.get("__key__"))
-            except CorruptSample as err:
+            item = self._processed(sample, logical, pas, seg, count)
+            if item is None:
                 skipped += 1
-                if warned < MAX_SKIP_WARNINGS:
-                    warned += 1
-                    log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
                 continue
+            items.append(item)
+            keys.append(sample.get("__key__"))
             if len(items) == self.batch_size:
                 produced += 1
-                batch = self.collate(items)
-                batch["skipped"] = torch.tensor(skipped)
-                batch["shard_errors"] = torch.tensor(self._shard_errors)
-                batch.setdefault("keys", keys)
-                batch["stream_pos"] = [logical, pas, seg, count, produced, *start]
-                batch["seed"] = self._key(self.rank, logical, self.epoch, pas, seg, count, "batch")
-                yield batch
-                items, keys, skipped, self._shard_errors = [], [], 0, 0
-
+                yield self._tagged(self.collate(items), keys, skipped, [logical, pas, seg, count, produced, *start],
+                                   self._key(self.rank, logical, self.epoch, pas, seg, count, "batch"))
+                items, keys, skipped = [], [], 0
 
     def _packed_batches(self, tagged: Iterator[tuple[dict, tuple]], logical: int, pas: int, produced: int,
                         done: int) -> Iterator[dict]:
@@ -301,46 +321,38 @@ class ShardStream(IterableDataset):
             if not window:
                 return
             seg, count, start = window[0][1]
-            measured, carried = [], 0
+            measured, skipped = [], 0
             for sample, tag in window:
                 try:  # the crop is drawn from the sample's own seed: the same plan after a resume
                     with _cpu_rng(self._key(self.rank, logical, self.epoch, pas, tag[0], tag[1], "plan")):
                         measured.append((sample, tag, packing.plan(sample)))
                 except CorruptSample as err:
-                    carried += 1
-                    log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
+                    skipped += 1
+                    self._skip_warning(sample, err)
             lengths = [plan.grid[0] * plan.grid[1] for _, _, plan in measured]
             batches = pack_batches(lengths, packing.row_tokens, packing.rows) if measured else []
             for k, rows in enumerate(batches):
                 if k < done:  # emitted before the checkpoint this run resumed from, with every skip it counted
-                    carried = 0
+                    skipped = 0
                     continue
                 items, keys, index = [], [], {}
-                for row in rows:
-                    for i in row:
-                        sample, (s_seg, s_count, _), plan = measured[i]
-                        try:
-                            with _cpu_rng(self._key(self.rank, logical, self.epoch, pas, s_seg, s_count)):
-                                items.append(self.process(sample, plan))
-                        except CorruptSample as err:
-                            carried += 1
-                            log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
-                            continue
-                        index[i] = len(items) - 1
-                        keys.append(sample.get("__key__"))
-                placed = [[index[i] for i in row if i in index] for row in rows]
-                placed = [row for row in placed if row]
+                for i in (i for row in rows for i in row):
+                    sample, (s_seg, s_count, _), plan = measured[i]
+                    item = self._processed(sample, logical, pas, s_seg, s_count, plan)
+                    if item is None:
+                        skipped += 1
+                        continue
+                    index[i] = len(items)
+                    items.append(item)
+                    keys.append(sample.get("__key__"))
+                placed = [row for row in ([index[i] for i in row if i in index] for row in rows) if row]
                 if not placed:  # every image of this batch was corrupt: its count goes with the next one
                     continue
                 produced += 1
-                batch = self.collate(items, placed)
-                batch["skipped"] = torch.tensor(carried)
-                batch["shard_errors"] = torch.tensor(self._shard_errors)
-                batch.setdefault("keys", keys)
-                batch["stream_pos"] = [logical, pas, seg, count - 1, produced, k + 1, *start]
-                batch["seed"] = self._key(self.rank, logical, self.epoch, pas, seg, count, k, "batch")
-                yield batch
-                carried, self._shard_errors = 0, 0
+                yield self._tagged(self.collate(items, placed), keys, skipped,
+                                   [logical, pas, seg, count - 1, produced, k + 1, *start],
+                                   self._key(self.rank, logical, self.epoch, pas, seg, count, k, "batch"))
+                skipped = 0
             done = 0
 
 

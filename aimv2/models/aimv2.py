@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from aimv2.models.decoder import MultimodalDecoder, decoder_kwargs
-from aimv2.models.encoder import build_encoder, encode
+from aimv2.models.encoder import build_encoder, encode, grid_of
 from aimv2.models.init import init_encoder
 from aimv2.models.masks import (
     as_bias,
@@ -52,7 +52,8 @@ class AIMv2(nn.Module):
     def patches_of(self, images: torch.Tensor) -> int:
         """Patches per image of `images` (B, 3, H, W): `num_patches` at the fixed size, any grid for a
         native encoder."""
-        return (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+        gh, gw = grid_of(self.encoder, images)
+        return gh * gw
 
     def forward(
         self,

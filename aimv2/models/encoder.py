@@ -38,13 +38,19 @@ def build_encoder(spec: SizeSpec, img_size: int = 224, **timm_kwargs) -> VisionT
     return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
 
 
+def grid_of(encoder: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of patches `images` (..., H, W) give: the nominal grid at the fixed size, any
+    grid for a native encoder (aimv2.models.native)."""
+    p = encoder.patch_embed.patch_size
+    return images.shape[-2] // p[0], images.shape[-1] // p[1]
+
+
 def encode(encoder: VisionTransformer, images: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Patch features (B, N, D) after the final norm; prefix attention when lengths are given."""
     mask = None
     if prefix_lengths is not None:
         # In the activations' dtype; under autocast SDPA casts it together with q, k and v.
         dtype = images.dtype if images.is_floating_point() else torch.float32
-        p = encoder.patch_embed.patch_size
-        num_patches = (images.shape[-2] // p[0]) * (images.shape[-1] // p[1])  # any grid (a native encoder)
-        mask = prefix_attention_bias(prefix_lengths.to(images.device), num_patches, dtype)
+        gh, gw = grid_of(encoder, images)
+        mask = prefix_attention_bias(prefix_lengths.to(images.device), gh * gw, dtype)
     return encoder.forward_features(images, attn_mask=mask)

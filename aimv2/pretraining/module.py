@@ -103,7 +103,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         """Native resolution: packed rows of images of any grid (aimv2.models.packing); one prefix
         length per image, uniform in [1, N_i - 1] for its own N_i patches."""
         patches, tokens, layout = batch["patches"], batch["tokens"], batch["layout"]
-        counts = torch.tensor(batch["grid_patches"])  # a list from the collator: on the host, no sync
+        counts = torch.tensor([gh * gw for gh, gw in batch["grids"]])  # the collator's list: on the host, no sync
         prefix = self._to_device(sample_prefix_lengths_per_image(counts, generator=generator), patches)
         backend = attention_backend(self.attention, patches.device)
         pixels, logits = self.model.forward_packed(patches, tokens, layout, prefix, backend=backend)

@@ -78,11 +78,11 @@ def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
         if not batch["keys"]:
             continue
         images = batch["image"]
-        if isinstance(images, list):  # native resolution: one forward per image, at its own grid
-            outs = [encode(encoder, image[None].to(device), job.blocks)[0] for image in images]  # (N_i, D)
+        if isinstance(images, list):  # native resolution, sizes differ: one forward per image, at its own grid
+            outs = [encode(encoder, image[None].to(device), job.blocks) for image in images]  # (1, N_i, D) each
         else:
-            outs = list(encode(encoder, images.to(device), job.blocks))  # (B, N, D) as B tensors (N, D)
-        feats += [(out.mean(0) if job.pooled else out).to(DTYPES[job.dtype]).cpu() for out in outs]
+            outs = [encode(encoder, images.to(device), job.blocks)]  # (B, N, D)
+        feats += [(out.mean(1) if job.pooled else out).to(DTYPES[job.dtype]).cpu() for out in outs]  # to the host once per forward
         labels.append(batch["label"])
         keys += batch["keys"]
     bar.close()
@@ -90,20 +90,17 @@ def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
         empty = torch.empty(0)
         return {"keys": [], "features": empty, "labels": empty.long(), "skipped": skipped}
     part = {"keys": keys, "labels": torch.cat(labels), "skipped": skipped}
-    if job.native and not job.pooled:
-        part["features"], part["lengths"] = pad_tokens(feats)
+    if job.native and not job.pooled:  # token sets of different lengths: one (N_i, D) per image
+        part["features"], part["lengths"] = pad_tokens([image for out in feats for image in out])
     else:
-        part["features"] = torch.stack(feats)
+        part["features"] = torch.cat(feats)
     return part
 
 
-def pad_tokens(rows: list[torch.Tensor], length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_tokens(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token sets of different lengths (N_i, D) -> zero-padded (B, max N, D) and the lengths (B,)."""
     lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
-    out = rows[0].new_zeros((len(rows), max(length, int(lengths.max())), rows[0].shape[-1]))
-    for i, r in enumerate(rows):
-        out[i, :r.shape[0]] = r
-    return out, lengths
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -113,13 +110,13 @@ def merge_parts(parts: list[dict]) -> dict:
     order = sorted(range(len(keys)), key=keys.__getitem__)
     index = torch.tensor(order, dtype=torch.long)
     merged = {"keys": [keys[i] for i in order],
-              "features": torch.cat([p["features"] for p in parts])[index] if keys else parts[0]["features"],
               "labels": torch.cat([p["labels"] for p in parts])[index] if keys else parts[0]["labels"],
               "skipped": sum(p["skipped"] for p in parts)}
-    if keys and "lengths" in parts[0]:  # padded tokens: to the longest of every part
-        longest = max(p["features"].shape[1] for p in parts)
+    if keys and "lengths" in parts[0]:  # padded tokens, each part to its own longest: re-pad them together
         rows = [f[:n] for p in parts for f, n in zip(p["features"], p["lengths"].tolist())]
-        merged["features"], merged["lengths"] = pad_tokens([rows[i] for i in order], longest)
+        merged["features"], merged["lengths"] = pad_tokens([rows[i] for i in order])
+    else:
+        merged["features"] = torch.cat([p["features"] for p in parts])[index] if keys else parts[0]["features"]
     return merged
 
 

@@ -123,20 +123,10 @@ def visualization_callbacks(cfg: VisualizeConfig, run: RunDir, tokenizer: Captio
 def packed_images(batch: dict, patch: int, k: int) -> tuple[torch.Tensor, list[int]]:
     """Up to k images of a packed batch (aimv2.models.packing) that share the first image's grid, as
     (k, 3, gh*p, gw*p) normalized pixels, and their indices: a frame stacks images of one size."""
-    patches, grids = batch["patches"], batch["grid_patches"]
-    layout = batch["layout"]
-    flat = patches.flatten(0, 1)  # (R*T, p*p*3)
-    starts = layout["image_start"].tolist()
-    first = _grid(layout, 0)
-    chosen = [i for i in range(len(grids)) if _grid(layout, i) == first][:k]
-    gh, gw = first
+    grids, starts = [tuple(g) for g in batch["grids"]], batch["layout"]["image_start"].tolist()
+    flat = batch["patches"].flatten(0, 1)  # (R*T, p*p*3), patchify's (row, column, channel) order
+    gh, gw = grids[0]
+    chosen = [i for i, grid in enumerate(grids) if grid == grids[0]][:k]
     images = [flat[starts[i]:starts[i] + gh * gw].reshape(gh, gw, patch, patch, 3).permute(4, 0, 2, 1, 3)
               .reshape(3, gh * patch, gw * patch) for i in chosen]
     return torch.stack(images), chosen
-
-
-def _grid(layout: dict, i: int) -> tuple[int, int]:
-    """(rows, columns) of image i: its last patch's coordinates plus one."""
-    last = int(layout["image_start"][i]) + int((layout["patch_image"].flatten() == i).sum()) - 1
-    row, col = layout["coords"].flatten(0, 1)[last].tolist()
-    return row + 1, col + 1
