@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aimv2.config import load_config
 from aimv2.pretraining.pretrain import pretrain
-from conftest import REPO, write_caption_shards
+from conftest import REPO, shared_across_modules, write_caption_shards
 
 STEPS, EVERY, IMAGES, IMG = 6, 3, 2, 28
 _CACHE: dict = {}
@@ -32,7 +32,7 @@ def short_runs(tmp_path_factory) -> dict:
     """{"root", "a", "b": run dirs, "a_output": the CLI's stdout + stderr, "a_returncode"}."""
     if "runs" in _CACHE:
         return _CACHE["runs"]
-    root = tmp_path_factory.mktemp("viz_runs")
+    root = shared_across_modules(tmp_path_factory.mktemp("viz_runs"))  # test_viz_run and test_report read it
     shards = write_caption_shards(root / "shards", 24, 12)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMV2_PROGRESS")}
     env |= {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
