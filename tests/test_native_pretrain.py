@@ -88,8 +88,8 @@ def test_a_native_epoch_sees_every_sample_once_on_two_workers(tmp_path):
     run = pretrain(config(tmp_path, "epochs", urls, "data.mode=epoch", "data.batch_size=5", "data.num_workers=2",
                           "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.log_samples=true"))
     log = read_sample_log(run.root / "logs/samples/rank0.tsv")
-    # 3 shards over 2 slots: 32 and 16 samples -> 16 // 5 = 3 batches per slot, 6 per epoch
-    assert last(run.root)["global_step"] == 12 and [step for _, _, step, _ in log] == list(range(1, 13))
+    # 48 samples cut into 2 ranges of 24 -> 24 // 5 = 4 batches per slot, 8 per epoch
+    assert last(run.root)["global_step"] == 16 and [step for _, _, step, _ in log] == list(range(1, 17))
     for epoch in (0, 1):
         keys = [k for e, _, _, batch in log if e == epoch for k in batch]
-        assert len(keys) == 30 and len(set(keys)) == 30, f"epoch {epoch}: a sample repeated"
+        assert len(keys) == 40 and len(set(keys)) == 40, f"epoch {epoch}: a sample repeated"

@@ -61,8 +61,8 @@ CASES = {
     # 27 valid of 30 samples, 10 batches planned: the slot refills from a second pass
     "epoch-refill-pass": dict(n=30, per_shard=10, corrupt={3, 14, 15}, workers=0, segment=9, mode="epoch",
                               shuffle_buffer=0),
-    # 2 shards, 2 workers x 2 ranks = 4 slots > 2 shards: every slot reads all and keeps every 4th
-    "epoch-sample-split": dict(n=48, per_shard=24, corrupt=set(), workers=2, segment=5, mode="epoch",
+    # 2 shards, 2 workers x 2 ranks = 4 slots > 2 shards: slots read parts of shards
+    "epoch-parts-of-shards": dict(n=48, per_shard=24, corrupt=set(), workers=2, segment=5, mode="epoch",
                                shuffle_buffer=3, world_size=2, rank=1),
 }
 
@@ -114,14 +114,53 @@ def test_resampled_mode_continues_the_same_seeded_sequence(tmp_path):
         assert head + rest == full, f"cut after {k} batches: the resampled sequence does not continue"
 
 
-def test_a_changed_layout_starts_a_fresh_sequence_with_a_warning(tmp_path, caplog):
-    src = source(tmp_path, "s", 40, 10)
+def lane_batches(loader, k, state=None) -> dict[int, list]:
+    """The first k batches of a loader, by lane (stream_pos[0])."""
+    if state is not None:
+        loader.load_position_state(state)
+    out: dict[int, list] = {}
+    for i, batch in enumerate(loader):
+        loader.mark_consumed(batch["stream_pos"])
+        out.setdefault(int(batch["stream_pos"][0]), []).append(summary(batch))
+        if i + 1 == k:
+            return out
+
+
+def test_resampled_lanes_continue_their_draws_on_fewer_and_on_more_slots(tmp_path, caplog):
+    a, b = source(tmp_path, "a", 30, 10), source(tmp_path, "b", 20, 7)
+    a.weight = 2.0
+
+    def loader(workers=2, rank=0, world=1):
+        return make_loader([a, b], workers, 11, mode="resampled", shuffle_buffer=5, seed=3, rank=rank,
+                           world_size=world)
+
+    full = lane_batches(loader(), 16)  # lanes 0 and 1 (one per worker), 8 batches each
+    cut = loader()
+    head = lane_batches(cut, 5)  # lane 0: 3 batches, lane 1: 2
+    state = cut.position_state()
+    with caplog.at_level(logging.WARNING):
+        one = loader(workers=1)  # 2 slots -> 1: the one slot runs both lanes in turn
+        rest = lane_batches(one, 6, state)
+    assert "its 2 lanes continue their seeded draws on 1 data slots" in caplog.text
+    for lane in (0, 1):
+        assert head[lane] + rest[lane] == full[lane][:len(head[lane]) + len(rest[lane])], f"lane {lane}"
+    assert len(rest[0]) == len(rest[1]) == 3  # lane 1 (fewer batches) went first, then they alternated
+
+    # 2 slots -> 3 (3 ranks of 1 worker): lanes 0 and 1 continue on ranks 0 and 1, rank 2 starts lane 2.
+    more = [lane_batches(loader(workers=1, rank=r, world=3), 3, state) for r in range(3)]
+    for lane in (0, 1):
+        assert head[lane] + more[lane][lane] == full[lane][:len(head[lane]) + 3]
+    assert list(more[2]) == [2] and more[2][2] != full[0][:3] and more[2][2] != full[1][:3]
+
+
+def test_changed_data_starts_a_fresh_sequence_with_a_warning(tmp_path, caplog):
+    src, other = source(tmp_path, "s", 40, 10), source(tmp_path, "t", 30, 10)
     one = make_loader([src], 2, 7, mode="resampled", shuffle_buffer=4)
     (head,) = run(one, stop_after=3)
-    other = make_loader([src], 1, 7, mode="resampled", shuffle_buffer=4)  # one worker instead of two
+    changed = make_loader([other], 2, 7, mode="resampled", shuffle_buffer=4)
     with caplog.at_level(logging.WARNING):
-        other.load_position_state(one.position_state())
-    assert "layout changed" in caplog.text
-    (fresh,) = run(other, stop_after=3)
-    (unrelated,) = run(make_loader([src], 1, 7, mode="resampled", shuffle_buffer=4), stop_after=3)
-    assert fresh != unrelated, "after a layout change the stream must not replay the run's first batches"
+        changed.load_position_state(one.position_state())
+    assert "the data (sources, shard counts) or the mode changed" in caplog.text
+    (fresh,) = run(changed, stop_after=3)
+    (unrelated,) = run(make_loader([other], 2, 7, mode="resampled", shuffle_buffer=4), stop_after=3)
+    assert fresh != unrelated, "a fresh sequence must not replay the run's first batches"

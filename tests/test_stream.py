@@ -42,18 +42,19 @@ def source(tmp_path, name, n, per_shard, **kw):
     return StreamSource(name, resolve_shards(report.urls, name, need_counts=True))
 
 
-def test_plan_epoch_packs_shards_evenly():
-    shards = [ShardInfo("a", 10), ShardInfo("b", 10), ShardInfo("c", 10), ShardInfo("d", 5)]
-    plan = plan_epoch(shards, num_slots=2, batch_size=4)
-    assert not plan.sample_split
-    assert sorted(map(sorted, plan.slot_shards)) == [["a", "c"], ["b", "d"]]
-    assert plan.batches_per_slot == 15 // 4
+def test_plan_epoch_cuts_the_shards_into_equal_contiguous_ranges():
+    shards = [ShardInfo("a", 10), ShardInfo("b", 10), ShardInfo("c", 4), ShardInfo("d", 5)]
+    plan = plan_epoch(shards, num_slots=3, batch_size=4)  # 29 samples: 9, 10, 10 (bounds 0, 9, 19, 29)
+    assert plan.slot_units == [[("a", 0, 9)], [("a", 9, 10), ("b", 0, 9)], [("b", 9, 10), ("c", 0, 4), ("d", 0, 5)]]
+    assert plan.batches_per_slot == 2  # 29 // 3 = 9 samples per slot, 2 batches of 4
 
 
-def test_plan_epoch_with_fewer_shards_than_slots_splits_samples():
+def test_plan_epoch_with_fewer_shards_than_slots_gives_each_slot_part_of_a_shard():
     plan = plan_epoch([ShardInfo("a", 7), ShardInfo("b", 5)], num_slots=3, batch_size=2)
-    assert plan.sample_split and plan.slot_shards == [["a", "b"]] * 3
-    assert plan.batches_per_slot == 2  # 12 samples -> 4 per slot -> 2 batches of 2
+    assert plan.slot_units == [[("a", 0, 4)], [("a", 4, 7), ("b", 0, 1)], [("b", 1, 5)]]
+    assert plan.batches_per_slot == 2
+    seeded = plan_epoch([ShardInfo("a", 7), ShardInfo("b", 5)], num_slots=3, batch_size=2, seed=1)
+    assert sorted(u for slot in seeded.slot_units for u in slot)[0][0] in ("a", "b")
 
 
 @pytest.mark.parametrize("num_shards,world,workers", [(7, 2, 2), (3, 2, 2), (5, 3, 1)])
@@ -93,16 +94,33 @@ def test_corrupt_samples_are_skipped_and_counted_exactly(tmp_path):
     assert sorted(keys) == [f"s{i:06d}" for i in range(31) if i not in {3, 14, 15}]
 
 
-def test_slot_short_of_its_planned_batches_refills_so_ranks_stay_in_step(tmp_path):
-    # 30 samples (3 corrupt), batch 3: 10 batches planned, 27 valid samples fill only 9.
-    src = source(tmp_path, "s", 30, 10, corrupt_at={3, 14, 15})
+def test_slot_short_of_its_planned_batches_refills_counting_repeats_and_each_corrupt_sample_once(tmp_path):
+    # 30 samples (3 corrupt), batch 3: 10 batches planned, 27 valid samples fill only 9. The refill pass
+    # re-reads the slot's shards: corrupt samples it passes again are not counted again, and the 3
+    # samples it trains on a second time are counted as repeats by the loader's ledger.
+    src = source(tmp_path, "s", 30, 10, corrupt_at={1, 2, 3})
     stream = ShardStream([src], process=key_if_decodable, collate=collate_keys, batch_size=3,
                          mode="epoch", shuffle_buffer=0)
-    batches = list(EpochAwareLoader(stream, num_workers=0))
+    loader = EpochAwareLoader(stream, num_workers=0)
+    batches, repeats = [], []
+    for batch in loader:
+        batches.append(batch)
+        repeats.append(loader.mark_consumed(batch["stream_pos"], batch["ids"], batch["skipped_ids"]))
     keys = [k for b in batches for k in b["keys"]]
     assert len(batches) == len(stream) == 10
-    assert set(keys) == {f"s{i:06d}" for i in range(30) if i not in {3, 14, 15}}
-    assert sum(int(b["skipped"]) for b in batches) == 3  # the refill stopped before sample 3 again
+    assert set(keys) == {f"s{i:06d}" for i in range(30) if i not in {1, 2, 3}}
+    assert sum(int(b["skipped"]) for b in batches) == 3  # once per epoch, not 6
+    assert repeats == [0] * 9 + [3] and loader.repeated == 3
+    assert set(batches[-1]["keys"]) <= {k for b in batches[:-1] for k in b["keys"]}
+    assert loader.ledger.sum() == 30  # every sample trained on or passed over
+    # The next epoch is planned without the 3 samples found corrupt: 9 batches, no refill, no repeat.
+    second = []
+    for batch in loader:
+        second.append(batch)
+        loader.mark_consumed(batch["stream_pos"], batch["ids"], batch["skipped_ids"])
+    keys = [k for b in second for k in b["keys"]]
+    assert len(second) == 9 and sorted(keys) == sorted(set(keys)) and len(set(keys)) == 27
+    assert sum(int(b["skipped"]) for b in second) == 0 and loader.repeated == 3
 
 
 def test_resampled_mixes_sources_by_weight_and_never_ends(tmp_path):

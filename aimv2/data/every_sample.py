@@ -2,10 +2,11 @@
 included, split over (rank, worker) slots. Probe feature extraction and validation
 (aimv2.probe.data) and compressor evaluation (aimv2.compress.data) read held-out shards through it.
 
-Slots follow the epoch-mode packing of `plan_epoch` (whole shards per slot, or, with fewer shards
-than slots, every slot reads all of them and keeps every k-th sample), so no sample is read twice
-and none is dropped, whatever the number of processes. Sample counts only balance the packing:
-shards without a count manifest are read all the same. Corrupt samples (the processor raises
+Slots get whole shards (`plan_whole_shards`: longest first to the emptiest slot, or, with fewer
+shards than slots, every slot reads all of them and keeps every k-th sample), so no sample is read
+twice and none is dropped, whatever the number of processes. Sample counts only balance the
+packing: shards without a count manifest, or with a wrong one, are read all the same (training's
+epoch plan cuts shards into ranges by their counts instead; aimv2.data.stream). Corrupt samples (the processor raises
 CorruptSample) and unreadable shard data are skipped with a warning; each batch carries in
 `skipped` how many samples were passed over while it was assembled.
 """
@@ -14,16 +15,36 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aimv2.data.samples import CorruptSample
+from aimv2.data.workers import worker_context
 from aimv2.data.shardlist import ShardInfo
-from aimv2.data.stream import plan_epoch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class WholeShardPlan:
+    slot_shards: list[list[str]]  # per slot; all shards for every slot when sample_split
+    sample_split: bool  # True: each slot keeps sample i when i % num_slots == slot
+
+
+def plan_whole_shards(shards: list[ShardInfo], num_slots: int) -> WholeShardPlan:
+    if not shards:
+        raise ValueError("no shards to read")
+    if len(shards) < num_slots:
+        return WholeShardPlan([[s.url for s in shards] for _ in range(num_slots)], True)
+    loads, slots = [0] * num_slots, [[] for _ in range(num_slots)]
+    for shard in sorted(shards, key=lambda s: (-s.count, s.url)):  # biggest shard to the emptiest slot
+        i = min(range(num_slots), key=lambda j: (loads[j], j))
+        slots[i].append(shard.url)
+        loads[i] += shard.count
+    return WholeShardPlan(slots, False)
 
 
 class EverySample(IterableDataset):
@@ -34,7 +55,7 @@ class EverySample(IterableDataset):
         super().__init__()
         self.process, self.collate, self.batch_size = process, collate, batch_size
         self.rank, self.workers = rank, max(1, workers)
-        self.plan = plan_epoch(shards, world * self.workers, 1)
+        self.plan = plan_whole_shards(shards, world * self.workers)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -69,4 +90,4 @@ def every_sample_loader(shards: list[ShardInfo], process: Callable[[dict], objec
     only read every k-th sample of the same tars)."""
     workers = min(num_workers, max(1, len(shards) // world)) if num_workers else 0
     return DataLoader(EverySample(shards, process, collate, batch_size, rank, world, workers),
-                      batch_size=None, num_workers=workers)
+                      batch_size=None, num_workers=workers, multiprocessing_context=worker_context(workers))

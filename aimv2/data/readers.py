@@ -4,8 +4,8 @@ WebDataset has no mid-epoch resume: a tar is read from its start. These readers 
 in the raw sample sequence explicit, so a restarted worker can re-open the right shard and skip the
 samples it had already read (reading tar members, never decoding them):
 
-- `ShardSequence`: shards read in a fixed order (epoch mode); position (shard index, offset in
-  that shard, samples seen over the whole sequence), the last one drives the sample split.
+- `ShardSequence`: ranges of shards read in a fixed order (epoch mode); position (range index,
+  samples of its shard read, samples of it counted).
 - `Resampler`: an endless stream of one source, each shard drawn with replacement from a seed
   and the draw's index; position (draw index, offset in that shard).
 
@@ -28,27 +28,37 @@ def stable_seed(*parts) -> int:
 
 
 class ShardSequence:
-    """Samples of `urls` in order; with `keep`, only samples whose running index it accepts."""
+    """Samples of ranges of shards, `units` = [(url, first, end), ...], read in that order, each tagged
+    with its index in its shard (`__index__`). `done(url, j)` passes over samples an earlier part of the
+    epoch consumed; first and end count the samples it leaves. Position: (unit, samples of the unit's
+    shard read, samples of it counted), so a restart skips what was read without decoding."""
 
     width = 3
 
-    def __init__(self, urls: list[str], read: Callable[[str], Iterator[dict]],
-                 keep: Optional[Callable[[int], bool]] = None, pos: tuple[int, ...] = (0, 0, 0)):
-        self.urls, self.read, self.keep = urls, read, keep
+    def __init__(self, units: list[tuple[str, int, int]], read: Callable[[str], Iterator[dict]],
+                 pos: tuple[int, ...] = (0, 0, 0), done: Optional[Callable[[str, int], bool]] = None):
+        self.units, self.read, self.done = units, read, done
         self.pos = tuple(pos)
 
     def __iter__(self) -> Iterator[dict]:
-        shard, offset, index = self.pos
-        for s in range(shard, len(self.urls)):
-            for j, sample in enumerate(self.read(self.urls[s])):
-                if j < offset:
-                    continue  # already read before the restart: skipped without decoding
-                i, index = index, index + 1
-                self.pos = (s, j + 1, index)
-                if self.keep is None or self.keep(i):
-                    yield sample
-            offset = 0
-            self.pos = (s + 1, 0, index)
+        unit, offset, counted = self.pos
+        for u in range(unit, len(self.units)):
+            url, first, end = self.units[u]
+            if counted < end:
+                for j, sample in enumerate(self.read(url)):
+                    if j < offset:
+                        continue  # already read before the restart: skipped without decoding
+                    if self.done is None or not self.done(url, j):
+                        k, counted = counted, counted + 1
+                        if k >= first:
+                            self.pos = (u, j + 1, counted)
+                            sample["__index__"] = j
+                            yield sample
+                    self.pos = (u, j + 1, counted)
+                    if counted >= end:
+                        break  # the rest of the shard belongs to other slots
+            offset, counted = 0, 0
+            self.pos = (u + 1, 0, 0)
 
 
 class Resampler:

@@ -3,11 +3,14 @@
 `StreamPosition` tells the loader (aimv2.data.loader) after every finished step, so the position a
 checkpoint stores is that of the last batch the weights have seen, never of a prefetched one. Lightning
 runs checkpoint callbacks after all others, so the position is current when ModelCheckpoint saves.
+In epoch mode it also logs `data/repeated_samples`: samples trained on a second time within their
+epoch (a refill pass after corrupt samples), summed over ranks; 0 in a healthy run.
 
 `SampleLog` (trainer.log_samples) appends the keys of every consumed sample to
 RUN/logs/samples/rank{R}.tsv, one line per batch: `epoch  batch  step  key key ...` (step = optimizer
 steps done after the batch). A resumed run first drops the lines of steps the checkpoint has not
-seen, so the file reads as one uninterrupted run: an audit of the data order.
+seen, so the file reads as one uninterrupted run: an audit of the data order. Rank 0 does the same
+for the files of ranks the resumed run no longer has (a run resumed on fewer ranks).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ class StreamPosition(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loader = trainer.train_dataloader
         if isinstance(batch, dict) and "stream_pos" in batch and hasattr(loader, "mark_consumed"):
-            loader.mark_consumed(batch["stream_pos"])
+            loader.mark_consumed(batch["stream_pos"], batch.get("ids"), batch.get("skipped_ids"))
+            if loader.ledger is not None:
+                pl_module.log("data/repeated_samples", float(loader.repeated), reduce_fx="sum", sync_dist=True)
 
 
 class SampleLog(Callback):
@@ -38,10 +43,12 @@ class SampleLog(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         path = self.path(trainer.global_rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():  # keep what the restored checkpoint has seen; drop torn and later lines
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.endswith("\n") and _step(line) is not None and _step(line) <= trainer.global_step]
-            atomic_write(path, "".join(kept))
+        _truncate(path, trainer.global_step)
+        if trainer.global_rank == 0:  # the logs of ranks this run no longer has
+            for other in self.log_dir.glob("rank*.tsv"):
+                rank = other.stem[4:]
+                if rank.isdigit() and int(rank) >= trainer.world_size:
+                    _truncate(other, trainer.global_step)
         self._file = open(path, "a", buffering=1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -58,6 +65,14 @@ class SampleLog(Callback):
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+
+
+def _truncate(path: Path, step: int) -> None:
+    """Keep what the restored checkpoint (at `step`) has seen; drop torn and later lines."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and _step(line) is not None and _step(line) <= step]
+        atomic_write(path, "".join(kept))
 
 
 def _step(line: str):
