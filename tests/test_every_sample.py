@@ -22,13 +22,17 @@ def _keys(sample: dict) -> tuple[str, str]:
     return sample["__key__"], decode_caption(sample)
 
 
+def _collate_keys(items: list) -> dict:  # module level: workers receive it pickled (a fork server's)
+    return {"keys": [k for k, _ in items]}
+
+
 @pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 1), (3, 2), (8, 0)])
 def test_every_sample_once_and_every_corrupt_one_counted(tmp_path, world, workers):
     report = write_caption_shards(tmp_path / "s", N, per_shard=5, corrupt_at=CORRUPT)
     shards = resolve_shards(report.urls, "val", need_counts=False)
     keys, skipped = [], 0
     for rank in range(world):
-        for batch in every_sample_loader(shards, _keys, lambda items: {"keys": [k for k, _ in items]}, 4, workers,
+        for batch in every_sample_loader(shards, _keys, _collate_keys, 4, workers,
                                          rank, world):
             assert len(batch["keys"]) <= 4
             keys += batch["keys"]
@@ -41,7 +45,7 @@ def test_one_process_reads_in_shard_order_and_collates_image_captions(tmp_path):
 
     report = write_caption_shards(tmp_path / "s", 9, per_shard=3, corrupt_at=(8,))
     shards = resolve_shards(report.urls, "val", need_counts=False)
-    keys = [k for b in every_sample_loader(shards, _keys, lambda items: {"keys": [k for k, _ in items]}, 4)
+    keys = [k for b in every_sample_loader(shards, _keys, _collate_keys, 4)
             for k in b["keys"]]
     assert keys == [f"{i:06d}" for i in range(8)]
     collate = ImageCaptionCollator(build_tokenizer(TokenizerConfig(max_length=8)))

@@ -26,6 +26,7 @@ from aimv2.data.native import native_grid
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, decode_image
 from aimv2.data.shardlist import ShardInfo, resolve_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
+from aimv2.data.workers import worker_context
 from aimv2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def eval_batches(split: Split, transform: Callable, batch_size: int, num_workers
     if split.kind == "folders":
         indices = list(range(rank, len(split.files), world))
         return DataLoader(_FolderDataset(split.files, indices, transform), batch_size=batch_size,
-                          num_workers=num_workers, collate_fn=collate)
+                          num_workers=num_workers, collate_fn=collate, multiprocessing_context=worker_context(num_workers))
     process = _ShardProcessor(transform, len(split.classes), split.label_map)
     return every_sample_loader(split.shards, process, collate, batch_size, num_workers, rank, world)
 
@@ -206,7 +207,8 @@ class _FolderEpochs(DataLoader):
         self._epoch = 0
         per_rank = len(split.files) // world
         super().__init__(_FolderDataset(split.files, list(range(per_rank)), transform), batch_size=batch_size,
-                         num_workers=num_workers, collate_fn=collate, drop_last=True)
+                         num_workers=num_workers, collate_fn=collate, drop_last=True,
+                         multiprocessing_context=worker_context(num_workers))
 
     def __iter__(self):
         order = list(range(len(self.split.files)))
