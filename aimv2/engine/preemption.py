@@ -52,7 +52,10 @@ def slurm_job_id() -> Optional[str]:
 
 
 class PreemptionCheckpoint(Callback):
-    """`requeue_signal` (SIGUSR1) -> save, requeue under SLURM, stop; SIGTERM under SLURM -> save, stop."""
+    """`requeue_signal` (SIGUSR1) -> save, requeue under SLURM, stop; SIGTERM (SLURM's preemption and
+    `scancel`, `kill`, a container or node shutdown) -> save, stop, under SLURM or not. Data workers,
+    forked after `install`, inherit the flag-only handler, so a signal sent to every process of the job
+    does not kill them under the ranks (which would end the run without its checkpoint)."""
 
     def __init__(self, checkpoint_dir: str | Path, slurm: bool, requeue_signal: int = signal.SIGUSR1):
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -62,7 +65,7 @@ class PreemptionCheckpoint(Callback):
         self._previous: dict[int, object] = {}
 
     def _signals(self) -> list[int]:
-        return [self.requeue_signal, signal.SIGTERM] if self.slurm else [self.requeue_signal]
+        return [self.requeue_signal, signal.SIGTERM]
 
     def _handler(self, signum, frame) -> None:  # only a flag: the work happens at the next step boundary
         self.received = signum

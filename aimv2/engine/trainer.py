@@ -41,7 +41,7 @@ def build_trainer(cfg: TrainerConfig, run: RunDir, grad_clip: float = 0.0,
                   extra_callbacks: Sequence[Callback] = (), batch_size: int | None = None) -> L.Trainer:
     loggers = [
         # Every logged row reaches the file at once (not every 100 steps): after a kill -9 the file is
-        # as new as the newest checkpoint, less at most the row of the step that checkpoint ended.
+        # as new as the newest checkpoint (whose own step's row the checkpoint carries: csv_log).
         ResumableCSVLogger(save_dir=run.metrics.parent, name="", version="", flush_logs_every_n_steps=1),
         TensorBoardLogger(save_dir=run.tensorboard, name="", version="", default_hp_metric=False),
     ]
