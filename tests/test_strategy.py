@@ -25,8 +25,8 @@ PRESETS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
 PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 
 
-def test_the_five_presets_are_shipped():
-    assert {p.stem for p in PRESETS} == {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3",
+def test_the_six_presets_are_shipped():
+    assert {p.stem for p in PRESETS} == {"ddp", "fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3",
                                          "deepspeed_zero3_offload"}
 
 
@@ -34,7 +34,7 @@ def test_the_five_presets_are_shipped():
 @pytest.mark.parametrize("recipe", PRETRAIN, ids=lambda p: p.stem)
 def test_every_preset_merges_over_every_recipe(recipe, preset):
     cfg = load_config([recipe, preset], ["trainer.max_steps=10", "trainer.accelerator=gpu"])
-    assert cfg.trainer.strategy in ("ddp", "fsdp", "deepspeed") and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.strategy in ("ddp", "fsdp", "fsdp2", "deepspeed") and cfg.trainer.precision == "bf16-mixed"
     assert cfg.model == load_config(recipe, ["trainer.max_steps=10"]).model  # presets touch trainer.* only
 
 
@@ -52,6 +52,20 @@ def test_ddp_and_fsdp_presets_build_their_strategies():
     assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {Block} and fsdp._activation_checkpointing_kwargs
     assert fsdp.sharding_strategy.name == "FULL_SHARD" and fsdp._state_dict_type == "full"
     assert fsdp.kwargs["use_orig_params"] is True  # optimizer param groups and compile need original params
+
+
+def test_fsdp2_preset_builds_a_model_parallel_strategy_saving_dcp_directories():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from aimv2.engine.strategy import FSDP2Strategy
+
+    strategy = built("fsdp2")
+    assert isinstance(strategy, FSDP2Strategy) and isinstance(strategy, ModelParallelStrategy)
+    assert strategy._save_distributed_checkpoint is True and strategy._tensor_parallel_size == 1
+    assert strategy._data_parallel_size == "auto"  # every process, resolved at setup (FSDP2Strategy.setup_environment)
+    # Unlike fsdp and deepspeed, it validates on the CPU accelerator: Lightning runs it there with gloo.
+    cfg = load_config([REPO / "configs/pretrain/debug.yaml", strategy_preset("fsdp2")], ["trainer.accelerator=cpu"])
+    assert cfg.trainer.strategy == "fsdp2" and isinstance(build_strategy(cfg.trainer), FSDP2Strategy)
 
 
 @pytest.mark.parametrize("name,stage,offload", [("deepspeed_zero2", 2, False), ("deepspeed_zero3", 3, False),

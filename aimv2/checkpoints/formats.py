@@ -4,6 +4,7 @@
 |-----------|--------------------|
 | lightning | `aimv2 pretrain` checkpoint: a pickle with `state_dict` (`model.encoder.*`) + `hyper_parameters` |
 | zero      | DeepSpeed ZeRO directory (`latest`, `<tag>/*_model_states.pt`, `<tag>/*_optim_states.pt`) |
+| dcp       | torch.distributed.checkpoint directory of the fsdp2 strategy (`.metadata`, `__<rank>_<n>.distcp`, `meta.pt`) |
 | aimv2     | `aimv2 export --format aimv2`: `encoder.safetensors` (+ `decoder.safetensors`) + `config.json` |
 | timm      | timm directory (`model.safetensors` + config.json with `architecture`) or a bare timm state dict |
 | hf        | transformers `Aimv2VisionModel` directory (config.json + model.safetensors) or its bare state dict |
@@ -20,16 +21,17 @@ from pathlib import Path
 import torch
 
 from aimv2.checkpoints.convert import layout_of
+from aimv2.checkpoints.dcp import is_dcp_checkpoint, read_dcp_checkpoint
 from aimv2.checkpoints.safe_io import load_pickle, load_safetensors, read_json, safetensors_keys
 from aimv2.checkpoints.zero import is_zero_checkpoint, read_zero_checkpoint
 from aimv2.errors import UserError
 
-FORMATS = ("lightning", "zero", "aimv2", "timm", "hf", "apple")
+FORMATS = ("lightning", "zero", "dcp", "aimv2", "timm", "hf", "apple")
 EXPORT_FORMAT = "aimv2-encoder"  # config.json "format" of this project's own export
 _WEIGHT_FILES = ("encoder.safetensors", "model.safetensors", "pytorch_model.bin")
 _LAYOUT_FORMAT = {"module": "lightning", "apple": "apple", "hf": "hf", "timm": "timm"}
-_EXPECTED = ("expected this project's .ckpt, a DeepSpeed ZeRO directory, an `aimv2 export` directory, "
-             "a timm or transformers directory, or an Apple ml-aim state dict")
+_EXPECTED = ("expected this project's .ckpt, a DeepSpeed ZeRO or DCP (fsdp2) directory, an `aimv2 export` "
+             "directory, a timm or transformers directory, or an Apple ml-aim state dict")
 
 
 @dataclass
@@ -37,10 +39,10 @@ class RawCheckpoint:
     path: Path
     format: str  # one of FORMATS
     tensors: dict[str, torch.Tensor]  # in the source's own layout
-    config: dict  # hyper_parameters (lightning, zero) or config.json; {} when the source has none
+    config: dict  # hyper_parameters (lightning, zero, dcp) or config.json; {} when the source has none
     preprocessor: dict | None = None  # transformers' preprocessor_config.json, when present
     decoder_file: Path | None = None  # an export's decoder.safetensors, read only when asked for
-    step: int | None = None  # the training step of a Lightning or ZeRO checkpoint
+    step: int | None = None  # the training step of a Lightning, ZeRO or DCP checkpoint
 
 
 def _resolve(path: str | Path) -> Path:
@@ -84,9 +86,12 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def _detect_dir(path: Path) -> str:
     if is_zero_checkpoint(path):
         return "zero"
+    if is_dcp_checkpoint(path):
+        return "dcp"
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise UserError(f"{path}: directory of no known checkpoint layout (no config.json, no ZeRO 'latest'); {_EXPECTED}")
+        raise UserError(f"{path}: directory of no known checkpoint layout (no config.json, no ZeRO 'latest', "
+                        f"no DCP .metadata); {_EXPECTED}")
     cfg = read_json(cfg_path)
     if cfg.get("format") == EXPORT_FORMAT:
         return "aimv2"
@@ -153,6 +158,12 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     if fmt == "zero":
         tensors, client = read_zero_checkpoint(path)
         return RawCheckpoint(path, fmt, tensors, client.get("hyper_parameters") or {}, step=_step(client))
+    if fmt == "dcp":
+        tensors, meta = read_dcp_checkpoint(path)
+        # A pre-training module's state is "dcp"; a bare timm/transformers/Apple state dict saved with DCP
+        # is read as that layout (or the one-line "no known encoder weights" error).
+        fmt = fmt if layout_of(tensors) == "module" else _format_of_keys(list(tensors), path)
+        return RawCheckpoint(path, fmt, tensors, meta.get("hyper_parameters") or {}, step=_step(meta))
     config = read_json(path / "config.json")
     if fmt == "aimv2":
         decoder = path / "decoder.safetensors"

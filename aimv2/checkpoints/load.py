@@ -40,7 +40,7 @@ class LoadedEncoder:
 def load_encoder(source: str | Path, img_size: int | None = None, *, heads: int | None = None
                  ) -> tuple[VisionTransformer, Preprocessing]:
     """(timm VisionTransformer in eval mode on the CPU, its eval preprocessing) from any checkpoint:
-    this project's .ckpt, a DeepSpeed ZeRO directory, an `aimv2 export` directory, a timm or
+    this project's .ckpt, a DeepSpeed ZeRO or DCP (fsdp2) directory, an `aimv2 export` directory, a timm or
     transformers directory, or Apple's ml-aim release. `img_size` (a multiple of the patch size)
     resamples the position embedding to another resolution (a native-resolution encoder takes any
     grid as it is: there img_size only sets the nominal size, see resize_encoder); `heads` is needed
@@ -101,7 +101,7 @@ def _encoder_parts(raw: RawCheckpoint, heads: int | None) -> tuple[dict, TimmRec
     """(timm-layout state dict -- Apple's is converted later by timm's filter --, recipe, preprocessing
     with a placeholder size) for each format."""
     where, cfg = str(raw.path), raw.config
-    if raw.format in ("lightning", "zero"):
+    if raw.format in ("lightning", "zero", "dcp"):
         state = module_to_timm(raw.tensors)
         model = cfg.get("model") if isinstance(cfg.get("model"), dict) else None
         if model is None:
@@ -168,12 +168,12 @@ def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, re
 
 def read_decoder(loaded: LoadedEncoder) -> tuple[dict, dict] | None:
     """(decoder state dict, MultimodalDecoder keyword arguments) when the checkpoint holds the
-    pre-training decoder (this project's .ckpt, ZeRO directory or export with decoder), else None."""
+    pre-training decoder (this project's .ckpt, ZeRO or DCP directory, or export with decoder), else None."""
     raw = loaded.raw
     if raw.format == "aimv2" and raw.decoder_file is not None and "decoder" in raw.config:
         from aimv2.checkpoints.safe_io import load_safetensors
         return load_safetensors(raw.decoder_file), dict(raw.config["decoder"])
-    if raw.format in ("lightning", "zero") and isinstance(raw.config.get("model"), dict):
+    if raw.format in ("lightning", "zero", "dcp") and isinstance(raw.config.get("model"), dict):
         state = strip_prefix({k.removeprefix("_forward_module."): v for k, v in raw.tensors.items()}, "model.decoder.")
         if not state:
             return None

@@ -1,7 +1,7 @@
 """`aimv2 export CHECKPOINT --format {aimv2,timm,hf} --out DIR`: an encoder for users without this package.
 
 Any checkpoint `aimv2.load_encoder` reads can be exported (this project's .ckpt, a DeepSpeed ZeRO
-directory, an export, a timm or transformers directory, Apple's release). The output is a directory
+or DCP (fsdp2) directory, an export, a timm or transformers directory, Apple's release). The output is a directory
 that appears atomically; the command prints how to load it.
 """
 
@@ -15,8 +15,8 @@ HELP = "export a checkpoint's encoder for timm, transformers or this package (sa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a .ckpt, a ZeRO checkpoint directory, an export, a timm/transformers "
-                                           "directory or an Apple ml-aim state dict")
+    parser.add_argument("checkpoint", help="a .ckpt, a ZeRO or DCP (fsdp2) checkpoint directory, an export, a "
+                                           "timm/transformers directory or an Apple ml-aim state dict")
     parser.add_argument("--format", required=True, choices=("aimv2", "timm", "hf"), dest="fmt",
                         help="aimv2: encoder(+decoder).safetensors + config.json; timm: timm's directory layout; "
                              "hf: transformers Aimv2VisionModel directory")

@@ -123,6 +123,9 @@ class CompressConfig:
 
     def validate(self) -> None:
         check(self.stage in (1, 2), "stage", f"must be 1 (compressor only) or 2 (compressor + LLM), got {self.stage}")
+        # The alignment module has no configure_model hook, which Lightning's ModelParallelStrategy needs.
+        check(self.trainer.strategy != "fsdp2", "trainer.strategy",
+              "fsdp2 shards pre-training only; align compressors with ddp, fsdp or deepspeed")
 
     def require(self, *keys: str) -> None:
         """A UserError naming the first of these dotted keys that is empty (what a verb needs set)."""

@@ -144,7 +144,7 @@ def check_lr_schedule(lr: float, min_lr: float, betas: list[float], weight_decay
     check(weight_decay >= 0, "weight_decay", f"must be >= 0, got {weight_decay:g}")
 
 
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "fsdp2")
 
 
 @dataclass
@@ -152,7 +152,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed; presets in configs/strategy/ (aimv2.engine.strategy)
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed | fsdp2; presets in configs/strategy/ (aimv2.engine.strategy)
     zero_stage: int = 2  # deepspeed: ZeRO stage 2 (optimizer + gradients sharded) or 3 (+ parameters)
     offload: bool = False  # deepspeed: optimizer states (stage 3: and parameters) in CPU memory; fsdp: parameters
     activation_checkpointing: bool = False  # recompute every transformer block in backward (encoder and decoder)

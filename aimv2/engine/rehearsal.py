@@ -239,6 +239,12 @@ def restored_process_state() -> Iterator[None]:
 
 
 def _load_state(path: Path) -> dict:
+    """A checkpoint's contents: one file, or a DCP directory (fsdp2) with its model state read back whole."""
+    from aimv2.checkpoints.dcp import is_dcp_checkpoint, read_dcp_checkpoint
+
+    if is_dcp_checkpoint(path):
+        tensors, meta = read_dcp_checkpoint(path)
+        return {**meta, "state_dict": tensors}
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

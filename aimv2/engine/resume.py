@@ -10,6 +10,9 @@
 end of the file is found (a truncated or overwritten file fails here) and its pickle holds only
 plain data, without reading the tensor bytes of a multi-GB checkpoint. ZeRO checkpoints
 (directories) are intact when their `latest` tag and the rank-0 model states load the same way.
+DCP checkpoints (directories of the fsdp2 strategy, aimv2.checkpoints.dcp) are intact when DCP's
+index `.metadata` -- written last, once every rank's shards are on disk -- reads (safely unpickled,
+no shard read) and Lightning's `meta.pt` loads the same way; a directory without them is a killed save.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from aimv2.checkpoints.dcp import check_complete, is_dcp_checkpoint, load_meta, read_metadata
 from aimv2.checkpoints.zero import load_client_state
 from aimv2.engine.run_dir import LAST
 from aimv2.errors import UserError
@@ -42,12 +46,17 @@ def checkpoint_step(path: str | Path) -> int:
     """The global step stored in an intact checkpoint; raises ValueError saying why it is not intact."""
     path = Path(path)
     try:
-        if path.is_dir():
+        if is_dcp_checkpoint(path):
+            check_complete(path, need_meta=True)  # DCP's index and Lightning's meta.pt, both written last
+            read_metadata(path)  # the index reads (unpickled safely; no shard is read)
+            state = load_meta(path, mmap=True)
+        elif path.is_dir():
             state = load_client_state(path, mmap=True)
         else:
             state = _load_light(path)
     except Exception as err:  # zip/EOF/unpickling errors all mean "cannot be resumed from"
-        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip().removeprefix(f"{path}: ")  # the caller names the path itself
+        reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
         if "mmap can only be used" in reason:  # torch's words for "this is no zip archive at all"
             reason = "not a PyTorch checkpoint (no zip archive)"
         raise ValueError(reason[:160]) from None
@@ -57,7 +66,7 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def candidates(ckpt_dir: str | Path) -> list[Path]:
-    """Checkpoints in a run's checkpoint directory (files or ZeRO directories), temporaries excluded."""
+    """Checkpoints in a run's checkpoint directory (files, ZeRO or DCP directories), temporaries excluded."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []

@@ -8,12 +8,24 @@ from outside (the model code in aimv2/models stays single-device).
 - deepspeed: DeepSpeedStrategy, ZeRO stage `trainer.zero_stage` (2: optimizer states and gradients
   sharded; 3: parameters too); `trainer.offload` puts optimizer states (stage 3: and parameters) in
   CPU memory; checkpoints are directories.
+- fsdp2: FSDP2 (`torch.distributed.fsdp.fully_shard`) through Lightning's ModelParallelStrategy
+  (`FSDP2Strategy`): every transformer block one unit, then the AIMv2 model as the root (torchtitan's
+  order), parameters as DTensors sharded on dim 0 over all processes. The sharding is applied from
+  outside in the LightningModule's `configure_model` hook (`shard_model`). Checkpoints are
+  torch.distributed.checkpoint directories (each rank writes its own shards, no gather on rank 0),
+  in Lightning's layout, resumable at another world size and convertible to one file
+  (aimv2.checkpoints.dcp, `aimv2 convert`). Lightning 2.6.6 does not refuse it on the CPU
+  accelerator: with gloo it trains on CPU processes (tests/test_fsdp2_lightning.py). Pre-training
+  only: the compress job's module has no `configure_model` hook, and Lightning's ModelParallelStrategy
+  refuses a module without one ("... you are required to override the `configure_model()` hook").
 
 Activation checkpointing wraps the same blocks (FSDP through its own policy, the others with
 torch's non-reentrant checkpoint wrapper, which keeps state_dict keys unchanged), and
 `trainer.compile` compiles each block in place (no `_orig_mod.` in the keys either). Every strategy
 writes checkpoints atomically (aimv2.engine.checkpoint_io). Lightning refuses FSDP and DeepSpeed
-on the CPU accelerator: on CPU machines only `auto` and `ddp` run.
+on the CPU accelerator; Lightning's ModelParallelStrategy (`fsdp2`) has no such check (lightning 2.6.6,
+pytorch/strategies/model_parallel.py) and torch 2.14's `fully_shard` takes a CPU device mesh with gloo:
+on CPU machines `auto`, `ddp` and `fsdp2` run.
 """
 
 from __future__ import annotations
@@ -28,12 +40,14 @@ from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
     FSDPStrategy,
+    ModelParallelStrategy,
     Strategy,
 )
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from aimv2.checkpoints.dcp import save_dcp_checkpoint
 from aimv2.config import TrainerConfig
 from aimv2.engine.checkpoint_io import AtomicCheckpointIO
 from aimv2.engine.clipping import quiet_deepspeed_clipping_warning
@@ -58,6 +72,59 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
         if self.is_global_zero:
             publish_directory(tmp, final, fsync=False)  # DeepSpeed's own writes, as before this class
         self.barrier("aimv2_ckpt_renamed")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over every process (Lightning's ModelParallelStrategy with a 1-D data-parallel mesh and
+    no tensor parallelism), saving DCP directories that appear complete or not at all.
+
+    Lightning's own `save_checkpoint` creates `step=N.ckpt/` first and fills it in place (shards,
+    `.metadata`, then `meta.pt`): a job killed meanwhile leaves a directory under the final name. Here
+    the same layout is written into `.step=N.ckpt.tmp/` and renamed once every rank is done
+    (aimv2.checkpoints.dcp.save_dcp_checkpoint); a leftover temporary is removed at the next start
+    (aimv2.engine.checkpoint_io.remove_stale_temporaries). Loading stays Lightning's: DCP reshards to
+    the current world size."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True, **kwargs)
+
+    def setup_environment(self) -> None:
+        # Lightning's "auto" data-parallel size is the number of nodes (tensor parallelism inside a
+        # node); FSDP alone shards over every process.
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported")
+        path = Path(self.broadcast(str(filepath)))
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        save_dcp_checkpoint(state, checkpoint, path, self.global_rank, lambda: self.barrier("aimv2_dcp"))
+
+
+def shard_model(model: nn.Module, mesh) -> nn.Module:
+    """FSDP2 from outside the model code: `fully_shard` each transformer block (timm `Block`, encoder
+    and decoder; inside an activation-checkpoint wrapper if there is one), then `model` itself, which
+    groups the rest (embeddings, norms, heads). Already-sharded models are left as they are (Lightning
+    may call configure_model again, e.g. for validation after fit)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    for block in [m for m in model.modules() if isinstance(m, tuple(BLOCKS))]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def configure_sharding(module, model: nn.Module) -> None:
+    """The LightningModule's `configure_model` hook: shard `model` when the trainer's strategy is FSDP2;
+    under every other strategy (or without a trainer) nothing happens."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and isinstance(trainer.strategy, FSDP2Strategy):
+        shard_model(model, trainer.strategy.device_mesh["data_parallel"])
 
 
 def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Strategy | str:
@@ -85,6 +152,8 @@ def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Stra
             pin_memory=cfg.offload,
             logging_batch_size_per_gpu=batch_size or 1,
         )
+    if cfg.strategy == "fsdp2":
+        return FSDP2Strategy()
     return "auto"
 
 

@@ -69,6 +69,13 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # GPU skip flags on their way to the host
         self._steps_counted = 0
 
+    def configure_model(self) -> None:
+        """Lightning's hook for sharding applied from outside: FSDP2 under the fsdp2 strategy
+        (aimv2.engine.strategy.configure_sharding); nothing under the others."""
+        from aimv2.engine.strategy import configure_sharding
+
+        configure_sharding(self, self.model)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Prefix lengths from the batch's own seed (set by the stream): the same after a resume.
         generator = torch.Generator().manual_seed(int(batch["seed"])) if "seed" in batch else None
@@ -124,7 +131,10 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         loss_ok = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
         self._loss_finite = None
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm_ok = torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.ones((), dtype=torch.bool)
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # FSDP2: DTensor gradients; the norm over every rank's shards as a
+            norm = norm.full_tensor()     # plain tensor (a DTensor cannot meet loss_ok or all_reduce below)
+        norm_ok = torch.isfinite(norm)
         ok = loss_ok.to(self.device) & norm_ok.to(self.device)
         if skips_nonfinite_itself(self.trainer.strategy) or not skips_on_device(optimizer):
             # Decided on the host: the flag is read now (a sync; DeepSpeed's own overflow check syncs anyway).
