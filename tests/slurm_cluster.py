@@ -1,4 +1,4 @@
-"""A real single-node SLURM cluster for tests, from Debian's packages, started and stopped by pid.
+"""A real SLURM cluster for tests, from Debian's packages, started and stopped by pid.
 
 munged runs as the munge user with a fresh key; slurmctld and slurmd run in the foreground (`-D`)
 as children of the test process, with every state, spool, log and pid path in one temporary
@@ -6,6 +6,12 @@ directory and ports picked free, so nothing outside that directory is touched an
 exactly the processes it started. The settings that mattered (SLURM 22.05, Debian 12): the host's
 short name as SlurmctldHost and NodeName, auth/munge, SlurmUser=root, proctrack/linuxproc,
 task/none, select/cons_tres with CR_Core, a RealMemory below the machine's, MpiDefault=none.
+
+One node (`SlurmCluster()`): both daemons on this host. N nodes (`SlurmCluster(nodes=N)`):
+slurmctld in the root network namespace, each slurmd in a network namespace of its own
+(netns_hosts.py: its own IP on a private bridge, NodeAddr = that IP, the node names resolvable
+inside the namespaces), started as `slurmd -D -N NAME` in its namespace with %n-named spool, pid
+and log paths; the namespaces share the file system, so one munged socket serves them all.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+from netns_hosts import NetnsHosts, netns_unavailable
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged")
@@ -55,12 +63,22 @@ def _mem_mb() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, cpus: int = 2):
+    """`nodes=0`: one node, this host (name = `hostname`). `nodes=N`: N nodes `aimv2n0..` of `cpus`
+    CPUs each, one network namespace each; `self.hosts` says their namespaces and addresses."""
+
+    def __init__(self, cpus: int = 2, nodes: int = 0):
         self.root = Path(tempfile.mkdtemp(prefix="aimv2-slurm-"))
         self.root.chmod(0o755)  # munged checks that every directory above its socket is traversable
         self.cpus, self.host = cpus, socket.gethostname().split(".")[0]
+        self.nodes = [f"aimv2n{k}" for k in range(nodes)] or [self.host]
+        self.hosts: Optional[NetnsHosts] = NetnsHosts(self.nodes, self.root) if nodes else None
         self.conf = self.root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+
+    @staticmethod
+    def unavailable(nodes: int = 0) -> Optional[str]:
+        """None when such a cluster can be started here (installing SLURM if need be); else why not."""
+        return (netns_unavailable() if nodes else None) or ensure_slurm_installed()
 
     @property
     def env(self) -> dict:
@@ -70,20 +88,32 @@ class SlurmCluster:
         r = self.root
         for d in ("state", "spool", "log"):
             (r / d).mkdir()
+        if self.hosts is None:
+            controller, addrs = self.host, [None]
+        else:  # slurmctld listens on every address; the namespaces reach it through the bridge's
+            controller, addrs = f"{self.host}({self.hosts.gateway})", self.hosts.addrs
+        mem = _mem_mb() // len(self.nodes)
+        nodes = [f"NodeName={name}" + (f" NodeAddr={addr} NodeHostname={name}" if addr else "") +
+                 f" CPUs={self.cpus} RealMemory={mem} State=UNKNOWN" for name, addr in zip(self.nodes, addrs)]
         self.conf.write_text("\n".join([
-            "ClusterName=aimv2test", f"SlurmctldHost={self.host}",
+            "ClusterName=aimv2test", f"SlurmctldHost={controller}",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={r / 'munge' / 'munge.sock'}",
             "SlurmUser=root", "SlurmdUser=root",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+            # %n: the node's name, so that each slurmd of a many-node cluster has its own files
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool' / '%n'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "MpiDefault=none",
             "ReturnToService=2", "SchedulerType=sched/backfill", "JobCompType=jobcomp/none",
-            "AccountingStorageType=accounting_storage/none", "JobRequeue=1", "KillWait=5",
-            f"NodeName={self.host} CPUs={self.cpus} RealMemory={_mem_mb()} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP", ""]))
+            "AccountingStorageType=accounting_storage/none", "JobRequeue=1", "KillWait=5", *nodes,
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP", ""]))
+        for name in self.nodes:
+            (r / "spool" / name).mkdir()
+
+    def slurmd_log(self, node: str) -> Path:
+        return self.root / "log" / f"slurmd-{node}.log"
 
     def _start_munge(self) -> None:
         d = self.root / "munge"
@@ -101,12 +131,26 @@ class SlurmCluster:
         self._wait(lambda: (d / "munge.sock").exists(), "munged socket")
 
     def start(self) -> "SlurmCluster":
-        self._write_config()
-        self._start_munge()
-        for daemon in (["slurmctld", "-D", "-c"], ["slurmd", "-D"]):
-            self.procs.append(subprocess.Popen([*daemon, "-f", str(self.conf)], env=self.env,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle", "node idle")
+        """Start the daemons; on failure stop whatever started (the caller's `stop()` is not reached)."""
+        try:
+            if self.hosts is not None:
+                self.hosts.create()
+            self._write_config()
+            self._start_munge()
+            daemons = [["slurmctld", "-D", "-c"]]
+            if self.hosts is None:
+                daemons.append(["slurmd", "-D"])
+            else:  # the prefix execs slurmd: the pid kept is slurmd's
+                daemons += [[*self.hosts.exec_prefix(k), "slurmd", "-D", "-N", name]
+                            for k, name in enumerate(self.nodes)]
+            for daemon in daemons:
+                self.procs.append(subprocess.Popen([*daemon, "-f", str(self.conf)], env=self.env,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self._wait(lambda: self.run("sinfo", "-h", "-N", "-o", "%T").stdout.split() == ["idle"] * len(self.nodes),
+                       "node idle")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def run(self, *cmd: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -142,4 +186,19 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait()
         self.procs = []
+        if self.hosts is not None:
+            self.hosts.remove()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_for(predicate, what: str, timeout: float, job_log=None):
+    """The first true value of `predicate()`, polled every 0.2 s; after `timeout` s an AssertionError
+    with the end of the job's log."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n" + (job_log.read_text()[-4000:] if job_log and
+                                                             job_log.exists() else ""))

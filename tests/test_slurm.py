@@ -8,7 +8,6 @@ continues from that checkpoint to the planned step count, every sample of each e
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -18,7 +17,7 @@ from aimv2.engine.metrics import read_metric
 from aimv2.engine.stream_state import read_sample_log
 from conftest import REPO, write_caption_shards
 from fault_helpers import tiny_tokenizer
-from slurm_cluster import SlurmCluster, ensure_slurm_installed
+from slurm_cluster import SlurmCluster, ensure_slurm_installed, wait_for
 
 BATCH, EPOCHS, N = 4, 2, 64  # 64 samples over 2 ranks = 8 batches of 4 per rank and epoch: 16 steps
 STEPS = N // 2 // BATCH * EPOCHS
@@ -34,17 +33,6 @@ def cluster():
         yield cluster
     finally:
         cluster.stop()
-
-
-def wait_for(predicate, what: str, timeout: float, job_log=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n" + (job_log.read_text()[-4000:] if job_log and
-                                                             job_log.exists() else ""))
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
