@@ -89,5 +89,6 @@ def every_sample_loader(shards: list[ShardInfo], process: Callable[[dict], objec
     """A DataLoader over `EverySample`: at most as many workers as this rank has shards (more would
     only read every k-th sample of the same tars)."""
     workers = min(num_workers, max(1, len(shards) // world)) if num_workers else 0
-    return DataLoader(EverySample(shards, process, collate, batch_size, rank, world, workers),
-                      batch_size=None, num_workers=workers, multiprocessing_context=worker_context(workers))
+    dataset = EverySample(shards, process, collate, batch_size, rank, world, workers)
+    return DataLoader(dataset, batch_size=None, num_workers=workers,
+                      multiprocessing_context=worker_context(workers, dataset))

@@ -40,7 +40,7 @@ class EpochAwareLoader(DataLoader):
     def __init__(self, dataset, *, epoch_fn: Optional[Callable[[], int]] = None,
                  gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **kwargs):
         kwargs.setdefault("persistent_workers", False)  # workers must copy the stream after start_iteration
-        kwargs.setdefault("multiprocessing_context", worker_context(kwargs.get("num_workers", 0)))
+        kwargs.setdefault("multiprocessing_context", worker_context(kwargs.get("num_workers", 0), dataset))
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn, self._gather = epoch_fn, gather
         self._next_epoch = 0

@@ -7,23 +7,44 @@ leave the child blocked forever on a lock another thread held at the moment of t
 rank's first data worker stuck in _PyThreadState_DeleteExcept right after its fork, the rank waiting
 for its first batch, the other rank in a collective: DDP hung until its deadline. Workers forked
 from a fork server, a single-threaded process started once per training process, cannot inherit
-such a lock. The server preloads aimv2.data.worker_boot (signals, torch, the stream modules), so a
-worker starts in milliseconds; the dataset reaches it pickled.
+such a lock.
+
+The dataset reaches each worker pickled, so the server preloads what unpickling it imports (found
+by pickling it once: the modules its pickle names, e.g. a tokenizer's), besides
+aimv2.data.worker_boot (signals, torch, the stream modules): a worker then starts in milliseconds
+instead of importing transformers again every epoch. Main modules must be import-safe
+(`if __name__ == "__main__":`), as with any non-fork start method (Python 3.14's default).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import pickle
+import pickletools
 from multiprocessing.context import BaseContext
 from typing import Optional
 
 PRELOAD = ["aimv2.data.worker_boot"]
 
 
-def worker_context(num_workers: int) -> Optional[BaseContext]:
-    """The multiprocessing context of a DataLoader with `num_workers` workers (None: no workers)."""
+def worker_context(num_workers: int, dataset: object = None) -> Optional[BaseContext]:
+    """The multiprocessing context of a DataLoader with `num_workers` workers over `dataset` (None:
+    no workers). The preload takes effect when the server starts (at the first worker of the process)."""
     if num_workers <= 0:
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context.set_forkserver_preload(PRELOAD + (modules_to_load(dataset) if dataset is not None else []))
     return context
+
+
+def modules_to_load(obj: object) -> list[str]:
+    """The modules that unpickling `obj` imports: the GLOBAL references of its protocol-2 pickle
+    (which names module and attribute in one opcode). [] if it does not pickle (the loader then
+    reports that itself)."""
+    try:
+        data = pickle.dumps(obj, protocol=2)
+    except Exception:  # noqa: BLE001  (any pickling error: nothing to preload)
+        return []
+    modules = {arg.split(" ")[0] for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+    return sorted(m for m in modules if m != "__main__" and not m.startswith("__mp_main__"))
+

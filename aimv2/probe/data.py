@@ -193,8 +193,9 @@ def eval_batches(split: Split, transform: Callable, batch_size: int, num_workers
     """Batches {keys, image, label, skipped} covering this rank's share of the split, each sample once."""
     if split.kind == "folders":
         indices = list(range(rank, len(split.files), world))
-        return DataLoader(_FolderDataset(split.files, indices, transform), batch_size=batch_size,
-                          num_workers=num_workers, collate_fn=collate, multiprocessing_context=worker_context(num_workers))
+        dataset = _FolderDataset(split.files, indices, transform)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                          multiprocessing_context=worker_context(num_workers, dataset))
     process = _ShardProcessor(transform, len(split.classes), split.label_map)
     return every_sample_loader(split.shards, process, collate, batch_size, num_workers, rank, world)
 
@@ -206,9 +207,9 @@ class _FolderEpochs(DataLoader):
         self.split, self.transform, self.rank, self.world, self.seed = split, transform, rank, world, seed
         self._epoch = 0
         per_rank = len(split.files) // world
-        super().__init__(_FolderDataset(split.files, list(range(per_rank)), transform), batch_size=batch_size,
-                         num_workers=num_workers, collate_fn=collate, drop_last=True,
-                         multiprocessing_context=worker_context(num_workers))
+        dataset = _FolderDataset(split.files, list(range(per_rank)), transform)
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                         drop_last=True, multiprocessing_context=worker_context(num_workers, dataset))
 
     def __iter__(self):
         order = list(range(len(self.split.files)))
