@@ -1,13 +1,15 @@
-"""Where data-loader workers come from: a fork server, not a fork of the training process.
+"""Where data-loader workers come from in a distributed rank: a fork server, not a fork of the rank.
 
-By the time a training process starts its data workers it has threads (gloo, the autograd engine,
-loggers, queue feeders of the last epoch's workers). Forking a multithreaded CPython 3.11 process can
-leave the child blocked forever on a lock another thread held at the moment of the fork
-(PyOS_AfterFork_Child takes the runtime's thread-list lock before reinitializing it). Seen here: a
-rank's first data worker stuck in _PyThreadState_DeleteExcept right after its fork, the rank waiting
-for its first batch, the other rank in a collective: DDP hung until its deadline. Workers forked
-from a fork server, a single-threaded process started once per training process, cannot inherit
-such a lock.
+A DDP/FSDP rank has threads by the time it starts its data workers (gloo, c10d, the autograd engine
+entering Python). Forking a multithreaded CPython 3.11 process can leave the child blocked forever on
+a lock another thread held at the moment of the fork (PyOS_AfterFork_Child takes the runtime's
+thread-list lock before reinitializing it). Seen here: a rank's first data worker stuck in
+_PyThreadState_DeleteExcept right after its fork, the rank waiting for its first batch, the other
+rank in a collective: DDP hung until its deadline. Workers forked from a fork server, a
+single-threaded process started once per rank, cannot inherit such a lock. A process without a
+process group keeps the plain fork: it was never seen to hang (hundreds of runs here), and a fork
+server costs each training process about 5 s (a fresh interpreter importing torch and the dataset's
+modules), which single-process runs (and the test suite) would pay for nothing.
 
 The dataset reaches each worker pickled, so the server preloads what unpickling it imports (found
 by pickling it once: the modules its pickle names, e.g. a tokenizer's), besides
@@ -28,10 +30,11 @@ PRELOAD = ["aimv2.data.worker_boot"]
 
 
 def worker_context(num_workers: int, dataset: object = None) -> Optional[BaseContext]:
-    """The multiprocessing context of a DataLoader with `num_workers` workers over `dataset` (None:
-    no workers). The preload takes effect when the server starts (at the first worker of the process)."""
-    if num_workers <= 0:
-        return None
+    """The multiprocessing context of a DataLoader with `num_workers` workers over `dataset`: a fork
+    server in a process group's rank (its preload takes effect when it starts, at the rank's first
+    worker), else None (the default start method)."""
+    if num_workers <= 0 or not _in_process_group():
+        return None  # the default start method (fork on Linux before Python 3.14)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD + (modules_to_load(dataset) if dataset is not None else []))
     return context
@@ -48,3 +51,8 @@ def modules_to_load(obj: object) -> list[str]:
     modules = {arg.split(" ")[0] for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
     return sorted(m for m in modules if m != "__main__" and not m.startswith("__mp_main__"))
 
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
