@@ -17,7 +17,6 @@ import torch  # noqa: F401  (preloaded for the workers)
 
 import aimv2.data.every_sample  # noqa: F401
 import aimv2.data.stream  # noqa: F401
-import aimv2.probe.data  # noqa: F401  (the probe's datasets: a fork server started for pre-training serves them too)
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
