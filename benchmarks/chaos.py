@@ -122,8 +122,11 @@ def segment(cmd: list[str], run: Path, start: int, kill: tuple[str, float] | Non
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    output = log.read_text()
+    errors = [line for line in output.splitlines() if "Error" in line or "error:" in line]
     return {"rc": proc.returncode, "signal": kill[0] if kill and sent else None, "forced_kill": forced,
-            "seconds": round(time.time() - t0, 1), "output": log.read_text()}
+            "seconds": round(time.time() - t0, 1), "output": output,
+            "last_error": errors[-1][:160] if errors and proc.returncode not in (0, -9, -15) else ""}
 
 
 def check(run: Path, shards: list[ShardInfo], segments: list[dict]) -> dict:
@@ -193,11 +196,13 @@ def main() -> int:
     spec, shards = write_data(work / "data", np.random.default_rng(args.seed))
     run = work / "run"
     segments, t0 = [], time.time()
+    signals = (sorted(SIGNALS) * args.kills)[:args.kills]  # every kind of interruption, in a seeded order
+    rng.shuffle(signals)
     for i in range(args.kills + 1):
         ranks, workers = rng.randint(1, 3), rng.randint(1, 2)
         intact = newest_intact(run / "checkpoints") if (run / "checkpoints").is_dir() else None
         start = checkpoint_step(intact) if intact is not None else 0
-        kill = (rng.choice(sorted(SIGNALS)), round(rng.uniform(0, args.max_delay), 2)) if i < args.kills else None
+        kill = (signals[i], round(rng.uniform(0, args.max_delay), 2)) if i < args.kills else None
         cmd = command(run, work / "data", spec, ranks, workers, args.epochs)
         seg = segment(cmd, run, start, kill, work / f"segment{i}.log")
         seg.update(index=i, ranks=ranks, workers=workers, start=start)
@@ -213,17 +218,17 @@ def main() -> int:
             "samples": sum(s.count for s in shards), "shards": len(shards), "steps": result["steps"],
             "seconds": round(time.time() - t0), "signals": dict(survived),
             "segments": [{k: s[k] for k in ("index", "ranks", "workers", "start", "signal", "forced_kill", "rc",
-                                            "seconds")} for s in segments],
+                                            "seconds", "last_error")} for s in segments],
             "epoch_table": result["epochs"], "failures": result["failures"]}
     md = [f"# Chaos run ({args.kills} interruptions, seed {args.seed})", "", machine_line(data["machine"]), "",
           f"`benchmarks/chaos.py --kills {args.kills} --seed {args.seed}`: {data['samples']} samples in "
           f"{data['shards']} shards, {args.epochs} epochs, 12 samples per step on 1-3 ranks; "
           f"{data['steps']} steps in {data['seconds']} s. Interruptions survived: "
           + ", ".join(f"{n} x {sig}" for sig, n in sorted(survived.items())) + ".", "",
-          *table(["segment", "ranks x workers", "from step", "ended by", "rc", "s"],
+          *table(["segment", "ranks x workers", "from step", "ended by", "rc", "s", "last error (rc not 0/-9/-15)"],
                  [[s["index"], f"{s['ranks']} x {s['workers']}", s["start"],
                    (s["signal"] or "end of run") + (" (then SIGKILL)" if s["forced_kill"] else ""), s["rc"],
-                   s["seconds"]] for s in segments]), "",
+                   s["seconds"], s["last_error"].replace("|", "/")] for s in segments]), "",
           *table(["epoch", "samples trained", "distinct", "repeated", "missed", "declared remainder", "declared by"],
                  [[e["epoch"], e["trained"], e["distinct"], e["repeated"], e["missed"], e["declared_remainder"],
                    e["declared_by"]] for e in result["epochs"]]), "",
