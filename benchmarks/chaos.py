@@ -221,7 +221,7 @@ def main() -> int:
                                             "seconds", "last_error")} for s in segments],
             "epoch_table": result["epochs"], "failures": result["failures"]}
     md = [f"# Chaos run ({args.kills} interruptions, seed {args.seed})", "", machine_line(data["machine"]), "",
-          f"`benchmarks/chaos.py --kills {args.kills} --seed {args.seed}`: {data['samples']} samples in "
+          f"`benchmarks/chaos.py --kills {args.kills} --epochs {args.epochs} --max-delay {args.max_delay:g} --seed {args.seed}`: {data['samples']} samples in "
           f"{data['shards']} shards, {args.epochs} epochs, 12 samples per step on 1-3 ranks; "
           f"{data['steps']} steps in {data['seconds']} s. Interruptions survived: "
           + ", ".join(f"{n} x {sig}" for sig, n in sorted(survived.items())) + ".", "",
