@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from aimv2.data.workers import worker_context
+from aimv2.data.workers import ignore_stop_signals, worker_context
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: the epoch ledger and repeat counts (1, positions only, still continues)
@@ -41,6 +41,7 @@ class EpochAwareLoader(DataLoader):
                  gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **kwargs):
         kwargs.setdefault("persistent_workers", False)  # workers must copy the stream after start_iteration
         kwargs.setdefault("multiprocessing_context", worker_context(kwargs.get("num_workers", 0), dataset))
+        kwargs.setdefault("worker_init_fn", ignore_stop_signals)
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn, self._gather = epoch_fn, gather
         self._next_epoch = 0

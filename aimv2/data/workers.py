@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import signal
 import pickletools
 from multiprocessing.context import BaseContext
 from typing import Optional
@@ -56,3 +57,12 @@ def _in_process_group() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A training loader's worker_init_fn: SIGTERM and SIGUSR1 are the rank's to act on (it saves at the
+    next step boundary and stops: aimv2.engine.preemption). SLURM and `kill` send them to every process
+    of a job, and a worker ended by one ends the run without its checkpoint (seen in benchmarks/chaos.py:
+    "DataLoader worker ... exited unexpectedly"). The worker still ends with its rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
