@@ -108,9 +108,8 @@ class EpochAwareLoader(DataLoader):
         """Every rank's positions, repeat counts and the union of their ledgers (collective calls under
         DDP: all ranks save together)."""
         stream = self.dataset
-        lanes = max(stream.lanes, stream.world_size * stream.workers_per_rank)
-        table = torch.full((lanes, stream.position_width + 2), -1, dtype=torch.long)  # a row per lane, the same
-        for lane, pos in self.lanes.items():                                         # shape on every rank
+        table = torch.full((stream.lanes, stream.position_width + 2), -1, dtype=torch.long)  # a row per lane,
+        for lane, pos in self.lanes.items():                                                # on every rank
             table[lane, 2:] = torch.tensor(pos, dtype=torch.long)
         table[:, 0], table[:, 1] = self.consumed, self.repeated
         gathered = self._all(table)
@@ -119,9 +118,9 @@ class EpochAwareLoader(DataLoader):
             log.warning("ranks consumed different batch counts this epoch: %s", consumed)
         positions = {lane: row[2:].tolist() for rank in gathered for lane, row in enumerate(rank) if row[2] >= 0}
         ledger = corrupt = None
-        if self.ledger is not None:
-            ledger = torch.from_numpy(np.bitwise_or.reduce(self._all(_pack(self.ledger)).numpy(), axis=0))
-            corrupt = torch.from_numpy(np.bitwise_or.reduce(self._all(_pack(self.corrupt)).numpy(), axis=0))
+        if self.ledger is not None:  # one all-gather for both bit sets, OR-ed over ranks
+            both = np.bitwise_or.reduce(self._all(torch.stack([_pack(self.ledger), _pack(self.corrupt)])).numpy(), 0)
+            ledger, corrupt = torch.from_numpy(both[0]), torch.from_numpy(both[1])
         return {"version": STATE_VERSION, "layout": stream.layout(), "data": data_fingerprint(stream),
                 "gen": stream.gen, "epoch": self.epoch, "consumed": consumed[0], "lanes": positions,
                 "repeated": [int(rank[0, 1]) for rank in gathered], "ledger": ledger, "corrupt": corrupt,

@@ -152,9 +152,8 @@ class ShardStream(IterableDataset):
             num_slots = world_size * self.workers_per_rank
             self.plan = plan_epoch(all_shards, num_slots, batch_size)  # the length; each epoch has its own order
             if self.plan.batches_per_slot == 0:
-                total = sum(s.count for s in all_shards)
                 raise ValueError(
-                    f"{total} samples over {world_size} rank(s) x {self.workers_per_rank} worker(s) leave a slot "
+                    f"{self.total} samples over {world_size} rank(s) x {self.workers_per_rank} worker(s) leave a slot "
                     f"without one full batch of {batch_size}: lower data.batch_size or data.num_workers")
 
     def __len__(self) -> int:
@@ -212,8 +211,7 @@ class ShardStream(IterableDataset):
     def lanes_of(self, slot: int) -> list[int]:
         """The lanes slot `slot` (= rank x workers + worker) runs: those congruent to it modulo the number
         of slots. In epoch mode, and in a run on its first layout, a slot's lane is the slot itself."""
-        return list(range(slot, max(self.lanes, self.world_size * self.workers_per_rank),
-                          self.world_size * self.workers_per_rank))
+        return list(range(slot, self.lanes, self.world_size * self.workers_per_rank))  # lanes >= slots always
 
     def set_epoch(self, epoch: int) -> None:
         self.start_iteration(epoch, None)

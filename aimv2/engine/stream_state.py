@@ -28,7 +28,9 @@ class StreamPosition(Callback):
         loader = trainer.train_dataloader
         if isinstance(batch, dict) and "stream_pos" in batch and hasattr(loader, "mark_consumed"):
             loader.mark_consumed(batch["stream_pos"], batch.get("ids"), batch.get("skipped_ids"))
-            if loader.ledger is not None:
+            # A running total, so logging it only on the steps the logger writes loses nothing and spares
+            # the other steps an all-reduce.
+            if loader.ledger is not None and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
                 pl_module.log("data/repeated_samples", float(loader.repeated), reduce_fx="sum", sync_dist=True)
 
 
