@@ -85,6 +85,26 @@ class NativeDataConfig:
 
 
 @dataclass
+class ValConfig:
+    """The held-out validation loss of pre-training (aimv2.pretraining.validation): the training
+    objective, deterministic (resize + center crop, fixed per-sample prefix lengths), on a fixed set of
+    held-out samples, every `every_n_steps` optimizer steps and at the last step."""
+
+    urls: str = ""  # held-out shards, the syntax of data.sources[].urls; "" = no validation
+    every_n_steps: int = 1000  # optimizer steps between evaluations, plus the last step; 0 = the last step only
+    max_samples: int = 0  # the first N samples of the shards (in listed order) form the set; 0 = all of them
+    batch_size: int = 0  # per device; 0 = data.batch_size
+    num_workers: int = 0  # loader workers per device during an evaluation; 0 = in the training process
+
+    def validate(self) -> None:
+        check(self.every_n_steps >= 0, "every_n_steps",
+              f"must be >= 0 (0: only at the last step), got {self.every_n_steps}")
+        check(self.max_samples >= 0, "max_samples", f"must be >= 0 (0: every sample), got {self.max_samples}")
+        check(self.batch_size >= 0, "batch_size", f"must be >= 0 (0: data.batch_size), got {self.batch_size}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     mode: str = "resampled"  # "resampled": infinite, shards drawn with replacement; "epoch": each sample once per epoch
@@ -97,6 +117,7 @@ class DataConfig:
     seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     native: NativeDataConfig = field(default_factory=NativeDataConfig)  # used when model.native
+    val: ValConfig = field(default_factory=ValConfig)  # held-out validation loss; off while val.urls is ""
 
     def validate(self) -> None:
         check(len(self.sources) > 0, "sources", "no shard sources given (list of {urls, weight})")
@@ -219,3 +240,6 @@ class PretrainConfig:
         else:
             check(t.max_steps > 0 or (t.max_epochs or 0) > 0, "trainer.max_epochs",
                   "set trainer.max_epochs or trainer.max_steps in epoch data mode")
+        check(not (self.model.native and self.data.val.urls), "data.val.urls",
+              "the held-out validation loss does not support native-resolution runs (model.native) yet; "
+              "set data.val.urls=''")

@@ -96,10 +96,14 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self._log_throughput(num_images)
         return losses.total
 
-    def _losses(self, batch: dict, generator) -> tuple[Losses, int]:
+    def _losses(self, batch: dict, generator, prefix: torch.Tensor | None = None) -> tuple[Losses, int]:
+        """`prefix` (B,): given prefix lengths instead of drawn ones (the held-out loss's fixed ones:
+        aimv2.pretraining.validation)."""
         images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
-        prefix = self._to_device(sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator),
-                                 images)
+        if prefix is None:
+            prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator)
+        if prefix.device != images.device:
+            prefix = self._to_device(prefix, images)
         token_index = batch.get("token_index")  # from the collator: packing without a device sync
         pixels, logits = self.model(images, tokens, prefix, token_mask, token_index)  # logits (n_real_tokens, V)
         return aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
@@ -200,7 +204,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
             if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
                 raise RuntimeError(f"refusing to write a checkpoint at step {self.trainer.global_step}: "
                                    f"{name} holds NaN/inf")
-        checkpoint["aimv2"] = {"nonfinite_steps": self.nonfinite_total}
+        checkpoint.setdefault("aimv2", {})["nonfinite_steps"] = self.nonfinite_total  # beside callbacks' entries
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_total = int(checkpoint.get("aimv2", {}).get("nonfinite_steps", 0))
@@ -215,6 +219,12 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()
+
+    def exclude_from_step_time(self, seconds: float) -> None:
+        """Time spent between two training steps on something else (a held-out evaluation) is not
+        charged to the next step's `train/samples_per_sec`."""
+        if self._last_step_time is not None:
+            self._last_step_time += seconds
 
     def _log_throughput(self, batch_size: int) -> None:
         # Wall time between consecutive steps on this rank, times the world size: global samples/s.

@@ -16,6 +16,7 @@ from aimv2.pretraining.datamodule import PretrainDataModule
 from aimv2.pretraining.init_from import apply_init_from
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.pretraining.module import AIMv2PretrainModule
+from aimv2.pretraining.validation import validation_callbacks
 from aimv2.engine.preemption import Preempted, PreemptionCheckpoint
 from aimv2.engine.resume import resolve_resume
 from aimv2.engine.strategy import prepare_model
@@ -35,6 +36,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
     claim_run_dir(run, cfg.trainer.resume, cfg.trainer.overwrite)
     data = PretrainDataModule(cfg.data, cfg.model.img_size,
                               native_patch=get_size(cfg.model.size).patch_size if cfg.model.native else None)
+    # The held-out set (data.val) is resolved now too: a missing shard fails before any model is built.
+    validation = validation_callbacks(cfg.data.val, cfg.model, cfg.data.batch_size, data.tokenizer)
     module = AIMv2PretrainModule(cfg.model, cfg.objective, cfg.optim, vocab_size=data.vocab_size,
                                  max_text_len=cfg.data.tokenizer.max_length,
                                  max_nonfinite_steps=cfg.trainer.max_nonfinite_steps)
@@ -42,7 +45,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
     prepare_model(module.model, cfg.trainer)
     trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip, batch_size=cfg.data.batch_size,
                             extra_callbacks=[*visualization_callbacks(cfg.visualize, run, data.tokenizer),
-                                             *callbacks])
+                                             *validation, *callbacks])
     if isinstance(trainer.accelerator, CPUAccelerator):
         tune_cpu_allocator()  # for Python callers; the aimv2 command has already done it (aimv2.cpu_tuning)
     if trainer.is_global_zero:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from aimv2.config import DataConfig, PretrainConfig
+from aimv2.config.schema import ValConfig
 from aimv2.models.sizes import get_size
 from aimv2.engine.rehearsal import (
     RehearsalReport,
@@ -71,8 +72,24 @@ def _shrink_data(d: DataConfig, demo_root: Path, report: RehearsalReport) -> Dat
     else:
         report.add("data", "ok", f"the config's own {len(sources)} source(s), {d.mode} mode")
     return replace(d, sources=sources, batch_size=min(d.batch_size, 2), num_workers=min(d.num_workers, 1),
-                   shuffle_buffer=min(d.shuffle_buffer, 64),
+                   shuffle_buffer=min(d.shuffle_buffer, 64), val=_shrink_val(d.val, demo_root, report),
                    tokenizer=rehearsal_tokenizer(d.tokenizer, report, "data.tokenizer", words))
+
+
+def _shrink_val(val: ValConfig, demo_root: Path, report: RehearsalReport) -> ValConfig:
+    """The held-out validation loss runs as configured (at least at the last step), on 8 samples: of the
+    config's own held-out shards when this machine can read them, else of the demo set."""
+    if not val.urls:
+        return val
+    reason = unreadable(val.urls)
+    if reason:
+        urls = demo_shard_urls(demo_root)["pretrain"]["urls"]
+        report.add("data.val", "changed", f"held-out shards not readable here ({reason}): the demo set stands in")
+    else:
+        urls = val.urls
+        report.add("data.val", "ok", "the config's own held-out shards")
+    return replace(val, urls=urls, max_samples=min(val.max_samples or 8, 8), batch_size=min(val.batch_size or 2, 2),
+                   num_workers=min(val.num_workers, 1))
 
 
 def _stand_in_stage(cfg: PretrainConfig, model, data: DataConfig, workdir: Path, report: RehearsalReport) -> Path:
