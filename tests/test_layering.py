@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"engine"},
     {"viz"},
     {"pretraining", "probe", "compress"},  # the jobs: none imports another
-    {"ablation"},
+    {"ablation", "scaling"},  # studies over many runs of the jobs (scaling fits what compress sweeps make)
     {"commands"},
     {"cli"},  # finds the verbs in commands/ by name (importlib)
     {"__main__"},
