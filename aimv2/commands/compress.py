@@ -10,7 +10,7 @@ from pathlib import Path
 from aimv2.commands import add_rehearse_arguments
 from aimv2.errors import UserError
 
-HELP = "attach the encoder to an LLM through a token compressor: train, evaluate, plan, export"
+HELP = "attach the encoder to an LLM through a token compressor: train, evaluate, plan, sweep, export"
 REHEARSE_HELP = ("run the config as it is, shrunk on this machine's CPU (a debug encoder and a tiny LM stand in "
                  "for what is not here) for a few steps with a checkpoint and a resume; reports what could not "
                  "be rehearsed here")
@@ -61,6 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--device", default="cpu", help="cpu or cuda")
     plan.add_argument("--out", default="", help="also write plan.md and plan.json here")
     plan.set_defaults(_compress_run=_run_plan, _overrides="overrides")
+
+    sweep = sub.add_parser("sweep", help="LMs x M tokens: train and evaluate a compressor per cell, then fit the "
+                           "scaling law (aimv2 scaling vlm)",
+                           description="Resumable cell by cell; OUT/results.csv and OUT/fit/ (fit.json, frontier.png, "
+                           "report.md). On a cluster: one SLURM array task per cell (launch/compress_sweep_array.sbatch).")
+    sweep.add_argument("config", help="a sweep config, e.g. configs/compress/sweep_tiny.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. out=runs/sweep tokens=[1,4]")
+    sweep.add_argument("--cell", default=None, metavar="I|auto",
+                       help="run only cell I (auto: $SLURM_ARRAY_TASK_ID); the fit runs once every cell is done")
+    sweep.add_argument("--list", action="store_true", help="print the cells and their array indices, run nothing")
+    sweep.set_defaults(_compress_run=_run_sweep, _overrides="overrides")
 
     export = sub.add_parser("export", help="write encoder + compressor (+ LM) + config as one bundle directory")
     export.add_argument("run", help="a checkpoint or run directory of `aimv2 compress train`")
@@ -132,4 +143,26 @@ def _run_export(args: argparse.Namespace) -> int:
     out = export_bundle(load_module(ckpt), args.out)
     print(f"bundle of {ckpt} written to {out}")
     print(f"load it with: from aimv2.compress import load_bundle; vlm = load_bundle({str(out)!r})")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from aimv2.compress.sweep import array_index, describe, run_sweep
+    from aimv2.compress.sweep_config import SweepConfig
+    from aimv2.config import load_config
+    from aimv2.shipped import user_config
+
+    path = user_config(args.config)
+    sweep = load_config(path, args.overrides, schema=SweepConfig)
+    if args.list:
+        print(describe(sweep))
+        return 0
+    if run_sweep(sweep, path, cell=None if args.cell is None else array_index(args.cell)):
+        from aimv2.compress.sweep import locked
+        from aimv2.scaling.vlm import scale_vlm
+
+        out, fit = Path(sweep.out), sweep.fit
+        with locked(out):  # the array tasks that complete the grid together fit one after the other
+            scale_vlm(out / "results.csv", out / "fit", text_tokens=fit.text_tokens, budgets=fit.budgets or None,
+                      bootstrap=fit.bootstrap, seed=fit.seed)
     return 0

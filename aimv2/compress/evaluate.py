@@ -41,6 +41,7 @@ class EvalRow:
     lm_params: int  # N_params of the formula (LM without its input embedding table)
     prefill_gflops: float  # 2 * N_params * (Q + M) / 1e9, per image
     shuffled: bool = False  # captions scored against another image of their batch (a control)
+    token_error: float = float("nan")  # 1 - greedy next-token accuracy on caption tokens: an error in [0, 1]
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -70,7 +71,7 @@ def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool =
     """Summed caption cross-entropy over the held-out batches at the compressor's current M
     (shuffled: each caption against the next image of its batch)."""
     vlm, device = module.vlm, module.device
-    total, tokens, images, skipped = 0.0, 0, 0, 0
+    total, tokens, correct, images, skipped = 0.0, 0, 0, 0, 0
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
@@ -78,12 +79,13 @@ def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool =
         if batch["image"].shape[0] == 0:  # corrupt samples only: their count is all it carries
             continue
         pixels = batch["image"].roll(1, dims=0) if shuffled else batch["image"]
-        ce, n = vlm.caption_loss(pixels.to(device), batch["tokens"].to(device), batch["token_mask"].to(device))
-        total, tokens = total + float(ce), tokens + int(n)
+        ce, n, hits = vlm.caption_loss(pixels.to(device), batch["tokens"].to(device), batch["token_mask"].to(device),
+                                       count_correct=True)
+        total, tokens, correct = total + float(ce), tokens + int(n), correct + int(hits)
         images += batch["image"].shape[0]
     if tokens == 0:
         raise UserError("no held-out caption was scored (empty or unreadable shards)")
-    return {"sum": total, "tokens": tokens, "images": images, "skipped": skipped}
+    return {"sum": total, "tokens": tokens, "correct": correct, "images": images, "skipped": skipped}
 
 
 def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), batch_size: int = 32,
@@ -106,17 +108,18 @@ def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), ba
             q = vlm.prefix_ids.numel() + vlm.prompt_ids.numel() + s["tokens"] / s["images"]
             loss = s["sum"] / s["tokens"]
             rows.append(EvalRow(path, module.compressor_cfg.kind, module.stage, m, loss, math.exp(min(loss, 700)), s["tokens"],
-                                s["images"], s["skipped"], q, n_params, prefill_flops(n_params, q, m) / 1e9, control))
+                                s["images"], s["skipped"], q, n_params, prefill_flops(n_params, q, m) / 1e9, control,
+                                1.0 - s["correct"] / s["tokens"]))
     return rows
 
 
 def markdown_table(rows: list[EvalRow]) -> str:
-    lines = ["| run | compressor | stage | M | images | caption loss | perplexity | Q (text tokens) | "
+    lines = ["| run | compressor | stage | M | images | caption loss | perplexity | token error | Q (text tokens) | "
              "prefill GFLOPs / image | images scored |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {RunDir.label_of(r.run)} | {r.compressor} | {r.stage} | {r.num_tokens} | "
-                     f"{'shuffled' if r.shuffled else 'matched'} | {r.loss:.4f} | {r.perplexity:.2f} | "
+                     f"{'shuffled' if r.shuffled else 'matched'} | {r.loss:.4f} | {r.perplexity:.2f} | {r.token_error:.4f} | "
                      f"{r.text_tokens:.1f} | {r.prefill_gflops:.4g} | {r.images} |")
     return "\n".join(lines) + "\n"
 

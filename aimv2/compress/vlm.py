@@ -126,8 +126,10 @@ class AttachedVLM(nn.Module):
 
     # -- losses and inference --------------------------------------------------------------------
     def caption_loss(self, images: torch.Tensor, captions: torch.Tensor, caption_mask: torch.Tensor,
-                     prefix: Optional[TextPrefix] = None, use_image: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of caption-token cross-entropies, number of caption tokens). captions (B, L) right-padded."""
+                     prefix: Optional[TextPrefix] = None, use_image: bool = True, count_correct: bool = False):
+        """(sum of caption-token cross-entropies, number of caption tokens), plus, with `count_correct`,
+        the number of caption tokens the LM ranks first (greedy next-token accuracy: the token error
+        rate 1 - correct / n is the bounded error a scaling sweep fits). captions (B, L) right-padded."""
         b, length = captions.shape
         visual = self.visual_tokens(images, prefix=prefix) if use_image else None
         embeds, mask, n_before = self.sequence(visual, b, captions, caption_mask, with_prefix=prefix is None)
@@ -136,6 +138,8 @@ class AttachedVLM(nn.Module):
         logits = self._run(embeds, mask, prefix, keep=length + 1)[0].logits[:, -(length + 1):-1]  # (B, L, V)
         targets = captions.masked_fill(~caption_mask, IGNORE)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        if count_correct:
+            return ce, caption_mask.sum(), ((logits.argmax(-1) == captions) & caption_mask).sum()
         return ce, caption_mask.sum()
 
     @torch.no_grad()
