@@ -149,4 +149,5 @@ def _run_scenes(args: argparse.Namespace) -> int:
         print(f"  probe task {task:<9} {len(entry['classes'])} classes ({said}): "
               f"{entry['train']['dir']} ({entry['train']['count']}), {entry['val']['dir']} ({entry['val']['count']})")
     print(f'config, under data.sources:  - urls: "{result["pretrain"]["urls"]}"')
+    print(f"the captions' word list (data.tokenizer.kind=words, data.tokenizer.path): {result['vocabulary']}")
     return 0

@@ -12,6 +12,7 @@ Layout under `out_dir`:
   pretrain/                  image-caption shards
   probe/<task>/train|val/    class-labelled shards (the same held-out scenes for every task, never
                              in pretrain), with classes.json
+  vocab.txt                  the captions' word list (data.tokenizer.kind=words)
   scenes.json                parameters and result; written last, so its presence marks a complete set
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from aimv2.data.shards import ShardSample, classes_json, write_shards
+from aimv2.data.tokenizer import write_vocabulary
 from aimv2.fileio import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -121,7 +123,8 @@ def _existing(out: Path, params: dict) -> dict | None:
     if recorded.get("params") != params:
         return None
     dirs = [out / "pretrain"] + [out / "probe" / t / s for t in TASKS for s in ("train", "val")]
-    return recorded.get("result") if all((d / "manifest.json").is_file() for d in dirs) else None
+    complete = all((d / "manifest.json").is_file() for d in dirs) and (out / "vocab.txt").is_file()
+    return recorded.get("result") if complete else None
 
 
 def build_scene_shards(out_dir: str | Path, pretrain: int = 6000, probe_train: int = 1000, probe_val: int = 500,
@@ -145,8 +148,12 @@ def build_scene_shards(out_dir: str | Path, pretrain: int = 6000, probe_train: i
         return {"dir": str(report.out_dir), "urls": report.urls, "count": report.total, "shards": len(report.shards)}
 
     result: dict = {"out_dir": str(out), "named": list(NAMED), "tasks": {}}
-    result["pretrain"] = written([ShardSample(f"{i:09d}", jpegs[i], "jpg", caption=scenes[i].caption(caption_rng),
-                                              source=f"scene {i}") for i in range(pretrain)], "pretrain")
+    captions = [scenes[i].caption(caption_rng) for i in range(pretrain)]
+    result["pretrain"] = written([ShardSample(f"{i:09d}", jpegs[i], "jpg", caption=captions[i], source=f"scene {i}")
+                                  for i in range(pretrain)], "pretrain")
+    # The captions' own words: the word tokenizer's vocabulary (data.tokenizer.kind=words), as the demo's.
+    write_vocabulary(captions, out / "vocab.txt")
+    result["vocabulary"] = str(out / "vocab.txt")
     splits = {"train": range(pretrain, pretrain + probe_train),
               "val": range(pretrain + probe_train, len(scenes))}
     for task, names in TASKS.items():
