@@ -56,6 +56,11 @@ def test_captions_name_shape_and_colour_only(scenes):
         words = set(sample["txt"].decode().replace(",", " ").split())
         assert len(words & set(SHAPES)) == 1 and len(words & set(COLOURS)) == 1
         assert not words & unnamed, words
+    # the word list beside the set holds exactly the captions' words (data.tokenizer.kind=words)
+    from aimv2.data.tokenizer import split_words
+
+    captions = [s["txt"].decode() for s in _samples(result["pretrain"]["dir"]).values()]
+    assert Path(result["vocabulary"]).read_text().split("\n")[:-1] == sorted({w for c in captions for w in split_words(c)})
 
 
 def test_labels_match_the_pixels(scenes):

@@ -59,7 +59,10 @@ def plot_scaling(fit: dict, path: str | Path) -> None:
         mine = [p for p in points if p["size"] == size]
         n = mine[0]["N_encoder"]
         k_size = float(np.median([p["flops"] / (p["N_encoder"] * p["samples"]) for p in mine]))
-        ax.plot(grid, law.loss(n, grid / (k_size * n)), "-", color=colours[size], alpha=0.6, lw=1)
+        # each size's curve from half its shortest run on: further left the D^-b term (fitted on the
+        # ladder's own D range only) explodes and would set the axis
+        own = grid[grid >= min(p["flops"] for p in mine) / 2]
+        ax.plot(own, law.loss(n, own / (k_size * n)), "-", color=colours[size], alpha=0.6, lw=1)
         fitted = [p for p in mine if not p["held_out"]]
         held = [p for p in mine if p["held_out"]]
         ax.scatter([p["flops"] for p in fitted], [p["val_loss"] for p in fitted], color=colours[size], zorder=3,
@@ -76,6 +79,9 @@ def plot_scaling(fit: dict, path: str | Path) -> None:
         ax.plot(grid, l_opt, "k--", lw=1.5, label=f"compute-optimal (k={k:.3g})")
     for b in budgets:
         ax.axvline(b, color="grey", ls=":", lw=0.8)
+    observed = [p["val_loss"] for p in points]
+    span = max(observed) - min(observed)
+    ax.set_ylim(min(observed + [float(law.E)]) - 0.1 * span, max(observed) + 0.25 * span)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs C")
     ax.set_ylabel("held-out AIMv2 loss (val/loss)")
