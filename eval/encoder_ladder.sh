@@ -4,7 +4,9 @@
 # encoder parameters and compute, checks the fit on the held-out run (the one with the most compute)
 # and says which size a larger budget should train.
 #   eval/encoder_ladder.sh runs/ladder                                  # debug and tiny x 4 lengths
-#   eval/encoder_ladder.sh runs/ladder --sizes "debug tiny" --steps "150 300 600" trainer.seed=1
+#   aimv2 scaling encoder runs/ladder/runs --out runs/ladder/fit --budgets 1e15,1e16   # the fit again, other budgets
+# Options: --sizes "debug tiny", --steps "150 300 600 1200", --lr "debug=2e-3 tiny=1e-3", --scenes "40000 1000"
+# (generated scenes to train on and held out), then key=value overrides for every run (e.g. trainer.seed=1).
 # Data: 40,000 generated scenes at 56 px to train on (the longest run, 1200 steps of 32, draws 38,400
 # samples from them, resampled) and 1,000 other scenes (another seed) held out; the captions' word list as tokenizer.
 # Every run uses the same recipe (debug.yaml's: warmup, batch 32, cosine to max_steps: one schedule per
@@ -15,11 +17,12 @@
 set -euo pipefail
 if [ -n "${PYTHON:-}" ] || ! command -v aimv2 >/dev/null; then aimv2() { "${PYTHON:-python3}" -m aimv2 "$@"; }; fi
 if [ $# -lt 1 ]; then
-  echo "usage: $0 OUT_DIR [--sizes \"debug tiny\"] [--steps \"150 300 600 1200\"] [--lr \"debug=2e-3 tiny=1e-3\"] [key=value ...]" >&2
+  echo "usage: $0 OUT_DIR [--sizes \"debug tiny\"] [--steps \"150 300 600 1200\"] [--lr \"debug=2e-3 tiny=1e-3\"] [--scenes \"40000 1000\"] [key=value ...]" >&2
   exit 2
 fi
 out=$1; shift
-sizes="debug tiny"; steps="150 300 600 1200"; lrs="debug=2e-3 tiny=1e-3 small=7e-4"; overrides=()
+sizes="debug tiny"; steps="150 300 600 1200"; lrs="debug=2e-3 tiny=1e-3 small=7e-4"; scenes="40000 1000"
+overrides=()
 while [ $# -gt 0 ]; do
   case $1 in
     --sizes) sizes=$2; shift 2 ;;
@@ -28,12 +31,16 @@ while [ $# -gt 0 ]; do
     --steps=*) steps=${1#--steps=}; shift ;;
     --lr) lrs=$2; shift 2 ;;
     --lr=*) lrs=${1#--lr=}; shift ;;
+    --scenes) scenes=$2; shift 2 ;;
+    --scenes=*) scenes=${1#--scenes=}; shift ;;
     *=*) overrides+=("$1"); shift ;;
     *) echo "$0: unrecognized argument: $1 (overrides are key=value)" >&2; exit 2 ;;
   esac
 done
-aimv2 shards scenes --out "$out/data/train" --counts 40000 10 10 --image-size 56 --seed 0
-aimv2 shards scenes --out "$out/data/val" --counts 1000 10 10 --image-size 56 --seed 1
+read -r n_train n_val <<< "$scenes"
+aimv2 shards scenes --out "$out/data/train" --counts "$n_train" 10 10 --image-size 56 --seed 0
+aimv2 shards scenes --out "$out/data/val" --counts "$n_val" 10 10 --image-size 56 --seed 1
+shards=$(( (n_train + 999) / 1000 - 1 ))  # the scene writer puts 1000 samples in a shard
 runs=()
 for size in $sizes; do
   lr=""
@@ -42,7 +49,7 @@ for size in $sizes; do
   for n in $steps; do
     run="$out/runs/${size}_${n}"
     aimv2 pretrain configs/pretrain/debug.yaml run_dir="$run" model.size="$size" model.img_size=56 \
-        data.sources="[{urls: '$out/data/train/pretrain/{00000..00039}.tar'}]" data.shuffle_buffer=2000 \
+        data.sources="[{urls: '$out/data/train/pretrain/{00000..$(printf %05d $shards)}.tar'}]" data.shuffle_buffer=2000 \
         data.batch_size=32 data.hflip=0.0 data.crop_scale="[0.8,1.0]" \
         data.tokenizer.kind=words data.tokenizer.path="$out/data/train/vocab.txt" data.tokenizer.max_length=20 \
         data.val.urls="$out/data/val/pretrain/00000.tar" data.val.every_n_steps=$((n / 3)) \
@@ -51,4 +58,4 @@ for size in $sizes; do
     runs+=("$run")
   done
 done
-aimv2 scaling encoder "${runs[@]}" --out "$out/fit"
+aimv2 scaling encoder "${runs[@]}" --out "$out/fit"   # the most-compute run is held out and predicted

@@ -65,6 +65,15 @@ EXTRA = {
     # last, since its list would take the overrides after it
     "aimv2 ablation": ["trainer.max_steps=2", "--seeds", "0", "--scenes", "40", "20", "20", "--probe", "optim.epochs=1",
                        "--probe", "optim.warmup_epochs=0", "--variants", "aimv2", "random"],
+    # 2 LMs x 2 M of 1 step each (the real grid, 3 x 3 of 150 steps, is recorded in eval/results/scaling_vlm_tiny)
+    "compress sweep configs/sweep/tiny.yaml": [
+        "tokens=[1,4]", "overrides=[trainer.max_steps=1,trainer.progress_bar=false,data.batch_size=4,data.num_workers=0]",
+        "lms=[{name: h16, overrides: [lm.hidden_size=16, lm.intermediate_size=32, lm.num_heads=2]}, "
+        "{name: h32, overrides: [lm.hidden_size=32, lm.intermediate_size=64]}]",
+        "eval.max_batches=1", "eval.batch_size=4", "eval.num_workers=0", "fit.bootstrap=5"],
+    # 2 sizes x 3 lengths of a few steps on a few hundred scenes (the real ladder: eval/results/scaling_encoder_ladder)
+    "encoder_ladder.sh": ["--scenes", "300 40", "--steps", "2 3 4", "data.num_workers=0", "data.batch_size=4",
+                          "data.shuffle_buffer=0", "data.val.batch_size=8"],
     # one per-M kind and one trained over all M; every kind trains in tests/test_compress_*.py
     "compress_sweep.sh": ["--tokens", "1", "--kinds", "pool quecc", "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.devices=1",
                           "trainer.precision=32-true", "trainer.strategy=auto", "lm.dtype=float32",
@@ -216,7 +225,12 @@ def run_documented(command: DocCommand, ws: Path) -> str:
     for prefix, why in COVERED.items():
         if command.text.startswith(prefix):
             return f"not run here: {why}"
-    if re.search(r"(^|\s)(sbatch|launch/torchrun\.sh)\s", text):
+    if "launch/compress_sweep_array.sbatch" in text:
+        # each array task runs `aimv2 compress sweep $SWEEP --cell I` on a GPU; here: every cell's config
+        # loads (--list); the cells themselves run in tests/test_compress_sweep.py
+        sweep = dict(w.split("=", 1) for w in shlex.split(text) if re.match(r"^[A-Z_]+=", w))["SWEEP"]
+        argv = ["compress", "sweep", sweep, "--list"]
+    elif re.search(r"(^|\s)(sbatch|launch/torchrun\.sh)\s", text):
         argv = _launch_as_pretrain(text) + REHEARSE
     elif text.startswith("aimv2 "):
         argv = shlex.split(text)[1:]

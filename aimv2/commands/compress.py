@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. out=runs/sweep tokens=[1,4]")
     sweep.add_argument("--cell", default=None, metavar="I|auto",
                        help="run only cell I (auto: $SLURM_ARRAY_TASK_ID); the fit runs once every cell is done")
-    sweep.add_argument("--list", action="store_true", help="print the cells and their array indices, run nothing")
+    sweep.add_argument("--list", action="store_true", help="check every cell's config, print the cells and their array "
+                       "indices; run nothing")
     sweep.set_defaults(_compress_run=_run_sweep, _overrides="overrides")
 
     export = sub.add_parser("export", help="write encoder + compressor (+ LM) + config as one bundle directory")
@@ -147,7 +148,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from aimv2.compress.sweep import array_index, describe, run_sweep
+    from aimv2.compress.sweep import array_index, check_cells, describe, run_sweep
     from aimv2.compress.sweep_config import SweepConfig
     from aimv2.config import load_config
     from aimv2.shipped import user_config
@@ -155,6 +156,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     path = user_config(args.config)
     sweep = load_config(path, args.overrides, schema=SweepConfig)
     if args.list:
+        check_cells(sweep, path)  # a cell whose config would not load is an error now, not in its array task
         print(describe(sweep))
         return 0
     if run_sweep(sweep, path, cell=None if args.cell is None else array_index(args.cell)):

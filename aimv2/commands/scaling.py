@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc = sub.add_parser("encoder", help="fit held-out loss against encoder parameters and compute from a ladder of runs",
                          description="Writes OUT/fit.json, OUT/scaling.png and OUT/report.md.")
     enc.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                     help="`aimv2 pretrain` run directories with a validation loss (data.val), e.g. runs/ladder/*")
+                     help="`aimv2 pretrain` run directories with a validation loss (data.val), or a directory "
+                          "holding them (e.g. runs/ladder/runs)")
     enc.add_argument("--out", required=True, help="output directory")
     enc.add_argument("--holdout", nargs="*", default=None, metavar="RUN_DIR",
                      help="runs kept out of the fit and predicted by it (default: the run with the most compute)")

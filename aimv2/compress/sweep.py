@@ -108,6 +108,15 @@ def _fingerprint(cfg: CompressConfig, sweep: SweepConfig, val: str) -> str:
     return hashlib.sha256(made.encode()).hexdigest()[:16]
 
 
+def check_cells(sweep: SweepConfig, sweep_file: Optional[str | Path]) -> Path:
+    """Every cell's compress config loads and validates (before the first cell trains, and for
+    `--list`); returns the compress config file."""
+    compress_file = compress_config_path(sweep, sweep_file)
+    for c in cells(sweep):
+        cell_config(sweep, c, compress_file)
+    return compress_file
+
+
 def run_cell(sweep: SweepConfig, cell: Cell, compress_file: Path) -> dict:
     """Train (or finish) and evaluate one cell; returns its result row. Nothing is redone that exists
     for the same settings."""
@@ -187,10 +196,8 @@ def write_results(rows: list[dict], path: Path) -> None:
 def run_sweep(sweep: SweepConfig, sweep_file: Optional[str | Path] = None, cell: Optional[int] = None) -> bool:
     """Every cell (or only `cell`), then results.csv; True once every cell is done (the fit's turn:
     aimv2.scaling.vlm, which the command runs; this job knows nothing of scaling laws)."""
-    compress_file = compress_config_path(sweep, sweep_file)
+    compress_file = check_cells(sweep, sweep_file)
     grid = cells(sweep)
-    for c in grid:
-        cell_config(sweep, c, compress_file)  # every cell's config is valid before the first one trains
     if cell is not None and not 0 <= cell < len(grid):
         raise UserError(f"--cell {cell}: the sweep has {len(grid)} cells (0..{len(grid) - 1})")
     for c in grid if cell is None else [grid[cell]]:

@@ -145,13 +145,23 @@ def _command(runs: list[str], out: str, holdout: list[str] | None, budgets: list
     return line if points == "last" else f"{line}  # with points='all' (scale_encoder(..., points='all'); no CLI flag)"
 
 
+def expand_ladder(path: str) -> list[str]:
+    """A run directory as given; a directory that is no run but holds runs (e.g. runs/ladder/runs)
+    stands for its runs, in name order. Anything else is left for read_run to refuse by name."""
+    root = Path(path)
+    if not root.is_dir() or (root / "config.yaml").is_file():
+        return [path]
+    children = sorted(str(c) for c in root.iterdir() if (c / "config.yaml").is_file())
+    return children or [path]
+
+
 def scale_encoder(runs: list[str], out: str | Path, holdout: list[str] | None = None,
                   budgets: list[float] | None = None, points: str = "last") -> dict:
     """Fit the ladder, check the held-out run(s), recommend sizes; write OUT/fit.json, scaling.png and
     report.md and return the fit.json content. holdout: None holds out the run with the most compute,
     [] holds out nothing (the law is then not validated). points: "last" (each run's final val/loss) or
     "all" (every logged one)."""
-    runs = [str(r) for r in runs]
+    runs = [r for given in runs for r in expand_ladder(str(given))]
     seen: dict[Path, str] = {}
     for h in holdout or []:
         if Path(h).resolve() in seen:
