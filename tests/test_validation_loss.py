@@ -271,3 +271,23 @@ def test_two_ddp_ranks_score_disjoint_halves_and_sum_them(setup, tmp_path):
     sums = scorer(cfg, module)()
     assert metrics["val/loss_img"][-1][1] == pytest.approx(float(sums[0] / sums[1]), abs=1e-6)
     assert metrics["val/loss_text"][-1][1] == pytest.approx(float(sums[2] / sums[3]), abs=1e-6)
+
+
+def test_a_rehearsal_keeps_the_validation_and_stands_the_demo_in_for_unreadable_held_out_shards(setup, tmp_path):
+    """`--rehearse` on a config whose held-out shards live on the cluster: the validation still runs (on 8
+    demo samples), said so; readable ones are used as they are. No val.urls: nothing changes."""
+    from aimv2.config.schema import ValConfig
+    from aimv2.engine.rehearsal import RehearsalReport
+    from aimv2.pretraining.rehearse import _shrink_val
+
+    report = RehearsalReport("t")
+    cluster = _shrink_val(ValConfig(urls="/lustre/val/{00000..00003}.tar", every_n_steps=5000), tmp_path, report)
+    assert cluster.urls.startswith(str(tmp_path / "demo_data")) and cluster.max_samples == 8
+    assert cluster.batch_size == 2 and cluster.every_n_steps == 5000  # the last step validates in any case
+    assert [(f.area, f.status) for f in report.findings] == [("data.val", "changed")]
+    assert "/lustre/val/00000.tar" in report.findings[0].detail
+    val = setup[2]
+    here = _shrink_val(ValConfig(urls=val, max_samples=4, batch_size=16), tmp_path, report)
+    assert (here.urls, here.max_samples, here.batch_size) == (val, 4, 2)
+    assert report.findings[-1].status == "ok"
+    assert _shrink_val(ValConfig(), tmp_path, report) == ValConfig() and len(report.findings) == 2
