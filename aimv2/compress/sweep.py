@@ -131,7 +131,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, compress_file: Path) -> dict:
         raise UserError("config key 'eval.val': no held-out shards (set eval.val in the sweep, or data.val in "
                         f"{compress_file})")
     fingerprint = _fingerprint(cfg, sweep, val)
-    result_file = run.eval / "results.json"
+    result_file = RunDir(run.eval).results_json
     if result_file.is_file():
         done = json.loads(result_file.read_text(encoding="utf-8"))
         if done.get("fingerprint") == fingerprint:
@@ -175,7 +175,7 @@ def gather(sweep: SweepConfig, compress_file: Path) -> tuple[list[dict], list[Ce
     """Rows of the finished cells (evaluation present for the current settings) and the missing cells."""
     rows, missing = [], []
     for cell in cells(sweep):
-        result_file = RunDir(Path(sweep.out) / "cells" / cell.name).eval / "results.json"
+        result_file = RunDir(RunDir(Path(sweep.out) / "cells" / cell.name).eval).results_json
         done = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
         cfg = cell_config(sweep, cell, compress_file)
         if done.get("fingerprint") == _fingerprint(cfg, sweep, sweep.eval.val or cfg.data.val):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 from aimv2.scaling.encoder_law import HUBER_DELTA, fit_envelope, fit_law, median_k
@@ -149,9 +150,9 @@ def expand_ladder(path: str) -> list[str]:
     """A run directory as given; a directory that is no run but holds runs (e.g. runs/ladder/runs)
     stands for its runs, in name order. Anything else is left for read_run to refuse by name."""
     root = Path(path)
-    if not root.is_dir() or (root / "config.yaml").is_file():
+    if not root.is_dir() or RunDir(root).config.is_file():
         return [path]
-    children = sorted(str(c) for c in root.iterdir() if (c / "config.yaml").is_file())
+    children = sorted(str(c) for c in root.iterdir() if RunDir(c).config.is_file())
     return children or [path]
 
 
