@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,6 +51,40 @@ def shared_across_modules(path: Path) -> Path:
     modules read (tests/viz_runs.py)."""
     _SESSION_SHARED.add(Path(path))
     return path
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4. Most tests are a tiny model on
+    one thread or a few subprocesses waiting on each other, so two workers on CI's two cores take about
+    half the wall time of one; more than 4 would mostly add memory (each worker holds torch)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    # Workers share the cores: torch in each uses its share, not all of them (oversubscribed OpenMP
+    # threads spin against each other). Subprocesses that tests start set their own OMP_NUM_THREADS.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+# The two longest modules (pytest --durations: the documented commands about 7 min in all, the demo's
+# probe-signal test 2.5 min) start first, then the other modules with slow tests, then the rest: with
+# one module per worker, the longest jobs first keeps a worker from starting a long one at the end.
+LONGEST_MODULES = ("test_documented_commands", "test_probe_signal")
+
+
+def pytest_collection_modifyitems(config, items):
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        name = item.module.__name__
+        return (LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES),
+                name not in slow_modules)
+
+    items.sort(key=rank)  # stable: files and tests keep their order within a rank
 
 
 def pytest_sessionstart(session):

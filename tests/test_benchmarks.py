@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 BENCH = REPO / "benchmarks"
@@ -17,6 +18,7 @@ def run(script: str, *args: str, results) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_every_cpu_benchmark_writes_its_results_and_the_summary_reads_them(tmp_path):
     run("train_step.py", "--size", "debug", "--img-size", "56", "--batch", "2", "--vocab", "100", "--text-len", "8",
         "--rounds", "1", "--steps", "1", results=tmp_path)

@@ -4,13 +4,15 @@ every rank runs the same number of steps."""
 import os
 import sys
 
+import pytest
 import torch
-
-from aimv2.engine.metrics import read_metric
 from conftest import REPO, write_caption_shards
 from fault_helpers import run_or_show_stacks
 
+from aimv2.engine.metrics import read_metric
 
+
+@pytest.mark.slow
 def test_two_rank_ddp_on_uneven_shards_finishes(tmp_path):
     # 3 shards of 25 + 17 + 9 samples cannot split evenly over 2 ranks: packing gives 25 vs 26.
     for i, n in enumerate((25, 17, 9)):

@@ -9,12 +9,13 @@ last resumed plan declared is missing."""
 import re
 from collections import Counter
 
+import pytest
 import torch
+from test_exact_resume import command, shard_urls, train, train_and_kill
 
 from aimv2.engine.metrics import read_metric
 from aimv2.engine.resume import checkpoint_step, newest_intact
 from aimv2.engine.stream_state import read_sample_log
-from test_exact_resume import command, shard_urls, train, train_and_kill
 
 COUNTS = (12, 11, 10, 9, 9, 8, 8, 7, 7, 6, 5, 4)  # 96 samples in 12 uneven shards: 16 steps of 6 per epoch
 # (ranks, data workers, batch per rank, kill once this many steps are logged; None: run to the end)
@@ -26,6 +27,7 @@ def layout(ranks: int, workers: int, batch: int) -> tuple[str, ...]:
             f"data.batch_size={batch}", "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=3")
 
 
+@pytest.mark.slow
 def test_killed_runs_resumed_on_1_2_and_3_ranks_and_2_workers_see_each_sample_once_per_epoch(tmp_path):
     urls = shard_urls(tmp_path / "shards", COUNTS)
     run = tmp_path / "run"

@@ -15,13 +15,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import REPO, write_caption_shards
+from fault_helpers import run_or_show_stacks, tiny_tokenizer
 
 from aimv2.engine.metrics import read_metric
 from aimv2.engine.resume import checkpoint_step, newest_intact
 from aimv2.engine.stream_state import read_sample_log
-from conftest import REPO, write_caption_shards
-from fault_helpers import run_or_show_stacks, tiny_tokenizer
 
 
 def shard_urls(root: Path, counts, corrupt=()) -> str:
@@ -132,6 +133,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == sorted(kept)
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_killed_and_resumed_sees_each_sample_once_per_epoch(tmp_path):
     # 5 shards (13+11+9+7+5 = 45) cut into 4 ranges of 11 for 2 ranks x 2 workers: 5 batches of 2 per
     # range, 10 steps per epoch.
