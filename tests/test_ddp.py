@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, write_caption_shards
-from fault_helpers import run_or_show_stacks
 
 from aimv2.engine.metrics import read_metric
+from conftest import REPO, write_caption_shards
+from fault_helpers import run_or_show_stacks
 
 
 @pytest.mark.slow

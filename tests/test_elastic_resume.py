@@ -11,11 +11,11 @@ from collections import Counter
 
 import pytest
 import torch
-from test_exact_resume import command, shard_urls, train, train_and_kill
 
 from aimv2.engine.metrics import read_metric
 from aimv2.engine.resume import checkpoint_step, newest_intact
 from aimv2.engine.stream_state import read_sample_log
+from test_exact_resume import command, shard_urls, train, train_and_kill
 
 COUNTS = (12, 11, 10, 9, 9, 8, 8, 7, 7, 6, 5, 4)  # 96 samples in 12 uneven shards: 16 steps of 6 per epoch
 # (ranks, data workers, batch per rank, kill once this many steps are logged; None: run to the end)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_caption_shards
-from fault_helpers import run_or_show_stacks, tiny_tokenizer
 
 from aimv2.engine.metrics import read_metric
 from aimv2.engine.resume import checkpoint_step, newest_intact
 from aimv2.engine.stream_state import read_sample_log
+from conftest import REPO, write_caption_shards
+from fault_helpers import run_or_show_stacks, tiny_tokenizer
 
 
 def shard_urls(root: Path, counts, corrupt=()) -> str:

@@ -103,9 +103,26 @@ def _yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _fingerprint(cfg: CompressConfig, sweep: SweepConfig, val: str) -> str:
-    made = json.dumps({"config": _yaml(cfg), "eval": asdict(sweep.eval), "val": val}, sort_keys=True)
+def _held_out(sweep: SweepConfig, cfg: CompressConfig) -> str:
+    """The shards a cell is scored on: the sweep's eval.val, else the compress config's data.val."""
+    return sweep.eval.val or cfg.data.val
+
+
+def _fingerprint(cfg: CompressConfig, sweep: SweepConfig) -> str:
+    made = json.dumps({"config": _yaml(cfg), "eval": asdict(sweep.eval), "val": _held_out(sweep, cfg)}, sort_keys=True)
     return hashlib.sha256(made.encode()).hexdigest()[:16]
+
+
+def _result_file(cfg: CompressConfig) -> Path:
+    """RUN/eval/results.json of the cell whose config is `cfg` (the evaluation directory is a run directory)."""
+    return RunDir(RunDir(cfg.run_dir).eval).results_json
+
+
+def _finished_row(sweep: SweepConfig, cfg: CompressConfig) -> Optional[dict]:
+    """The cell's result row when its evaluation exists for the current settings, else None."""
+    path = _result_file(cfg)
+    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return done["row"] if done.get("fingerprint") == _fingerprint(cfg, sweep) else None
 
 
 def check_cells(sweep: SweepConfig, sweep_file: Optional[str | Path]) -> Path:
@@ -126,17 +143,14 @@ def run_cell(sweep: SweepConfig, cell: Cell, compress_file: Path) -> dict:
 
     cfg = cell_config(sweep, cell, compress_file)
     run = RunDir(cfg.run_dir)
-    val = sweep.eval.val or cfg.data.val
+    val = _held_out(sweep, cfg)
     if not val:
         raise UserError("config key 'eval.val': no held-out shards (set eval.val in the sweep, or data.val in "
                         f"{compress_file})")
-    fingerprint = _fingerprint(cfg, sweep, val)
-    result_file = RunDir(run.eval).results_json
-    if result_file.is_file():
-        done = json.loads(result_file.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == fingerprint:
-            _say(f"cell {cell.index} ({cell.name}): done ({result_file})")
-            return done["row"]
+    done = _finished_row(sweep, cfg)
+    if done is not None:
+        _say(f"cell {cell.index} ({cell.name}): done ({_result_file(cfg)})")
+        return done
     if run.config.is_file() and run.config.read_text(encoding="utf-8") != _yaml(cfg):
         raise UserError(f"{run.root} was trained with other settings (see its config.yaml): delete the cell "
                         "directory to retrain it, or choose another `out`")
@@ -155,7 +169,8 @@ def run_cell(sweep: SweepConfig, cell: Cell, compress_file: Path) -> dict:
               "text_tokens": row.text_tokens, "prefill_gflops": row.prefill_gflops, "images": row.images,
               "compressor": row.compressor, "checkpoint": row.run}
     run.eval.mkdir(parents=True, exist_ok=True)
-    atomic_write(result_file, json.dumps({"fingerprint": fingerprint, "cell": cell.index, "row": result}, indent=1) + "\n")
+    atomic_write(_result_file(cfg), json.dumps({"fingerprint": _fingerprint(cfg, sweep), "cell": cell.index, "row": result},
+                                               indent=1) + "\n")
     return result
 
 
@@ -175,11 +190,9 @@ def gather(sweep: SweepConfig, compress_file: Path) -> tuple[list[dict], list[Ce
     """Rows of the finished cells (evaluation present for the current settings) and the missing cells."""
     rows, missing = [], []
     for cell in cells(sweep):
-        result_file = RunDir(RunDir(Path(sweep.out) / "cells" / cell.name).eval).results_json
-        done = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
-        cfg = cell_config(sweep, cell, compress_file)
-        if done.get("fingerprint") == _fingerprint(cfg, sweep, sweep.eval.val or cfg.data.val):
-            rows.append(done["row"])
+        row = _finished_row(sweep, cell_config(sweep, cell, compress_file))
+        if row is not None:
+            rows.append(row)
         else:
             missing.append(cell)
     return rows, missing
