@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from aimv2.objective import aimv2_loss, image_loss, normalize_patches, patchify, text_loss
+import aimv2.objective as objective
+from aimv2.objective import (LossSums, aimv2_loss, aimv2_loss_sums, global_losses, global_mean, image_loss,
+                             image_loss_sum, normalize_patches, patchify, text_loss, text_loss_sum)
 
 
 def test_patchify_order_matches_grid_and_pixel_layout():
@@ -99,3 +101,79 @@ def test_collator_gives_the_flat_positions_of_real_tokens():
 
     batch = ImageCaptionCollator(Lengths())([(torch.zeros(3, 2, 2), "2"), (torch.zeros(3, 2, 2), "3")])
     assert batch["token_index"].tolist() == [0, 1, 4, 5, 6]
+
+
+def test_the_means_are_sums_over_counts():
+    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]])
+    pred = torch.tensor([[[1.0, 3.0], [2.0, 2.0], [0.0, 3.0], [9.0, 9.0]]])
+    # Prefix M = 2: patch 2 (error 0) and patch 3 (error 4.5), as in the test above.
+    total, count = image_loss_sum(pred, target, torch.tensor([2]))
+    assert (total.item(), count.item()) == (4.5, 2.0)
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ce = torch.nn.functional.cross_entropy(logits[mask], tokens[mask], reduction="sum")
+    for given in (logits, logits[mask]):  # (B, L, V) or the decoder's packed (n, V)
+        total, count = text_loss_sum(given, tokens, mask)
+        assert total.item() == pytest.approx(ce.item(), rel=1e-6) and count.item() == 8
+    # The mean is bitwise the cross-entropy's own mean (one process trains on exactly the loss it always had).
+    assert torch.equal(text_loss(logits, tokens, mask),
+                       torch.nn.functional.cross_entropy(logits[mask], tokens[mask]))
+
+
+def test_a_term_without_targets_is_zero_not_nan():
+    logits, tokens = torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long)
+    nothing = torch.zeros(1, 3, dtype=torch.bool)
+    assert text_loss(logits, tokens, nothing).item() == 0.0
+    assert text_loss(logits[nothing], tokens, nothing).item() == 0.0
+
+
+def test_the_fixed_size_loss_is_its_sums_means():
+    torch.manual_seed(0)
+    images, pixels, logits = torch.randn(2, 3, 28, 28), torch.randn(2, 4, 588), torch.randn(2, 5, 10)
+    tokens, mask = torch.randint(0, 10, (2, 5)), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    prefix = torch.tensor([1, 3])
+    sums = aimv2_loss_sums(pixels, logits, images, tokens, mask, prefix, 14)
+    assert (sums.image_count.item(), sums.text_count.item()) == (3 + 1, 2 + 5)
+    losses = aimv2_loss(pixels, logits, images, tokens, mask, prefix, 14, alpha=0.3, text_weight=0.7)
+    assert torch.equal(losses.image, sums.image / sums.image_count)
+    assert torch.equal(losses.text, sums.text / sums.text_count)
+    assert torch.equal(losses.total, 0.7 * losses.text + 0.3 * losses.image)
+
+
+def sums_of(image: float, image_count: float, text: float, text_count: float) -> LossSums:
+    return LossSums(*(torch.tensor(v, requires_grad=i % 2 == 0) for i, v in enumerate(
+        (image, image_count, text, text_count))))
+
+
+def test_one_process_needs_no_collective(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("no collective on one process")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", refuse)
+    sums = sums_of(6.0, 3.0, 10.0, 4.0)
+    loss, logged = global_losses(sums, 0.4, 1.0, world_size=1)
+    assert torch.equal(loss, sums.means(0.4, 1.0).total) and not logged.total.requires_grad
+    assert loss.item() == pytest.approx(10 / 4 + 0.4 * 6 / 3)
+    ce, n = torch.tensor(9.0, requires_grad=True), torch.tensor(3)
+    loss, logged = global_mean(ce, n, world_size=1)
+    assert loss.item() == logged.item() == 3.0 and loss.requires_grad
+
+
+def test_a_rank_divides_its_sums_by_the_global_counts(monkeypatch):
+    # Rank 0 holds 6 / 3 image and 10 / 4 text (sum / count); the other rank 2 / 1 and 0 / 0 (no tokens).
+    other = torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    monkeypatch.setattr(objective, "summed_over_ranks",
+                        lambda *values: tuple(torch.stack([v.double() for v in values]) + other[:len(values)]))
+    sums = sums_of(6.0, 3.0, 10.0, 4.0)
+    loss, logged = global_losses(sums, 0.4, 1.0, world_size=2)
+    # world_size * (S_text / C_text + 0.4 * S_img / C_img) with C over both ranks: 4 tokens, 4 patches
+    assert loss.item() == pytest.approx(2 * (10 / 4 + 0.4 * 6 / 4))
+    assert loss.dtype == torch.float32 and loss.requires_grad
+    assert (logged.image.item(), logged.text.item()) == (pytest.approx(8 / 4), pytest.approx(10 / 4))
+    assert logged.total.item() == pytest.approx(10 / 4 + 0.4 * 8 / 4) and logged.total.dtype == torch.float32
+    # No tokens on any rank: the global count is clamped at 1, the term is 0 (no NaN in the gradient).
+    loss, logged = global_losses(sums_of(6.0, 3.0, 0.0, 0.0), 0.4, 1.0, world_size=2)
+    assert loss.item() == pytest.approx(2 * 0.4 * 6 / 4) and logged.text.item() == 0.0
+    loss, logged = global_mean(torch.tensor(6.0), torch.tensor(3), world_size=2)  # the other: 2 over 1
+    assert (loss.item(), logged.item()) == (pytest.approx(2 * 6 / 4), pytest.approx(8 / 4))

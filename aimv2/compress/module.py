@@ -1,5 +1,6 @@
 """The alignment LightningModule: caption loss through the attached LM; only the compressor trains
-(stage 1), or the compressor and the LM (stage 2, the LM at `optim.lm_lr_scale` of the lr).
+(stage 1), or the compressor and the LM (stage 2, the LM at `optim.lm_lr_scale` of the lr). The loss is
+the global batch's mean cross-entropy per caption token under data parallelism (aimv2.objective.global_mean).
 
 Checkpoints hold the trainable weights and the module's sections (stage, encoder, compressor, lm,
 text, optim, seed) as plain dicts. The frozen encoder is left out (it is rebuilt from
@@ -22,6 +23,7 @@ from aimv2.config import as_section
 from aimv2.errors import UserError
 from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
 from aimv2.engine.optim import adamw, decoupled_weight_decay, param_groups, warmup_cosine_schedule
+from aimv2.objective import global_mean
 
 
 SECTIONS = {"encoder": EncoderSection, "compressor": CompressorSection, "lm": LMSection, "text": TextSection,
@@ -84,9 +86,11 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._draw_num_tokens()
         ce, n = self.vlm.caption_loss(batch["image"], batch["tokens"], batch["token_mask"])
-        loss = ce / n.clamp(min=1)  # mean cross-entropy per caption token
+        # Mean cross-entropy per caption token of the GLOBAL batch: ranks hold different numbers of tokens, so
+        # each divides its sum by the all-reduced count (times the world size the gradient average divides by).
+        loss, logged = global_mean(ce, n, self.trainer.world_size)
         self.skipped_samples += batch["skipped"]
-        self.log("train/caption_loss", loss, prog_bar=True)
+        self.log("train/caption_loss", logged, prog_bar=True)
         self.log("train/num_tokens", float(self.vlm.compressor.num_tokens))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("data/skipped_samples", self.skipped_samples.float(), reduce_fx="sum", sync_dist=True)

@@ -11,6 +11,13 @@ it (on a GPU the host reads the flag one step late). After `max_nonfinite_steps`
 row the run stops with an error naming the step. Under DeepSpeed its ZeRO optimizer detects the
 overflow and skips the step itself; we count it. A checkpoint is never written from non-finite
 weights.
+
+One gradient for the global batch. Ranks draw different numbers of targets (random prefix lengths,
+caption lengths, native batches of any number of images and tokens, epoch batches shortened by skipped
+samples), so each rank's loss is normalized by the GLOBAL counts (aimv2.objective.global_losses: one
+all-reduce of the detached sums and counts per training_step): the data-parallel average of the gradients is the
+gradient of the global batch's mean loss, and train/loss, train/loss_img, train/loss_text are the global
+batch's means, the same on every rank. On one process it is the batch's mean loss, with no collective.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.models.attention import attention_backend
 from aimv2.models.masks import sample_prefix_lengths, sample_prefix_lengths_per_image
-from aimv2.objective import Losses, aimv2_loss, packed_aimv2_loss
+from aimv2.objective import Losses, LossSums, aimv2_loss_sums, global_losses, packed_aimv2_loss_sums
 from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
 from aimv2.engine.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
 
@@ -80,10 +87,11 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         # Prefix lengths from the batch's own seed (set by the stream): the same after a resume.
         generator = torch.Generator().manual_seed(int(batch["seed"])) if "seed" in batch else None
         if "patches" in batch:
-            losses, num_images = self._packed_losses(batch, generator)
+            sums, num_images = self._packed_loss_sums(batch, generator)
         else:
-            losses, num_images = self._losses(batch, generator)
-        finite = torch.isfinite(losses.total.detach())
+            sums, num_images = self._loss_sums(batch, generator)
+        loss, losses = global_losses(sums, self.objective.alpha, self.objective.text_weight, self.trainer.world_size)
+        finite = torch.isfinite(loss.detach())  # the value backward sees
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.skipped_samples += batch["skipped"]
         self.shard_errors += batch["shard_errors"]
@@ -94,11 +102,22 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self.log("data/skipped_samples", self.skipped_samples.float(), reduce_fx="sum", sync_dist=True)
         self.log("data/shard_errors", self.shard_errors.float(), reduce_fx="sum", sync_dist=True)
         self._log_throughput(num_images)
-        return losses.total
+        return loss
 
     def _losses(self, batch: dict, generator, prefix: torch.Tensor | None = None) -> tuple[Losses, int]:
-        """`prefix` (B,): given prefix lengths instead of drawn ones (the held-out loss's fixed ones:
-        aimv2.pretraining.validation)."""
+        """This batch's mean losses and its number of images (the held-out loss weighs them by its own counts:
+        aimv2.pretraining.validation). `prefix` (B,): given prefix lengths instead of drawn ones."""
+        sums, num_images = self._loss_sums(batch, generator, prefix)
+        return sums.means(self.objective.alpha, self.objective.text_weight), num_images
+
+    def _packed_losses(self, batch: dict, generator, prefix: torch.Tensor | None = None) -> tuple[Losses, int]:
+        """`_losses` for a native packed batch."""
+        sums, num_images = self._packed_loss_sums(batch, generator, prefix)
+        return sums.means(self.objective.alpha, self.objective.text_weight), num_images
+
+    def _loss_sums(self, batch: dict, generator, prefix: torch.Tensor | None = None) -> tuple[LossSums, int]:
+        """The loss terms (sums and counts) of a fixed-size batch and its number of images. `prefix` (B,): given
+        prefix lengths instead of drawn ones."""
         images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
         if prefix is None:
             prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator)
@@ -106,20 +125,22 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
             prefix = self._to_device(prefix, images)
         token_index = batch.get("token_index")  # from the collator: packing without a device sync
         pixels, logits = self.model(images, tokens, prefix, token_mask, token_index)  # logits (n_real_tokens, V)
-        return aimv2_loss(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
-                          alpha=self.objective.alpha, text_weight=self.objective.text_weight,
-                          token_index=token_index), images.shape[0]
+        return aimv2_loss_sums(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
+                               token_index=token_index), images.shape[0]
 
-    def _packed_losses(self, batch: dict, generator) -> tuple[Losses, int]:
+    def _packed_loss_sums(self, batch: dict, generator,
+                          prefix: torch.Tensor | None = None) -> tuple[LossSums, int]:
         """Native resolution: packed rows of images of any grid (aimv2.models.packing); one prefix
-        length per image, uniform in [1, N_i - 1] for its own N_i patches."""
+        length per image, uniform in [1, N_i - 1] for its own N_i patches, unless `prefix` (n,) gives them."""
         patches, tokens, layout = batch["patches"], batch["tokens"], batch["layout"]
-        counts = torch.tensor([gh * gw for gh, gw in batch["grids"]])  # the collator's list: on the host, no sync
-        prefix = self._to_device(sample_prefix_lengths_per_image(counts, generator=generator), patches)
+        if prefix is None:
+            counts = torch.tensor([gh * gw for gh, gw in batch["grids"]])  # the collator's list: on the host, no sync
+            prefix = sample_prefix_lengths_per_image(counts, generator=generator)
+        if prefix.device != patches.device:
+            prefix = self._to_device(prefix, patches)
         backend = attention_backend(self.attention, patches.device)
         pixels, logits = self.model.forward_packed(patches, tokens, layout, prefix, backend=backend)
-        return packed_aimv2_loss(pixels, logits, patches, tokens, layout, prefix, alpha=self.objective.alpha,
-                                 text_weight=self.objective.text_weight), tokens.shape[0]
+        return packed_aimv2_loss_sums(pixels, logits, patches, tokens, layout, prefix), tokens.shape[0]
 
     @staticmethod
     def _to_device(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
