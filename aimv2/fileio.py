@@ -12,10 +12,19 @@ the new one, never half of one.
 - `atomic_directory(out)`: a temporary directory, renamed to `out` when the block ends.
 - `publish_file` / `publish_directory`: their last step, for writers that cannot sit in one block
   (a shard filled sample by sample, a ZeRO checkpoint directory written by every rank).
+- `discard(path)`: the reverse: a directory leaves its name in one rename before it is deleted.
+- `rename_noreplace(src, dst)`: a rename that never replaces what is at `dst` (putting a checkpoint back
+  or aside, aimv2.engine.resume).
+
+Hidden names beside a target: `.NAME.tmp` (being written), `.NAME.old` (the version being replaced,
+while a directory is published without an atomic swap), `.NAME.removing` (being deleted).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -25,6 +34,14 @@ from pathlib import Path
 
 from aimv2.errors import UserError
 
+TMP_SUFFIX = ".tmp"  # `.NAME.tmp` (and `.NAME.<pid>.tmp`): being written
+OLD_SUFFIX = ".old"  # `.NAME.old`: the version a directory publish is replacing
+REMOVING_SUFFIX = ".removing"  # `.NAME.removing`: a directory being deleted (discard)
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
+_AT_FDCWD = -100
+# What renameat2 answers where the platform or the file system lacks it (then the caller falls back).
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
 
 @contextmanager
 def atomic_file(path: str | Path, tmp_name: str | None = None, sync_dir: bool = False) -> Iterator[Path]:
@@ -32,7 +49,7 @@ def atomic_file(path: str | Path, tmp_name: str | None = None, sync_dir: bool = 
     error its file is fsynced and renamed over `path` (a symlink at `path` is replaced itself, not its
     target). `sync_dir` also persists the rename (the directory entry), where the platform allows it."""
     path = Path(path)
-    tmp = path.with_name(tmp_name or f".{path.name}.tmp")
+    tmp = path.with_name(tmp_name or f".{path.name}{TMP_SUFFIX}")
     try:
         yield tmp
         publish_file(tmp, path, sync_dir)
@@ -77,24 +94,98 @@ def publish_file(tmp: str | Path, path: str | Path, sync_dir: bool = False) -> N
 
 
 def publish_directory(tmp: str | Path, out: str | Path, fsync: bool = True) -> None:
-    """The last step of every atomic directory write: rename `tmp` to `out`. An old `out` directory is
-    first moved aside to `.NAME.old` and deleted after (a file or link at `out` is unlinked), so `out`
-    is missing only between two renames. `fsync=False` skips flushing the files (a DeepSpeed checkpoint
-    whose shards other ranks wrote)."""
+    """The last step of every atomic directory write: put `tmp` at `out`, replacing whatever is there (a
+    directory, file or link). `fsync=False` skips flushing the files (a DeepSpeed checkpoint whose shards
+    other ranks wrote).
+
+    Where the OS and file system allow it (Linux renameat2 with RENAME_EXCHANGE; local file systems such as
+    ext4 have it, network ones may not) the two swap names in one atomic step and `out` is never missing;
+    the old version, now under `tmp`'s name, is deleted after. Elsewhere the old `out` is first renamed to
+    `.NAME.old` and `tmp` to `out`: a kill between the two leaves no `out`, and
+    aimv2.engine.resume.recover_interrupted_publish puts the newest complete one back at the next start."""
     tmp, out = Path(tmp), Path(out)
     if fsync:
         for f in sorted(tmp.rglob("*")):
             if f.is_file() and not f.is_symlink():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.is_symlink() or out.is_file():
-        out.unlink()
-    elif out.exists():
+    old = out.with_name(f".{out.name}{OLD_SUFFIX}")
+    _remove(old)  # a leftover of an earlier publish, never the live version (`out` exists or `tmp` is new)
+    if out.is_symlink() or out.exists():
+        if _renameat2(tmp, out, _RENAME_EXCHANGE):
+            fsync_dir(out.parent)
+            _remove(tmp)  # the old version; a kill here leaves a temporary (remove_stale_temporaries)
+            return
+        # A file or link is moved aside as well (not unlinked): `.NAME.old` marks the window for recovery.
         os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
+    _remove(old)
+
+
+def discard(path: str | Path) -> None:
+    """Remove a file, link or directory without ever leaving part of it under its name: a directory is
+    renamed to a hidden `.NAME.removing` beside it (one atomic step) and deleted there, so a kill during
+    the delete leaves only that hidden name (aimv2.engine.checkpoint_io.remove_stale_temporaries clears
+    it). A missing `path` is no error."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}{REMOVING_SUFFIX}")
+    _remove(trash)  # an earlier removal's leftover
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash)
+
+
+def rename_noreplace(src: str | Path, dst: str | Path) -> None:
+    """Rename `src` to `dst` in one atomic step, never replacing anything at `dst` (FileExistsError then):
+    safe when several processes try the same rename at once, exactly one succeeds. Without renameat2 the
+    check and the rename are two steps (a directory is still never renamed over a non-empty one)."""
+    src, dst = Path(src), Path(dst)
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if dst.is_symlink() or dst.exists():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or directory tree at `path`, if any."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2) with `flags`; False where the platform, libc or file system lacks it (the
+    caller falls back), OSError for every other failure (a missing `src`, an existing `dst`, ...)."""
+    func = _libc_renameat2()
+    if func is None:
+        return False
+    if func(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_renameat2():
+    """libc's renameat2 (glibc >= 2.28), None where there is none."""
+    try:
+        func = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library to load by name (Windows)
+        return None
+    if func is not None:
+        func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        func.restype = ctypes.c_int
+    return func
 
 
 def fsync_dir(directory: str | Path) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import aimv2.fileio
 from aimv2.errors import UserError
-from aimv2.fileio import atomic_directory, atomic_file, atomic_write, publish_directory
+from aimv2.fileio import atomic_directory, atomic_file, atomic_write, discard, publish_directory, rename_noreplace
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aimv2"
 
@@ -56,3 +57,66 @@ def test_no_module_renames_temporaries_by_hand():
     found = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in sorted(PACKAGE.rglob("*.py")) if p.name != "fileio.py"
              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert not found, found
+
+
+def _without_renameat2(monkeypatch) -> None:
+    """What platforms and file systems without renameat2 get: the fallback paths."""
+    monkeypatch.setattr(aimv2.fileio, "_renameat2", lambda src, dst, flags: False)
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("old", ["dir", "file", "link"])
+def test_a_published_directory_replaces_whatever_was_there(tmp_path, monkeypatch, renameat2, old):
+    if not renameat2:
+        _without_renameat2(monkeypatch)
+    out = tmp_path / "last.ckpt"
+    (tmp_path / "step=1.ckpt").mkdir()
+    if old == "dir":
+        out.mkdir()
+        (out / "old").write_text("1")
+    elif old == "file":
+        out.write_text("a file checkpoint")
+    else:
+        out.symlink_to("step=1.ckpt")
+    (tmp_path / ".last.ckpt.tmp").mkdir()
+    (tmp_path / ".last.ckpt.tmp" / "new").write_text("2")
+    publish_directory(tmp_path / ".last.ckpt.tmp", out)
+    assert [p.name for p in out.iterdir()] == ["new"] and not out.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=1.ckpt"]  # the link's target stays
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+def test_rename_noreplace_never_replaces_anything(tmp_path, monkeypatch, renameat2):
+    if not renameat2:
+        _without_renameat2(monkeypatch)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "empty").mkdir()  # a plain rename would replace an empty directory
+    (tmp_path / "file").write_text("x")
+    for dst in ("empty", "file"):
+        with pytest.raises(FileExistsError):
+            rename_noreplace(tmp_path / "src", tmp_path / dst)
+    rename_noreplace(tmp_path / "src", tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "empty", "file"]
+    with pytest.raises(FileNotFoundError):
+        rename_noreplace(tmp_path / "src", tmp_path / "again")
+
+
+def test_a_discarded_directory_leaves_its_name_before_it_is_deleted(tmp_path, monkeypatch):
+    ckpt = tmp_path / "step=2.ckpt"
+    ckpt.mkdir()
+    (ckpt / ".metadata").write_text("index")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt(f"killed while deleting {path}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(aimv2.fileio.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            discard(ckpt)
+    assert [p.name for p in tmp_path.iterdir()] == [".step=2.ckpt.removing"]  # never half of it under its name
+    ckpt.mkdir()
+    discard(ckpt)  # an earlier removal's leftover goes too
+    discard(ckpt)  # a missing path is no error
+    (tmp_path / "file.ckpt").write_text("x")
+    discard(tmp_path / "file.ckpt")
+    assert list(tmp_path.iterdir()) == []

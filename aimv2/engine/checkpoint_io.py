@@ -7,6 +7,12 @@ checkpoint briefly takes twice its size in host memory. Here `torch.save` stream
 hidden temporary file beside the target, which is fsynced and renamed over it (aimv2.fileio): the
 rename is atomic on POSIX file systems, so readers (and `trainer.resume=auto`) see the old file or
 the new one.
+
+Removal is atomic too: Lightning prunes old checkpoints (`keep_checkpoints`) with an in-place recursive
+delete, which a kill can stop half-way, leaving a directory under a valid `step=N.ckpt` name that may
+still hold the files that make it look intact. `remove_checkpoint` renames a directory to a hidden
+`.NAME.removing` first (aimv2.fileio.discard); the strategies that bypass the CheckpointIO for removal
+call it as well (aimv2.engine.strategy).
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from aimv2.fileio import atomic_file
+from aimv2.engine.resume import recover_interrupted_publish
+from aimv2.fileio import OLD_SUFFIX, REMOVING_SUFFIX, TMP_SUFFIX, atomic_file, discard
 
-TMP_SUFFIX = ".tmp"  # temporary names: `.NAME.<pid>.tmp`; never taken for checkpoints
+# Temporary names: `.NAME.<pid>.tmp` (files), `.NAME.tmp` (directories); never taken for checkpoints.
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,20 +45,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
     def remove_checkpoint(self, path: _PATH) -> None:
+        remove_checkpoint(path)
+
+
+def remove_checkpoint(path: _PATH) -> None:
+    """Remove a checkpoint file or directory; a local directory leaves its name in one atomic rename
+    before it is deleted (a kill never leaves part of it under `step=N.ckpt`). Remote paths: fsspec."""
+    if "://" in str(path):
         fs = get_filesystem(path)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+        return
+    discard(path)
 
 
 def remove_stale_temporaries(ckpt_dir: str | Path) -> list[str]:
-    """Delete what killed saves left behind (`.NAME.<pid>.tmp` files, ZeRO `.NAME.tmp`/`.NAME.old`
-    directories). Call it before training starts, from one process: nothing is being written then."""
+    """Delete what killed saves and removals left behind (`.NAME.<pid>.tmp` files, `.NAME.tmp`/`.NAME.old`
+    directories of a directory publish, `.NAME.removing` of a removal), after putting back a checkpoint
+    whose publish was killed between its two renames (aimv2.engine.resume.recover_interrupted_publish).
+    Call it before training starts, from one process: nothing is being written then."""
     import shutil
 
+    recover_interrupted_publish(ckpt_dir)
     removed = []
     ckpt_dir = Path(ckpt_dir)
     for path in ckpt_dir.glob(".*") if ckpt_dir.is_dir() else []:
-        if path.name.endswith((TMP_SUFFIX, ".old")):
+        if path.name.endswith((TMP_SUFFIX, OLD_SUFFIX, REMOVING_SUFFIX)):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             removed.append(path.name)
-    return removed
+    return sorted(removed)

@@ -13,12 +13,24 @@ plain data, without reading the tensor bytes of a multi-GB checkpoint. ZeRO chec
 DCP checkpoints (directories of the fsdp2 strategy, aimv2.checkpoints.dcp) are intact when DCP's
 index `.metadata` -- written last, once every rank's shards are on disk -- reads (safely unpickled,
 no shard read) and Lightning's `meta.pt` loads the same way; a directory without them is a killed save.
+
+Two repairs keep `auto` honest:
+
+- `recover_interrupted_publish`: a directory checkpoint replaced without an atomic swap (aimv2.fileio.
+  publish_directory) and killed between its two renames has no `NAME`, only `.NAME.old` (the previous
+  version) and `.NAME.tmp` (the new, complete one): the new one is put back under `NAME`, else the old.
+  `auto` does it first, and so does the start-up cleanup (aimv2.engine.checkpoint_io).
+- `abandon_newer`: a run continued from an explicit, older checkpoint moves the newer checkpoints of its
+  checkpoint directory aside into `abandoned/<time>/` (never deleted), so that the next `auto` (a SLURM
+  requeue) continues the new line, not the abandoned one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +40,10 @@ from aimv2.checkpoints.dcp import check_complete, is_dcp_checkpoint, load_meta, 
 from aimv2.checkpoints.zero import load_client_state
 from aimv2.engine.run_dir import LAST
 from aimv2.errors import UserError
+from aimv2.fileio import OLD_SUFFIX, TMP_SUFFIX, rename_noreplace
+
+# RUN/checkpoints/abandoned/<time>/: what a rollback moved aside (no `.ckpt` suffix: never a candidate).
+ABANDONED = "abandoned"
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +109,96 @@ def newest_intact(ckpt_dir: str | Path) -> Optional[Path]:
     return None
 
 
+def recover_interrupted_publish(ckpt_dir: str | Path, names: Optional[set[str]] = None) -> list[Path]:
+    """Put back every checkpoint (of `names`, all when None) whose directory publish was killed between its
+    two renames: `NAME` missing beside `.NAME.old`. The new `.NAME.tmp` goes back under `NAME` when it is
+    intact (`checkpoint_step`), else the previous `.NAME.old`; each is a warning on the log. Returns the
+    paths put back.
+
+    `.NAME.old` is the proof that the publish had begun, hence that every rank had finished writing
+    `.NAME.tmp`; a `.NAME.tmp` without it may be a save killed before all ranks were done (DeepSpeed's rank
+    0 writes its `latest` tag without waiting for the others) and is left to the cleanup, the previous
+    checkpoints being intact under their names. Safe from several processes at once (every rank resolving
+    `auto`): the renames never replace anything, and a rename another process made first is no error."""
+    ckpt_dir = Path(ckpt_dir)
+    restored: list[Path] = []
+    olds = sorted(ckpt_dir.glob(f".*.ckpt{OLD_SUFFIX}")) if ckpt_dir.is_dir() else []
+    for old in olds:
+        name = old.name[1:-len(OLD_SUFFIX)]
+        final, new = ckpt_dir / name, ckpt_dir / f".{name}{TMP_SUFFIX}"
+        if (names is not None and name not in names) or final.is_symlink() or final.exists():
+            continue
+        for source, what in ((new, "the new checkpoint"), (old, "the previous checkpoint")):
+            try:
+                step = checkpoint_step(source)
+            except ValueError:
+                continue
+            try:
+                rename_noreplace(source, final)
+            except OSError as err:
+                if not (final.is_symlink() or final.exists()):  # else another process put one back first
+                    log.warning("%s is missing and %s could not be put back: %s", final, source.name, err)
+                break
+            log.warning("%s was missing (a save killed while replacing it): put back %s (step %d) from %s",
+                        final, what, step, source.name)
+            restored.append(final)
+            break
+        else:
+            if not (final.is_symlink() or final.exists()):  # else another process put one back meanwhile
+                log.warning("%s is missing and neither %s nor %s is an intact checkpoint", final, new.name, old.name)
+    return restored
+
+
+def explicit_resume(resume: Optional[str]) -> bool:
+    """`trainer.resume` names a checkpoint (not `auto`, `none` or unset)."""
+    return resume not in (None, "auto", "none")
+
+
+def _step_of(path: Path) -> Optional[int]:
+    """The global step of a checkpoint, else the step in its name (a corrupt `step=N.ckpt`), else None."""
+    try:
+        return checkpoint_step(path)
+    except ValueError:
+        match = re.fullmatch(r"step=(\d+)\.ckpt", path.name)
+        return int(match.group(1)) if match else None
+
+
+def abandon_newer(resume: str | Path, ckpt_dir: str | Path) -> Optional[str]:
+    """Before a run continues from the explicit checkpoint `resume`: move every checkpoint of `ckpt_dir`
+    with a higher global step (corrupt ones by the step in their name; `last.ckpt` by its step, a link by
+    its target's) into `ckpt_dir/abandoned/<time>/`, one atomic rename each, nothing deleted (links move
+    with their targets, so a relative link still resolves). Returns the line that says what moved where,
+    or None when nothing did. Run it from one process, before training."""
+    ckpt_dir, resume = Path(ckpt_dir), Path(resume)
+    step = checkpoint_step(resume)
+    real = os.path.realpath(resume)
+    newer = [p for p in candidates(ckpt_dir)
+             if os.path.realpath(p) != real and p != resume and (s := _step_of(p)) is not None and s > step]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = ckpt_dir / ABANDONED / stamp
+    for i in range(1, 1000):  # two rollbacks in one second
+        try:
+            dest.mkdir(parents=True)
+            break
+        except FileExistsError:
+            dest = ckpt_dir / ABANDONED / f"{stamp}-{i}"
+    for path in newer:
+        rename_noreplace(path, dest / path.name)
+    return (f"trainer.resume={resume} (step {step}): moved the newer checkpoints of {ckpt_dir} aside to {dest} "
+            f"(trainer.resume=auto never takes them; nothing deleted): {', '.join(p.name for p in newer)}")
+
+
 def resolve_resume(resume: Optional[str], ckpt_dir: str | Path) -> Optional[str]:
-    """The checkpoint path to hand to `Trainer.fit(ckpt_path=...)`, or None to start fresh."""
+    """The checkpoint path to hand to `Trainer.fit(ckpt_path=...)`, or None to start fresh. `auto` first
+    puts back a checkpoint whose publish was killed half-way (`recover_interrupted_publish`)."""
     if resume is None:
         resume = "auto" if under_slurm() else "none"
     if resume == "none":
         return None
     if resume == "auto":
+        recover_interrupted_publish(ckpt_dir)
         path = newest_intact(ckpt_dir)
         if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
@@ -107,6 +206,8 @@ def resolve_resume(resume: Optional[str], ckpt_dir: str | Path) -> Optional[str]
         log.info("trainer.resume=auto: continuing from %s", path)
         return str(path)
     path = Path(resume)
+    if not path.exists() and not path.is_symlink():
+        recover_interrupted_publish(path.parent, {path.name})  # named while its replacement was killed
     if not path.exists():
         raise UserError(f"trainer.resume: checkpoint not found: {resume}")
     try:

@@ -49,7 +49,7 @@ from torch import nn
 
 from aimv2.checkpoints.dcp import save_dcp_checkpoint
 from aimv2.config import TrainerConfig
-from aimv2.engine.checkpoint_io import AtomicCheckpointIO
+from aimv2.engine.checkpoint_io import AtomicCheckpointIO, remove_checkpoint
 from aimv2.engine.clipping import quiet_deepspeed_clipping_warning
 from aimv2.fileio import publish_directory
 
@@ -59,7 +59,8 @@ BLOCKS = {Block}  # the transformer blocks of both the encoder (timm VisionTrans
 
 class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
     """ZeRO checkpoints are directories written by every rank; write them under a temporary name and
-    rename once all ranks are done, so a killed save never leaves a half-written `step=N.ckpt/`."""
+    rename once all ranks are done, so a killed save never leaves a half-written `step=N.ckpt/`; and
+    remove them by renaming first, so a killed removal does not either."""
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
         final = Path(self.broadcast(str(filepath)))
@@ -73,6 +74,11 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
             publish_directory(tmp, final, fsync=False)  # DeepSpeed's own writes, as before this class
         self.barrier("aimv2_ckpt_renamed")
 
+    def remove_checkpoint(self, filepath) -> None:
+        # Lightning's removal goes through the default TorchCheckpointIO: a recursive delete in place.
+        if self.is_global_zero:
+            remove_checkpoint(filepath)
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over every process (Lightning's ModelParallelStrategy with a 1-D data-parallel mesh and
@@ -82,8 +88,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     `.metadata`, then `meta.pt`): a job killed meanwhile leaves a directory under the final name. Here
     the same layout is written into `.step=N.ckpt.tmp/` and renamed once every rank is done
     (aimv2.checkpoints.dcp.save_dcp_checkpoint); a leftover temporary is removed at the next start
-    (aimv2.engine.checkpoint_io.remove_stale_temporaries). Loading stays Lightning's: DCP reshards to
-    the current world size."""
+    (aimv2.engine.checkpoint_io.remove_stale_temporaries). Pruned checkpoints leave their name in one
+    rename before they are deleted (aimv2.engine.checkpoint_io.remove_checkpoint). Loading stays
+    Lightning's: DCP reshards to the current world size."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True, **kwargs)
@@ -102,6 +109,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         save_dcp_checkpoint(state, checkpoint, path, self.global_rank, lambda: self.barrier("aimv2_dcp"))
+
+    def remove_checkpoint(self, filepath) -> None:
+        # Lightning's removal goes through the default TorchCheckpointIO: a recursive delete in place.
+        if self.is_global_zero:
+            remove_checkpoint(filepath)
 
 
 def shard_model(model: nn.Module, mesh) -> nn.Module:
