@@ -1,6 +1,7 @@
 """The held-out validation loss of pre-training (data.val; aimv2.pretraining.validation): rows at the
 right steps, the value a hand computation gives, no effect on training, the sample counter over a
-resume, corrupt held-out samples skipped and counted, bad input named."""
+resume, corrupt held-out samples skipped and counted, bad input named; each slot reads only its own
+samples (seeking to them by an index of tar headers), seeing what a read from the shard's start sees."""
 
 import csv
 import io
@@ -13,8 +14,10 @@ import tarfile
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
@@ -29,8 +32,10 @@ from aimv2.models.flops import training_flops_per_sample
 from aimv2.models.sizes import get_size
 from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.pretraining.validation import METRICS, HeldOutLoss, plan_held_out, prefix_length, split_ranges
-from conftest import REPO, write_caption_shards
+from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, sample_starts, slot_starts
+from aimv2.pretraining.validation import (METRICS, HeldOutLoss, HeldOutSamples, held_out_loader, plan_held_out,
+                                          prefix_length, read_cost, split_ranges)
+from conftest import REPO, jpeg_bytes, write_caption_shards
 from fault_helpers import run_or_show_stacks, tiny_tokenizer
 
 BATCH, STEPS, EVERY = 4, 7, 3
@@ -291,3 +296,213 @@ def test_a_rehearsal_keeps_the_validation_and_stands_the_demo_in_for_unreadable_
     assert (here.urls, here.max_samples, here.batch_size) == (val, 4, 2)
     assert report.findings[-1].status == "ok"
     assert _shrink_val(ValConfig(), tmp_path, report) == ValConfig() and len(report.findings) == 2
+
+
+# -- reading each slot's ranges from their first sample ------------------------------------------
+SEEK_N, SEEK_PER, SEEK_CORRUPT = 45, 17, {3, 20, 40}  # shards of 17, 17, 11 samples; 3 corrupt
+WORLD, WORKERS = 4, 2  # 8 slots of 5 or 6 samples, most starting inside a shard
+
+
+@pytest.fixture(scope="module")
+def seek_shards(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("seek")
+    report = write_caption_shards(root, SEEK_N, SEEK_PER, prefix="s", seed=2, corrupt_at=SEEK_CORRUPT)
+    tokenizer = build_tokenizer(config(setup, "tokenizer").data.tokenizer)
+    return plan_held_out(report.urls, 0), tokenizer
+
+
+def read_from_shard_starts(units):
+    """The reading before the index, written out: each range's shard read by webdataset from its start,
+    its samples first..end-1 kept."""
+    out = []
+    for url, first, end in units:
+        for j, sample in enumerate(wds.tarfile_to_samples()([{"url": url}])):
+            if j >= end:
+                break
+            if j >= first:
+                out.append(sample)
+    return out
+
+
+def without_index(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if k != "__index__"}
+
+
+def batches(units, tokenizer, starts):
+    return list(HeldOutSamples([units], tokenizer, 28, 16, 2, starts))  # debug at 28 px: 16 patches
+
+
+def test_each_slot_reads_exactly_its_samples_and_sees_what_a_read_from_the_start_sees(seek_shards):
+    ranges, tokenizer = seek_shards
+    slots = split_ranges(ranges, WORLD * WORKERS)
+    stats = ScanStats()
+    index = index_ranges(slots, stats=stats)  # one process: every shard
+    cost = read_cost(ranges, WORKERS, WORLD)
+    assert cost["after"] == cost["held_out"] == SEEK_N and cost["before"] > 2 * SEEK_N
+    for p, units in enumerate(slots):
+        starts = slot_starts([units], index)
+        assert len(starts) == sum(first > 0 for _, first, _ in units)  # every range inside a shard seeks
+        got = list(read_ranges(units, starts))
+        assert sum(passed for passed, _ in got) == cost["per_slot_after"][p] == sum(e - f for _, f, e in units)
+        want = read_from_shard_starts(units)
+        assert [without_index(s) for _, s in got] == want  # keys, __url__, every field's bytes
+        assert [s["__index__"] for _, s in got] == [j for _, f, e in units for j in range(f, e)]
+        old = list(read_ranges(units, {}))  # no index: from each shard's start, as before
+        assert sum(passed for passed, _ in old) == cost["per_slot_before"][p]
+        assert [without_index(s) for _, s in old] == want
+
+        new_batches, old_batches = batches(units, tokenizer, starts), batches(units, tokenizer, None)
+        assert sum(b["read"] for b in new_batches) == cost["per_slot_after"][p]
+        assert sum(b["read"] for b in old_batches) == cost["per_slot_before"][p]
+        assert len(new_batches) == len(old_batches)
+        for a, b in zip(new_batches, old_batches):
+            assert a.keys() == b.keys()
+            for key in a.keys() - {"read"}:
+                assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+        shard_of = {url: n for n, (url, _, _) in enumerate(ranges)}
+        corrupt = sum(shard_of[url] * SEEK_PER + j in SEEK_CORRUPT for url, f, e in units for j in range(f, e))
+        assert sum(b["skipped"] for b in new_batches) == corrupt  # corrupt samples counted as before
+    assert sum(sum(b["skipped"] for b in batches(u, tokenizer, slot_starts([u], index))) for u in slots) == 3
+
+    # The headers walked: each shard up to the first member of its last range start, 3 members a sample.
+    assert (stats.shards, cost["scan_shards"]) == (3, 3)
+    assert stats.headers == 3 * cost["scan_samples"] + cost["scan_shards"]
+    assert stats.bytes <= 513 * stats.headers  # a 512-byte header and the byte before it, no member data
+
+    # Each shard is walked by one rank (dealt round robin); the parts together are the whole index.
+    parts = [index_ranges(slots, rank, WORLD) for rank in range(WORLD)]
+    assert sorted(url for part in parts for url in part) == sorted(index)
+    assert {url: starts for part in parts for url, starts in part.items()} == index
+
+
+def test_the_callback_indexes_at_setup_and_says_what_an_evaluation_reads(setup, caplog):
+    cfg = config(setup, "indexed", "data.val.num_workers=2")  # slots [0, 5) and [5, 10): the second starts in 00001
+    callback = HeldOutLoss(cfg.data.val, cfg.model, cfg.data.batch_size, build_tokenizer(cfg.data.tokenizer))
+    with caplog.at_level("INFO", logger="aimv2.pretraining.validation"):
+        callback.setup(SimpleNamespace(global_rank=0, world_size=1), None, "fit")
+    url = callback.ranges[1][0]
+    with tarfile.open(url) as tar:
+        fourth = tar.getmembers()[3]  # sample 1's first member, after sample 0's jpg, json and txt
+    assert fourth.name.startswith("v000005.")
+    assert callback.loader.dataset.starts == {(url, 1): (fourth.offset, "v000005")}
+    assert "an evaluation reads 10 tar samples (1.00x the set; 1.10x reading each shard from its start); " \
+           "indexed 1 shards at setup: 4 headers" in caplog.text
+
+
+def test_a_ranks_loader_with_workers_reads_its_slots_from_their_first_sample(seek_shards):
+    ranges, tokenizer = seek_shards
+    slots = split_ranges(ranges, WORLD * WORKERS)
+    index = index_ranges(slots)
+    cost = read_cost(ranges, WORKERS, WORLD)
+    for rank in (1, 3):
+        loader = held_out_loader(ranges, tokenizer, 28, 16, 2, WORKERS, rank, WORLD, index)
+        got = list(loader)
+        mine = slots[rank * WORKERS:(rank + 1) * WORKERS]
+        assert sum(b["read"] for b in got) == sum(cost["per_slot_after"][rank * WORKERS:(rank + 1) * WORKERS])
+        assert sum(b["image"].shape[0] + b["skipped"] for b in got) == sum(e - f for u in mine for _, f, e in u)
+        # Without an index it indexes its own slots: the same batches.
+        again = list(held_out_loader(ranges, tokenizer, 28, 16, 2, WORKERS, rank, WORLD))
+        assert [b["read"] for b in again] == [b["read"] for b in got]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, got))
+
+
+def test_header_offsets_of_the_writers_shards_locate_every_sample(tmp_path):
+    """Every sample of shards from aimv2.data.shards.write_shards, short keys and keys too long for a ustar
+    header (a pax header before the member): the offset is its first header, and a stream from there starts
+    with it."""
+    from aimv2.data.shards import ShardSample, write_shards
+
+    rng = np.random.default_rng(3)
+    keys = [f"k{i:03d}" if i % 3 else f"{'long' * 30}_{i:03d}" for i in range(12)]
+    report = write_shards((ShardSample(key=k, image=jpeg_bytes(rng), image_ext="jpg", caption=f"sample {i}")
+                           for i, k in enumerate(keys)), tmp_path, samples_per_shard=7, verify_images=False,
+                          progress=False)
+    for url, _, end in plan_held_out(report.urls, 0):
+        stats = ScanStats()
+        starts = sample_starts(url, range(end), stats)
+        assert sorted(starts) == list(range(end)) and starts[0][0] == 0
+        assert stats.headers == 3 * (end - 1) + 1
+        shard_keys = keys[:7] if url.endswith("00000.tar") else keys[7:]
+        assert [key for _, key in starts.values()] == shard_keys
+        offsets = [offset for offset, _ in starts.values()]
+        assert offsets == sorted(offsets) and all(o % 512 == 0 for o in offsets)
+        want = read_from_shard_starts([(url, 0, end)])
+        with open(url, "rb") as f:
+            for j, (offset, key) in starts.items():
+                f.seek(offset)
+                block = f.read(512)
+                assert block[156:157] == (b"x" if len(key) > 90 else b"0")  # a pax header, or the member's own
+                got = list(read_ranges([(url, j, j + 1)], {(url, j): (offset, key)}))
+                assert [(passed, without_index(s)) for passed, s in got] == [(1, want[j])]
+
+
+def write_tar(path, names: list[str]) -> str:
+    """A tar holding `names` in that order (name.jpg: an image, others: a caption)."""
+    rng = np.random.default_rng(4)
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            data = jpeg_bytes(rng) if name.endswith(".jpg") else name.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_a_shard_not_grouped_by_key_is_read_from_its_start_with_a_warning(tmp_path, caplog):
+    """k1's and k2's members interleaved: webdataset reads k1, k2 (images), k1, k2 (captions) as four samples.
+    The walk sees k1 come back: no index for the shard, a one-line warning naming it, and its slots read it
+    from its start, so they see what they saw before."""
+    order = ["k0.jpg", "k0.txt", "k1.jpg", "k2.jpg", "k1.txt", "k2.txt"] + [f"k{i}.{e}" for i in range(3, 6)
+                                                                           for e in ("jpg", "txt")]
+    url = write_tar(tmp_path / "00000.tar", order)
+    ranges = plan_held_out(url, 0)
+    assert ranges == [(url, 0, 6)]  # six keys with an image
+    slots = split_ranges(ranges, 3)  # [0, 2), [2, 4), [4, 6) of webdataset's 8 groups
+    with caplog.at_level("WARNING", logger="aimv2.pretraining.validation"):
+        index = index_ranges(slots)
+    assert index == {}
+    [message] = [r.getMessage() for r in caplog.records]
+    assert url in message and "'k1'" in message and "not consecutive" in message and "\n" not in message
+    for units in slots:
+        got = list(read_ranges(units, slot_starts([units], index)))
+        assert [without_index(s) for _, s in got] == read_from_shard_starts(units)
+    assert [s["__key__"] for units in slots for _, s in read_ranges(units, {})] == ["k0", "k1", "k2", "k1", "k2", "k3"]
+
+
+def test_a_shard_changed_since_it_was_indexed_is_read_from_its_start(seek_shards, caplog):
+    ranges, _ = seek_shards
+    url = ranges[0][0]
+    units = [(url, 5, 8)]
+    with caplog.at_level("WARNING", logger="aimv2.pretraining.validation"):
+        got = list(read_ranges(units, {(url, 5): (0, "s000005")}))  # offset 0 holds s000000 now
+    assert "changed since it was indexed" in caplog.text
+    assert [without_index(s) for _, s in got] == read_from_shard_starts(units)
+    assert sum(passed for passed, _ in got) == 1 + 8  # the sample found at the stale offset, then 0..7
+
+
+def test_remote_shards_are_read_from_their_start(seek_shards):
+    ranges, _ = seek_shards
+    remote = [(f"pipe:cat {url}", first, end) for url, first, end in ranges]
+    slots = split_ranges(remote, WORLD * WORKERS)
+    stats = ScanStats()
+    assert index_ranges(slots, stats=stats) == {} and stats.shards == 0  # nothing to seek in: nothing read
+    cost = read_cost(remote, WORKERS, WORLD)
+    assert cost["per_slot_after"] == cost["per_slot_before"] and cost["scan_shards"] == 0
+    for p, units in enumerate(slots):
+        got = list(read_ranges(units, {}))
+        assert sum(passed for passed, _ in got) == cost["per_slot_after"][p]
+        assert [without_index(s) for _, s in got] == read_from_shard_starts(units)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("workers", [0, 8])
+def test_read_cost_at_the_recipes_scale(shards, workers):
+    """10,000 held-out samples in 1, 2 or 4 shards, 256 ranks x 0 or 8 workers (256 or 2048 slots): an
+    evaluation reads exactly the set; from each shard's start every slot read half a shard on average (to
+    the end of its range: (slots per shard + 1) / 2 times the set)."""
+    ranges = [(f"/held_out/{i:05d}.tar", 0, 10_000 // shards) for i in range(shards)]
+    cost = read_cost(ranges, workers, 256)
+    slots = 256 * max(1, workers)
+    assert cost["slots"] == slots and cost["after"] == cost["held_out"] == 10_000 and cost["after_ratio"] == 1.0
+    assert cost["before_ratio"] == pytest.approx((slots / shards + 1) / 2, rel=0.01)
+    assert cost["scan_shards"] == shards and cost["scan_samples"] < 10_000

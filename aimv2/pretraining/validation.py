@@ -28,13 +28,21 @@ in every later row. A row is written when the next batch starts (after Lightning
 step, so `TrimMetricsOnResume` still restores a missing training row), at the end of training, or on an
 exception; a checkpoint taken in between carries it and a resumed run writes it if the file lacks it.
 
+Reading. The set is cut into world x val.num_workers slots of contiguous sample ranges; a slot reads a range
+of a local shard from its first sample, not from the shard's start (aimv2.data.tar_ranges): where each range
+starts is found once per run at setup from the member headers, each shard by one rank, and shared with one
+all-gather; the samples, and so the values, are those a read from the shard's start gives. `read_cost` gives
+the tar samples an evaluation passes over (the held-out set itself; from each shard's start it was 32x to
+1024x the set at 256 ranks); each batch carries its own count ("read").
+
 Side effects: none on training. Torch's, Python's and NumPy's random states are restored afterwards
 (a DataLoader draws its base seed from torch's), the training stream and its checkpointed position are
 not touched, every module's train/eval mode is restored, the time is not charged to
-`train/samples_per_sec`. With several ranks it is a collective (one all-reduce per evaluation, one per
-checkpoint for the sample counter), so every rank runs it, and every rank runs the same number of
-forward passes (a rank short of batches runs stand-in ones) as sharded strategies need. A run without
-`data.val.urls` gets none of this. Native-resolution runs (model.native) are refused at config load.
+`train/samples_per_sec`. With several ranks it is a collective (one all-gather at setup for the index,
+one all-reduce per evaluation, one per checkpoint for the sample counter), so every rank runs it, and every
+rank runs the same number of forward passes (a rank short of batches runs stand-in ones) as sharded
+strategies need. A run without `data.val.urls` gets none of this. Native-resolution runs (model.native) are
+refused at config load.
 """
 
 from __future__ import annotations
@@ -48,11 +56,10 @@ import tarfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import torch
-import webdataset as wds
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
@@ -60,9 +67,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aimv2.config.schema import ModelConfig, ValConfig
 from aimv2.data.image_caption import ImageCaptionCollator, ImageCaptionProcessor
-from aimv2.data.readers import ShardSequence, stable_seed
+from aimv2.data.readers import stable_seed
 from aimv2.data.samples import CorruptSample
 from aimv2.data.shardlist import REMOTE_PREFIXES, count_tar_samples, resolve_shards
+from aimv2.data.tar_ranges import (Index, Range, ScanStats, Start, index_ranges, is_remote, needed_starts, read_ranges,
+                                    slot_starts)
 from aimv2.data.tokenizer import CaptionTokenizer
 from aimv2.data.transforms import eval_transform
 from aimv2.data.workers import ignore_stop_signals, worker_context
@@ -76,7 +85,6 @@ KEY = "data.val.urls"
 METRICS = ("val/loss", "val/loss_img", "val/loss_text", "val/samples", "val/skipped_samples",
            "val/train_samples", "val/train_flops")
 
-Range = tuple[str, int, int]  # (shard url, first sample, end sample): samples first..end-1 of the shard
 
 
 # -- the held-out set --------------------------------------------------------------------------
@@ -128,21 +136,42 @@ def split_ranges(ranges: list[Range], parts: int) -> list[list[Range]]:
     return out
 
 
-def _read(url: str) -> Iterator[dict]:
-    for sample in wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": url}]):
-        sample["__url__"] = url  # the shard a sample's fixed prefix length is seeded with
-        yield sample
+def rank_slots(ranges: list[Range], num_workers: int, rank: int, world: int) -> list[list[Range]]:
+    """Rank `rank`'s part of the set, one list of ranges per loader worker (one without workers)."""
+    workers = max(1, num_workers)
+    return split_ranges(ranges, world * workers)[rank * workers:(rank + 1) * workers]
+
+
+def read_cost(ranges: list[Range], num_workers: int, world: int) -> dict:
+    """The tar samples one evaluation of `ranges` passes over, over all world x max(1, num_workers) slots
+    (pure: reads no file; remote shards known by their url). "before": each slot reading its shards from
+    their start; "after": `read_ranges` given the index (a local shard's range from its first sample, a
+    remote one's from the shard's start); "per_slot_before"/"per_slot_after": slot by slot (slot p is worker
+    p % workers of rank p // workers); "held_out": the set's size, the "*_ratio"s are relative to it.
+    "scan_shards"/"scan_samples": the shards indexed once per run and the samples whose member headers
+    that walks, in all (it also reads the first header of the last sample wanted, per shard)."""
+    slots = split_ranges(ranges, world * max(1, num_workers))
+    before = [sum(end for _, _, end in units) for units in slots]
+    after = [sum(end - (0 if is_remote(url) else first) for url, first, end in units) for units in slots]
+    held_out = sum(end - first for _, first, end in ranges)
+    needed = needed_starts(slots)
+    return {"held_out": held_out, "slots": len(slots), "before": sum(before), "after": sum(after),
+            "before_ratio": sum(before) / max(1, held_out), "after_ratio": sum(after) / max(1, held_out),
+            "per_slot_before": before, "per_slot_after": after,
+            "scan_shards": len(needed), "scan_samples": sum(firsts[-1] for firsts in needed.values())}
 
 
 class HeldOutSamples(IterableDataset):
-    """One rank's part of the held-out set, `slots[w]` read by worker w, as batches of every
-    `batch_size` raw samples (fewer images when some are corrupt, possibly none):
-    {"image" (B, 3, H, W) normalized, "tokens", "token_mask", "token_index", "prefix" (B,), "skipped"}."""
+    """One rank's part of the held-out set, `slots[w]` read by worker w (`read_ranges`; `starts`: where its
+    ranges start, none: every shard from its start), as batches of every `batch_size` raw samples (fewer
+    images when some are corrupt, possibly none): {"image" (B, 3, H, W) normalized, "tokens", "token_mask",
+    "token_index", "prefix" (B,), "skipped", "read" (the tar samples passed over for the batch)}."""
 
     def __init__(self, slots: list[list[Range]], tokenizer: CaptionTokenizer, img_size: int, num_patches: int,
-                 batch_size: int):
+                 batch_size: int, starts: Optional[Mapping[tuple[str, int], Start]] = None):
         super().__init__()
         self.slots, self.batch_size, self.num_patches = slots, batch_size, num_patches
+        self.starts = dict(starts or {})
         self.process = ImageCaptionProcessor(eval_transform(img_size))
         self.collate = ImageCaptionCollator(tokenizer)
 
@@ -153,9 +182,10 @@ class HeldOutSamples(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         units = self.slots[info.id if info is not None else 0]
-        items, prefixes, raw, skipped = [], [], 0, 0
-        for sample in ShardSequence(units, _read):
+        items, prefixes, raw, skipped, read = [], [], 0, 0, 0
+        for passed, sample in read_ranges(units, self.starts):
             raw += 1
+            read += passed
             try:
                 items.append(self.process(sample))
                 prefixes.append(prefix_length(sample["__url__"], sample["__key__"], self.num_patches))
@@ -163,28 +193,28 @@ class HeldOutSamples(IterableDataset):
                 log.warning("held-out set: skipping sample: %s", err)
                 skipped += 1
             if raw == self.batch_size:
-                yield self._batch(items, prefixes, skipped)
-                items, prefixes, raw, skipped = [], [], 0, 0
+                yield self._batch(items, prefixes, skipped, read)
+                items, prefixes, raw, skipped, read = [], [], 0, 0, 0
         if raw:
-            yield self._batch(items, prefixes, skipped)
+            yield self._batch(items, prefixes, skipped, read)
 
-    def _batch(self, items: list, prefixes: list[int], skipped: int) -> dict:
+    def _batch(self, items: list, prefixes: list[int], skipped: int, read: int) -> dict:
         batch = self.collate(items)
         batch["prefix"] = torch.tensor(prefixes, dtype=torch.long)
         batch["skipped"] = skipped
+        batch["read"] = read
         return batch
 
 
-def rank_slots(ranges: list[Range], num_workers: int, rank: int, world: int) -> list[list[Range]]:
-    """Rank `rank`'s part of the set, one list of ranges per loader worker (one without workers)."""
-    workers = max(1, num_workers)
-    return split_ranges(ranges, world * workers)[rank * workers:(rank + 1) * workers]
-
-
 def held_out_loader(ranges: list[Range], tokenizer: CaptionTokenizer, img_size: int, num_patches: int,
-                    batch_size: int, num_workers: int, rank: int = 0, world: int = 1) -> DataLoader:
-    """A finite loader of rank `rank`'s part; a fresh pass each time it is iterated."""
-    dataset = HeldOutSamples(rank_slots(ranges, num_workers, rank, world), tokenizer, img_size, num_patches, batch_size)
+                    batch_size: int, num_workers: int, rank: int = 0, world: int = 1,
+                    index: Optional[Index] = None) -> DataLoader:
+    """A finite loader of rank `rank`'s part; a fresh pass each time it is iterated. `index`: where ranges
+    start (`index_held_out` over all ranks' slots); None: this rank indexes its own slots now."""
+    slots = rank_slots(ranges, num_workers, rank, world)
+    if index is None:
+        index = index_ranges(slots)
+    dataset = HeldOutSamples(slots, tokenizer, img_size, num_patches, batch_size, slot_starts(slots, index))
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       multiprocessing_context=worker_context(num_workers, dataset),
                       worker_init_fn=ignore_stop_signals if num_workers else None,
@@ -205,8 +235,21 @@ def _random_state_kept(device: torch.device):
             np.random.set_state(npy)
 
 
+def _distributed(trainer) -> bool:
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_gather_objects(obj, trainer) -> list:
+    """Every rank's `obj`, in rank order ([obj] in one process)."""
+    if not _distributed(trainer):
+        return [obj]
+    out = [None] * trainer.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def _all_reduce_sum(values: torch.Tensor, trainer) -> torch.Tensor:
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed(trainer):
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
     return values
 
@@ -224,6 +267,7 @@ class HeldOutLoss(Callback):
         self.ranges = plan_held_out(cfg.urls, cfg.max_samples)  # a missing shard fails here, at start-up
         self.loader: Optional[DataLoader] = None
         self.max_batches = 0  # forward passes per rank and evaluation (the most any rank has)
+        self.samples_read = 0  # tar samples this rank passed over in its last evaluation
         # Training samples and their real caption tokens: global totals as of the last all-reduce, plus
         # this rank's since then; samples counted from the step number (an old checkpoint) have no tokens.
         self.train_samples, self.train_tokens, self.estimated_samples = 0, 0, 0
@@ -241,11 +285,32 @@ class HeldOutLoss(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        rank, world = trainer.global_rank, trainer.world_size
+        """Indexes where the slots' ranges start (each shard by one rank, shared by one all-gather: every
+        rank is here) and builds this rank's loader."""
+        rank, world, workers = trainer.global_rank, trainer.world_size, self.cfg.num_workers
+        slots = split_ranges(self.ranges, world * max(1, workers))
+        stats, start = ScanStats(), time.perf_counter()
+        parts = _all_gather_objects((index_ranges(slots, rank, world, stats), stats), trainer)
+        index = {url: starts for part, _ in parts for url, starts in part.items()}
         self.loader = held_out_loader(self.ranges, self.tokenizer, self.img_size, self.num_patches, self.batch_size,
-                                      self.cfg.num_workers, rank, world)
-        self.max_batches = max(HeldOutSamples.num_batches(rank_slots(self.ranges, self.cfg.num_workers, r, world),
+                                      workers, rank, world, index)
+        self.max_batches = max(HeldOutSamples.num_batches(rank_slots(self.ranges, workers, r, world),
                                                           self.batch_size) for r in range(world))
+        if rank == 0:
+            self._log_reading(slots, workers, world, index, [s for _, s in parts], time.perf_counter() - start)
+
+    def _log_reading(self, slots: list[list[Range]], workers: int, world: int, index: Index,
+                     scans: list[ScanStats], seconds: float) -> None:
+        cost = read_cost(self.ranges, workers, world)
+        log.info("held-out set: %d samples in %d shards over %d slots; an evaluation reads %d tar samples (%.2fx "
+                 "the set; %.2fx reading each shard from its start); indexed %d shards at setup: %d headers, "
+                 "%.1f MB, %.1f s", cost["held_out"], len(self.ranges), cost["slots"], cost["after"],
+                 cost["after_ratio"], cost["before_ratio"], len(index), sum(s.headers for s in scans),
+                 sum(s.bytes for s in scans) / 1e6, seconds)
+        remote = [url for url, first, _ in (r for units in slots for r in units) if first > 0 and is_remote(url)]
+        if remote:
+            log.info("held-out set: %d remote shards (e.g. %s) cannot seek: their slots read them from their start",
+                     len(set(remote)), remote[0])
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
@@ -341,13 +406,14 @@ class HeldOutLoss(Callback):
         text loss x real tokens, real tokens, samples scored, samples skipped."""
         device = pl_module.device
         sums = torch.zeros(6, dtype=torch.float64, device=device)
-        samples, skipped, passes = 0, 0, 0
+        samples, skipped, passes, read = 0, 0, 0, 0
         modes = {m: m.training for m in pl_module.modules()}
         with _random_state_kept(device), torch.no_grad():
             pl_module.eval()
             try:
                 for batch in self.loader:
                     skipped += int(batch.pop("skipped"))
+                    read += int(batch.pop("read"))
                     n = batch["image"].shape[0] if batch["image"].dim() == 4 else 0
                     if n == 0:
                         continue  # only corrupt samples: nothing to score
@@ -365,6 +431,8 @@ class HeldOutLoss(Callback):
                     module.training = mode
         sums[4] += samples
         sums[5] += skipped
+        self.samples_read = read
+        log.debug("held-out set: this rank passed over %d tar samples for its %d", read, samples + skipped)
         return sums
 
     @staticmethod
@@ -423,4 +491,4 @@ def validation_callbacks(cfg: ValConfig, model: ModelConfig, batch_size: int,
 
 
 __all__ = ["METRICS", "HeldOutLoss", "HeldOutSamples", "held_out_loader", "plan_held_out", "prefix_length",
-           "split_ranges", "validation_callbacks"]
+           "rank_slots", "read_cost", "split_ranges", "validation_callbacks"]
