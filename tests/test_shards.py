@@ -18,7 +18,9 @@ from PIL import Image
 from aimv2 import cli
 from aimv2.data.demo import DIGIT_NAMES, build_demo_shards
 from aimv2.data.shard_inputs import caption_file_samples, class_tree_samples
-from aimv2.data.shards import ShardSample, classes_json, shard_sample_count, write_shards
+from aimv2.data.manifest import head_digest
+from aimv2.data.shardlist import shard_sample_count
+from aimv2.data.shards import ShardSample, classes_json, write_shards
 from aimv2.errors import UserError
 
 
@@ -101,7 +103,10 @@ def test_caption_round_trip(tmp_path, image_folder, kind):
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total"] == 7 and manifest["urls"] == report.urls
-    assert manifest["shards"] == [{"name": f"0000{i}.tar", "count": n} for i, n in enumerate([3, 3, 1])]
+    assert [{k: e[k] for k in ("name", "count", "bytes")} for e in manifest["shards"]] == [
+        {"name": f"0000{i}.tar", "count": n, "bytes": (out / f"0000{i}.tar").stat().st_size}
+        for i, n in enumerate([3, 3, 1])]
+    assert all(e["head"] == head_digest(out / e["name"]) for e in manifest["shards"]) and manifest["version"] == 1
 
     # The streaming library reads them back as whole samples.
     keys = [s["__key__"] for s in wds.WebDataset(report.urls, shardshuffle=False)]

@@ -1,6 +1,7 @@
 """`aimv2 shards`: write WebDataset shards from a captions file, a class folder tree, the offline
 demo set or the generated scene set (aimv2.data.scenes), and print where they went and the brace
-pattern a config needs.
+pattern a config needs; or `aimv2 shards index DIR`: the manifest of a directory another tool wrote
+(img2dataset), so that runs read one file instead of one per shard (aimv2.data.manifest).
 
 Skipped inputs (missing or undecodable images, empty captions) are reported, not fatal: the
 command exits 0 as long as something was written.
@@ -17,7 +18,8 @@ from aimv2.errors import UserError
 if TYPE_CHECKING:  # the writer imports webdataset and torch: only when a shard is written, not for --help
     from aimv2.data.shards import WriteReport
 
-HELP = "write WebDataset tar shards from a captions file, a class folder tree, the offline demo set or generated scenes"
+HELP = ("write WebDataset tar shards from a captions file, a class folder tree, the offline demo set or generated "
+        "scenes; index a directory of shards")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scenes.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
     scenes.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     scenes.set_defaults(_shards_run=_run_scenes)
+
+    index = sub.add_parser(
+        "index",
+        help="write DIR/manifest.json for shards another tool wrote (img2dataset: NNNNN.tar + NNNNN_stats.json)",
+        description="Reads each shard's stats file (its 'successes'; a shard without one is counted by listing its "
+        "tar), size and first 4 KiB once, in parallel, and writes DIR/manifest.json: a training run then reads this "
+        "one file instead of a file per shard on every rank, and checks its shards' identity on resume.",
+    )
+    index.add_argument("dir", type=Path, help="directory holding the .tar shards")
+    index.add_argument("--threads", type=int, default=16, help="parallel reads (default 16)")
+    index.set_defaults(_shards_run=_run_index)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +144,18 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {split['count']:>5} samples in {split['shards']} shards: {split['urls']}")
     print(f'config, under data.sources:  - urls: "{result["pretrain"]["urls"]}"')
     print(f"the captions' word list (data.tokenizer.kind=words, data.tokenizer.path): {result['vocabulary']}")
+    return 0
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from aimv2.data.manifest import index_directory
+
+    index = index_directory(args.dir, threads=args.threads)
+    total, size = sum(e.count for e in index.entries), sum(e.size for e in index.entries)
+    print(f"indexed {len(index.entries)} shards ({total} samples, {size / 2**30:.2f} GiB) in {index.path}")
+    if index.listed:
+        print(f"  {index.listed} shard(s) had no stats file: their tars were listed to count their samples")
+    print(f'config, under data.sources:  - urls: "{index.urls}"')
     return 0
 
 

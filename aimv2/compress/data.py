@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from aimv2.compress.config import CompressDataSection
 from aimv2.data.every_sample import every_sample_loader
-from aimv2.data.shardlist import resolve_shards
+from aimv2.data.shardlist import check_first_shard, resolve_shards
 from aimv2.data.stream import ShardStream, StreamSource
 from aimv2.data.tokenizer import CaptionTokenizer
 from aimv2.engine.stream_data import StreamDataModule
@@ -34,11 +34,14 @@ class AlignmentDataModule(StreamDataModule):
     def __init__(self, cfg: CompressDataSection, tokenizer: CaptionTokenizer, preprocessing):
         super().__init__(cfg.num_workers)
         self.cfg, self.tokenizer, self.preprocessing = cfg, tokenizer, preprocessing
-        self.source = StreamSource("train", resolve_shards(cfg.train, "data.train", need_counts=False))
+        check_first_shard(cfg.train, "data.train")  # a mistyped directory fails before any model is built
+
+    def resolve_sources(self) -> list[StreamSource]:
+        return [StreamSource("train", resolve_shards(self.cfg.train, "data.train", need_counts=False))]
 
     def build_stream(self, rank: int = 0, world_size: int = 1) -> ShardStream:
         cfg = self.cfg
-        return ShardStream([self.source], process=processor(self.preprocessing),
+        return ShardStream(self.resolved_sources(), process=processor(self.preprocessing),
                            collate=ImageCaptionCollator(self.tokenizer), batch_size=cfg.batch_size,
                            mode="resampled", rank=rank, world_size=world_size, num_workers=cfg.num_workers,
                            seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)

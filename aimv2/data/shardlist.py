@@ -1,66 +1,146 @@
-"""Shard lists: brace expansion, existence checks and per-shard sample counts.
+"""Shard lists: brace expansion, and each shard's sample count and byte size.
 
-Counts come from the per-shard manifest `NNNNN_stats.json` that `aimv2 shards` (and img2dataset)
-write beside each tar, so sizes are known without reading the tars; a shard without one is
-counted by listing its members once.
+At a recipe's scale a source is hundreds of thousands of shards, so nothing here touches a file per
+shard when it can be avoided: counts and sizes come from the directory's manifest
+(aimv2.data.manifest: one read per shard directory). Shards a manifest does not list are described
+one by one (their `NNNNN_stats.json`, else their tar listed), with a warning that names the command
+that writes a manifest. In a multi-process run one process resolves and broadcasts the result
+(aimv2.engine.stream_data), so the other ranks open no metadata file at all.
+
+A table is columns (urls, counts, sizes), O(shards) and cheap to pickle into every data worker.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
 
 import braceexpand
+import numpy as np
 
-from aimv2.data.samples import IMAGE_EXTS
-from aimv2.data.shards import shard_sample_count
+from aimv2.data.manifest import count_tar_samples, describe_shard, read_manifest, stats_count
+from aimv2.data.readers import REMOTE_PREFIXES
 from aimv2.errors import UserError
 
 log = logging.getLogger(__name__)
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 
 
 @dataclass(frozen=True)
 class ShardInfo:
     url: str
-    count: int  # samples, -1 when unknown (remote shard without a local manifest)
+    count: int  # samples, -1 when unknown (remote shard, or resampled mode without a manifest)
+    size: int = -1  # bytes, -1 when unknown
+    head: str = ""  # digest of the tar's first 4 KiB (aimv2.data.manifest), "" when unknown
 
 
-def expand_urls(spec: str, key: str) -> list[str]:
-    """'/d/{000..002}.tar::/e/x.tar' -> the list of shard urls; local shards must exist."""
+class ShardTable:
+    """The shards of one source as columns; iterating gives ShardInfo rows."""
+
+    def __init__(self, urls: list[str], counts, sizes=None, heads: Optional[list[str]] = None):
+        n = len(urls)
+        self.urls = list(urls)
+        self.counts = np.asarray(counts, dtype=np.int64).reshape(n)
+        self.sizes = np.full(n, -1, dtype=np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64).reshape(n)
+        # the hex digests as integers (0: unknown): 8 bytes a shard instead of a string object
+        self.heads = np.array([int(h, 16) if h else 0 for h in heads] if heads is not None else np.zeros(n),
+                              dtype=np.uint64).reshape(n)
+
+    @classmethod
+    def of(cls, infos: list[ShardInfo]) -> "ShardTable":
+        return cls([i.url for i in infos], [i.count for i in infos], [i.size for i in infos], [i.head for i in infos])
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, i: int) -> ShardInfo:
+        head = int(self.heads[i])
+        return ShardInfo(self.urls[i], int(self.counts[i]), int(self.sizes[i]), f"{head:016x}" if head else "")
+
+    def __iter__(self) -> Iterator[ShardInfo]:
+        return (self[i] for i in range(len(self)))
+
+    def digests(self) -> np.ndarray:
+        """(n,) uint64 per shard: its identity, the file name, byte size, sample count and head digest
+        (not the directory: a requeued job may see the same shards elsewhere)."""
+        out = np.empty(len(self), dtype=np.uint64)
+        rows = zip(self.urls, self.sizes.tolist(), self.counts.tolist(), self.heads.tolist())
+        for i, (url, size, count, head) in enumerate(rows):
+            text = f"{url.rsplit('/', 1)[-1]}\0{size}\0{count}\0{head}".encode()
+            out[i] = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+        return out
+
+
+def expand_urls(spec: str, key: str, check_exists: bool = True) -> list[str]:
+    """'/d/{000..002}.tar::/e/x.tar' -> the list of shard urls; with `check_exists` every local one
+    must exist (one file operation per shard: for tools, not for every rank of a run)."""
     urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part.strip()) if u]
     if not urls:
         raise UserError(f"{key}: no shards in {spec!r}")
-    for url in urls:
-        if not url.startswith(REMOTE_PREFIXES) and not Path(url).is_file():
+    for url in urls if check_exists else ():
+        if not _local(url).is_file():
             raise UserError(f"{key}: shard not found: {url}")
     return urls
 
 
-def count_tar_samples(path: str) -> int:
-    """Samples in a tar = distinct keys that have an image member."""
-    keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:
-            stem, _, ext = member.name.rpartition("/")[2].partition(".")
-            if ext.lower() in IMAGE_EXTS:
-                keys.add(stem)
-    return len(keys)
+def check_first_shard(spec: str, key: str) -> None:
+    """A cheap check before anything is built: the pattern expands and its first local shard exists
+    (one file operation per source; a typo in a directory fails here)."""
+    first = expand_urls(spec, key, check_exists=False)[0]
+    if not first.startswith(REMOTE_PREFIXES) and not _local(first).is_file():
+        raise UserError(f"{key}: shard not found: {first}")
 
 
-def resolve_shards(spec: str, key: str, need_counts: bool) -> list[ShardInfo]:
-    infos = []
-    for url in expand_urls(spec, key):
-        count = shard_sample_count(url) if not url.startswith(REMOTE_PREFIXES) else None
-        if count is None and need_counts:
-            if url.startswith(REMOTE_PREFIXES):
+def shard_sample_count(url: str) -> Optional[int]:
+    """Samples in a local shard, from its sibling `<name>_stats.json`; None when unknown."""
+    path = str(_local(url))
+    if "://" in path or path.startswith("pipe:") or not path.endswith(".tar"):
+        return None
+    return stats_count(Path(path[: -len(".tar")] + "_stats.json"))
+
+
+def resolve_shards(spec: str, key: str, need_counts: bool) -> ShardTable:
+    """The shards of `spec` with their counts and sizes: from the manifests of their directories
+    (one read each); a shard no manifest lists is described alone (stats file, else its tar listed)
+    when `need_counts` (epoch mode), else left unknown (resampled mode draws shards by name; only
+    the first is checked to exist, a missing one later is a counted shard error)."""
+    urls = expand_urls(spec, key, check_exists=False)
+    manifests: dict[Path, Optional[dict]] = {}
+    counts, sizes, heads, missing = [-1] * len(urls), [-1] * len(urls), [""] * len(urls), []
+    for i, url in enumerate(urls):
+        if url.startswith(REMOTE_PREFIXES):
+            if need_counts:
                 raise UserError(f"{key}: epoch mode needs sample counts, but remote shard {url} has no manifest")
-            log.warning("no count manifest beside %s: listing the tar to count its samples", url)
+            continue
+        path = _local(url)
+        if path.parent not in manifests:
+            manifests[path.parent] = read_manifest(path.parent)
+        entry = (manifests[path.parent] or {}).get(path.name)
+        if entry is not None:
+            counts[i], sizes[i], heads[i] = entry.count, entry.size, entry.head
+        else:
+            missing.append(i)
+    if missing and need_counts:
+        log.warning("%s: %d of %d shards are in no manifest.json: reading a stats file (or listing the tar) per "
+                    "shard; `aimv2 shards index DIR` writes a manifest, read once instead", key, len(missing), len(urls))
+        for i in missing:
             try:
-                count = count_tar_samples(url)
-            except (tarfile.TarError, OSError) as err:
-                raise UserError(f"{key}: cannot read shard {url}: {err}") from None
-        infos.append(ShardInfo(url, -1 if count is None else count))
-    return infos
+                entry, listed = describe_shard(_local(urls[i]))
+            except UserError as err:
+                raise UserError(f"{key}: {err}") from None
+            if listed:
+                log.warning("no count manifest beside %s: listed the tar to count its samples", urls[i])
+            counts[i], sizes[i], heads[i] = entry.count, entry.size, entry.head
+    elif missing:
+        check_first_shard(urls[missing[0]], key)
+    return ShardTable(urls, counts, sizes, heads)
+
+
+def _local(url: str) -> Path:
+    return Path(url[len("file:"):] if url.startswith("file:") else url)
+
+
+__all__ = ["REMOTE_PREFIXES", "ShardInfo", "ShardTable", "check_first_shard", "count_tar_samples", "expand_urls",
+           "resolve_shards", "shard_sample_count"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import webdataset
 from PIL import Image
 
+from aimv2.data.manifest import MANIFEST, ShardEntry, head_digest, manifest_json
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, image_header_size
 from aimv2.fileio import atomic_write, publish_file
 from aimv2.errors import UserError
@@ -251,13 +252,8 @@ def write_shards(
     report.urls = brace_urls(out, len(report.shards))
     for name, content in (extra_files or {}).items():
         atomic_write(out / name, content)
-    manifest = {
-        "shards": [{"name": p.name, "count": n} for p, n in zip(report.shards, report.counts)],
-        "total": report.total,
-        "urls": report.urls,
-        "skipped": len(report.skipped),
-    }
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    entries = [ShardEntry(p.name, n, p.stat().st_size, head_digest(p)) for p, n in zip(report.shards, report.counts)]
+    atomic_write(out / MANIFEST, manifest_json(entries, report.urls, skipped=len(report.skipped)))
     return report
 
 
@@ -275,26 +271,3 @@ def _finish_shard(shard: _OpenShard, report: WriteReport) -> None:
     atomic_write(shard.path.with_name(f"{shard.path.stem}_stats.json"), json.dumps(stats, indent=1) + "\n")
     report.shards.append(shard.path)
     report.counts.append(shard.count)
-
-
-def shard_sample_count(url: str) -> int | None:
-    """Samples in a local shard, from its sibling `<name>_stats.json`; None when unknown.
-
-    "successes" is read first: img2dataset's "count" includes the failed downloads, which are
-    not in the tar; our stats files carry both with the same value.
-    """
-    path = url[len("file:"):] if url.startswith("file:") else url
-    if "://" in path or path.startswith("pipe:") or not path.endswith(".tar"):
-        return None
-    stats = Path(path[: -len(".tar")] + "_stats.json")
-    if not stats.is_file():
-        return None
-    try:
-        data = json.loads(stats.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"unreadable shard stats file {stats}: {_one_line(err)}") from err
-    for name in ("successes", "count"):
-        value = data.get(name) if isinstance(data, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aimv2.config import DataConfig
 from aimv2.data.image_caption import ImageCaptionCollator, ImageCaptionProcessor
 from aimv2.data.samples import decode_image_tensor
-from aimv2.data.shardlist import resolve_shards
+from aimv2.data.shardlist import check_first_shard, resolve_shards
 from aimv2.data.stream import ShardStream, StreamSource
 from aimv2.data.tokenizer import build_tokenizer
 from aimv2.data.native import NativeImageCaptionProcessor, NativeResizeFlip, PackedCollator, Packing
@@ -21,16 +21,20 @@ class PretrainDataModule(StreamDataModule):
     def __init__(self, cfg: DataConfig, img_size: int, native_patch: int | None = None):
         """`native_patch`: the patch size of a native-resolution model (model.native): batches are then
         packed rows of images at their own aspect ratio (cfg.native), not crops of img_size."""
-        super().__init__(cfg.num_workers)
+        super().__init__(cfg.num_workers, cfg.on_change)
         self.cfg, self.img_size, self.native_patch = cfg, img_size, native_patch
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        # Resolve shards now: a missing shard is reported before any model is built.
-        self.sources = [
-            StreamSource(src.name or f"source{i}",
-                         resolve_shards(src.urls, f"data.sources.{i}.urls", need_counts=cfg.mode == "epoch"),
-                         src.weight)
-            for i, src in enumerate(cfg.sources)
-        ]
+        # A mistyped shard directory is reported now, before any model is built (one file operation per
+        # source); the sources are resolved once the processes exist, by one of them (setup).
+        for i, src in enumerate(cfg.sources):
+            check_first_shard(src.urls, f"data.sources.{i}.urls")
+
+    def resolve_sources(self) -> list[StreamSource]:
+        cfg = self.cfg
+        return [StreamSource(src.name or f"source{i}",
+                             resolve_shards(src.urls, f"data.sources.{i}.urls", need_counts=cfg.mode == "epoch"),
+                             src.weight)
+                for i, src in enumerate(cfg.sources)]
 
     @property
     def vocab_size(self) -> int:
@@ -51,7 +55,7 @@ class PretrainDataModule(StreamDataModule):
             collate = ImageCaptionCollator(self.tokenizer)
         try:
             return ShardStream(
-                self.sources, process=process, collate=collate,
+                self.resolved_sources(), process=process, collate=collate,
                 batch_size=cfg.batch_size, mode=cfg.mode, rank=rank, world_size=world_size,
                 num_workers=cfg.num_workers, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, packing=packing,
             )
