@@ -24,7 +24,8 @@ def jpeg_bytes(rng: np.random.Generator, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def write_caption_shards(out_dir: Path, n: int, per_shard: int, *, prefix: str = "", corrupt_at=(), seed: int = 0):
+def write_caption_shards(out_dir: Path, n: int, per_shard: int, *, prefix: str = "", corrupt_at=(), seed: int = 0,
+                         overwrite: bool = False):
     """n samples keyed f"{prefix}{i:06d}" with caption "sample i"; indices in corrupt_at get bad bytes."""
     rng = np.random.default_rng(seed)
 
@@ -33,7 +34,8 @@ def write_caption_shards(out_dir: Path, n: int, per_shard: int, *, prefix: str =
             image = b"definitely not an image" if i in corrupt_at else jpeg_bytes(rng)
             yield ShardSample(key=f"{prefix}{i:06d}", image=image, image_ext="jpg", caption=f"sample {i}")
 
-    return write_shards(samples(), out_dir, samples_per_shard=per_shard, verify_images=False, progress=False)
+    return write_shards(samples(), out_dir, samples_per_shard=per_shard, verify_images=False, progress=False,
+                        overwrite=overwrite)
 
 
 # The suite writes about 8 GB in all (checkpoints, shards, documented commands' workspaces); it keeps

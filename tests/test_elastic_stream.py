@@ -10,6 +10,7 @@ import re
 import numpy as np
 import torch
 
+from aimv2.data.epoch_plan import Consumed, slot_read_order
 from aimv2.data.loader import EpochAwareLoader
 from aimv2.data.samples import decode_image
 from aimv2.data.shardlist import resolve_shards
@@ -64,23 +65,19 @@ class Ranks:
                 if batch is None:
                     assert not keys, "ranks ran out of batches at different steps (DDP would hang)"
                     return trained
-                loader.mark_consumed(batch["stream_pos"], batch["ids"], batch["skipped_ids"])
+                loader.mark_consumed(batch["stream_pos"], batch["repeated"])
                 keys += batch["keys"]
                 self.skipped += int(batch["skipped"])
             trained.append(keys)
         return trained
 
     def state(self) -> dict:
-        """What rank 0 saves: every collective of `position_state` answered with all ranks' tensors."""
-        calls = []
+        """What rank 0 saves: the all-gather of `position_state` answered with every rank's table."""
+        tables = []
         for loader in self.loaders:
-            mine = []
-            loader._gather = lambda t, mine=mine: (mine.append(t), t[None])[1]
+            loader._gather = lambda t: (tables.append(t), t[None])[1]
             loader.position_state()
-            calls.append(mine)
-        for loader in self.loaders:
-            it = iter(range(len(calls[0])))
-            loader._gather = lambda t, it=it: (lambda i: torch.stack([rank[i] for rank in calls]))(next(it))
+        self.loaders[0]._gather = lambda t: torch.stack(tables)
         return self.loaders[0].position_state()
 
 
@@ -110,23 +107,25 @@ def test_an_epoch_continues_on_1_then_3_ranks_and_2_workers_seeing_each_sample_o
     # The next epoch under the new layout is a whole, fresh one.
     third.iters = [iter(loader) for loader in third.loaders]
     nxt = [k for step in third.steps() for k in step]
-    plan = third.loaders[0].dataset.plan  # whole shards per slot: its own remainder (7 shards, 6 slots)
-    assert len(nxt) == len(set(nxt)) == plan.batches_per_slot * 6 * 2
+    stream = third.loaders[0].dataset  # a whole epoch's plan: its own remainder (59 samples, 6 slots)
+    assert len(nxt) == len(set(nxt)) == stream.full_batches * 6 * 2
 
 
-def test_corrupt_samples_across_a_layout_change_are_counted_once_and_repeats_are_counted(tmp_path, caplog):
+def test_corrupt_samples_across_a_layout_change_are_counted_once_and_nothing_repeats(tmp_path, caplog):
     corrupt = {(1, 4), (5, 0)}
     srcs, valid = sources(tmp_path, corrupt), valid_keys(corrupt)
     first = Ranks(srcs, world=2, workers=1, batch=3)
     trained, skipped = first.steps(3), first.skipped
-    second = Ranks(srcs, world=3, workers=2, batch=2, state=first.state())
+    with caplog.at_level(logging.WARNING):
+        second = Ranks(srcs, world=3, workers=2, batch=2, state=first.state())
     trained += second.steps()
     skipped += second.skipped
     seen = [k for step in trained for k in step]
-    assert set(seen) <= valid
-    # A slot that meets a corrupt sample of its plan falls short and refills from its own samples:
-    # every repeat is one the ranks' ledgers counted (data/repeated_samples), none is silent.
-    assert len(seen) - len(set(seen)) == sum(l.repeated for l in second.loaders)
+    # A slot that meets a corrupt sample uses up its share of the drop-last remainder first, then trains a
+    # lighter batch: no sample twice, and every usable one but the declared remainder trained.
+    assert len(seen) == len(set(seen)) and set(seen) <= valid
+    assert len(valid) - len(seen) <= remainder_declared(caplog.text)
+    assert sum(l.repeated for l in second.loaders) == 0
     assert skipped == len(corrupt)  # each corrupt sample counted once in the epoch
 
 
@@ -154,12 +153,45 @@ def test_a_changed_step_size_is_said_and_the_epoch_stays_exact(tmp_path, caplog)
     assert len(seen) == len(set(seen))
 
 
-def test_the_saved_ledger_is_the_union_of_the_ranks_ledgers(tmp_path):
-    srcs = sources(tmp_path, {(1, 4), (5, 0)})
+def test_the_consumed_samples_follow_from_the_saved_positions_alone(tmp_path):
+    """The state holds positions and a segment's bits, nothing per sample; the samples it says were
+    consumed (Consumed.add_read over each lane's read order) are exactly those trained or passed over."""
+    corrupt = {(1, 4), (5, 0)}
+    srcs = sources(tmp_path, corrupt)
     ranks = Ranks(srcs, world=2, workers=1, batch=3)
-    ranks.steps(4)
+    trained = [k for step in ranks.steps(4) for k in step]
     state = ranks.state()
-    ledger = np.unpackbits(state["ledger"].numpy(), count=sum(COUNTS)).astype(bool)
-    union = ranks.loaders[0].ledger | ranks.loaders[1].ledger
-    assert (ledger == union).all() and 24 <= ledger.sum() <= 24 + 2  # 4 steps x 6, plus corrupt ones passed
-    assert state["repeated"] == [0, 0] and state["consumed"] == 4
+    assert state["base"] is None and state["repeated"] == [0, 0] and state["consumed"] == 4
+    assert {lane: bits.numel() for lane, bits in state["segments"].items()} == {0: 1, 1: 1}  # 6 bits in one word
+    stream = ranks.loaders[0].dataset
+    base = Consumed(stream.counts)
+    plan = stream.plan_for(0, None)
+    for lane, pos in state["lanes"].items():
+        start = pos[1] * stream.segment
+        bits = stream.segment_bits(plan, lane, tuple(pos))
+        base.add_read(Consumed(stream.counts), slot_read_order(plan, lane, 5, 0, 0, 0), start, bits, start)
+    shard_of = {url: i for i, url in enumerate(stream.urls)}
+    consumed = {(shard, int(j)) for shard in range(len(stream.urls))
+                for j in (range(stream.counts[shard]) if base.full[shard] else np.flatnonzero(base.partial.get(shard, [])))}
+    keys = {f"p{i}_{j:06d}": (shard_of[url], j) for i, url in enumerate(stream.urls) for j in range(COUNTS[i])}
+    passed = {(s, j) for s, j in corrupt if (s, j) in consumed}
+    assert consumed == {keys[k] for k in trained} | passed and len(trained) == 24
+
+
+def test_the_epoch_length_survives_any_number_of_resumes(tmp_path):
+    """An elastic resume to more samples per step plans a longer epoch than a whole one on the new layout;
+    a later resume on that same layout keeps that length (it used to fall back to the whole epoch's, and
+    Lightning ended the epoch with samples untrained)."""
+    srcs, valid = sources(tmp_path), valid_keys()
+    first = Ranks(srcs, world=1, workers=1, batch=3)
+    trained = first.steps(2)
+    second = Ranks(srcs, world=2, workers=1, batch=3, state=first.state())
+    length = len(second.loaders[0].dataset)
+    assert length == 2 + 8 > second.loaders[0].dataset.full_batches == 9  # 53 left: 26 per slot, 8 batches
+    trained += second.steps(3)
+    third = Ranks(srcs, world=2, workers=1, batch=3, state=second.state())
+    assert len(third.loaders[0].dataset) == length
+    trained += third.steps()
+    assert len(trained) == length
+    seen = [k for step in trained for k in step]
+    assert len(seen) == len(set(seen)) and len(valid) - len(seen) == 53 - 2 * 8 * 3  # the declared remainder

@@ -100,14 +100,13 @@ def epochs_of(logs) -> dict[int, Counter]:
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     # 5 shards of 10..6 samples (2 corrupt) cut into 2 ranges of 20 for 2 data workers: 5 batches of 4
-    # per worker in epoch 0 (10 steps; a range holding a corrupt sample refills it, counted as a repeat),
-    # then 38 known-good samples, 19 per worker: 4 batches, 8 steps in epoch 1.
+    # per worker and epoch (10 steps), a range holding a corrupt sample training a lighter batch.
     urls = shard_urls(tmp_path / "shards", (10, 9, 8, 7, 6), corrupt={(0, 3), (2, 5)})
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(command(full, urls), tmp_path)
     train_and_kill(command(cut, urls), tmp_path, cut / "logs/samples/rank0.tsv", after_step=5)
     start = newest_intact(cut / "checkpoints")
-    assert checkpoint_step(start) in (3, 6, 9, 12, 15)  # mid-epoch (epochs end at steps 10 and 18)
+    assert checkpoint_step(start) in (3, 6, 9, 12, 15, 18)  # mid-epoch (epochs end at steps 10 and 20)
     out = train(command(cut, urls, "trainer.resume=auto"), tmp_path)
     assert f"resuming from {start}" in out
 
@@ -115,18 +114,18 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     cut_log = read_sample_log(cut / "logs/samples/rank0.tsv")
     assert cut_log == full_log, "the resumed run consumed other samples, or in another order"
     steps = load(full)["global_step"]
-    assert [step for _, _, step, _ in full_log] == list(range(1, steps + 1)) and steps == 18
+    assert [step for _, _, step, _ in full_log] == list(range(1, steps + 1)) and steps == 20
     seen = epochs_of([full_log])
     repeated = read_metric(full / "logs/metrics.csv", "data/repeated_samples")[-1][1]
-    assert sum(n - 1 for n in seen[0].values()) == repeated <= 2  # at most one refill sample per corrupt one
-    assert max(seen[1].values()) == 1 and len(seen[1]) == 32  # epoch 1 plans around the known corrupt pair
+    assert repeated == 0 and [max(s.values()) for s in seen.values()] == [1, 1]
+    assert [len(s) for s in seen.values()] == [38, 38]  # every usable sample, every epoch (no remainder: 40 = 2 x 20)
     assert_same_state(load(full), load(cut))
     # metrics.csv: every step once, in order (a kill between a checkpoint and its step's row: the
     # checkpoint carries the row).
     logged = [s for s, _ in read_metric(cut / "logs/metrics.csv", "train/loss")]
     assert logged == list(range(steps))
     skipped = [read_metric(r / "logs/metrics.csv", "data/skipped_samples")[-1][1] for r in (full, cut)]
-    assert skipped == [2, 2]  # each corrupt sample counted once (epoch 1 does not read them)
+    assert skipped == [4, 4]  # each corrupt sample counted in each epoch that passed over it
     # keep_checkpoints=2: the two newest step checkpoints and last.ckpt (and the step checkpoint the run
     # resumed from, which Lightning never deletes); no temporaries of a save the kill interrupted.
     kept = {"last.ckpt", "step=0000015.ckpt", "step=0000018.ckpt", start.name}

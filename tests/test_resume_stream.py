@@ -10,6 +10,7 @@ import torch
 from aimv2.data.samples import decode_image
 from aimv2.data.shardlist import resolve_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
+from aimv2.errors import UserError
 from conftest import write_caption_shards
 
 
@@ -26,6 +27,10 @@ def collate(items):
 def source(tmp_path, name, n, per_shard, **kw):
     report = write_caption_shards(tmp_path / name, n, per_shard, prefix=name, **kw)
     return StreamSource(name, resolve_shards(report.urls, name, need_counts=True))
+
+
+def source_of(directory, name):
+    return StreamSource(name, resolve_shards(str(directory / "{00000..00003}.tar"), name, need_counts=True))
 
 
 def make_loader(sources, workers, segment, **kw):
@@ -46,7 +51,7 @@ def run(loader, epochs=1, stop_after=None):
     for _ in range(epochs):
         got = []
         for batch in loader:
-            loader.mark_consumed(batch["stream_pos"])
+            loader.mark_consumed(batch["stream_pos"], batch.get("repeated", 0))
             got.append(summary(batch))
             if stop_after is not None and len(got) == stop_after:
                 return [got]
@@ -58,8 +63,11 @@ CASES = {
     # 5 shards of 8 over 2 workers (uneven packing), corrupt samples, segments of 7 raw samples
     "epoch-2-workers": dict(n=40, per_shard=8, corrupt={4, 17}, workers=2, segment=7, mode="epoch",
                             shuffle_buffer=4),
-    # 27 valid of 30 samples, 10 batches planned: the slot refills from a second pass
-    "epoch-refill-pass": dict(n=30, per_shard=10, corrupt={3, 14, 15}, workers=0, segment=9, mode="epoch",
+    # 27 valid of 30 samples, 10 batches planned: lighter batches, none fewer
+    "epoch-light-batches": dict(n=30, per_shard=10, corrupt={3, 14, 15}, workers=0, segment=9, mode="epoch",
+                                shuffle_buffer=0),
+    # a range whose tail is corrupt: its last batches come from a refill pass (counted repeats)
+    "epoch-refill-pass": dict(n=20, per_shard=20, corrupt=set(range(8, 20)), workers=0, segment=5, mode="epoch",
                               shuffle_buffer=0),
     # 2 shards, 2 workers x 2 ranks = 4 slots > 2 shards: slots read parts of shards
     "epoch-parts-of-shards": dict(n=48, per_shard=24, corrupt=set(), workers=2, segment=5, mode="epoch",
@@ -97,7 +105,7 @@ def test_resampled_mode_continues_the_same_seeded_sequence(tmp_path):
             loader.load_position_state(state)
         out = []
         for batch in loader:
-            loader.mark_consumed(batch["stream_pos"])
+            loader.mark_consumed(batch["stream_pos"], batch.get("repeated", 0))
             out.append(summary(batch))
             if len(out) == k:
                 return out
@@ -153,14 +161,48 @@ def test_resampled_lanes_continue_their_draws_on_fewer_and_on_more_slots(tmp_pat
     assert list(more[2]) == [2] and more[2][2] != full[0][:3] and more[2][2] != full[1][:3]
 
 
-def test_changed_data_starts_a_fresh_sequence_with_a_warning(tmp_path, caplog):
+def test_changed_data_is_refused_naming_the_shard(tmp_path):
+    """A shard replaced by another of the same name and sample count but other bytes: the epoch's sample
+    ids would point at other samples, so the resume stops with the shard named."""
+    src = source(tmp_path, "s", 40, 10)
+    one = make_loader([src], 2, 7, mode="epoch", shuffle_buffer=4)
+    run(one, stop_after=3)
+    state = one.position_state()
+    write_caption_shards(tmp_path / "s", 40, 10, prefix="s", seed=9, overwrite=True)  # same names and counts
+    changed = make_loader([source_of(tmp_path / "s", "s")], 2, 7, mode="epoch", shuffle_buffer=4)
+    with pytest.raises(UserError, match=r"cannot resume the data stream: shard .*/s/0000\d\.tar is not the one the "
+                                        r"checkpoint was trained on .*data\.on_change=restart"):
+        changed.load_position_state(state)
+    fewer = make_loader([source(tmp_path, "t", 30, 10)], 2, 7, mode="epoch", shuffle_buffer=4)
+    with pytest.raises(UserError, match=r"the sources \(name, weight, number of shards\) changed"):
+        fewer.load_position_state(state)
+
+
+def test_changed_data_with_on_change_restart_starts_a_fresh_sequence_with_a_warning(tmp_path, caplog):
     src, other = source(tmp_path, "s", 40, 10), source(tmp_path, "t", 30, 10)
     one = make_loader([src], 2, 7, mode="resampled", shuffle_buffer=4)
     (head,) = run(one, stop_after=3)
     changed = make_loader([other], 2, 7, mode="resampled", shuffle_buffer=4)
+    changed.on_change = "restart"
     with caplog.at_level(logging.WARNING):
         changed.load_position_state(one.position_state())
-    assert "the data (sources, shard counts) or the mode changed" in caplog.text
+    assert "data.on_change=restart: the sources" in caplog.text
     (fresh,) = run(changed, stop_after=3)
     (unrelated,) = run(make_loader([other], 2, 7, mode="resampled", shuffle_buffer=4), stop_after=3)
     assert fresh != unrelated, "a fresh sequence must not replay the run's first batches"
+
+
+def test_the_shuffle_buffer_is_part_of_the_layout(tmp_path, caplog):
+    """Another shuffle buffer is another order: the epoch continues elastically (every sample once), not
+    by replaying positions the new buffer would read differently."""
+    src = source(tmp_path, "s", 40, 10)
+    one = make_loader([src], 0, 7, mode="epoch", shuffle_buffer=4)
+    (head,) = run(one, stop_after=4)
+    other = make_loader([src], 0, 7, mode="epoch", shuffle_buffer=6)
+    other.dataset.segment = 7
+    with caplog.at_level(logging.WARNING):
+        other.load_position_state(one.position_state())
+    assert "resuming epoch 0 under another data layout" in caplog.text
+    (rest,) = run(other)
+    keys = [k for batch, _ in head + rest for k in batch]
+    assert len(keys) == len(set(keys)) == 39  # 40 samples, 13 batches of 3: one left over

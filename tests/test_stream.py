@@ -2,10 +2,11 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from aimv2.data.samples import decode_image
-from aimv2.data.shardlist import ShardInfo, resolve_shards
+from aimv2.data.shardlist import resolve_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource, plan_epoch
 from aimv2.errors import UserError
 from conftest import write_caption_shards
@@ -43,18 +44,29 @@ def source(tmp_path, name, n, per_shard, **kw):
 
 
 def test_plan_epoch_cuts_the_shards_into_equal_contiguous_ranges():
-    shards = [ShardInfo("a", 10), ShardInfo("b", 10), ShardInfo("c", 4), ShardInfo("d", 5)]
-    plan = plan_epoch(shards, num_slots=3, batch_size=4)  # 29 samples: 9, 10, 10 (bounds 0, 9, 19, 29)
-    assert plan.slot_units == [[("a", 0, 9)], [("a", 9, 10), ("b", 0, 9)], [("b", 9, 10), ("c", 0, 4), ("d", 0, 5)]]
+    plan = plan_epoch(np.array([10, 10, 4, 5]), num_slots=3, batch_size=4)  # 29 samples: 9, 10, 10
+    assert [plan.slot_units(s) for s in range(3)] == [[(0, 0, 9)], [(0, 9, 10), (1, 0, 9)],
+                                                       [(1, 9, 10), (2, 0, 4), (3, 0, 5)]]
+    assert [plan.slot_size(s) for s in range(3)] == [9, 10, 10]
     assert plan.batches_per_slot == 2  # 29 // 3 = 9 samples per slot, 2 batches of 4
 
 
 def test_plan_epoch_with_fewer_shards_than_slots_gives_each_slot_part_of_a_shard():
-    plan = plan_epoch([ShardInfo("a", 7), ShardInfo("b", 5)], num_slots=3, batch_size=2)
-    assert plan.slot_units == [[("a", 0, 4)], [("a", 4, 7), ("b", 0, 1)], [("b", 1, 5)]]
+    plan = plan_epoch(np.array([7, 5]), num_slots=3, batch_size=2)
+    assert [plan.slot_units(s) for s in range(3)] == [[(0, 0, 4)], [(0, 4, 7), (1, 0, 1)], [(1, 1, 5)]]
     assert plan.batches_per_slot == 2
-    seeded = plan_epoch([ShardInfo("a", 7), ShardInfo("b", 5)], num_slots=3, batch_size=2, seed=1)
-    assert sorted(u for slot in seeded.slot_units for u in slot)[0][0] in ("a", "b")
+    seeded = plan_epoch(np.array([7, 0, 5]), num_slots=3, batch_size=2, seed=1)  # shards without samples left out
+    assert sorted(u for s in range(3) for u in seeded.slot_units(s))[0][0] in (0, 2) and 1 not in seeded.order
+
+
+def test_a_plan_at_the_recipes_scale_is_arrays_over_shards():
+    """350,000 shards of about 10,000 samples over 2,048 slots: O(shards) arrays, a slot's ranges found
+    by bisection, every sample in exactly one slot."""
+    counts = np.random.default_rng(0).integers(9_990, 10_001, 350_000)
+    plan = plan_epoch(counts, num_slots=2048, batch_size=32, seed=3)
+    assert plan.total == counts.sum() and plan.order.nbytes + plan.ends.nbytes == 350_000 * 16
+    sizes = [sum(end - first for _, first, end in plan.slot_units(s)) for s in (0, 1000, 2047)]
+    assert sizes == [plan.slot_size(s) for s in (0, 1000, 2047)] and abs(sizes[0] - counts.sum() / 2048) <= 1
 
 
 @pytest.mark.parametrize("num_shards,world,workers", [(7, 2, 2), (3, 2, 2), (5, 3, 1)])
@@ -94,33 +106,45 @@ def test_corrupt_samples_are_skipped_and_counted_exactly(tmp_path):
     assert sorted(keys) == [f"s{i:06d}" for i in range(31) if i not in {3, 14, 15}]
 
 
-def test_slot_short_of_its_planned_batches_refills_counting_repeats_and_each_corrupt_sample_once(tmp_path):
-    # 30 samples (3 corrupt), batch 3: 10 batches planned, 27 valid samples fill only 9. The refill pass
-    # re-reads the slot's shards: corrupt samples it passes again are not counted again, and the 3
-    # samples it trains on a second time are counted as repeats by the loader's ledger.
-    src = source(tmp_path, "s", 30, 10, corrupt_at={1, 2, 3})
+def test_corrupt_samples_make_batches_lighter_never_fewer_and_nothing_repeats(tmp_path):
+    # 30 samples (4 corrupt), batch 3: 10 batches planned and no slack; 26 usable samples. Every batch is
+    # still there (ranks keep their step count), each usable sample trained once, the corrupt ones counted.
+    src = source(tmp_path, "s", 30, 10, corrupt_at={1, 2, 3, 17})
     stream = ShardStream([src], process=key_if_decodable, collate=collate_keys, batch_size=3,
                          mode="epoch", shuffle_buffer=0)
     loader = EpochAwareLoader(stream, num_workers=0)
-    batches, repeats = [], []
+    for epoch in range(2):  # the next epoch the same: no rank-local knowledge of corrupt samples shapes a plan
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            loader.mark_consumed(batch["stream_pos"], batch["repeated"])
+        keys = [k for b in batches for k in b["keys"]]
+        assert len(batches) == len(stream) == 10
+        assert sorted(keys) == [f"s{i:06d}" for i in range(30) if i not in {1, 2, 3, 17}]
+        assert sum(int(b["skipped"]) for b in batches) == 4 and loader.repeated == 0
+        # No slack (30 = 10 x 3): batch k ends after raw sample 3(k + 1), its corrupt ones skipped, unless
+        # all 3 were corrupt: then it reads on to its first usable one (and the next batch is lighter).
+        ends = [b["stream_pos"][3] for b in batches]  # raw samples read after each batch (segment 0)
+        assert all(end == 3 * (k + 1) or (end > 3 * (k + 1) and len(b["keys"]) == 1)
+                   for k, (end, b) in enumerate(zip(ends, batches))) and ends[-1] == 30
+        assert [len(b["keys"]) + int(b["skipped"]) for b in batches] == [e - s for s, e in zip([0] + ends, ends)]
+
+
+def test_a_range_whose_tail_is_corrupt_refills_with_counted_repeats(tmp_path):
+    # 12 samples, the last 8 corrupt, batch 2: 6 batches due and 4 usable samples. The first batches take
+    # them; once the range has no raw sample left, each due batch is one repeated sample, counted.
+    src = source(tmp_path, "s", 12, 12, corrupt_at=set(range(4, 12)))
+    stream = ShardStream([src], process=key_if_decodable, collate=collate_keys, batch_size=2,
+                         mode="epoch", shuffle_buffer=0)
+    loader = EpochAwareLoader(stream, num_workers=0)
+    batches = []
     for batch in loader:
         batches.append(batch)
-        repeats.append(loader.mark_consumed(batch["stream_pos"], batch["ids"], batch["skipped_ids"]))
-    keys = [k for b in batches for k in b["keys"]]
-    assert len(batches) == len(stream) == 10
-    assert set(keys) == {f"s{i:06d}" for i in range(30) if i not in {1, 2, 3}}
-    assert sum(int(b["skipped"]) for b in batches) == 3  # once per epoch, not 6
-    assert repeats == [0] * 9 + [3] and loader.repeated == 3
-    assert set(batches[-1]["keys"]) <= {k for b in batches[:-1] for k in b["keys"]}
-    assert loader.ledger.sum() == 30  # every sample trained on or passed over
-    # The next epoch is planned without the 3 samples found corrupt: 9 batches, no refill, no repeat.
-    second = []
-    for batch in loader:
-        second.append(batch)
-        loader.mark_consumed(batch["stream_pos"], batch["ids"], batch["skipped_ids"])
-    keys = [k for b in second for k in b["keys"]]
-    assert len(second) == 9 and sorted(keys) == sorted(set(keys)) and len(set(keys)) == 27
-    assert sum(int(b["skipped"]) for b in second) == 0 and loader.repeated == 3
+        loader.mark_consumed(batch["stream_pos"], batch["repeated"])
+    assert [len(b["keys"]) for b in batches] == [2, 2, 1, 1, 1, 1]
+    assert [b["repeated"] for b in batches] == [0, 0, 1, 1, 1, 1] and loader.repeated == 4
+    assert [k for b in batches[2:] for k in b["keys"]] == [f"s{i:06d}" for i in range(4)]
+    assert sum(int(b["skipped"]) for b in batches) == 8
 
 
 def test_resampled_mixes_sources_by_weight_and_never_ends(tmp_path):

@@ -115,6 +115,9 @@ class DataConfig:
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
     seed: int = 0
+    # A resume over changed data (a shard renamed, resized, recounted, added or removed; the sources or their
+    # weights): "error" stops with the shard named; "restart" starts the epoch afresh on the data as it is now.
+    on_change: str = "error"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     native: NativeDataConfig = field(default_factory=NativeDataConfig)  # used when model.native
     val: ValConfig = field(default_factory=ValConfig)  # held-out validation loss; off while val.urls is ""
@@ -124,6 +127,7 @@ class DataConfig:
         check(self.mode in ("resampled", "epoch"), "mode", f"must be 'resampled' or 'epoch', got {self.mode!r}")
         check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.on_change in ("error", "restart"), "on_change", f"must be 'error' or 'restart', got {self.on_change!r}")
         tok = self.tokenizer
         check(tok.kind == "clip" or bool(tok.path), "tokenizer.path", f"required for kind={tok.kind}")
         check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",

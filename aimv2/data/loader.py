@@ -7,49 +7,66 @@ when `estimated_stepping_batches` builds the loader early). Positions advance on
 `mark_consumed`, called once a training step has finished with a batch
 (aimv2.engine.stream_state), never when a batch is merely prefetched.
 
-Positions are kept per lane (a seeded sample sequence; aimv2.data.stream). Resumed under the same
-layout, every lane continues exactly. Under another one (ranks, workers, batch per rank):
-- epoch mode: the loader also keeps the epoch's ledger, the ids of the samples trained on or passed
-  over (corrupt), which a checkpoint stores as the union over ranks; the stream plans the rest of
-  the epoch over the samples the ledger does not hold: each sample still once per epoch. The ledger
-  also tells repeats (a refill pass after corrupt samples) apart.
+The state holds nothing per sample, so it stays the same size at any epoch length (benchmarks/scale.py
+measures it at 3.5B samples, 256 ranks x 8 workers): per lane (a seeded sample sequence; aimv2.data.stream)
+its position, and in epoch mode the bits of the shuffle segment it stands in; per epoch the samples
+consumed under earlier layouts, per shard (aimv2.data.epoch_plan.Consumed); the data's identity, a
+digest per shard. One all-gather per checkpoint, of one table of this rank's lanes.
+
+Resumed under the same layout, every lane continues exactly. Under another one (ranks, workers, batch
+per rank):
+- epoch mode: what each lane consumed follows from its position; the stream plans the rest of the
+  epoch over the samples left: each sample still once per epoch.
 - resampled mode: the lanes continue their seeded draws from where they stood, spread over the new
   slots (a slot runs several in turn); more slots than lanes add fresh lanes.
+Resumed over other data (a shard renamed, resized, recounted, added or removed: the epoch's sample ids
+would point at other samples) it stops with a one-line error naming the shard, unless the run says
+`data.on_change=restart`: the epoch then starts afresh on the new data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from aimv2.data.epoch_plan import Consumed, plan_epoch, slot_read_order
+from aimv2.data.readers import stable_seed
 from aimv2.data.workers import ignore_stop_signals, worker_context
+from aimv2.errors import UserError
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 2  # 2: the epoch ledger and repeat counts (1, positions only, still continues)
+STATE_VERSION = 3  # 3: positions and segment bits, nothing per sample (2 kept a bit per sample of the epoch)
+ON_CHANGE = ("error", "restart")
 
 
 class EpochAwareLoader(DataLoader):
     """`epoch_fn` gives the epoch at each iteration (default: count iterations); `gather` stacks one
-    tensor per rank (world, ...) so rank 0 can save every rank's positions."""
+    tensor per rank (world, ...) so every rank can save every rank's positions; `on_change` says what a
+    resume over changed data does ("error" or "restart")."""
 
     def __init__(self, dataset, *, epoch_fn: Optional[Callable[[], int]] = None,
-                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **kwargs):
+                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, on_change: str = "error",
+                 **kwargs):
         kwargs.setdefault("persistent_workers", False)  # workers must copy the stream after start_iteration
         kwargs.setdefault("multiprocessing_context", worker_context(kwargs.get("num_workers", 0), dataset))
         kwargs.setdefault("worker_init_fn", ignore_stop_signals)
         super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch_fn, self._gather = epoch_fn, gather
+        if on_change not in ON_CHANGE:
+            raise UserError(f"data.on_change: must be 'error' or 'restart', got {on_change!r}")
+        self._epoch_fn, self._gather, self.on_change = epoch_fn, gather, on_change
         self._next_epoch = 0
         self._pending: Optional[dict] = None  # a saved position, applied when its epoch starts
         self.epoch, self.consumed, self.lanes = 0, 0, {}  # lanes: {lane: position after its last consumed batch}
-        self.ledger: Optional[np.ndarray] = None  # epoch mode: ids trained on or passed over this epoch
-        self.corrupt: Optional[np.ndarray] = None  # epoch mode: ids found corrupt so far; later epochs leave them out
+        self.base: Optional[Consumed] = None  # epoch mode: samples consumed under earlier layouts this epoch
+        self.base_consumed = 0  # batches this rank consumed this epoch before `base` was planned around
         self.repeated = 0  # samples this rank trained on a second time within their epoch, over the run
+        self._plan_cache: Optional[tuple] = None
+        self._identity: Optional[dict] = None
 
     def __iter__(self):
         # Started at the first batch, not here: Lightning creates the epoch's iterator before a restarted
@@ -62,18 +79,15 @@ class EpochAwareLoader(DataLoader):
         self._pending, self._next_epoch = None, epoch + 1
         self.epoch = epoch
         self.consumed = resume["consumed"] if resume else 0
-        self.lanes = dict(resume["lanes"]) if resume else {}
-        fresh = np.zeros(self.dataset.total, dtype=bool) if self.dataset.plan is not None else None
-        self.ledger = resume["ledger"].copy() if resume and resume.get("ledger") is not None else fresh
-        if self.corrupt is None and fresh is not None:
-            self.corrupt = fresh.copy()
+        own = set(self.dataset.rank_lanes())  # a state holds every rank's lanes; this rank saves its own
+        self.lanes = {lane: pos for lane, pos in resume["lanes"].items() if lane in own} if resume else {}
+        self.base = resume["base"] if resume else None
+        self.base_consumed = resume["base_consumed"] if resume else 0
         if resume:
             log.info("data stream of rank %d continues epoch %d after %d batches", self.dataset.rank, epoch,
                      self.consumed)
-        elif self.corrupt is not None and self.corrupt.any():
-            # a new epoch is planned without the samples earlier epochs found corrupt: no slot falls short
-            resume = {"consumed": 0, "lanes": {}, "base": self.corrupt.copy()}
-        self.dataset.start_iteration(epoch, resume)
+        self.dataset.start_iteration(epoch, {"consumed": self.consumed, "lanes": self.lanes, "base": self.base}
+                                     if resume else None)
         return super().__iter__()
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,47 +98,62 @@ class EpochAwareLoader(DataLoader):
             raise ValueError("this loader takes its epoch from epoch_fn; set_epoch would be ignored")
         self._next_epoch = int(epoch)
 
-    def mark_consumed(self, stream_pos: list[int], ids: Optional[list] = None,
-                      skipped_ids: Optional[list] = None) -> int:
-        """A training step has finished with the batch tagged `stream_pos` = [lane, *position], whose
-        samples had `ids` (and passed over the corrupt `skipped_ids`). Returns how many of its samples
-        this epoch had trained on already (repeats of a refill pass)."""
+    def mark_consumed(self, stream_pos: list[int], repeated: int = 0) -> int:
+        """A training step has finished with the batch tagged `stream_pos` = [lane, *position], which
+        held `repeated` samples trained a second time this epoch (a refill pass). Returns `repeated`."""
         self.consumed += 1
         self.lanes[int(stream_pos[0])] = tuple(int(v) for v in stream_pos[1:])
-        if self.ledger is None or ids is None:
-            return 0
-        trained = np.asarray([int(i) for i in ids if int(i) >= 0], dtype=np.int64)
-        unique, counts = np.unique(trained, return_counts=True)
-        repeated = int((counts - 1).sum() + self.ledger[unique].sum())
-        self.ledger[unique] = True
-        passed = [int(i) for i in skipped_ids or () if int(i) >= 0]
-        self.ledger[passed] = True
-        self.corrupt[passed] = True
-        self.repeated += repeated
-        return repeated
+        self.repeated += int(repeated)
+        return int(repeated)
 
     # -- saved in checkpoints ----------------------------------------------------------------
     def position_state(self) -> dict:
-        """Every rank's positions, repeat counts and the union of their ledgers (collective calls under
-        DDP: all ranks save together)."""
+        """Every rank's positions and repeat counts (a collective under DDP: all ranks save together)."""
         stream = self.dataset
-        table = torch.full((stream.lanes, stream.position_width + 2), -1, dtype=torch.long)  # a row per lane,
-        for lane, pos in self.lanes.items():                                                # on every rank
-            table[lane, 2:] = torch.tensor(pos, dtype=torch.long)
-        table[:, 0], table[:, 1] = self.consumed, self.repeated
-        gathered = self._all(table)
-        consumed = sorted({int(c) for c in gathered[:, 0, 0]})
+        rows, words = self._rows_per_rank(), self._segment_words()
+        table = torch.full((rows, 3 + stream.position_width + words), -1, dtype=torch.long)
+        plan = self._plan() if stream.mode == "epoch" else None
+        for row, (lane, pos) in enumerate(sorted(self.lanes.items())):
+            table[row, 0], table[row, 3:3 + len(pos)] = lane, torch.tensor(pos, dtype=torch.long)
+            if plan is not None and (bits := stream.segment_bits(plan, lane, pos)) is not None:
+                table[row, 3 + stream.position_width:] = _bits_to_words(bits, words)
+        table[:, 1], table[:, 2] = self.consumed, self.repeated
+        gathered = self._all(table)  # (world, rows, columns)
+        consumed = sorted({int(c) for c in gathered[:, 0, 1]})
         if len(consumed) > 1:
             log.warning("ranks consumed different batch counts this epoch: %s", consumed)
-        positions = {lane: row[2:].tolist() for rank in gathered for lane, row in enumerate(rank) if row[2] >= 0}
-        ledger = corrupt = None
-        if self.ledger is not None:  # one all-gather for both bit sets, OR-ed over ranks
-            both = np.bitwise_or.reduce(self._all(torch.stack([_pack(self.ledger), _pack(self.corrupt)])).numpy(), 0)
-            ledger, corrupt = torch.from_numpy(both[0]), torch.from_numpy(both[1])
-        return {"version": STATE_VERSION, "layout": stream.layout(), "data": data_fingerprint(stream),
-                "gen": stream.gen, "epoch": self.epoch, "consumed": consumed[0], "lanes": positions,
-                "repeated": [int(rank[0, 1]) for rank in gathered], "ledger": ledger, "corrupt": corrupt,
-                "base": _pack(stream.base) if stream.base is not None else None}
+        width = stream.position_width
+        lanes = {int(r[0]): r[3:3 + width].tolist() for rank in gathered for r in rank if r[0] >= 0}
+        segments = ({int(r[0]): r[3 + width:].clone() for rank in gathered for r in rank if r[0] >= 0 and r[3] == 0}
+                    if stream.mode == "epoch" else {})
+        return {"version": STATE_VERSION, "layout": stream.layout(), "data": self.identity(), "gen": stream.gen,
+                "epoch": self.epoch, "consumed": consumed[0], "lanes": lanes, "segments": segments,
+                "repeated": [int(rank[0, 2]) for rank in gathered],
+                "base": self.base.state() if self.base is not None else None, "base_consumed": self.base_consumed}
+
+    def _rows_per_rank(self) -> int:
+        """Lanes a rank runs at most: its slots, each running ceil(lanes / slots) lanes at most."""
+        stream = self.dataset
+        return stream.workers_per_rank * math.ceil(stream.lanes / stream.num_slots)
+
+    def _segment_words(self) -> int:
+        return math.ceil(self.dataset.segment / 64) if self.dataset.mode == "epoch" else 0
+
+    def _plan(self):
+        key = (self.epoch, id(self.base))
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, self.dataset.plan_for(self.epoch, self.base))
+        return self._plan_cache[1]
+
+    def identity(self) -> dict:
+        """What the epoch's sample ids and the shard draws depend on: each source's name, weight and
+        shard count, and a digest of every shard's file name, byte size and sample count."""
+        if self._identity is None:
+            stream = self.dataset
+            digests = np.concatenate([s.shards.digests() for s in stream.sources]) if stream.sources else np.zeros(0)
+            self._identity = {"sources": [[s.name, s.weight, len(s.shards)] for s in stream.sources],
+                              "shards": torch.from_numpy(digests.astype(np.uint64).view(np.int64))}
+        return self._identity
 
     def _all(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._gather(tensor) if self._gather is not None else tensor[None]
@@ -132,48 +161,97 @@ class EpochAwareLoader(DataLoader):
     def load_position_state(self, state: dict) -> None:
         stream = self.dataset
         version, epoch = state.get("version"), int(state.get("epoch", 0))
-        ledger = _unpack(state.get("ledger"), stream)
-        self.corrupt = _unpack(state.get("corrupt"), stream)
-        same_data = version == STATE_VERSION and state.get("data") == data_fingerprint(stream)
-        if same_data and stream.plan is None and state["layout"]["mode"] == "resampled":
+        if version != STATE_VERSION:
+            self._data_changed(state, f"the checkpoint's data-stream state is version {version}, this aimv2 reads "
+                                      f"version {STATE_VERSION} (saved by another release)")
+            return
+        change = self._data_change(state["data"])
+        if change:
+            self._data_changed(state, change)
+            return
+        layout = state["layout"]
+        if stream.mode == "resampled" and layout["mode"] == "resampled":
             # a resampled run keeps the lanes it has ever had (a run resumed on fewer slots runs several per slot)
-            stream.lanes = max(int(state["layout"]["lanes"]), stream.world_size * stream.workers_per_rank)
-        if same_data and state.get("layout") == stream.layout():
+            stream.lanes = max(int(layout["lanes"]), stream.num_slots)
+        if layout == stream.layout():
             stream.gen = int(state["gen"])
             self.repeated = int(state["repeated"][stream.rank])
-            self._pending = {"epoch": epoch, "consumed": int(state["consumed"]), "ledger": ledger,
-                             "base": _unpack(state.get("base"), stream), "lanes": _lanes(state)}
-        elif same_data and stream.plan is not None and ledger is not None:
-            self._resume_elsewhere(state, ledger)
-        elif same_data and stream.plan is None and state["layout"]["mode"] == "resampled":
+            base = (Consumed.from_state(state["base"], stream.counts) if state.get("base") is not None else None)
+            self._pending = {"epoch": epoch, "consumed": int(state["consumed"]), "lanes": _lanes(state), "base": base,
+                             "base_consumed": int(state.get("base_consumed", 0))}
+            if base is not None:  # an epoch resumed elsewhere before: its length, on every later resume too
+                stream.resumed_len = self._pending["base_consumed"] + self._batches_left(epoch, base)
+        elif stream.mode == "epoch" and layout["mode"] == "epoch":
+            self._resume_elsewhere(state)
+        elif stream.mode == "resampled" and layout["mode"] == "resampled":
             self._continue_lanes(state)
         else:
-            stream.gen = int(state.get("gen", 0)) + 1
-            why = ("it was saved by an older version of the stream" if version != STATE_VERSION else
-                   "the data (sources, shard counts) or the mode changed")
-            log.warning("the data stream cannot continue the checkpoint's (%s) and starts a fresh sequence for this "
-                        "epoch (%s -> %s)", why, state.get("layout"), stream.layout())
+            self._data_changed(state, f"the data mode changed from {layout['mode']} to {stream.mode}")
             return
         if self._epoch_fn is None:
             self._next_epoch = self._pending["epoch"]
 
-    def _resume_elsewhere(self, state: dict, ledger: np.ndarray) -> None:
-        """An epoch-mode checkpoint of another layout: the rest of its epoch is planned over the samples
-        its ledger does not hold, for this layout."""
+    def _batches_left(self, epoch: int, base: Consumed) -> int:
+        stream = self.dataset
+        return stream.plan_for(epoch, base).batches_per_slot * stream.workers_per_rank
+
+    def _data_change(self, saved: dict) -> str:
+        """'' when the data is the checkpoint's, else a sentence naming what changed (the first shard)."""
+        stream, now = self.dataset, self.identity()
+        if saved["sources"] != now["sources"]:
+            return (f"the sources (name, weight, number of shards) changed from {saved['sources']} to "
+                    f"{now['sources']}")
+        old, new = saved["shards"].numpy(), now["shards"].numpy()
+        differ = np.flatnonzero(old != new)
+        if not len(differ):
+            return ""
+        return (f"shard {stream.urls[int(differ[0])]} is not the one the checkpoint was trained on (its file name, "
+                f"byte size or sample count differs; {len(differ)} shard(s) differ in all)")
+
+    def _data_changed(self, state: dict, why: str) -> None:
+        """Refuse, or with data.on_change=restart start the epoch afresh on the data there is now."""
+        if self.on_change != "restart":
+            raise UserError(f"cannot resume the data stream: {why}; restore the data, or set data.on_change=restart "
+                            "to start a new epoch on the data as it is now")
+        stream = self.dataset
+        stream.gen = int(state.get("gen", 0)) + 1
+        epoch, consumed = int(state.get("epoch", 0)), int(state.get("consumed", 0))
+        self._pending = {"epoch": epoch, "consumed": 0, "lanes": {}, "base": None, "base_consumed": 0}
+        if stream.mode == "epoch":  # the rest of Lightning's epoch is a whole epoch of the new data
+            stream.resumed_len = consumed + stream.full_batches * stream.workers_per_rank
+        log.warning("data.on_change=restart: %s; the data stream starts a new sequence for epoch %d", why, epoch)
+        if self._epoch_fn is None:
+            self._next_epoch = epoch
+
+    def _resume_elsewhere(self, state: dict) -> None:
+        """An epoch-mode checkpoint of another layout: what each of its lanes consumed follows from its
+        position and segment bits; the rest of its epoch is planned over what is left, for this layout."""
         stream, old = self.dataset, state["layout"]
-        epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        base = ledger | self.corrupt if self.corrupt is not None else ledger  # seen, or known to be corrupt
+        epoch, consumed, gen = int(state["epoch"]), int(state["consumed"]), int(state["gen"])
+        before = (Consumed.from_state(state["base"], stream.counts) if state.get("base") is not None
+                  else Consumed(stream.counts))
+        old_slots = old["world_size"] * old["workers"]
+        old_plan = plan_epoch(before.left_counts(), old_slots, old["batch_size"],
+                              seed=stable_seed(old["seed"], gen, epoch, "order"))
+        base = before.copy()
+        for lane, pos in _lanes(state).items():  # pos: (pass, segment, taken, produced, ...)
+            units = slot_read_order(old_plan, lane, old["seed"], gen, epoch, 0)
+            if pos[0] > 0:  # a refill pass: the lane's whole range was read
+                base.add_read(before, units, old_plan.slot_size(lane))
+                continue
+            start = pos[1] * old["segment"]  # the first `segment` x seg samples of its read order
+            bits = _words_to_bits(state["segments"][lane], min(old["segment"], old_plan.slot_size(lane) - start))
+            base.add_read(before, units, start, bits, start)
+        stream.gen = gen
         plan = stream.plan_for(epoch, base)
-        slots = stream.world_size * stream.workers_per_rank
-        left = stream.total - int(base.sum())
-        stream.gen = int(state["gen"])
         stream.resumed_len = consumed + plan.batches_per_slot * stream.workers_per_rank
         self.repeated = sum(state.get("repeated", [])) if stream.rank == 0 else 0  # summed over ranks when logged
-        self._pending = {"epoch": epoch, "consumed": consumed, "lanes": {}, "ledger": ledger, "base": base}
+        self._pending = {"epoch": epoch, "consumed": consumed, "lanes": {}, "base": base, "base_consumed": consumed}
+        left, slots = plan.total, stream.num_slots
         log.warning(
             "resuming epoch %d under another data layout (ranks x workers x batch: %d x %d x %d -> %d x %d x %d): "
-            "%d of %d samples already seen this epoch (or known corrupt); the other %d are planned as %d batches "
-            "per data slot (%d samples left over: the drop-last remainder)", epoch, old["world_size"], old["workers"],
+            "%d of %d samples already seen this epoch; the other %d are planned as %d batches per data slot "
+            "(%d samples left over: the drop-last remainder)", epoch, old["world_size"], old["workers"],
             old["batch_size"], stream.world_size, stream.workers_per_rank, stream.batch_size, stream.total - left,
             stream.total, left, plan.batches_per_slot, left - plan.batches_per_slot * slots * stream.batch_size)
         _warn_step_size(old, stream, "every sample is still seen once this epoch")
@@ -183,11 +261,11 @@ class EpochAwareLoader(DataLoader):
         slots; slots beyond its lanes start fresh lanes."""
         stream, old = self.dataset, state["layout"]
         saved = _lanes(state)
-        slots = stream.world_size * stream.workers_per_rank
+        slots = stream.num_slots
         stream.gen = int(state["gen"])
         self.repeated = 0
-        self._pending = {"epoch": int(state["epoch"]), "consumed": int(state["consumed"]), "ledger": None,
-                         "base": None, "lanes": saved}
+        self._pending = {"epoch": int(state["epoch"]), "consumed": int(state["consumed"]), "base": None,
+                         "base_consumed": 0, "lanes": saved}
         log.warning("resuming the resampled stream under another data layout (ranks x workers x batch: %d x %d x %d "
                     "-> %d x %d x %d): its %d lanes continue their seeded draws on %d data slots%s",
                     old["world_size"], old["workers"], old["batch_size"], stream.world_size, stream.workers_per_rank,
@@ -208,21 +286,15 @@ def _lanes(state: dict) -> dict[int, tuple]:
     return {int(lane): tuple(pos) for lane, pos in state["lanes"].items()}
 
 
-def data_fingerprint(stream) -> str:
-    """What sample ids and shard draws depend on: the sources' names, weights and their shards' counts,
-    not their paths (a requeued job may see the same shards elsewhere)."""
-    parts = [[src.name, src.weight, [s.count for s in src.shards]] for src in stream.sources]
-    return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+def _bits_to_words(bits: np.ndarray, words: int) -> torch.Tensor:
+    packed = np.zeros(words * 8, dtype=np.uint8)
+    data = np.packbits(bits)
+    packed[:len(data)] = data
+    return torch.from_numpy(packed.view(np.int64).copy())
 
 
-def _pack(mask: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask))
-
-
-def _unpack(packed: Optional[torch.Tensor], stream) -> Optional[np.ndarray]:
-    if packed is None or stream.plan is None:
-        return None
-    return np.unpackbits(packed.numpy(), count=stream.total).astype(bool)
+def _words_to_bits(words: torch.Tensor, length: int) -> np.ndarray:
+    return np.unpackbits(words.numpy().view(np.uint8), count=max(0, length)).astype(bool)
 
 
 class _StartOnFirstBatch:

@@ -9,14 +9,24 @@ samples it had already read (reading tar members, never decoding them):
 - `Resampler`: an endless stream of one source, each shard drawn with replacement from a seed
   and the draw's index; position (draw index, offset in that shard).
 
+`read_tar` is how both open a shard: webdataset's tar reader, after checking the shard's byte size
+against its manifest's (its identity: aimv2.data.manifest).
+
 A reader's `pos` is the continuation point after the last sample it yielded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import random
 from typing import Callable, Iterator, Optional
+
+import webdataset as wds
+
+log = logging.getLogger(__name__)
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")  # shards read as streams, no seek
 
 MAX_EMPTY_DRAWS = 100  # consecutive resampled shards without one sample before a source is declared dead
 
@@ -25,6 +35,23 @@ def stable_seed(*parts) -> int:
     """A 63-bit seed from any parts: the same on every machine and Python run (unlike hash())."""
     digest = hashlib.blake2b("-".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def read_tar(url: str, on_error: Callable[[Exception], bool], size: int = -1) -> Iterator[dict]:
+    """The samples of shard `url` (webdataset's reader; `on_error` decides about unreadable data). With
+    `size` (its manifest's byte size) a local shard of another size is skipped whole, through `on_error`:
+    a shard replaced after its manifest was written holds other samples than an epoch's ids say. The
+    stat is of a file about to be opened anyway."""
+    if size >= 0 and not url.startswith(REMOTE_PREFIXES):
+        try:
+            actual = os.stat(url[len("file:"):] if url.startswith("file:") else url).st_size
+        except OSError:
+            actual = size  # a missing file is reported by the reader below, as any unreadable shard
+        if actual != size:
+            on_error(ValueError(f"shard {url} is {actual} bytes, but its manifest says {size}: it changed after the "
+                                "manifest was written; skipped (rewrite the manifest: aimv2 shards index DIR)"))
+            return iter(())
+    return wds.tarfile_to_samples(handler=on_error)([{"url": url}])
 
 
 class ShardSequence:

@@ -6,10 +6,23 @@ Two modes:
   each source and mixes sources per sample by weight. The stream is infinite, so no rank can run
   dry and hang DDP; `trainer.max_steps` ends the run.
 - "epoch": each sample is read once per epoch. The epoch's samples (shards in a seeded order per
-  epoch, counts from the per-shard manifests) are cut into one contiguous range per slot, equal to
-  a sample, so every slot yields the same number of full batches and every rank runs the same
-  number of steps (uneven batch counts hang DDP); a slot reads at most its range's shards, plus the
-  head of its first shard that it skips without decoding.
+  epoch, counts from the shard manifests) are cut into one contiguous range per slot, equal to a
+  sample (aimv2.data.epoch_plan), so every slot can fill the same number of full batches, and every
+  rank runs the same number of steps (uneven batch counts hang DDP), whatever the data holds.
+
+Corrupt samples in epoch mode. The plan cannot know which samples are corrupt (that is learnt only by
+decoding, on one rank), and nothing learnt on one rank may shape the plan, or ranks would plan
+different step counts. So a slot's batches are counted in raw samples: batch k of a slot ends once
+it holds `batch_size` usable samples or once the slot has read (k + 1) x batch_size + slack raw
+samples, slack being what its range holds beyond its full batches (the drop-last remainder). Corrupt
+samples first use up the slack (the batches stay full and the remainder gets trained instead of
+dropped), then make batches lighter, never fewer: every slot yields exactly its planned batches and
+every usable sample is trained at most once per epoch. A batch whose raw samples are all corrupt
+reads on until it has one usable sample. Only when a slot's range has no raw sample left and batches
+are still due (its tail is corrupt) is a repeat unavoidable: each such batch is one usable sample of
+the slot read again (a refill pass), counted in the batch's `repeated` (data/repeated_samples) and
+logged. Batches of different sizes weigh their samples exactly through the global-count loss
+(aimv2.objective).
 
 Exact resume. Everything random is a function of (seed, rank, worker, epoch, position): shard order
 and draws, source mixing, the shuffle buffer (reset every `segment` raw samples) and each sample's
@@ -17,17 +30,17 @@ augmentation. Every batch carries `stream_pos`, where its worker's stream contin
 segment, samples taken from the segment, batches produced, reader position at the segment start),
 so a restarted worker re-opens that segment and skips what was consumed (reading tars, not decoding
 them): at most one segment of raw samples. The loader (aimv2.data.loader) keeps these positions.
-Batching happens in the workers so each batch can carry the number of corrupt samples skipped while
-it was assembled; summing these gives an exact skip count.
+Each batch carries the corrupt samples skipped while it was assembled (`skipped`): an exact count,
+a sample counted every epoch it is passed over.
 
-Elastic resume (epoch mode). Every sample of the epoch has an id (its shard's offset in the source
-order plus its index in the tar), and every batch carries the ids it trained on and the ids of the
-corrupt samples it passed over. The loader keeps the epoch's ledger of them; a checkpoint stores the
-union over ranks. A run resumed under another layout (ranks, workers, batch per rank) cannot
-continue the saved positions, so it plans the rest of the epoch over the samples the ledger does not
-hold (`base`): every sample still once per epoch, whatever the layout, the drop-last remainder of the
-new plan aside (logged). A later resume under the same layout replans from the same base and
-continues its positions exactly.
+Elastic resume (epoch mode). What a slot has consumed follows from its position alone: the first
+samples of its read order up to its segment's start, plus the first `taken` outputs of that segment's
+shuffle, replayed from its seed over the segment's positions (`segment_bits`). A run resumed under
+another layout (ranks, workers, batch per rank) adds these to the epoch's consumed set
+(aimv2.data.epoch_plan.Consumed, O(shards)) and plans the rest of the epoch over what is left: every
+sample still once per epoch, whatever the layout, the drop-last remainder of the new plan aside
+(logged). A later resume under the same layout replans from the same set and continues its
+positions exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass, field, replace
 from itertools import islice
 from typing import Callable, Iterator, Optional
 
@@ -45,10 +58,11 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from aimv2.cpu_tuning import tune_cpu_allocator
-from aimv2.data.readers import Mixture, Resampler, ShardSequence, split_positions, stable_seed
-from aimv2.data.samples import CorruptSample
+from aimv2.data.epoch_plan import Consumed, EpochPlan, plan_epoch, slot_read_order
 from aimv2.data.native import Packing, pack_batches
-from aimv2.data.shardlist import ShardInfo
+from aimv2.data.readers import Mixture, Resampler, ShardSequence, read_tar, split_positions, stable_seed
+from aimv2.data.samples import CorruptSample
+from aimv2.data.shardlist import ShardInfo, ShardTable
 
 log = logging.getLogger(__name__)
 MAX_SKIP_WARNINGS = 5  # per worker and pass; the count is logged as a metric anyway
@@ -59,42 +73,12 @@ HEAD = 4  # position fields before the reader's: pass, segment, taken from segme
 @dataclass
 class StreamSource:
     name: str
-    shards: list[ShardInfo]
+    shards: ShardTable | list[ShardInfo] = field(default_factory=list)
     weight: float = 1.0
 
-
-@dataclass
-class EpochPlan:
-    """Epoch mode: the sample ranges each slot reads, and how many batches each slot yields."""
-
-    slot_units: list[list[tuple[str, int, int]]]  # per slot: (shard url, first, end) in the shard's sample order
-    batches_per_slot: int
-
-
-def plan_epoch(shards: list[ShardInfo], num_slots: int, batch_size: int, seed: Optional[int] = None) -> EpochPlan:
-    """The shards (in a seeded order when `seed` is given) laid end to end and cut into `num_slots`
-    contiguous ranges of equal size (to a sample). Counts are per-shard sample counts; on an elastic
-    resume, what is left of each shard, and a range then counts only the samples left."""
-    if not shards:
-        raise ValueError("no shards to plan an epoch over")
-    order = [s for s in shards if s.count > 0]
-    if seed is not None:
-        random.Random(seed).shuffle(order)
-    total = sum(s.count for s in order)
-    bounds = [total * i // num_slots for i in range(num_slots + 1)]  # slot i: samples [bounds[i], bounds[i+1])
-    units: list[list[tuple[str, int, int]]] = [[] for _ in range(num_slots)]
-    slot, offset = 0, 0
-    for shard in order:
-        end = offset + shard.count
-        while slot < num_slots and bounds[slot] < end:
-            lo, hi = max(offset, bounds[slot]), min(end, bounds[slot + 1])
-            if lo < hi:
-                units[slot].append((shard.url, lo - offset, hi - offset))
-            if bounds[slot + 1] > end:
-                break
-            slot += 1
-        offset = end
-    return EpochPlan(units, (total // num_slots) // batch_size)
+    def __post_init__(self):
+        if not isinstance(self.shards, ShardTable):
+            self.shards = ShardTable.of(list(self.shards))
 
 
 class ShardStream(IterableDataset):
@@ -130,58 +114,49 @@ class ShardStream(IterableDataset):
         self.workers_per_rank = max(1, num_workers)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.segment = max(SEGMENT_MIN, 8 * shuffle_buffer)
-        self.gen = 0  # bumped when a run resumes where it cannot continue: a fresh, different sequence
+        self.gen = 0  # bumped when a run restarts its data (data.on_change=restart): a fresh, different sequence
         # Lanes: the seeded sample sequences, one per (rank, worker) slot at the start of a run. A resampled
         # run resumed on another number of slots keeps its lanes (a slot may run several, batch by batch)
         # and adds fresh ones if it has more slots; see lanes_of.
         self.lanes = world_size * self.workers_per_rank
         self.epoch = 0
         self._resume: Optional[dict] = None
-        self.plan = None
-        self.base: Optional[np.ndarray] = None  # this epoch's samples consumed under an earlier layout
+        self.base: Optional[Consumed] = None  # this epoch's samples consumed under an earlier layout
         self.resumed_len = 0  # batches per rank of an epoch resumed under another layout (see __len__)
+        self._shard_errors, self._warned, self._unreported = 0, 0, 0  # per iteration (reset in __iter__)
+        # Every shard of every source by one index (the epoch's sample ids are (shard index, tar position)).
+        self.urls = [url for src in sources for url in src.shards.urls]
+        self.counts = np.concatenate([src.shards.counts for src in sources]) if sources else np.zeros(0, np.int64)
+        self.sizes = np.concatenate([src.shards.sizes for src in sources]) if sources else np.zeros(0, np.int64)
         if mode == "epoch":
-            all_shards = [s for src in sources for s in src.shards]
-            self.shards = all_shards
-            self.offsets, self.counts, total = {}, {}, 0
-            for shard in all_shards:  # sample id = its shard's offset + its index in the tar
-                self.offsets.setdefault(shard.url, total)
-                self.counts.setdefault(shard.url, shard.count)
-                total += shard.count
-            self.total = total
-            num_slots = world_size * self.workers_per_rank
-            self.plan = plan_epoch(all_shards, num_slots, batch_size)  # the length; each epoch has its own order
-            if self.plan.batches_per_slot == 0:
+            self.total = int(self.counts.sum())
+            if self.full_batches == 0:
                 raise ValueError(
                     f"{self.total} samples over {world_size} rank(s) x {self.workers_per_rank} worker(s) leave a slot "
                     f"without one full batch of {batch_size}: lower data.batch_size or data.num_workers")
+
+    @property
+    def num_slots(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+    @property
+    def full_batches(self) -> int:
+        """Batches per slot of a whole epoch."""
+        return (self.total // self.num_slots) // self.batch_size
 
     def __len__(self) -> int:
         """Batches per rank per epoch (epoch mode only; the resampled stream has no length). An epoch
         resumed under another layout may have more (`resumed_len`); every epoch ends when its stream
         does, so the larger of the two lets both run to their end."""
-        if self.plan is None:
+        if self.mode != "epoch":
             raise TypeError("a resampled stream is infinite")
-        return max(self.plan.batches_per_slot * self.workers_per_rank, self.resumed_len)
+        return max(self.full_batches * self.workers_per_rank, self.resumed_len)
 
-    def plan_for(self, epoch: int, base: Optional[np.ndarray]) -> EpochPlan:
-        """Epoch `epoch`'s plan (shard order seeded by the epoch); with `base` (samples consumed before,
-        by id), the plan of what is left."""
-        left = self.shards
-        if base is not None:
-            left = [ShardInfo(s.url, s.count - int(base[self.offsets[s.url]:self.offsets[s.url] + s.count].sum()))
-                    for s in self.shards]
-        num_slots = self.world_size * self.workers_per_rank
-        if not any(s.count > 0 for s in left):
-            return EpochPlan([[] for _ in range(num_slots)], 0)
-        return plan_epoch(left, num_slots, self.batch_size, seed=self._key(epoch, "order"))
-
-    def sample_id(self, sample: dict) -> int:
-        """The sample's id in the epoch (-1: beyond its shard's manifest count, not tracked)."""
-        url, j = sample.get("__url__"), sample.get("__index__")
-        if j is None or url not in self.offsets or j >= self.counts[url]:
-            return -1
-        return self.offsets[url] + j
+    def plan_for(self, epoch: int, base: Optional[Consumed]) -> EpochPlan:
+        """Epoch `epoch`'s plan (shard order seeded by the epoch); with `base` (samples consumed
+        before, under another layout), the plan of what is left."""
+        left = self.counts if base is None else base.left_counts()
+        return plan_epoch(left, self.num_slots, self.batch_size, seed=self._key(epoch, "order"))
 
     @property
     def head(self) -> int:
@@ -198,30 +173,51 @@ class ShardStream(IterableDataset):
 
     @property
     def position_width(self) -> int:
-        return self.head + (ShardSequence.width if self.plan is not None else self._resampled_width)
+        return self.head + (ShardSequence.width if self.mode == "epoch" else self._resampled_width)
 
     def layout(self) -> dict:
-        """What a saved position depends on; a resume under another layout cannot continue it as it is
-        (the loader then resumes elastically: aimv2.data.loader)."""
+        """What a saved position depends on (every setting that changes the order of the samples); a
+        resume under another layout cannot continue it as it is (the loader then resumes elastically:
+        aimv2.data.loader)."""
         return {"mode": self.mode, "world_size": self.world_size, "workers": self.workers_per_rank,
                 "batch_size": self.batch_size, "lanes": self.lanes, "seed": self.seed, "segment": self.segment,
-                "sources": [[s.name, len(s.shards)] for s in self.sources],
+                "shuffle_buffer": self.shuffle_buffer, "sources": [[s.name, len(s.shards)] for s in self.sources],
                 **({"packing": list(astuple(self.packing))} if self.packing is not None else {})}
 
     def lanes_of(self, slot: int) -> list[int]:
         """The lanes slot `slot` (= rank x workers + worker) runs: those congruent to it modulo the number
         of slots. In epoch mode, and in a run on its first layout, a slot's lane is the slot itself."""
-        return list(range(slot, self.lanes, self.world_size * self.workers_per_rank))  # lanes >= slots always
+        return list(range(slot, self.lanes, self.num_slots))  # lanes >= slots always
+
+    def rank_lanes(self) -> list[int]:
+        """The lanes this rank's slots run."""
+        slots = range(self.rank * self.workers_per_rank, (self.rank + 1) * self.workers_per_rank)
+        return [lane for slot in slots for lane in self.lanes_of(slot)]
 
     def set_epoch(self, epoch: int) -> None:
         self.start_iteration(epoch, None)
 
     def start_iteration(self, epoch: int, resume: Optional[dict]) -> None:
         """Set before the workers start: the epoch, and optionally where this rank's stream continues,
-        {"consumed": batches this rank consumed this epoch, "lanes": {lane: position}, "base": ids
-        consumed under an earlier layout (bool array) or None}."""
+        {"consumed": batches this rank consumed this epoch, "lanes": {lane: position}, "base": the
+        samples consumed under an earlier layout (Consumed) or None}."""
         self.epoch, self._resume = epoch, resume
         self.base = resume.get("base") if resume else None
+
+    # -- what a position has consumed (the elastic bookkeeping; aimv2.data.loader) -------------
+    def segment_bits(self, plan: EpochPlan, lane: int, position: tuple) -> Optional[np.ndarray]:
+        """Which raw samples of the shuffle segment lane `lane` stands in were consumed (bool, over the
+        segment's positions in the read order): the first `taken` outputs of the segment's shuffle,
+        replayed from its seed over positions instead of samples (the shuffle never looks at them).
+        None once the lane's first pass is over (its whole range is consumed)."""
+        pas, seg, taken, _, _, _ = self._position(position, ShardSequence.width)
+        if pas > 0:
+            return None
+        length = max(0, min(self.segment, plan.slot_size(lane) - seg * self.segment))
+        rng = random.Random(self._key(lane, self.epoch, 0, "segment", seg))
+        bits = np.zeros(length, dtype=bool)
+        bits[list(islice(self._shuffled(iter(range(length)), rng), taken))] = True
+        return bits
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -238,12 +234,16 @@ class ShardStream(IterableDataset):
         consumed = self._resume["consumed"] if self._resume else 0
         slot = self.rank * workers + (physical + consumed) % workers
         starts = self._resume["lanes"] if self._resume else {}
-        self._shard_errors, self._warned, self._carry = 0, 0, ([], [], [], 0, [])
-        if self.plan is None:
+        self._shard_errors, self._warned, self._unreported = 0, 0, 0
+        if self.mode != "epoch":
             return self._round_robin({lane: self._resampled(lane, starts.get(lane)) for lane in self.lanes_of(slot)},
                                      {lane: self._position(starts.get(lane), self._resampled_width)[3]
                                       for lane in self.lanes_of(slot)})
         return self._epoch_slot(slot, starts.get(slot), self.plan_for(self.epoch, self.base))
+
+    def _window(self) -> tuple[int, ...]:
+        """An epoch position's packing-window field: 0 (in epoch mode a window is one batch)."""
+        return (0,) * (self.head - HEAD)
 
     @property
     def _resampled_width(self) -> int:
@@ -261,15 +261,18 @@ class ShardStream(IterableDataset):
     def _key(self, *parts) -> int:
         return stable_seed(self.seed, self.gen, *parts)
 
-    def _read_one(self, url: str) -> Iterator[dict]:
+    def _read_one(self, url: str, size: int = -1) -> Iterator[dict]:
         def on_error(exn: Exception) -> bool:
             self._shard_errors += 1
             log.warning("skipping unreadable shard data: %s", " ".join(map(str, exn.args))[:300])
             return True
 
-        return wds.tarfile_to_samples(handler=on_error)([{"url": url}])
+        return read_tar(url, on_error, size)
 
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+    def _read_shard(self, index: int) -> Iterator[dict]:
+        return self._read_one(self.urls[index], int(self.sizes[index]))
+
+    def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
         if self.shuffle_buffer <= 1:
             return samples
         return wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
@@ -294,7 +297,7 @@ class ShardStream(IterableDataset):
         widths = [Resampler.width] * len(self.sources)
         _, seg, taken, produced, done, flat = self._position(start, sum(widths))
         positions = split_positions(flat, widths)
-        readers = [Resampler([s.url for s in src.shards], self._read_one, str(self._key(*key, "source", i)), pos)
+        readers = [Resampler(src.shards.urls, self._read_one, str(self._key(*key, "source", i)), pos)
                    for i, (src, pos) in enumerate(zip(self.sources, positions, strict=True))]
         mixture = Mixture(readers, [src.weight for src in self.sources])
         tagged = self._segments(mixture, mixture.take, seg, taken, key)
@@ -303,42 +306,103 @@ class ShardStream(IterableDataset):
         else:
             yield from self._batches(tagged, lane, 0, produced)
 
+    # -- epoch mode ------------------------------------------------------------------------
     def _epoch_slot(self, slot: int, start: Optional[tuple], plan: EpochPlan) -> Iterator[dict]:
-        """Slot `slot`'s batches of the epoch (its lane is the slot itself)."""
+        """Slot `slot`'s batches of the epoch (its lane is the slot itself): exactly the plan's
+        batches_per_slot, whatever the data holds (see the module doc)."""
         quota = plan.batches_per_slot
-        pas, seg, taken, produced, done, reader_pos = self._position(start, ShardSequence.width)
+        pas, seg, taken, produced, _, reader_pos = self._position(start, ShardSequence.width)
         base = self.base
-        consumed_before = None if base is None else (
-            lambda url, j: j < self.counts[url] and bool(base[self.offsets[url] + j]))
+        done = None if base is None else base.done
+        slack = plan.slot_size(slot) - quota * self.batch_size
         while produced < quota:
-            units = list(plan.slot_units[slot])
-            random.Random(self._key(slot, self.epoch, pas, "order")).shuffle(units)
-            reader = ShardSequence(units, self._read_one, tuple(reader_pos), consumed_before)
-            fresh = (seg, taken, tuple(reader_pos)) == (0, 0, (0, 0, 0))
-            samples = iter(reader)  # one pass over the shards, cut into segments below
+            units = slot_read_order(plan, slot, self.seed, self.gen, self.epoch, pas)
+            reader = ShardSequence(units, self._read_shard, tuple(reader_pos), done)
+            samples = iter(reader)  # one pass over the slot's ranges, cut into segments below
 
             def take(rng: random.Random, n: int, samples=samples) -> Iterator[dict]:
                 return islice(samples, n)
 
             tagged = self._segments(reader, take, seg, taken, (slot, self.epoch, pas))
             before = produced
-            batches = (self._packed_batches(tagged, slot, pas, produced, done) if self.packing is not None
-                       else self._batches(tagged, slot, pas, produced, count_skips=pas == 0))
+            batches = (self._budget_batches(tagged, slot, produced, quota, slack) if pas == 0
+                       else self._repeat_batches(tagged, slot, pas, produced, quota))
             for batch in batches:
                 yield batch
                 produced += 1
+            if produced == before and pas > 0:
+                raise RuntimeError(f"data slot {slot} (rank {self.rank}) found no usable sample in "
+                                   f"{sorted({self.urls[shard] for shard, _, _ in units})}")
+            if produced < quota:
+                # The range ran out of raw samples with batches still due (its tail is corrupt): a repeat
+                # is unavoidable. Each due batch is one usable sample of the slot read again, counted.
+                log.warning("data slot %d (rank %d): its range holds too few usable samples for its last %d "
+                            "batch(es); each is one sample of the slot read again (data/repeated_samples)",
+                            slot, self.rank, quota - produced)
+                pas, seg, taken, reader_pos = pas + 1, 0, 0, (0, 0, 0)
+
+    def _epoch_item(self, sample: dict, lane: int, pas: int, seg: int, count: int):
+        """A usable sample's item (packed mode: resized to the grid its plan, drawn from its own seed, gives),
+        or None when it is corrupt."""
+        if self.packing is None:
+            return self._processed(sample, lane, pas, seg, count)
+        try:
+            with _cpu_rng(self._key(lane, self.epoch, pas, seg, count, "plan")):
+                plan = self.packing.plan(sample)
+        except CorruptSample as err:
+            self._skip_warning(sample, err)
+            return None
+        return self._processed(sample, lane, pas, seg, count, plan)
+
+    def _epoch_batch(self, items: list, keys: list, skipped: int, position: list, seed: int, repeated: int) -> dict:
+        if self.packing is None:
+            batch = self.collate(items)
+        else:  # one batch: the items' rows, as many as they need
+            grids = [(image.shape[-2] // self.packing.patch, image.shape[-1] // self.packing.patch)
+                     for image, _ in items]
+            (rows,) = pack_batches([gh * gw for gh, gw in grids], self.packing.row_tokens, None)
+            batch = self.collate(items, rows)
+        batch["repeated"] = repeated
+        return self._tagged(batch, keys, skipped, position, seed)
+
+    def _budget_batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, produced: int, quota: int,
+                        slack: int) -> Iterator[dict]:
+        """Batch k ends with `batch_size` usable samples, or once the slot has read (k + 1) x batch_size
+        + slack raw samples and holds at least one (module doc)."""
+        items, keys, skipped = [], [], 0
+        for sample, (seg, count, start) in tagged:
+            item = self._epoch_item(sample, lane, 0, seg, count)
+            if item is None:
+                skipped += 1
+            else:
+                items.append(item)
+                keys.append(sample.get("__key__"))
+            read = seg * self.segment + count  # raw samples of the slot read so far
+            if items and (len(items) == self.batch_size or read >= (produced + 1) * self.batch_size + slack):
+                produced += 1
+                yield self._epoch_batch(items, keys, skipped, [lane, 0, seg, count, produced, *self._window(), *start],
+                                        self._key(lane, self.epoch, 0, seg, count, "batch"), 0)
+                items, keys, skipped = [], [], 0
                 if produced == quota:
                     return
-            if produced == before and fresh:
-                raise RuntimeError(f"data slot {slot} (rank {self.rank}) found no usable sample in "
-                                   f"{sorted({url for url, _, _ in units})}")
-            # Corrupt samples made this slot fall short of its planned batches: refill from its start,
-            # so that all ranks still run the same number of steps. The refill repeats samples: the loader
-            # counts them (data/repeated_samples); its corrupt samples were counted in the first pass.
-            log.warning("slot %d fell %d batch(es) short (corrupt samples); re-reading its shards: the "
-                        "repeated samples are counted in data/repeated_samples", slot, quota - produced)
-            pas, seg, taken, done, reader_pos = pas + 1, 0, 0, 0, (0, 0, 0)
+        self._unreported = skipped  # corrupt samples at the range's end: counted in the refill's first batch
 
+    def _repeat_batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int,
+                        quota: int) -> Iterator[dict]:
+        """A refill pass: one usable sample per due batch, each counted as repeated."""
+        for sample, (seg, count, start) in tagged:
+            item = self._epoch_item(sample, lane, pas, seg, count)
+            if item is None:
+                continue  # counted in the first pass
+            produced += 1
+            skipped, self._unreported = self._unreported, 0
+            yield self._epoch_batch([item], [sample.get("__key__")], skipped,
+                                    [lane, pas, seg, count, produced, *self._window(), *start],
+                                    self._key(lane, self.epoch, pas, seg, count, "batch"), 1)
+            if produced == quota:
+                return
+
+    # -- samples and batches ---------------------------------------------------------------
     def _processed(self, sample: dict, lane: int, pas: int, seg: int, count: int, *args):
         """`process(sample, *args)` under the sample's own seed (identical augmentation after a resume),
         or None for a corrupt sample (warned about at most MAX_SKIP_WARNINGS times per iteration)."""
@@ -354,13 +418,9 @@ class ShardStream(IterableDataset):
             self._warned += 1
             log.warning("skipping sample from %s: %s", sample.get("__url__"), err)
 
-    def _tagged(self, batch: dict, keys: list, skipped: int, position: list, seed: int,
-                ids: Optional[list] = None, skipped_ids: Optional[list] = None) -> dict:
+    def _tagged(self, batch: dict, keys: list, skipped: int, position: list, seed: int) -> dict:
         """A collated batch with what the loop around training needs: the skip and shard-error counts
-        since the last batch, the keys, where this worker's stream continues, the batch's seed; in
-        epoch mode the ids of its samples and of the corrupt ones passed over (the loader's ledger)."""
-        if self.plan is not None:
-            batch["ids"], batch["skipped_ids"] = ids or [], skipped_ids or []
+        since the last batch, the keys, where this worker's stream continues, the batch's seed."""
         batch["skipped"] = torch.tensor(skipped)
         batch["shard_errors"] = torch.tensor(self._shard_errors)
         batch.setdefault("keys", keys)
@@ -369,80 +429,70 @@ class ShardStream(IterableDataset):
         self._shard_errors = 0
         return batch
 
-    def _batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int,
-                 count_skips: bool = True) -> Iterator[dict]:
-        """Full batches. What a pass leaves after its last full batch (samples, and corrupt ones passed) is
-        carried into the next pass (`_carry`), so a refill pass re-reads only the samples the batch still
-        lacks; it does not count the corrupt samples again (count_skips=False)."""
-        items, keys, ids, skipped, skipped_ids = self._carry  # taken, so that no other lane shares its lists
-        self._carry = ([], [], [], 0, [])
+    def _batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int) -> Iterator[dict]:
+        """Full batches of usable samples (resampled mode: the stream never ends)."""
+        items, keys, skipped = [], [], 0
         for sample, (seg, count, start) in tagged:
             item = self._processed(sample, lane, pas, seg, count)
             if item is None:
-                skipped += count_skips
-                skipped_ids.append(self.sample_id(sample) if self.plan is not None else -1)
+                skipped += 1
                 continue
             items.append(item)
             keys.append(sample.get("__key__"))
-            ids.append(self.sample_id(sample) if self.plan is not None else -1)
             if len(items) == self.batch_size:
                 produced += 1
                 yield self._tagged(self.collate(items), keys, skipped, [lane, pas, seg, count, produced, *start],
-                                   self._key(lane, self.epoch, pas, seg, count, "batch"), ids, skipped_ids)
-                items, keys, ids, skipped, skipped_ids = [], [], [], 0, []
-        self._carry = (items, keys, ids, skipped, skipped_ids)
+                                   self._key(lane, self.epoch, pas, seg, count, "batch"))
+                items, keys, skipped = [], [], 0
 
     def _packed_batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int,
                         done: int) -> Iterator[dict]:
-        """Native resolution: windows of `packing.window` raw samples are measured without decoding
-        (their grids), packed first-fit decreasing into batches of rows under the token budget
+        """Native resolution, resampled: windows of `packing.window` raw samples are measured without
+        decoding (their grids), packed first-fit decreasing into batches of rows under the token budget
         (aimv2.data.native.pack_batches), then decoded batch by batch. A batch's position is its
         window's first sample plus the batches of that window already done (`done` on a resume), so a
         restart re-reads and re-packs the same window, skips those batches, and continues exactly.
-        A corrupt header counts in the window's first batch, an undecodable image in its own."""
-        packing, counted = self.packing, int(pas == 0)  # a refill pass does not count corrupt samples again
-        sample_id = self.sample_id if self.plan is not None else (lambda sample: -1)
+        Corrupt samples count in the next batch the stream yields, also when a whole window has none."""
+        packing = self.packing
+        skipped = 0
         while True:
             window = list(islice(tagged, packing.window))
             if not window:
                 return
             seg, count, start = window[0][1]
-            measured, skipped, skipped_ids = [], 0, []
+            measured = []
             for sample, tag in window:
                 try:  # the crop is drawn from the sample's own seed: the same plan after a resume
                     with _cpu_rng(self._key(lane, self.epoch, pas, tag[0], tag[1], "plan")):
                         measured.append((sample, tag, packing.plan(sample)))
                 except CorruptSample as err:
-                    skipped += counted
-                    skipped_ids.append(sample_id(sample))
+                    skipped += 1
                     self._skip_warning(sample, err)
+            if done:  # a resumed window: what it skipped was counted before the checkpoint
+                skipped = 0
             lengths = [plan.grid[0] * plan.grid[1] for _, _, plan in measured]
             batches = pack_batches(lengths, packing.row_tokens, packing.rows) if measured else []
             for k, rows in enumerate(batches):
                 if k < done:  # emitted before the checkpoint this run resumed from, with every skip it counted
-                    skipped, skipped_ids = 0, []
                     continue
-                items, keys, ids, index = [], [], [], {}
+                items, keys, index = [], [], {}
                 for i in (i for row in rows for i in row):
                     sample, (s_seg, s_count, _), plan = measured[i]
                     item = self._processed(sample, lane, pas, s_seg, s_count, plan)
                     if item is None:
-                        skipped += counted
-                        skipped_ids.append(sample_id(sample))
+                        skipped += 1
                         continue
                     index[i] = len(items)
                     items.append(item)
                     keys.append(sample.get("__key__"))
-                    ids.append(sample_id(sample))
                 placed = [row for row in ([index[i] for i in row if i in index] for row in rows) if row]
                 if not placed:  # every image of this batch was corrupt: its count goes with the next one
                     continue
                 produced += 1
                 yield self._tagged(self.collate(items, placed), keys, skipped,
                                    [lane, pas, seg, count - 1, produced, k + 1, *start],
-                                   self._key(lane, self.epoch, pas, seg, count, k, "batch"),
-                                   ids, skipped_ids)
-                skipped, skipped_ids = 0, []
+                                   self._key(lane, self.epoch, pas, seg, count, k, "batch"))
+                skipped = 0
             done = 0
 
 

@@ -4,7 +4,8 @@
 checkpoint stores is that of the last batch the weights have seen, never of a prefetched one. Lightning
 runs checkpoint callbacks after all others, so the position is current when ModelCheckpoint saves.
 In epoch mode it also logs `data/repeated_samples`: samples trained on a second time within their
-epoch (a refill pass after corrupt samples), summed over ranks; 0 in a healthy run.
+epoch (only where a slot's range has too few usable samples for its batches: aimv2.data.stream),
+summed over ranks; 0 in a healthy run.
 
 `SampleLog` (trainer.log_samples) appends the keys of every consumed sample to
 RUN/logs/samples/rank{R}.tsv, one line per batch: `epoch  batch  step  key key ...` (step = optimizer
@@ -27,10 +28,10 @@ class StreamPosition(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loader = trainer.train_dataloader
         if isinstance(batch, dict) and "stream_pos" in batch and hasattr(loader, "mark_consumed"):
-            loader.mark_consumed(batch["stream_pos"], batch.get("ids"), batch.get("skipped_ids"))
+            loader.mark_consumed(batch["stream_pos"], batch.get("repeated", 0))
             # A running total, so logging it only on the steps the logger writes loses nothing and spares
             # the other steps an all-reduce.
-            if loader.ledger is not None and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            if loader.dataset.mode == "epoch" and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
                 pl_module.log("data/repeated_samples", float(loader.repeated), reduce_fx="sum", sync_dist=True)
 
 
