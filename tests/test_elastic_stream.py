@@ -7,11 +7,10 @@ test_elastic_resume.py does the same with real DDP processes killed by SIGKILL."
 import logging
 import re
 
-import numpy as np
 import torch
 
 from aimv2.data.epoch_plan import Consumed, slot_read_order
-from aimv2.data.loader import EpochAwareLoader
+from aimv2.data.loader import EpochAwareLoader, saved_lanes
 from aimv2.data.samples import decode_image
 from aimv2.data.shardlist import resolve_shards
 from aimv2.data.stream import ShardStream, StreamSource
@@ -162,17 +161,17 @@ def test_the_consumed_samples_follow_from_the_saved_positions_alone(tmp_path):
     trained = [k for step in ranks.steps(4) for k in step]
     state = ranks.state()
     assert state["base"] is None and state["repeated"] == [0, 0] and state["consumed"] == 4
-    assert {lane: bits.numel() for lane, bits in state["segments"].items()} == {0: 1, 1: 1}  # 6 bits in one word
+    assert state["lanes"][:, 0].tolist() == [0, 1] and tuple(state["segments"].shape) == (2, 1)  # 6 bits, a word
     stream = ranks.loaders[0].dataset
     base = Consumed(stream.counts)
     plan = stream.plan_for(0, None)
-    for lane, pos in state["lanes"].items():
+    for lane, pos in saved_lanes(state).items():
         start = pos[1] * stream.segment
-        bits = stream.segment_bits(plan, lane, tuple(pos))
+        bits = stream.segment_bits(plan, lane, pos)
         base.add_read(Consumed(stream.counts), slot_read_order(plan, lane, 5, 0, 0, 0), start, bits, start)
     shard_of = {url: i for i, url in enumerate(stream.urls)}
-    consumed = {(shard, int(j)) for shard in range(len(stream.urls))
-                for j in (range(stream.counts[shard]) if base.full[shard] else np.flatnonzero(base.partial.get(shard, [])))}
+    consumed = {(shard, j) for shard in range(len(stream.urls)) for j in range(stream.counts[shard])
+                if base.done(shard, j)}
     keys = {f"p{i}_{j:06d}": (shard_of[url], j) for i, url in enumerate(stream.urls) for j in range(COUNTS[i])}
     passed = {(s, j) for s, j in corrupt if (s, j) in consumed}
     assert consumed == {keys[k] for k in trained} | passed and len(trained) == 24

@@ -199,3 +199,15 @@ def test_a_packed_epoch_holds_each_sample_once_and_continues_exactly(tmp_path):
         rest.load_position_state(cut.position_state())
         tail = epochs(rest)
         assert head + tail[0] == full[0] and tail[1] == full[1], f"cut after {k} batches"
+
+
+def test_a_window_without_a_usable_sample_counts_its_corrupt_ones_in_the_next_batch(tmp_path):
+    """A window whose every sample is corrupt yields no batch; its skips go with the next batch the stream
+    yields (they were lost, and data/skipped_samples undercounted)."""
+    src = varied_shards(tmp_path, 9, corrupt={0, 1, 2})
+    stream = packed_loader(tmp_path, src, workers=0, window=3).dataset
+    raw = [s for s in wds.tarfile_to_samples()([{"url": src.shards.url(0)}])]  # in tar order: 3 corrupt first
+    tagged = iter([(sample, (0, i + 1, (0, 0))) for i, sample in enumerate(raw)])
+    batches = list(stream._packed_batches(tagged, 0, 0, 0, 0))
+    assert batches and int(batches[0]["skipped"]) == 3 and sum(int(b["skipped"]) for b in batches) == 3
+    assert sum(len(b["keys"]) for b in batches) == 6

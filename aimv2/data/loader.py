@@ -98,13 +98,12 @@ class EpochAwareLoader(DataLoader):
             raise ValueError("this loader takes its epoch from epoch_fn; set_epoch would be ignored")
         self._next_epoch = int(epoch)
 
-    def mark_consumed(self, stream_pos: list[int], repeated: int = 0) -> int:
+    def mark_consumed(self, stream_pos: list[int], repeated: int = 0) -> None:
         """A training step has finished with the batch tagged `stream_pos` = [lane, *position], which
-        held `repeated` samples trained a second time this epoch (a refill pass). Returns `repeated`."""
+        held `repeated` samples trained a second time this epoch (a refill pass)."""
         self.consumed += 1
         self.lanes[int(stream_pos[0])] = tuple(int(v) for v in stream_pos[1:])
         self.repeated += int(repeated)
-        return int(repeated)
 
     # -- saved in checkpoints ----------------------------------------------------------------
     def position_state(self) -> dict:
@@ -122,12 +121,14 @@ class EpochAwareLoader(DataLoader):
         consumed = sorted({int(c) for c in gathered[:, 0, 1]})
         if len(consumed) > 1:
             log.warning("ranks consumed different batch counts this epoch: %s", consumed)
+        rows = gathered.flatten(0, 1)
+        rows = rows[rows[:, 0] >= 0]
+        rows = rows[rows[:, 0].argsort()]  # one row per lane that has a position, by lane
         width = stream.position_width
-        lanes = {int(r[0]): r[3:3 + width].tolist() for rank in gathered for r in rank if r[0] >= 0}
-        segments = ({int(r[0]): r[3 + width:].clone() for rank in gathered for r in rank if r[0] >= 0 and r[3] == 0}
-                    if stream.mode == "epoch" else {})
+        # tables, not dicts of lists: the same bytes whatever the positions' values (steps, samples)
         return {"version": STATE_VERSION, "layout": stream.layout(), "data": self.identity(), "gen": stream.gen,
-                "epoch": self.epoch, "consumed": consumed[0], "lanes": lanes, "segments": segments,
+                "epoch": self.epoch, "consumed": consumed[0], "lanes": rows[:, [0, *range(3, 3 + width)]].clone(),
+                "segments": rows[:, 3 + width:].clone(),
                 "repeated": [int(rank[0, 2]) for rank in gathered],
                 "base": self.base.state() if self.base is not None else None, "base_consumed": self.base_consumed}
 
@@ -150,7 +151,7 @@ class EpochAwareLoader(DataLoader):
         shard count, and a digest of every shard's file name, byte size and sample count."""
         if self._identity is None:
             stream = self.dataset
-            digests = np.concatenate([s.shards.digests() for s in stream.sources]) if stream.sources else np.zeros(0)
+            digests = np.concatenate([s.shards.digests() for s in stream.sources] or [np.zeros(0, np.uint64)])
             self._identity = {"sources": [[s.name, s.weight, len(s.shards)] for s in stream.sources],
                               "shards": torch.from_numpy(digests.astype(np.uint64).view(np.int64))}
         return self._identity
@@ -177,8 +178,8 @@ class EpochAwareLoader(DataLoader):
             stream.gen = int(state["gen"])
             self.repeated = int(state["repeated"][stream.rank])
             base = (Consumed.from_state(state["base"], stream.counts) if state.get("base") is not None else None)
-            self._pending = {"epoch": epoch, "consumed": int(state["consumed"]), "lanes": _lanes(state), "base": base,
-                             "base_consumed": int(state.get("base_consumed", 0))}
+            self._pending = {"epoch": epoch, "consumed": int(state["consumed"]), "lanes": saved_lanes(state),
+                             "base": base, "base_consumed": int(state.get("base_consumed", 0))}
             if base is not None:  # an epoch resumed elsewhere before: its length, on every later resume too
                 stream.resumed_len = self._pending["base_consumed"] + self._batches_left(epoch, base)
         elif stream.mode == "epoch" and layout["mode"] == "epoch":
@@ -234,13 +235,14 @@ class EpochAwareLoader(DataLoader):
         old_plan = plan_epoch(before.left_counts(), old_slots, old["batch_size"],
                               seed=stable_seed(old["seed"], gen, epoch, "order"))
         base = before.copy()
-        for lane, pos in _lanes(state).items():  # pos: (pass, segment, taken, produced, ...)
+        segments = dict(zip(state["lanes"][:, 0].tolist(), state["segments"]))
+        for lane, pos in saved_lanes(state).items():  # pos: (pass, segment, taken, produced, ...)
             units = slot_read_order(old_plan, lane, old["seed"], gen, epoch, 0)
             if pos[0] > 0:  # a refill pass: the lane's whole range was read
                 base.add_read(before, units, old_plan.slot_size(lane))
                 continue
             start = pos[1] * old["segment"]  # the first `segment` x seg samples of its read order
-            bits = _words_to_bits(state["segments"][lane], min(old["segment"], old_plan.slot_size(lane) - start))
+            bits = _words_to_bits(segments[lane], min(old["segment"], old_plan.slot_size(lane) - start))
             base.add_read(before, units, start, bits, start)
         stream.gen = gen
         plan = stream.plan_for(epoch, base)
@@ -260,7 +262,7 @@ class EpochAwareLoader(DataLoader):
         """A resampled checkpoint of another layout: its lanes continue their draws on this layout's
         slots; slots beyond its lanes start fresh lanes."""
         stream, old = self.dataset, state["layout"]
-        saved = _lanes(state)
+        saved = saved_lanes(state)
         slots = stream.num_slots
         stream.gen = int(state["gen"])
         self.repeated = 0
@@ -282,8 +284,9 @@ def _warn_step_size(old: dict, stream, still: str) -> None:
                     "to keep the recipe", before, after, still, "more" if after > before else "less", before)
 
 
-def _lanes(state: dict) -> dict[int, tuple]:
-    return {int(lane): tuple(pos) for lane, pos in state["lanes"].items()}
+def saved_lanes(state: dict) -> dict[int, tuple]:
+    """{lane: its position} of a saved state (`position_state()["lanes"]`: a row per lane, lane first)."""
+    return {int(row[0]): tuple(row[1:]) for row in state["lanes"].tolist()}
 
 
 def _bits_to_words(bits: np.ndarray, words: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Iterator, Optional
 
 import braceexpand
@@ -37,40 +38,93 @@ class ShardInfo:
 
 
 class ShardTable:
-    """The shards of one source as columns; iterating gives ShardInfo rows."""
+    """The shards of one source as columns; iterating gives ShardInfo rows. A url is kept as its
+    directory (one string per directory) and its file name (in one bytes array), so 350,000 shards are a
+    few MB that pickle into each data worker as a few buffers, not 350,000 string objects."""
 
-    def __init__(self, urls: list[str], counts, sizes=None, heads: Optional[list[str]] = None):
+    def __init__(self, urls: Sequence[str], counts, sizes=None, heads: Optional[Sequence[str]] = None):
         n = len(urls)
-        self.urls = list(urls)
+        dirs: dict[str, int] = {}
+        self._dir_of = np.empty(n, dtype=np.int32)
+        names = []
+        for i, url in enumerate(urls):
+            head, slash, name = url.rpartition("/")
+            self._dir_of[i] = dirs.setdefault(head + slash, len(dirs))
+            names.append(name.encode())
+        self._dirs = list(dirs)
+        self._names = np.array(names, dtype=bytes) if names else np.zeros(0, dtype="S1")
         self.counts = np.asarray(counts, dtype=np.int64).reshape(n)
         self.sizes = np.full(n, -1, dtype=np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64).reshape(n)
         # the hex digests as integers (0: unknown): 8 bytes a shard instead of a string object
         self.heads = np.array([int(h, 16) if h else 0 for h in heads] if heads is not None else np.zeros(n),
                               dtype=np.uint64).reshape(n)
+        self._digests: Optional[np.ndarray] = None
 
     @classmethod
-    def of(cls, infos: list[ShardInfo]) -> "ShardTable":
+    def of(cls, infos: Sequence[ShardInfo]) -> "ShardTable":
         return cls([i.url for i in infos], [i.count for i in infos], [i.size for i in infos], [i.head for i in infos])
 
+    @classmethod
+    def concat(cls, tables: Sequence["ShardTable"]) -> "ShardTable":
+        """One table of several, in order (a stream's shards over all its sources)."""
+        out = cls([], [])
+        out._dirs = [d for t in tables for d in t._dirs]
+        offsets = np.cumsum([0] + [len(t._dirs) for t in tables[:-1]]) if tables else []
+        out._dir_of = np.concatenate([t._dir_of + o for t, o in zip(tables, offsets)] or [out._dir_of])
+        out._names = np.concatenate([t._names for t in tables] or [out._names])
+        for column in ("counts", "sizes", "heads"):
+            setattr(out, column, np.concatenate([getattr(t, column) for t in tables] or [getattr(out, column)]))
+        if tables and all(t._digests is not None for t in tables):
+            out._digests = np.concatenate([t._digests for t in tables])
+        return out
+
+    def url(self, i: int) -> str:
+        return self._dirs[self._dir_of[i]] + self._names[i].decode()
+
+    @property
+    def urls(self) -> "_Urls":
+        """The urls as a read-only sequence (built one at a time)."""
+        return _Urls(self)
+
     def __len__(self) -> int:
-        return len(self.urls)
+        return len(self.counts)
 
     def __getitem__(self, i: int) -> ShardInfo:
         head = int(self.heads[i])
-        return ShardInfo(self.urls[i], int(self.counts[i]), int(self.sizes[i]), f"{head:016x}" if head else "")
+        return ShardInfo(self.url(i), int(self.counts[i]), int(self.sizes[i]), f"{head:016x}" if head else "")
 
     def __iter__(self) -> Iterator[ShardInfo]:
         return (self[i] for i in range(len(self)))
 
     def digests(self) -> np.ndarray:
         """(n,) uint64 per shard: its identity, the file name, byte size, sample count and head digest
-        (not the directory: a requeued job may see the same shards elsewhere)."""
-        out = np.empty(len(self), dtype=np.uint64)
-        rows = zip(self.urls, self.sizes.tolist(), self.counts.tolist(), self.heads.tolist())
-        for i, (url, size, count, head) in enumerate(rows):
-            text = f"{url.rsplit('/', 1)[-1]}\0{size}\0{count}\0{head}".encode()
-            out[i] = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
-        return out
+        (not the directory: a requeued job may see the same shards elsewhere). Computed once (about a
+        second for 350,000 shards)."""
+        if self._digests is None:
+            out = np.empty(len(self), dtype=np.uint64)
+            rows = zip(self._names.tolist(), self.sizes.tolist(), self.counts.tolist(), self.heads.tolist())
+            for i, (name, size, count, head) in enumerate(rows):
+                text = name + f"\0{size}\0{count}\0{head}".encode()
+                out[i] = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+            self._digests = out
+        return self._digests
+
+
+class _Urls(Sequence):
+    def __init__(self, table: ShardTable):
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._table.url(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._table.url(i)
 
 
 def expand_urls(spec: str, key: str, check_exists: bool = True) -> list[str]:
@@ -107,17 +161,18 @@ def resolve_shards(spec: str, key: str, need_counts: bool) -> ShardTable:
     when `need_counts` (epoch mode), else left unknown (resampled mode draws shards by name; only
     the first is checked to exist, a missing one later is a counted shard error)."""
     urls = expand_urls(spec, key, check_exists=False)
-    manifests: dict[Path, Optional[dict]] = {}
+    manifests: dict[str, Optional[dict]] = {}
     counts, sizes, heads, missing = [-1] * len(urls), [-1] * len(urls), [""] * len(urls), []
     for i, url in enumerate(urls):
         if url.startswith(REMOTE_PREFIXES):
             if need_counts:
                 raise UserError(f"{key}: epoch mode needs sample counts, but remote shard {url} has no manifest")
             continue
-        path = _local(url)
-        if path.parent not in manifests:
-            manifests[path.parent] = read_manifest(path.parent)
-        entry = (manifests[path.parent] or {}).get(path.name)
+        local = url[len("file:"):] if url.startswith("file:") else url
+        directory, _, name = local.rpartition("/") if "/" in local else (".", "", local)
+        if directory not in manifests:
+            manifests[directory] = read_manifest(directory or "/")
+        entry = (manifests[directory] or {}).get(name)
         if entry is not None:
             counts[i], sizes[i], heads[i] = entry.count, entry.size, entry.head
         else:

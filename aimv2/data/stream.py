@@ -10,19 +10,15 @@ Two modes:
   sample (aimv2.data.epoch_plan), so every slot can fill the same number of full batches, and every
   rank runs the same number of steps (uneven batch counts hang DDP), whatever the data holds.
 
-Corrupt samples in epoch mode. The plan cannot know which samples are corrupt (that is learnt only by
-decoding, on one rank), and nothing learnt on one rank may shape the plan, or ranks would plan
-different step counts. So a slot's batches are counted in raw samples: batch k of a slot ends once
-it holds `batch_size` usable samples or once the slot has read (k + 1) x batch_size + slack raw
-samples, slack being what its range holds beyond its full batches (the drop-last remainder). Corrupt
-samples first use up the slack (the batches stay full and the remainder gets trained instead of
-dropped), then make batches lighter, never fewer: every slot yields exactly its planned batches and
-every usable sample is trained at most once per epoch. A batch whose raw samples are all corrupt
-reads on until it has one usable sample. Only when a slot's range has no raw sample left and batches
-are still due (its tail is corrupt) is a repeat unavoidable: each such batch is one usable sample of
-the slot read again (a refill pass), counted in the batch's `repeated` (data/repeated_samples) and
-logged. Batches of different sizes weigh their samples exactly through the global-count loss
-(aimv2.objective).
+Corrupt samples in epoch mode are learnt only by decoding, on one rank, and nothing learnt on one
+rank may shape a plan (ranks would plan different step counts). So a slot's batches are counted in
+raw samples: batch k ends with `batch_size` usable samples, or once the slot has read (k + 1) x
+batch_size + slack raw samples (slack: what its range holds beyond its full batches). Corrupt samples
+use up the slack first (the remainder gets trained instead of dropped), then make batches lighter,
+never fewer; a batch of corrupt samples only reads on to its first usable one. Only a range with no
+raw sample left and batches still due repeats: one usable sample per due batch (a refill pass),
+counted in the batch's `repeated` and logged. The global-count loss (aimv2.objective) weighs every
+sample alike in batches of any size.
 
 Exact resume. Everything random is a function of (seed, rank, worker, epoch, position): shard order
 and draws, source mixing, the shuffle buffer (reset every `segment` raw samples) and each sample's
@@ -33,14 +29,8 @@ them): at most one segment of raw samples. The loader (aimv2.data.loader) keeps 
 Each batch carries the corrupt samples skipped while it was assembled (`skipped`): an exact count,
 a sample counted every epoch it is passed over.
 
-Elastic resume (epoch mode). What a slot has consumed follows from its position alone: the first
-samples of its read order up to its segment's start, plus the first `taken` outputs of that segment's
-shuffle, replayed from its seed over the segment's positions (`segment_bits`). A run resumed under
-another layout (ranks, workers, batch per rank) adds these to the epoch's consumed set
-(aimv2.data.epoch_plan.Consumed, O(shards)) and plans the rest of the epoch over what is left: every
-sample still once per epoch, whatever the layout, the drop-last remainder of the new plan aside
-(logged). A later resume under the same layout replans from the same set and continues its
-positions exactly.
+Elastic resume (epoch mode): what a slot consumed follows from its position (`segment_bits` replays
+its segment's shuffle); the loader (aimv2.data.loader) plans the rest of the epoch over what is left.
 """
 
 from __future__ import annotations
@@ -125,15 +115,24 @@ class ShardStream(IterableDataset):
         self.resumed_len = 0  # batches per rank of an epoch resumed under another layout (see __len__)
         self._shard_errors, self._warned, self._unreported = 0, 0, 0  # per iteration (reset in __iter__)
         # Every shard of every source by one index (the epoch's sample ids are (shard index, tar position)).
-        self.urls = [url for src in sources for url in src.shards.urls]
-        self.counts = np.concatenate([src.shards.counts for src in sources]) if sources else np.zeros(0, np.int64)
-        self.sizes = np.concatenate([src.shards.sizes for src in sources]) if sources else np.zeros(0, np.int64)
+        self.shards = ShardTable.concat([src.shards for src in sources])
+        self.urls, self.counts, self.sizes = self.shards.urls, self.shards.counts, self.shards.sizes
         if mode == "epoch":
             self.total = int(self.counts.sum())
             if self.full_batches == 0:
                 raise ValueError(
                     f"{self.total} samples over {world_size} rank(s) x {self.workers_per_rank} worker(s) leave a slot "
                     f"without one full batch of {batch_size}: lower data.batch_size or data.num_workers")
+
+    def __getstate__(self) -> dict:
+        """What a data worker receives: one table of the shards, not two. Epoch mode reads shards by their
+        index in the stream's table; resampled mode draws from each source's."""
+        state = self.__dict__.copy()
+        if self.mode == "epoch":
+            state["sources"] = [replace(src, shards=ShardTable([], [])) for src in self.sources]
+        else:
+            state["shards"] = state["urls"] = state["counts"] = state["sizes"] = None
+        return state
 
     @property
     def num_slots(self) -> int:
