@@ -163,16 +163,16 @@ def test_the_consumed_samples_follow_from_the_saved_positions_alone(tmp_path):
     assert state["base"] is None and state["repeated"] == [0, 0] and state["consumed"] == 4
     assert state["lanes"][:, 0].tolist() == [0, 1] and tuple(state["segments"].shape) == (2, 1)  # 6 bits, a word
     stream = ranks.loaders[0].dataset
-    base = Consumed(stream.counts)
+    base = Consumed(stream.shards.counts)
     plan = stream.plan_for(0, None)
     for lane, pos in saved_lanes(state).items():
         start = pos[1] * stream.segment
         bits = stream.segment_bits(plan, lane, pos)
-        base.add_read(Consumed(stream.counts), slot_read_order(plan, lane, 5, 0, 0, 0), start, bits, start)
-    shard_of = {url: i for i, url in enumerate(stream.urls)}
-    consumed = {(shard, j) for shard in range(len(stream.urls)) for j in range(stream.counts[shard])
+        base.add_read(Consumed(stream.shards.counts), slot_read_order(plan, lane, 5, 0, 0, 0), start, bits, start)
+    shard_of = {url: i for i, url in enumerate(stream.shards.urls)}
+    consumed = {(shard, j) for shard in range(len(stream.shards.urls)) for j in range(stream.shards.counts[shard])
                 if base.done(shard, j)}
-    keys = {f"p{i}_{j:06d}": (shard_of[url], j) for i, url in enumerate(stream.urls) for j in range(COUNTS[i])}
+    keys = {f"p{i}_{j:06d}": (shard_of[url], j) for i, url in enumerate(stream.shards.urls) for j in range(COUNTS[i])}
     passed = {(s, j) for s, j in corrupt if (s, j) in consumed}
     assert consumed == {keys[k] for k in trained} | passed and len(trained) == 24
 

@@ -11,8 +11,9 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import scale  # noqa: E402
+import virtual_data  # noqa: E402
 
-SIZE = scale.SIZES["small"]
+SIZE = virtual_data.SIZES["small"]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,9 @@ def test_validation_reads_only_its_samples(result):
 def test_the_simulated_positions_are_the_real_streams(tmp_path):
     """`epoch_position` (K full batches into an epoch) against the real stream reading virtual tars: the
     same stream_pos after every batch, so the simulated checkpoint is the one a real run would write."""
-    cfg, ops = scale.virtual_set(tmp_path / "set", SIZE)
+    cfg, ops = virtual_data.virtual_set(tmp_path / "set", SIZE)
     sources = scale.start_up(cfg, ops, SIZE.world)["sources"]
-    stream = scale.stream_for(sources, SIZE, SIZE.world, rank=1)
+    stream = virtual_data.stream_for(sources, SIZE, SIZE.world, rank=1)
     stream.segment = 10  # segments cross shards and batches
 
     def virtual_read(url, size=-1):
@@ -81,7 +82,7 @@ def test_the_simulated_positions_are_the_real_streams(tmp_path):
         batches = stream._epoch_slot(slot, None, plan)
         for produced in range(1, 25):
             batch = next(batches)
-            assert tuple(batch["stream_pos"][1:]) == scale.epoch_position(stream, plan, slot, produced), produced
+            assert tuple(batch["stream_pos"][1:]) == virtual_data.epoch_position(stream, plan, slot, produced), produced
             assert len(batch["keys"]) == SIZE.batch
     expected = np.array(list(ops.counts.values())).sum()
     assert stream.total == expected

@@ -14,10 +14,8 @@ import tarfile
 from dataclasses import replace
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
@@ -32,11 +30,12 @@ from aimv2.models.flops import training_flops_per_sample
 from aimv2.models.sizes import get_size
 from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, sample_starts, slot_starts
+from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, slot_starts
 from aimv2.pretraining.validation import (METRICS, HeldOutLoss, HeldOutSamples, held_out_loader, plan_held_out,
                                           prefix_length, read_cost, split_ranges)
-from conftest import REPO, jpeg_bytes, write_caption_shards
+from conftest import REPO, write_caption_shards
 from fault_helpers import run_or_show_stacks, tiny_tokenizer
+from test_tar_ranges import read_from_shard_starts, without_index
 
 BATCH, STEPS, EVERY = 4, 7, 3
 VAL_ROWS = [2, 5, 6]  # the rows (Lightning's 0-based step column) of optimizer steps 3, 6 and 7 (the last)
@@ -322,23 +321,6 @@ def seek_shards(setup, tmp_path_factory):
     return plan_held_out(report.urls, 0), tokenizer
 
 
-def read_from_shard_starts(units):
-    """The reading before the index, written out: each range's shard read by webdataset from its start,
-    its samples first..end-1 kept."""
-    out = []
-    for url, first, end in units:
-        for j, sample in enumerate(wds.tarfile_to_samples()([{"url": url}])):
-            if j >= end:
-                break
-            if j >= first:
-                out.append(sample)
-    return out
-
-
-def without_index(sample: dict) -> dict:
-    return {k: v for k, v in sample.items() if k != "__index__"}
-
-
 def batches(units, tokenizer, starts):
     return list(HeldOutSamples([units], tokenizer, 28, 16, 2, starts))  # debug at 28 px: 16 patches
 
@@ -415,94 +397,6 @@ def test_a_ranks_loader_with_workers_reads_its_slots_from_their_first_sample(see
         again = list(held_out_loader(ranges, tokenizer, 28, 16, 2, WORKERS, rank, WORLD))
         assert [b["read"] for b in again] == [b["read"] for b in got]
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, got))
-
-
-def test_header_offsets_of_the_writers_shards_locate_every_sample(tmp_path):
-    """Every sample of shards from aimv2.data.shards.write_shards, short keys and keys too long for a ustar
-    header (a pax header before the member): the offset is its first header, and a stream from there starts
-    with it."""
-    from aimv2.data.shards import ShardSample, write_shards
-
-    rng = np.random.default_rng(3)
-    keys = [f"k{i:03d}" if i % 3 else f"{'long' * 30}_{i:03d}" for i in range(12)]
-    report = write_shards((ShardSample(key=k, image=jpeg_bytes(rng), image_ext="jpg", caption=f"sample {i}")
-                           for i, k in enumerate(keys)), tmp_path, samples_per_shard=7, verify_images=False,
-                          progress=False)
-    for url, _, end in plan_held_out(report.urls, 0):
-        stats = ScanStats()
-        starts = sample_starts(url, range(end), stats)
-        assert sorted(starts) == list(range(end)) and starts[0][0] == 0
-        assert stats.headers == 3 * (end - 1) + 1
-        shard_keys = keys[:7] if url.endswith("00000.tar") else keys[7:]
-        assert [key for _, key in starts.values()] == shard_keys
-        offsets = [offset for offset, _ in starts.values()]
-        assert offsets == sorted(offsets) and all(o % 512 == 0 for o in offsets)
-        want = read_from_shard_starts([(url, 0, end)])
-        with open(url, "rb") as f:
-            for j, (offset, key) in starts.items():
-                f.seek(offset)
-                block = f.read(512)
-                assert block[156:157] == (b"x" if len(key) > 90 else b"0")  # a pax header, or the member's own
-                got = list(read_ranges([(url, j, j + 1)], {(url, j): (offset, key)}))
-                assert [(passed, without_index(s)) for passed, s in got] == [(1, want[j])]
-
-
-def write_tar(path, names: list[str]) -> str:
-    """A tar holding `names` in that order (name.jpg: an image, others: a caption)."""
-    rng = np.random.default_rng(4)
-    with tarfile.open(path, "w") as tar:
-        for name in names:
-            data = jpeg_bytes(rng) if name.endswith(".jpg") else name.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
-def test_a_shard_not_grouped_by_key_is_read_from_its_start_with_a_warning(tmp_path, caplog):
-    """k1's and k2's members interleaved: webdataset reads k1, k2 (images), k1, k2 (captions) as four samples.
-    The walk sees k1 come back: no index for the shard, a one-line warning naming it, and its slots read it
-    from its start, so they see what they saw before."""
-    order = ["k0.jpg", "k0.txt", "k1.jpg", "k2.jpg", "k1.txt", "k2.txt"] + [f"k{i}.{e}" for i in range(3, 6)
-                                                                           for e in ("jpg", "txt")]
-    url = write_tar(tmp_path / "00000.tar", order)
-    ranges = plan_held_out(url, 0)
-    assert ranges == [(url, 0, 6)]  # six keys with an image
-    slots = split_ranges(ranges, 3)  # [0, 2), [2, 4), [4, 6) of webdataset's 8 groups
-    with caplog.at_level("WARNING", logger="aimv2.pretraining.validation"):
-        index = index_ranges(slots)
-    assert index == {}
-    [message] = [r.getMessage() for r in caplog.records]
-    assert url in message and "'k1'" in message and "not consecutive" in message and "\n" not in message
-    for units in slots:
-        got = list(read_ranges(units, slot_starts([units], index)))
-        assert [without_index(s) for _, s in got] == read_from_shard_starts(units)
-    assert [s["__key__"] for units in slots for _, s in read_ranges(units, {})] == ["k0", "k1", "k2", "k1", "k2", "k3"]
-
-
-def test_a_shard_changed_since_it_was_indexed_is_read_from_its_start(seek_shards, caplog):
-    ranges, _ = seek_shards
-    url = ranges[0][0]
-    units = [(url, 5, 8)]
-    with caplog.at_level("WARNING", logger="aimv2.pretraining.validation"):
-        got = list(read_ranges(units, {(url, 5): (0, "s000005")}))  # offset 0 holds s000000 now
-    assert "changed since it was indexed" in caplog.text
-    assert [without_index(s) for _, s in got] == read_from_shard_starts(units)
-    assert sum(passed for passed, _ in got) == 1 + 8  # the sample found at the stale offset, then 0..7
-
-
-def test_remote_shards_are_read_from_their_start(seek_shards):
-    ranges, _ = seek_shards
-    remote = [(f"pipe:cat {url}", first, end) for url, first, end in ranges]
-    slots = split_ranges(remote, WORLD * WORKERS)
-    stats = ScanStats()
-    assert index_ranges(slots, stats=stats) == {} and stats.shards == 0  # nothing to seek in: nothing read
-    cost = read_cost(remote, WORKERS, WORLD)
-    assert cost["per_slot_after"] == cost["per_slot_before"] and cost["scan_shards"] == 0
-    for p, units in enumerate(slots):
-        got = list(read_ranges(units, {}))
-        assert sum(passed for passed, _ in got) == cost["per_slot_after"][p]
-        assert [without_index(s) for _, s in got] == read_from_shard_starts(units)
 
 
 @pytest.mark.parametrize("shards", [1, 2, 4])

@@ -4,7 +4,6 @@ Lightning run in the engine's run directory layout (aimv2.engine.run_dir) built 
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,10 +14,10 @@ from aimv2.compress.data import AlignmentDataModule
 from aimv2.compress.module import CompressModule
 from aimv2.config import save_config
 from aimv2.errors import UserError
-from aimv2.engine.checkpoint_io import remove_stale_temporaries
+from aimv2.engine.checkpoint_io import tidy_before_training
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.engine.metrics import read_metric
-from aimv2.engine.resume import abandon_newer, explicit_resume, resolve_resume
+from aimv2.engine.resume import resolve_resume
 from aimv2.engine.run_dir import RunDir
 from aimv2.engine.trainer import build_trainer
 
@@ -51,11 +50,7 @@ def train(cfg: CompressConfig) -> RunDir:
     trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip)
     if trainer.is_global_zero:
         save_config(cfg, run.config)
-        for name in remove_stale_temporaries(run.checkpoints):  # after putting back an interrupted publish
-            print(f"removed the remains of an interrupted checkpoint save: {run.checkpoints / name}")
-        # A rollback: the newer checkpoints go aside, else the next `auto` (a requeue) would jump back to them.
-        if explicit_resume(cfg.trainer.resume) and (moved := abandon_newer(resume, run.checkpoints)):
-            print(moved, file=sys.stderr, flush=True)
+        tidy_before_training(run.checkpoints, cfg.trainer.resume, resume)
     with warnings.catch_warnings():  # expected here: frozen parts in eval mode, frozen weights not in checkpoints
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")

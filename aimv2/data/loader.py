@@ -177,7 +177,7 @@ class EpochAwareLoader(DataLoader):
         if layout == stream.layout():
             stream.gen = int(state["gen"])
             self.repeated = int(state["repeated"][stream.rank])
-            base = (Consumed.from_state(state["base"], stream.counts) if state.get("base") is not None else None)
+            base = (Consumed.from_state(state["base"], stream.shards.counts) if state.get("base") is not None else None)
             self._pending = {"epoch": epoch, "consumed": int(state["consumed"]), "lanes": saved_lanes(state),
                              "base": base, "base_consumed": int(state.get("base_consumed", 0))}
             if base is not None:  # an epoch resumed elsewhere before: its length, on every later resume too
@@ -206,7 +206,7 @@ class EpochAwareLoader(DataLoader):
         differ = np.flatnonzero(old != new)
         if not len(differ):
             return ""
-        return (f"shard {stream.urls[int(differ[0])]} is not the one the checkpoint was trained on (its file name, "
+        return (f"shard {stream.shards.url(int(differ[0]))} is not the one the checkpoint was trained on (its file name, "
                 f"byte size or sample count differs; {len(differ)} shard(s) differ in all)")
 
     def _data_changed(self, state: dict, why: str) -> None:
@@ -229,8 +229,8 @@ class EpochAwareLoader(DataLoader):
         position and segment bits; the rest of its epoch is planned over what is left, for this layout."""
         stream, old = self.dataset, state["layout"]
         epoch, consumed, gen = int(state["epoch"]), int(state["consumed"]), int(state["gen"])
-        before = (Consumed.from_state(state["base"], stream.counts) if state.get("base") is not None
-                  else Consumed(stream.counts))
+        before = (Consumed.from_state(state["base"], stream.shards.counts) if state.get("base") is not None
+                  else Consumed(stream.shards.counts))
         old_slots = old["world_size"] * old["workers"]
         old_plan = plan_epoch(before.left_counts(), old_slots, old["batch_size"],
                               seed=stable_seed(old["seed"], gen, epoch, "order"))

@@ -37,6 +37,11 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def local_path(url: str) -> str:
+    """The file path of a local shard url (`file:` dropped)."""
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
 def read_tar(url: str, on_error: Callable[[Exception], bool], size: int = -1) -> Iterator[dict]:
     """The samples of shard `url` (webdataset's reader; `on_error` decides about unreadable data). With
     `size` (its manifest's byte size) a local shard of another size is skipped whole, through `on_error`:
@@ -44,7 +49,7 @@ def read_tar(url: str, on_error: Callable[[Exception], bool], size: int = -1) ->
     stat is of a file about to be opened anyway."""
     if size >= 0 and not url.startswith(REMOTE_PREFIXES):
         try:
-            actual = os.stat(url[len("file:"):] if url.startswith("file:") else url).st_size
+            actual = os.stat(local_path(url)).st_size
         except OSError:
             actual = size  # a missing file is reported by the reader below, as any unreadable shard
         if actual != size:

@@ -23,7 +23,7 @@ import braceexpand
 import numpy as np
 
 from aimv2.data.manifest import count_tar_samples, describe_shard, read_manifest, stats_count
-from aimv2.data.readers import REMOTE_PREFIXES
+from aimv2.data.readers import REMOTE_PREFIXES, local_path
 from aimv2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,10 @@ def resolve_shards(spec: str, key: str, need_counts: bool) -> ShardTable:
     for i, url in enumerate(urls):
         if url.startswith(REMOTE_PREFIXES):
             if need_counts:
-                raise UserError(f"{key}: epoch mode needs sample counts, but remote shard {url} has no manifest")
+                raise UserError(f"{key}: the sample counts of remote shard {url} are unknown (no local manifest); "
+                                "epoch mode and the held-out set need them")
             continue
-        local = url[len("file:"):] if url.startswith("file:") else url
+        local = local_path(url)
         directory, _, name = local.rpartition("/") if "/" in local else (".", "", local)
         if directory not in manifests:
             manifests[directory] = read_manifest(directory or "/")
@@ -194,7 +195,7 @@ def resolve_shards(spec: str, key: str, need_counts: bool) -> ShardTable:
 
 
 def _local(url: str) -> Path:
-    return Path(url[len("file:"):] if url.startswith("file:") else url)
+    return Path(local_path(url))
 
 
 __all__ = ["REMOTE_PREFIXES", "ShardInfo", "ShardTable", "check_first_shard", "count_tar_samples", "expand_urls",

@@ -116,9 +116,8 @@ class ShardStream(IterableDataset):
         self._shard_errors, self._warned, self._unreported = 0, 0, 0  # per iteration (reset in __iter__)
         # Every shard of every source by one index (the epoch's sample ids are (shard index, tar position)).
         self.shards = ShardTable.concat([src.shards for src in sources])
-        self.urls, self.counts, self.sizes = self.shards.urls, self.shards.counts, self.shards.sizes
         if mode == "epoch":
-            self.total = int(self.counts.sum())
+            self.total = int(self.shards.counts.sum())
             if self.full_batches == 0:
                 raise ValueError(
                     f"{self.total} samples over {world_size} rank(s) x {self.workers_per_rank} worker(s) leave a slot "
@@ -131,7 +130,7 @@ class ShardStream(IterableDataset):
         if self.mode == "epoch":
             state["sources"] = [replace(src, shards=ShardTable([], [])) for src in self.sources]
         else:
-            state["shards"] = state["urls"] = state["counts"] = state["sizes"] = None
+            state["shards"] = None
         return state
 
     @property
@@ -154,7 +153,7 @@ class ShardStream(IterableDataset):
     def plan_for(self, epoch: int, base: Optional[Consumed]) -> EpochPlan:
         """Epoch `epoch`'s plan (shard order seeded by the epoch); with `base` (samples consumed
         before, under another layout), the plan of what is left."""
-        left = self.counts if base is None else base.left_counts()
+        left = self.shards.counts if base is None else base.left_counts()
         return plan_epoch(left, self.num_slots, self.batch_size, seed=self._key(epoch, "order"))
 
     @property
@@ -269,7 +268,7 @@ class ShardStream(IterableDataset):
         return read_tar(url, on_error, size)
 
     def _read_shard(self, index: int) -> Iterator[dict]:
-        return self._read_one(self.urls[index], int(self.sizes[index]))
+        return self._read_one(self.shards.url(index), int(self.shards.sizes[index]))
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
         if self.shuffle_buffer <= 1:
@@ -331,7 +330,7 @@ class ShardStream(IterableDataset):
                 produced += 1
             if produced == before and pas > 0:
                 raise RuntimeError(f"data slot {slot} (rank {self.rank}) found no usable sample in "
-                                   f"{sorted({self.urls[shard] for shard, _, _ in units})}")
+                                   f"{sorted({self.shards.url(shard) for shard, _, _ in units})}")
             if produced < quota:
                 # The range ran out of raw samples with batches still due (its tail is corrupt): a repeat
                 # is unavoidable. Each due batch is one usable sample of the slot read again, counted.

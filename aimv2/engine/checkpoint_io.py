@@ -26,7 +26,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from aimv2.engine.resume import recover_interrupted_publish
+from aimv2.engine.resume import abandon_newer, explicit_resume, recover_interrupted_publish
 from aimv2.fileio import OLD_SUFFIX, REMOVING_SUFFIX, TMP_SUFFIX, atomic_file, discard
 
 # Temporary names: `.NAME.<pid>.tmp` (files), `.NAME.tmp` (directories); never taken for checkpoints.
@@ -74,3 +74,16 @@ def remove_stale_temporaries(ckpt_dir: str | Path) -> list[str]:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             removed.append(path.name)
     return sorted(removed)
+
+
+def tidy_before_training(ckpt_dir: str | Path, resume_setting: Optional[str], resume: Optional[str]) -> None:
+    """What every training job does before training, on one process: put back an interrupted publish and
+    remove the remains of killed saves (said on stdout); on a rollback (`trainer.resume` names an older
+    checkpoint: `resume_setting` as configured, `resume` as resolved) move the newer checkpoints aside,
+    said on stderr, else the next `auto` (a requeue) would jump back to them."""
+    import sys
+
+    for name in remove_stale_temporaries(ckpt_dir):
+        print(f"removed the remains of an interrupted checkpoint save: {Path(ckpt_dir) / name}")
+    if explicit_resume(resume_setting) and (moved := abandon_newer(resume, ckpt_dir)):
+        print(moved, file=sys.stderr, flush=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Sequence
 
@@ -12,14 +11,14 @@ from lightning.pytorch.callbacks import Callback
 
 from aimv2.config import PretrainConfig, save_config
 from aimv2.cpu_tuning import tune_cpu_allocator
-from aimv2.engine.checkpoint_io import remove_stale_temporaries
+from aimv2.engine.checkpoint_io import tidy_before_training
 from aimv2.pretraining.datamodule import PretrainDataModule
 from aimv2.pretraining.init_from import apply_init_from
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.validation import validation_callbacks
 from aimv2.engine.preemption import Preempted, PreemptionCheckpoint
-from aimv2.engine.resume import abandon_newer, explicit_resume, resolve_resume
+from aimv2.engine.resume import resolve_resume
 from aimv2.engine.strategy import prepare_model
 from aimv2.engine.run_dir import RunDir
 from aimv2.engine.trainer import build_trainer
@@ -51,11 +50,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
         tune_cpu_allocator()  # for Python callers; the aimv2 command has already done it (aimv2.cpu_tuning)
     if trainer.is_global_zero:
         save_config(cfg, run.config)
-        for name in remove_stale_temporaries(run.checkpoints):  # after putting back an interrupted publish
-            print(f"removed the remains of an interrupted checkpoint save: {run.checkpoints / name}")
-        # A rollback: the newer checkpoints go aside, else the next `auto` (a requeue) would jump back to them.
-        if explicit_resume(cfg.trainer.resume) and (moved := abandon_newer(resume, run.checkpoints)):
-            print(moved, file=sys.stderr, flush=True)
+        tidy_before_training(run.checkpoints, cfg.trainer.resume, resume)
         if resume is not None:
             print(f"resuming from {resume}", flush=True)
         for line in loaded:  # what model.init_from loaded, or why it was ignored

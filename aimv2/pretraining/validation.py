@@ -52,7 +52,6 @@ import logging
 import math
 import os
 import random
-import tarfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +68,7 @@ from aimv2.config.schema import ModelConfig, ValConfig
 from aimv2.data.image_caption import ImageCaptionCollator, ImageCaptionProcessor
 from aimv2.data.readers import stable_seed
 from aimv2.data.samples import CorruptSample
-from aimv2.data.shardlist import REMOTE_PREFIXES, count_tar_samples, resolve_shards
+from aimv2.data.shardlist import resolve_shards
 from aimv2.data.tar_ranges import (Index, Range, ScanStats, Start, index_ranges, is_remote, needed_starts, read_ranges,
                                     slot_starts)
 from aimv2.data.tokenizer import CaptionTokenizer
@@ -99,16 +98,8 @@ def plan_held_out(urls: str, max_samples: int, key: str = KEY) -> list[Range]:
     """The held-out set as sample ranges: the first `max_samples` (0: all) of the shards, in listed order.
     Resolves the shards now, so a missing one is reported before any model is built."""
     ranges, total = [], 0
-    for shard in resolve_shards(urls, key, need_counts=False):
+    for shard in resolve_shards(urls, key, need_counts=True):  # manifests, else stats files, else tar listings
         count = shard.count
-        if count < 0:
-            if shard.url.startswith(REMOTE_PREFIXES):
-                raise UserError(f"{key}: the held-out set needs each shard's sample count, but remote shard "
-                                f"{shard.url} has no count manifest beside it (NNNNN_stats.json)")
-            try:
-                count = count_tar_samples(shard.url)
-            except (tarfile.TarError, OSError) as err:
-                raise UserError(f"{key}: cannot read shard {shard.url}: {err}") from None
         take = count if not max_samples else min(count, max_samples - total)
         if take > 0:
             ranges.append((shard.url, 0, take))
