@@ -166,8 +166,18 @@ def test_stage_configs_continue_the_previous_stage(res, previous):
     pairs_per_step = stage.data.batch_size * stage.trainer.devices * stage.trainer.num_nodes
     assert pairs_per_step == 8192
     assert stage.trainer.max_steps * pairs_per_step >= 2e9 > (stage.trainer.max_steps - 1) * pairs_per_step
+    # AIMv2 Section 2.4: "2 billion image-text pairs sampled from the same pool as the pre-training
+    # stage, except that we do not use synthetic captions at this stage". The pool is the 224 px
+    # mixture (Table 2: DFN alt 30%, DFN synthetic 30%, COYO 9%, HQITP alt 28%, HQITP synthetic 3%).
+    assert [s.name for s in base.data.sources] == ["dfn2b_alt", "dfn2b_synthetic", "coyo", "hqitp_alt",
+                                                   "hqitp_synthetic"]
+    assert stage.data.sources == [s for s in base.data.sources if "synthetic" not in s.name]
+    assert [s.weight for s in stage.data.sources] == [0.30, 0.09, 0.28]
+    # The sampler draws by relative weight: 30/67, 9/67, 28/67 of the stage's samples.
+    probs = [s.weight / sum(x.weight for x in stage.data.sources) for s in stage.data.sources]
+    assert probs == pytest.approx([0.447761, 0.134328, 0.417910], abs=1e-6)
     # Everything else is the 224 px recipe.
     assert replace(stage, run_dir=base.run_dir, model=base.model,
                    optim=replace(stage.optim, weight_decay=base.optim.weight_decay),
-                   data=replace(stage.data, seed=base.data.seed),
+                   data=replace(stage.data, seed=base.data.seed, sources=base.data.sources),
                    trainer=replace(stage.trainer, max_steps=base.trainer.max_steps)) == base
