@@ -1,17 +1,26 @@
 """Region cross-attention: each of the M = s*s queries attends only to the k x k patches of its own
 region of the grid (k = grid side / s), so the cost is O(N) instead of O(M * N).
 
-- TokenPacker: the queries are the average-pooled (downsampled) grid itself.
+- TokenPacker (Li et al. 2024, arXiv 2407.02392): the queries are the average-pooled (downsampled)
+  grid itself, refined by their region's attention with a residual (query + attention): the
+  pooled features stay in the token, the attention adds region detail. TokenPacker proper
+  downsamples by bilinear interpolation, attends to multi-level features and has no residual
+  (github.com/CircleRadon/TokenPacker); here average pooling, the last layer's features and the
+  residual.
 - QueCC ("Inference Optimal VLMs Need Only One Visual Token but Larger Models", arXiv 2411.03312):
   the query text's embedding from the LLM, projected by Linear + LayerNorm, is added to every
   patch feature; a depthwise convolution with kernel = stride = k over those text-conditioned
   features makes the queries; each query attends to its own region of the visual features
-  *without* the text (keys and values never see it); an MLP maps into the LLM width. So the text
-  steers what each region's query looks for, not what the region offers. As in the authors' code
-  (github.com/locuslab/llava-token-compression, llava/model/multimodal_projector/quecc.py), except
-  that their query path and k/v projections are 2-layer MLPs and their keys come from multi-level
-  features; here linear projections and the last layer's features.
-TokenPacker proper attends to multi-level features; here the region keys are the last layer's.
+  *without* the text (keys and values never see it); an MLP maps the attention output into the
+  LLM width. There is no residual around the attention, as in the authors' code
+  (github.com/locuslab/llava-token-compression, llava/model/multimodal_projector/quecc.py, whose
+  output is the attention output alone): before the MLP each token is the attention's output
+  projection of a convex combination of its region's values (projected visual features), so the
+  text steers what each region's query picks and never enters the token itself. Differences from their code: their query path and k/v projections are
+  2-layer MLPs and their keys come from multi-level features; here linear projections and the
+  last layer's features. An earlier version of this toolkit added the query back to the
+  attention output (a residual, which let the text reach the tokens directly); its weights
+  (keys `region.*`) are refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -24,16 +33,17 @@ from torch import nn
 
 from aimv2.compress.base import (Compressor, CompressorSpec, check_num_tokens, from_grid, mlp, pool_tokens,
                                  to_grid, to_regions)
-from aimv2.compress.resampler import attention_width
+from aimv2.compress.resampler import attention_width, refuse_old_weights
 from aimv2.errors import UserError
 
 
 class RegionAttention(nn.Module):
-    """queries (B, M, D_vis), features (B, N, D_vis) -> (B, M, W): query i attends to region i only."""
+    """queries (B, M, D_vis), features (B, N, D_vis) -> (B, M, W): query i attends to region i only;
+    `residual`: add the projected query to the attention output (TokenPacker here) or not (QueCC)."""
 
-    def __init__(self, d_vis: int, width: int, heads: int, grid: tuple[int, int]):
+    def __init__(self, d_vis: int, width: int, heads: int, grid: tuple[int, int], residual: bool = True):
         super().__init__()
-        self.grid = grid
+        self.grid, self.residual = grid, residual
         self.q = nn.Linear(d_vis, width)
         self.kv = nn.Linear(d_vis, width)
         self.norm_q, self.norm_kv = nn.LayerNorm(width), nn.LayerNorm(width)
@@ -45,7 +55,9 @@ class RegionAttention(nn.Module):
         side = math.isqrt(m)
         q = self.q(queries).reshape(b * m, 1, -1)  # (B*M, 1, W): one query per region
         kv = self.norm_kv(self.kv(to_regions(features, grid or self.grid, side)))  # (B*M, k*k, W)
-        out = q + self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]  # (B*M, 1, W)
+        out = self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]  # (B*M, 1, W)
+        if self.residual:
+            out = q + out
         return out.reshape(b, m, -1)
 
 
@@ -89,8 +101,11 @@ class QueCC(_RegionCompressor):
         self.text_norm = nn.LayerNorm(spec.d_vis, eps=1e-6)
         # Depthwise, kernel = stride = region size: one query per region, fixed M per weights.
         self.downsample = nn.Conv2d(spec.d_vis, spec.d_vis, kernel, stride=kernel, groups=spec.d_vis)
-        self.region = RegionAttention(spec.d_vis, width, spec.heads, spec.grid)
+        # No residual, as the paper's code; named apart from the residual form's `region` (refused below).
+        self.region_attn = RegionAttention(spec.d_vis, width, spec.heads, spec.grid, residual=False)
         self.out = mlp(width, spec.d_llm, spec.d_llm)
+        refuse_old_weights(self, "quecc", ("region.",), "a residual added each query to its attention output, "
+                           "which the paper's QueCC does not have")
 
     def text_parameters(self) -> list[nn.Parameter]:
         return [*self.text_proj.parameters(), *self.text_norm.parameters()]
@@ -106,4 +121,4 @@ class QueCC(_RegionCompressor):
         if text is not None:
             conditioned = x + self.text_norm(self.text_proj(text)).unsqueeze(1)  # (B, N, D_vis)
         queries = from_grid(self.downsample(to_grid(conditioned, self.spec.grid)))  # (B, M, D_vis)
-        return self.out(self.region(queries, x))  # keys/values: x without the text; (B, M, D_llm)
+        return self.out(self.region_attn(queries, x))  # keys/values: x without the text; (B, M, D_llm)

@@ -12,9 +12,9 @@ from aimv2.errors import UserError
 COMPRESSORS: dict[str, type[Compressor]] = {
     "mlp": MLPProjector,  # LLaVA-1.5, M = N
     "pool": PooledProjector,  # Matryoshka / LDPv2: avg-pool to sqrt(M) x sqrt(M) + MLP
-    "resampler": Resampler,  # Perceiver Resampler / Q-Former: M learned queries
-    "tokenpacker": TokenPacker,  # pooled grid queries attend to their own region
-    "quecc": QueCC,  # text-conditioned depthwise-conv queries attend to their own region (k/v without text)
+    "resampler": Resampler,  # Flamingo's Perceiver Resampler: M learned latents attend over [patches; latents]
+    "tokenpacker": TokenPacker,  # pooled grid queries attend to their own region (+ residual)
+    "quecc": QueCC,  # text-conditioned depthwise-conv queries attend to their own region (k/v without text, no residual)
     "kdv": KDVPruner,  # training-free key-diversity pruning to M, then the MLP
 }
 
