@@ -123,10 +123,28 @@ class HeadGrid(nn.Module):
         self.step += 1
 
     def optimizer_state(self) -> dict:
+        """The AdamW moments by parameter (`kind.name`): {"m", "v"}, live tensors (save or copy them)."""
         return {key: {"m": m, "v": v} for key, (m, v) in self._moments.items()}
 
     def load_optimizer_state(self, state: dict) -> None:
-        self._moments = {key: (s["m"], s["v"]) for key, s in state.items()}
+        """Moments saved by `optimizer_state` (heads.pt is read onto the CPU), each put on its parameter's
+        device and dtype, as the ones `optimizer_step` makes with zeros_like: the update mixes them with
+        the gradient in place (`m.mul_(b1).add_(g)`), which fails across devices on a GPU grid. Copies,
+        so the grid never shares a moment with the state it was given. A moment for a parameter the grid
+        lacks, or of another shape, is a ValueError."""
+        params = {f"{k}.{name}": p for k in self.kinds for name, p in self.heads[k].named_parameters()}
+        moments = {}
+        for key, saved in state.items():
+            p = params.get(key)
+            if p is None:
+                raise ValueError(f"optimizer state for {key!r}: the head grid has no such parameter")
+            m, v = saved["m"], saved["v"]
+            if m.shape != p.shape or v.shape != p.shape:
+                raise ValueError(f"optimizer state for {key!r}: moments of shape {tuple(m.shape)}, parameter "
+                                 f"{tuple(p.shape)}")
+            moments[key] = (m.to(device=p.device, dtype=p.dtype, copy=True),
+                            v.to(device=p.device, dtype=p.dtype, copy=True))
+        self._moments = moments
 
     # -- evaluation ------------------------------------------------------------------------
     def new_metrics(self) -> dict[str, list[tuple[MulticlassAccuracy, MulticlassAccuracy]]]:

@@ -13,10 +13,11 @@ from aimv2.probe.grid import HeadGrid
 
 
 def load_head_state(grid: HeadGrid, path: Path, fingerprint: str) -> int:
-    """Epochs already done (0 when no matching state): heads, optimizer moments and step restored."""
+    """Epochs already done (0 when no matching state): heads, optimizer moments and step restored, each
+    on the device (and dtype) of the grid's own tensors, wherever the file was written."""
     if not path.is_file():
         return 0
-    try:
+    try:  # read onto the CPU (written on any device); the grid places every tensor beside its parameter
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a damaged state file: start over
         return 0
