@@ -6,6 +6,10 @@ Checkpoints hold the trainable weights and the module's sections (stage, encoder
 text, optim, seed) as plain dicts. The frozen encoder is left out (it is rebuilt from
 `encoder.source`), and so is a frozen LM loaded from `lm.path`; a randomly initialized or trained LM
 is kept. `aimv2 compress export` makes a self-contained bundle.
+
+The optimizer is pre-training's (aimv2.engine.optim): AdamW with fully decoupled weight decay, whose
+no-decay names are taken from the plain modules at construction (FSDP wraps before configure_optimizers),
+and DeepSpeed's CPU Adam when the strategy offloads the optimizer (`optimizer_options`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,15 @@ from aimv2.compress.attach import build_attachment
 from aimv2.compress.config import CompressOptimSection, CompressorSection, EncoderSection, LMSection, TextSection
 from aimv2.config import as_section
 from aimv2.errors import UserError
-from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
-from aimv2.engine.optim import adamw, decoupled_weight_decay, param_groups, warmup_cosine_schedule
+from aimv2.engine.clipping import ClipGradientNorm
+from aimv2.engine.optim import (
+    decoupled_weight_decay,
+    make_optimizer,
+    no_decay_names,
+    optimizer_options,
+    param_groups,
+    warmup_cosine_schedule,
+)
 from aimv2.objective import global_mean
 
 
@@ -50,6 +61,9 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         self.encoder_cfg, self.compressor_cfg, self.lm_cfg, self.text_cfg, self.optim_cfg = sections.values()
         self.vlm, self.tokenizer = build_attachment(stage, self.encoder_cfg, self.compressor_cfg, self.lm_cfg,
                                                     self.text_cfg)
+        # Which weights decay, decided now on the plain modules: under FSDP configure_optimizers runs after
+        # wrapping, when the parameters are flat 1-D shards whose shapes no longer tell (as in pre-training).
+        self._no_decay = {"compressor": no_decay_names(self.vlm.compressor), "lm": no_decay_names(self.vlm.lm)}
         self.strict_loading = False  # frozen parts are rebuilt from their sources, not the checkpoint
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
 
@@ -101,14 +115,15 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         # Fully decoupled decay as in pre-training; one value for every group (AdamLH divides by the
         # optimizer's lr), so the LLM at lm_lr_scale x lr also decays at lm_lr_scale x weight_decay.
         wd = decoupled_weight_decay(cfg.weight_decay, cfg.lr)
-        groups = [g | {"lr": cfg.lr} for g in param_groups(self.vlm.compressor, wd)]
+        groups = [g | {"lr": cfg.lr} for g in param_groups(self.vlm.compressor, wd, self._no_decay["compressor"])]
         if self.stage == 2:
             lm_lr = cfg.lr * cfg.lm_lr_scale
-            groups += [g | {"lr": lm_lr} for g in param_groups(self.vlm.lm, wd)]
+            groups += [g | {"lr": lm_lr} for g in param_groups(self.vlm.lm, wd, self._no_decay["lm"])]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise UserError(f"compressor '{self.compressor_cfg.kind}' has nothing to train in stage {self.stage}")
-        optimizer = adamw(groups, cfg.lr, cfg.betas, cfg.eps, fused=fused_optimizer_allowed(self.trainer.precision))
+        # DeepSpeed's CPU Adam under optimizer offload, else fused AdamW where the precision allows: as pre-training.
+        optimizer = make_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, **optimizer_options(self.trainer))
         total = int(min(self.trainer.estimated_stepping_batches, 2**62))
         return {"optimizer": optimizer,
                 "lr_scheduler": warmup_cosine_schedule(optimizer, cfg.warmup_steps, total, cfg.lr, cfg.min_lr)}

@@ -5,9 +5,11 @@ Lightning run in the engine's run directory layout (aimv2.engine.run_dir) built 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 
 from aimv2.compress.config import CompressConfig
 from aimv2.compress.data import AlignmentDataModule
@@ -31,8 +33,9 @@ def resolve_paths(cfg: CompressConfig) -> CompressConfig:
     return cfg
 
 
-def train(cfg: CompressConfig) -> RunDir:
-    """Train; returns the run directory (config, checkpoints, metrics, tensorboard)."""
+def train(cfg: CompressConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
+    """Train; returns the run directory (config, checkpoints, metrics, tensorboard). `callbacks` join the
+    trainer's own (as in `aimv2.pretraining.pretrain.pretrain`)."""
     cfg.require("encoder.source", "data.train")
     if cfg.trainer.max_steps <= 0:
         raise UserError("config key 'trainer.max_steps': must be > 0 (the training stream is infinite)")
@@ -47,7 +50,7 @@ def train(cfg: CompressConfig) -> RunDir:
     if cfg.compressor.init and resume is None:
         init_compressor(module, cfg.compressor.init)
     data = AlignmentDataModule(cfg.data, module.tokenizer, module.vlm.preprocessing)
-    trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip)
+    trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip, extra_callbacks=callbacks)
     if trainer.is_global_zero:
         save_config(cfg, run.config)
         tidy_before_training(run.checkpoints, cfg.trainer.resume, resume)

@@ -39,6 +39,9 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
+    """[decayed, not decayed] trainable parameters of `model`. Pass `no_decay` (from `no_decay_names`,
+    taken before wrapping) whenever `model` may already be wrapped: without it the split is decided on
+    the shapes seen now, and FSDP's flat 1-D shards would all land in the no-decay group."""
     no_decay_set = no_decay_names(model) if no_decay is None else no_decay
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -83,15 +86,37 @@ def adamw(groups: list[dict], lr: float, betas, eps: float, fused: bool = True) 
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
-                    no_decay: set[str] | None = None, cpu_adam: bool = False, fused: bool = True) -> torch.optim.Optimizer:
-    """The pre-training optimizer; `weight_decay` is the paper's lambda, applied fully decoupled."""
-    groups = param_groups(model, decoupled_weight_decay(weight_decay, lr), no_decay)
-    if cpu_adam:  # DeepSpeed with optimizer offload: the states live in CPU memory, stepped by its CPU Adam
+def optimizer_options(trainer) -> dict:
+    """How a job's optimizer must be built under `trainer` (its strategy and precision), as the keyword
+    arguments of `make_optimizer` / `build_optimizer`: `cpu_adam` where DeepSpeed offloads the optimizer
+    (ZeRO-Offload refuses a torch optimizer: "You are using ZeRO-Offload with a client provided
+    optimizer", deepspeed 0.19 runtime/engine.py), `fused` unless a loss scaler needs the gradients
+    unscaled before clipping (aimv2.engine.clipping). Every job that trains under Lightning uses it."""
+    from aimv2.engine.clipping import fused_optimizer_allowed
+    from aimv2.engine.strategy import offloads_optimizer
+
+    return {"cpu_adam": offloads_optimizer(getattr(trainer, "strategy", None)),
+            "fused": fused_optimizer_allowed(trainer.precision)}
+
+
+def make_optimizer(groups: list[dict], lr: float, betas, eps: float, cpu_adam: bool = False,
+                   fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW over parameter groups (each may carry its own `lr` and `weight_decay`): DeepSpeed's CPU Adam
+    in adamw mode when the strategy offloads the optimizer (its states then live in CPU memory), else
+    torch's AdamW (`adamw`). Both decay as torch does, so the groups are the same either way."""
+    if cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)
     return adamw(groups, lr, betas, eps, fused=fused)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
+                    no_decay: set[str] | None = None, cpu_adam: bool = False, fused: bool = True) -> torch.optim.Optimizer:
+    """The pre-training optimizer; `weight_decay` is the paper's lambda, applied fully decoupled.
+    `no_decay`: the names `no_decay_names` gave on the model before any wrapper (FSDP) flattened it."""
+    groups = param_groups(model, decoupled_weight_decay(weight_decay, lr), no_decay)
+    return make_optimizer(groups, lr, betas, eps, cpu_adam=cpu_adam, fused=fused)
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -36,8 +36,8 @@ from aimv2.models import AIMv2, get_size
 from aimv2.models.attention import attention_backend
 from aimv2.models.masks import sample_prefix_lengths, sample_prefix_lengths_per_image
 from aimv2.objective import Losses, LossSums, aimv2_loss_sums, global_losses, packed_aimv2_loss_sums
-from aimv2.engine.clipping import ClipGradientNorm, fused_optimizer_allowed
-from aimv2.engine.optim import build_optimizer, no_decay_names, warmup_cosine_schedule
+from aimv2.engine.clipping import ClipGradientNorm
+from aimv2.engine.optim import build_optimizer, no_decay_names, optimizer_options, warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +271,8 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         return int(min(trainer.estimated_stepping_batches, 2**62))
 
     def configure_optimizers(self):
-        from aimv2.engine.strategy import offloads_optimizer
-
         cfg = self.optim_cfg
         optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,
-                                    no_decay=self._no_decay, cpu_adam=offloads_optimizer(self.trainer.strategy),
-                                    fused=fused_optimizer_allowed(self.trainer.precision))
+                                    no_decay=self._no_decay, **optimizer_options(self.trainer))
         schedule = warmup_cosine_schedule(optimizer, cfg.warmup_steps, self._total_steps(), cfg.lr, cfg.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
