@@ -23,7 +23,13 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 @dataclass
 class ProbeDataConfig:
     train: str = "???"  # class folders (train/<class>/<img>) or class shards (dir with classes.json, or a brace pattern)
-    val: str = "???"
+    val: str = "???"  # the split every head is scored on
+    # Choosing the best head of each kind on a split apart from the scored one (cached mode): chosen on val,
+    # the reported top-1 is the best of the grid's noisy val scores, biased upwards. Either a split of its
+    # own (the syntax of train and val), or a class-stratified fraction of train held out from head training
+    # (the same rows for the same train split and seed). Neither: heads are chosen on val (selected_on: val).
+    select: str = ""
+    select_fraction: float = 0.0  # e.g. 0.2: a fifth of each class of train chooses, the rest trains
     batch_size: int = 64  # per device (the paper: 1024); small sets want small batches (more steps)
     num_workers: int = 2  # dataloader workers per device
     shuffle_buffer: int = 1000  # augmented mode on shards: samples in the shuffle buffer
@@ -31,6 +37,9 @@ class ProbeDataConfig:
     def validate(self) -> None:
         check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(0 <= self.select_fraction < 1, "select_fraction", f"must be within [0, 1), got {self.select_fraction:g}")
+        check(not (self.select and self.select_fraction), "select_fraction",
+              "choose heads on data.select or on data.select_fraction of train, not both")
 
 
 @dataclass
@@ -95,6 +104,8 @@ class ProbeConfig:
             check(len(self.native_patches) == 2 and 2 <= self.native_patches[0] <= self.native_patches[1],
                   "native_patches", f"must be [min, max] with 2 <= min <= max, got {self.native_patches}")
             check(self.mode == "cached", "native_patches", "native-resolution probing runs in cached mode only")
+        check(self.mode == "cached" or not (self.data.select or self.data.select_fraction), "data.select",
+              "a selection split (data.select, data.select_fraction) needs cached mode; augmented mode chooses on val")
 
     def resolved_run_dir(self) -> Path:
         """run_dir, or RUN/probe for a checkpoint in RUN/checkpoints/ (aimv2.engine.run_dir), else runs/probe."""
