@@ -138,10 +138,17 @@ class DataConfig:
 class ObjectiveConfig:
     alpha: float = 0.4  # weight of the image loss; 0 = captioning-only baseline
     text_weight: float = 1.0  # weight of the text loss; 0 = image-only (AIMv1-like)
+    # Prefix attention in the encoder during pre-training (a random prefix M, causal after it). false: the
+    # encoder attends bidirectionally, as at inference and as captioning baselines (CapPa) train it; the
+    # image loss (next patch outside the prefix) then has no targets, so false needs alpha = 0.
+    prefix_attention: bool = True
 
     def validate(self) -> None:
         check(self.alpha >= 0 and self.text_weight >= 0, "", "alpha and text_weight must be >= 0")
         check(self.alpha + self.text_weight > 0, "", "alpha and text_weight are both 0")
+        check(self.prefix_attention or self.alpha == 0, "prefix_attention",
+              f"false needs objective.alpha=0 (got {self.alpha:g}): the image loss is defined only for the "
+              "non-prefix patches of a prefix-causal encoder")
 
 
 @dataclass

@@ -119,12 +119,16 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         """The loss terms (sums and counts) of a fixed-size batch and its number of images. `prefix` (B,): given
         prefix lengths instead of drawn ones."""
         images, tokens, token_mask = batch["image"], batch["tokens"], batch["token_mask"]
-        if prefix is None:
+        causal = self.objective.prefix_attention
+        if not causal:  # bidirectional encoder (objective.prefix_attention=false): no mask; M = N, no image targets
+            prefix = torch.full((images.shape[0],), self.model.num_patches, dtype=torch.long)
+        elif prefix is None:
             prefix = sample_prefix_lengths(images.shape[0], self.model.num_patches, generator=generator)
         if prefix.device != images.device:
             prefix = self._to_device(prefix, images)
         token_index = batch.get("token_index")  # from the collator: packing without a device sync
-        pixels, logits = self.model(images, tokens, prefix, token_mask, token_index)  # logits (n_real_tokens, V)
+        pixels, logits = self.model(images, tokens, prefix if causal else None, token_mask,
+                                    token_index)  # logits (n_real_tokens, V)
         return aimv2_loss_sums(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
                                token_index=token_index), images.shape[0]
 
@@ -133,13 +137,15 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         """Native resolution: packed rows of images of any grid (aimv2.models.packing); one prefix
         length per image, uniform in [1, N_i - 1] for its own N_i patches, unless `prefix` (n,) gives them."""
         patches, tokens, layout = batch["patches"], batch["tokens"], batch["layout"]
-        if prefix is None:
+        causal = self.objective.prefix_attention
+        if not causal or prefix is None:
             counts = torch.tensor([gh * gw for gh, gw in batch["grids"]])  # the collator's list: on the host, no sync
-            prefix = sample_prefix_lengths_per_image(counts, generator=generator)
+            # bidirectional (objective.prefix_attention=false): M_i = N_i, no image targets
+            prefix = sample_prefix_lengths_per_image(counts, generator=generator) if causal else counts
         if prefix.device != patches.device:
             prefix = self._to_device(prefix, patches)
         backend = attention_backend(self.attention, patches.device)
-        pixels, logits = self.model.forward_packed(patches, tokens, layout, prefix, backend=backend)
+        pixels, logits = self.model.forward_packed(patches, tokens, layout, prefix if causal else None, backend=backend)
         return packed_aimv2_loss_sums(pixels, logits, patches, tokens, layout, prefix), tokens.shape[0]
 
     @staticmethod
