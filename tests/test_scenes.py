@@ -94,3 +94,20 @@ def test_is_idempotent_and_cli(scenes, capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "captions name shape and colour" in printed and "position" in printed and "never named" in printed
     assert Image.open(io.BytesIO(next(iter(_samples(tmp_path / "s" / "pretrain").values()))["jpg"])).size == (56, 56)
+
+
+def test_heldout_captioned_scenes_leave_the_other_splits_as_they_were(scenes, tmp_path):
+    """`heldout`: other scenes with captions (a pre-training validation set), drawn after every other
+    split, so the set without them is the same set."""
+    out, result = scenes
+    more = build_scene_shards(tmp_path, pretrain=60, probe_train=40, probe_val=40, image_size=112, samples_per_shard=25,
+                              heldout=30)
+    held = _samples(more["heldout"]["dir"])
+    assert more["heldout"]["count"] == 30 and all(s["txt"] and "cls" not in s for s in held.values())
+    for split in [("pretrain",)] + [("tasks", t, s) for t in TASKS for s in ("train", "val")]:
+        mine, theirs = more, result
+        for key in split:
+            mine, theirs = mine[key], theirs[key]
+        assert _samples(mine["dir"]) == _samples(theirs["dir"]), split  # same keys, images, captions, labels
+        assert not set(_samples(mine["dir"])) & set(held)
+    assert "heldout" not in result and not (out / "heldout").exists()

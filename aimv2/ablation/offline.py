@@ -6,6 +6,10 @@ add attributes that the captions never name (position, size, count) beside ones 
 colour), which is where the objectives should differ. The captions of both use 58 words, so the
 set comes with its word list (`data.tokenizer.kind=words`): CLIP's 49408-way output layer would be
 most of every step's cost at this size.
+
+Held out for the pre-training validation loss (data.val): the demo's held-out digits (the probe's val
+digits) with their captions, and as many other generated scenes as the probe's val split holds (500 by
+default), captioned as the training scenes are; neither is in the pre-training shards.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from aimv2.ablation.plan import Task
 def offline_data(out: str | Path, scene_counts: tuple[int, int, int] = (6000, 1000, 500),
                  image_size: int = 112) -> tuple[list[str], list[Task]]:
     """Write (or find) both sets and their word list under `out`; returns the pre-training overrides
-    (both sources, one sample in two from each; the word tokenizer) and the probe tasks: digits, then
-    the scene tasks."""
+    (both sources, one sample in two from each; the word tokenizer; the held-out validation shards of
+    both sets, data.val.urls) and the probe tasks: digits, then the scene tasks."""
     from aimv2.data.demo import build_demo_shards
     from aimv2.data.scenes import build_scene_shards
     from aimv2.data.tokenizer import write_vocabulary
@@ -28,12 +32,13 @@ def offline_data(out: str | Path, scene_counts: tuple[int, int, int] = (6000, 10
     digits = build_demo_shards(out / "digits", image_size=image_size)
     pretrain, train, val = scene_counts
     scenes = build_scene_shards(out / "scenes", pretrain=pretrain, probe_train=train, probe_val=val,
-                                image_size=image_size)
+                                image_size=image_size, heldout=val)
     urls = {"scenes": scenes["pretrain"]["urls"], "digits": digits["pretrain"]["urls"]}
     vocabulary = out / "vocab.txt"
     write_vocabulary((c for u in urls.values() for c in shard_captions(u)), vocabulary)
     overrides = ["data.sources=[" + ", ".join(f"{{name: {n}, urls: '{u}'}}" for n, u in urls.items()) + "]",
-                 "data.tokenizer.kind=words", f"data.tokenizer.path='{vocabulary.resolve()}'"]
+                 "data.tokenizer.kind=words", f"data.tokenizer.path='{vocabulary.resolve()}'",
+                 f"data.val.urls='{scenes['heldout']['urls']}::{digits['heldout']['urls']}'"]
     tasks = [Task("digit", digits["probe_train"]["dir"], digits["probe_val"]["dir"], named=True)]
     tasks += [Task(name, entry["train"]["dir"], entry["val"]["dir"], entry["named"])
               for name, entry in scenes["tasks"].items()]

@@ -3,6 +3,15 @@
 Why variants are only objective overrides: the ablation asks what each loss teaches, so everything
 else (model, data, optimizer, steps, seed) must be identical between them. The random-init variant
 trains nothing: it is the step-0 checkpoint the trained variants of the same seed started from.
+Captioning-only trains its encoder bidirectionally (objective.prefix_attention=false), as captioning
+baselines such as CapPa do and as every variant is probed: with AIMv2's prefix-causal encoder and no
+image loss, most of its tokens would be trained to see only the patches before them.
+
+Why the probe holds part of its train split out (PROBE_DEFAULTS): each probe trains a grid of heads
+(lrs x weight decays) and reports the best one; chosen on the split it is scored on, the reported
+top-1 is the maximum over the grid of noisy estimates, biased upwards. The heads are chosen on a
+class-stratified fifth of each task's train split (aimv2 probe's data.select_fraction) and scored
+on its val split.
 
 Run directory:
   plan.json                                 the settings; other pre-training settings are refused
@@ -24,17 +33,20 @@ from aimv2.fileio import atomic_write
 
 # name -> pre-training overrides; None = no training (the step-0 checkpoint of the same seed).
 VARIANTS: dict[str, list[str] | None] = {
-    "aimv2": ["objective.alpha=0.4", "objective.text_weight=1.0"],
-    "captioning": ["objective.alpha=0.0", "objective.text_weight=1.0"],
-    "pixel": ["objective.alpha=0.4", "objective.text_weight=0.0"],
+    "aimv2": ["objective.alpha=0.4", "objective.text_weight=1.0", "objective.prefix_attention=true"],
+    "captioning": ["objective.alpha=0.0", "objective.text_weight=1.0", "objective.prefix_attention=false"],
+    "pixel": ["objective.alpha=0.4", "objective.text_weight=0.0", "objective.prefix_attention=true"],
     "random": None,
 }
 DESCRIPTIONS = {
-    "aimv2": "AIMv2: captions + next patches (alpha 0.4, text weight 1)",
-    "captioning": "captioning only (alpha 0)",
-    "pixel": "pixels only (text weight 0)",
+    "aimv2": "AIMv2: captions + next patches (alpha 0.4, text weight 1), prefix-causal encoder",
+    "captioning": "captioning only (alpha 0), bidirectional encoder",
+    "pixel": "pixels only (text weight 0), prefix-causal encoder",
     "random": "random init (the step-0 checkpoint, no training)",
 }
+# Probe settings every ablation probe starts from (before --probe overrides): heads chosen on a held-out
+# fifth of the train split, scored on val.
+PROBE_DEFAULTS = ["data.select_fraction=0.2"]
 
 
 def check_variants(variants: list[str]) -> None:

@@ -1,5 +1,6 @@
 """The ablation's summary: mean and spread over seeds per variant and task, as JSON and Markdown,
-with the command, seeds and machine that made it (so a committed table says how to remake it)."""
+with the command, seeds and machine that made it (so a committed table says how to remake it), and
+every trained run's final training and held-out validation losses."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from aimv2.ablation.plan import DESCRIPTIONS, AblationPlan
+from aimv2.ablation.plan import DESCRIPTIONS, PROBE_DEFAULTS, VARIANTS, AblationPlan
 from aimv2.fileio import atomic_write
 
 
@@ -33,11 +34,11 @@ def machine_info() -> dict:
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
-def _stats(values: list[float]) -> dict:
+def _stats(values: list[float], digits: int = 2) -> dict:
     """Mean, sample standard deviation (0 for one seed), range, count."""
-    return {"mean": round(statistics.fmean(values), 2),
-            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-            "min": round(min(values), 2), "max": round(max(values), 2), "n": len(values)}
+    return {"mean": round(statistics.fmean(values), digits),
+            "std": round(statistics.stdev(values), digits) if len(values) > 1 else 0.0,
+            "min": round(min(values), digits), "max": round(max(values), digits), "n": len(values)}
 
 
 def _at_edge(top1_by_lr: dict[str, float]) -> bool:
@@ -47,7 +48,34 @@ def _at_edge(top1_by_lr: dict[str, float]) -> bool:
     return len(values) >= 3 and max(values[0], values[-1]) > max(values[1:-1])
 
 
-def summarize(plan: AblationPlan, records: list[dict], command: str) -> dict:
+def trained_terms(variant: str) -> set[str]:
+    """The loss terms a variant's objective weighs (> 0): "image" (alpha), "caption" (text_weight)."""
+    weights = dict(o.split("=", 1) for o in VARIANTS.get(variant) or [])
+    return {term for term, key in (("image", "objective.alpha"), ("caption", "objective.text_weight"))
+            if float(weights.get(key, 1.0)) > 0}
+
+
+def summarize_losses(losses: list[dict]) -> dict:
+    """Per variant: for "train" and "val", each term's statistics over seeds (4 decimals) and whether the
+    variant's objective trains it ("trained": false for a term of weight 0, logged but never optimized)."""
+    table: dict = {}
+    for variant in dict.fromkeys(r["variant"] for r in losses):
+        rows = [r for r in losses if r["variant"] == variant]
+        trained = trained_terms(variant)
+        entry: dict = {}
+        for split in ("train", "val"):
+            terms = dict.fromkeys(t for r in rows for t in r.get(split, {}))
+            entry[split] = {}
+            for term in terms:
+                values = [r[split][term] for r in rows if term in r.get(split, {})]
+                entry[split][term] = _stats(values, 4) | {"trained": term == "total" or term in trained,
+                                                          "per_seed": {str(r["seed"]): r[split][term] for r in rows
+                                                                       if term in r.get(split, {})}}
+        table[variant] = entry
+    return table
+
+
+def summarize(plan: AblationPlan, records: list[dict], command: str, losses: list[dict] | None = None) -> dict:
     """Every record plus, per head kind, variant and task, the statistics over seeds."""
     kinds = sorted({k for r in records for k in r["best"]}, key=lambda k: (k != "attentive", k))
     variants = [v for v in plan.variants if any(r["variant"] == v for r in records)]
@@ -65,21 +93,65 @@ def summarize(plan: AblationPlan, records: list[dict], command: str) -> dict:
             table[kind][variant]["mean over tasks"] = _stats(task_means)
     chance = {r["task"]: round(100.0 / r["classes"], 2) for r in records}
     edges = [(r, kind) for r in records for kind in r["top1_by_lr"] if _at_edge(r["top1_by_lr"][kind])]
+    selected_on = sorted({r.get("selected_on", "val") for r in records})
+    if selected_on == ["select"]:
+        metric = ("top-1 (%) on the task's val split of the head of each kind chosen by its top-1 on the selection "
+                  "split (a class-stratified part of the train split held out from head training, or data.select)")
+    else:
+        metric = "top-1 (%) of the best head of each kind on the task's val split (the probe's grid)"
     return {
         "command": command, "machine": machine_info(), "seeds": sorted({r["seed"] for r in records}),
         "variants": {v: DESCRIPTIONS[v] for v in variants},
         "tasks": [asdict(t) | {"chance": chance.get(t.name)} for t in plan.tasks],
         "pretrain_config": plan.pretrain_config, "pretrain_overrides": plan.pretrain_overrides,
-        "probe_config": plan.probe_config, "probe_overrides": plan.probe_overrides,
-        "metric": "top-1 (%) of the best head of each kind on the task's val split (the probe's grid)",
+        "probe_config": plan.probe_config, "probe_defaults": PROBE_DEFAULTS, "probe_overrides": plan.probe_overrides,
+        "metric": metric, "selected_on": selected_on[0] if len(selected_on) == 1 else selected_on,
         "best_lr_at_grid_edge": f"{len(edges)} of {sum(len(r['best']) for r in records)} probes"
                                 + "".join(f"; {k}: {sum(1 for _, kk in edges if kk == k)}" for k in kinds),
-        "summary": table, "runs": records,
+        "summary": table, "losses": summarize_losses(losses or []), "runs": records, "pretrain_runs": losses or [],
     }
 
 
 def _cell(s: dict) -> str:
     return f"{s['mean']:.1f} ± {s['std']:.1f}" if s["n"] > 1 else f"{s['mean']:.1f}"
+
+
+def _loss_cell(s: dict | None) -> str:
+    if s is None:
+        return ""
+    if not s["trained"]:
+        return "–"
+    return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+
+
+def loss_lines(summary: dict) -> list[str]:
+    """The losses table: final training and held-out validation losses per term, mean ± std over seeds."""
+    losses = summary.get("losses") or {}
+    if not losses:
+        return []
+    runs = summary.get("pretrain_runs") or []
+    train_steps = sorted({tuple(r["train_steps"]) for r in runs if "train_steps" in r})
+    val_steps = sorted({r["val_step"] for r in runs if "val_step" in r})
+    lines = ["## pre-training losses", "",
+             "| variant | train image | train caption | val image | val caption |", "|---|---|---|---|---|"]
+    for variant, entry in losses.items():
+        cells = [_loss_cell(entry.get(split, {}).get(term)) for split in ("train", "val") for term in ("image", "caption")]
+        lines.append("| " + " | ".join([variant, *cells]) + " |")
+    window = ", ".join(f"steps {a}-{b}" for a, b in train_steps) or "none logged"
+    lines += ["", f"Train: mean over the last 10% of logged steps ({window}) of each term (image: next-patch L2 on "
+              "normalized pixels, non-prefix patches; caption: nats per token). Val: the held-out validation loss "
+              f"(data.val: the same terms, fixed prefixes, eval transform) at step {', '.join(map(str, val_steps)) or '-'}. "
+              "– marks a term the variant's objective does not weigh (logged, never optimized; the bidirectional "
+              "captioning encoder has no image targets). Per-seed values and every evaluation are in the JSON.", ""]
+    return lines
+
+
+def _short(path: str | None) -> str:
+    """A shipped config's path from its configs/ folder on (where the package is installed does not matter)."""
+    if not path:
+        return "the default probe config"
+    parts = Path(path).parts
+    return "/".join(parts[parts.index("configs"):]) if "configs" in parts else str(path)
 
 
 def markdown(summary: dict) -> str:
@@ -103,17 +175,21 @@ def markdown(summary: dict) -> str:
             lines.append("| " + " | ".join(row + [_cell(cells["mean over tasks"])]) + " |")
         lines.append("| chance | " + " | ".join(f"{t['chance']:.1f}" if t["chance"] else "" for t in tasks) + " | |")
         lines.append("")
+    lines += loss_lines(summary)
     lines += ["Variants: " + "; ".join(f"`{k}` = {v}" for k, v in summary["variants"].items()) + ".",
-              f"Probes whose best lr is at an edge of the grid (better than every lr inside it): "
+              "Probe: " + " ".join([_short(summary.get("probe_config")),
+                                    *summary.get("probe_defaults", []), *summary.get("probe_overrides", [])]) + ".",
+              f"Probes whose best lr is at an edge of the grid (better than every lr inside it"
+              f"{', on the selection split' if summary.get('selected_on') == 'select' else ''}): "
               f"{summary['best_lr_at_grid_edge']}.", ""]
     return "\n".join(lines)
 
 
-def write_summary(plan: AblationPlan, records: list[dict], command: str) -> dict:
+def write_summary(plan: AblationPlan, records: list[dict], command: str, losses: list[dict] | None = None) -> dict:
     """ablation.json, ablation.md and ablation.png in the plan's output directory."""
     from aimv2.ablation.plot import plot_summary
 
-    summary = summarize(plan, records, command)
+    summary = summarize(plan, records, command, losses)
     out = Path(plan.out)
     atomic_write(out / "ablation.json", json.dumps(summary, indent=1) + "\n")
     atomic_write(out / "ablation.md", markdown(summary))

@@ -6,6 +6,10 @@ on a CPU at larger scale. A pre-training run that reached its `trainer.max_steps
 results exist for the same checkpoint and probe settings is not repeated (other probe settings, such
 as another grid, re-probe the same checkpoints), and the summary is rewritten after every seed, so
 an interrupted ablation still leaves a table of what is done.
+
+Every trained run's losses go into the summary too, read back from its metrics.csv (`run_losses`): the
+final training losses per term (the mean over the last 10% of logged steps) and the held-out validation
+losses (data.val) at every evaluation, the last one being the final.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from aimv2.ablation.plan import VARIANTS, AblationPlan, Task
+from aimv2.ablation.plan import PROBE_DEFAULTS, VARIANTS, AblationPlan, Task
 from aimv2.ablation.report import write_summary
 from aimv2.config import load_config
 from aimv2.engine.run_dir import RunDir
@@ -58,7 +62,7 @@ def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoi
     out = RunDir(plan.run_dir(variant, seed).probe / task.name)  # a probe run of its own
     cfg = load_config(plan.probe_config, [
         f"checkpoint={_q(checkpoint)}", f"data.train={_q(task.train)}", f"data.val={_q(task.val)}",
-        f"run_dir={_q(out.root)}", *plan.probe_overrides], schema=ProbeConfig)
+        f"run_dir={_q(out.root)}", *PROBE_DEFAULTS, *plan.probe_overrides], schema=ProbeConfig)
     results_file, config_file = out.results_json, out.config
     done = results_file.is_file() and config_file.is_file() and \
         config_file.read_text(encoding="utf-8") == OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -68,14 +72,51 @@ def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoi
         _say(f"seed {seed}, {variant}: probing {task.name}")
         results_file.unlink(missing_ok=True)
         results = run_probe(cfg)
+    selected_on = results.get("selected_on", "val")
+    chosen = "select_top1" if selected_on == "select" else "top1"  # the top-1 each head was chosen by
     best = {kind: {"top1": row["top1"], "lr": row["lr"], "wd": row["wd"]}
+            | ({"select_top1": row["select_top1"]} if chosen == "select_top1" else {})
             for kind, row in results["best_per_kind"].items()}
-    by_lr: dict[str, dict[str, float]] = {}  # kind -> lr -> best top-1 over weight decays
+    by_lr: dict[str, dict[str, float]] = {}  # kind -> lr -> best top-1 over weight decays, on the selection split
     for row in results["heads"]:
         cell = by_lr.setdefault(row["head"], {})
-        cell[f"{row['lr']:g}"] = max(cell.get(f"{row['lr']:g}", 0.0), row["top1"])
+        cell[f"{row['lr']:g}"] = max(cell.get(f"{row['lr']:g}", 0.0), row[chosen])
     return {"variant": variant, "seed": seed, "task": task.name, "classes": results["classes"], "best": best,
-            "top1_by_lr": by_lr}
+            "selected_on": selected_on, "top1_by_lr": by_lr}
+
+
+LOSS_TERMS = {"loss": "total", "loss_img": "image", "loss_text": "caption"}
+
+
+def run_losses(run: RunDir, tail: float = 0.1) -> dict:
+    """A pre-training run's losses from its metrics.csv: {"train": {term: mean over the last `tail` of
+    its logged steps}, "train_steps": [first, last] step of that window, "val": {term: value} at the last
+    evaluation, "val_step", "val_curve": [{"step", term: value}] for every evaluation}. Terms: total,
+    image, caption (a term whose weight is 0 is still logged; the summary marks it untrained)."""
+    from aimv2.engine.metrics import read_metrics
+
+    if not run.metrics.is_file():
+        return {}
+    names = [f"{split}/{key}" for split in ("train", "val") for key in LOSS_TERMS]
+    series = read_metrics(run.metrics, names)
+    out: dict = {"train": {}, "val": {}}
+    logged = series["train/loss"]
+    if logged:
+        window = max(1, round(len(logged) * tail))
+        out["train_steps"] = [logged[-window][0] + 1, logged[-1][0] + 1]  # optimizer steps (the csv's step is 0-based)
+        for key, term in LOSS_TERMS.items():
+            values = [v for _, v in series[f"train/{key}"]][-window:]
+            if values:
+                out["train"][term] = round(sum(values) / len(values), 4)
+    evaluations: dict[int, dict] = {}
+    for key, term in LOSS_TERMS.items():
+        for step, value in series[f"val/{key}"]:
+            evaluations.setdefault(step + 1, {"step": step + 1})[term] = round(value, 4)
+    if evaluations:
+        out["val_curve"] = [evaluations[s] for s in sorted(evaluations)]
+        last = out["val_curve"][-1]
+        out["val_step"], out["val"] = last["step"], {t: v for t, v in last.items() if t != "step"}
+    return out
 
 
 def run_ablation(plan: AblationPlan, command: str = "") -> dict:
@@ -83,13 +124,15 @@ def run_ablation(plan: AblationPlan, command: str = "") -> dict:
     plan.validate()
     plan.record()
     records: list[dict] = []
+    losses: list[dict] = []
     summary: dict = {}
     for seed in plan.seeds:
         for variant in plan.trained:
             checkpoint = pretrain_variant(plan, variant, seed)
+            losses.append({"variant": variant, "seed": seed, **run_losses(plan.run_dir(variant, seed))})
             records += [probe_task(plan, variant, seed, task, checkpoint) for task in plan.tasks]
         if "random" in plan.variants:
             records += [probe_task(plan, "random", seed, task, plan.init_source(seed)) for task in plan.tasks]
-        summary = write_summary(plan, records, command)
+        summary = write_summary(plan, records, command, losses)
         _say(f"seed {seed} done; summary in {Path(plan.out) / 'ablation.md'}")
     return summary

@@ -10,6 +10,7 @@ Layout under `out_dir`:
   pretrain/      image-caption shards (every digit not held out)
   probe/train/   class-labelled shards of the same digits as pretrain, plus classes.json
   probe/val/     class-labelled shards of the held-out digits (never in pretrain), classes.json
+  heldout/       image-caption shards of the same held-out digits: a pre-training validation set (data.val)
   demo.json      parameters and result; written last, so its presence marks a complete set
 """
 
@@ -48,7 +49,7 @@ _TEMPLATES = (
     "a blurry picture of the digit {word} in {ink}",
 )
 _VAL_FRACTION = 0.2
-_SPLITS = {"pretrain": "pretrain", "probe_train": "probe/train", "probe_val": "probe/val"}
+_SPLITS = {"pretrain": "pretrain", "probe_train": "probe/train", "probe_val": "probe/val", "heldout": "heldout"}
 
 
 def _render(pixels: np.ndarray, rng: np.random.Generator, image_size: int) -> tuple[bytes, str, str]:
@@ -99,7 +100,7 @@ def _existing(out: Path, params: dict) -> dict | None:
 def build_demo_shards(out_dir: str | Path, samples_per_shard: int = 256, seed: int = 0, image_size: int = 112) -> dict:
     """Write (or find) the demo set; returns {"out_dir", "classes", "vocabulary" (the captions' word
     list, for data.tokenizer.kind=words), and per split
-    "pretrain"/"probe_train"/"probe_val": {"dir", "urls", "count", "shards"}}."""
+    "pretrain"/"probe_train"/"probe_val"/"heldout": {"dir", "urls", "count", "shards"}}."""
     from aimv2.data.tokenizer import write_vocabulary
     from sklearn.datasets import load_digits  # deferred: sklearn import costs ~1 s
 
@@ -138,6 +139,7 @@ def build_demo_shards(out_dir: str | Path, samples_per_shard: int = 256, seed: i
         "pretrain": ([sample(i, True) for i in order_rng.permutation(train_idx)], {}),
         "probe_train": ([sample(i, False) for i in train_idx], classes),
         "probe_val": ([sample(i, False) for i in val_idx], classes),
+        "heldout": ([sample(i, True) for i in val_idx], {}),  # probe_val's digits with their captions
     }
     result: dict = {"out_dir": str(out), "classes": list(DIGIT_NAMES)}
     for name, (samples, extra) in plans.items():

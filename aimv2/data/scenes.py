@@ -12,6 +12,8 @@ Layout under `out_dir`:
   pretrain/                  image-caption shards
   probe/<task>/train|val/    class-labelled shards (the same held-out scenes for every task, never
                              in pretrain), with classes.json
+  heldout/                   (heldout > 0) image-caption shards of other scenes, in no other split:
+                             a pre-training validation set (data.val)
   vocab.txt                  the captions' word list (data.tokenizer.kind=words)
   scenes.json                parameters and result; written last, so its presence marks a complete set
 """
@@ -123,23 +125,29 @@ def _existing(out: Path, params: dict) -> dict | None:
     if recorded.get("params") != params:
         return None
     dirs = [out / "pretrain"] + [out / "probe" / t / s for t in TASKS for s in ("train", "val")]
+    dirs += [out / "heldout"] if params.get("heldout") else []
     complete = all((d / "manifest.json").is_file() for d in dirs) and (out / "vocab.txt").is_file()
     return recorded.get("result") if complete else None
 
 
 def build_scene_shards(out_dir: str | Path, pretrain: int = 6000, probe_train: int = 1000, probe_val: int = 500,
                        seed: int = 0, image_size: int = 56, samples_per_shard: int = 1000,
-                       progress: bool = False) -> dict:
+                       progress: bool = False, heldout: int = 0) -> dict:
     """Write (or find) the scene set; returns {"out_dir", "pretrain": {dir, urls, count, shards},
-    "tasks": {task: {"classes", "named", "train": {...}, "val": {...}}}}."""
+    "tasks": {task: {"classes", "named", "train": {...}, "val": {...}}}, and with heldout > 0
+    "heldout": {dir, urls, count, shards}}. The held-out scenes are drawn after all others, so the
+    other splits are the same whatever `heldout` is."""
     out = Path(out_dir).resolve()
     params = {"pretrain": pretrain, "probe_train": probe_train, "probe_val": probe_val, "seed": seed,
               "image_size": image_size, "samples_per_shard": samples_per_shard}
+    if heldout:  # only when asked: sets written without it stay valid
+        params["heldout"] = heldout
     found = _existing(out, params)
     if found is not None:
         return found
     scene_rng, render_rng, caption_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     scenes = random_scenes(pretrain + probe_train + probe_val, scene_rng)
+    scenes += random_scenes(heldout, scene_rng)  # drawn after: the other splits do not depend on `heldout`
     jpegs = [render_scene(s, render_rng, image_size) for s in scenes]
 
     def written(samples: list[ShardSample], sub: str, extra: dict | None = None) -> dict:
@@ -155,7 +163,7 @@ def build_scene_shards(out_dir: str | Path, pretrain: int = 6000, probe_train: i
     write_vocabulary(captions, out / "vocab.txt")
     result["vocabulary"] = str(out / "vocab.txt")
     splits = {"train": range(pretrain, pretrain + probe_train),
-              "val": range(pretrain + probe_train, len(scenes))}
+              "val": range(pretrain + probe_train, pretrain + probe_train + probe_val)}
     for task, names in TASKS.items():
         entry = {"classes": list(names), "named": task in NAMED}
         for split, idx in splits.items():
@@ -163,5 +171,9 @@ def build_scene_shards(out_dir: str | Path, pretrain: int = 6000, probe_train: i
                                                 source=f"scene {i}") for i in idx],
                                    f"probe/{task}/{split}", {"classes.json": classes_json(list(names))})
         result["tasks"][task] = entry
+    if heldout:
+        first = pretrain + probe_train + probe_val
+        result["heldout"] = written([ShardSample(f"{i:09d}", jpegs[i], "jpg", caption=scenes[i].caption(caption_rng),
+                                                 source=f"scene {i}") for i in range(first, len(scenes))], "heldout")
     atomic_write(out / "scenes.json", json.dumps({"params": params, "result": result}, indent=1) + "\n")
     return result
