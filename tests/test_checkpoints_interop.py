@@ -204,3 +204,53 @@ def test_malicious_pickle_is_refused_and_its_code_never_runs(timm_encoder, tmp_p
             call()
         assert "evil.ckpt" in _one_line(err) and "open" in str(err.value)
     assert not marker.exists()
+
+
+def test_ml_l3m_model_maps_onto_ours_tensor_for_tensor():
+    """ml-l3m's AIMv2 names (as its InSeriesMetaModels state dict spells them, written out here by hand)
+    land on this project's AIMv2: q/k/v stacked in that order, fc1 -> fc1_g (the gate), fc3 -> fc1_x, the
+    caption position table cut to the rows a loss reads; nothing left over. eval/parity_l3m.py runs both
+    trainers through this map."""
+    from aimv2.checkpoints.convert import l3m_to_module
+    from aimv2.models import AIMv2
+
+    torch.manual_seed(0)
+    ours = AIMv2(get_size("debug"), 56, vocab_size=30, max_text_len=8)
+    target = ours.state_dict()
+    enc, dec = "models.image_encoder.", "models.text_decoder."
+    theirs: dict[str, torch.Tensor] = {}
+    for part, prefix in (("encoder", enc), ("decoder", dec)):
+        for i in range(2):
+            q, k, v = target[f"{part}.blocks.{i}.attn.qkv.weight"].chunk(3)
+            b = f"{prefix}trunk.blocks.{i}."
+            theirs |= {b + "attn.q_proj.weight": q, b + "attn.k_proj.weight": k, b + "attn.v_proj.weight": v,
+                       b + "attn.proj.weight": target[f"{part}.blocks.{i}.attn.proj.weight"],
+                       b + "norm_1.weight": target[f"{part}.blocks.{i}.norm1.weight"],
+                       b + "norm_2.weight": target[f"{part}.blocks.{i}.norm2.weight"],
+                       b + "mlp.fc1.weight": target[f"{part}.blocks.{i}.mlp.fc1_g.weight"],
+                       b + "mlp.fc3.weight": target[f"{part}.blocks.{i}.mlp.fc1_x.weight"],
+                       b + "mlp.fc2.weight": target[f"{part}.blocks.{i}.mlp.fc2.weight"]}
+        theirs[prefix + "trunk.post_trunk_norm.weight"] = target[f"{part}.norm.weight"]
+    pre = enc + "preprocessor.blocks.0."
+    text = dec + "preprocessor.text_preprocessor."
+    extra_row = torch.randn(1, target["decoder.text_pos_embed"].shape[-1])  # context_length + 1 rows in theirs
+    theirs |= {pre + "pos_embed": target["encoder.pos_embed"],
+               pre + "patchifier.proj.weight": target["encoder.patch_embed.proj.weight"],
+               pre + "patchifier.proj.bias": target["encoder.patch_embed.proj.bias"],
+               pre + "patchifier.norm.weight": target["encoder.patch_embed.norm.weight"],
+               dec + "preprocessor.vision_preprocessor.module.weight": target["decoder.image_proj.weight"],
+               dec + "preprocessor.vision_preprocessor.module.bias": target["decoder.image_proj.bias"],
+               text + "positional_embedding": torch.cat([target["decoder.text_pos_embed"][0], extra_row]),
+               text + "cls_token": target["decoder.start_token"],
+               text + "text_embedding.weight": target["decoder.text_embed.weight"],
+               dec + "head.blocks.0.linear.weight": target["decoder.text_head.weight"],
+               dec + "head.blocks.1.linear.weight": target["decoder.pixel_head.weight"]}
+    assert len(theirs) == len(target) + 2 * 2 * 2  # q, k, v where we hold one qkv: 2 more per block
+    mapped = l3m_to_module(theirs, max_text_len=8)
+    assert sorted(mapped) == sorted(target)
+    for name, value in target.items():
+        assert torch.equal(mapped[name], value), name
+    fresh = AIMv2(get_size("debug"), 56, vocab_size=30, max_text_len=8)
+    fresh.load_state_dict(mapped, strict=True)
+    with pytest.raises(ValueError, match="positional_embedding has 9 rows, fewer than max_text_len 10"):
+        l3m_to_module(theirs, max_text_len=10)

@@ -8,6 +8,10 @@ release at github.com/apple/ml-aim, transformers' models/aimv2/modeling_aimv2.py
   timm's own `checkpoint_filter_fn` already converts it to timm's; `apple_to_timm` reuses it.
 - hf: transformers' `Aimv2VisionModel` (`embeddings.*`, `encoder.layers.N.{attention,ffn}.*`, `rms_norm`),
   with q/k/v as three matrices where timm has one fused `qkv`.
+- l3m: the whole pre-training model of Apple's trainer ml-l3m (github.com/apple/ml-l3m,
+  configs/aimv2/001_aimv2_hfdata.yaml: `models.image_encoder.*`, `models.text_decoder.*`), encoder and
+  decoder, q/k/v as three matrices; `l3m_to_module` maps it onto this project's `AIMv2` module
+  (eval/parity_l3m.py compares the two trainers step for step through it).
 Keys a mapping does not know pass through unchanged, so a strict load lists them as unexpected
 instead of silently dropping weights.
 
@@ -55,6 +59,27 @@ _APPLE_PREFIXES = [
     ("norm.", "trunk.post_trunk_norm."),
 ]
 _QKV = re.compile(r"^encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
+# (this project's AIMv2 module prefix, ml-l3m prefix). Their SwiGLU is fc2(silu(fc1(x)) * fc3(x)), timm's
+# fc2(silu(fc1_g(x)) * fc1_x(x)); their blocks, heads and text embedding sit under their MetaModel parts.
+_L3M_ENCODER, _L3M_DECODER = "models.image_encoder.", "models.text_decoder."
+_L3M_BLOCK = [("norm1.", "norm_1."), ("norm2.", "norm_2."), ("attn.proj.", "attn.proj."),
+              ("mlp.fc1_g.", "mlp.fc1."), ("mlp.fc1_x.", "mlp.fc3."), ("mlp.fc2.", "mlp.fc2.")]
+_L3M_PREFIXES = [
+    ("encoder.pos_embed", _L3M_ENCODER + "preprocessor.blocks.0.pos_embed"),
+    ("encoder.patch_embed.proj.", _L3M_ENCODER + "preprocessor.blocks.0.patchifier.proj."),
+    ("encoder.patch_embed.norm.", _L3M_ENCODER + "preprocessor.blocks.0.patchifier.norm."),
+    *[(f"encoder.blocks.{{i}}.{ours}", f"{_L3M_ENCODER}trunk.blocks.{{i}}.{theirs}") for ours, theirs in _L3M_BLOCK],
+    ("encoder.norm.", _L3M_ENCODER + "trunk.post_trunk_norm."),
+    ("decoder.image_proj.", _L3M_DECODER + "preprocessor.vision_preprocessor.module."),
+    ("decoder.text_embed.", _L3M_DECODER + "preprocessor.text_preprocessor.text_embedding."),
+    ("decoder.start_token", _L3M_DECODER + "preprocessor.text_preprocessor.cls_token"),
+    *[(f"decoder.blocks.{{i}}.{ours}", f"{_L3M_DECODER}trunk.blocks.{{i}}.{theirs}") for ours, theirs in _L3M_BLOCK],
+    ("decoder.norm.", _L3M_DECODER + "trunk.post_trunk_norm."),
+    ("decoder.text_head.", _L3M_DECODER + "head.blocks.0.linear."),
+    ("decoder.pixel_head.", _L3M_DECODER + "head.blocks.1.linear."),
+]
+_L3M_QKV = re.compile(r"^models\.(image_encoder|text_decoder)\.trunk\.blocks\.(\d+)\.attn\.([qkv])_proj\.weight$")
+_L3M_TEXT_POS = _L3M_DECODER + "preprocessor.text_preprocessor.positional_embedding"
 
 
 @cache
@@ -166,3 +191,34 @@ def native_to_learned(state_dict: StateDict, grid: tuple[int, int]) -> StateDict
     width = state_dict["patch_embed.proj.weight"].shape[0]  # (D, 3, p, p)
     table = grid_position_embedding(int(grid[0]), int(grid[1]), int(width))  # (gh, gw, D), row-major
     return {**state_dict, "pos_embed": table.reshape(1, -1, width)}
+
+
+def l3m_to_module(state_dict: StateDict, max_text_len: int) -> StateDict:
+    """ml-l3m's AIMv2 model (its `InSeriesMetaModels` state dict) -> this project's `AIMv2` state dict.
+
+    Their q, k, v (D, D) are stacked into timm's fused qkv (3D, D). Their caption position table has
+    context_length + 1 rows: the start token takes row 0 and the last caption token the last row, whose
+    output their loss drops (`LLMCrossEntropyLoss(shift_target=False)` predicts token j from position j
+    and ignores the final one), so that row never touches a loss; ours has the `max_text_len` rows that
+    do and is (1, L, D). Any other key passes through unchanged, so a strict load names it."""
+    out: StateDict = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        split = _L3M_QKV.match(key)
+        if split:
+            part, i, name = split.groups()
+            qkv.setdefault(("encoder" if part == "image_encoder" else "decoder", i), {})[name] = value
+        elif key == _L3M_TEXT_POS:
+            if value.shape[0] < max_text_len:
+                raise ValueError(f"l3m_to_module: {key} has {value.shape[0]} rows, fewer than max_text_len {max_text_len}")
+            out["decoder.text_pos_embed"] = value[:max_text_len].unsqueeze(0)  # (1, L, D)
+        else:
+            out[_rename(key, _L3M_PREFIXES, forward=False)] = value
+    for (where, i), parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:
+            out[f"{where}.blocks.{i}.attn.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        else:  # incomplete: keep the originals so the strict load names them
+            prefix = _L3M_ENCODER if where == "encoder" else _L3M_DECODER
+            out.update({f"{prefix}trunk.blocks.{i}.attn.{n}_proj.weight": t for n, t in parts.items()})
+    return out
+

@@ -44,7 +44,8 @@ class MultimodalDecoder(nn.Module):
         super().__init__()
         norm = partial(RmsNorm, eps=1e-5)
         self.max_text_len = max_text_len
-        self.image_proj = nn.Linear(encoder_width, width, bias=False)
+        # With a bias, as the reference trainer's plain nn.Linear (ml-l3m configs/aimv2: vision_preprocessor).
+        self.image_proj = nn.Linear(encoder_width, width)
         self.text_embed = nn.Embedding(vocab_size, width)
         self.start_token = nn.Parameter(torch.zeros(1, 1, width))
         self.text_pos_embed = nn.Parameter(torch.zeros(1, max_text_len, width))
@@ -66,6 +67,8 @@ class MultimodalDecoder(nn.Module):
         self.pixel_head = nn.Linear(width, patch_dim, bias=False)
         self.text_head = nn.Linear(width, vocab_size, bias=False)
         init_decoder(self)  # the reference trainer's init (aimv2/models/init.py)
+        self.register_load_state_dict_pre_hook(_zero_image_proj_bias)
+
 
     def forward(
         self, image_features: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
@@ -114,3 +117,12 @@ class MultimodalDecoder(nn.Module):
             x = block(x, attn_mask=attn_mask)
         x = self.norm(x).flatten(0, 1)  # (R*S, W)
         return self.pixel_head(x[layout["pixel_pred"]]), self.text_head(x[layout["text_pred"]])
+
+
+def _zero_image_proj_bias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the image projection had a bias (the reference trainer's has one) load
+    with a zero bias: the same function they computed."""
+    weight = state_dict.get(prefix + "image_proj.weight")
+    if weight is not None and prefix + "image_proj.bias" not in state_dict:
+        state_dict[prefix + "image_proj.bias"] = weight.new_zeros(weight.shape[0])
+
