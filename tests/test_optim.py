@@ -185,3 +185,23 @@ def test_cpu_adam_receives_the_same_groups(monkeypatch):
     build_optimizer(Toy(), 8e-4, LAM, BETAS, EPS, cpu_adam=True)
     assert [g["weight_decay"] for g in seen["groups"]] == [pytest.approx(0.125), 0.0]
     assert seen["kwargs"]["adamw_mode"] is True and seen["kwargs"]["lr"] == 8e-4
+
+
+def test_pretraining_warmup_starts_where_ml_l3m_starts():
+    """With a start lr (pre-training's optim.warmup_start_lr, 1e-6) the warmup is ml-l3m's fvcore
+    LinearParamScheduler(start_value=1e-6, end_value=lr) over the warmup steps: start + (lr - start) * t / W,
+    lr exactly at step W; then the same cosine. A start above lr is lowered to lr (a constant warmup)."""
+    model = Toy()
+    optimizer = build_optimizer(model, LR, LAM, BETAS, EPS)
+    scheduler = warmup_cosine_schedule(optimizer, WARMUP, TOTAL, LR, MIN_LR, start_lr=1e-6)["scheduler"]
+    seen = []
+    for _ in range(TOTAL):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warm = [1e-6 + (LR - 1e-6) * t / WARMUP for t in range(WARMUP)]  # 1e-6, lr/3 + ..., 2lr/3 + ...
+    assert seen == pytest.approx(warm + hand_lrs()[WARMUP:], rel=1e-12)
+    assert seen[0] == pytest.approx(1e-6, rel=1e-12)
+    lowered = warmup_cosine_schedule(build_optimizer(Toy(), 1e-7, LAM, BETAS, EPS), WARMUP, TOTAL, 1e-7, 0.0,
+                                     start_lr=1e-6)["scheduler"]
+    assert lowered.get_last_lr()[0] == pytest.approx(1e-7, rel=1e-12)

@@ -162,10 +162,13 @@ class OptimConfig:
     # Not applied to norms, biases, position embeddings, start token.
     weight_decay: float = 1e-4
     warmup_steps: int = 12_500
+    # The lr at step 0, rising linearly to lr at step warmup_steps (ml-l3m's LinearParamScheduler start_value).
+    warmup_start_lr: float = 1e-6
     grad_clip: float = 1.0  # 0 disables
 
     def validate(self) -> None:
         check_lr_schedule(self.lr, self.min_lr, self.betas, self.weight_decay)
+        check(self.warmup_start_lr >= 0, "warmup_start_lr", f"must be >= 0, got {self.warmup_start_lr:g}")
 
 
 def check_lr_schedule(lr: float, min_lr: float, betas: list[float], weight_decay: float) -> None:

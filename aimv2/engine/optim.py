@@ -66,10 +66,19 @@ def decoupled_weight_decay(lam: float, init_lr: float) -> float:
     return lam / init_lr if init_lr > 0 else 0.0
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
-    """Learning rate at `step` (0-based): linear from lr/warmup to lr, then cosine to min_lr."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float,
+                  start_lr: float | None = None) -> float:
+    """Learning rate at `step` (0-based): a linear warmup to lr, then cosine to min_lr.
+
+    The warmup starts at `start_lr` at step 0 and reaches lr at step `warmup_steps`, as ml-l3m's
+    `LinearParamScheduler(start_value=1e-6)` does (configs/aimv2/001_aimv2_hfdata.yaml; start_lr above
+    lr is lowered to lr). Without start_lr it is lr * (step + 1) / warmup_steps (the probe's and the
+    compressor's: no step at lr ~ 0)."""
     if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
+        if start_lr is None:
+            return lr * (step + 1) / warmup_steps
+        start = min(start_lr, lr)
+        return start + (lr - start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
@@ -120,14 +129,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                           lr: float, min_lr: float) -> dict:
+                           lr: float, min_lr: float, start_lr: float | None = None) -> dict:
     """Lightning's lr_scheduler entry: `warmup_cosine` per optimizer step, scaling each group's own lr
     (groups may start from different rates). Warm-up is cut to leave at least one decaying step.
     lr = 0 (then min_lr = 0 too, as the config checks) keeps every rate at 0: no update, no decay."""
     warmup = min(warmup_steps, max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
-        return warmup_cosine(step, warmup, total_steps, lr, min_lr) / lr if lr > 0 else 0.0
+        return warmup_cosine(step, warmup, total_steps, lr, min_lr, start_lr) / lr if lr > 0 else 0.0
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"scheduler": scheduler, "interval": "step"}

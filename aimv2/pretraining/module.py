@@ -280,5 +280,6 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         cfg = self.optim_cfg
         optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,
                                     no_decay=self._no_decay, **optimizer_options(self.trainer))
-        schedule = warmup_cosine_schedule(optimizer, cfg.warmup_steps, self._total_steps(), cfg.lr, cfg.min_lr)
+        schedule = warmup_cosine_schedule(optimizer, cfg.warmup_steps, self._total_steps(), cfg.lr, cfg.min_lr,
+                                          cfg.warmup_start_lr)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
