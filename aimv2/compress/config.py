@@ -33,7 +33,7 @@ class CompressorSection:
     num_tokens: int = 16  # M visual tokens; 0 = all N (mlp keeps all N)
     hidden: int = 0  # MLP hidden width (default: LLM width) / attention width (default: encoder width)
     heads: int = 4  # attention heads (resampler, tokenpacker, quecc)
-    layers: int = 2  # cross-attention blocks (resampler)
+    layers: int = 2  # Perceiver Resampler layers (resampler)
     train_tokens: list[int] = field(default_factory=list)  # pool/kdv: draw M per step from this list (Matryoshka-style)
     init: str = ""  # start from the compressor of this checkpoint / run dir / bundle (e.g. stage 1 before stage 2)
 
