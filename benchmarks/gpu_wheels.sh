@@ -16,6 +16,6 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
     "${platforms[@]}" -d .whl webdataset braceexpand omegaconf antlr4-python3-runtime open_clip_torch ftfy wcwidth \
-    hjson ninja py-cpuinfo msgpack nvidia-ml-py pytest pluggy iniconfig
+    hjson ninja py-cpuinfo msgpack nvidia-ml-py pytest pluggy iniconfig pytest-xdist execnet
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed
 ls -1 .whl
