@@ -535,6 +535,14 @@ def training_report(r: dict) -> str:
     lines += ["", "Training loss (total, mean of the last 50 steps): ours "
               + cell([s["final_loss_ours"] for s in r["seeds"]], 3)
               + ", ml-l3m " + cell([s["final_loss_l3m"] for s in r["seeds"]], 3) + "."]
+    verdicts = []
+    for k in kinds:
+        ours, theirs = [s["ours"][k] for s in r["seeds"]], [s["ml-l3m"][k] for s in r["seeds"]]
+        gap = statistics.mean(ours) - statistics.mean(theirs)
+        spread = max(statistics.stdev(ours), statistics.stdev(theirs)) if len(ours) > 1 else float("nan")
+        verdicts.append(f"{k} {gap:+.2f} points ({'within' if abs(gap) <= spread else 'outside'} the larger seed "
+                        f"std, {spread:.2f})")
+    lines += ["", "Gap, ours - ml-l3m: " + "; ".join(verdicts) + "."]
     lines += ["", "Per seed: " + "; ".join(f"seed {s['seed']}: ours " + ", ".join(f"{k} {s['ours'][k]:.2f}" for k in kinds)
                                            + " / ml-l3m " + ", ".join(f"{k} {s['ml-l3m'][k]:.2f}" for k in kinds)
                                            for s in r["seeds"]) + ".", ""]
