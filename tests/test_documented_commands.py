@@ -41,6 +41,8 @@ COVERED = {  # command prefix -> why it does not run here, and what runs it inst
                        "second in a clean checkout, and the demo (`aimv2 demo`) runs below, from tiny.yaml's header",
     ".venv/bin/python benchmarks/run.py": "the full benchmark run takes 10 minutes; tests/test_benchmarks.py runs each "
                                           "of its scripts at toy size",
+    "git clone https://github.com/apple/ml-l3m": "it fetches Apple's trainer from GitHub, which CI cannot reach; "
+                                                 "eval/parity_l3m.py (below) is what uses it",
     "python eval/parity_l3m.py": "it runs Apple's ml-l3m, which the user fetches (with hydra-core and fvcore); CI has "
                                  "neither: tests/test_checkpoints_interop.py tests the name map it compares through, "
                                  "and eval/results/parity_l3m*.md hold its figures",
