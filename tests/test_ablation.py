@@ -43,7 +43,8 @@ def test_writes_table_json_and_plot(ablation):
     for kind in ("attentive", "linear"):
         for variant in VARIANTS:
             cells = summary["summary"][kind][variant]
-            assert set(cells) == {*TASKS, "mean over tasks"}
+            assert set(cells) == {*TASKS, "mean over tasks", "mean over tasks, chosen on val"}
+            assert cells["mean over tasks, chosen on val"]["mean"] >= cells["mean over tasks"]["mean"]
             for cell in cells.values():
                 assert {"mean", "std", "min", "max", "n"} <= set(cell) and cell["n"] == 1 and 0 <= cell["mean"] <= 100
     assert len(summary["runs"]) == len(VARIANTS) * len(TASKS)
@@ -55,7 +56,9 @@ def test_writes_table_json_and_plot(ablation):
     assert all(r["selected_on"] == "select" and "select_top1" in r["best"]["linear"] for r in summary["runs"])
     probed = json.loads((ablation / "runs/pixel/seed0/probe/count/results.json").read_text())
     assert probed["select_count"] == 4 and probed["train_count"] == 12  # 16 scenes: a fifth of each class held out
-    assert "chosen by its top-1 on the selection split" in table
+    assert "chosen by its top-1 on the selection split" in table and "## choosing heads on val instead" in table
+    for r in summary["runs"]:  # the best head on val is at least as good on val as the one chosen on select
+        assert all(b["val_chosen_top1"] >= b["top1"] for b in r["best"].values())
 
 
 def test_keeps_training_and_validation_losses(ablation):

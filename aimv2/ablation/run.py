@@ -74,8 +74,11 @@ def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoi
         results = run_probe(cfg)
     selected_on = results.get("selected_on", "val")
     chosen = "select_top1" if selected_on == "select" else "top1"  # the top-1 each head was chosen by
+    # val_chosen_top1: what choosing on val (the split it is scored on) would have reported, for comparison
     best = {kind: {"top1": row["top1"], "lr": row["lr"], "wd": row["wd"]}
-            | ({"select_top1": row["select_top1"]} if chosen == "select_top1" else {})
+            | ({"select_top1": row["select_top1"],
+                "val_chosen_top1": max(r["top1"] for r in results["heads"] if r["head"] == kind)}
+               if chosen == "select_top1" else {})
             for kind, row in results["best_per_kind"].items()}
     by_lr: dict[str, dict[str, float]] = {}  # kind -> lr -> best top-1 over weight decays, on the selection split
     for row in results["heads"]:
