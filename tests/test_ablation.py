@@ -45,6 +45,7 @@ def test_writes_table_json_and_plot(ablation):
             cells = summary["summary"][kind][variant]
             assert set(cells) == {*TASKS, "mean over tasks", "mean over tasks, chosen on val"}
             assert cells["mean over tasks, chosen on val"]["mean"] >= cells["mean over tasks"]["mean"]
+            assert cells["mean over tasks"]["per_seed"]["0"] == cells["mean over tasks"]["mean"]  # one seed
             for cell in cells.values():
                 assert {"mean", "std", "min", "max", "n"} <= set(cell) and cell["n"] == 1 and 0 <= cell["mean"] <= 100
     assert len(summary["runs"]) == len(VARIANTS) * len(TASKS)

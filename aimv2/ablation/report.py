@@ -90,11 +90,13 @@ def summarize(plan: AblationPlan, records: list[dict], command: str, losses: lis
                                     for task, v in per_task.items() if v}
             seeds = sorted({r["seed"] for r in rows})
             task_means = [statistics.fmean(r["best"][kind]["top1"] for r in rows if r["seed"] == s) for s in seeds]
-            table[kind][variant]["mean over tasks"] = _stats(task_means)
+            table[kind][variant]["mean over tasks"] = _stats(task_means) | {
+                "per_seed": {str(s): round(m, 2) for s, m in zip(seeds, task_means)}}
             if rows and all("val_chosen_top1" in r["best"][kind] for r in rows):
                 biased = [statistics.fmean(r["best"][kind]["val_chosen_top1"] for r in rows if r["seed"] == s)
                           for s in seeds]
-                table[kind][variant]["mean over tasks, chosen on val"] = _stats(biased)
+                table[kind][variant]["mean over tasks, chosen on val"] = _stats(biased) | {
+                    "per_seed": {str(s): round(m, 2) for s, m in zip(seeds, biased)}}
     chance = {r["task"]: round(100.0 / r["classes"], 2) for r in records}
     edges = [(r, kind) for r in records for kind in r["top1_by_lr"] if _at_edge(r["top1_by_lr"][kind])]
     selected_on = sorted({r.get("selected_on", "val") for r in records})
