@@ -91,7 +91,7 @@ def test_second_stage_is_a_new_run_at_the_new_resolution(stages):
     steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
     assert steps == {STAGE2_STEPS}, "fresh AdamW: its step count starts at 0"
     lrs = read_metric(stages["paths2"].metrics, "train/lr")
-    assert lrs[0] == (0, pytest.approx(3e-3 / 4)), "fresh schedule: warmup from its first step"
+    assert lrs[0] == (0, pytest.approx(1e-6)), "fresh schedule: warmup from optim.warmup_start_lr"
     assert [s for s, _ in read_metric(stages["paths2"].metrics, "train/loss")] == list(range(STAGE2_STEPS))
     assert ckpt["hyper_parameters"]["model"]["init_from"] == str(stages["last1"])  # where the run came from
     log = stages["log2"]
