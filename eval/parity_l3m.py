@@ -456,14 +456,17 @@ def train_l3m(root: Path, cfg, seed: int, out: Path) -> dict:
         prefix = (~mask).sum(1)
         num_patches = mask.shape[1]
         record = l3m_step(model, loss_fn, optimizer, scheduler,
-                          {"image": batch["image"], "tokens": batch["tokens"], "prefix": prefix, "num_patches": num_patches},
+                          {"image": batch["image"], "tokens": batch["tokens"], "prefix": prefix,
+                           "num_patches": num_patches},
                           step, steps, cfg.optim.grad_clip)
         losses.append(record["loss"])
     state = l3m_to_module({k: v.detach() for k, v in model.state_dict().items()}, text_len)
-    return {"state": state, "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.perf_counter() - started}
+    return {"state": state, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "seconds": time.perf_counter() - started}
 
 
-def probe(cfg_overrides: list[str], demo: dict, run_dir: Path, checkpoint: Path, encoder=None, preprocessing=None) -> dict:
+def probe(cfg_overrides: list[str], demo: dict, run_dir: Path, checkpoint: Path, encoder=None,
+          preprocessing=None) -> dict:
     """The demo's probe (configs/probe/toy.yaml, cached, linear and attentive grids) of an encoder."""
     from aimv2.config import load_config
     from aimv2.probe.config import ProbeConfig
@@ -498,7 +501,8 @@ def training_parity(args) -> dict:
                         RunDir(cfg.run_dir).step_checkpoint(0))
         theirs_trained = train_l3m(args.l3m, cfg, seed, work)
         loaded = load_checkpoint(run.last_checkpoint)  # the same architecture and preprocessing as ours
-        model = AIMv2(get_size(cfg.model.size), cfg.model.img_size, theirs_trained["state"]["decoder.text_embed.weight"].shape[0],
+        vocab = theirs_trained["state"]["decoder.text_embed.weight"].shape[0]
+        model = AIMv2(get_size(cfg.model.size), cfg.model.img_size, vocab,
                       cfg.data.tokenizer.max_length)
         model.load_state_dict(theirs_trained["state"], strict=True)
         theirs = probe([], demo, work / f"l3m_seed{seed}" / "probe", run.last_checkpoint,
@@ -527,7 +531,8 @@ def training_report(r: dict) -> str:
              f"Machine: {r['machine']}; {r['date']}. The demo's pre-training (configs/pretrain/demo.yaml: debug size, "
              f"56 px, demo digits) for {r['steps']} steps, once by `aimv2 pretrain` and once by ml-l3m's model, loss, "
              "AdamLH and schedule in their loop on the same stream's batches; both encoders probed by the demo's probe "
-             "(configs/probe/toy.yaml). Top-1 (%) on the held-out digits, mean ± sample std over seeds; `random init` is "
+             "(configs/probe/toy.yaml). Top-1 (%) on the held-out digits, mean ± sample std over seeds; "
+             "`random init` is "
              "our run's step-0 checkpoint.", "",
              "| trainer | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name in ("ours", "ml-l3m", "random init"):
@@ -543,7 +548,8 @@ def training_report(r: dict) -> str:
         verdicts.append(f"{k} {gap:+.2f} points ({'within' if abs(gap) <= spread else 'outside'} the larger seed "
                         f"std, {spread:.2f})")
     lines += ["", "Gap, ours - ml-l3m: " + "; ".join(verdicts) + "."]
-    lines += ["", "Per seed: " + "; ".join(f"seed {s['seed']}: ours " + ", ".join(f"{k} {s['ours'][k]:.2f}" for k in kinds)
+    lines += ["", "Per seed: " + "; ".join(f"seed {s['seed']}: ours "
+                                           + ", ".join(f"{k} {s['ours'][k]:.2f}" for k in kinds)
                                            + " / ml-l3m " + ", ".join(f"{k} {s['ml-l3m'][k]:.2f}" for k in kinds)
                                            for s in r["seeds"]) + ".", ""]
     return "\n".join(lines)

@@ -158,11 +158,19 @@ def hf_to_timm(state_dict: StateDict) -> StateDict:
             out["pos_embed"] = value.unsqueeze(0)  # (1, N, D)
         else:
             out[_rename(key, _HF_PREFIXES, forward=False)] = value
-    for (i, kind), parts in qkv.items():
+    return out | _stack_qkv(qkv, lambda i, kind: f"blocks.{i}.attn.qkv.{kind}",
+                            lambda i, kind, n: f"encoder.layers.{i}.attention.{n}_proj.{kind}")
+
+
+def _stack_qkv(groups: dict[tuple[str, str], dict[str, torch.Tensor]], fused, separate) -> StateDict:
+    """Each complete {q, k, v} group stacked row-wise into one fused tensor named fused(*group key); an
+    incomplete group keeps its separate tensors (named separate(*group key, part)) so a strict load names them."""
+    out: StateDict = {}
+    for key, parts in groups.items():
         if set(parts) == {"q", "k", "v"}:
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        else:  # incomplete: keep the originals so the strict load names them
-            out.update({f"encoder.layers.{i}.attention.{n}_proj.{kind}": t for n, t in parts.items()})
+            out[fused(*key)] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        else:
+            out.update({separate(*key, n): t for n, t in parts.items()})
     return out
 
 
@@ -210,15 +218,12 @@ def l3m_to_module(state_dict: StateDict, max_text_len: int) -> StateDict:
             qkv.setdefault(("encoder" if part == "image_encoder" else "decoder", i), {})[name] = value
         elif key == _L3M_TEXT_POS:
             if value.shape[0] < max_text_len:
-                raise ValueError(f"l3m_to_module: {key} has {value.shape[0]} rows, fewer than max_text_len {max_text_len}")
+                raise ValueError(f"l3m_to_module: {key} has {value.shape[0]} rows, "
+                                 f"fewer than max_text_len {max_text_len}")
             out["decoder.text_pos_embed"] = value[:max_text_len].unsqueeze(0)  # (1, L, D)
         else:
             out[_rename(key, _L3M_PREFIXES, forward=False)] = value
-    for (where, i), parts in qkv.items():
-        if set(parts) == {"q", "k", "v"}:
-            out[f"{where}.blocks.{i}.attn.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        else:  # incomplete: keep the originals so the strict load names them
-            prefix = _L3M_ENCODER if where == "encoder" else _L3M_DECODER
-            out.update({f"{prefix}trunk.blocks.{i}.attn.{n}_proj.weight": t for n, t in parts.items()})
-    return out
+    theirs = {"encoder": _L3M_ENCODER, "decoder": _L3M_DECODER}
+    return out | _stack_qkv(qkv, lambda where, i: f"{where}.blocks.{i}.attn.qkv.weight",
+                            lambda where, i, n: f"{theirs[where]}trunk.blocks.{i}.attn.{n}_proj.weight")
 

@@ -121,7 +121,8 @@ def make_optimizer(groups: list[dict], lr: float, betas, eps: float, cpu_adam: b
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
-                    no_decay: set[str] | None = None, cpu_adam: bool = False, fused: bool = True) -> torch.optim.Optimizer:
+                    no_decay: set[str] | None = None, cpu_adam: bool = False,
+                    fused: bool = True) -> torch.optim.Optimizer:
     """The pre-training optimizer; `weight_decay` is the paper's lambda, applied fully decoupled.
     `no_decay`: the names `no_decay_names` gave on the model before any wrapper (FSDP) flattened it."""
     groups = param_groups(model, decoupled_weight_decay(weight_decay, lr), no_decay)
