@@ -8,6 +8,7 @@ token, so every one of the N tokens is a patch and none is treated specially (to
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Optional
 
@@ -138,3 +139,26 @@ def to_regions(x: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tenso
     kh, kw = grid[0] // side, grid[1] // side
     x = x.reshape(b, side, kh, side, kw, d)  # (B, sy, ky, sx, kx, D)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b * side * side, kh * kw, d)
+
+
+def attention_width(spec: CompressorSpec) -> int:
+    """Attention runs at `hidden` (default: the encoder width), which the heads must divide."""
+    width = spec.hidden or spec.d_vis
+    if width % spec.heads:
+        raise UserError(f"config key 'compressor.heads': {spec.heads} heads do not divide the attention width {width} "
+                        "(compressor.hidden, default the encoder width)")
+    return width
+
+
+def refuse_old_weights(module: nn.Module, kind: str, old_prefixes: Iterable[str], why: str) -> None:
+    """Make `module.load_state_dict` (and any parent's) raise one UserError line, instead of loading
+    or listing missing keys, when the state holds keys of a superseded form of this compressor."""
+    old = tuple(old_prefixes)
+
+    def hook(mod, state_dict, prefix, *args) -> None:
+        found = sorted(k[len(prefix):] for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(old))
+        if found:
+            raise UserError(f"compressor {kind}: these weights are of its earlier form ({why}; keys like "
+                            f"{found[0]!r}); this version computes another function with them: retrain the compressor")
+
+    module.register_load_state_dict_pre_hook(hook)

@@ -31,9 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from aimv2.compress.base import (Compressor, CompressorSpec, check_num_tokens, from_grid, mlp, pool_tokens,
-                                 to_grid, to_regions)
-from aimv2.compress.resampler import attention_width, refuse_old_weights
+from aimv2.compress.base import (Compressor, CompressorSpec, attention_width, check_num_tokens, from_grid, mlp,
+                                 pool_tokens, refuse_old_weights, to_grid, to_regions)
 from aimv2.errors import UserError
 
 

@@ -25,38 +25,13 @@ Weights of this toolkit's earlier `resampler` (latents attending over the patche
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aimv2.compress.base import Compressor, CompressorSpec
-from aimv2.errors import UserError
-
-
-def attention_width(spec: CompressorSpec) -> int:
-    """Attention runs at `hidden` (default: the encoder width), which the heads must divide."""
-    width = spec.hidden or spec.d_vis
-    if width % spec.heads:
-        raise UserError(f"config key 'compressor.heads': {spec.heads} heads do not divide the attention width {width} "
-                        "(compressor.hidden, default the encoder width)")
-    return width
-
-
-def refuse_old_weights(module: nn.Module, kind: str, old_prefixes: Iterable[str], why: str) -> None:
-    """Make `module.load_state_dict` (and any parent's) raise one UserError line, instead of loading
-    or listing missing keys, when the state holds keys of a superseded form of this compressor."""
-    old = tuple(old_prefixes)
-
-    def hook(mod, state_dict, prefix, *args) -> None:
-        found = sorted(k[len(prefix):] for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(old))
-        if found:
-            raise UserError(f"compressor {kind}: these weights are of its earlier form ({why}; keys like "
-                            f"{found[0]!r}); this version computes another function with them: retrain the compressor")
-
-    module.register_load_state_dict_pre_hook(hook)
+from aimv2.compress.base import Compressor, CompressorSpec, attention_width, refuse_old_weights
 
 
 class PerceiverAttention(nn.Module):
