@@ -18,12 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from aimv2.errors import UserError
+from aimv2.errors import UserError, one_line
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:limit]
 
 
 def describe_load_error(path: Path, err: BaseException) -> UserError:
@@ -35,7 +32,7 @@ def describe_load_error(path: Path, err: BaseException) -> UserError:
         return UserError(f"{path}: refused to load: the pickle asks for {what}, which could run code "
                          "(checkpoints are read with torch.load(weights_only=True); re-save it as plain tensors "
                          "or safetensors)")
-    return UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(err).__name__}: {_first_line(err)})")
+    return UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({one_line(err)})")
 
 
 def load_pickle(path: Path) -> Any:
@@ -50,7 +47,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except Exception as err:
-        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt ({one_line(err)})") from None
 
 
 def safetensors_keys(path: Path) -> list[str]:
@@ -59,14 +56,14 @@ def safetensors_keys(path: Path) -> list[str]:
         with safe_open(path, framework="pt", device="cpu") as f:
             return list(f.keys())
     except Exception as err:
-        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt ({one_line(err)})") from None
 
 
 def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not readable JSON ({_first_line(err)})") from None
+        raise UserError(f"{path}: not readable JSON ({one_line(err)})") from None
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value

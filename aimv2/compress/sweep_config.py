@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aimv2.config.checks import check
+from aimv2.errors import check
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Configuration: the pre-training schema (typed dataclasses whose sections validate themselves) and
 the loader every job shares (YAML files with `base:` chains, `key=value` overrides)."""
 
-from aimv2.config.checks import InvalidValue, check
+from aimv2.errors import InvalidValue, check
 from aimv2.config.load import as_section, load_config, merge_config, save_config, validate_config
 from aimv2.config.schema import (
     STRATEGIES,

@@ -16,17 +16,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aimv2.config.checks import InvalidValue
+from aimv2.errors import InvalidValue
 from aimv2.config.schema import PretrainConfig
-from aimv2.errors import UserError
+from aimv2.errors import UserError, one_line
 
 BASE_KEY = "base"
 
 
-def _one_line(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None)
-    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
-    return f"config key '{key}': {msg}" if key else msg
 
 
 def read_layers(path: str | Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
@@ -62,14 +58,14 @@ def merge_config(path: str | Path | list | None, overrides: list[str] = (),
         try:
             layers.append(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
-            raise UserError(_one_line(err)) from None
+            raise UserError(one_line(err)) from None
         except Exception as err:  # YAML syntax of the value, e.g. an unquoted {00..09} inside [{...}]
             raise UserError(f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]}); "
                             "quote shard patterns: urls: \"/d/{00000..00009}.tar\"") from None
     try:
         return OmegaConf.merge(*layers)
     except OmegaConfBaseException as err:
-        raise UserError(_one_line(err)) from None
+        raise UserError(one_line(err)) from None
 
 
 def load_config(path: str | Path | list | None, overrides: list[str] = (), schema: type = PretrainConfig):
@@ -79,7 +75,7 @@ def load_config(path: str | Path | list | None, overrides: list[str] = (), schem
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise UserError(_one_line(err)) from None
+        raise UserError(one_line(err)) from None
     validate_config(cfg)
     return cfg
 
@@ -114,7 +110,7 @@ def as_section(cls: type, value: Any):
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value or {}))
     except OmegaConfBaseException as err:
-        raise UserError(_one_line(err)) from None
+        raise UserError(one_line(err)) from None
 
 
 def save_config(cfg, path: str | Path) -> None:

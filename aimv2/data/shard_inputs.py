@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aimv2.data.samples import IMAGE_EXTS
-from aimv2.data.shards import ShardSample, _one_line, image_ext
+from aimv2.data.shards import ShardSample, image_ext
+from aimv2.errors import one_line
 from aimv2.errors import UserError
 
 _IMAGE_FIELDS = ("image", "path", "file")
@@ -31,7 +32,7 @@ def load_image_sample(path: Path, key: str, caption: str | None = None, cls: int
     except FileNotFoundError:
         return ShardSample(key, b"", ext, caption, cls, source, "file not found")
     except OSError as err:
-        return ShardSample(key, b"", ext, caption, cls, source, f"unreadable file ({_one_line(err)})")
+        return ShardSample(key, b"", ext, caption, cls, source, f"unreadable file ({one_line(err)})")
     return ShardSample(key, data, ext, caption, cls, source)
 
 
@@ -80,7 +81,7 @@ class CaptionFileSamples:
             try:
                 obj = json.loads(line)
             except ValueError as err:
-                raise self._bad(line_no, f"not valid JSON ({_one_line(err)})") from err
+                raise self._bad(line_no, f"not valid JSON ({one_line(err)})") from err
             if not isinstance(obj, dict):
                 raise self._bad(line_no, "expected a JSON object with 'image' and 'caption'")
             yield self._entry(line_no, obj)

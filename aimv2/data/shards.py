@@ -28,7 +28,7 @@ from PIL import Image
 from aimv2.data.manifest import MANIFEST, ShardEntry, head_digest, manifest_json
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, image_header_size
 from aimv2.fileio import atomic_write, publish_file
-from aimv2.errors import UserError
+from aimv2.errors import UserError, one_line
 from aimv2.progress import progress as progress_bar
 
 _CANONICAL_EXT = {"jpeg": "jpg"}  # one name per format: fewer variants for readers to match
@@ -163,9 +163,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     return out_dir.resolve()
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _reject_reason(sample: ShardSample, ext: str | None, verify: bool, require_caption: bool) -> str | None:
@@ -184,7 +181,7 @@ def _reject_reason(sample: ShardSample, ext: str | None, verify: bool, require_c
         with Image.open(io.BytesIO(sample.image)) as img:
             img.load()  # full decode: a truncated JPEG only fails here, not in open()
     except Exception as err:  # noqa: BLE001 - any decoder failure means an unusable image
-        return f"undecodable image ({_one_line(err)})"
+        return f"undecodable image ({one_line(err)})"
     return None
 
 

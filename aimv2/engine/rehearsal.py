@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from aimv2.config import TrainerConfig, save_config
-from aimv2.errors import UserError
+from aimv2.errors import UserError, one_line
 from aimv2.engine.launch_checks import device_count
 from aimv2.engine.run_dir import RunDir
 from aimv2.processes import run_with_deadline
@@ -100,7 +100,7 @@ def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path,
             strategy = build_strategy(t)
             FSDPPrecision(t.precision)
         except Exception as err:  # noqa: BLE001 - any failure to build is the finding
-            report.add("fsdp", "FAILED", f"building the FSDP strategy: {_one_line(err)}")
+            report.add("fsdp", "FAILED", f"building the FSDP strategy: {one_line(err)}")
             return
         report.add("fsdp", "checked",
                    f"{type(strategy).__name__}: every transformer block one unit, "
@@ -122,7 +122,7 @@ def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path,
             strategy = build_strategy(t, batch_size=1)
             DeepSpeedPrecision(t.precision)
         except Exception as err:  # noqa: BLE001
-            report.add("deepspeed", "FAILED", f"building the DeepSpeed strategy: {_one_line(err)}")
+            report.add("deepspeed", "FAILED", f"building the DeepSpeed strategy: {one_line(err)}")
             return
         zero = strategy.config["zero_optimization"]
         report.add("deepspeed", "checked", f"{type(strategy).__name__} with zero_optimization {zero}; precision "
@@ -153,7 +153,7 @@ def _zero_step(stage: int, grad_clip: float, out: Path, report: RehearsalReport)
         equal = all(torch.equal(state[k.removeprefix("model.encoder.")], v) for k, v in reference.items()
                     if k.startswith("model.encoder."))
     except Exception as err:  # noqa: BLE001
-        report.add("deepspeed", "FAILED", f"ZeRO-{stage} step and checkpoint on the CPU: {_one_line(err)}")
+        report.add("deepspeed", "FAILED", f"ZeRO-{stage} step and checkpoint on the CPU: {one_line(err)}")
         return
     report.add("deepspeed", "checked" if equal else "FAILED",
                f"ZeRO-{stage}: one DeepSpeed step on the CPU (gradient_clipping {grad_clip}), its checkpoint "
@@ -190,7 +190,7 @@ def run_phases(cfg: Any, train: Callable[[Any], Any], verb: list[str], workdir: 
     try:
         report.add("checkpoint", "ok", check_checkpoint(run.last_checkpoint))
     except Exception as err:  # noqa: BLE001
-        report.add("checkpoint", "FAILED", f"reading last.ckpt back: {_one_line(err)}")
+        report.add("checkpoint", "FAILED", f"reading last.ckpt back: {one_line(err)}")
 
 
 def _run(cfg: Any, train: Callable[[Any], Any], verb: list[str], log_stem: Path, report: RehearsalReport,
@@ -218,7 +218,7 @@ def _run(cfg: Any, train: Callable[[Any], Any], verb: list[str], log_stem: Path,
         return True
     except Exception as err:  # noqa: BLE001 - a crash of the rehearsed run is the finding
         log_stem.with_suffix(".log").write_text(traceback.format_exc(), encoding="utf-8")
-        report.add(area, "FAILED", f"{_one_line(err)} (traceback: {log_stem.with_suffix('.log')})")
+        report.add(area, "FAILED", f"{one_line(err)} (traceback: {log_stem.with_suffix('.log')})")
         return False
 
 
@@ -248,9 +248,6 @@ def _load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}" if not isinstance(err, UserError) else text[0]
 
 
 def unreadable(spec: str) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aimv2.config.checks import check
+from aimv2.errors import check
 from aimv2.engine.run_dir import RunDir
 
 PAPER_LRS = [5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3]
