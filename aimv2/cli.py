@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 
-from aimv2.cpu_tuning import tune_cpu_allocator
+from aimv2.processes import tune_cpu_allocator
 from aimv2.errors import UserError
 
 # Lightning warnings that do not apply to this project's runs, silenced so real ones stand out:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=pattern)
     args = parse_args(build_parser(), argv)
     # Every verb computes on the CPU somewhere (data workers at least, the whole job on CPU machines):
-    # keep glibc from unmapping and re-faulting large buffers (aimv2.cpu_tuning; a frozen encoder's
+    # keep glibc from unmapping and re-faulting large buffers (aimv2.processes; a frozen encoder's
     # forward on the CPU measured 1.46-1.69 s -> 1.18-1.21 s per batch with it).
     tune_cpu_allocator()
     # A hung job (a rank waiting in a collective, a stuck data worker) tells where it waits:

@@ -14,7 +14,7 @@ the new one, never half of one.
   (a shard filled sample by sample, a ZeRO checkpoint directory written by every rank).
 - `discard(path)`: the reverse: a directory leaves its name in one rename before it is deleted.
 - `rename_noreplace(src, dst)`: a rename that never replaces what is at `dst` (putting a checkpoint back
-  or aside, aimv2.engine.resume).
+  or aside, aimv2.engine.checkpointing).
 
 Hidden names beside a target: `.NAME.tmp` (being written), `.NAME.old` (the version being replaced,
 while a directory is published without an atomic swap), `.NAME.removing` (being deleted).
@@ -102,7 +102,7 @@ def publish_directory(tmp: str | Path, out: str | Path, fsync: bool = True) -> N
     ext4 have it, network ones may not) the two swap names in one atomic step and `out` is never missing;
     the old version, now under `tmp`'s name, is deleted after. Elsewhere the old `out` is first renamed to
     `.NAME.old` and `tmp` to `out`: a kill between the two leaves no `out`, and
-    aimv2.engine.resume.recover_interrupted_publish puts the newest complete one back at the next start."""
+    aimv2.engine.checkpointing.recover_interrupted_publish puts the newest complete one back at the next start."""
     tmp, out = Path(tmp), Path(out)
     if fsync:
         for f in sorted(tmp.rglob("*")):
@@ -126,7 +126,7 @@ def publish_directory(tmp: str | Path, out: str | Path, fsync: bool = True) -> N
 def discard(path: str | Path) -> None:
     """Remove a file, link or directory without ever leaving part of it under its name: a directory is
     renamed to a hidden `.NAME.removing` beside it (one atomic step) and deleted there, so a kill during
-    the delete leaves only that hidden name (aimv2.engine.checkpoint_io.remove_stale_temporaries clears
+    the delete leaves only that hidden name (aimv2.engine.checkpointing.remove_stale_temporaries clears
     it). A missing `path` is no error."""
     path = Path(path)
     if path.is_symlink() or path.is_file():

@@ -200,7 +200,7 @@ def packed_aimv2_loss_sums(
     layout: dict,
     prefix_lengths: torch.Tensor,
 ) -> LossSums:
-    """The same terms for packed rows (aimv2.models.packing): patches (R, T, P) normalized pixels in
+    """The same terms for packed rows (aimv2.models.native): patches (R, T, P) normalized pixels in
     patchify's order, pixel_pred (K, P) and logits (n_real, V) from `AIMv2.forward_packed`.
     Every image's terms are what `aimv2_loss_sums` computes for it alone; the sums and counts are over
     all its counted patches and all real tokens, as `aimv2_loss_sums` takes them over a fixed-size batch."""

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
-
 from aimv2.models.masks import prefix_attention_bias, prefix_attention_mask, sample_prefix_lengths  # noqa: E402
+from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,13 +63,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device, dtype, n = args.device, DTYPES[args.dtype], args.tokens
     torch.manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(args.batch, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    )
     lengths = sample_prefix_lengths(args.batch, n, device=device)
 
     def timed(make_out):
         def step():
             make_out().sum().backward()
+
         return step
 
     # Masks are built once per step and shared by every layer, so one layer's call gets them ready-made.
@@ -90,13 +92,21 @@ def main(argv: list[str] | None = None) -> dict:
     if why_not:
         rows.append(["FlexAttention, block mask per step", why_not, "-"])
     info = machine(device)
-    result = {**info, "shape": [args.batch, args.heads, n, args.head_dim], "dtype": args.dtype,
-              "ms_fwd_bwd": {name: round(1e3 * median(ts), 3) for name, ts in times.items()},
-              "flex": why_not or "measured"}
-    md = [f"# Prefix-mask attention paths ({info['date']})", "",
-          f"Machine: {machine_line(info)}. q, k, v of shape {tuple(result['shape'])} ({args.dtype}); "
-          f"one layer's call, forward + backward, masks built beforehand (once per step, shared by the layers); "
-          f"medians of {args.rounds} alternating rounds of {args.steps}.", ""]
+    result = {
+        **info,
+        "shape": [args.batch, args.heads, n, args.head_dim],
+        "dtype": args.dtype,
+        "ms_fwd_bwd": {name: round(1e3 * median(ts), 3) for name, ts in times.items()},
+        "flex": why_not or "measured",
+    }
+    md = [
+        f"# Prefix-mask attention paths ({info['date']})",
+        "",
+        f"Machine: {machine_line(info)}. q, k, v of shape {tuple(result['shape'])} ({args.dtype}); "
+        f"one layer's call, forward + backward, masks built beforehand (once per step, shared by the layers); "
+        f"medians of {args.rounds} alternating rounds of {args.steps}.",
+        "",
+    ]
     md += table(["variant", "ms (fwd + bwd)", "vs ours"], rows)
     publish("attention" if device == "cpu" else "attention_gpu", result, md)
     return result

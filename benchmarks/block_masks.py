@@ -45,7 +45,7 @@ from aimv2.models.masks import (  # noqa: E402
     packed_encoder_block_mask,
     sample_prefix_lengths_per_image,
 )
-from aimv2.models.packing import pack_layout  # noqa: E402
+from aimv2.models.native import pack_layout  # noqa: E402
 
 # the shipped native config (data.native, data.batch_size, AIMv2-L's patch and caption length)
 PATCH, MIN_PATCHES, MAX_PATCHES, ROW_TOKENS, TEXT_LEN = 14, 112, 4096, 4096, 77
@@ -61,8 +61,9 @@ def old_encoder_block_mask(patch_image: torch.Tensor, patch_pos: torch.Tensor, p
     from torch.nn.attention.flex_attention import create_block_mask
 
     rows, length = patch_image.shape
-    m = (prefix_lengths[patch_image.clamp_min(0)] if prefix_lengths is not None
-         else torch.full_like(patch_image, length))  # full attention: every key counts as prefix
+    m = (
+        prefix_lengths[patch_image.clamp_min(0)] if prefix_lengths is not None else torch.full_like(patch_image, length)
+    )  # full attention: every key counts as prefix
 
     def mask_mod(b, h, q, k):
         same = (patch_image[b, q] == patch_image[b, k]) & (patch_image[b, q] >= 0)
@@ -113,8 +114,13 @@ def shape_layout(spec: dict, rows: int | None = None) -> tuple[dict, torch.Tenso
     batch = batches[len(batches) // 2][:rows]  # a middle batch: neither the fullest rows nor the leftovers
     images = [i for row in batch for i in row]
     renumber = {i: j for j, i in enumerate(images)}
-    layout = pack_layout([(1, counts[i]) for i in images], [TEXT_LEN] * len(images),
-                         [[renumber[i] for i in row] for row in batch], ROW_TOKENS, TEXT_LEN)
+    layout = pack_layout(
+        [(1, counts[i]) for i in images],
+        [TEXT_LEN] * len(images),
+        [[renumber[i] for i in row] for row in batch],
+        ROW_TOKENS,
+        TEXT_LEN,
+    )
     gen = torch.Generator().manual_seed(spec["seed"])
     return layout, sample_prefix_lengths_per_image(torch.tensor([counts[i] for i in images]), generator=gen)
 
@@ -122,8 +128,13 @@ def shape_layout(spec: dict, rows: int | None = None) -> tuple[dict, torch.Tenso
 def shape_facts(spec: dict) -> dict:
     layout, _ = shape_layout(spec)
     rows, t_len = layout["patch_image"].shape
-    return {"rows": rows, "T": t_len, "S": layout["dec_image"].shape[1], "images": len(layout["image_start"]),
-            "real_tokens": int((layout["patch_image"] >= 0).sum())}
+    return {
+        "rows": rows,
+        "T": t_len,
+        "S": layout["dec_image"].shape[1],
+        "images": len(layout["image_start"]),
+        "real_tokens": int((layout["patch_image"] >= 0).sum()),
+    }
 
 
 # -- one build in a fresh process --------------------------------------------------------------------------------
@@ -167,22 +178,37 @@ def child(job: dict) -> dict:
         start = time.perf_counter()
         build(layout, prefix)
         times.append(time.perf_counter() - start)
-    return {"peak_gib": (peak - before) / 2**20, "seconds": statistics.median(times), "reset": reset,
-            "blocks": blocks, "rows": layout["patch_image"].shape[0],
-            "length": layout["patch_image" if job["mask"] == "encoder" else "dec_image"].shape[1]}
+    return {
+        "peak_gib": (peak - before) / 2**20,
+        "seconds": statistics.median(times),
+        "reset": reset,
+        "blocks": blocks,
+        "rows": layout["patch_image"].shape[0],
+        "length": layout["patch_image" if job["mask"] == "encoder" else "dec_image"].shape[1],
+    }
 
 
 def run_child(job: dict, timeout: float) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"build {job} failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- the measurement -------------------------------------------------------------------------------------------
-def measure(shapes: dict | None = None, max_old_gib: float = 8.0, max_old_seconds: float = 60.0, threads: int = 1,
-            timeout: float = 300.0) -> dict:
+def measure(
+    shapes: dict | None = None,
+    max_old_gib: float = 8.0,
+    max_old_seconds: float = 60.0,
+    threads: int = 1,
+    timeout: float = 300.0,
+) -> dict:
     """Before/after peak host memory and time of each mask at each shape: {"shapes": {name: {facts,
     "encoder"/"decoder": {"length", "before", "after"}}}, "threads", "markdown": [lines]}. Where the first
     shape's figures project the old way past max_old_gib or max_old_seconds, it runs on fewer rows and is
@@ -198,24 +224,34 @@ def measure(shapes: dict | None = None, max_old_gib: float = 8.0, max_old_second
             after = run_child({"spec": spec, "impl": "after", "mask": mask, "threads": threads}, timeout)
             rows = facts["rows"]
             if mask in per_cell:
-                gib, seconds = (c * facts["rows"] * length ** 2 for c in per_cell[mask])
+                gib, seconds = (c * facts["rows"] * length**2 for c in per_cell[mask])
                 fits = min(max_old_gib / max(gib, 1e-9), max_old_seconds / max(seconds, 1e-9))
                 rows = max(1, min(rows, int(rows * fits)))
-            before = run_child({"spec": spec, "impl": "before", "mask": mask, "rows": rows, "threads": threads},
-                               timeout)
+            before = run_child(
+                {"spec": spec, "impl": "before", "mask": mask, "rows": rows, "threads": threads}, timeout
+            )
             if rows < facts["rows"]:  # scaled by rows x length^2 (a subset's decoder rows may be shorter)
-                scale = facts["rows"] * length ** 2 / (rows * before["length"] ** 2)
-                before.update(scaled_from_rows=rows, peak_gib=before["peak_gib"] * scale,
-                              seconds=before["seconds"] * scale)
-            per_cell.setdefault(mask, (before["peak_gib"] / (rows * before["length"] ** 2),
-                                       before["seconds"] / (rows * before["length"] ** 2)))
+                scale = facts["rows"] * length**2 / (rows * before["length"] ** 2)
+                before.update(
+                    scaled_from_rows=rows, peak_gib=before["peak_gib"] * scale, seconds=before["seconds"] * scale
+                )
+            per_cell.setdefault(
+                mask,
+                (
+                    before["peak_gib"] / (rows * before["length"] ** 2),
+                    before["seconds"] / (rows * before["length"] ** 2),
+                ),
+            )
             entry[mask] = {"length": length, "before": before, "after": after}
     return {"shapes": results, "threads": threads, "markdown": markdown(results, threads)}
 
 
 def markdown(results: dict, threads: int) -> list[str]:
-    lines = ["| shape | mask | rows x length | before: peak host memory | before: time | after: peak host memory "
-             "| after: time | memory before / after |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | mask | rows x length | before: peak host memory | before: time | after: peak host memory "
+        "| after: time | memory before / after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for name, entry in results.items():
         for mask in ("encoder", "decoder"):
@@ -224,27 +260,43 @@ def markdown(results: dict, threads: int) -> list[str]:
             scaled = before.get("scaled_from_rows")
             mark = "*" if scaled else ""
             if scaled:
-                notes.append(f"*{name}, {mask}: the old way measured on {scaled} of {entry['rows']} rows and scaled "
-                             "by rows x length^2 (linear in rows at a fixed length).")
+                notes.append(
+                    f"*{name}, {mask}: the old way measured on {scaled} of {entry['rows']} rows and scaled "
+                    "by rows x length^2 (linear in rows at a fixed length)."
+                )
             ratio = before["peak_gib"] / max(after["peak_gib"], 1 / 1024)
-            lines.append(f"| {name} | {mask} | {entry['rows']} x {fig['length']} | {before['peak_gib'] * 1024:.0f} MiB"
-                         f"{mark} | {before['seconds'] * 1e3:.0f} ms{mark} | {after['peak_gib'] * 1024:.1f} MiB | "
-                         f"{after['seconds'] * 1e3:.1f} ms | {'>' if after['peak_gib'] < 1 / 1024 else ''}"
-                         f"{ratio:.0f}x |")
-    lines += ["", "Peak RSS of one build in a fresh CPU process over that just before it (inputs built, a small "
-              f"build done first); time: median build, {threads} torch thread(s). Images of 112..4096 patches, "
-              "captions of 77 tokens, block 128."] + notes
+            lines.append(
+                f"| {name} | {mask} | {entry['rows']} x {fig['length']} | {before['peak_gib'] * 1024:.0f} MiB"
+                f"{mark} | {before['seconds'] * 1e3:.0f} ms{mark} | {after['peak_gib'] * 1024:.1f} MiB | "
+                f"{after['seconds'] * 1e3:.1f} ms | {'>' if after['peak_gib'] < 1 / 1024 else ''}"
+                f"{ratio:.0f}x |"
+            )
+    lines += [
+        "",
+        "Peak RSS of one build in a fresh CPU process over that just before it (inputs built, a small "
+        f"build done first); time: median build, {threads} torch thread(s). Images of 112..4096 patches, "
+        "captions of 77 tokens, block 128.",
+    ] + notes
     return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-old-gib", type=float, default=8.0,
-                        help="measure the old way on fewer rows (and scale) where it would pass this")
-    parser.add_argument("--max-old-seconds", type=float, default=60.0,
-                        help="likewise where one old build would take longer than this")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of each build (one by default: on a loaded machine more spin)")
+    parser.add_argument(
+        "--max-old-gib",
+        type=float,
+        default=8.0,
+        help="measure the old way on fewer rows (and scale) where it would pass this",
+    )
+    parser.add_argument(
+        "--max-old-seconds", type=float, default=60.0, help="likewise where one old build would take longer than this"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each build (one by default: on a loaded machine more spin)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one build, fresh process
     args = parser.parse_args(argv)

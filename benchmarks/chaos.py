@@ -39,15 +39,14 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import machine, machine_line, publish, table  # noqa: E402
-
 from aimv2.data.shardlist import ShardInfo, resolve_shards  # noqa: E402
 from aimv2.data.shards import ShardSample, write_shards  # noqa: E402
 from aimv2.data.stream import plan_epoch  # noqa: E402
 from aimv2.data.tokenizer import write_vocabulary  # noqa: E402
-from aimv2.engine.metrics import read_metric  # noqa: E402
-from aimv2.engine.resume import checkpoint_step, newest_intact  # noqa: E402
-from aimv2.engine.stream_state import read_sample_log  # noqa: E402
+from aimv2.engine.checkpointing import checkpoint_step, newest_intact  # noqa: E402
+from aimv2.engine.logs import read_metric  # noqa: E402
+from aimv2.engine.stream_resume import read_sample_log  # noqa: E402
+from common import machine, machine_line, publish, table  # noqa: E402
 
 STEP_SAMPLES = 12  # samples per step on any number of ranks: batch = 12 / ranks
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1}
@@ -59,13 +58,16 @@ def write_data(root: Path, rng: np.random.Generator) -> tuple[str, list[ShardInf
     counts = [int(c) for c in rng.integers(9, 22, size=16)]
     urls = []
     for s, n in enumerate(counts):
+
         def samples(s=s, n=n):
             for i in range(n):
                 buf = io.BytesIO()
                 Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(buf, "JPEG")
                 yield ShardSample(key=f"s{s:02d}_{i:04d}", image=buf.getvalue(), image_ext="jpg", caption=f"sample {i}")
-        report = write_shards(samples(), root / f"part{s:02d}", samples_per_shard=100, verify_images=False,
-                              progress=False)
+
+        report = write_shards(
+            samples(), root / f"part{s:02d}", samples_per_shard=100, verify_images=False, progress=False
+        )
         urls.append(report.urls)
     spec = "::".join(urls)
     write_vocabulary([f"sample {i}" for i in range(30)], root / "vocab.txt")
@@ -73,14 +75,35 @@ def write_data(root: Path, rng: np.random.Generator) -> tuple[str, list[ShardInf
 
 
 def command(run: Path, data: Path, spec: str, ranks: int, workers: int, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/debug.yaml"),
-            f"run_dir={run}", f"data.sources=[{{urls: '{spec}'}}]", "data.tokenizer.kind=words",
-            f"data.tokenizer.path={data / 'vocab.txt'}", "data.tokenizer.max_length=8", "model.img_size=28",
-            "data.mode=epoch", f"data.batch_size={STEP_SAMPLES // ranks}", f"data.num_workers={workers}",
-            "data.shuffle_buffer=16", f"trainer.devices={ranks}", "trainer.strategy=ddp", "trainer.max_steps=-1",
-            f"trainer.max_epochs={epochs}", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=3",
-            "trainer.keep_checkpoints=2", "trainer.log_samples=true", "trainer.progress_bar=false",
-            "visualize.every_n_steps=0", "optim.warmup_steps=2", "trainer.resume=auto"]
+    return [
+        sys.executable,
+        "-m",
+        "aimv2",
+        "pretrain",
+        str(REPO / "configs/pretrain/debug.yaml"),
+        f"run_dir={run}",
+        f"data.sources=[{{urls: '{spec}'}}]",
+        "data.tokenizer.kind=words",
+        f"data.tokenizer.path={data / 'vocab.txt'}",
+        "data.tokenizer.max_length=8",
+        "model.img_size=28",
+        "data.mode=epoch",
+        f"data.batch_size={STEP_SAMPLES // ranks}",
+        f"data.num_workers={workers}",
+        "data.shuffle_buffer=16",
+        f"trainer.devices={ranks}",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=-1",
+        f"trainer.max_epochs={epochs}",
+        "trainer.log_every_n_steps=1",
+        "trainer.checkpoint_every_n_steps=3",
+        "trainer.keep_checkpoints=2",
+        "trainer.log_samples=true",
+        "trainer.progress_bar=false",
+        "visualize.every_n_steps=0",
+        "optim.warmup_steps=2",
+        "trainer.resume=auto",
+    ]
 
 
 def logged_steps(run: Path, since: float) -> int:
@@ -124,9 +147,14 @@ def segment(cmd: list[str], run: Path, start: int, kill: tuple[str, float] | Non
                 pass
     output = log.read_text()
     errors = [line for line in output.splitlines() if "Error" in line or "error:" in line]
-    return {"rc": proc.returncode, "signal": kill[0] if kill and sent else None, "forced_kill": forced,
-            "seconds": round(time.time() - t0, 1), "output": output,
-            "last_error": errors[-1][:160] if errors and proc.returncode not in (0, -9, -15) else ""}
+    return {
+        "rc": proc.returncode,
+        "signal": kill[0] if kill and sent else None,
+        "forced_kill": forced,
+        "seconds": round(time.time() - t0, 1),
+        "output": output,
+        "last_error": errors[-1][:160] if errors and proc.returncode not in (0, -9, -15) else "",
+    }
 
 
 def check(run: Path, shards: list[ShardInfo], segments: list[dict]) -> dict:
@@ -148,8 +176,10 @@ def check(run: Path, shards: list[ShardInfo], segments: list[dict]) -> dict:
     logged = [s for s, _ in read_metric(run / "logs/metrics.csv", "train/loss")]
     if logged != list(range(steps)):
         missing = sorted(set(range(steps)) - set(logged))
-        failures.append(f"metrics.csv train/loss steps: {len(logged)} rows for {steps} steps, missing {missing[:10]}, "
-                        f"duplicated {[s for s, n in Counter(logged).items() if n > 1][:10]}")
+        failures.append(
+            f"metrics.csv train/loss steps: {len(logged)} rows for {steps} steps, missing {missing[:10]}, "
+            f"duplicated {[s for s, n in Counter(logged).items() if n > 1][:10]}"
+        )
     repeated = read_metric(run / "logs/metrics.csv", "data/repeated_samples")
     if repeated and repeated[-1][1] != 0:
         failures.append(f"data/repeated_samples = {repeated[-1][1]}")
@@ -165,8 +195,13 @@ def check(run: Path, shards: list[ShardInfo], segments: list[dict]) -> dict:
     for epoch in sorted({e for e, _, _, _ in rows}):
         seen = Counter(k for e, _, _, keys in rows if e == epoch for k in keys)
         first = min(step for e, _, step, _ in rows if e == epoch)
-        replans = [int(m) for seg in segments for m in re.findall(
-            rf"resuming epoch {epoch} under another data layout .*?\((\d+) samples left over", seg["output"])]
+        replans = [
+            int(m)
+            for seg in segments
+            for m in re.findall(
+                rf"resuming epoch {epoch} under another data layout .*?\((\d+) samples left over", seg["output"]
+            )
+        ]
         if replans:
             declared, by = replans[-1], "last resume's replan"
         else:  # planned by the layout of the segment that ran the epoch's first step
@@ -176,8 +211,17 @@ def check(run: Path, shards: list[ShardInfo], segments: list[dict]) -> dict:
             declared, by = total - plan.batches_per_slot * slots * (STEP_SAMPLES // seg["ranks"]), "its plan"
         dupes = sum(n - 1 for n in seen.values())
         missed = total - len(seen)
-        epochs.append({"epoch": epoch, "trained": sum(seen.values()), "distinct": len(seen), "repeated": dupes,
-                       "missed": missed, "declared_remainder": declared, "declared_by": by})
+        epochs.append(
+            {
+                "epoch": epoch,
+                "trained": sum(seen.values()),
+                "distinct": len(seen),
+                "repeated": dupes,
+                "missed": missed,
+                "declared_remainder": declared,
+                "declared_by": by,
+            }
+        )
         if dupes or missed != declared:
             failures.append(f"epoch {epoch}: {dupes} repeated, {missed} missed, {declared} declared ({by})")
     return {"steps": steps, "epochs": epochs, "failures": failures}
@@ -196,7 +240,7 @@ def main() -> int:
     spec, shards = write_data(work / "data", np.random.default_rng(args.seed))
     run = work / "run"
     segments, t0 = [], time.time()
-    signals = (sorted(SIGNALS) * args.kills)[:args.kills]  # every kind of interruption, in a seeded order
+    signals = (sorted(SIGNALS) * args.kills)[: args.kills]  # every kind of interruption, in a seeded order
     rng.shuffle(signals)
     for i in range(args.kills + 1):
         ranks, workers = rng.randint(1, 3), rng.randint(1, 2)
@@ -207,37 +251,88 @@ def main() -> int:
         seg = segment(cmd, run, start, kill, work / f"segment{i}.log")
         seg.update(index=i, ranks=ranks, workers=workers, start=start)
         segments.append(seg)
-        print(f"segment {i}: {ranks} rank(s) x {workers} worker(s) from step {start}: "
-              f"{seg['signal'] or 'ran to the end'} after {seg['seconds']} s (rc {seg['rc']})", flush=True)
+        print(
+            f"segment {i}: {ranks} rank(s) x {workers} worker(s) from step {start}: "
+            f"{seg['signal'] or 'ran to the end'} after {seg['seconds']} s (rc {seg['rc']})",
+            flush=True,
+        )
         if kill is None and seg["rc"] != 0:
             print(seg["output"][-3000:])
             return 1
     result = check(run, shards, segments)
     survived = Counter(s["signal"] for s in segments if s["signal"])
-    data = {"machine": machine(), "seed": args.seed, "kills": args.kills, "epochs": args.epochs,
-            "samples": sum(s.count for s in shards), "shards": len(shards), "steps": result["steps"],
-            "seconds": round(time.time() - t0), "signals": dict(survived),
-            "segments": [{k: s[k] for k in ("index", "ranks", "workers", "start", "signal", "forced_kill", "rc",
-                                            "seconds", "last_error")} for s in segments],
-            "epoch_table": result["epochs"], "failures": result["failures"]}
-    md = [f"# Chaos run ({args.kills} interruptions, seed {args.seed})", "", machine_line(data["machine"]), "",
-          f"`benchmarks/chaos.py --kills {args.kills} --epochs {args.epochs} --max-delay {args.max_delay:g} --seed {args.seed}`: {data['samples']} samples in "
-          f"{data['shards']} shards, {args.epochs} epochs, 12 samples per step on 1-3 ranks; "
-          f"{data['steps']} steps in {data['seconds']} s. Interruptions survived: "
-          + ", ".join(f"{n} x {sig}" for sig, n in sorted(survived.items())) + ".", "",
-          *table(["segment", "ranks x workers", "from step", "ended by", "rc", "s", "last error (rc not 0/-9/-15)"],
-                 [[s["index"], f"{s['ranks']} x {s['workers']}", s["start"],
-                   (s["signal"] or "end of run") + (" (then SIGKILL)" if s["forced_kill"] else ""), s["rc"],
-                   s["seconds"], s["last_error"].replace("|", "/")] for s in segments]), "",
-          *table(["epoch", "samples trained", "distinct", "repeated", "missed", "declared remainder", "declared by"],
-                 [[e["epoch"], e["trained"], e["distinct"], e["repeated"], e["missed"], e["declared_remainder"],
-                   e["declared_by"]] for e in result["epochs"]]), "",
-          "Checks: finite weights, every checkpoint loads and no temporary is left, metrics.csv holds every step "
-          "once, every epoch exact (no repeat; missed = the declared remainder): "
-          + ("**all passed**." if not result["failures"] else "**FAILED**: " + "; ".join(result["failures"]))]
+    data = {
+        "machine": machine(),
+        "seed": args.seed,
+        "kills": args.kills,
+        "epochs": args.epochs,
+        "samples": sum(s.count for s in shards),
+        "shards": len(shards),
+        "steps": result["steps"],
+        "seconds": round(time.time() - t0),
+        "signals": dict(survived),
+        "segments": [
+            {
+                k: s[k]
+                for k in ("index", "ranks", "workers", "start", "signal", "forced_kill", "rc", "seconds", "last_error")
+            }
+            for s in segments
+        ],
+        "epoch_table": result["epochs"],
+        "failures": result["failures"],
+    }
+    md = [
+        f"# Chaos run ({args.kills} interruptions, seed {args.seed})",
+        "",
+        machine_line(data["machine"]),
+        "",
+        f"`benchmarks/chaos.py --kills {args.kills} --epochs {args.epochs} --max-delay {args.max_delay:g} "
+        f"--seed {args.seed}`: {data['samples']} samples in "
+        f"{data['shards']} shards, {args.epochs} epochs, 12 samples per step on 1-3 ranks; "
+        f"{data['steps']} steps in {data['seconds']} s. Interruptions survived: "
+        + ", ".join(f"{n} x {sig}" for sig, n in sorted(survived.items()))
+        + ".",
+        "",
+        *table(
+            ["segment", "ranks x workers", "from step", "ended by", "rc", "s", "last error (rc not 0/-9/-15)"],
+            [
+                [
+                    s["index"],
+                    f"{s['ranks']} x {s['workers']}",
+                    s["start"],
+                    (s["signal"] or "end of run") + (" (then SIGKILL)" if s["forced_kill"] else ""),
+                    s["rc"],
+                    s["seconds"],
+                    s["last_error"].replace("|", "/"),
+                ]
+                for s in segments
+            ],
+        ),
+        "",
+        *table(
+            ["epoch", "samples trained", "distinct", "repeated", "missed", "declared remainder", "declared by"],
+            [
+                [
+                    e["epoch"],
+                    e["trained"],
+                    e["distinct"],
+                    e["repeated"],
+                    e["missed"],
+                    e["declared_remainder"],
+                    e["declared_by"],
+                ]
+                for e in result["epochs"]
+            ],
+        ),
+        "",
+        "Checks: finite weights, every checkpoint loads and no temporary is left, metrics.csv holds every step "
+        "once, every epoch exact (no repeat; missed = the declared remainder): "
+        + ("**all passed**." if not result["failures"] else "**FAILED**: " + "; ".join(result["failures"])),
+    ]
     publish(args.name, data, md)
     if not result["failures"]:
         import shutil
+
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"kept for inspection: {work}")

@@ -10,8 +10,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -32,9 +32,15 @@ def cpu_model() -> str:
 
 
 def machine(device: str = "cpu") -> dict:
-    info = {"date": datetime.date.today().isoformat(), "host_cpu": cpu_model(), "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
-            "python": platform.python_version()}
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "host_cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device,
+        "python": platform.python_version(),
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -50,8 +56,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
-                trials: int = 5) -> float:
+def matmul_peak(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None, trials: int = 5
+) -> float:
     """Best achieved FLOP/s of an n^3 matmul into a preallocated output (1536 on the CPU, the size the
     project's calibration uses; 8192 on a GPU). The best of several trials: the machine's limit."""
     n = n or (8192 if device.startswith("cuda") else 1536)
@@ -70,8 +77,9 @@ def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
     return best
 
 
-def alternate(fns: dict[str, Callable[[], None]], rounds: int, steps: int, device: str = "cpu",
-              warmup: int = 2) -> dict[str, list[float]]:
+def alternate(
+    fns: dict[str, Callable[[], None]], rounds: int, steps: int, device: str = "cpu", warmup: int = 2
+) -> dict[str, list[float]]:
     """Seconds per call of each function, measured in alternation: round r times `steps` calls of every
     function in turn. Returns the per-round means; compare medians."""
     for fn in fns.values():

@@ -25,13 +25,12 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
-
 from aimv2.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
-from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
 from aimv2.data.shards import ShardSample, write_shards  # noqa: E402
-from aimv2.data.transforms import pretrain_transform  # noqa: E402
-from aimv2.pretraining.datamodule import PretrainDataModule  # noqa: E402
+from aimv2.data.samples import pretrain_transform  # noqa: E402
+from aimv2.pretraining.pretrain import PretrainDataModule  # noqa: E402
+from aimv2.processes import tune_cpu_allocator  # noqa: E402
+from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
 
 RAW, RAW_PIL = "raw limit: decode + crop", "PIL decode + PIL crop"
 WORDS = "a photo of the small red large blue dog cat car on in with near street field river house".split()
@@ -73,12 +72,13 @@ def stage_costs(stream, jpegs: list[bytes], crop, batch: int) -> dict[str, float
     tokenizer = stream.collate.tokenizer
     stages = {
         "tar reading (webdataset)": lambda: [s for url in urls for s in wds.tarfile_to_samples()([{"url": url}])],
-        "decode": lambda: [decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                           for d in jpegs],
+        "decode": lambda: [
+            decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in jpegs
+        ],
         "crop": lambda: [crop(t) for t in tensors],
         "flip": lambda: [c.flip(-1) for c in crops],
-        "tokenize (CLIP BPE)": lambda: [tokenizer(captions[i:i + batch]) for i in range(0, len(captions), batch)],
-        "collate (stack uint8)": lambda: [torch.stack(crops[i:i + batch]) for i in range(0, len(crops), batch)],
+        "tokenize (CLIP BPE)": lambda: [tokenizer(captions[i : i + batch]) for i in range(0, len(captions), batch)],
+        "collate (stack uint8)": lambda: [torch.stack(crops[i : i + batch]) for i in range(0, len(crops), batch)],
     }
     costs = {}
     for name, fn in stages.items():
@@ -103,8 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
     tune_cpu_allocator()  # as ShardStream does in every DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
         urls, jpegs = write_bench_shards(Path(tmp), args.samples)
-        cfg = DataConfig(sources=[SourceConfig(urls=urls)], batch_size=args.batch, num_workers=0, mode="epoch",
-                         shuffle_buffer=1000, tokenizer=TokenizerConfig())
+        cfg = DataConfig(
+            sources=[SourceConfig(urls=urls)],
+            batch_size=args.batch,
+            num_workers=0,
+            mode="epoch",
+            shuffle_buffer=1000,
+            tokenizer=TokenizerConfig(),
+        )
         data = PretrainDataModule(cfg, args.img_size)
         stream = data.build_stream()
         crop = pretrain_transform(args.img_size).crop  # the pipeline's RandomResizedCrop (bicubic), no flip
@@ -132,26 +138,48 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = rates["pipeline"] / rates[RAW]
     info = machine("cpu")
     mean_kb = sum(map(len, jpegs)) / len(jpegs) / 1024
-    result = {**info, "samples": samples, "img_size": args.img_size, "batch": args.batch, "mean_jpeg_kb": round(mean_kb, 1),
-              "samples_per_s": {k: round(v, 1) for k, v in rates.items()}, "pipeline_vs_raw": round(ratio, 3),
-              "seconds_per_round": {k: [round(x, 3) for x in v] for k, v in times.items()}}
-    md = [f"# Data pipeline, one worker ({info['date']})", "",
-          f"Machine: {machine_line(info)}; one thread (a DataLoader worker). {samples} synthetic photo-like JPEGs "
-          f"(500 x 375, mean {mean_kb:.0f} KB) in shards written by aimv2.data.shards; crop {args.img_size} px, "
-          f"batch {args.batch}. Medians of {args.rounds} alternating rounds.", ""]
-    md += table(["path", "samples/s", "vs raw limit"],
-                [[name, f"{rate:.1f}", f"{rate / rates[RAW]:.1%}"] for name, rate in rates.items()])
-    md += ["", "pipeline = tar reading, shuffle buffer, decode into a uint8 tensor (torchvision, libjpeg-turbo), "
-               "RandomResizedCrop(0.4-1, antialiased bicubic on uint8), flip, CLIP BPE tokenize, collate (uint8; "
-               "normalization happens on the training device); raw limit = the same decode and crop only; "
-               "PIL = decode and RandomResizedCrop through PIL, the usual torchvision recipe."]
+    result = {
+        **info,
+        "samples": samples,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "mean_jpeg_kb": round(mean_kb, 1),
+        "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "pipeline_vs_raw": round(ratio, 3),
+        "seconds_per_round": {k: [round(x, 3) for x in v] for k, v in times.items()},
+    }
+    md = [
+        f"# Data pipeline, one worker ({info['date']})",
+        "",
+        f"Machine: {machine_line(info)}; one thread (a DataLoader worker). {samples} synthetic photo-like JPEGs "
+        f"(500 x 375, mean {mean_kb:.0f} KB) in shards written by aimv2.data.shards; crop {args.img_size} px, "
+        f"batch {args.batch}. Medians of {args.rounds} alternating rounds.",
+        "",
+    ]
+    md += table(
+        ["path", "samples/s", "vs raw limit"],
+        [[name, f"{rate:.1f}", f"{rate / rates[RAW]:.1%}"] for name, rate in rates.items()],
+    )
+    md += [
+        "",
+        "pipeline = tar reading, shuffle buffer, decode into a uint8 tensor (torchvision, libjpeg-turbo), "
+        "RandomResizedCrop(0.4-1, antialiased bicubic on uint8), flip, CLIP BPE tokenize, collate (uint8; "
+        "normalization happens on the training device); raw limit = the same decode and crop only; "
+        "PIL = decode and RandomResizedCrop through PIL, the usual torchvision recipe.",
+    ]
     gap_ms = 1e3 / rates["pipeline"] - 1e3 / rates[RAW]
     result["stage_ms_per_sample"] = breakdown
     result["gap_ms_per_sample"] = round(gap_ms, 4)
-    md += ["", f"Where the pipeline's extra {gap_ms:.3f} ms per sample goes: each stage alone, same run, "
-               "best of 3 (ms per sample):", ""]
-    md += table(["stage", "ms/sample", "in the raw limit"],
-                [[name, f"{ms:.3f}", "yes" if name in ("decode", "crop") else "no"] for name, ms in breakdown.items()])
+    md += [
+        "",
+        f"Where the pipeline's extra {gap_ms:.3f} ms per sample goes: each stage alone, same run, "
+        "best of 3 (ms per sample):",
+        "",
+    ]
+    md += table(
+        ["stage", "ms/sample", "in the raw limit"],
+        [[name, f"{ms:.3f}", "yes" if name in ("decode", "crop") else "no"] for name, ms in breakdown.items()],
+    )
     publish(args.name, result, md)
     return result
 

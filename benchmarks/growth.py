@@ -37,13 +37,12 @@ def measure(args) -> dict:
     """One point, in this (fresh) process."""
     import contextlib
 
-    from train_step import DTYPES, project_step, synthetic_batch
-
     from aimv2.config import TrainerConfig
-    from aimv2.cpu_tuning import tune_cpu_allocator
-    from aimv2.models import AIMv2, get_size
     from aimv2.engine.optim import build_optimizer
     from aimv2.engine.strategy import prepare_model
+    from aimv2.models import AIMv2, get_size
+    from aimv2.processes import tune_cpu_allocator
+    from train_step import DTYPES, project_step, synthetic_batch
 
     device, dtype = args.device, DTYPES[args.dtype]
     if device == "cpu":
@@ -53,8 +52,9 @@ def measure(args) -> dict:
     prepare_model(model, TrainerConfig(activation_checkpointing=args.ckpt))
     optimizer = build_optimizer(model, 1e-4, 1e-4, (0.9, 0.95), 1e-8)
     batch = synthetic_batch(args.batch, args.img_size, args.vocab, args.text_len, device)
-    autocast = (contextlib.nullcontext if dtype == torch.float32
-                else lambda: torch.autocast(device.split(":")[0], dtype=dtype))
+    autocast = (
+        contextlib.nullcontext if dtype == torch.float32 else lambda: torch.autocast(device.split(":")[0], dtype=dtype)
+    )
     step = project_step(model, optimizer, batch, autocast)
     base = rss_gib()
     if device.startswith("cuda"):
@@ -72,22 +72,53 @@ def measure(args) -> dict:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - base  # KiB -> GiB
-    return {"batch": args.batch, "img_size": args.img_size, "tokens": (args.img_size // 14) ** 2,
-            "activation_checkpointing": args.ckpt, "step_s": round(min(times), 4),
-            "samples_per_s": round(args.batch / min(times), 2), "peak_gib": round(peak, 3),
-            "step_s_all": [round(t, 4) for t in times]}
+    return {
+        "batch": args.batch,
+        "img_size": args.img_size,
+        "tokens": (args.img_size // 14) ** 2,
+        "activation_checkpointing": args.ckpt,
+        "step_s": round(min(times), 4),
+        "samples_per_s": round(args.batch / min(times), 2),
+        "peak_gib": round(peak, 3),
+        "step_s_all": [round(t, 4) for t in times],
+    }
 
 
 def run_point(args, batch: int, img_size: int, ckpt: bool) -> dict:
-    cmd = [sys.executable, __file__, "--point", "--device", args.device, "--size", args.size, "--dtype", args.dtype,
-           "--batch", str(batch), "--img-size", str(img_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--vocab", str(args.vocab), "--text-len", str(args.text_len)] + (["--ckpt"] if ckpt else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--point",
+        "--device",
+        args.device,
+        "--size",
+        args.size,
+        "--dtype",
+        args.dtype,
+        "--batch",
+        str(batch),
+        "--img-size",
+        str(img_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--vocab",
+        str(args.vocab),
+        "--text-len",
+        str(args.text_len),
+    ] + (["--ckpt"] if ckpt else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
         if "out of memory" in out.stderr.lower():
-            return {"batch": batch, "img_size": img_size, "tokens": (img_size // 14) ** 2,
-                    "activation_checkpointing": ckpt, "error": "out of memory"}
+            return {
+                "batch": batch,
+                "img_size": img_size,
+                "tokens": (img_size // 14) ** 2,
+                "activation_checkpointing": ckpt,
+                "error": "out of memory",
+            }
         raise RuntimeError(f"point batch={batch} img_size={img_size} ckpt={ckpt} failed: {tail}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -125,25 +156,62 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine(args.device)
     memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak RSS over the built model"
     result = {**info, "size": args.size, "dtype": args.dtype, "steps": args.steps, "memory": memory, "points": rows}
-    md = [f"# Growth: step time and memory against batch and resolution ({info['date']})", "",
-          f"Machine: {machine_line(info)}. Size `{args.size}`, {args.dtype}, one full training step (forward, loss, "
-          f"backward, clip, AdamW), the best of {args.steps} steps after {args.warmup} warm-up steps (one process per "
-          f"point cannot alternate with the others, so the best step stands for the machine's rate), each point in a "
-          f"fresh process. "
-          f"Memory = {memory} (GiB). Activation checkpointing wraps every encoder and decoder block.", ""]
-    header = ["batch", "px", "tokens", "step (s)", "samples/s", "memory (GiB)",
-              "step, ckpt (s)", "memory, ckpt (GiB)", "ckpt time", "ckpt memory"]
+    md = [
+        f"# Growth: step time and memory against batch and resolution ({info['date']})",
+        "",
+        f"Machine: {machine_line(info)}. Size `{args.size}`, {args.dtype}, one full training step (forward, loss, "
+        f"backward, clip, AdamW), the best of {args.steps} steps after {args.warmup} warm-up steps (one process per "
+        f"point cannot alternate with the others, so the best step stands for the machine's rate), each point in a "
+        f"fresh process. "
+        f"Memory = {memory} (GiB). Activation checkpointing wraps every encoder and decoder block.",
+        "",
+    ]
+    header = [
+        "batch",
+        "px",
+        "tokens",
+        "step (s)",
+        "samples/s",
+        "memory (GiB)",
+        "step, ckpt (s)",
+        "memory, ckpt (GiB)",
+        "ckpt time",
+        "ckpt memory",
+    ]
     by_key = {(r["batch"], r["img_size"], r["activation_checkpointing"]): r for r in rows}
     lines = []
     for batch, img_size in sorted(points, key=lambda p: (p[1], p[0])):
         plain, ckpt = by_key[(batch, img_size, False)], by_key[(batch, img_size, True)]
         if "error" in plain or "error" in ckpt:
-            lines.append([batch, img_size, plain["tokens"], plain.get("step_s", plain.get("error")), "", "",
-                          ckpt.get("step_s", ckpt.get("error")), "", "", ""])
+            lines.append(
+                [
+                    batch,
+                    img_size,
+                    plain["tokens"],
+                    plain.get("step_s", plain.get("error")),
+                    "",
+                    "",
+                    ckpt.get("step_s", ckpt.get("error")),
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
-        lines.append([batch, img_size, plain["tokens"], plain["step_s"], plain["samples_per_s"], plain["peak_gib"],
-                      ckpt["step_s"], ckpt["peak_gib"], f"{ckpt['step_s'] / plain['step_s']:.2f}x",
-                      f"{ckpt['peak_gib'] / max(plain['peak_gib'], 1e-9):.2f}x"])
+        lines.append(
+            [
+                batch,
+                img_size,
+                plain["tokens"],
+                plain["step_s"],
+                plain["samples_per_s"],
+                plain["peak_gib"],
+                ckpt["step_s"],
+                ckpt["peak_gib"],
+                f"{ckpt['step_s'] / plain['step_s']:.2f}x",
+                f"{ckpt['peak_gib'] / max(plain['peak_gib'], 1e-9):.2f}x",
+            ]
+        )
     md += table(header, lines)
     publish(args.name, result, md)
     return result

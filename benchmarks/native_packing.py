@@ -43,16 +43,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, machine_line, median, publish, sync, table  # noqa: E402
-from growth import rss_gib  # noqa: E402
-from train_step import DTYPES, project_step, synthetic_batch  # noqa: E402
-
-from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
 from aimv2.data.native import native_grid, pack_batches  # noqa: E402
 from aimv2.engine.optim import build_optimizer  # noqa: E402
 from aimv2.models import AIMv2, get_size  # noqa: E402
-from aimv2.models.packing import pack_layout, pack_patches  # noqa: E402
+from aimv2.models.native import pack_layout, pack_patches  # noqa: E402
 from aimv2.objective import packed_aimv2_loss  # noqa: E402
+from aimv2.processes import tune_cpu_allocator  # noqa: E402
+from common import alternate, machine, machine_line, median, publish, sync, table  # noqa: E402
+from growth import rss_gib  # noqa: E402
+from train_step import DTYPES, project_step, synthetic_batch  # noqa: E402
 
 
 def sample_sizes(n: int, seed: int, px: tuple[int, int], max_aspect: float) -> list[tuple[int, int]]:
@@ -73,7 +72,7 @@ def patch_counts(sizes, scale: float, patch: int, lo: int, hi: int) -> list[tupl
 def windows(lengths: list[int], window: int, row_tokens: int, rows: int):
     """pack_batches over consecutive windows of `window` images; batches of global indices."""
     for start in range(0, len(lengths), window):
-        for batch in pack_batches(lengths[start:start + window], row_tokens, rows):
+        for batch in pack_batches(lengths[start : start + window], row_tokens, rows):
             yield [[start + i for i in row] for row in batch]
 
 
@@ -85,9 +84,11 @@ def padding_figures(lengths: list[int], args) -> dict:
         batches = list(windows(lengths, args.window, row_tokens, args.rows))
         slots = sum(len(b) for b in batches) * row_tokens
         out[f"packed, rows of {row_tokens} ({mult}x max_patches)"] = {
-            "padding": 1 - real / slots, "images_per_row": len(lengths) / sum(len(b) for b in batches)}
+            "padding": 1 - real / slots,
+            "images_per_row": len(lengths) / sum(len(b) for b in batches),
+        }
     for b in args.pad_batches:
-        slots = sum(len(lengths[k:k + b]) * max(lengths[k:k + b]) for k in range(0, len(lengths), b))
+        slots = sum(len(lengths[k : k + b]) * max(lengths[k : k + b]) for k in range(0, len(lengths), b))
         out[f"padded to the longest of {b} images"] = {"padding": 1 - real / slots, "images_per_row": 1.0}
     out["padded to max_patches"] = {"padding": 1 - real / (len(lengths) * args.max_patches), "images_per_row": 1.0}
     return out
@@ -116,10 +117,16 @@ def build(args, device: str) -> dict:
         prefix = (torch.rand(len(ids), generator=g) * (counts - 1)).long() + 1  # uniform in [1, N_i - 1]
         pixels = [torch.randn(int(c), p * p * 3, generator=g) for c in counts]
         needed += float((counts**2 + (counts + text) ** 2).sum())  # each image's own blocks only
-        batch = {"tokens": tokens.to(device), "prefix": prefix.to(device), "real": int(counts.sum()),
-                 "images": len(ids)}
-        for name, layout_rows, t_len in (("packed", [[local[i] for i in row] for row in rows], row_tokens),
-                                         ("padded", [[k] for k in range(len(ids))], int(counts.max()))):
+        batch = {
+            "tokens": tokens.to(device),
+            "prefix": prefix.to(device),
+            "real": int(counts.sum()),
+            "images": len(ids),
+        }
+        for name, layout_rows, t_len in (
+            ("packed", [[local[i] for i in row] for row in rows], row_tokens),
+            ("padded", [[k] for k in range(len(ids))], int(counts.max())),
+        ):
             layout = pack_layout(gb, text.tolist(), layout_rows, t_len, args.text_len)
             batch[name] = ({k: v.to(device) for k, v in layout.items()}, pack_patches(pixels, layout).to(device))
             r, t = layout["patch_image"].shape
@@ -162,12 +169,20 @@ def build(args, device: str) -> dict:
         scores of one encoder + one decoder layer per real token (each image's own blocks for flex)."""
         n = len(batches)
         if key is None:  # fixed: the encoder's prefix bias; the decoder runs is_causal (no mask)
-            return {"step": step, "real": fixed_batch * fixed_tokens, "padding": 0.0,
-                    "mask_mib": 4 * fixed_batch * fixed_tokens**2 / 2**20,
-                    "scores": (fixed_tokens**2 + (fixed_tokens + args.text_len) ** 2) / fixed_tokens}
-        return {"step": step, "real": real, "padding": 1 - real * n / slots[key],
-                "mask_mib": 4 * scores[key] / n / 2**20 if dense else 0.0,
-                "scores": (scores[key] if dense else needed) / n / real}
+            return {
+                "step": step,
+                "real": fixed_batch * fixed_tokens,
+                "padding": 0.0,
+                "mask_mib": 4 * fixed_batch * fixed_tokens**2 / 2**20,
+                "scores": (fixed_tokens**2 + (fixed_tokens + args.text_len) ** 2) / fixed_tokens,
+            }
+        return {
+            "step": step,
+            "real": real,
+            "padding": 1 - real * n / slots[key],
+            "mask_mib": 4 * scores[key] / n / 2**20 if dense else 0.0,
+            "scores": (scores[key] if dense else needed) / n / real,
+        }
 
     variants = {"packed, dense SDPA": variant(packed_step("packed", "sdpa"), "packed")}
     if device.startswith("cuda"):
@@ -175,7 +190,8 @@ def build(args, device: str) -> dict:
     variants["padded, dense SDPA"] = variant(packed_step("padded", "sdpa"), "padded")
     fixed_data = synthetic_batch(fixed_batch, fixed_px, args.vocab, args.text_len, device, seed=args.seed)
     variants[f"fixed {fixed_px} px, batch {fixed_batch}"] = variant(
-        project_step(fixed, opts[fixed], fixed_data, autocast), None)
+        project_step(fixed, opts[fixed], fixed_data, autocast), None
+    )
     return {"variants": variants, "batches": batches, "budget": (lo, hi, row_tokens)}
 
 
@@ -226,10 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=16, help="rows per packed batch (data.native.rows)")
     parser.add_argument("--window", type=int, default=256, help="images packed together")
     parser.add_argument("--row-multiples", type=int, nargs="+", default=[1, 2, 4], help="row_tokens / max_patches")
-    parser.add_argument("--pad-batches", type=int, nargs="+", default=[8, 32],
-                        help="batch sizes padded to their longest")
-    parser.add_argument("--time-scale", type=float, default=0.5,
-                        help="timed images scaled by this (budget by its square)")
+    parser.add_argument(
+        "--pad-batches", type=int, nargs="+", default=[8, 32], help="batch sizes padded to their longest"
+    )
+    parser.add_argument(
+        "--time-scale", type=float, default=0.5, help="timed images scaled by this (budget by its square)"
+    )
     parser.add_argument("--fixed-px", type=int, default=0, help="fixed-size side (0: the one with max_patches tokens)")
     parser.add_argument("--batches", type=int, default=3, help="distinct packed batches, each run once per round")
     parser.add_argument("--rounds", type=int, default=10)
@@ -270,58 +288,131 @@ def main(argv: list[str] | None = None) -> dict:
     images = sum(b["images"] for b in batches) / len(batches)
     info = machine(device)
     command = shlex.join(["benchmarks/native_packing.py", *argv])
-    figures = {k: {"real_tokens_per_step": v["real"], "padding": round(v["padding"], 4),
-                   "step_s": round(median(times[k]), 4), "step_s_rounds": [round(t, 4) for t in times[k]],
-                   "real_tokens_per_s": round(rate[k], 1), "peak_gib": round(memory[k], 3),
-                   "dense_mask_mib": round(v["mask_mib"], 1), "scores_per_real_token": round(v["scores"], 1)}
-               for k, v in variants.items()}
-    result = {**info, "command": command, "size": args.size, "dtype": args.dtype, "seed": args.seed, "px": args.px,
-              "max_aspect": args.max_aspect, "samples": args.samples,
-              "budget": {"min_patches": args.min_patches, "max_patches": args.max_patches,
-                         "row_tokens": args.row_tokens, "rows": args.rows, "window": args.window},
-              "mean_patches": round(sum(lengths) / len(lengths), 1),
-              "share_near_max": round(sum(n > 0.95 * args.max_patches for n in lengths) / len(lengths), 4),
-              "padding": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in padding.items()},
-              "timed": {"time_scale": args.time_scale, "min_patches": lo, "max_patches": hi, "row_tokens": row_tokens,
-                        "images_per_step": round(images, 2), "rounds": args.rounds, "batches": len(batches)},
-              "variants": figures, "ratios": {k: round(v, 3) for k, v in ratios.items()}}
-    memory_kind = ("torch.cuda.max_memory_allocated during one step over what was allocated before it (activations + "
-                   "gradients)" if device.startswith("cuda") else "peak RSS of a fresh process over its built state "
-                   "(gradients + AdamW moments + activations; the first two are the same for every variant)")
-    md = [f"# Native resolution: packed against padded batches ({info['date']})", "",
-          f"Machine: {machine_line(info)}. Command: `.venv/bin/python {command}`.", "",
-          f"Image mix ({args.samples} images, seed {args.seed}): sqrt(w h) log-uniform in [{args.px[0]}, "
-          f"{args.px[1]}] px and aspect log-uniform in [1:{args.max_aspect:g}, {args.max_aspect:g}:1], thumbnails to "
-          f"1-megapixel photos with portraits and panoramas, as in a web image-text set (the uniform log-aspect "
-          f"over-weights the extremes, the harder case for packing). Grids from `native_grid` under min/max patches "
-          f"{args.min_patches}/{args.max_patches}: {result['mean_patches']:.0f} patches per image on average, "
-          f"{result['share_near_max']:.0%} within 5% of max_patches.", "",
-          f"## Padding (arithmetic over all {args.samples} images; goal: packed under 5%)", "",
-          f"Packed: `pack_batches` over windows of {args.window} images, {args.rows} rows per batch (a window's last "
-          "batch may be short). Padded: each image alone in a row, in the mix's order.", ""]
-    md += table(["batches", "padding", "images per row"],
-                [[k, f"{v['padding']:.1%}", f"{v['images_per_row']:.2f}"] for k, v in padding.items()])
-    md += ["", "## Training step: real encoder tokens per second (goal: packed / fixed >= 0.95)", "",
-           f"Size `{args.size}`, {args.dtype}; a step = forward + AIMv2 loss + backward + clip + AdamW; vocabulary "
-           f"{args.vocab}, captions of 8-32 tokens padded to {args.text_len}. The same mix with every image scaled by "
-           f"{args.time_scale:g} (budget {lo}/{hi} patches, {args.rows} rows of {row_tokens}: {images:.1f} images per "
-           f"step); the padded step holds the packed step's images, the fixed step as many real tokens. Medians of "
-           f"{args.rounds} alternating rounds, each running {len(batches)} distinct batches (spread over a window's "
-           f"fullest to emptiest) per variant. Memory: {memory_kind}. Masks: the dense fp32 biases a step builds "
-           f"(encoder + decoder). Scores: attention score entries of one encoder and one decoder layer per real token "
-           f"(dense rows: the full T x T; FlexAttention: each image's own, a lower bound at 128 x 128 blocks; the "
-           f"fixed decoder's include its padded captions).", ""]
-    md += table(["variant", "real tokens / step", "padding", "step (s)", "real tokens / s", "peak memory (GiB)",
-                 "dense masks (MiB)", "scores / real token"],
-                [[k, f"{f['real_tokens_per_step']:.0f}", f"{f['padding']:.1%}", f"{f['step_s']:.3f}",
-                  f"{f['real_tokens_per_s']:.0f}", f"{f['peak_gib']:.3f}", f"{f['dense_mask_mib']:.1f}",
-                  f"{f['scores_per_real_token']:.0f}"] for k, f in figures.items()])
-    md += ["", "Ratios of real tokens per second (packed: dense SDPA rows): "
-           + ", ".join(f"{k} **{v:.3f}**" for k, v in ratios.items()) + "."]
+    figures = {
+        k: {
+            "real_tokens_per_step": v["real"],
+            "padding": round(v["padding"], 4),
+            "step_s": round(median(times[k]), 4),
+            "step_s_rounds": [round(t, 4) for t in times[k]],
+            "real_tokens_per_s": round(rate[k], 1),
+            "peak_gib": round(memory[k], 3),
+            "dense_mask_mib": round(v["mask_mib"], 1),
+            "scores_per_real_token": round(v["scores"], 1),
+        }
+        for k, v in variants.items()
+    }
+    result = {
+        **info,
+        "command": command,
+        "size": args.size,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "px": args.px,
+        "max_aspect": args.max_aspect,
+        "samples": args.samples,
+        "budget": {
+            "min_patches": args.min_patches,
+            "max_patches": args.max_patches,
+            "row_tokens": args.row_tokens,
+            "rows": args.rows,
+            "window": args.window,
+        },
+        "mean_patches": round(sum(lengths) / len(lengths), 1),
+        "share_near_max": round(sum(n > 0.95 * args.max_patches for n in lengths) / len(lengths), 4),
+        "padding": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in padding.items()},
+        "timed": {
+            "time_scale": args.time_scale,
+            "min_patches": lo,
+            "max_patches": hi,
+            "row_tokens": row_tokens,
+            "images_per_step": round(images, 2),
+            "rounds": args.rounds,
+            "batches": len(batches),
+        },
+        "variants": figures,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+    }
+    memory_kind = (
+        "torch.cuda.max_memory_allocated during one step over what was allocated before it (activations + gradients)"
+        if device.startswith("cuda")
+        else "peak RSS of a fresh process over its built state "
+        "(gradients + AdamW moments + activations; the first two are the same for every variant)"
+    )
+    md = [
+        f"# Native resolution: packed against padded batches ({info['date']})",
+        "",
+        f"Machine: {machine_line(info)}. Command: `.venv/bin/python {command}`.",
+        "",
+        f"Image mix ({args.samples} images, seed {args.seed}): sqrt(w h) log-uniform in [{args.px[0]}, "
+        f"{args.px[1]}] px and aspect log-uniform in [1:{args.max_aspect:g}, {args.max_aspect:g}:1], thumbnails to "
+        f"1-megapixel photos with portraits and panoramas, as in a web image-text set (the uniform log-aspect "
+        f"over-weights the extremes, the harder case for packing). Grids from `native_grid` under min/max patches "
+        f"{args.min_patches}/{args.max_patches}: {result['mean_patches']:.0f} patches per image on average, "
+        f"{result['share_near_max']:.0%} within 5% of max_patches.",
+        "",
+        f"## Padding (arithmetic over all {args.samples} images; goal: packed under 5%)",
+        "",
+        f"Packed: `pack_batches` over windows of {args.window} images, {args.rows} rows per batch (a window's last "
+        "batch may be short). Padded: each image alone in a row, in the mix's order.",
+        "",
+    ]
+    md += table(
+        ["batches", "padding", "images per row"],
+        [[k, f"{v['padding']:.1%}", f"{v['images_per_row']:.2f}"] for k, v in padding.items()],
+    )
+    md += [
+        "",
+        "## Training step: real encoder tokens per second (goal: packed / fixed >= 0.95)",
+        "",
+        f"Size `{args.size}`, {args.dtype}; a step = forward + AIMv2 loss + backward + clip + AdamW; vocabulary "
+        f"{args.vocab}, captions of 8-32 tokens padded to {args.text_len}. The same mix with every image scaled by "
+        f"{args.time_scale:g} (budget {lo}/{hi} patches, {args.rows} rows of {row_tokens}: {images:.1f} images per "
+        f"step); the padded step holds the packed step's images, the fixed step as many real tokens. Medians of "
+        f"{args.rounds} alternating rounds, each running {len(batches)} distinct batches (spread over a window's "
+        f"fullest to emptiest) per variant. Memory: {memory_kind}. Masks: the dense fp32 biases a step builds "
+        f"(encoder + decoder). Scores: attention score entries of one encoder and one decoder layer per real token "
+        f"(dense rows: the full T x T; FlexAttention: each image's own, a lower bound at 128 x 128 blocks; the "
+        f"fixed decoder's include its padded captions).",
+        "",
+    ]
+    md += table(
+        [
+            "variant",
+            "real tokens / step",
+            "padding",
+            "step (s)",
+            "real tokens / s",
+            "peak memory (GiB)",
+            "dense masks (MiB)",
+            "scores / real token",
+        ],
+        [
+            [
+                k,
+                f"{f['real_tokens_per_step']:.0f}",
+                f"{f['padding']:.1%}",
+                f"{f['step_s']:.3f}",
+                f"{f['real_tokens_per_s']:.0f}",
+                f"{f['peak_gib']:.3f}",
+                f"{f['dense_mask_mib']:.1f}",
+                f"{f['scores_per_real_token']:.0f}",
+            ]
+            for k, f in figures.items()
+        ],
+    )
+    md += [
+        "",
+        "Ratios of real tokens per second (packed: dense SDPA rows): "
+        + ", ".join(f"{k} **{v:.3f}**" for k, v in ratios.items())
+        + ".",
+    ]
     if device == "cpu":
-        md += ["", "Figures from a shared 2-core CPU are indicative: alternation evens out load drift, not contention. "
-               "On the CPU packed rows run the dense masked SDPA, which computes every row's full T x T scores, "
-               "cross-image blocks included; FlexAttention (`--device cuda`) skips the blocks outside every image."]
+        md += [
+            "",
+            "Figures from a shared 2-core CPU are indicative: alternation evens out load drift, not contention. "
+            "On the CPU packed rows run the dense masked SDPA, which computes every row's full T x T scores, "
+            "cross-image blocks included; FlexAttention (`--device cuda`) skips the blocks outside every image.",
+        ]
     publish(args.name, result, md)
     return result
 

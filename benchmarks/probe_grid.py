@@ -8,21 +8,21 @@ throughput. Writes benchmarks/results/probe.json and probe.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
-
-from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
 from aimv2.models.encoder import build_encoder  # noqa: E402
 from aimv2.models.sizes import get_size  # noqa: E402
 from aimv2.probe.config import PAPER_LRS, PAPER_WDS, ProbeOptimConfig  # noqa: E402
 from aimv2.probe.features import encode  # noqa: E402
 from aimv2.probe.grid import HeadGrid, grid_specs  # noqa: E402
 from aimv2.probe.heads import encoder_attention_heads  # noqa: E402
+from aimv2.processes import tune_cpu_allocator  # noqa: E402
+from common import alternate, machine, machine_line, median, publish, table  # noqa: E402
 
 
 def _grid(kind: str, n_lrs: int, n_wds: int, dim: int, classes: int, heads: int) -> HeadGrid:
@@ -58,9 +58,17 @@ def main(argv: list[str] | None = None) -> None:
         cached_x = feats if kind == "attentive" else feats.mean(1)
         big_x = cached_x.repeat(8, *([1] * (cached_x.dim() - 1)))  # a batch of 8 x args.batch cached rows
         big_y = labels.repeat(8)
-        times = alternate({"1": lambda: step(one, True), "14": lambda: step(grid14, True),
-                           "encoder": lambda: encode(encoder, images, []),
-                           "cached": lambda: step(grid14, False, big_x, big_y)}, args.repeats, 1, warmup=1)
+        times = alternate(
+            {
+                "1": functools.partial(step, one, True),
+                "14": functools.partial(step, grid14, True),
+                "encoder": functools.partial(encode, encoder, images, []),
+                "cached": functools.partial(step, grid14, False, big_x, big_y),
+            },
+            args.repeats,
+            1,
+            warmup=1,
+        )
         t1, t14, t_enc, tc = (median(times[k]) for k in ("1", "14", "encoder", "cached"))
         figures[kind] = {
             "encoder_forward_s": round(t_enc, 4),
@@ -71,15 +79,41 @@ def main(argv: list[str] | None = None) -> None:
             "cached_batch": len(big_y),
         }
     info = machine("cpu")
-    result = {**info, "encoder": f"{args.size} @ {args.img_size} px ({feats.shape[1]} tokens x {dim})",
-              "batch": args.batch, "classes": args.classes, "heads": figures}
-    md = [f"# Probe grid benchmark ({info['date']})", "",
-          f"Machine: {machine_line(info)}; encoder {result['encoder']}; batch {args.batch}; {args.classes} classes. "
-          "One step = frozen forward + heads forward/backward + AdamW.", ""]
-    md += table(["heads", "encoder forward (s)", "step, 1 head (s)", "step, 14 heads (s)", "14 vs 1",
-                 "cached: 14 heads, samples/s"],
-                [[kind, f["encoder_forward_s"], f["step_1_head_s"], f["step_14_heads_s"],
-                  f"{f['grid_cost_ratio_14_vs_1']}x", f["cached_14_heads_samples_per_s"]] for kind, f in figures.items()])
+    result = {
+        **info,
+        "encoder": f"{args.size} @ {args.img_size} px ({feats.shape[1]} tokens x {dim})",
+        "batch": args.batch,
+        "classes": args.classes,
+        "heads": figures,
+    }
+    md = [
+        f"# Probe grid benchmark ({info['date']})",
+        "",
+        f"Machine: {machine_line(info)}; encoder {result['encoder']}; batch {args.batch}; {args.classes} classes. "
+        "One step = frozen forward + heads forward/backward + AdamW.",
+        "",
+    ]
+    md += table(
+        [
+            "heads",
+            "encoder forward (s)",
+            "step, 1 head (s)",
+            "step, 14 heads (s)",
+            "14 vs 1",
+            "cached: 14 heads, samples/s",
+        ],
+        [
+            [
+                kind,
+                f["encoder_forward_s"],
+                f["step_1_head_s"],
+                f["step_14_heads_s"],
+                f"{f['grid_cost_ratio_14_vs_1']}x",
+                f["cached_14_heads_samples_per_s"],
+            ]
+            for kind, f in figures.items()
+        ],
+    )
     publish("probe", result, md)
 
 

@@ -42,14 +42,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, publish, table  # noqa: E402
-from virtual_data import SIZES, Operations, Size, epoch_position, stream_for, virtual_set  # noqa: E402
-
 from aimv2.config.schema import DataConfig  # noqa: E402
 from aimv2.data.loader import EpochAwareLoader, saved_lanes  # noqa: E402
 from aimv2.data.stream import ShardStream  # noqa: E402
-from aimv2.pretraining.datamodule import PretrainDataModule  # noqa: E402
+from aimv2.pretraining.pretrain import PretrainDataModule  # noqa: E402
 from aimv2.pretraining.validation import read_cost  # noqa: E402
+from common import machine, machine_line, publish, table  # noqa: E402
+from virtual_data import SIZES, Operations, Size, epoch_position, stream_for, virtual_set  # noqa: E402
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ def saved_bytes(obj) -> int:
 
 def start_up(cfg: DataConfig, ops: Operations, world: int) -> dict:
     """What each rank does at start: the data module's checks (every rank), then the sources resolved by
-    rank 0 and broadcast (aimv2.engine.stream_data). File operations per rank and the broadcast's bytes."""
+    rank 0 and broadcast (aimv2.engine.stream_resume). File operations per rank and the broadcast's bytes."""
     with ops.installed():
         ops.ops = {}
         data = PretrainDataModule(cfg, 224)  # every rank: the first shard of each source
@@ -86,9 +85,15 @@ def start_up(cfg: DataConfig, ops: Operations, world: int) -> dict:
         with traced() as memory:  # what the tables hold (a second resolution, traced: slower)
             kept = data.resolve_sources()
         del kept
-    return {"sources": sources, "rank0_ops": rank0, "rank_ops": other_rank, "resolve_seconds": seconds,
-            "table_bytes": memory["current"], "broadcast_bytes": len(pickle.dumps(sources)),
-            "total_ops": sum(rank0.values()) + (world - 1) * sum(other_rank.values())}
+    return {
+        "sources": sources,
+        "rank0_ops": rank0,
+        "rank_ops": other_rank,
+        "resolve_seconds": seconds,
+        "table_bytes": memory["current"],
+        "broadcast_bytes": len(pickle.dumps(sources)),
+        "total_ops": sum(rank0.values()) + (world - 1) * sum(other_rank.values()),
+    }
 
 
 def gathered_state(streams: list[ShardStream], produced_by_rank, plan) -> tuple[dict, dict]:
@@ -132,8 +137,12 @@ def rank_memory(sources, size: Size) -> dict:
         loader._gather = lambda t: t[None].expand(size.world, *t.shape)
         plan = loader._plan()
         state = loader.position_state()
-    return {"process": memory["peak"], "worker_pickle": len(pickle.dumps(stream)),
-            "worker_plan": plan.order.nbytes + plan.ends.nbytes, "state_bytes": saved_bytes(state)}
+    return {
+        "process": memory["peak"],
+        "worker_pickle": len(pickle.dumps(stream)),
+        "worker_plan": plan.order.nbytes + plan.ends.nbytes,
+        "state_bytes": saved_bytes(state),
+    }
 
 
 def epoch_checkpoint(sources, size: Size) -> dict:
@@ -164,11 +173,20 @@ def epoch_checkpoint(sources, size: Size) -> dict:
     state, moved = gathered_state(streams, positions, plan)
     state_seconds = (time.perf_counter() - start) / size.world
     consumed_samples = sum(pos[3] * size.batch for pos in saved_lanes(state).values())
-    out = {"total": stream.total, "shards": len(stream.shards), "slots": slots, "steps": steps,
-           "plan_seconds": plan_seconds, "plan_bytes": plan.order.nbytes + plan.ends.nbytes,
-           "units_seconds_per_rank": units_seconds, "state_seconds_per_rank": state_seconds,
-           "checkpoint_bytes": saved_bytes(state), "gather": moved, "consumed_samples": consumed_samples,
-           "resumes": {}}
+    out = {
+        "total": stream.total,
+        "shards": len(stream.shards),
+        "slots": slots,
+        "steps": steps,
+        "plan_seconds": plan_seconds,
+        "plan_bytes": plan.order.nbytes + plan.ends.nbytes,
+        "units_seconds_per_rank": units_seconds,
+        "state_seconds_per_rank": state_seconds,
+        "checkpoint_bytes": saved_bytes(state),
+        "gather": moved,
+        "consumed_samples": consumed_samples,
+        "resumes": {},
+    }
     for world in size.resumes:
         out["resumes"][world] = resume_elsewhere(sources, size, world, state, stream.total - consumed_samples)
     return out
@@ -193,9 +211,16 @@ def resume_elsewhere(sources, size: Size, world: int, state: dict, left: int) ->
     loader._gather = lambda t: (tables.append(t), t[None].expand(world, *t.shape))[1]
     resumed_state = loader.position_state()
     sent = tables[0].numel() * tables[0].element_size()
-    return {"seconds": seconds, "traced": memory["peak"], "left": left, "batches_per_slot": plan.batches_per_slot,
-            "base_bytes": pending["base"].nbytes(), "partial_shards": len(pending["base"].partial),
-            "checkpoint_bytes": saved_bytes(resumed_state), "gather": {"sent": sent, "received": sent * world}}
+    return {
+        "seconds": seconds,
+        "traced": memory["peak"],
+        "left": left,
+        "batches_per_slot": plan.batches_per_slot,
+        "base_bytes": pending["base"].nbytes(),
+        "partial_shards": len(pending["base"].partial),
+        "checkpoint_bytes": saved_bytes(resumed_state),
+        "gather": {"sent": sent, "received": sent * world},
+    }
 
 
 def resampled_horizon(sources, size: Size) -> dict:
@@ -205,13 +230,19 @@ def resampled_horizon(sources, size: Size) -> dict:
     samples = per_lane * size.batch
     out = {}
     for name, produced in (("step 0", 0), ("step 1.46M", per_lane)):
+
         def positions(rank_stream, produced=produced):
             lanes = {}
             for w in range(size.workers):
                 lane = rank_stream.rank * size.workers + w
                 draws = [int(samples * wt / np.mean(size.per_shard)) if produced else 0 for wt in size.weights]
-                lanes[lane] = (0, samples // rank_stream.segment if produced else 0, 17 if produced else 0, produced,
-                               *[v for d in draws for v in (d, 1234 if produced else 0)])
+                lanes[lane] = (
+                    0,
+                    samples // rank_stream.segment if produced else 0,
+                    17 if produced else 0,
+                    produced,
+                    *[v for d in draws for v in (d, 1234 if produced else 0)],
+                )
             return size.resampled_steps if produced else 0, lanes
 
         state, moved = gathered_state(streams, positions, None)
@@ -233,8 +264,16 @@ def validation_reads(size: Size) -> list[dict]:
         ranges = [(f"/val/{i:05d}.tar", 0, size.held_out // shards) for i in range(shards)]
         for workers in (0, size.workers):
             cost = read_cost(ranges, workers, size.world)
-            rows.append({"shards": shards, "workers": workers, "slots": cost["slots"], "held_out": cost["held_out"],
-                         "before": cost["before_ratio"], "after": cost["after_ratio"]})
+            rows.append(
+                {
+                    "shards": shards,
+                    "workers": workers,
+                    "slots": cost["slots"],
+                    "held_out": cost["held_out"],
+                    "before": cost["before_ratio"],
+                    "after": cost["after_ratio"],
+                }
+            )
     return rows
 
 
@@ -273,63 +312,140 @@ def mib(n: float) -> str:
 def markdown(r: dict, info: dict, command: str) -> list[str]:
     size, epoch, start = r["size"], r["epoch"], r["start"]
     world, workers = size["world"], size["workers"]
-    lines = [f"# The data path at scale ({world} ranks x {workers} workers, {epoch['shards']:,} shards, "
-             f"{epoch['total'] / 1e9:.2f}B samples)", "",
-             f"`{command}` on {machine_line(info)}, {info['date']}. Sizes and counts are deterministic; times are "
-             "this machine's, one core. How it is simulated: the module doc of benchmarks/scale.py. The same "
-             "figures for the code before the change: [scale_before.md](scale_before.md).", ""]
+    lines = [
+        f"# The data path at scale ({world} ranks x {workers} workers, {epoch['shards']:,} shards, "
+        f"{epoch['total'] / 1e9:.2f}B samples)",
+        "",
+        f"`{command}` on {machine_line(info)}, {info['date']}. Sizes and counts are deterministic; times are "
+        "this machine's, one core. How it is simulated: the module doc of benchmarks/scale.py. The same "
+        "figures for the code before the change: [scale_before.md](scale_before.md).",
+        "",
+    ]
     bare = r["start_without_manifest"]
     lines += ["## At start (every start and every requeue)", ""]
-    lines += table(["", "with manifests (`aimv2 shards`, `aimv2 shards index`)", "without (img2dataset output as is)"], [
-        ["metadata files read by rank 0", f"{start['rank0_ops'].get('open', 0):,} (a manifest per source)",
-         f"{bare['rank0_ops'].get('open', 0):,} (a stats file and 4 KiB of each shard)"],
-        ["file operations of rank 0, all kinds", f"{sum(start['rank0_ops'].values()):,}",
-         f"{sum(bare['rank0_ops'].values()):,}"],
-        ["file operations of every other rank", f"{sum(start['rank_ops'].values()):,} (a stat of each source's first shard)",
-         f"{sum(bare['rank_ops'].values()):,}"],
-        [f"file operations of all {world} ranks", f"{start['total_ops']:,}", f"{bare['total_ops']:,}"],
-        ["rank 0 resolving the sources", f"{start['resolve_seconds']:.1f} s", f"{bare['resolve_seconds']:.1f} s"],
-        ["the shard table (per rank; broadcast by rank 0)", f"{mib(start['table_bytes'])} in memory, "
-         f"{mib(start['broadcast_bytes'])} broadcast", f"{mib(bare['broadcast_bytes'])} broadcast"],
-    ])
+    lines += table(
+        ["", "with manifests (`aimv2 shards`, `aimv2 shards index`)", "without (img2dataset output as is)"],
+        [
+            [
+                "metadata files read by rank 0",
+                f"{start['rank0_ops'].get('open', 0):,} (a manifest per source)",
+                f"{bare['rank0_ops'].get('open', 0):,} (a stats file and 4 KiB of each shard)",
+            ],
+            [
+                "file operations of rank 0, all kinds",
+                f"{sum(start['rank0_ops'].values()):,}",
+                f"{sum(bare['rank0_ops'].values()):,}",
+            ],
+            [
+                "file operations of every other rank",
+                f"{sum(start['rank_ops'].values()):,} (a stat of each source's first shard)",
+                f"{sum(bare['rank_ops'].values()):,}",
+            ],
+            [f"file operations of all {world} ranks", f"{start['total_ops']:,}", f"{bare['total_ops']:,}"],
+            ["rank 0 resolving the sources", f"{start['resolve_seconds']:.1f} s", f"{bare['resolve_seconds']:.1f} s"],
+            [
+                "the shard table (per rank; broadcast by rank 0)",
+                f"{mib(start['table_bytes'])} in memory, {mib(start['broadcast_bytes'])} broadcast",
+                f"{mib(bare['broadcast_bytes'])} broadcast",
+            ],
+        ],
+    )
     mem = r["rank_memory"]
-    lines += ["", f"Host memory of one rank's data state: {mib(mem['process'])} at most in its training process (the "
-              f"shard table, the epoch plan, the loader, a checkpoint's state); each of its {workers} data workers "
-              f"receives the stream pickled ({mib(mem['worker_pickle'])}) and plans its epoch "
-              f"({mib(mem['worker_plan'])}). Nothing of it grows with the samples.", ""]
+    lines += [
+        "",
+        f"Host memory of one rank's data state: {mib(mem['process'])} at most in its training process (the "
+        f"shard table, the epoch plan, the loader, a checkpoint's state); each of its {workers} data workers "
+        f"receives the stream pickled ({mib(mem['worker_pickle'])}) and plans its epoch "
+        f"({mib(mem['worker_plan'])}). Nothing of it grows with the samples.",
+        "",
+    ]
     ten = r["epoch_tenfold"]
     lines += ["", f"## Epoch mode: a checkpoint {size['at']:.0%} into the epoch (step {epoch['steps']:,})", ""]
-    lines += table(["per rank", f"{epoch['total'] / 1e9:.2f}B samples", f"the same shards x 10 samples "
-                    f"({ten['total'] / 1e9:.1f}B)"], [
-        ["epoch plan (all shards, seeded order, cut into slots)", f"{epoch['plan_seconds']:.2f} s, "
-         f"{mib(epoch['plan_bytes'])}", mib(ten["plan_bytes"])],
-        ["this rank's slot ranges (bisection)", f"{epoch['units_seconds_per_rank'] * 1e3:.1f} ms", ""],
-        ["data state built for the checkpoint (positions, segment bits)", f"{epoch['state_seconds_per_rank'] * 1e3:.0f} ms", ""],
-        ["all-gather at a checkpoint: sent / received", f"{mib(epoch['gather']['sent'])} / "
-         f"{mib(epoch['gather']['received'])}", f"{mib(ten['gather']['sent'])} / {mib(ten['gather']['received'])}"],
-        ["data state in the checkpoint", mib(epoch["checkpoint_bytes"]), mib(ten["checkpoint_bytes"])],
-    ])
-    lines += ["", "Resumed under another layout (the elastic path: rank 0 of the new layout; the plan of what is "
-              "left holds exactly the samples the checkpoint had not consumed, checked):", ""]
+    lines += table(
+        [
+            "per rank",
+            f"{epoch['total'] / 1e9:.2f}B samples",
+            f"the same shards x 10 samples ({ten['total'] / 1e9:.1f}B)",
+        ],
+        [
+            [
+                "epoch plan (all shards, seeded order, cut into slots)",
+                f"{epoch['plan_seconds']:.2f} s, {mib(epoch['plan_bytes'])}",
+                mib(ten["plan_bytes"]),
+            ],
+            ["this rank's slot ranges (bisection)", f"{epoch['units_seconds_per_rank'] * 1e3:.1f} ms", ""],
+            [
+                "data state built for the checkpoint (positions, segment bits)",
+                f"{epoch['state_seconds_per_rank'] * 1e3:.0f} ms",
+                "",
+            ],
+            [
+                "all-gather at a checkpoint: sent / received",
+                f"{mib(epoch['gather']['sent'])} / {mib(epoch['gather']['received'])}",
+                f"{mib(ten['gather']['sent'])} / {mib(ten['gather']['received'])}",
+            ],
+            ["data state in the checkpoint", mib(epoch["checkpoint_bytes"]), mib(ten["checkpoint_bytes"])],
+        ],
+    )
+    lines += [
+        "",
+        "Resumed under another layout (the elastic path: rank 0 of the new layout; the plan of what is "
+        "left holds exactly the samples the checkpoint had not consumed, checked):",
+        "",
+    ]
     rows = []
     for w, res in epoch["resumes"].items():
-        rows.append([f"{w} ranks x {workers}", f"{res['seconds']:.2f} s", mib(res["traced"]), f"{res['left']:,}",
-                     f"{res['partial_shards']:,} ({mib(res['base_bytes'])})", mib(res["checkpoint_bytes"]),
-                     f"{mib(res['gather']['sent'])} / {mib(res['gather']['received'])}"])
-    lines += table(["resumed on", "bookkeeping time", "its peak memory", "samples left, planned",
-                    "half-read shards in the consumed set", "checkpoint data state", "all-gather sent / received"], rows)
+        rows.append(
+            [
+                f"{w} ranks x {workers}",
+                f"{res['seconds']:.2f} s",
+                mib(res["traced"]),
+                f"{res['left']:,}",
+                f"{res['partial_shards']:,} ({mib(res['base_bytes'])})",
+                mib(res["checkpoint_bytes"]),
+                f"{mib(res['gather']['sent'])} / {mib(res['gather']['received'])}",
+            ]
+        )
+    lines += table(
+        [
+            "resumed on",
+            "bookkeeping time",
+            "its peak memory",
+            "samples left, planned",
+            "half-read shards in the consumed set",
+            "checkpoint data state",
+            "all-gather sent / received",
+        ],
+        rows,
+    )
     res = r["resampled"]
     lines += ["", f"## Resampled mode: the paper's horizon ({size['resampled_steps']:,} steps)", ""]
-    lines += table(["", "checkpoint data state", "all-gather sent / received per rank"], [
-        [name, mib(v["checkpoint_bytes"]), f"{mib(v['gather']['sent'])} / {mib(v['gather']['received'])}"]
-        for name, v in res.items() if name != "resumes"])
-    lines += ["", "Resumed on " + ", ".join(f"{w} ranks: {v['seconds'] * 1e3:.0f} ms, {v['lanes']:,} lanes"
-                                           for w, v in res["resumes"].items()) + ".", ""]
+    lines += table(
+        ["", "checkpoint data state", "all-gather sent / received per rank"],
+        [
+            [name, mib(v["checkpoint_bytes"]), f"{mib(v['gather']['sent'])} / {mib(v['gather']['received'])}"]
+            for name, v in res.items()
+            if name != "resumes"
+        ],
+    )
+    lines += [
+        "",
+        "Resumed on "
+        + ", ".join(f"{w} ranks: {v['seconds'] * 1e3:.0f} ms, {v['lanes']:,} lanes" for w, v in res["resumes"].items())
+        + ".",
+        "",
+    ]
     lines += ["## Held-out validation: tar samples read per evaluation / held-out samples", ""]
-    lines += table(["held-out shards", "workers per rank", "slots", "from each shard's start (before)",
-                    "from each range's first sample (now)"],
-                   [[v["shards"], v["workers"], v["slots"], f"{v['before']:.1f}x", f"{v['after']:.2f}x"]
-                    for v in r["validation"]])
+    lines += table(
+        [
+            "held-out shards",
+            "workers per rank",
+            "slots",
+            "from each shard's start (before)",
+            "from each range's first sample (now)",
+        ],
+        [[v["shards"], v["workers"], v["slots"], f"{v['before']:.1f}x", f"{v['after']:.2f}x"] for v in r["validation"]],
+    )
     if "masks" in r:
         lines += ["", "## FlexAttention block masks: peak host memory of a build (benchmarks/block_masks.py)", ""]
         lines += r["masks"]["markdown"]
@@ -345,24 +461,44 @@ def targets(r: dict) -> list[list[str]]:
     sources = len(r["size"]["shards"])
     worst_val = max(v["after"] for v in r["validation"])
     rows = [
-        ["data state per rank and checkpoint independent of the sample count",
-         f"{mib(epoch['checkpoint_bytes'])} at {epoch['total'] / 1e9:.1f}B samples and at {ten['total'] / 1e9:.0f}B",
-         "yes" if same_state else "NO"],
-        ["no collective whose volume grows with samples",
-         f"all-gather {mib(epoch['gather']['received'])} received per rank at either size", "yes" if same_state else "NO"],
-        ["at most one metadata file read per rank at start (per source)",
-         f"rank 0: {start['rank0_ops'].get('open', 0)} manifests for {sources} sources; other ranks: "
-         f"{start['rank_ops'].get('open', 0)}", "yes" if reads <= sources else "NO"],
-        ["an epoch plan in under 10 s per rank", f"{epoch['plan_seconds']:.2f} s",
-         "yes" if epoch["plan_seconds"] < 10 else "NO"],
-        ["validation reads at most 1.25x its held-out samples", f"{worst_val:.2f}x", "yes" if worst_val <= 1.25 else "NO"],
+        [
+            "data state per rank and checkpoint independent of the sample count",
+            f"{mib(epoch['checkpoint_bytes'])} at {epoch['total'] / 1e9:.1f}B samples and at {ten['total'] / 1e9:.0f}B",
+            "yes" if same_state else "NO",
+        ],
+        [
+            "no collective whose volume grows with samples",
+            f"all-gather {mib(epoch['gather']['received'])} received per rank at either size",
+            "yes" if same_state else "NO",
+        ],
+        [
+            "at most one metadata file read per rank at start (per source)",
+            f"rank 0: {start['rank0_ops'].get('open', 0)} manifests for {sources} sources; other ranks: "
+            f"{start['rank_ops'].get('open', 0)}",
+            "yes" if reads <= sources else "NO",
+        ],
+        [
+            "an epoch plan in under 10 s per rank",
+            f"{epoch['plan_seconds']:.2f} s",
+            "yes" if epoch["plan_seconds"] < 10 else "NO",
+        ],
+        [
+            "validation reads at most 1.25x its held-out samples",
+            f"{worst_val:.2f}x",
+            "yes" if worst_val <= 1.25 else "NO",
+        ],
     ]
     if "masks" in r:
         builds = [entry[mask] for entry in r["masks"]["shapes"].values() for mask in ("encoder", "decoder")]
         after = max(b["after"]["peak_gib"] for b in builds) * 1024
         before = max(b["before"]["peak_gib"] for b in builds) * 1024
-        rows.append(["FlexAttention block masks built without a T x T tensor (peak host memory of a build)",
-                     f"at most {after:.1f} MiB (was up to {before:,.0f} MiB)", "yes" if after < 16 else "NO"])
+        rows.append(
+            [
+                "FlexAttention block masks built without a T x T tensor (peak host memory of a build)",
+                f"at most {after:.1f} MiB (was up to {before:,.0f} MiB)",
+                "yes" if after < 16 else "NO",
+            ]
+        )
     return rows
 
 
@@ -374,8 +510,11 @@ def main() -> None:
     torch.set_num_threads(1)
     result = measure(SIZES[args.size], masks=not args.no_masks)
     info = machine()
-    command = "python benchmarks/scale.py" + (f" --size {args.size}" if args.size != "recipe" else "") + (
-        " --no-masks" if args.no_masks else "")
+    command = (
+        "python benchmarks/scale.py"
+        + (f" --size {args.size}" if args.size != "recipe" else "")
+        + (" --no-masks" if args.no_masks else "")
+    )
     data = {"machine": info, **json.loads(json.dumps(result, default=str))}
     publish("scale" if args.size == "recipe" else f"scale_{args.size}", data, markdown(result, info, command))
 

@@ -54,8 +54,8 @@ def one(args) -> dict:
 
     from aimv2.commands.pretrain import strategy_preset
     from aimv2.config import load_config
+    from aimv2.engine.logs import read_metric
     from aimv2.pretraining.pretrain import pretrain
-    from aimv2.engine.metrics import read_metric
 
     class PeakMemory(Callback):
         peak = 0.0
@@ -63,17 +63,27 @@ def one(args) -> dict:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             PeakMemory.peak = max(PeakMemory.peak, torch.cuda.max_memory_allocated() / 2**30)
 
-    from aimv2.models.flops import training_flops_per_sample
-    from aimv2.models.sizes import get_size
-    from aimv2.engine.resume import checkpoint_step
+    from aimv2.engine.checkpointing import checkpoint_step
+    from aimv2.models.sizes import get_size, training_flops_per_sample
 
     run = Path(args.work) / args.one
     # The recipe as shipped; only what this machine must change: data, tokenizer, one node, the step count.
-    overrides = [f"run_dir={run}", f"data.sources=[{{urls: '{args.urls}'}}]", "data.tokenizer.kind=clip",
-                 "data.num_workers=8", "trainer.accelerator=gpu", f"trainer.devices={args.devices}",
-                 "trainer.num_nodes=1", f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every_n_steps={args.steps}",
-                 "trainer.log_every_n_steps=5", "trainer.progress_bar=false", "visualize.every_n_steps=0",
-                 *([f"model.size={args.size}"] if args.size else []), *([f"data.batch_size={args.batch}"] if args.batch else [])]
+    overrides = [
+        f"run_dir={run}",
+        f"data.sources=[{{urls: '{args.urls}'}}]",
+        "data.tokenizer.kind=clip",
+        "data.num_workers=8",
+        "trainer.accelerator=gpu",
+        f"trainer.devices={args.devices}",
+        "trainer.num_nodes=1",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.checkpoint_every_n_steps={args.steps}",
+        "trainer.log_every_n_steps=5",
+        "trainer.progress_bar=false",
+        "visualize.every_n_steps=0",
+        *([f"model.size={args.size}"] if args.size else []),
+        *([f"data.batch_size={args.batch}"] if args.batch else []),
+    ]
     files = [REPO / args.config, strategy_preset(args.one)]
     cfg = load_config(files, overrides)
     start = time.perf_counter()
@@ -85,20 +95,35 @@ def one(args) -> dict:
     resume_s = time.perf_counter() - start
     last = paths.checkpoints / "last.ckpt"
     # FLOPs per sample at the caption lengths of the synthetic set (about 5 real tokens of 77 positions).
-    flops = training_flops_per_sample(get_size(cfg.model.size), cfg.model.img_size, cfg.data.tokenizer.max_length,
-                                      5.0, 49408)["total"]
+    flops = training_flops_per_sample(
+        get_size(cfg.model.size), cfg.model.img_size, cfg.data.tokenizer.max_length, 5.0, 49408
+    )["total"]
     rate = statistics.median(rates)
     start = time.perf_counter()
-    export = subprocess.run([sys.executable, "-m", "aimv2", "export", str(last), "--format", "timm",
-                             "--out", str(run / "export")], capture_output=True, text=True)
-    return {"strategy": args.one, "config": args.config, "size": cfg.model.size, "devices": args.devices,
-            "batch_per_gpu": cfg.data.batch_size, "precision": cfg.trainer.precision, "grad_clip": cfg.optim.grad_clip,
-            "peak_mem_gib": round(PeakMemory.peak, 2), "samples_per_sec": round(rate, 1),
-            "mfu_vs_989_tflops": round(rate * flops / args.devices / 989e12, 4),
-            "resumed_to_step": checkpoint_step(last),
-            "train_s": round(train_s, 1), "resume_and_20_steps_s": round(resume_s, 1),
-            "checkpoint": "directory" if last.is_dir() else "file", "export_ok": export.returncode == 0,
-            "export_s": round(time.perf_counter() - start, 1), "export_error": export.stderr[-300:]}
+    export = subprocess.run(
+        [sys.executable, "-m", "aimv2", "export", str(last), "--format", "timm", "--out", str(run / "export")],
+        capture_output=True,
+        text=True,
+    )
+    return {
+        "strategy": args.one,
+        "config": args.config,
+        "size": cfg.model.size,
+        "devices": args.devices,
+        "batch_per_gpu": cfg.data.batch_size,
+        "precision": cfg.trainer.precision,
+        "grad_clip": cfg.optim.grad_clip,
+        "peak_mem_gib": round(PeakMemory.peak, 2),
+        "samples_per_sec": round(rate, 1),
+        "mfu_vs_989_tflops": round(rate * flops / args.devices / 989e12, 4),
+        "resumed_to_step": checkpoint_step(last),
+        "train_s": round(train_s, 1),
+        "resume_and_20_steps_s": round(resume_s, 1),
+        "checkpoint": "directory" if last.is_dir() else "file",
+        "export_ok": export.returncode == 0,
+        "export_s": round(time.perf_counter() - start, 1),
+        "export_error": export.stderr[-300:],
+    }
 
 
 def main() -> None:
@@ -124,23 +149,55 @@ def main() -> None:
     urls = synthetic_shards(work / "shards", 4096)
     rows = []
     for name in args.strategies:
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--urls", urls, "--work", str(work),
-                               "--config", args.config, "--size", args.size, "--steps", str(args.steps),
-                               "--batch", str(args.batch), "--devices", str(args.devices)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--urls",
+                urls,
+                "--work",
+                str(work),
+                "--config",
+                args.config,
+                "--size",
+                args.size,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--devices",
+                str(args.devices),
+            ],
+            capture_output=True,
+            text=True,
+        )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(json.loads(line[7:]) if line else {"strategy": name, "error": proc.stderr[-500:]})
         print(rows[-1], flush=True)
-    meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__, "steps": args.steps}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "steps": args.steps,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scaleout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Scale-out: {args.config} ({args.size or 'its size'}), {args.devices} x {meta['gpu']}, {meta['date']}",
-             "", f"`benchmarks/scaleout.py --steps {args.steps} --strategies {' '.join(args.strategies)}`", "",
-             "| strategy | peak GiB | samples/s | MFU (989 TFLOP/s) | checkpoint | resumed to step | export ok |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['strategy']} | {r.get('peak_mem_gib', '-')} | {r.get('samples_per_sec', '-')} | "
-              f"{r.get('mfu_vs_989_tflops', '-')} | {r.get('checkpoint', '-')} | "
-              f"{r.get('resumed_to_step', r.get('error', '-')[-120:])} | {r.get('export_ok', '-')} |" for r in rows]
+    lines = [
+        f"# Scale-out: {args.config} ({args.size or 'its size'}), {args.devices} x {meta['gpu']}, {meta['date']}",
+        "",
+        f"`benchmarks/scaleout.py --steps {args.steps} --strategies {' '.join(args.strategies)}`",
+        "",
+        "| strategy | peak GiB | samples/s | MFU (989 TFLOP/s) | checkpoint | resumed to step | export ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['strategy']} | {r.get('peak_mem_gib', '-')} | {r.get('samples_per_sec', '-')} | "
+        f"{r.get('mfu_vs_989_tflops', '-')} | {r.get('checkpoint', '-')} | "
+        f"{r.get('resumed_to_step', r.get('error', '-')[-120:])} | {r.get('export_ok', '-')} |"
+        for r in rows
+    ]
     (RESULTS / "scaleout.md").write_text("\n".join(lines) + "\n")
 
 

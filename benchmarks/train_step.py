@@ -17,15 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aimv2.engine.optim import build_optimizer  # noqa: E402
+from aimv2.models import AIMv2, get_size  # noqa: E402
+from aimv2.models.masks import sample_prefix_lengths  # noqa: E402
+from aimv2.models.sizes import training_flops_per_sample  # noqa: E402
+from aimv2.objective import aimv2_loss  # noqa: E402
+from aimv2.processes import tune_cpu_allocator  # noqa: E402
 from common import H200_BF16_PEAK, alternate, machine, machine_line, matmul_peak, median, publish, table  # noqa: E402
 from stock_baseline import StockAIMv2  # noqa: E402
-
-from aimv2.models import AIMv2, get_size  # noqa: E402
-from aimv2.models.flops import training_flops_per_sample  # noqa: E402
-from aimv2.models.masks import sample_prefix_lengths  # noqa: E402
-from aimv2.objective import aimv2_loss  # noqa: E402
-from aimv2.cpu_tuning import tune_cpu_allocator  # noqa: E402
-from aimv2.engine.optim import build_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -101,14 +100,17 @@ def main(argv: list[str] | None = None) -> dict:
     stock = StockAIMv2(spec, args.img_size, args.vocab, args.text_len).to(device)
     ours_opt = build_optimizer(ours, 1e-4, 1e-4, (0.9, 0.95), 1e-8)
     stock_opt = torch.optim.AdamW(stock.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
-    variants = {"aimv2": project_step(ours, ours_opt, batch, autocast),
-                "stock baseline": baseline_step(stock, stock_opt, batch, autocast)}
+    variants = {
+        "aimv2": project_step(ours, ours_opt, batch, autocast),
+        "stock baseline": baseline_step(stock, stock_opt, batch, autocast),
+    }
     if args.compile:
         compiled = AIMv2(spec, args.img_size, args.vocab, args.text_len).to(device)
         for block in [*compiled.encoder.blocks, *compiled.decoder.blocks]:
             block.compile()
-        variants["aimv2, compiled blocks"] = project_step(compiled, build_optimizer(compiled, 1e-4, 1e-4, (0.9, 0.95), 1e-8),
-                                                          batch, autocast)
+        variants["aimv2, compiled blocks"] = project_step(
+            compiled, build_optimizer(compiled, 1e-4, 1e-4, (0.9, 0.95), 1e-8), batch, autocast
+        )
 
     peak_before = matmul_peak(device, dtype)
     times = alternate(variants, args.rounds, args.steps, device)
@@ -121,28 +123,55 @@ def main(argv: list[str] | None = None) -> dict:
     for name, ts in times.items():
         t = median(ts)
         achieved = step_flops / t
-        figures[name] = {"step_s": round(t, 4), "step_s_rounds": [round(x, 4) for x in ts],
-                         "samples_per_s": round(args.batch / t, 2), "tflops": round(achieved / 1e12, 4),
-                         "mfu_vs_measured_peak": round(achieved / peak, 4),
-                         "time_vs_stock": round(t / base_time, 3)}
+        figures[name] = {
+            "step_s": round(t, 4),
+            "step_s_rounds": [round(x, 4) for x in ts],
+            "samples_per_s": round(args.batch / t, 2),
+            "tflops": round(achieved / 1e12, 4),
+            "mfu_vs_measured_peak": round(achieved / peak, 4),
+            "time_vs_stock": round(t / base_time, 3),
+        }
         if device.startswith("cuda") and dtype == torch.bfloat16:
             figures[name]["mfu_vs_989_tflops"] = round(achieved / H200_BF16_PEAK, 4)
-        rows.append([name, f"{t:.3f}", f"{args.batch / t:.2f}", f"{achieved / 1e9:.1f}",
-                     f"{100 * achieved / peak:.1f}%", f"{t / base_time:.3f}x"])
+        rows.append(
+            [
+                name,
+                f"{t:.3f}",
+                f"{args.batch / t:.2f}",
+                f"{achieved / 1e9:.1f}",
+                f"{100 * achieved / peak:.1f}%",
+                f"{t / base_time:.3f}x",
+            ]
+        )
     info = machine(device)
-    result = {**info, "size": args.size, "img_size": args.img_size, "batch": args.batch, "dtype": args.dtype,
-              "vocab": args.vocab, "text_len": args.text_len, "real_text_tokens": text_tokens,
-              "matmul_peak_tflops": round(peak / 1e12, 4), "step_tflop": round(step_flops / 1e12, 4),
-              "flops_per_sample": {k: float(v) for k, v in flops.items()}, "variants": figures,
-              "rounds": args.rounds, "steps_per_round": args.steps}
-    md = [f"# Training step ({info['date']})", "",
-          f"Machine: {machine_line(info)}. Size `{args.size}` at {args.img_size} px, batch {args.batch}, {args.dtype}, "
-          f"vocabulary {args.vocab}, captions padded to {args.text_len} ({text_tokens:.0f} real tokens in the batch).",
-          f"One step = forward + AIMv2 loss + backward + clip + AdamW. Model FLOPs per step "
-          f"{step_flops / 1e9:.1f} G (aimv2/models/flops.py: 6 x params x tokens + 12 T^2 D per attention layer, "
-          f"vocabulary head on real tokens only). Matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s "
-          f"(best {'8192' if device.startswith('cuda') else '1536'}^3 {args.dtype} matmul). Medians of "
-          f"{args.rounds} alternating rounds of {args.steps} steps.", ""]
+    result = {
+        **info,
+        "size": args.size,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "vocab": args.vocab,
+        "text_len": args.text_len,
+        "real_text_tokens": text_tokens,
+        "matmul_peak_tflops": round(peak / 1e12, 4),
+        "step_tflop": round(step_flops / 1e12, 4),
+        "flops_per_sample": {k: float(v) for k, v in flops.items()},
+        "variants": figures,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+    }
+    md = [
+        f"# Training step ({info['date']})",
+        "",
+        f"Machine: {machine_line(info)}. Size `{args.size}` at {args.img_size} px, batch {args.batch}, {args.dtype}, "
+        f"vocabulary {args.vocab}, captions padded to {args.text_len} ({text_tokens:.0f} real tokens in the batch).",
+        f"One step = forward + AIMv2 loss + backward + clip + AdamW. Model FLOPs per step "
+        f"{step_flops / 1e9:.1f} G (aimv2/models/sizes.py: 6 x params x tokens + 12 T^2 D per attention layer, "
+        f"vocabulary head on real tokens only). Matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s "
+        f"(best {'8192' if device.startswith('cuda') else '1536'}^3 {args.dtype} matmul). Medians of "
+        f"{args.rounds} alternating rounds of {args.steps} steps.",
+        "",
+    ]
     md += table(["variant", "step (s)", "samples/s", "GFLOP/s", "MFU (measured peak)", "time vs stock"], rows)
     publish(args.name, result, md)
     return result

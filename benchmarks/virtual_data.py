@@ -91,8 +91,12 @@ class Operations:
         try:
             yield self
         finally:
-            Path.is_file, Path.stat, Path.read_text, builtins.open = (real["is_file"], real["stat"], real["read_text"],
-                                                                      real["open"])
+            Path.is_file, Path.stat, Path.read_text, builtins.open = (
+                real["is_file"],
+                real["stat"],
+                real["read_text"],
+                real["open"],
+            )
 
 
 def virtual_set(root: Path, size: Size, scale: int = 1, manifests: bool = True) -> tuple[DataConfig, Operations]:
@@ -105,8 +109,10 @@ def virtual_set(root: Path, size: Size, scale: int = 1, manifests: bool = True) 
         directory.mkdir(parents=True, exist_ok=True)
         names = [f"{i:06d}.tar" for i in range(n)]
         per = rng.integers(size.per_shard[0], size.per_shard[1] + 1, n) * scale
-        entries = [ShardEntry(name, int(c), int(c) * 60_000, f"{(s << 40) + i:016x}")
-                   for i, (name, c) in enumerate(zip(names, per))]
+        entries = [
+            ShardEntry(name, int(c), int(c) * 60_000, f"{(s << 40) + i:016x}")
+            for i, (name, c) in enumerate(zip(names, per))
+        ]
         for e in entries:
             counts[str(directory / e.name)], sizes[str(directory / e.name)] = e.count, e.size
         urls = f"{directory}/{{{names[0][:-4]}..{names[-1][:-4]}}}.tar"
@@ -118,8 +124,14 @@ def virtual_set(root: Path, size: Size, scale: int = 1, manifests: bool = True) 
         sources.append(SourceConfig(urls=urls, weight=size.weights[s], name=f"source{s}"))
     words = root.parent / "words.txt"  # the tokenizer's file: not a shard directory's
     words.write_text("a\nb\n")
-    cfg = DataConfig(sources=sources, mode="epoch", batch_size=size.batch, num_workers=size.workers,
-                     shuffle_buffer=size.shuffle_buffer, tokenizer=TokenizerConfig(kind="words", path=str(words)))
+    cfg = DataConfig(
+        sources=sources,
+        mode="epoch",
+        batch_size=size.batch,
+        num_workers=size.workers,
+        shuffle_buffer=size.shuffle_buffer,
+        tokenizer=TokenizerConfig(kind="words", path=str(words)),
+    )
     return cfg, Operations(root, counts, sizes)
 
 
@@ -132,8 +144,18 @@ def keys_of(items: list) -> dict:
 
 
 def stream_for(sources, size: Size, world: int, rank: int = 0, mode: str = "epoch") -> ShardStream:
-    return ShardStream(sources, process=key_of, collate=keys_of, batch_size=size.batch, mode=mode, rank=rank,
-                       world_size=world, num_workers=size.workers, seed=0, shuffle_buffer=size.shuffle_buffer)
+    return ShardStream(
+        sources,
+        process=key_of,
+        collate=keys_of,
+        batch_size=size.batch,
+        mode=mode,
+        rank=rank,
+        world_size=world,
+        num_workers=size.workers,
+        seed=0,
+        shuffle_buffer=size.shuffle_buffer,
+    )
 
 
 def epoch_position(stream: ShardStream, plan, slot: int, produced: int) -> tuple[int, ...]:

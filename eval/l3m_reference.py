@@ -22,13 +22,15 @@ NEEDED = {"hydra": "hydra-core", "fvcore": "fvcore", "omegaconf": "omegaconf", "
 
 # -- ml-l3m, imported from the user's checkout --------------------------------------------------------
 
+
 def import_l3m(root: Path) -> None:
     """Make `l3m` importable from ROOT/src without running its package __init__, which imports its data
     and logging stacks (datasets, wandb) that the model, loss and optimizer do not use."""
     missing = [pip for module, pip in NEEDED.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise SystemExit(f"parity_l3m: ml-l3m's model and optimizer need {', '.join(missing)}: "
-                         f"pip install {' '.join(missing)}")
+        raise SystemExit(
+            f"parity_l3m: ml-l3m's model and optimizer need {', '.join(missing)}: pip install {' '.join(missing)}"
+        )
     src = root / "src" / "l3m"
     if not (src / "model" / "meta_models.py").is_file() or not (root / CONFIG).is_file():
         raise SystemExit(f"parity_l3m: {root} is not a checkout of github.com/apple/ml-l3m (no src/l3m or {CONFIG})")
@@ -60,8 +62,10 @@ def l3m_config(root: Path, spec, img_size: int, vocab: int, text_len: int, pad: 
     c.num_patches = (img_size // spec.patch_size) ** 2
     c.prefix_range = [1, c.num_patches - 1]
     models = cfg.model.meta_model.models
-    for trunk, width, hidden in ((models.image_encoder.trunk, spec.width, spec.mlp_hidden),
-                                 (models.text_decoder.trunk, spec.decoder_width, spec.decoder_mlp_hidden)):
+    for trunk, width, hidden in (
+        (models.image_encoder.trunk, spec.width, spec.mlp_hidden),
+        (models.text_decoder.trunk, spec.decoder_width, spec.decoder_mlp_hidden),
+    ):
         multiple = swiglu_multiple(width, hidden)
         if multiple != 256:  # a toy width: their constructor's argument, not a change to their code
             trunk.ffn_target.multiple_of = multiple
@@ -81,9 +85,8 @@ def l3m_optimizer(model, cfg, steps: int, warmup: int):
     scheduler with its two lengths shrunk to `warmup` and `steps - warmup`, made relative as their
     run/runner.py does before instantiating it."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
     from l3m.optim.optimizer import create_optimizer
+    from omegaconf import OmegaConf
 
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     optim.update(freeze_list=None, unfreeze_list=None, probe_hparam_search=False, lr_decay=None, lr_scalers=None)
@@ -94,8 +97,17 @@ def l3m_optimizer(model, cfg, steps: int, warmup: int):
     return optimizer, instantiate(scheduler_cfg)
 
 
-def l3m_step(model, loss_fn, optimizer, scheduler, batch: dict, iteration: int, total: int, clip: float,
-             jitter: torch.Generator | None = None) -> dict:
+def l3m_step(
+    model,
+    loss_fn,
+    optimizer,
+    scheduler,
+    batch: dict,
+    iteration: int,
+    total: int,
+    clip: float,
+    jitter: torch.Generator | None = None,
+) -> dict:
     """One iteration of their loop (src/l3m/engine.py `train`), fp32 and one process: schedule at
     where = iteration / total, forward, loss, backward, clip the norm of all gradients, step.
     `jitter`: multiply every gradient element by (1 + 1e-7 * N(0, 1)) first, float32 rounding's size
@@ -146,7 +158,7 @@ def train_l3m(root: Path, cfg, seed: int) -> dict:
 
     from aimv2.checkpoints.convert import l3m_to_module
     from aimv2.models import get_size
-    from aimv2.pretraining.datamodule import PretrainDataModule
+    from aimv2.pretraining.pretrain import PretrainDataModule
 
     torch.manual_seed(seed)
     data = PretrainDataModule(cfg.data, cfg.model.img_size)
@@ -170,11 +182,20 @@ def train_l3m(root: Path, cfg, seed: int) -> dict:
         mask = torch.stack([masking() for _ in range(batch["image"].shape[0])])  # (B, N), False on the prefix
         prefix = (~mask).sum(1)
         num_patches = mask.shape[1]
-        record = l3m_step(model, loss_fn, optimizer, scheduler,
-                          {"image": batch["image"], "tokens": batch["tokens"], "prefix": prefix,
-                           "num_patches": num_patches},
-                          step, steps, cfg.optim.grad_clip)
+        record = l3m_step(
+            model,
+            loss_fn,
+            optimizer,
+            scheduler,
+            {"image": batch["image"], "tokens": batch["tokens"], "prefix": prefix, "num_patches": num_patches},
+            step,
+            steps,
+            cfg.optim.grad_clip,
+        )
         losses.append(record["loss"])
     state = l3m_to_module({k: v.detach() for k, v in model.state_dict().items()}, text_len)
-    return {"state": state, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "seconds": time.perf_counter() - started}
+    return {
+        "state": state,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "seconds": time.perf_counter() - started,
+    }

@@ -61,7 +61,7 @@ from aimv2.config import load_config
 from aimv2.data.native import PackedCollator, Packing, place_rows
 from aimv2.data.samples import decode_image_tensor
 from aimv2.data.tokenizer import build_tokenizer
-from aimv2.data.transforms import normalize_images, normalize_patch_pixels
+from aimv2.data.samples import normalize_images, normalize_patch_pixels
 from aimv2.engine.optim import no_decay_names
 from aimv2.models.masks import as_bias, packed_encoder_mask, sample_prefix_lengths
 from aimv2.models.native import SinCosPatchEmbed, encode_packed, patch_kernel
@@ -142,9 +142,18 @@ class KeepModels(Callback):
 
 
 def train(variant: str, seed: int, steps: int, workdir: Path) -> dict:
-    cfg = load_config(str(CONFIG), [f"run_dir={workdir / f'{variant}_{seed}'}", f"trainer.max_steps={steps}",
-                                    f"trainer.seed={seed}", f"data.seed={seed}", "trainer.progress_bar=false",
-                                    f"trainer.checkpoint_every_n_steps={steps}", "trainer.keep_checkpoints=1"])
+    cfg = load_config(
+        str(CONFIG),
+        [
+            f"run_dir={workdir / f'{variant}_{seed}'}",
+            f"trainer.max_steps={steps}",
+            f"trainer.seed={seed}",
+            f"data.seed={seed}",
+            "trainer.progress_bar=false",
+            f"trainer.checkpoint_every_n_steps={steps}",
+            "trainer.keep_checkpoints=1",
+        ],
+    )
     keep, start = KeepModels(), time.time()
     module_cls = ResampledModule if variant == "learned" else AIMv2PretrainModule
     with mock.patch.object(pretrain_mod, "AIMv2PretrainModule", module_cls):
@@ -152,9 +161,14 @@ def train(variant: str, seed: int, steps: int, workdir: Path) -> dict:
     with open(run.metrics) as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss_img")]
     last = rows[-5:]  # the last 50 logged steps
-    return {"init": keep.init, "final": keep.final, "seconds": time.time() - start, "cfg": cfg,
-            "train_image": float(np.mean([float(r["train/loss_img"]) for r in last])),
-            "train_text": float(np.mean([float(r["train/loss_text"]) for r in last]))}
+    return {
+        "init": keep.init,
+        "final": keep.final,
+        "seconds": time.time() - start,
+        "cfg": cfg,
+        "train_image": float(np.mean([float(r["train/loss_img"]) for r in last])),
+        "train_text": float(np.mean([float(r["train/loss_text"]) for r in last])),
+    }
 
 
 # -- held-out data ------------------------------------------------------------------------------
@@ -192,9 +206,11 @@ def heldout_captions(data_dir: Path) -> dict[str, str]:
 def load_split(directory: Path, captions: dict[str, str] | None = None) -> dict:
     samples = read_shards(directory)
     keys = sorted(samples)
-    return {"images": torch.stack([decode_image_tensor(samples[k]) for k in keys]),
-            "labels": torch.tensor([int(samples[k]["cls"]) for k in keys]),
-            "captions": [captions[k] for k in keys] if captions else None}
+    return {
+        "images": torch.stack([decode_image_tensor(samples[k]) for k in keys]),
+        "labels": torch.tensor([int(samples[k]["cls"]) for k in keys]),
+        "captions": [captions[k] for k in keys] if captions else None,
+    }
 
 
 def at_grid(images: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
@@ -253,22 +269,35 @@ def check_packed(model, images: torch.Tensor, tokenizer) -> float:
         for i, (img, _) in enumerate(items):
             alone = model.encoder.forward_features(normalize_images(img[None]))[0]
             start = int(layout["image_start"][i])
-            err = max(err, float((packed[start:start + alone.shape[0]] - alone).abs().max()))
+            err = max(err, float((packed[start : start + alone.shape[0]] - alone).abs().max()))
     return err
 
 
 def training_grids(cfg, draws: int = 5000) -> dict[tuple[int, int], float]:
     """Share of each patch grid among the crops of the training stream (Packing.plan on 112 px images)."""
     n = cfg.data.native
-    packing = Packing(14, n.min_patches, n.max_patches, n.row_tokens, n.rows, n.window,
-                      tuple(cfg.data.crop_scale), tuple(cfg.data.crop_ratio))
+    packing = Packing(
+        14,
+        n.min_patches,
+        n.max_patches,
+        n.row_tokens,
+        n.rows,
+        n.window,
+        tuple(cfg.data.crop_scale),
+        tuple(cfg.data.crop_ratio),
+    )
     torch.manual_seed(0)
     counts = collections.Counter(packing.plan({"json": '{"width": 112, "height": 112}'}).grid for _ in range(draws))
     return {g: c / draws for g, c in counts.items()}
 
 
 # -- report (from the .json, so that `--report-only` re-renders it without training) ---------------
-METRICS = (("image", "image loss", 3), ("text", "text loss", 3), ("probe", "probe", 1), ("probe_init", "probe at init", 1))
+METRICS = (
+    ("image", "image loss", 3),
+    ("text", "text loss", 3),
+    ("probe", "probe", 1),
+    ("probe_init", "probe at init", 1),
+)
 PLACEHOLDER = "(to be written from the numbers above)"
 
 
@@ -284,49 +313,91 @@ def report(data: dict, conclusion: str = PLACEHOLDER) -> str:
     grids = list(res["sincos"]["grids"])
     cols = [f"{name}, {v}" for _, name, _ in METRICS for v in ("sin-cos", "learned")]
     table = ["| grid | share of training crops | " + " | ".join(cols) + " |", "|" + "---|" * (2 + len(cols))]
-    paired = ["| grid | " + " | ".join(name for _, name, _ in METRICS)
-              + " | probe gain over init: sin-cos | probe gain over init: learned |", "|" + "---|" * 7]
+    paired = [
+        "| grid | "
+        + " | ".join(name for _, name, _ in METRICS)
+        + " | probe gain over init: sin-cos | probe gain over init: learned |",
+        "|" + "---|" * 7,
+    ]
     for g in grids:
-        s, l = res["sincos"]["grids"][g], res["learned"]["grids"][g]
-        table.append(f"| {g} | {100 * data['training_grid_share'].get(g, 0):.1f}% | " + " | ".join(
-            ms(c[k], d) for k, _, d in METRICS for c in (s, l)) + " |")
-        diffs = [(np.subtract(s[k], l[k]), d) for k, _, d in METRICS]
-        gains = [ms(np.subtract(c["probe"], c["probe_init"]), 1) for c in (s, l)]
-        paired.append(f"| {g} | " + " | ".join(f"{x.mean():+.{d}f} ({', '.join(f'{v:+.{d}f}' for v in x)})"
-                                              for x, d in diffs) + f" | {gains[0]} | {gains[1]} |")
-    train = "; ".join(f"{v}: image {ms(res[v]['train_image'], 3)}, text {ms(res[v]['train_text'], 3)}" for v in VARIANTS)
+        s, learned = res["sincos"]["grids"][g], res["learned"]["grids"][g]
+        table.append(
+            f"| {g} | {100 * data['training_grid_share'].get(g, 0):.1f}% | "
+            + " | ".join(ms(c[k], d) for k, _, d in METRICS for c in (s, learned))
+            + " |"
+        )
+        diffs = [(np.subtract(s[k], learned[k]), d) for k, _, d in METRICS]
+        gains = [ms(np.subtract(c["probe"], c["probe_init"]), 1) for c in (s, learned)]
+        paired.append(
+            f"| {g} | "
+            + " | ".join(f"{x.mean():+.{d}f} ({', '.join(f'{v:+.{d}f}' for v in x)})" for x, d in diffs)
+            + f" | {gains[0]} | {gains[1]} |"
+        )
+    train = "; ".join(
+        f"{v}: image {ms(res[v]['train_image'], 3)}, text {ms(res[v]['train_text'], 3)}" for v in VARIANTS
+    )
     th, tw = res["table_grid"]
-    return "\n".join([
-        "# Native resolution: fixed 2-D sin-cos positions vs a learned table resampled per grid", "",
-        f"Command (shared 2-core CPU, fp32, {data['minutes']:.1f} min in all):", "", f"    {data['command']}", "",
-        "## Setup", "",
-        (f"`{data['config']}` (debug size: width 64, 2 encoder + 2 decoder blocks, patch 14; packed rows of "
-        f"4 x 96 tokens), {data['steps']} steps, seeds {', '.join(map(str, seeds))} (trainer.seed = data.seed), "
-        "on the demo set. Both variants train through `aimv2.pretraining.pretrain.pretrain(cfg)` (same "
-        "stream and data order, packing, prefix draws, optimizer, schedule, clipping; every weight but the "
-        "table starts equal); only the position term differs: **sin-cos** is the shipped `SinCosPatchEmbed` / "
-        f"`encode_packed`, untouched; **learned** is a {th}x{tw}xD table (the config's nominal grid, 56 px / 14; "
-        "normal(0.02), no weight decay, as the fixed-size model's) resampled to each image's own grid with "
-        "timm's bicubic antialiased `resample_abs_pos_embed_nhwc` (script-local `ResampledPatchEmbed`; the "
-        "packed path gathers each token's value from its image's resampled table). Its packed features equal "
-        f"its per-image features to {data['packed_vs_alone_max_abs']:.1e} (max abs), so what is evaluated "
-        "per image is what was trained packed."), "",
-        ("Evaluation: the 359 held-out digits (probe/val, never pre-trained on; 112 px squares) resized to "
-        "each grid (bicubic, antialiased, as the training stream resizes). Image loss: the objective's "
-        "normalized-pixel MSE; text loss: nats per caption token, with the captions `aimv2 shards demo` drew "
-        "for these images (it writes them for the pretrain split only; the script replays its draw and "
-        "checks it against the pretrain shards); prefix lengths from a fixed generator, the same for every "
-        "model. Probe: top-1 (%) of a logistic regression (300 full-batch AdamW steps, lr 0.05) on "
-        "standardized mean-pooled final features, fit on probe/train (1438 images) at the same grid; for "
-        "the trained encoders and for their random inits. Share of training crops: how often the training "
-        "stream gave that grid (`Packing.plan` on the demo's 112 px images): the training grids are "
-        f"narrow ({shares}), so 3x6, 6x3, 6x6 and 8x8 are grids never seen and no row or column past the "
-        "fifth occurs in training."), "",
-        "## Results", "", "Mean ± sample std over seeds:", "", *table, "",
-        ("Paired by seed (same data, same init but the table): sin-cos minus learned, mean (per seed). "
-         "Negative loss / positive probe differences favour sin-cos:"), "", *paired, "",
-        f"Final training losses (mean of the last 50 steps): {train}.", "",
-        "## Conclusion", "", conclusion, ""])
+    return "\n".join(
+        [
+            "# Native resolution: fixed 2-D sin-cos positions vs a learned table resampled per grid",
+            "",
+            f"Command (shared 2-core CPU, fp32, {data['minutes']:.1f} min in all):",
+            "",
+            f"    {data['command']}",
+            "",
+            "## Setup",
+            "",
+            (
+                f"`{data['config']}` (debug size: width 64, 2 encoder + 2 decoder blocks, patch 14; packed rows of "
+                f"4 x 96 tokens), {data['steps']} steps, seeds {', '.join(map(str, seeds))} "
+                "(trainer.seed = data.seed), "
+                "on the demo set. Both variants train through `aimv2.pretraining.pretrain.pretrain(cfg)` (same "
+                "stream and data order, packing, prefix draws, optimizer, schedule, clipping; every weight but the "
+                "table starts equal); only the position term differs: **sin-cos** is the shipped `SinCosPatchEmbed` / "
+                f"`encode_packed`, untouched; **learned** is a {th}x{tw}xD table "
+                "(the config's nominal grid, 56 px / 14; "
+                "normal(0.02), no weight decay, as the fixed-size model's) resampled to each image's own grid with "
+                "timm's bicubic antialiased `resample_abs_pos_embed_nhwc` (script-local `ResampledPatchEmbed`; the "
+                "packed path gathers each token's value from its image's resampled table). Its packed features equal "
+                f"its per-image features to {data['packed_vs_alone_max_abs']:.1e} (max abs), so what is evaluated "
+                "per image is what was trained packed."
+            ),
+            "",
+            (
+                "Evaluation: the 359 held-out digits (probe/val, never pre-trained on; 112 px squares) resized to "
+                "each grid (bicubic, antialiased, as the training stream resizes). Image loss: the objective's "
+                "normalized-pixel MSE; text loss: nats per caption token, with the captions `aimv2 shards demo` drew "
+                "for these images (it writes them for the pretrain split only; the script replays its draw and "
+                "checks it against the pretrain shards); prefix lengths from a fixed generator, the same for every "
+                "model. Probe: top-1 (%) of a logistic regression (300 full-batch AdamW steps, lr 0.05) on "
+                "standardized mean-pooled final features, fit on probe/train (1438 images) at the same grid; for "
+                "the trained encoders and for their random inits. Share of training crops: how often the training "
+                "stream gave that grid (`Packing.plan` on the demo's 112 px images): the training grids are "
+                f"narrow ({shares}), so 3x6, 6x3, 6x6 and 8x8 are grids never seen and no row or column past the "
+                "fifth occurs in training."
+            ),
+            "",
+            "## Results",
+            "",
+            "Mean ± sample std over seeds:",
+            "",
+            *table,
+            "",
+            (
+                "Paired by seed (same data, same init but the table): sin-cos minus learned, mean (per seed). "
+                "Negative loss / positive probe differences favour sin-cos:"
+            ),
+            "",
+            *paired,
+            "",
+            f"Final training losses (mean of the last 50 steps): {train}.",
+            "",
+            "## Conclusion",
+            "",
+            conclusion,
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> None:
@@ -335,11 +406,18 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--grids", type=lambda s: tuple(map(int, s.split("x"))), nargs="+", default=list(GRIDS))
-    parser.add_argument("--table-grid", type=lambda s: tuple(map(int, s.split("x"))), default=None,
-                        help="the learned table's grid, e.g. 16x16 (default: the config's nominal grid)")
+    parser.add_argument(
+        "--table-grid",
+        type=lambda s: tuple(map(int, s.split("x"))),
+        default=None,
+        help="the learned table's grid, e.g. 16x16 (default: the config's nominal grid)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "eval/results/native_positions")
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render OUT.md from OUT.json, keeping the .md's conclusion; no training")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render OUT.md from OUT.json, keeping the .md's conclusion; no training",
+    )
     args = parser.parse_args(argv)
     md_path, json_path = args.out.with_suffix(".md"), args.out.with_suffix(".json")
     if args.report_only:
@@ -354,8 +432,15 @@ def main(argv=None) -> None:
     data_dir = ROOT / "runs/demo/data"
     val = load_split(data_dir / "probe/val", heldout_captions(data_dir))
     train_split = load_split(data_dir / "probe/train")
-    results = {v: {"grids": {f"{g[0]}x{g[1]}": collections.defaultdict(list) for g in args.grids},
-                   "train_image": [], "train_text": [], "seconds": []} for v in VARIANTS}
+    results = {
+        v: {
+            "grids": {f"{g[0]}x{g[1]}": collections.defaultdict(list) for g in args.grids},
+            "train_image": [],
+            "train_text": [],
+            "seconds": [],
+        }
+        for v in VARIANTS
+    }
     packed_err = 0.0
     with tempfile.TemporaryDirectory(prefix="native_positions_") as workdir:
         for seed in args.seeds:
@@ -376,16 +461,34 @@ def main(argv=None) -> None:
                     cell["image"].append(image)
                     cell["text"].append(text)
                     for key, model in (("probe", run["final"]), ("probe_init", run["init"])):
-                        cell[key].append(linear_probe(pooled(model.encoder, train_x), train_split["labels"],
-                                                      pooled(model.encoder, val_x), val["labels"]))
-                    print(f"seed {seed} {variant:8s} {grid[0]}x{grid[1]}: image {image:.3f} text {text:.3f} "
-                          f"probe {cell['probe'][-1]:.1f} (init {cell['probe_init'][-1]:.1f})", flush=True)
-                print(f"seed {seed} {variant}: trained in {run['seconds']:.0f} s; final train image "
-                      f"{run['train_image']:.3f} text {run['train_text']:.3f}", flush=True)
-    data = {"command": command, "config": str(CONFIG.relative_to(ROOT)), "steps": args.steps, "seeds": args.seeds,
-            "minutes": (time.time() - start) / 60, "packed_vs_alone_max_abs": packed_err,
-            "training_grid_share": {f"{g[0]}x{g[1]}": s for g, s in sorted(training_grids(cfg).items())},
-            "results": results}
+                        cell[key].append(
+                            linear_probe(
+                                pooled(model.encoder, train_x),
+                                train_split["labels"],
+                                pooled(model.encoder, val_x),
+                                val["labels"],
+                            )
+                        )
+                    print(
+                        f"seed {seed} {variant:8s} {grid[0]}x{grid[1]}: image {image:.3f} text {text:.3f} "
+                        f"probe {cell['probe'][-1]:.1f} (init {cell['probe_init'][-1]:.1f})",
+                        flush=True,
+                    )
+                print(
+                    f"seed {seed} {variant}: trained in {run['seconds']:.0f} s; final train image "
+                    f"{run['train_image']:.3f} text {run['train_text']:.3f}",
+                    flush=True,
+                )
+    data = {
+        "command": command,
+        "config": str(CONFIG.relative_to(ROOT)),
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "minutes": (time.time() - start) / 60,
+        "packed_vs_alone_max_abs": packed_err,
+        "training_grid_share": {f"{g[0]}x{g[1]}": s for g, s in sorted(training_grids(cfg).items())},
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data, indent=1) + "\n")
     md_path.write_text(report(data))

@@ -38,27 +38,44 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from l3m_reference import (PAD, build_l3m, import_l3m, l3m_config, l3m_optimizer, l3m_step,  # noqa: E402
-                           l3m_terms, train_l3m)
-
+from l3m_reference import (  # noqa: E402
+    PAD,
+    build_l3m,
+    import_l3m,
+    l3m_config,
+    l3m_optimizer,
+    l3m_step,
+    l3m_terms,
+    train_l3m,
+)
 
 # -- this project -------------------------------------------------------------------------------------
 
-def our_module(size: str, img_size: int, vocab: int, text_len: int, lr: float, weight_decay: float,
-               warmup: int, min_lr: float):
+
+def our_module(
+    size: str, img_size: int, vocab: int, text_len: int, lr: float, weight_decay: float, warmup: int, min_lr: float
+):
     from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig
     from aimv2.pretraining.module import AIMv2PretrainModule
 
-    return AIMv2PretrainModule(ModelConfig(size=size, img_size=img_size), ObjectiveConfig(alpha=0.4),
-                               OptimConfig(lr=lr, min_lr=min_lr, weight_decay=weight_decay, warmup_steps=warmup,
-                                           betas=(0.9, 0.95), eps=1e-8),
-                               vocab_size=vocab, max_text_len=text_len)
+    return AIMv2PretrainModule(
+        ModelConfig(size=size, img_size=img_size),
+        ObjectiveConfig(alpha=0.4),
+        OptimConfig(lr=lr, min_lr=min_lr, weight_decay=weight_decay, warmup_steps=warmup, betas=(0.9, 0.95), eps=1e-8),
+        vocab_size=vocab,
+        max_text_len=text_len,
+    )
 
 
 def our_batch(batch: dict) -> dict:
-    return {"image": batch["image"], "tokens": batch["tokens"], "token_mask": batch["tokens"] != PAD,
-            "seed": batch["seed"], "skipped": torch.zeros((), dtype=torch.long),
-            "shard_errors": torch.zeros((), dtype=torch.long)}
+    return {
+        "image": batch["image"],
+        "tokens": batch["tokens"],
+        "token_mask": batch["tokens"] != PAD,
+        "seed": batch["seed"],
+        "skipped": torch.zeros((), dtype=torch.long),
+        "shard_errors": torch.zeros((), dtype=torch.long),
+    }
 
 
 def our_terms(module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,9 +96,19 @@ def fit_ours(module, batches: list[dict], clip: float) -> list[float]:
             self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     record = Record()
-    trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, precision="32-true",
-                        gradient_clip_val=clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[record])
+    trainer = L.Trainer(
+        max_steps=len(batches),
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[record],
+    )
     loader = torch.utils.data.DataLoader([our_batch(b) for b in batches], batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
     return record.lrs
@@ -89,8 +116,10 @@ def fit_ours(module, batches: list[dict], clip: float) -> list[float]:
 
 # -- batches and comparison ---------------------------------------------------------------------------
 
-def make_batches(count: int, batch_size: int, img_size: int, patch: int, vocab: int, text_len: int,
-                 seed: int = 0) -> list[dict]:
+
+def make_batches(
+    count: int, batch_size: int, img_size: int, patch: int, vocab: int, text_len: int, seed: int = 0
+) -> list[dict]:
     """Images like normalized pixels, captions of 3..text_len-1 words (ids >= 2) then PAD, and each batch's
     prefix lengths drawn as the pre-training module draws them from the batch's seed."""
     from aimv2.models.masks import sample_prefix_lengths
@@ -106,8 +135,9 @@ def make_batches(count: int, batch_size: int, img_size: int, patch: int, vocab: 
             tokens[row, :n] = torch.randint(2, vocab, (n,), generator=g)
         batch_seed = 1000 * seed + k
         prefix = sample_prefix_lengths(batch_size, num_patches, generator=torch.Generator().manual_seed(batch_seed))
-        batches.append({"image": images, "tokens": tokens, "seed": batch_seed, "prefix": prefix,
-                        "num_patches": num_patches})
+        batches.append(
+            {"image": images, "tokens": tokens, "seed": batch_seed, "prefix": prefix, "num_patches": num_patches}
+        )
     return batches
 
 
@@ -133,8 +163,13 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> d
     by_max = {name: relative(ours[name], theirs[name]) for name in ours}
     by_norm = {name: norm_relative(ours[name], theirs[name]) for name in ours}
     worst, worst_norm = max(by_max, key=by_max.get), max(by_norm, key=by_norm.get)
-    return {"largest_relative": by_max[worst], "where": worst, "largest_norm_relative": by_norm[worst_norm],
-            "norm_where": worst_norm, "tensors": len(by_max)}
+    return {
+        "largest_relative": by_max[worst],
+        "where": worst,
+        "largest_norm_relative": by_norm[worst_norm],
+        "norm_where": worst_norm,
+        "tensors": len(by_max),
+    }
 
 
 def grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -167,10 +202,12 @@ def step_parity(args) -> dict:
     their_grads = mapped({n: p.grad for n, p in theirs.named_parameters() if p.grad is not None})
     # their last caption position feeds no loss (see l3m_to_module): its row has a zero gradient
     pos = dict(theirs.named_parameters())["models.text_decoder.preprocessor.text_preprocessor.positional_embedding"]
-    unused_row_grad = pos.grad[args.text_len:].abs().max().item()
+    unused_row_grad = pos.grad[args.text_len :].abs().max().item()
     gradients = compare(grads_of(ours), their_grads)
-    losses = {name: {"ours": o.item(), "ml-l3m": t.item(), "relative": abs(o.item() - t.item()) / abs(t.item())}
-              for name, o, t in (("total", o_total, t_total), ("image", o_image, t_image), ("text", o_text, t_text))}
+    losses = {
+        name: {"ours": o.item(), "ml-l3m": t.item(), "relative": abs(o.item() - t.item()) / abs(t.item())}
+        for name, o, t in (("total", o_total, t_total), ("image", o_image, t_image), ("text", o_text, t_text))
+    }
     theirs.zero_grad(set_to_none=True)
     ours.zero_grad(set_to_none=True)
 
@@ -212,14 +249,23 @@ def step_parity(args) -> dict:
         "command": "python eval/parity_l3m.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
-        "size": args.size, "img_size": args.img_size, "batch": args.batch, "vocab": args.vocab,
-        "text_len": args.text_len, "steps": args.steps, "warmup": args.warmup, "lr": lr, "weight_decay": lam,
+        "size": args.size,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "vocab": args.vocab,
+        "text_len": args.text_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "lr": lr,
+        "weight_decay": lam,
         "losses": losses,
         "gradients": gradients,
         "unused_position_row_grad": unused_row_grad,
-        "decayed_sets_equal": decay_sets_equal, "decayed": len(our_decayed),
+        "decayed_sets_equal": decay_sets_equal,
+        "decayed": len(our_decayed),
         "lrs": {"ours": our_lrs, "ml-l3m": [r["lr"] for r in their_log], "largest_relative": lr_rel},
-        "weights": weights, "updates": updates,
+        "weights": weights,
+        "updates": updates,
         "control": {"weights": weights_control, "updates": updates_control},
         "their_losses": [r["loss"] for r in their_log],
         "seconds": {"ml-l3m": their_seconds, "ours": our_seconds},
@@ -228,44 +274,60 @@ def step_parity(args) -> dict:
 
 def step_report(r: dict) -> str:
     def cells(c: dict) -> str:
-        return (f"{c['largest_relative']:.1e} (`{c['where']}`) | {c['largest_norm_relative']:.1e} "
-                f"(`{c['norm_where']}`)")
+        return f"{c['largest_relative']:.1e} (`{c['where']}`) | {c['largest_norm_relative']:.1e} (`{c['norm_where']}`)"
 
-    rows = [f"| loss, {k} | {v['ours']:.6f} | {v['ml-l3m']:.6f} | {v['relative']:.1e} | |"
-            for k, v in r["losses"].items()]
+    rows = [
+        f"| loss, {k} | {v['ours']:.6f} | {v['ml-l3m']:.6f} | {v['relative']:.1e} | |" for k, v in r["losses"].items()
+    ]
     g, lrs, n = r["gradients"], r["lrs"], r["steps"]
-    return "\n".join([
-        "# Step parity with ml-l3m", "",
-        f"`{r['command']}`", "",
-        f"Machine: {r['machine']}; {r['date']}. Size `{r['size']}` at {r['img_size']} px, batch {r['batch']}, "
-        f"vocabulary {r['vocab']}, captions of {r['text_len']} positions; fp32. ml-l3m's AIMv2 from its own "
-        "configs/aimv2/001_aimv2_hfdata.yaml (constants shrunk), its weights copied into ours "
-        "(`aimv2.checkpoints.convert.l3m_to_module`); each trainer then takes its own "
-        f"{n} steps (lr {r['lr']:g}, weight decay {r['weight_decay']:g}, warmup {r['warmup']}, clip 1.0).", "",
-        "| quantity | ours | ml-l3m | largest relative difference, elementwise | by norm |", "|---|---|---|---|---|",
-        *rows,
-        f"| every gradient, first batch ({g['tensors']} tensors) | | | {cells(g)} |",
-        f"| learning rate at each of the {n} steps | | | {lrs['largest_relative']:.1e} | |",
-        f"| every weight after {n} steps | | | {cells(r['weights'])} |",
-        f"| every weight's change over the {n} steps | | | {cells(r['updates'])} |",
-        f"| control: ml-l3m against itself with its gradients x (1 + 1e-7 N(0,1)), weights | | | "
-        f"{cells(r['control']['weights'])} |",
-        f"| control, weight changes | | | {cells(r['control']['updates'])} |", "",
-        "Elementwise: max |ours - theirs| / max |theirs| per tensor; by norm: ||ours - theirs|| / ||theirs||; "
-        f"each the largest over tensors. Decayed parameters identical: {r['decayed_sets_equal']} ({r['decayed']} "
-        "tensors; theirs by `wd_exclude`, ours by `no_decay_names`). The gradient of their caption position row "
-        f"that no loss reads: {r['unused_position_row_grad']:.1e}.", "",
-        "Learning rates per step: ours " + ", ".join(f"{x:.3g}" for x in lrs["ours"]) + "; ml-l3m "
-        + ", ".join(f"{x:.3g}" for x in lrs["ml-l3m"]) + ".", "", reading(r)])
+    return "\n".join(
+        [
+            "# Step parity with ml-l3m",
+            "",
+            f"`{r['command']}`",
+            "",
+            f"Machine: {r['machine']}; {r['date']}. Size `{r['size']}` at {r['img_size']} px, batch {r['batch']}, "
+            f"vocabulary {r['vocab']}, captions of {r['text_len']} positions; fp32. ml-l3m's AIMv2 from its own "
+            "configs/aimv2/001_aimv2_hfdata.yaml (constants shrunk), its weights copied into ours "
+            "(`aimv2.checkpoints.convert.l3m_to_module`); each trainer then takes its own "
+            f"{n} steps (lr {r['lr']:g}, weight decay {r['weight_decay']:g}, warmup {r['warmup']}, clip 1.0).",
+            "",
+            "| quantity | ours | ml-l3m | largest relative difference, elementwise | by norm |",
+            "|---|---|---|---|---|",
+            *rows,
+            f"| every gradient, first batch ({g['tensors']} tensors) | | | {cells(g)} |",
+            f"| learning rate at each of the {n} steps | | | {lrs['largest_relative']:.1e} | |",
+            f"| every weight after {n} steps | | | {cells(r['weights'])} |",
+            f"| every weight's change over the {n} steps | | | {cells(r['updates'])} |",
+            f"| control: ml-l3m against itself with its gradients x (1 + 1e-7 N(0,1)), weights | | | "
+            f"{cells(r['control']['weights'])} |",
+            f"| control, weight changes | | | {cells(r['control']['updates'])} |",
+            "",
+            "Elementwise: max |ours - theirs| / max |theirs| per tensor; by norm: ||ours - theirs|| / ||theirs||; "
+            f"each the largest over tensors. Decayed parameters identical: {r['decayed_sets_equal']} ({r['decayed']} "
+            "tensors; theirs by `wd_exclude`, ours by `no_decay_names`). The gradient of their caption position row "
+            f"that no loss reads: {r['unused_position_row_grad']:.1e}.",
+            "",
+            "Learning rates per step: ours "
+            + ", ".join(f"{x:.3g}" for x in lrs["ours"])
+            + "; ml-l3m "
+            + ", ".join(f"{x:.3g}" for x in lrs["ml-l3m"])
+            + ".",
+            "",
+            reading(r),
+        ]
+    )
 
 
 def reading(r: dict) -> str:
     """What the figures say, each quantity against 1e-5, the weights against the control's floor."""
     g, w, c = r["gradients"], r["weights"], r["control"]["weights"]
     worst_loss = max(v["relative"] for v in r["losses"].values())
-    lines = [f"Reading. Losses: {worst_loss:.1e} apart; gradients: {g['largest_relative']:.1e}, float32 rounding "
-             "(timm's fused qkv against three matrices, other summation orders); learning rates: "
-             f"{r['lrs']['largest_relative']:.1e}."]
+    lines = [
+        f"Reading. Losses: {worst_loss:.1e} apart; gradients: {g['largest_relative']:.1e}, float32 rounding "
+        "(timm's fused qkv against three matrices, other summation orders); learning rates: "
+        f"{r['lrs']['largest_relative']:.1e}."
+    ]
     if w["largest_relative"] <= 1e-5:
         lines.append(f"Weights after {r['steps']} steps: {w['largest_relative']:.1e}, under 1e-5.")
     elif w["largest_relative"] <= 3 * c["largest_relative"]:
@@ -276,14 +338,18 @@ def reading(r: dict) -> str:
             "perturbed at float32 rounding's size. Adam divides each moment by sqrt(v) + eps, so an element whose "
             "gradient is near eps (1e-8; a token embedding row a batch touches once) moves by an amount its "
             "rounding decides; the difference sits in the same tensor and is the floor of 10 fp32 Adam steps, "
-            "not a difference in what the two trainers compute.")
+            "not a difference in what the two trainers compute."
+        )
     else:
-        lines.append(f"Weights after {r['steps']} steps: {w['largest_relative']:.1e}, over 3x the control's "
-                     f"{c['largest_relative']:.1e}: a real difference, to be found.")
+        lines.append(
+            f"Weights after {r['steps']} steps: {w['largest_relative']:.1e}, over 3x the control's "
+            f"{c['largest_relative']:.1e}: a real difference, to be found."
+        )
     return " ".join(lines) + "\n"
 
 
 # -- training parity ----------------------------------------------------------------------------------
+
 
 def demo_config(out: Path, seed: int, steps: int, run_dir: Path):
     """The demo's pre-training config (configs/pretrain/demo.yaml on the demo digits) for one seed."""
@@ -292,33 +358,54 @@ def demo_config(out: Path, seed: int, steps: int, run_dir: Path):
     from aimv2.shipped import shipped_config
 
     demo = build_demo_shards(out / "data")
-    cfg = load_config(shipped_config("pretrain/demo.yaml"), [
-        f"data.sources=[{{name: demo_digits, urls: '{demo['pretrain']['urls']}'}}]",
-        f"data.tokenizer.path={demo['vocabulary']}", f"run_dir={run_dir}", f"trainer.max_steps={steps}",
-        f"trainer.seed={seed}", f"data.seed={seed}", "trainer.progress_bar=false", "visualize.every_n_steps=0",
-        f"trainer.checkpoint_every_n_steps={steps}", "trainer.overwrite=true"])
+    cfg = load_config(
+        shipped_config("pretrain/demo.yaml"),
+        [
+            f"data.sources=[{{name: demo_digits, urls: '{demo['pretrain']['urls']}'}}]",
+            f"data.tokenizer.path={demo['vocabulary']}",
+            f"run_dir={run_dir}",
+            f"trainer.max_steps={steps}",
+            f"trainer.seed={seed}",
+            f"data.seed={seed}",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+            f"trainer.checkpoint_every_n_steps={steps}",
+            "trainer.overwrite=true",
+        ],
+    )
     return cfg, demo
 
 
-def probe(cfg_overrides: list[str], demo: dict, run_dir: Path, checkpoint: Path, encoder=None,
-          preprocessing=None) -> dict:
+def probe(
+    cfg_overrides: list[str], demo: dict, run_dir: Path, checkpoint: Path, encoder=None, preprocessing=None
+) -> dict:
     """The demo's probe (configs/probe/toy.yaml, cached, linear and attentive grids) of an encoder."""
     from aimv2.config import load_config
     from aimv2.probe.config import ProbeConfig
     from aimv2.probe.run import run_probe
     from aimv2.shipped import shipped_config
 
-    cfg = load_config(shipped_config("probe/toy.yaml"), [
-        f"checkpoint={checkpoint}", f"data.train={demo['probe_train']['dir']}", f"data.val={demo['probe_val']['dir']}",
-        f"run_dir={run_dir}", "accelerator=cpu", "progress_bar=false", *cfg_overrides], schema=ProbeConfig)
+    cfg = load_config(
+        shipped_config("probe/toy.yaml"),
+        [
+            f"checkpoint={checkpoint}",
+            f"data.train={demo['probe_train']['dir']}",
+            f"data.val={demo['probe_val']['dir']}",
+            f"run_dir={run_dir}",
+            "accelerator=cpu",
+            "progress_bar=false",
+            *cfg_overrides,
+        ],
+        schema=ProbeConfig,
+    )
     results = run_probe(cfg, encoder=encoder, preprocessing=preprocessing)
     return {kind: row["top1"] for kind, row in results["best_per_kind"].items()}
 
 
 def training_parity(args) -> dict:
     from aimv2.checkpoints.load import load_checkpoint
-    from aimv2.engine.initial_checkpoint import InitialCheckpoint
-    from aimv2.engine.metrics import read_metric
+    from aimv2.engine.checkpointing import InitialCheckpoint
+    from aimv2.engine.logs import read_metric
     from aimv2.engine.run_dir import RunDir
     from aimv2.models import AIMv2, get_size
     from aimv2.pretraining.pretrain import pretrain
@@ -332,25 +419,42 @@ def training_parity(args) -> dict:
         run = pretrain(cfg, callbacks=[InitialCheckpoint(RunDir(cfg.run_dir).checkpoints)])
         our_seconds = time.perf_counter() - started
         ours = probe([], demo, work / f"ours_seed{seed}" / "probe", run.last_checkpoint)
-        initial = probe([], demo, work / f"ours_seed{seed}" / "probe_random_init",
-                        RunDir(cfg.run_dir).step_checkpoint(0))
+        initial = probe(
+            [], demo, work / f"ours_seed{seed}" / "probe_random_init", RunDir(cfg.run_dir).step_checkpoint(0)
+        )
         theirs_trained = train_l3m(args.l3m, cfg, seed)
         loaded = load_checkpoint(run.last_checkpoint)  # the same architecture and preprocessing as ours
         vocab = theirs_trained["state"]["decoder.text_embed.weight"].shape[0]
-        model = AIMv2(get_size(cfg.model.size), cfg.model.img_size, vocab,
-                      cfg.data.tokenizer.max_length)
+        model = AIMv2(get_size(cfg.model.size), cfg.model.img_size, vocab, cfg.data.tokenizer.max_length)
         model.load_state_dict(theirs_trained["state"], strict=True)
-        theirs = probe([], demo, work / f"l3m_seed{seed}" / "probe", run.last_checkpoint,
-                       encoder=model.encoder, preprocessing=loaded.preprocessing)
+        theirs = probe(
+            [],
+            demo,
+            work / f"l3m_seed{seed}" / "probe",
+            run.last_checkpoint,
+            encoder=model.encoder,
+            preprocessing=loaded.preprocessing,
+        )
         logged = [v for _, v in read_metric(run.metrics, "train/loss")][-5:]  # logged every 10 steps: the last 50
-        rows.append({"seed": seed, "ours": ours, "ml-l3m": theirs, "random init": initial,
-                     "final_loss_ours": sum(logged) / len(logged), "seconds": {"ours": our_seconds,
-                                                                             "ml-l3m": theirs_trained["seconds"]},
-                     "final_loss_l3m": theirs_trained["final_loss"]})
+        rows.append(
+            {
+                "seed": seed,
+                "ours": ours,
+                "ml-l3m": theirs,
+                "random init": initial,
+                "final_loss_ours": sum(logged) / len(logged),
+                "seconds": {"ours": our_seconds, "ml-l3m": theirs_trained["seconds"]},
+                "final_loss_l3m": theirs_trained["final_loss"],
+            }
+        )
         print(f"seed {seed}: ours {ours}, ml-l3m {theirs}", flush=True)
-    return {"command": "python eval/parity_l3m.py " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-            "date": time.strftime("%Y-%m-%d"), "steps": args.train_steps, "seeds": rows}
+    return {
+        "command": "python eval/parity_l3m.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.train_steps,
+        "seeds": rows,
+    }
 
 
 def training_report(r: dict) -> str:
@@ -362,39 +466,64 @@ def training_report(r: dict) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     kinds = sorted(r["seeds"][0]["ours"])
-    lines = ["# Training parity with ml-l3m", "", f"`{r['command']}`", "",
-             f"Machine: {r['machine']}; {r['date']}. The demo's pre-training (configs/pretrain/demo.yaml: debug size, "
-             f"56 px, demo digits) for {r['steps']} steps, once by `aimv2 pretrain` and once by ml-l3m's model, loss, "
-             "AdamLH and schedule in their loop on the same stream's batches; both encoders probed by the demo's probe "
-             "(configs/probe/toy.yaml). Top-1 (%) on the held-out digits, mean ± sample std over seeds; "
-             "`random init` is "
-             "our run's step-0 checkpoint.", "",
-             "| trainer | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines = [
+        "# Training parity with ml-l3m",
+        "",
+        f"`{r['command']}`",
+        "",
+        f"Machine: {r['machine']}; {r['date']}. The demo's pre-training (configs/pretrain/demo.yaml: debug size, "
+        f"56 px, demo digits) for {r['steps']} steps, once by `aimv2 pretrain` and once by ml-l3m's model, loss, "
+        "AdamLH and schedule in their loop on the same stream's batches; both encoders probed by the demo's probe "
+        "(configs/probe/toy.yaml). Top-1 (%) on the held-out digits, mean ± sample std over seeds; "
+        "`random init` is "
+        "our run's step-0 checkpoint.",
+        "",
+        "| trainer | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
     for name in ("ours", "ml-l3m", "random init"):
         lines.append(f"| {name} | " + " | ".join(cell([s[name][k] for s in r["seeds"]]) for k in kinds) + " |")
-    lines += ["", "Training loss (total, mean of the last 50 steps): ours "
-              + cell([s["final_loss_ours"] for s in r["seeds"]], 3)
-              + ", ml-l3m " + cell([s["final_loss_l3m"] for s in r["seeds"]], 3) + "."]
+    lines += [
+        "",
+        "Training loss (total, mean of the last 50 steps): ours "
+        + cell([s["final_loss_ours"] for s in r["seeds"]], 3)
+        + ", ml-l3m "
+        + cell([s["final_loss_l3m"] for s in r["seeds"]], 3)
+        + ".",
+    ]
     verdicts = []
     for k in kinds:
         ours, theirs = [s["ours"][k] for s in r["seeds"]], [s["ml-l3m"][k] for s in r["seeds"]]
         gap = statistics.mean(ours) - statistics.mean(theirs)
         spread = max(statistics.stdev(ours), statistics.stdev(theirs)) if len(ours) > 1 else float("nan")
-        verdicts.append(f"{k} {gap:+.2f} points ({'within' if abs(gap) <= spread else 'outside'} the larger seed "
-                        f"std, {spread:.2f})")
+        verdicts.append(
+            f"{k} {gap:+.2f} points ({'within' if abs(gap) <= spread else 'outside'} the larger seed std, {spread:.2f})"
+        )
     lines += ["", "Gap, ours - ml-l3m: " + "; ".join(verdicts) + "."]
-    lines += ["", "Per seed: " + "; ".join(f"seed {s['seed']}: ours "
-                                           + ", ".join(f"{k} {s['ours'][k]:.2f}" for k in kinds)
-                                           + " / ml-l3m " + ", ".join(f"{k} {s['ml-l3m'][k]:.2f}" for k in kinds)
-                                           for s in r["seeds"]) + ".", ""]
+    lines += [
+        "",
+        "Per seed: "
+        + "; ".join(
+            f"seed {s['seed']}: ours "
+            + ", ".join(f"{k} {s['ours'][k]:.2f}" for k in kinds)
+            + " / ml-l3m "
+            + ", ".join(f"{k} {s['ml-l3m'][k]:.2f}" for k in kinds)
+            for s in r["seeds"]
+        )
+        + ".",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("l3m", type=Path, help="a checkout of github.com/apple/ml-l3m")
-    parser.add_argument("--size", default="tiny", help="a row of the size table (default tiny: their SwiGLU "
-                        "rounding gives its widths unchanged)")
+    parser.add_argument(
+        "--size",
+        default="tiny",
+        help="a row of the size table (default tiny: their SwiGLU rounding gives its widths unchanged)",
+    )
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1000)
@@ -406,8 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-steps", type=int, default=2000, help="training parity: steps (the demo's 2000)")
     parser.add_argument("--work", type=Path, default=Path("runs/parity_l3m"), help="training parity: run directories")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results path without suffix (default eval/results/parity_l3m[_training])")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results path without suffix (default eval/results/parity_l3m[_training])",
+    )
     args = parser.parse_args(argv)
     args.l3m = args.l3m.resolve()
     out = args.out or REPO / "eval" / "results" / ("parity_l3m_training" if args.training else "parity_l3m")

@@ -21,15 +21,36 @@ def write_encoder_checkpoint(path: Path, img_size: int = 56, seed: int = 0) -> P
     torch.manual_seed(seed)
     module = AIMv2PretrainModule({"size": "debug", "img_size": img_size}, {}, {}, vocab_size=64, max_text_len=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
     return path
 
 
 def compress_config(tmp: Path, encoder: Path, train: str, *overrides: str, val: str = "") -> CompressConfig:
-    return load_config(None, [
-        f"encoder.source={encoder}", f"data.train='{train}'", f"data.val='{val}'", f"run_dir={tmp / 'run'}",
-        "data.num_workers=0", "data.batch_size=16", "data.shuffle_buffer=200", "text.tokenizer.max_length=16",
-        "trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=10",
-        "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1000", *TINY_LM, *overrides],
-        schema=CompressConfig)
+    return load_config(
+        None,
+        [
+            f"encoder.source={encoder}",
+            f"data.train='{train}'",
+            f"data.val='{val}'",
+            f"run_dir={tmp / 'run'}",
+            "data.num_workers=0",
+            "data.batch_size=16",
+            "data.shuffle_buffer=200",
+            "text.tokenizer.max_length=16",
+            "trainer.accelerator=cpu",
+            "trainer.progress_bar=false",
+            "trainer.max_steps=10",
+            "trainer.log_every_n_steps=1",
+            "trainer.checkpoint_every_n_steps=1000",
+            *TINY_LM,
+            *overrides,
+        ],
+        schema=CompressConfig,
+    )

@@ -24,8 +24,9 @@ def jpeg_bytes(rng: np.random.Generator, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def write_caption_shards(out_dir: Path, n: int, per_shard: int, *, prefix: str = "", corrupt_at=(), seed: int = 0,
-                         overwrite: bool = False):
+def write_caption_shards(
+    out_dir: Path, n: int, per_shard: int, *, prefix: str = "", corrupt_at=(), seed: int = 0, overwrite: bool = False
+):
     """n samples keyed f"{prefix}{i:06d}" with caption "sample i"; indices in corrupt_at get bad bytes."""
     rng = np.random.default_rng(seed)
 
@@ -34,8 +35,9 @@ def write_caption_shards(out_dir: Path, n: int, per_shard: int, *, prefix: str =
             image = b"definitely not an image" if i in corrupt_at else jpeg_bytes(rng)
             yield ShardSample(key=f"{prefix}{i:06d}", image=image, image_ext="jpg", caption=f"sample {i}")
 
-    return write_shards(samples(), out_dir, samples_per_shard=per_shard, verify_images=False, progress=False,
-                        overwrite=overwrite)
+    return write_shards(
+        samples(), out_dir, samples_per_shard=per_shard, verify_images=False, progress=False, overwrite=overwrite
+    )
 
 
 # The suite writes about 8 GB in all (checkpoints, shards, documented commands' workspaces); it keeps
@@ -83,8 +85,10 @@ def pytest_collection_modifyitems(config, items):
 
     def rank(item):
         name = item.module.__name__
-        return (LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES),
-                name not in slow_modules)
+        return (
+            LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES),
+            name not in slow_modules,
+        )
 
     items.sort(key=rank)  # stable: files and tests keep their order within a rank
 
@@ -93,8 +97,11 @@ def pytest_sessionstart(session):
     where = tempfile.gettempdir()
     free = shutil.disk_usage(where).free / 2**30
     if free < FREE_DISK_NEEDED_GB:
-        pytest.exit(f"only {free:.1f} GB free under {where}; the test suite needs about {FREE_DISK_NEEDED_GB} GB "
-                    "there at its peak (set TMPDIR to a larger disk or free space)", returncode=1)
+        pytest.exit(
+            f"only {free:.1f} GB free under {where}; the test suite needs about {FREE_DISK_NEEDED_GB} GB "
+            "there at its peak (set TMPDIR to a larger disk or free space)",
+            returncode=1,
+        )
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,7 +1,8 @@
 """The commands the documentation gives a user, read from where the user reads them: the bash blocks
-of README.md, eval/README.md, data/README.md and benchmarks/README.md, and the example lines in the
-header comments of configs/, launch/, eval/ and data/ scripts (`#   aimv2 ...`, continued by `\\`).
-tests/test_documented_commands.py runs each one."""
+of README.md, every docs/*.md page, eval/README.md, data/README.md and benchmarks/README.md, and the
+example lines in the header comments of configs/, launch/, eval/ and data/ scripts (`#   aimv2 ...`,
+continued by `\\`). tests/test_documented_commands.py runs each one, and checks the pages' relative
+links (`markdown_links`, `anchors`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MARKDOWN = ("README.md", "eval/README.md", "data/README.md", "benchmarks/README.md")
+DOCS = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))  # the topic pages
+MARKDOWN = ("README.md", *DOCS, "eval/README.md", "data/README.md", "benchmarks/README.md")
 COMMENTED = ("configs/*/*.yaml", "launch/*", "eval/*.sh", "data/*.sh")
 # What a command line starts with (anything else in a comment is prose).
 COMMAND = re.compile(r"(aimv2 |CONFIG=|STRATEGY=|PYTHON=|launch/|eval/|data/|python3? |\.venv/)")
@@ -54,8 +56,11 @@ def markdown_commands(relative: str) -> list[DocCommand]:
             if block is None and text.strip() == "```bash":
                 block = []
             elif block is not None:
-                commands += [DocCommand(relative, n, _clean(t)) for n, t in _joined(block)
-                             if t.strip() and not t.strip().startswith("#")]
+                commands += [
+                    DocCommand(relative, n, _clean(t))
+                    for n, t in _joined(block)
+                    if t.strip() and not t.strip().startswith("#")
+                ]
                 block = None
             continue
         if block is not None:
@@ -84,3 +89,42 @@ def documented_commands() -> list[DocCommand]:
             if path.is_file():
                 commands += comment_commands(str(path.relative_to(REPO)))
     return commands
+
+
+# -- links between the pages -------------------------------------------------------------------------
+LINK = re.compile(r"!?\[[^\]]*\]\(([^()\s]+)\)")
+
+
+def _prose(relative: str) -> list[tuple[int, str]]:
+    """(line number, text) of the lines outside fenced code blocks."""
+    out, fenced = [], False
+    for number, text in enumerate((REPO / relative).read_text(encoding="utf-8").splitlines(), 1):
+        if text.strip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            out.append((number, text))
+    return out
+
+
+def markdown_links(relative: str) -> list[tuple[int, str]]:
+    """(line number, target) of every relative link and image of a page (web addresses left out)."""
+    return [
+        (n, target)
+        for n, text in _prose(relative)
+        for target in LINK.findall(re.sub(r"`[^`]*`", "", text))
+        if not re.match(r"[a-z]+:", target)
+    ]
+
+
+def anchors(relative: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to hyphens, a
+    repeated heading suffixed -1, -2, ..."""
+    seen: dict[str, int] = {}
+    for _, text in _prose(relative):
+        heading = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", text)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            seen[slug] = seen.get(slug, -1) + 1
+            if seen[slug]:
+                seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)

@@ -20,8 +20,9 @@ def tiny_tokenizer(path: Path) -> list[str]:
         vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "sample": 3, "a": 4, "digit": 5}
         core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         core.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                unk_token="<unk>").save_pretrained(path)
+        PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+        ).save_pretrained(path)
     return ["data.tokenizer.kind=hf", f"data.tokenizer.path={path}"]
 
 
@@ -30,7 +31,9 @@ def run_or_show_stacks(cmd: list[str], *, cwd, env: dict, timeout: float) -> Fin
     thread stacks (aimv2.processes), and nothing of it outlives the test."""
     done = run_with_deadline(cmd, cwd=cwd, env=env, timeout=timeout)
     if done.hung:
-        pytest.fail(f"still running after {timeout:.0f} s: {' '.join(map(str, cmd[:6]))} ...\n--- stdout\n"
-                    f"{done.stdout[-3000:]}\n--- stderr, with every process's stacks\n{done.stderr[-30000:]}",
-                    pytrace=False)
+        pytest.fail(
+            f"still running after {timeout:.0f} s: {' '.join(map(str, cmd[:6]))} ...\n--- stdout\n"
+            f"{done.stdout[-3000:]}\n--- stderr, with every process's stacks\n{done.stderr[-30000:]}",
+            pytrace=False,
+        )
     return done

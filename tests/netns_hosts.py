@@ -108,8 +108,16 @@ class NetnsHosts:
     def exec_prefix(self, k: int) -> list[str]:
         """The command prefix that runs a program on host k; every step execs the next, so the pid
         of the process started is the program's."""
-        return ["nsenter", f"--net=/run/netns/{self.netns[k]}", "unshare", "--mount", "sh", "-c",
-                'mount --bind "$0" /etc/hosts && exec "$@"', str(self.hosts_file)]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.netns[k]}",
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"',
+            str(self.hosts_file),
+        ]
 
     def pids(self, k: int) -> list[int]:
         done = subprocess.run(["ip", "netns", "pids", self.netns[k]], capture_output=True, text=True, timeout=30)
@@ -137,4 +145,3 @@ class NetnsHosts:
             else:  # a veth (before its namespace: gVisor kept a deleted namespace's veth a while), the bridge
                 subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=30)
         self._made = []
-

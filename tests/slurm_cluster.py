@@ -23,7 +23,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from netns_hosts import NetnsHosts, netns_unavailable
 
@@ -31,7 +30,7 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged")
 
 
-def ensure_slurm_installed() -> Optional[str]:
+def ensure_slurm_installed() -> str | None:
     """None when the binaries are (or could be made) available; otherwise why not."""
     if all(shutil.which(b) for b in BINARIES):
         return None
@@ -71,12 +70,12 @@ class SlurmCluster:
         self.root.chmod(0o755)  # munged checks that every directory above its socket is traversable
         self.cpus, self.host = cpus, socket.gethostname().split(".")[0]
         self.nodes = [f"aimv2n{k}" for k in range(nodes)] or [self.host]
-        self.hosts: Optional[NetnsHosts] = NetnsHosts(self.nodes, self.root) if nodes else None
+        self.hosts: NetnsHosts | None = NetnsHosts(self.nodes, self.root) if nodes else None
         self.conf = self.root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
 
     @staticmethod
-    def unavailable(nodes: int = 0) -> Optional[str]:
+    def unavailable(nodes: int = 0) -> str | None:
         """None when such a cluster can be started here (installing SLURM if need be); else why not."""
         return (netns_unavailable() if nodes else None) or ensure_slurm_installed()
 
@@ -93,22 +92,48 @@ class SlurmCluster:
         else:  # slurmctld listens on every address; the namespaces reach it through the bridge's
             controller, addrs = f"{self.host}({self.hosts.gateway})", self.hosts.addrs
         mem = _mem_mb() // len(self.nodes)
-        nodes = [f"NodeName={name}" + (f" NodeAddr={addr} NodeHostname={name}" if addr else "") +
-                 f" CPUs={self.cpus} RealMemory={mem} State=UNKNOWN" for name, addr in zip(self.nodes, addrs)]
-        self.conf.write_text("\n".join([
-            "ClusterName=aimv2test", f"SlurmctldHost={controller}",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={r / 'munge' / 'munge.sock'}",
-            "SlurmUser=root", "SlurmdUser=root",
-            # %n: the node's name, so that each slurmd of a many-node cluster has its own files
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool' / '%n'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
-            f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "MpiDefault=none",
-            "ReturnToService=2", "SchedulerType=sched/backfill", "JobCompType=jobcomp/none",
-            "AccountingStorageType=accounting_storage/none", "JobRequeue=1", "KillWait=5", *nodes,
-            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP", ""]))
+        nodes = [
+            f"NodeName={name}"
+            + (f" NodeAddr={addr} NodeHostname={name}" if addr else "")
+            + f" CPUs={self.cpus} RealMemory={mem} State=UNKNOWN"
+            for name, addr in zip(self.nodes, addrs)
+        ]
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=aimv2test",
+                    f"SlurmctldHost={controller}",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={r / 'munge' / 'munge.sock'}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    # %n: the node's name, so that each slurmd of a many-node cluster has its own files
+                    f"StateSaveLocation={r / 'state'}",
+                    f"SlurmdSpoolDir={r / 'spool' / '%n'}",
+                    f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
+                    f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "SchedulerType=sched/backfill",
+                    "JobCompType=jobcomp/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobRequeue=1",
+                    "KillWait=5",
+                    *nodes,
+                    f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         for name in self.nodes:
             (r / "spool" / name).mkdir()
 
@@ -124,13 +149,26 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         shutil.chown(key, "munge", "munge")
         key.chmod(0o400)
-        self.procs.append(subprocess.Popen(
-            ["munged", "-F", f"--key-file={key}", f"--socket={d / 'munge.sock'}", f"--pid-file={d / 'munged.pid'}",
-             f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"],
-            user="munge", group="munge", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    "munged",
+                    "-F",
+                    f"--key-file={key}",
+                    f"--socket={d / 'munge.sock'}",
+                    f"--pid-file={d / 'munged.pid'}",
+                    f"--log-file={d / 'munged.log'}",
+                    f"--seed-file={d / 'munged.seed'}",
+                ],
+                user="munge",
+                group="munge",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         self._wait(lambda: (d / "munge.sock").exists(), "munged socket")
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         """Start the daemons; on failure stop whatever started (the caller's `stop()` is not reached)."""
         try:
             if self.hosts is not None:
@@ -141,13 +179,22 @@ class SlurmCluster:
             if self.hosts is None:
                 daemons.append(["slurmd", "-D"])
             else:  # the prefix execs slurmd: the pid kept is slurmd's
-                daemons += [[*self.hosts.exec_prefix(k), "slurmd", "-D", "-N", name]
-                            for k, name in enumerate(self.nodes)]
+                daemons += [
+                    [*self.hosts.exec_prefix(k), "slurmd", "-D", "-N", name] for k, name in enumerate(self.nodes)
+                ]
             for daemon in daemons:
-                self.procs.append(subprocess.Popen([*daemon, "-f", str(self.conf)], env=self.env,
-                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            self._wait(lambda: self.run("sinfo", "-h", "-N", "-o", "%T").stdout.split() == ["idle"] * len(self.nodes),
-                       "node idle")
+                self.procs.append(
+                    subprocess.Popen(
+                        [*daemon, "-f", str(self.conf)],
+                        env=self.env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            self._wait(
+                lambda: self.run("sinfo", "-h", "-N", "-o", "%T").stdout.split() == ["idle"] * len(self.nodes),
+                "node idle",
+            )
         except BaseException:
             self.stop()
             raise
@@ -200,5 +247,6 @@ def wait_for(predicate, what: str, timeout: float, job_log=None):
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n" + (job_log.read_text()[-4000:] if job_log and
-                                                             job_log.exists() else ""))
+    raise AssertionError(
+        f"timed out waiting for {what}\n" + (job_log.read_text()[-4000:] if job_log and job_log.exists() else "")
+    )

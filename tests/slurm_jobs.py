@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from aimv2.engine.metrics import read_metric
-from aimv2.engine.stream_state import read_sample_log
+from aimv2.engine.logs import read_metric
+from aimv2.engine.stream_resume import read_sample_log
 from conftest import REPO, write_caption_shards
 from fault_helpers import tiny_tokenizer
 from slurm_cluster import SlurmCluster, wait_for
@@ -35,18 +35,42 @@ def submit(cluster: SlurmCluster, template: str, sbatch: list[str], env: str = "
     report = write_caption_shards(work / "shards", N, 16)
     run_dir, job_log = work / "run", work / "job.out"
     done = subprocess.run(
-        ["sbatch", "--parsable", *sbatch, "--cpus-per-task=1", "--gpus-per-node=0", f"--output={job_log}",
-         f"--chdir={REPO}", "--time=15",
-         f"--export=ALL,CONFIG={REPO / 'configs/pretrain/debug.yaml'},PYTHON={sys.executable},"
-         f"PYTHONWARNINGS=ignore,OMP_NUM_THREADS=1{env}",
-         str(REPO / "launch" / template), *tiny_tokenizer(work / "tokenizer"),
-         f"run_dir={run_dir}", f"data.sources=[{{urls: '{report.urls}'}}]", "model.img_size=28",
-         "data.mode=epoch", f"data.batch_size={BATCH}", "data.num_workers=0", "data.shuffle_buffer=8",
-         "data.tokenizer.max_length=8", "trainer.strategy=ddp", "trainer.max_steps=-1",
-         f"trainer.max_epochs={EPOCHS}", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=5",
-         "trainer.log_samples=true", "trainer.progress_bar=false", "visualize.every_n_steps=0",
-         "optim.warmup_steps=2"],
-        env=cluster.env, capture_output=True, text=True, timeout=60)
+        [
+            "sbatch",
+            "--parsable",
+            *sbatch,
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            f"--output={job_log}",
+            f"--chdir={REPO}",
+            "--time=15",
+            f"--export=ALL,CONFIG={REPO / 'configs/pretrain/debug.yaml'},PYTHON={sys.executable},"
+            f"PYTHONWARNINGS=ignore,OMP_NUM_THREADS=1{env}",
+            str(REPO / "launch" / template),
+            *tiny_tokenizer(work / "tokenizer"),
+            f"run_dir={run_dir}",
+            f"data.sources=[{{urls: '{report.urls}'}}]",
+            "model.img_size=28",
+            "data.mode=epoch",
+            f"data.batch_size={BATCH}",
+            "data.num_workers=0",
+            "data.shuffle_buffer=8",
+            "data.tokenizer.max_length=8",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=-1",
+            f"trainer.max_epochs={EPOCHS}",
+            "trainer.log_every_n_steps=1",
+            "trainer.checkpoint_every_n_steps=5",
+            "trainer.log_samples=true",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+            "optim.warmup_steps=2",
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip(), run_dir, job_log
 
@@ -58,14 +82,24 @@ def preempt_and_finish(cluster: SlurmCluster, job: str, run_dir: Path, job_log: 
     samples = run_dir / "logs/samples/rank0.tsv"
     wait_for(lambda: samples.exists() and len(read_sample_log(samples)) >= 3, "3 training steps", 240, job_log)
     assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
-    info = wait_for(lambda: (lambda j: j if j.get("Restarts") == "1" and j.get("JobState") == "PENDING" else None)(
-        cluster.job(job)), "the job to be requeued", 120, job_log)
+    info = wait_for(
+        lambda: (lambda j: j if j.get("Restarts") == "1" and j.get("JobState") == "PENDING" else None)(
+            cluster.job(job)
+        ),
+        "the job to be requeued",
+        120,
+        job_log,
+    )
     # SLURM holds a requeued job for ~2 minutes (EligibleTime = requeue + 121 s, measured on 22.05);
     # release it now. Nothing about the run changes: the new job starts the same script.
     assert info.get("Reason") == "BeginTime", info
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)
-    return wait_for(lambda: (lambda j: j if j.get("JobState") in FINAL else None)(cluster.job(job)),
-                    "the requeued job to finish", 300, job_log)
+    return wait_for(
+        lambda: (lambda j: j if j.get("JobState") in FINAL else None)(cluster.job(job)),
+        "the requeued job to finish",
+        300,
+        job_log,
+    )
 
 
 def assert_resumed_exactly(final: dict, run_dir: Path, out: str) -> None:

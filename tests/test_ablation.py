@@ -18,11 +18,35 @@ from aimv2.config import load_config
 from aimv2.engine.run_dir import RunDir
 from conftest import REPO
 
-PRETRAIN = ["trainer.max_steps=2", "data.batch_size=8", "data.num_workers=0", "trainer.progress_bar=false",
-            "trainer.log_every_n_steps=1"]
-FLAGS = ["--probe", "optim.epochs=1", "--probe", "optim.warmup_epochs=0", "--probe", "optim.lrs=[1e-3]",
-        "--probe", "optim.weight_decays=[0.05]", "--probe", "data.num_workers=0", "--probe", "progress_bar=false",
-        "--probe", "accelerator=cpu", "--seeds", "0", "--scenes", "24", "16", "16"]
+PRETRAIN = [
+    "trainer.max_steps=2",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+FLAGS = [
+    "--probe",
+    "optim.epochs=1",
+    "--probe",
+    "optim.warmup_epochs=0",
+    "--probe",
+    "optim.lrs=[1e-3]",
+    "--probe",
+    "optim.weight_decays=[0.05]",
+    "--probe",
+    "data.num_workers=0",
+    "--probe",
+    "progress_bar=false",
+    "--probe",
+    "accelerator=cpu",
+    "--seeds",
+    "0",
+    "--scenes",
+    "24",
+    "16",
+    "16",
+]
 TASKS = ["digit", "shape", "colour", "position", "size", "count"]
 
 
@@ -66,7 +90,7 @@ def test_keeps_training_and_validation_losses(ablation):
     summary = json.loads((ablation / "ablation.json").read_text())
     runs = {r["variant"]: r for r in summary["pretrain_runs"]}
     assert set(runs) == {"aimv2", "captioning", "pixel"}
-    for variant, run in runs.items():
+    for run in runs.values():
         assert run["train_steps"] == [2, 2] and run["val_step"] == 2  # the last 10% of 2 logged steps; the last step
         assert set(run["train"]) == set(run["val"]) == {"total", "image", "caption"}
         assert 1.0 < run["val"]["caption"] < 8.0  # about ln(vocabulary) after 2 steps
@@ -133,19 +157,26 @@ def test_rerun_reuses_finished_work_and_refuses_other_settings(ablation, capsys)
     assert cli.main(["ablation", *PRETRAIN, "trainer.max_steps=3", "--out", str(ablation), *FLAGS]) == 2
     assert "other settings" in capsys.readouterr().err
     # Other probe settings re-probe the same checkpoints (here one variant) without pre-training again.
-    assert cli.main(["ablation", *PRETRAIN, "--out", str(ablation), *FLAGS, "--variants", "aimv2",
-                     "--probe", "optim.epochs=2"]) == 0
+    assert (
+        cli.main(
+            ["ablation", *PRETRAIN, "--out", str(ablation), *FLAGS, "--variants", "aimv2", "--probe", "optim.epochs=2"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.count("pre-training already done") == 1 and err.count("probing") == len(TASKS)
     summary = json.loads((ablation / "ablation.json").read_text())
     assert list(summary["variants"]) == ["aimv2"] and "optim.epochs=2" in summary["probe_overrides"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--variants", "random"], "step-0 checkpoint of a trained variant"),
-    (["--variants", "aimv2", "mae"], "unknown variant(s) mae"),
-    (["--task", "digits=/only/train"], "expected NAME=TRAIN,VAL"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "random"], "step-0 checkpoint of a trained variant"),
+        (["--variants", "aimv2", "mae"], "unknown variant(s) mae"),
+        (["--task", "digits=/only/train"], "expected NAME=TRAIN,VAL"),
+    ],
+)
 def test_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
     assert cli.main(["ablation", "--out", str(tmp_path / "a"), *argv]) == 2
     assert message in capsys.readouterr().err

@@ -21,17 +21,99 @@ def run(script: str, *args: str, results) -> None:
 
 @pytest.mark.slow
 def test_every_cpu_benchmark_writes_its_results_and_the_summary_reads_them(tmp_path):
-    run("train_step.py", "--size", "debug", "--img-size", "56", "--batch", "2", "--vocab", "100", "--text-len", "8",
-        "--rounds", "1", "--steps", "1", results=tmp_path)
-    run("attention.py", "--batch", "2", "--heads", "2", "--tokens", "16", "--head-dim", "8", "--rounds", "1",
-        "--steps", "1", results=tmp_path)
+    run(
+        "train_step.py",
+        "--size",
+        "debug",
+        "--img-size",
+        "56",
+        "--batch",
+        "2",
+        "--vocab",
+        "100",
+        "--text-len",
+        "8",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        results=tmp_path,
+    )
+    run(
+        "attention.py",
+        "--batch",
+        "2",
+        "--heads",
+        "2",
+        "--tokens",
+        "16",
+        "--head-dim",
+        "8",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        results=tmp_path,
+    )
     run("data_pipeline.py", "--samples", "32", "--batch", "16", "--img-size", "56", "--rounds", "1", results=tmp_path)
-    run("probe_grid.py", "--size", "debug", "--img-size", "56", "--batch", "4", "--classes", "10", "--repeats", "1",
-        results=tmp_path)
-    run("growth.py", "--size", "debug", "--batches", "2", "--batch-px", "56", "--resolutions", "56", "--res-batch", "2", "--steps", "1",
-        "--warmup", "1", "--vocab", "100", "--text-len", "8", results=tmp_path)
-    run("native_packing.py", "--size", "debug", "--samples", "300", "--time-scale", "0.25", "--rows", "2", "--window",
-        "64", "--batches", "1", "--rounds", "1", "--vocab", "100", "--text-len", "40", results=tmp_path)
+    run(
+        "probe_grid.py",
+        "--size",
+        "debug",
+        "--img-size",
+        "56",
+        "--batch",
+        "4",
+        "--classes",
+        "10",
+        "--repeats",
+        "1",
+        results=tmp_path,
+    )
+    run(
+        "growth.py",
+        "--size",
+        "debug",
+        "--batches",
+        "2",
+        "--batch-px",
+        "56",
+        "--resolutions",
+        "56",
+        "--res-batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--vocab",
+        "100",
+        "--text-len",
+        "8",
+        results=tmp_path,
+    )
+    run(
+        "native_packing.py",
+        "--size",
+        "debug",
+        "--samples",
+        "300",
+        "--time-scale",
+        "0.25",
+        "--rows",
+        "2",
+        "--window",
+        "64",
+        "--batches",
+        "1",
+        "--rounds",
+        "1",
+        "--vocab",
+        "100",
+        "--text-len",
+        "40",
+        results=tmp_path,
+    )
     run("run.py", "--only", "summary", results=tmp_path)
 
     step = json.loads((tmp_path / "train_step.json").read_text())
@@ -46,7 +128,9 @@ def test_every_cpu_benchmark_writes_its_results_and_the_summary_reads_them(tmp_p
     assert "SDPA, additive bias (ours)" in attention["ms_fwd_bwd"]
     growth = json.loads((tmp_path / "growth.json").read_text())
     assert [(p["batch"], p["img_size"], p["activation_checkpointing"]) for p in growth["points"]] == [
-        (2, 56, False), (2, 56, True)]
+        (2, 56, False),
+        (2, 56, True),
+    ]
     assert all(p["peak_gib"] > 0 for p in growth["points"])
     native = json.loads((tmp_path / "native_packing.json").read_text())
     names = list(native["variants"])  # the fixed side holds max_patches = 64 tokens at this scale: 8 x 14 px
@@ -54,9 +138,15 @@ def test_every_cpu_benchmark_writes_its_results_and_the_summary_reads_them(tmp_p
     assert all(v["real_tokens_per_s"] > 0 and "peak_gib" in v for v in native["variants"].values())
     assert set(native["ratios"]) == {"packed / fixed", "packed / padded"}
     summary = (tmp_path / "summary.md").read_text()
-    for item in ("MFU vs measured matmul peak", "time vs stock baseline", "Data pipeline", "Probe: 14 attentive",
-                 "Growth", "Native resolution: padding of packed batches",
-                 "H200: AIMv2-L 224 px bf16 MFU (989 TFLOP/s) | not measured"):
+    for item in (
+        "MFU vs measured matmul peak",
+        "time vs stock baseline",
+        "Data pipeline",
+        "Probe: 14 attentive",
+        "Growth",
+        "Native resolution: padding of packed batches",
+        "H200: AIMv2-L 224 px bf16 MFU (989 TFLOP/s) | not measured",
+    ):
         assert item in summary, item
     for name in ("train_step", "data_pipeline", "probe", "growth", "attention", "native_packing"):
         assert (tmp_path / f"{name}.md").read_text().startswith("# ")

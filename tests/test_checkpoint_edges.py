@@ -2,13 +2,13 @@
 
 - the publish window: a directory checkpoint (ZeRO, DCP) replaced without an atomic swap and killed
   between its two renames has no `NAME`; the start-up cleanup and `trainer.resume=auto` put the newest
-  complete one back under its name (aimv2.engine.resume.recover_interrupted_publish) instead of deleting
+  complete one back under its name (aimv2.engine.checkpointing.recover_interrupted_publish) instead of deleting
   both halves; where the file system swaps atomically the name is never missing at all;
 - rollback: resuming an explicit older checkpoint moves the newer ones aside (RUN/checkpoints/abandoned/),
-  so the next `auto` continues the new line (aimv2.engine.resume.abandon_newer);
+  so the next `auto` continues the new line (aimv2.engine.checkpointing.abandon_newer);
 - pruning: a checkpoint directory that Lightning removes (`keep_checkpoints`) leaves its name in one rename
   before it is deleted, so a killed removal never leaves a half-deleted `step=N.ckpt` that still looks
-  intact (aimv2.engine.checkpoint_io.remove_checkpoint, through both directory strategies).
+  intact (aimv2.engine.checkpointing.remove_checkpoint, through both directory strategies).
 
 ZeRO directories are DeepSpeed's layout written through AtomicDeepSpeedStrategy around a stubbed
 DeepSpeed save (Lightning refuses DeepSpeed on the CPU); DCP directories are written by the real
@@ -30,8 +30,16 @@ import pytest
 import torch
 
 import aimv2.fileio as fileio
-from aimv2.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from aimv2.engine.resume import ABANDONED, abandon_newer, candidates, checkpoint_step, newest_intact, resolve_resume
+from aimv2.engine.checkpointing import (
+    ABANDONED,
+    AtomicCheckpointIO,
+    abandon_newer,
+    candidates,
+    checkpoint_step,
+    newest_intact,
+    remove_stale_temporaries,
+    resolve_resume,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +52,10 @@ class Killed(BaseException):
 def _deepspeed_save(self, checkpoint, filepath, storage_options=None):  # DeepSpeed's layout, rank 0's files
     (Path(filepath) / "checkpoint").mkdir(parents=True)
     (Path(filepath) / "latest").write_text("checkpoint")
-    torch.save({"global_step": checkpoint["global_step"], "module": {}},
-               Path(filepath) / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"global_step": checkpoint["global_step"], "module": {}},
+        Path(filepath) / "checkpoint" / "mp_rank_00_model_states.pt",
+    )
 
 
 @pytest.fixture
@@ -65,8 +75,9 @@ def strategy(request, monkeypatch):
 
 
 def save(strategy, path: Path, step: int) -> None:
-    strategy.save_checkpoint({"state_dict": {"model.w": torch.full((4,), float(step))}, "optimizer_states": [],
-                              "global_step": step}, path)
+    strategy.save_checkpoint(
+        {"state_dict": {"model.w": torch.full((4,), float(step))}, "optimizer_states": [], "global_step": step}, path
+    )
 
 
 LAYOUTS = pytest.mark.parametrize("strategy", ["zero", "dcp"], indirect=True)
@@ -75,8 +86,11 @@ LAYOUTS = pytest.mark.parametrize("strategy", ["zero", "dcp"], indirect=True)
 def without_exchange(monkeypatch) -> None:
     """The fallback publish (two renames): what file systems without renameat2 RENAME_EXCHANGE get."""
     real = fileio._renameat2
-    monkeypatch.setattr(fileio, "_renameat2",
-                        lambda src, dst, flags: False if flags == fileio._RENAME_EXCHANGE else real(src, dst, flags))
+    monkeypatch.setattr(
+        fileio,
+        "_renameat2",
+        lambda src, dst, flags: False if flags == fileio._RENAME_EXCHANGE else real(src, dst, flags),
+    )
 
 
 def kill_between_the_two_renames(monkeypatch, final: Path) -> None:
@@ -105,7 +119,7 @@ def test_a_publish_killed_between_its_two_renames_is_put_back(strategy, start, t
     # The edge: no last.ckpt at all; the step-4 version aside, the complete step-8 one still hidden.
     assert sorted(p.name for p in ckpts.iterdir()) == [".last.ckpt.old", ".last.ckpt.tmp", "step=0000004.ckpt"]
     assert checkpoint_step(ckpts / ".last.ckpt.tmp") == 8
-    with caplog.at_level(logging.WARNING, logger="aimv2.engine.resume"):
+    with caplog.at_level(logging.WARNING, logger="aimv2.engine.checkpointing"):
         if start == "cleanup":  # rank 0's start-up cleanup (pretrain), then every rank resolves
             assert remove_stale_temporaries(ckpts) == [".last.ckpt.old"]
             resumed = resolve_resume("auto", ckpts)
@@ -114,7 +128,7 @@ def test_a_publish_killed_between_its_two_renames_is_put_back(strategy, start, t
             assert remove_stale_temporaries(ckpts) == [".last.ckpt.old"]
     assert resumed == str(ckpts / "last.ckpt") and checkpoint_step(ckpts / "last.ckpt") == 8
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=0000004.ckpt"]
-    assert len([r for r in caplog.records if r.name == "aimv2.engine.resume"]) == 1
+    assert len([r for r in caplog.records if r.name == "aimv2.engine.checkpointing"]) == 1
     assert "put back the new checkpoint (step 8) from .last.ckpt.tmp" in caplog.text
 
 
@@ -128,8 +142,9 @@ def test_the_previous_version_is_put_back_when_the_new_one_is_not_intact(strateg
         with pytest.raises(Killed):
             save(strategy, ckpts / "last.ckpt", 8)
     # Corrupt the new one at the edge (the file its step is read from, cut short).
-    inner = ".last.ckpt.tmp/" + ("meta.pt" if (ckpts / ".last.ckpt.tmp/meta.pt").exists()
-                                 else "checkpoint/mp_rank_00_model_states.pt")
+    inner = ".last.ckpt.tmp/" + (
+        "meta.pt" if (ckpts / ".last.ckpt.tmp/meta.pt").exists() else "checkpoint/mp_rank_00_model_states.pt"
+    )
     (ckpts / inner).write_bytes((ckpts / inner).read_bytes()[:40])
     assert remove_stale_temporaries(ckpts) == [".last.ckpt.tmp"]
     assert resolve_resume("auto", ckpts) == str(ckpts / "last.ckpt") and checkpoint_step(ckpts / "last.ckpt") == 4
@@ -156,8 +171,9 @@ for step in (4, 8):
     save_dcp_checkpoint(state, {"global_step": step}, final, 0, lambda: None)
 """
     ckpts = tmp_path / "checkpoints"
-    done = subprocess.run([sys.executable, "-c", script, str(ckpts / "last.ckpt")], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ckpts / "last.ckpt")], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert sorted(p.name for p in ckpts.iterdir()) == [".last.ckpt.old", ".last.ckpt.tmp"]
     assert remove_stale_temporaries(ckpts) == [".last.ckpt.old"]
@@ -224,8 +240,12 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(last, tmp_path)
     [dest] = (ckpts / ABANDONED).iterdir()
     assert line is not None and "\n" not in line and str(dest) in line and "(step 2)" in line
     assert line.endswith(": last.ckpt, step=0000004.ckpt, step=0000006.ckpt, step=0000008.ckpt")
-    assert sorted(p.name for p in dest.iterdir()) == ["last.ckpt", "step=0000004.ckpt", "step=0000006.ckpt",
-                                                      "step=0000008.ckpt"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "last.ckpt",
+        "step=0000004.ckpt",
+        "step=0000006.ckpt",
+        "step=0000008.ckpt",
+    ]
     assert checkpoint_step(dest / "last.ckpt") == 6  # a link still resolves beside its target
     assert sorted(p.name for p in ckpts.iterdir()) == [ABANDONED, "step=0000000.ckpt", "step=0000002.ckpt"]
     assert newest_intact(ckpts) == ckpts / "step=0000002.ckpt"
@@ -251,12 +271,29 @@ def _tiny_pretrain(root: Path, urls: str, *overrides: str):
     from aimv2.config import load_config
     from aimv2.pretraining.pretrain import pretrain
 
-    return pretrain(load_config(None, [
-        f"run_dir={root / 'run'}", f"data.sources=[{{urls: '{urls}'}}]", "model.img_size=28", "model.size=debug",
-        "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=0", "data.tokenizer.max_length=8",
-        "optim.warmup_steps=1", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
-        "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=5", "trainer.progress_bar=false",
-        "visualize.every_n_steps=0", *overrides]))
+    return pretrain(
+        load_config(
+            None,
+            [
+                f"run_dir={root / 'run'}",
+                f"data.sources=[{{urls: '{urls}'}}]",
+                "model.img_size=28",
+                "model.size=debug",
+                "data.batch_size=2",
+                "data.num_workers=0",
+                "data.shuffle_buffer=0",
+                "data.tokenizer.max_length=8",
+                "optim.warmup_steps=1",
+                "trainer.accelerator=cpu",
+                "trainer.log_every_n_steps=1",
+                "trainer.checkpoint_every_n_steps=2",
+                "trainer.keep_checkpoints=5",
+                "trainer.progress_bar=false",
+                "visualize.every_n_steps=0",
+                *overrides,
+            ],
+        )
+    )
 
 
 def test_a_real_run_resumed_from_an_older_checkpoint_continues_the_new_line(tmp_path, capsys):

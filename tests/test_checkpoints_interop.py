@@ -53,10 +53,20 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 def test_apple_layout_is_the_inverse_of_timms_filter(timm_encoder):
     sd = timm_encoder.state_dict()
     apple = timm_to_apple(sd)
-    for key in ("preprocessor.pos_embed", "preprocessor.patchifier.proj.weight", "preprocessor.patchifier.proj.bias",
-                "preprocessor.patchifier.norm.weight", "trunk.blocks.1.norm_1.weight", "trunk.blocks.1.attn.qkv.weight",
-                "trunk.blocks.1.attn.proj.weight", "trunk.blocks.1.norm_2.weight", "trunk.blocks.1.mlp.fc1.weight",
-                "trunk.blocks.1.mlp.fc2.weight", "trunk.blocks.1.mlp.fc3.weight", "trunk.post_trunk_norm.weight"):
+    for key in (
+        "preprocessor.pos_embed",
+        "preprocessor.patchifier.proj.weight",
+        "preprocessor.patchifier.proj.bias",
+        "preprocessor.patchifier.norm.weight",
+        "trunk.blocks.1.norm_1.weight",
+        "trunk.blocks.1.attn.qkv.weight",
+        "trunk.blocks.1.attn.proj.weight",
+        "trunk.blocks.1.norm_2.weight",
+        "trunk.blocks.1.mlp.fc1.weight",
+        "trunk.blocks.1.mlp.fc2.weight",
+        "trunk.blocks.1.mlp.fc3.weight",
+        "trunk.post_trunk_norm.weight",
+    ):
         assert key in apple, key  # the state dict keys of Apple's release (github.com/apple/ml-aim, aim-v2)
     assert len(apple) == len(sd)
     back = checkpoint_filter_fn(apple, timm_encoder)  # timm's own conversion of Apple's release
@@ -75,8 +85,18 @@ def test_apple_release_layout_loads_with_timm_identical_features(timm_encoder, t
 
 
 def _hf_model(**overrides) -> transformers.Aimv2VisionModel:
-    cfg = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=2, image_size=56,
-               patch_size=14, use_head=False) | overrides
+    cfg = (
+        dict(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            use_head=False,
+        )
+        | overrides
+    )
     torch.manual_seed(1)
     model = transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**cfg)).eval()
     with torch.no_grad():
@@ -86,9 +106,16 @@ def _hf_model(**overrides) -> transformers.Aimv2VisionModel:
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, {"hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 128},
-                                       {"use_head": True}, {"is_native": True}],
-                         ids=["debug-dims", "dims-in-no-size-row", "lit-head-dropped", "native-resolution"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 128},
+        {"use_head": True},
+        {"is_native": True},
+    ],
+    ids=["debug-dims", "dims-in-no-size-row", "lit-head-dropped", "native-resolution"],
+)
 def test_transformers_model_loads_with_identical_features(tmp_path, overrides):
     model = _hf_model(**overrides)
     model.save_pretrained(tmp_path / "hf")
@@ -117,8 +144,9 @@ def test_bare_transformers_state_dict_and_weights_file_inside_a_directory(tmp_pa
 
 def test_unknown_dims_need_heads(tmp_path):
     torch.manual_seed(0)
-    odd = timm.create_model("aimv2_large_patch14_224", embed_dim=48, depth=1, num_heads=4, mlp_ratio=2.0, img_size=28,
-                            num_classes=0).eval()
+    odd = timm.create_model(
+        "aimv2_large_patch14_224", embed_dim=48, depth=1, num_heads=4, mlp_ratio=2.0, img_size=28, num_classes=0
+    ).eval()
     save_file(odd.state_dict(), tmp_path / "odd.safetensors")
     with pytest.raises(UserError, match="pass heads=N") as err:
         load_encoder(tmp_path / "odd.safetensors")
@@ -223,28 +251,34 @@ def test_ml_l3m_model_maps_onto_ours_tensor_for_tensor():
         for i in range(2):
             q, k, v = target[f"{part}.blocks.{i}.attn.qkv.weight"].chunk(3)
             b = f"{prefix}trunk.blocks.{i}."
-            theirs |= {b + "attn.q_proj.weight": q, b + "attn.k_proj.weight": k, b + "attn.v_proj.weight": v,
-                       b + "attn.proj.weight": target[f"{part}.blocks.{i}.attn.proj.weight"],
-                       b + "norm_1.weight": target[f"{part}.blocks.{i}.norm1.weight"],
-                       b + "norm_2.weight": target[f"{part}.blocks.{i}.norm2.weight"],
-                       b + "mlp.fc1.weight": target[f"{part}.blocks.{i}.mlp.fc1_g.weight"],
-                       b + "mlp.fc3.weight": target[f"{part}.blocks.{i}.mlp.fc1_x.weight"],
-                       b + "mlp.fc2.weight": target[f"{part}.blocks.{i}.mlp.fc2.weight"]}
+            theirs |= {
+                b + "attn.q_proj.weight": q,
+                b + "attn.k_proj.weight": k,
+                b + "attn.v_proj.weight": v,
+                b + "attn.proj.weight": target[f"{part}.blocks.{i}.attn.proj.weight"],
+                b + "norm_1.weight": target[f"{part}.blocks.{i}.norm1.weight"],
+                b + "norm_2.weight": target[f"{part}.blocks.{i}.norm2.weight"],
+                b + "mlp.fc1.weight": target[f"{part}.blocks.{i}.mlp.fc1_g.weight"],
+                b + "mlp.fc3.weight": target[f"{part}.blocks.{i}.mlp.fc1_x.weight"],
+                b + "mlp.fc2.weight": target[f"{part}.blocks.{i}.mlp.fc2.weight"],
+            }
         theirs[prefix + "trunk.post_trunk_norm.weight"] = target[f"{part}.norm.weight"]
     pre = enc + "preprocessor.blocks.0."
     text = dec + "preprocessor.text_preprocessor."
     extra_row = torch.randn(1, target["decoder.text_pos_embed"].shape[-1])  # context_length + 1 rows in theirs
-    theirs |= {pre + "pos_embed": target["encoder.pos_embed"],
-               pre + "patchifier.proj.weight": target["encoder.patch_embed.proj.weight"],
-               pre + "patchifier.proj.bias": target["encoder.patch_embed.proj.bias"],
-               pre + "patchifier.norm.weight": target["encoder.patch_embed.norm.weight"],
-               dec + "preprocessor.vision_preprocessor.module.weight": target["decoder.image_proj.weight"],
-               dec + "preprocessor.vision_preprocessor.module.bias": target["decoder.image_proj.bias"],
-               text + "positional_embedding": torch.cat([target["decoder.text_pos_embed"][0], extra_row]),
-               text + "cls_token": target["decoder.start_token"],
-               text + "text_embedding.weight": target["decoder.text_embed.weight"],
-               dec + "head.blocks.0.linear.weight": target["decoder.text_head.weight"],
-               dec + "head.blocks.1.linear.weight": target["decoder.pixel_head.weight"]}
+    theirs |= {
+        pre + "pos_embed": target["encoder.pos_embed"],
+        pre + "patchifier.proj.weight": target["encoder.patch_embed.proj.weight"],
+        pre + "patchifier.proj.bias": target["encoder.patch_embed.proj.bias"],
+        pre + "patchifier.norm.weight": target["encoder.patch_embed.norm.weight"],
+        dec + "preprocessor.vision_preprocessor.module.weight": target["decoder.image_proj.weight"],
+        dec + "preprocessor.vision_preprocessor.module.bias": target["decoder.image_proj.bias"],
+        text + "positional_embedding": torch.cat([target["decoder.text_pos_embed"][0], extra_row]),
+        text + "cls_token": target["decoder.start_token"],
+        text + "text_embedding.weight": target["decoder.text_embed.weight"],
+        dec + "head.blocks.0.linear.weight": target["decoder.text_head.weight"],
+        dec + "head.blocks.1.linear.weight": target["decoder.pixel_head.weight"],
+    }
     assert len(theirs) == len(target) + 2 * 2 * 2  # q, k, v where we hold one qkv: 2 more per block
     mapped = l3m_to_module(theirs, max_text_len=8)
     assert sorted(mapped) == sorted(target)

@@ -10,7 +10,6 @@ import json
 import pytest
 import timm
 import torch
-from checkpoint_helpers import plain_load, pretrain_debug
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
@@ -19,8 +18,9 @@ from aimv2.checkpoints import detect_format, extract_features, load_decoder
 from aimv2.checkpoints import export as export_module
 from aimv2.cli import main
 from aimv2.errors import UserError
-from aimv2.probe.loader import load_probe_encoder
 from aimv2.pretraining.module import AIMv2PretrainModule
+from aimv2.probe.features import load_probe_encoder
+from checkpoint_helpers import plain_load, pretrain_debug
 
 TOL = 1e-5
 FORMATS = ("aimv2", "timm", "hf")
@@ -70,9 +70,17 @@ def test_every_export_loads_back_through_load_encoder(trained, exports, capsys):
         encoder, pre = load_encoder(out)
         assert pre.img_size == 56 and pre.mean[0] == pytest.approx(0.48145466), fmt
         assert _max_diff(encoder.forward_features(images).detach(), reference) <= TOL, fmt
-    assert sorted(p.name for p in exports["hf"].iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in exports["hf"].iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     assert sorted(p.name for p in exports["timm"].iterdir()) == ["config.json", "model.safetensors"]
-    assert sorted(p.name for p in exports["aimv2"].iterdir()) == ["config.json", "decoder.safetensors", "encoder.safetensors"]
+    assert sorted(p.name for p in exports["aimv2"].iterdir()) == [
+        "config.json",
+        "decoder.safetensors",
+        "encoder.safetensors",
+    ]
 
 
 def test_exports_load_in_plain_timm_and_transformers_without_aimv2(trained, exports, tmp_path):
@@ -93,7 +101,9 @@ def test_timm_config_names_the_architecture_and_its_arguments(exports):
 def test_decoder_travels_with_the_aimv2_export(trained, exports):
     _, _, _, module = trained
     saved = load_file(exports["aimv2"] / "decoder.safetensors")
-    expected = {k.removeprefix("model.decoder."): v for k, v in module.state_dict().items() if k.startswith("model.decoder.")}
+    expected = {
+        k.removeprefix("model.decoder."): v for k, v in module.state_dict().items() if k.startswith("model.decoder.")
+    }
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
     decoder = load_decoder(exports["aimv2"])
     assert all(torch.equal(decoder.state_dict()[k], expected[k]) for k in expected)
@@ -110,8 +120,12 @@ def test_resolution_change_resamples_the_position_embedding(trained, exports, tm
     assert tokens.shape == (2, 36, 64)
     # timm's own loader resamples the same way when asked for another size.
     cfg = json.loads((exports["timm"] / "config.json").read_text())
-    plain = timm.create_model(cfg["architecture"], pretrained=True, **(cfg["model_args"] | {"img_size": 84}),
-                              pretrained_cfg_overlay=dict(file=str(exports["timm"] / "model.safetensors"))).eval()
+    plain = timm.create_model(
+        cfg["architecture"],
+        pretrained=True,
+        **(cfg["model_args"] | {"img_size": 84}),
+        pretrained_cfg_overlay=dict(file=str(exports["timm"] / "model.safetensors")),
+    ).eval()
     assert _max_diff(plain.forward_features(images).detach(), tokens) <= TOL
     # Exporting at 84 px gives an export whose own resolution is 84.
     assert main(["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf84"), "--img-size", "84"]) == 0
@@ -132,7 +146,7 @@ def test_feature_helper_tokens_pooled_blocks_batched(trained):
     assert _max_diff(feats.pooled, reference.mean(1)) <= TOL  # AIMv2 pools by averaging the patch tokens
     assert sorted(feats.blocks) == [0, 1] and feats.blocks[0].shape == (3, 16, 64)
     assert _max_diff(feats.blocks[1], reference) <= TOL  # the last block, normed, is the output
-    one_by_one = extract_features(encoder, [images[i:i + 1] for i in range(3)], blocks=[0])
+    one_by_one = extract_features(encoder, [images[i : i + 1] for i in range(3)], blocks=[0])
     assert _max_diff(one_by_one.blocks[0], feats.blocks[0]) > 0  # un-normed vs normed differ...
     assert _max_diff(extract_features(encoder, images, blocks=[0]).blocks[0], one_by_one.blocks[0]) <= TOL
     with pytest.raises(ValueError, match="out of range"):
@@ -157,11 +171,25 @@ def test_export_cli_errors_are_one_line(trained, exports, capsys):
     ckpt = trained[0]
     assert main(["export", str(ckpt), "--format", "hf", "--out", str(exports["hf"])]) == 2
     assert "already exists (pass --overwrite" in capsys.readouterr().err
-    assert main(["export", str(ckpt), "--format", "timm", "--out", str(exports["hf"].parent / "x"), "--with-decoder"]) == 2
+    assert (
+        main(["export", str(ckpt), "--format", "timm", "--out", str(exports["hf"].parent / "x"), "--with-decoder"]) == 2
+    )
     err = capsys.readouterr().err
     assert "holds an encoder only" in err and err.count("\n") == 1
-    assert main(["export", str(exports["hf"]), "--format", "aimv2", "--out", str(exports["hf"].parent / "y"),
-                 "--with-decoder"]) == 2
+    assert (
+        main(
+            [
+                "export",
+                str(exports["hf"]),
+                "--format",
+                "aimv2",
+                "--out",
+                str(exports["hf"].parent / "y"),
+                "--with-decoder",
+            ]
+        )
+        == 2
+    )
     assert "holds no decoder" in capsys.readouterr().err
 
 

@@ -13,13 +13,12 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from checkpoint_helpers import write_zero_checkpoints
-
 from aimv2 import load_encoder
 from aimv2.checkpoints import detect_format
 from aimv2.checkpoints.zero import read_zero_checkpoint
 from aimv2.cli import main
 from aimv2.errors import UserError
+from checkpoint_helpers import write_zero_checkpoints
 
 IMG = 28
 
@@ -39,8 +38,13 @@ def test_zero_checkpoint_converts_to_the_trained_weights(zero, stage):
     state, client = read_zero_checkpoint(dirs[stage])
     assert state.keys() == reference.keys()
     assert all(state[k].dtype == torch.float32 and torch.equal(state[k], reference[k]) for k in reference)
-    assert client["hyper_parameters"]["model"] == {"size": "debug", "img_size": IMG, "init_from": None,
-                                                  "native": False, "attention": "auto"}
+    assert client["hyper_parameters"]["model"] == {
+        "size": "debug",
+        "img_size": IMG,
+        "init_from": None,
+        "native": False,
+        "attention": "auto",
+    }
     # As an encoder: the hyper-parameters pick the architecture; the tag directory works as well.
     images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
     expected = {k.removeprefix("model.encoder."): v for k, v in reference.items() if k.startswith("model.encoder.")}

@@ -48,7 +48,8 @@ def test_every_help_answers_without_torch():
     argvs = [r["argv"] for r in results]
     # The verbs and their sub-verbs are all there (a probe that found nothing would prove nothing).
     assert {"pretrain", "demo", "probe", "shards", "compress", "export", "visualize", "report", "ablation"} <= {
-        a[0] for a in argvs if a}
+        a[0] for a in argvs if a
+    }
     assert {("compress", s) for s in ("train", "evaluate", "plan", "export")} <= {tuple(a) for a in argvs}
     assert {("shards", s) for s in ("captions", "classes", "demo", "scenes")} <= {tuple(a) for a in argvs}
     for r in results:

@@ -1,4 +1,4 @@
-"""Gradient clipping by norm under every precision and strategy (aimv2.engine.clipping): hand-computed
+"""Gradient clipping by norm under every precision and strategy (aimv2.engine.optim): hand-computed
 norms, the DeepSpeed and FSDP dispatch, and real runs in bf16 autocast with the fused optimizer (the
 combination Lightning refuses) and fp16 with a GradScaler (clipped after unscaling: the logged norm is
 the fp32 run's, not 65536 times it)."""
@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
 from aimv2.config import load_config
-from aimv2.engine.clipping import clip_gradient_norm, fused_optimizer_allowed
+from aimv2.engine.logs import read_metric
+from aimv2.engine.optim import clip_gradient_norm, fused_optimizer_allowed
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.engine.metrics import read_metric
 from conftest import REPO, write_caption_shards
 
 
@@ -27,7 +27,9 @@ def test_clips_to_the_hand_computed_norm():
     norm = clip_gradient_norm(SingleDeviceStrategy("cpu"), opt, 1.3)
     assert norm.item() == pytest.approx(13.0)
     scale = 1.3 / (13.0 + 1e-6)  # torch's clip coefficient
-    assert torch.allclose(a.grad, torch.tensor([3.0, 4.0]) * scale) and torch.allclose(b.grad, torch.tensor([12.0]) * scale)
+    assert torch.allclose(a.grad, torch.tensor([3.0, 4.0]) * scale) and torch.allclose(
+        b.grad, torch.tensor([12.0]) * scale
+    )
     a, b, opt = _params_with_grads()
     assert clip_gradient_norm(SingleDeviceStrategy("cpu"), opt, 0.0) is None  # disabled: untouched
     assert a.grad.tolist() == [3.0, 4.0]
@@ -54,12 +56,26 @@ def shards(tmp_path_factory):
 
 
 def _first_grad_norm(tmp_path, shards, precision: str, strategy: str) -> float:
-    cfg = load_config(REPO / "configs/pretrain/debug.yaml", [
-        f"run_dir={tmp_path / precision}", f"data.sources=[{{urls: '{shards.urls}'}}]", "model.img_size=28",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0", "data.tokenizer.max_length=8",
-        "optim.grad_clip=0.5", f"trainer.precision={precision}", f"trainer.strategy={strategy}", "trainer.devices=1",
-        "trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
-        "visualize.every_n_steps=0"])
+    cfg = load_config(
+        REPO / "configs/pretrain/debug.yaml",
+        [
+            f"run_dir={tmp_path / precision}",
+            f"data.sources=[{{urls: '{shards.urls}'}}]",
+            "model.img_size=28",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=0",
+            "data.tokenizer.max_length=8",
+            "optim.grad_clip=0.5",
+            f"trainer.precision={precision}",
+            f"trainer.strategy={strategy}",
+            "trainer.devices=1",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+        ],
+    )
     try:
         paths = pretrain(cfg)
     finally:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from aimv2.compress.base import CompressorSpec, to_grid
-from aimv2.compress.prune import kdv_scores, kdv_select
-from aimv2.compress.registry import COMPRESSORS, build_compressor
+from aimv2.compress.projectors import kdv_scores, kdv_select
+from aimv2.compress.components import COMPRESSORS, build_compressor
 from aimv2.errors import UserError
 
 B, D_VIS, D_LLM, GRID = 2, 32, 48, (16, 16)  # N = 256 patches
@@ -24,8 +24,9 @@ KINDS_M = [(kind, m) for kind in COMPRESSORS if kind != "mlp" for m in M_VALUES]
 
 def make(kind: str, m: int, **kw):
     torch.manual_seed(0)
-    spec = CompressorSpec(kind=kind, d_vis=D_VIS, d_llm=D_LLM, grid=GRID, num_tokens=m, hidden=kw.get("hidden", 32),
-                          heads=4, layers=2)
+    spec = CompressorSpec(
+        kind=kind, d_vis=D_VIS, d_llm=D_LLM, grid=GRID, num_tokens=m, hidden=kw.get("hidden", 32), heads=4, layers=2
+    )
     return build_compressor(spec)
 
 
@@ -46,8 +47,9 @@ def test_shape_gradient_and_eval_determinism(kind, m):
     assert out.shape == (B, m, D_LLM)
     out.square().mean().backward()
     trainable = [p for p in comp.parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), \
-        [n for n, p in comp.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), [
+        n for n, p in comp.named_parameters() if p.grad is None or p.grad.abs().sum() == 0
+    ]
     assert x.grad.abs().sum() > 0  # gradient reaches the features (through the kept ones for kdv)
     comp.eval()
     with torch.no_grad():
@@ -161,8 +163,11 @@ def test_quecc_tokens_are_attention_over_their_region_only_no_residual():
     x = per_region.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2).reshape(B, N, D_VIS)
     ra, w = comp.region_attn, comp.region_attn.attn.embed_dim
     with torch.no_grad():
-        v = F.linear(ra.norm_kv(ra.kv(per_region.reshape(B, 4, D_VIS))), ra.attn.in_proj_weight[2 * w:],
-                     ra.attn.in_proj_bias[2 * w:])  # (B, 4, W): each region's one value
+        v = F.linear(
+            ra.norm_kv(ra.kv(per_region.reshape(B, 4, D_VIS))),
+            ra.attn.in_proj_weight[2 * w :],
+            ra.attn.in_proj_bias[2 * w :],
+        )  # (B, 4, W): each region's one value
         expected = comp.out(ra.attn.out_proj(v))  # (B, 4, D_llm)
         for seed in (5, 6):
             text = torch.randn(B, D_LLM, generator=torch.Generator().manual_seed(seed))
@@ -177,8 +182,13 @@ def test_quecc_and_resampler_refuse_weights_of_their_earlier_forms():
     assert "\n" not in str(err.value)
     quecc.load_state_dict(make("quecc", 4).state_dict())  # its own form loads
     resampler = make("resampler", 4)
-    old = {"inp.weight": torch.zeros(32, D_VIS), "norm_kv.weight": torch.ones(32), "queries": torch.zeros(4, 32),
-           "blocks.0.norm_q.weight": torch.ones(32), "out.1.weight": torch.zeros(D_LLM, 32)}
+    old = {
+        "inp.weight": torch.zeros(32, D_VIS),
+        "norm_kv.weight": torch.ones(32),
+        "queries": torch.zeros(4, 32),
+        "blocks.0.norm_q.weight": torch.ones(32),
+        "out.1.weight": torch.zeros(D_LLM, 32),
+    }
     parent = torch.nn.ModuleDict({"compressor": resampler})  # inside a module, as in a training checkpoint
     for target, state in ((resampler, old), (parent, {f"compressor.{k}": v for k, v in old.items()})):
         with pytest.raises(UserError, match=r"^compressor resampler: .*\[patches; latents\].*retrain") as err:
@@ -189,8 +199,11 @@ def test_quecc_and_resampler_refuse_weights_of_their_earlier_forms():
 
 def tiny_resampler(m: int = 3, hidden: int = 0, layers: int = 1, heads: int = 2, d_vis: int = 8):
     torch.manual_seed(0)
-    return build_compressor(CompressorSpec(kind="resampler", d_vis=d_vis, d_llm=6, grid=(4, 4), num_tokens=m,
-                                           hidden=hidden, heads=heads, layers=layers))
+    return build_compressor(
+        CompressorSpec(
+            kind="resampler", d_vis=d_vis, d_llm=6, grid=(4, 4), num_tokens=m, hidden=hidden, heads=heads, layers=layers
+        )
+    )
 
 
 def test_resampler_parameter_counts_by_hand():
@@ -198,8 +211,10 @@ def test_resampler_parameter_counts_by_hand():
     2*16, to_q 64, to_kv 128, to_out 64 (no biases), feed-forward LN 16 + 8*32 + 32*8 = 528: 816;
     final LN 16; proj 8*6 + 6 = 54. One layer: 910; two: 1726. hidden=4: inp 8*4 + 4 = 36, latents 12,
     layer 12*16 + 6*4 = 216, LN 8, proj 4*6 + 6 = 30: 302."""
+
     def count(comp):
         return sum(p.numel() for p in comp.parameters())
+
     assert count(tiny_resampler()) == 910
     assert count(tiny_resampler(layers=2)) == 1726
     assert count(tiny_resampler(hidden=4)) == 302

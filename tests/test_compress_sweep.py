@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from aimv2.cli import main
-from aimv2.compress.data import held_out_loader
-from aimv2.compress.lm import prefill_params
+from aimv2.compress.module import held_out_loader
+from aimv2.compress.components import prefill_params
 from aimv2.compress.module import load_module
 from aimv2.data.demo import build_demo_shards
 from compress_utils import write_encoder_checkpoint
@@ -44,8 +44,10 @@ optim: {{lr: 3.0e-3, warmup_steps: 2}}
 trainer: {{accelerator: cpu, max_steps: 4, log_every_n_steps: 1, checkpoint_every_n_steps: 1000, progress_bar: false}}
 """)
     sweep = tmp / "sweep.yaml"
-    sweep.write_text(f"compress: compress.yaml\nout: {tmp / 'out'}\ntokens: [1, 4]\n{LMS}"
-                     "eval: {batch_size: 16, num_workers: 0, max_batches: 2}\nfit: {bootstrap: 5}\n")
+    sweep.write_text(
+        f"compress: compress.yaml\nout: {tmp / 'out'}\ntokens: [1, 4]\n{LMS}"
+        "eval: {batch_size: 16, num_workers: 0, max_batches: 2}\nfit: {bootstrap: 5}\n"
+    )
     return {"tmp": tmp, "sweep": sweep, "out": tmp / "out", "val": f"{shards}/00005.tar"}
 
 
@@ -88,9 +90,11 @@ def test_the_error_is_the_held_out_caption_token_error(swept):
             if i == 2:
                 break
             captions, mask = batch["tokens"], batch["token_mask"]
-            embeds, attention, n_before = vlm.sequence(vlm.visual_tokens(batch["image"]), captions.shape[0], captions, mask)
+            embeds, attention, n_before = vlm.sequence(
+                vlm.visual_tokens(batch["image"]), captions.shape[0], captions, mask
+            )
             logits = vlm.lm(inputs_embeds=embeds, attention_mask=attention).logits  # (B, S, V)
-            predicted = logits[:, n_before - 1:-1].argmax(-1)  # position t-1 predicts caption token t
+            predicted = logits[:, n_before - 1 : -1].argmax(-1)  # position t-1 predicts caption token t
             hits += int(((predicted == captions) & mask).sum())
             total += int(mask.sum())
     assert float(row["error"]) == pytest.approx(1 - hits / total, abs=1e-9)
@@ -129,13 +133,16 @@ def test_a_cell_made_with_other_settings_is_refused(swept, capsys):
     assert len(err.splitlines()) == 1 and "h16_m1 was trained with other settings" in err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("overrides=[compressor.kind=mlp]", "config key 'compressor.kind': mlp keeps all N patch tokens"),
-    ("tokens=[0,4]", "config key 'tokens': a list of M >= 1"),
-    ("compress=missing.yaml", "config key 'compress': config file not found: missing.yaml"),
-    ("lms=[{name: a}]", "config key 'lms': name at least two LMs"),
-    ("tokens=[4]", "config key 'tokens': needs at least two values of M"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("overrides=[compressor.kind=mlp]", "config key 'compressor.kind': mlp keeps all N patch tokens"),
+        ("tokens=[0,4]", "config key 'tokens': a list of M >= 1"),
+        ("compress=missing.yaml", "config key 'compress': config file not found: missing.yaml"),
+        ("lms=[{name: a}]", "config key 'lms': name at least two LMs"),
+        ("tokens=[4]", "config key 'tokens': needs at least two values of M"),
+    ],
+)
 def test_bad_sweeps_are_one_line_errors(setup, capsys, override, message):
     assert main(["compress", "sweep", str(setup["sweep"]), f"out={setup['tmp'] / 'bad'}", override]) == 2
     err = capsys.readouterr().err.strip()

@@ -14,7 +14,7 @@ from aimv2 import load_encoder
 from aimv2.cli import main
 from aimv2.compress import load_bundle
 from aimv2.compress.config import CompressConfig
-from aimv2.compress.data import held_out_loader
+from aimv2.compress.module import held_out_loader
 from aimv2.compress.evaluate import score
 from aimv2.compress.module import load_module
 from aimv2.compress.train import build_module
@@ -24,9 +24,19 @@ from compress_utils import TINY_LM, compress_config, write_encoder_checkpoint
 from conftest import REPO
 
 STEPS = 40
-STAGE1 = ["stage=1", "compressor.kind=pool", "compressor.num_tokens=4", "compressor.train_tokens=[1,4,16]",
-          "lm.init_std=0.2", "optim.lr=1e-2", "optim.warmup_steps=5", "data.batch_size=8",
-          "text.tokenizer.max_length=12", "text.prompt='a picture of'", f"trainer.max_steps={STEPS}"]
+STAGE1 = [
+    "stage=1",
+    "compressor.kind=pool",
+    "compressor.num_tokens=4",
+    "compressor.train_tokens=[1,4,16]",
+    "lm.init_std=0.2",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=5",
+    "data.batch_size=8",
+    "text.tokenizer.max_length=12",
+    "text.prompt='a picture of'",
+    f"trainer.max_steps={STEPS}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +52,19 @@ def aligned(tmp_path_factory):
     start = build_module(cfg).eval()
     held_out = list(held_out_loader(val, "data.val", start.tokenizer, start.vlm.preprocessing, 32, 0))[:3]
     s = score(start, held_out)
-    argv = [f"encoder.source={encoder}", f"data.train='{train}'", f"data.val='{val}'", f"run_dir={tmp / 'run'}",
-            "data.num_workers=0", "data.shuffle_buffer=200", "trainer.accelerator=cpu", "trainer.progress_bar=false",
-            "trainer.log_every_n_steps=1", *TINY_LM, *STAGE1]
+    argv = [
+        f"encoder.source={encoder}",
+        f"data.train='{train}'",
+        f"data.val='{val}'",
+        f"run_dir={tmp / 'run'}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=200",
+        "trainer.accelerator=cpu",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        *TINY_LM,
+        *STAGE1,
+    ]
     assert main(["compress", "train", str(REPO / "configs/compress/tiny.yaml"), *argv]) == 0
     return {"tmp": tmp, "run": tmp / "run", "val": val, "held_out": held_out, "before": s["sum"] / s["tokens"]}
 
@@ -66,8 +86,25 @@ def test_stage1_alignment_lowers_the_held_out_caption_loss(aligned, capsys):
 
 def test_evaluate_writes_table_json_and_plot_per_m(aligned, capsys):
     out = aligned["tmp"] / "eval"
-    assert main(["compress", "evaluate", str(aligned["run"]), "--tokens", "1,4,16", "--out", str(out),
-                 "--max-batches", "1", "--num-workers", "0", "--shuffled"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "evaluate",
+                str(aligned["run"]),
+                "--tokens",
+                "1,4,16",
+                "--out",
+                str(out),
+                "--max-batches",
+                "1",
+                "--num-workers",
+                "0",
+                "--shuffled",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["num_tokens"], r["shuffled"]) for r in rows] == [(m, s) for m in (1, 4, 16) for s in (False, True)]
     for r in rows:
@@ -85,8 +122,13 @@ def test_export_and_load_bundle_round_trip(aligned, capsys):
     assert main(["compress", "export", str(aligned["run"]), "--out", str(out)]) == 0
     assert main(["compress", "export", str(aligned["run"]), "--out", str(out)]) == 0  # replaced in place
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".bundle")) == []  # no temp dirs left
-    assert {p.name for p in out.iterdir()} == {"bundle.json", "compressor.safetensors", "lm",
-                                               "encoder.safetensors", "config.json"}  # + an `aimv2` encoder export
+    assert {p.name for p in out.iterdir()} == {
+        "bundle.json",
+        "compressor.safetensors",
+        "lm",
+        "encoder.safetensors",
+        "config.json",
+    }  # + an `aimv2` encoder export
     module = load_module(str(aligned["run"] / "checkpoints" / "last.ckpt"))
     vlm = load_bundle(out)
     assert vlm.preprocessing.img_size == 56 and vlm.compressor.num_tokens == 4
@@ -104,8 +146,27 @@ def test_export_and_load_bundle_round_trip(aligned, capsys):
 
 def test_plan_cli_prints_and_writes_the_table(aligned, capsys):
     out = aligned["tmp"] / "plan"
-    assert main(["compress", "plan", str(REPO / "configs/compress/tiny.yaml"), *TINY_LM, "--text-tokens", "8",
-                 "--tokens", "1,4", "--repeats", "1", "--params", "7e9", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "plan",
+                str(REPO / "configs/compress/tiny.yaml"),
+                *TINY_LM,
+                "--text-tokens",
+                "8",
+                "--tokens",
+                "1,4",
+                "--repeats",
+                "1",
+                "--params",
+                "7e9",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     payload = json.loads((out / "plan.json").read_text())
     assert [r["gflops"] for r in payload["rows"]] == [2 * 7e9 * 9 / 1e9, 2 * 7e9 * 12 / 1e9]
     assert "GFLOPs (cached text)" in capsys.readouterr().out
@@ -123,8 +184,10 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
     cases = [
         (["compress", "train", tiny, "encoder.source=''"], "config key 'encoder.source': required"),
         (["compress", "train", tiny, "compressor.kind=qformer"], "config key 'compressor.kind': unknown compressor"),
-        (["compress", "train", tiny, "compressor.kind=resampler", "compressor.train_tokens=[1,4]"],
-         "config key 'compressor.train_tokens'"),
+        (
+            ["compress", "train", tiny, "compressor.kind=resampler", "compressor.train_tokens=[1,4]"],
+            "config key 'compressor.train_tokens'",
+        ),
         (["compress", "train", tiny, f"encoder.source={tmp_path / 'none.ckpt'}"], "checkpoint not found"),
         (["compress", "evaluate", str(tmp_path / "nope")], "checkpoint not found"),
         (["compress", "export", str(tmp_path), "--out", str(tmp_path / "b")], "checkpoint not found"),
@@ -139,9 +202,18 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
 def test_stage2_starts_from_the_stage1_compressor_and_trains_the_lm(aligned):
     tmp = aligned["tmp"]
     stage1 = torch.load(aligned["run"] / "checkpoints" / "last.ckpt", weights_only=True)
-    cfg = load_config(aligned["run"] / "config.yaml", [
-        "stage=2", f"compressor.init={aligned['run']}", f"run_dir={tmp / 'stage2'}", "trainer.max_steps=2",
-        "optim.lm_lr_scale=0.125", "optim.warmup_steps=0"], schema=CompressConfig)
+    cfg = load_config(
+        aligned["run"] / "config.yaml",
+        [
+            "stage=2",
+            f"compressor.init={aligned['run']}",
+            f"run_dir={tmp / 'stage2'}",
+            "trainer.max_steps=2",
+            "optim.lm_lr_scale=0.125",
+            "optim.warmup_steps=0",
+        ],
+        schema=CompressConfig,
+    )
     from aimv2.compress.train import init_compressor, train
 
     L.seed_everything(0, verbose=False)
@@ -170,7 +242,12 @@ def test_checkpoints_that_hold_the_whole_config_still_load(aligned, tmp_path):
     whole = asdict(load_config(aligned["run"] / "config.yaml", schema=CompressConfig))
     torch.save(torch.load(last, weights_only=True) | {"hyper_parameters": {"config": whole}}, tmp_path / "old.ckpt")
     old, new = load_module(str(tmp_path / "old.ckpt")), load_module(str(last))
-    assert (old.stage, old.seed, old.compressor_cfg, old.lm_cfg) == (new.stage, new.seed, new.compressor_cfg, new.lm_cfg)
+    assert (old.stage, old.seed, old.compressor_cfg, old.lm_cfg) == (
+        new.stage,
+        new.seed,
+        new.compressor_cfg,
+        new.lm_cfg,
+    )
     assert trained_val_shards(str(tmp_path / "old.ckpt")) == trained_val_shards(str(last)) == aligned["val"]
     images = aligned["held_out"][0]["image"][:2]
     with torch.no_grad():

@@ -6,17 +6,17 @@ the pruning keys are the last attention layer's keys, and `plan` follows 2 * N *
 import pytest
 import torch
 
-from aimv2.compress.attach import build_attachment
-from aimv2.compress.cache import build_prefix
+from aimv2.compress.vlm import build_attachment
+from aimv2.compress.vlm import build_prefix
 from aimv2.compress.config import CompressConfig
-from aimv2.compress.encoder import LastKeys
-from aimv2.compress.lm import prefill_params
+from aimv2.compress.components import LastKeys
+from aimv2.compress.components import prefill_params
 from aimv2.compress.plan import plan
 from aimv2.compress.vlm import IGNORE, caption_labels
 from aimv2.config import load_config
 from aimv2.models import get_size
 from aimv2.models.encoder import build_encoder
-from aimv2.probe.loader import Preprocessing
+from aimv2.probe.features import Preprocessing
 from compress_utils import TINY_LM
 
 IMG = 56  # 4 x 4 patches of 14 px
@@ -26,8 +26,15 @@ def attach(*overrides: str):
     cfg = load_config(None, [*TINY_LM, "text.tokenizer.max_length=8", *overrides], schema=CompressConfig)
     torch.manual_seed(0)
     encoder = build_encoder(get_size("debug"), IMG)
-    vlm, tok = build_attachment(cfg.stage, cfg.encoder, cfg.compressor, cfg.lm, cfg.text, frozen_encoder=encoder,
-                                preprocessing=Preprocessing(IMG))
+    vlm, tok = build_attachment(
+        cfg.stage,
+        cfg.encoder,
+        cfg.compressor,
+        cfg.lm,
+        cfg.text,
+        frozen_encoder=encoder,
+        preprocessing=Preprocessing(IMG),
+    )
     return vlm.eval(), tok
 
 
@@ -45,7 +52,9 @@ def test_caption_labels_by_hand():
 
 
 def test_sequence_layout_and_loss_match_transformers_labels():
-    vlm, tok = attach("compressor.kind=pool", "compressor.num_tokens=4", "text.prefix=a system", "text.prompt='caption:'")
+    vlm, tok = attach(
+        "compressor.kind=pool", "compressor.num_tokens=4", "text.prefix=a system", "text.prompt='caption:'"
+    )
     # CLIP BPE: <start_of_text> + "a system" = 3 prefix ids; "caption:" = 2 prompt ids
     assert vlm.prefix_ids.tolist()[0] == 49406 and len(vlm.prefix_ids) == 3 and len(vlm.prompt_ids) == 2
     captions, mask = tok(["a handwritten digit seven", "the number 7"])  # (2, 8), eot appended
@@ -66,8 +75,12 @@ def test_sequence_layout_and_loss_match_transformers_labels():
 
 @pytest.mark.parametrize("kind", ["pool", "quecc"])
 def test_prefix_cache_gives_the_same_logits_loss_and_generation(kind):
-    vlm, tok = attach(f"compressor.kind={kind}", "compressor.num_tokens=4",
-                      "text.prefix=you describe digits briefly", "text.prompt='caption:'")
+    vlm, tok = attach(
+        f"compressor.kind={kind}",
+        "compressor.num_tokens=4",
+        "text.prefix=you describe digits briefly",
+        "text.prompt='caption:'",
+    )
     prefix = build_prefix(vlm.lm, vlm.prefix_ids)
     assert prefix.length == len(vlm.prefix_ids) == 5
     x = images(3)
@@ -107,7 +120,7 @@ def test_last_keys_are_the_last_attention_layer_keys():
         encoder.forward_features(images(2))
         block = encoder.blocks[-1]
         d = encoder.embed_dim
-        manual = block.norm1(seen["x"]) @ block.attn.qkv.weight[d:2 * d].T  # (B, N, D): the k rows of qkv
+        manual = block.norm1(seen["x"]) @ block.attn.qkv.weight[d : 2 * d].T  # (B, N, D): the k rows of qkv
     keys = capture.pop()
     assert keys.shape == (2, 16, d) and torch.allclose(keys, manual, atol=1e-5)
 
@@ -133,7 +146,7 @@ def test_plan_flops_follow_the_formula_by_hand():
 def test_lm_from_a_local_directory_and_vocabulary_check(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from aimv2.compress.lm import random_lm_config
+    from aimv2.compress.components import random_lm_config
     from aimv2.errors import UserError
 
     cfg = load_config(None, [*TINY_LM, "lm.arch=qwen2"], schema=CompressConfig)

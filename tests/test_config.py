@@ -37,29 +37,34 @@ def test_paper_recipe_values():
 
 
 def test_overrides_apply_with_types(tmp_path):
-    cfg = load_config(REPO / "configs/pretrain/debug.yaml",
-                      ["trainer.max_steps=7", "optim.lr=0.5", 'data.sources=[{urls: "/x/{0..3}.tar", weight: 2}]'])
+    cfg = load_config(
+        REPO / "configs/pretrain/debug.yaml",
+        ["trainer.max_steps=7", "optim.lr=0.5", 'data.sources=[{urls: "/x/{0..3}.tar", weight: 2}]'],
+    )
     assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.5
     assert cfg.data.sources[0].urls == "/x/{0..3}.tar" and cfg.data.sources[0].weight == 2.0
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg  # the saved config reproduces the run
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["trainer.max_stepz=3"], r"trainer\.max_stepz"),
-    (["trainer.max_steps=lots"], r"trainer\.max_steps"),
-    (["optim.lr"], r"key=value"),
-    (["data.mode=shuffled"], r"data\.mode"),
-    (["model.size=gigantic"], r"model\.size"),
-    (["model.img_size=100"], r"model\.img_size.*multiple of the patch size"),
-    (["data.mode=resampled", "trainer.max_steps=-1"], r"trainer\.max_steps"),
-    (["data.sources=[]"], r"data\.sources"),
-    (["data.tokenizer.kind=hf"], r"data\.tokenizer\.path"),
-    (["data.sources=[{urls: /x/{0..3}.tar}]"], r"data\.sources.*quote shard patterns"),
-    (["optim.lr=-1e-3"], r"optim\.lr.*must be >= 0"),
-    (["optim.lr=0"], r"optim\.min_lr.*within \[0, optim\.lr=0\], got 1e-05"),  # debug.yaml's min_lr
-    (["optim.weight_decay=-1"], r"optim\.weight_decay"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["trainer.max_stepz=3"], r"trainer\.max_stepz"),
+        (["trainer.max_steps=lots"], r"trainer\.max_steps"),
+        (["optim.lr"], r"key=value"),
+        (["data.mode=shuffled"], r"data\.mode"),
+        (["model.size=gigantic"], r"model\.size"),
+        (["model.img_size=100"], r"model\.img_size.*multiple of the patch size"),
+        (["data.mode=resampled", "trainer.max_steps=-1"], r"trainer\.max_steps"),
+        (["data.sources=[]"], r"data\.sources"),
+        (["data.tokenizer.kind=hf"], r"data\.tokenizer\.path"),
+        (["data.sources=[{urls: /x/{0..3}.tar}]"], r"data\.sources.*quote shard patterns"),
+        (["optim.lr=-1e-3"], r"optim\.lr.*must be >= 0"),
+        (["optim.lr=0"], r"optim\.min_lr.*within \[0, optim\.lr=0\], got 1e-05"),  # debug.yaml's min_lr
+        (["optim.weight_decay=-1"], r"optim\.weight_decay"),
+    ],
+)
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(UserError, match=match):
         load_config(REPO / "configs/pretrain/debug.yaml", overrides)
@@ -93,8 +98,14 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 
 
 def test_missing_shard_is_reported_before_training(tmp_path, capsys):
-    code = cli.main(["pretrain", str(REPO / "configs/pretrain/debug.yaml"),
-                     f"data.sources=[{{urls: '{tmp_path}/{{00000..00001}}.tar'}}]", f"run_dir={tmp_path}/run"])
+    code = cli.main(
+        [
+            "pretrain",
+            str(REPO / "configs/pretrain/debug.yaml"),
+            f"data.sources=[{{urls: '{tmp_path}/{{00000..00001}}.tar'}}]",
+            f"run_dir={tmp_path}/run",
+        ]
+    )
     assert code == 2
     assert f"shard not found: {tmp_path}/00000.tar" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -112,12 +123,18 @@ def test_base_chains_resolve_relative_to_the_file_and_overlays_win(tmp_path):
     assert "base" not in (tmp_path / "saved.yaml").read_text()
 
 
-@pytest.mark.parametrize("files,match", [
-    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"a\.yaml: its base chain loops \(a\.yaml -> b\.yaml -> a\.yaml\)"),
-    ({"a.yaml": "base: a.yaml\n"}, r"its base chain loops \(a\.yaml -> a\.yaml\)"),
-    ({"a.yaml": "base: gone.yaml\n"}, r"config file not found: .*gone\.yaml \(the base of .*a\.yaml\)"),
-    ({"a.yaml": "base: [x.yaml]\n"}, r"a\.yaml: 'base' must name a config file"),
-])
+@pytest.mark.parametrize(
+    "files,match",
+    [
+        (
+            {"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"},
+            r"a\.yaml: its base chain loops \(a\.yaml -> b\.yaml -> a\.yaml\)",
+        ),
+        ({"a.yaml": "base: a.yaml\n"}, r"its base chain loops \(a\.yaml -> a\.yaml\)"),
+        ({"a.yaml": "base: gone.yaml\n"}, r"config file not found: .*gone\.yaml \(the base of .*a\.yaml\)"),
+        ({"a.yaml": "base: [x.yaml]\n"}, r"a\.yaml: 'base' must name a config file"),
+    ],
+)
 def test_base_mistakes_are_one_line_errors(tmp_path, files, match):
     for name, text in files.items():
         (tmp_path / name).write_text(text)

@@ -14,8 +14,8 @@ import pytest
 
 from aimv2.data.shardlist import resolve_shards
 from aimv2.data.stream import ShardStream, StreamSource
-from aimv2.engine.metrics import read_metric
-from aimv2.engine.stream_state import read_sample_log
+from aimv2.engine.logs import read_metric
+from aimv2.engine.stream_resume import read_sample_log
 from test_exact_resume import command, epochs_of, shard_urls, train
 
 COUNTS = (20, 20, 20)
@@ -29,27 +29,50 @@ def keys(shard: int, n: int) -> set[str]:
 
 def ranks_reached(urls: str, ranks: int, workers: int, batch: int) -> list[set[int]]:
     """Per epoch, the ranks whose slots' ranges hold shard 2 (the run's own plan, recomputed)."""
-    stream = ShardStream([StreamSource("source0", resolve_shards(urls, "s", need_counts=True))], process=None,
-                         collate=None, batch_size=batch, mode="epoch", world_size=ranks, num_workers=workers)
+    stream = ShardStream(
+        [StreamSource("source0", resolve_shards(urls, "s", need_counts=True))],
+        process=None,
+        collate=None,
+        batch_size=batch,
+        mode="epoch",
+        world_size=ranks,
+        num_workers=workers,
+    )
     out = []
     for epoch in range(EPOCHS):
         plan = stream.plan_for(epoch, None)
-        out.append({slot // max(1, workers) for slot in range(ranks * max(1, workers))
-                    if any(shard == 2 for shard, _, _ in plan.slot_units(slot))})
+        out.append(
+            {
+                slot // max(1, workers)
+                for slot in range(ranks * max(1, workers))
+                if any(shard == 2 for shard, _, _ in plan.slot_units(slot))
+            }
+        )
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks,workers,batch", [(2, 2, 2), (3, 1, 3)])
-def test_corrupt_samples_on_some_ranks_neither_hang_nor_repeat_and_every_epoch_is_whole(tmp_path, ranks, workers,
-                                                                                       batch):
+def test_corrupt_samples_on_some_ranks_neither_hang_nor_repeat_and_every_epoch_is_whole(
+    tmp_path, ranks, workers, batch
+):
     urls = shard_urls(tmp_path / "shards", COUNTS, corrupt=CORRUPT)
     reached = ranks_reached(urls, ranks, workers, batch)
     assert any(len(r) == 1 for r in reached), f"the scenario needs an epoch where one rank meets them: {reached}"
     run = tmp_path / "run"
-    train(command(run, urls, f"trainer.devices={ranks}", "trainer.strategy=ddp", f"data.num_workers={workers}",
-                  f"data.batch_size={batch}", f"trainer.max_epochs={EPOCHS}", "trainer.checkpoint_every_n_steps=100"),
-          tmp_path)
+    train(
+        command(
+            run,
+            urls,
+            f"trainer.devices={ranks}",
+            "trainer.strategy=ddp",
+            f"data.num_workers={workers}",
+            f"data.batch_size={batch}",
+            f"trainer.max_epochs={EPOCHS}",
+            "trainer.checkpoint_every_n_steps=100",
+        ),
+        tmp_path,
+    )
 
     # 60 samples over ranks x workers slots: every slot the same number of batches, every epoch
     slots = ranks * max(1, workers)

@@ -1,4 +1,4 @@
-"""The allocator tuning (aimv2.cpu_tuning) keeps a CPU training step's buffers mapped: glibc's default
+"""The allocator tuning (aimv2.processes) keeps a CPU training step's buffers mapped: glibc's default
 unmaps freed large buffers and faults every page back in at the next step. Measured here as page
 faults per step of the debug size (112 px, batch 8, CLIP vocabulary), in fresh processes: about
 20,000-25,000 by default, none once tuned (the step then took 0.06 s instead of 0.12-0.19 s on the
@@ -12,7 +12,7 @@ import pytest
 STEP = """
 import resource, sys, torch
 if sys.argv[1] == "tuned":
-    from aimv2.cpu_tuning import tune_cpu_allocator
+    from aimv2.processes import tune_cpu_allocator
     assert tune_cpu_allocator() and tune_cpu_allocator()  # applied, and idempotent
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import sample_prefix_lengths
@@ -40,8 +40,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_tuned_allocator_stops_the_page_faults_of_every_step():
-    faults = {mode: int(subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True,
-                                       check=True).stdout.split()[-1])
-              for mode in ("default", "tuned")}
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", STEP, mode], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for mode in ("default", "tuned")
+    }
     assert faults["default"] > 5000, faults  # the untuned step re-faults its large buffers
     assert faults["tuned"] < faults["default"] / 10, faults

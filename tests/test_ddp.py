@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from aimv2.engine.metrics import read_metric
+from aimv2.engine.logs import read_metric
 from conftest import REPO, write_caption_shards
 from fault_helpers import run_or_show_stacks
 
@@ -19,12 +19,25 @@ def test_two_rank_ddp_on_uneven_shards_finishes(tmp_path):
         write_caption_shards(tmp_path / "shards" / f"part{i}", n, 100, prefix=f"p{i}_", seed=i)
     urls = "::".join(str(tmp_path / "shards" / f"part{i}" / "00000.tar") for i in range(3))
     cmd = [
-        sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/debug.yaml"),
-        f"run_dir={tmp_path / 'run'}", f"data.sources=[{{urls: '{urls}'}}]",
-        "model.img_size=28", "data.mode=epoch", "data.batch_size=4", "data.num_workers=1",
-        "data.tokenizer.max_length=8", "trainer.devices=2", "trainer.strategy=ddp",
-        "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-        "trainer.progress_bar=false", "optim.warmup_steps=2",
+        sys.executable,
+        "-m",
+        "aimv2",
+        "pretrain",
+        str(REPO / "configs/pretrain/debug.yaml"),
+        f"run_dir={tmp_path / 'run'}",
+        f"data.sources=[{{urls: '{urls}'}}]",
+        "model.img_size=28",
+        "data.mode=epoch",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "data.tokenizer.max_length=8",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false",
+        "optim.warmup_steps=2",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = run_or_show_stacks(cmd, cwd=tmp_path, env=env, timeout=300)

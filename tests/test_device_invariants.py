@@ -54,8 +54,11 @@ EXEMPT = ("pos_embed", "start_token")  # the recipe's no-decay names (AIMv2 Tabl
 def expected_decay(module: nn.Module) -> set[str]:
     """The recipe's rule on a plain (unwrapped) module: every trainable matrix decays, except the
     position embeddings and the start token."""
-    return {n for n, p in module.named_parameters()
-            if p.requires_grad and p.ndim >= 2 and not any(key in n for key in EXEMPT)}
+    return {
+        n
+        for n, p in module.named_parameters()
+        if p.requires_grad and p.ndim >= 2 and not any(key in n for key in EXEMPT)
+    }
 
 
 def decay_split(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[set[str], set[str]]:
@@ -83,8 +86,10 @@ def misplaced_states(optimizer: torch.optim.Optimizer) -> list[str]:
                 else:
                     ok = value.device == p.device and value.dtype == p.dtype and value.shape == p.shape
                 if not ok:
-                    wrong.append(f"group {i} param {j} {key}: {value.device} {value.dtype} {tuple(value.shape)}, "
-                                 f"parameter {p.device} {p.dtype} {tuple(p.shape)}")
+                    wrong.append(
+                        f"group {i} param {j} {key}: {value.device} {value.dtype} {tuple(value.shape)}, "
+                        f"parameter {p.device} {p.dtype} {tuple(p.shape)}"
+                    )
     return wrong
 
 
@@ -102,9 +107,13 @@ class OptimizerAtStart(Callback):
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         stepped = engine.basic_optimizer if engine is not None else optimizer
         states = [s for s in stepped.state.values() if s]
-        seen = {"global_step": trainer.global_step, "optimizer": type(stepped).__name__,
-                "misplaced": misplaced_states(stepped), "states": len(states),
-                "state_steps": sorted({float(s["step"]) for s in states if "step" in s})}
+        seen = {
+            "global_step": trainer.global_step,
+            "optimizer": type(stepped).__name__,
+            "misplaced": misplaced_states(stepped),
+            "states": len(states),
+            "state_steps": sorted({float(s["step"]) for s in states if "step" in s}),
+        }
         if engine is None:
             decayed, exempt = decay_split(optimizer, pl_module)
             seen |= {"decayed": sorted(decayed), "not_decayed": sorted(exempt)}
@@ -126,7 +135,9 @@ def probe_grid(dtype=torch.float32):
 
     torch.manual_seed(0)
     cfg = ProbeOptimConfig(lrs=[1e-3, 1e-2], weight_decays=[0.05], grad_clip=1.0)
-    return HeadGrid(grid_specs(["linear", "attentive"], cfg.lrs, cfg.weight_decays), 16, 3, cfg, attention_heads=2).to(dtype)
+    return HeadGrid(grid_specs(["linear", "attentive"], cfg.lrs, cfg.weight_decays), 16, 3, cfg, attention_heads=2).to(
+        dtype
+    )
 
 
 def probe_batch(i: int):
@@ -135,7 +146,7 @@ def probe_batch(i: int):
 
 
 def test_probe_resume_puts_every_moment_on_its_parameters_device(tmp_path):
-    from aimv2.probe.state import load_head_state, save_head_state
+    from aimv2.probe.grid import load_head_state, save_head_state
 
     grid = probe_grid()
     for i in range(2):
@@ -155,7 +166,7 @@ def test_probe_resume_puts_every_moment_on_its_parameters_device(tmp_path):
 
 
 def test_probe_resumed_step_equals_the_uninterrupted_one_and_moments_take_the_grids_dtype(tmp_path):
-    from aimv2.probe.state import load_head_state, save_head_state
+    from aimv2.probe.grid import load_head_state, save_head_state
 
     uninterrupted = probe_grid()
     for i in range(3):
@@ -212,10 +223,20 @@ def test_pretraining_resume_restores_states_beside_their_parameters_and_decays_t
 
     report = write_caption_shards(tmp_path / "shards", 32, 16)
     base = REPO / "configs/pretrain/debug.yaml"
-    overrides = [f"run_dir={tmp_path / 'run'}", f"data.sources=[{{urls: '{report.urls}'}}]", "model.img_size=28",
-                 "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0", "optim.warmup_steps=1",
-                 "optim.weight_decay=1e-4", "trainer.checkpoint_every_n_steps=2", "trainer.progress_bar=false",
-                 "trainer.log_every_n_steps=1", "visualize.every_n_steps=0"]
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.sources=[{{urls: '{report.urls}'}}]",
+        "model.img_size=28",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=0",
+        "optim.warmup_steps=1",
+        "optim.weight_decay=1e-4",
+        "trainer.checkpoint_every_n_steps=2",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "visualize.every_n_steps=0",
+    ]
     pretrain(load_config(base, [*overrides, "trainer.max_steps=2"]))
     recorder = OptimizerAtStart()
     pretrain(load_config(base, [*overrides, "trainer.max_steps=3", "trainer.resume=auto"]), callbacks=[recorder])
@@ -225,8 +246,15 @@ def test_pretraining_resume_restores_states_beside_their_parameters_and_decays_t
     check_resumed(recorder.seen, tmp_path / "run/checkpoints/step=0000002.ckpt", expected, steps=2)
 
 
-COMPRESS = ["stage=2", "compressor.kind=pool", "compressor.num_tokens=4", "optim.weight_decay=1e-4",
-            "optim.warmup_steps=1", "data.batch_size=4", "trainer.checkpoint_every_n_steps=2"]
+COMPRESS = [
+    "stage=2",
+    "compressor.kind=pool",
+    "compressor.num_tokens=4",
+    "optim.weight_decay=1e-4",
+    "optim.warmup_steps=1",
+    "data.batch_size=4",
+    "trainer.checkpoint_every_n_steps=2",
+]
 
 
 def test_compress_resume_restores_states_beside_their_parameters_and_decays_the_plain_modules_set(tmp_path):
@@ -248,8 +276,9 @@ def test_compress_resume_restores_states_beside_their_parameters_and_decays_the_
 def pretraining_module():
     from aimv2.pretraining.module import AIMv2PretrainModule
 
-    return AIMv2PretrainModule({"size": "debug", "img_size": 28}, {}, {"lr": 1e-3, "weight_decay": 1e-4},
-                               vocab_size=64, max_text_len=8)
+    return AIMv2PretrainModule(
+        {"size": "debug", "img_size": 28}, {}, {"lr": 1e-3, "weight_decay": 1e-4}, vocab_size=64, max_text_len=8
+    )
 
 
 def compress_module(tmp_path: Path):
@@ -261,8 +290,14 @@ def compress_module(tmp_path: Path):
 
 def stand_in_trainer(strategy=None) -> SimpleNamespace:
     """What both modules' configure_optimizers read from a Trainer."""
-    return SimpleNamespace(strategy=strategy, precision="32-true", datamodule=None, max_epochs=None, max_steps=10,
-                           estimated_stepping_batches=10)
+    return SimpleNamespace(
+        strategy=strategy,
+        precision="32-true",
+        datamodule=None,
+        max_epochs=None,
+        max_steps=10,
+        estimated_stepping_batches=10,
+    )
 
 
 @pytest.mark.parametrize("job", ["pretraining", "compress"])
@@ -325,10 +360,25 @@ def test_gpu_probe_resumed_on_cuda_trains_the_next_epoch(tmp_path, capsys):
 
     checkpoint = write_tiny_checkpoint(tmp_path / "ckpt" / "model.ckpt")
     train, val = write_colour_folders(tmp_path / "train", 16), write_colour_folders(tmp_path / "val", 4, seed=1)
-    argv = ["probe", str(REPO / "configs/probe/imagenet_attentive.yaml"), "--checkpoint", str(checkpoint),
-            "--train", str(train), "--val", str(val), "--out", str(tmp_path / "probe"), "optim.epochs=2",
-            "optim.warmup_epochs=1", "optim.lrs=[1e-3]", "optim.weight_decays=[0.05]", "data.batch_size=16",
-            "data.num_workers=0", "progress_bar=false"]
+    argv = [
+        "probe",
+        str(REPO / "configs/probe/imagenet_attentive.yaml"),
+        "--checkpoint",
+        str(checkpoint),
+        "--train",
+        str(train),
+        "--val",
+        str(val),
+        "--out",
+        str(tmp_path / "probe"),
+        "optim.epochs=2",
+        "optim.warmup_epochs=1",
+        "optim.lrs=[1e-3]",
+        "optim.weight_decays=[0.05]",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "progress_bar=false",
+    ]
     assert main(argv) == 0
     heads = tmp_path / "probe" / "heads.pt"
     state = torch.load(heads, map_location="cpu", weights_only=True)
@@ -348,8 +398,14 @@ def compress_child(out: Path, overrides: list[str]) -> tuple[dict, str]:
     """`train` of the compress config with `overrides` in a fresh process (DeepSpeed and FSDP set up
     torch.distributed), recording the optimizer at the start of training."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "compress", str(out), *overrides],
-                          capture_output=True, text=True, timeout=480, cwd=REPO, env=env)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "compress", str(out), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        cwd=REPO,
+        env=env,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return json.loads(out.read_text()), done.stdout
 
@@ -357,10 +413,21 @@ def compress_child(out: Path, overrides: list[str]) -> tuple[dict, str]:
 def gpu_compress_overrides(tmp_path: Path, devices: int = 1) -> list[str]:
     report = write_caption_shards(tmp_path / "shards", 64, 8)  # 8 shards: enough for two ranks
     encoder = write_encoder_checkpoint(tmp_path / "encoder.ckpt")
-    return [f"encoder.source={encoder}", f"data.train='{report.urls}'", "data.val=''", f"run_dir={tmp_path / 'run'}",
-            "data.num_workers=0", "data.shuffle_buffer=64", "text.tokenizer.max_length=16", *TINY_LM, *COMPRESS,
-            "trainer.accelerator=gpu", f"trainer.devices={devices}", "trainer.progress_bar=false",
-            "trainer.log_every_n_steps=1"]
+    return [
+        f"encoder.source={encoder}",
+        f"data.train='{report.urls}'",
+        "data.val=''",
+        f"run_dir={tmp_path / 'run'}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=64",
+        "text.tokenizer.max_length=16",
+        *TINY_LM,
+        *COMPRESS,
+        "trainer.accelerator=gpu",
+        f"trainer.devices={devices}",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+    ]
 
 
 @pytest.mark.gpu
@@ -374,8 +441,12 @@ def test_gpu_compress_trains_and_resumes_under_deepspeed_optimizer_offload_with_
 
     if not CPUAdamBuilder().is_compatible(verbose=False):
         pytest.skip("DeepSpeed's CPU Adam cannot be built here (it needs a C++ compiler and torch's headers)")
-    overrides = [*gpu_compress_overrides(tmp_path), "trainer.strategy=deepspeed", "trainer.zero_stage=2",
-                 "trainer.offload=true"]
+    overrides = [
+        *gpu_compress_overrides(tmp_path),
+        "trainer.strategy=deepspeed",
+        "trainer.zero_stage=2",
+        "trainer.offload=true",
+    ]
     first, _ = compress_child(tmp_path / "first.json", [*overrides, "trainer.max_steps=3"])
     assert first["optimizer"] == "DeepSpeedCPUAdam" and first["global_step"] == 0
     assert (tmp_path / "run/checkpoints/last.ckpt").is_dir()  # a ZeRO checkpoint directory
@@ -408,8 +479,10 @@ def _compress_child_main(out: Path, overrides: list[str]) -> None:
     from aimv2.compress.config import CompressConfig
     from aimv2.compress.train import train
 
-    train(load_config(REPO / "configs/compress/tiny.yaml", overrides, schema=CompressConfig),
-          callbacks=[OptimizerAtStart(out)])
+    train(
+        load_config(REPO / "configs/compress/tiny.yaml", overrides, schema=CompressConfig),
+        callbacks=[OptimizerAtStart(out)],
+    )
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "compress":

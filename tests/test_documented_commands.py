@@ -10,6 +10,10 @@ command is shrunk only by appending: CPU runs get `trainer.max_steps=2`-style ov
 for a GPU cluster (accelerator gpu, several nodes, FSDP or DeepSpeed, and the sbatch and torchrun
 launches, which run `aimv2 pretrain` with the same arguments) run as `--rehearse`. The few commands
 that cannot run here say why, and name what covers them.
+
+The documentation is README.md, every page of docs/ (a page added there is read without being named
+here) and the eval/, data/ and benchmarks/ READMEs. The fast tests at the end check that every COVERED
+entry still names a documented command and that the pages' relative links and anchors resolve.
 """
 
 from __future__ import annotations
@@ -32,59 +36,118 @@ from PIL import Image
 from aimv2.cli import main
 from aimv2.config import load_config
 from aimv2.engine.rehearsal import restored_process_state
-from doc_commands import MARKDOWN, REPO, DocCommand, documented_commands
+from doc_commands import DOCS, MARKDOWN, REPO, DocCommand, anchors, documented_commands, markdown_links
 from fault_helpers import run_or_show_stacks
 
 ROOTS = ("data", "photos", "models", "datasets")  # absolute documentation paths, found in FIXTURE/abs/
 COVERED = {  # command prefix -> why it does not run here, and what runs it instead
     "python3 -m venv": "the README's two setup commands need a fresh clone and the package registry: .ci/run runs the "
-                       "second in a clean checkout, and the demo (`aimv2 demo`) runs below, from tiny.yaml's header",
+    "second in a clean checkout, and the demo (`aimv2 demo`) runs below, from tiny.yaml's header",
     ".venv/bin/python benchmarks/run.py": "the full benchmark run takes 10 minutes; tests/test_benchmarks.py runs each "
-                                          "of its scripts at toy size",
+    "of its scripts at toy size",
     "git clone https://github.com/apple/ml-l3m": "it fetches Apple's trainer from GitHub, which CI cannot reach; "
-                                                 "eval/parity_l3m.py (below) is what uses it",
+    "eval/parity_l3m.py (below) is what uses it",
     "python eval/parity_l3m.py": "it runs Apple's ml-l3m, which the user fetches (with hydra-core and fvcore); CI has "
-                                 "neither: tests/test_checkpoints_interop.py tests the name map it compares through, "
-                                 "and eval/results/parity_l3m*.md hold its figures",
-    "python -c \"from transformers import AutoTokenizer": "it downloads SigLIP's tokenizer from the Hugging Face hub, "
-                                                           "which CI cannot reach; a saved tokenizer directory is "
-                                                           "loaded by tests/test_tokenizer.py",
+    "neither: tests/test_checkpoints_interop.py tests the name map it compares through, "
+    "and eval/results/parity_l3m*.md hold its figures",
+    ".venv/bin/python -m pytest": "the test suite this test is part of (README.md, docs/development.md): .ci/run "
+    "runs the whole suite on a clean checkout",
+    'python -c "from transformers import AutoTokenizer': "it downloads SigLIP's tokenizer from the Hugging Face hub, "
+    "which CI cannot reach; a saved tokenizer directory is "
+    "loaded by tests/test_tokenizer.py",
 }
-CPU_RUN = ["trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1",
-           "data.num_workers=0", "data.batch_size=4", "data.shuffle_buffer=0"]
+CPU_RUN = [
+    "trainer.max_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.checkpoint_every_n_steps=1",
+    "data.num_workers=0",
+    "data.batch_size=4",
+    "data.shuffle_buffer=0",
+]
 REHEARSE = ["--rehearse", "--rehearse-devices", "1"]
 # Appended to particular commands (matched by a fragment of their text), beyond the shrinking above.
 EXTRA = {
     # the quickstart's pattern stands for what `aimv2 shards captions` printed; the fixture's photos fill one shard
     "run_dir=runs/mine": ["data.sources=[{urls: 'FIXTURE/abs/data/mine/00000.tar'}]"],
-    "aimv2 demo": ["trainer.max_steps=2", "visualize.every_n_steps=0", "--probe", "optim.epochs=1",
-                   "--probe", "optim.warmup_epochs=0"],
+    "aimv2 demo": [
+        "trainer.max_steps=2",
+        "visualize.every_n_steps=0",
+        "--probe",
+        "optim.epochs=1",
+        "--probe",
+        "optim.warmup_epochs=0",
+    ],
     "compress train configs/compress/tiny.yaml": CPU_RUN[:3] + ["data.batch_size=4"],
     "compress evaluate": ["--max-batches", "1", "--batch-size", "4"],
     "compress plan": ["--repeats", "1"],
-    "aimv2 probe": ["optim.epochs=1", "optim.warmup_epochs=0", "data.num_workers=0", "accelerator=cpu", "--devices", "1"],
+    "aimv2 probe": [
+        "optim.epochs=1",
+        "optim.warmup_epochs=0",
+        "data.num_workers=0",
+        "accelerator=cpu",
+        "--devices",
+        "1",
+    ],
     "imagenet_attentive": ["data.batch_size=2"],  # the fixture's ImageNet has 6 images per split
     # the documented pattern stands for the user's shards: one of the demo's
     "ablation configs/pretrain/debug.yaml": ["data.sources=[{urls: 'FIXTURE/runs/demo/data/pretrain/00000.tar'}]"],
     # one trained variant and the random init (tests/test_ablation.py runs all of them); --variants
     # last, since its list would take the overrides after it
-    "aimv2 ablation": ["trainer.max_steps=2", "--seeds", "0", "--scenes", "40", "20", "20", "--probe", "optim.epochs=1",
-                       "--probe", "optim.warmup_epochs=0", "--variants", "aimv2", "random"],
+    "aimv2 ablation": [
+        "trainer.max_steps=2",
+        "--seeds",
+        "0",
+        "--scenes",
+        "40",
+        "20",
+        "20",
+        "--probe",
+        "optim.epochs=1",
+        "--probe",
+        "optim.warmup_epochs=0",
+        "--variants",
+        "aimv2",
+        "random",
+    ],
     # 2 LMs x 2 M of 1 step each (the real grid, 3 x 3 of 150 steps, is recorded in eval/results/scaling_vlm_tiny)
     "compress sweep configs/sweep/tiny.yaml": [
-        "tokens=[1,4]", "overrides=[trainer.max_steps=1,trainer.progress_bar=false,data.batch_size=4,data.num_workers=0]",
+        "tokens=[1,4]",
+        "overrides=[trainer.max_steps=1,trainer.progress_bar=false,data.batch_size=4,data.num_workers=0]",
         "lms=[{name: h16, overrides: [lm.hidden_size=16, lm.intermediate_size=32, lm.num_heads=2]}, "
         "{name: h32, overrides: [lm.hidden_size=32, lm.intermediate_size=64]}]",
-        "eval.max_batches=1", "eval.batch_size=4", "eval.num_workers=0", "fit.bootstrap=5"],
+        "eval.max_batches=1",
+        "eval.batch_size=4",
+        "eval.num_workers=0",
+        "fit.bootstrap=5",
+    ],
     # 2 sizes x 3 lengths of a few steps on a few hundred scenes (the real ladder: eval/results/scaling_encoder_ladder)
-    "encoder_ladder.sh": ["--scenes", "300 40", "--steps", "2 3 4", "data.num_workers=0", "data.batch_size=4",
-                          "data.shuffle_buffer=0", "data.val.batch_size=8"],
+    "encoder_ladder.sh": [
+        "--scenes",
+        "300 40",
+        "--steps",
+        "2 3 4",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "data.shuffle_buffer=0",
+        "data.val.batch_size=8",
+    ],
     # one per-M kind and one trained over all M; every kind trains in tests/test_compress_*.py
-    "compress_sweep.sh": ["--tokens", "1", "--kinds", "pool quecc", "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.devices=1",
-                          "trainer.precision=32-true", "trainer.strategy=auto", "lm.dtype=float32",
-                          "data.train=FIXTURE/runs/demo/data/pretrain/00000.tar",
-                          "data.val=FIXTURE/runs/demo/data/pretrain/00005.tar",
-                          "data.batch_size=4", "data.num_workers=0"],
+    "compress_sweep.sh": [
+        "--tokens",
+        "1",
+        "--kinds",
+        "pool quecc",
+        "trainer.max_steps=1",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=32-true",
+        "trainer.strategy=auto",
+        "lm.dtype=float32",
+        "data.train=FIXTURE/runs/demo/data/pretrain/00000.tar",
+        "data.val=FIXTURE/runs/demo/data/pretrain/00005.tar",
+        "data.batch_size=4",
+        "data.num_workers=0",
+    ],
 }
 
 
@@ -104,8 +167,15 @@ def _pretrain_checkpoint(path: Path, img_size: int) -> None:
     torch.manual_seed(0)
     module = AIMv2PretrainModule({"size": "debug", "img_size": img_size}, {}, {}, vocab_size=49408, max_text_len=77)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0,
-                "pytorch-lightning_version": lightning.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "global_step": 0,
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
 
 
 def _local_llm(path: Path) -> None:
@@ -113,13 +183,29 @@ def _local_llm(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-    words = ["<pad>", "</s>", "<unk>", "a", "handwritten", "digit", *"zero one two three four five six seven eight nine".split()]
+    words = [
+        "<pad>",
+        "</s>",
+        "<unk>",
+        "a",
+        "handwritten",
+        "digit",
+        *"zero one two three four five six seven eight nine".split(),
+    ]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    config = Qwen2Config(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
+    config = Qwen2Config(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
@@ -201,7 +287,7 @@ def _launch_as_pretrain(text: str) -> list[str]:
         config, overrides = words[2], words[3:]
     else:
         template = next(i for i, w in enumerate(words) if w.startswith("launch/"))
-        config, overrides = env["CONFIG"], words[template + 1:]
+        config, overrides = env["CONFIG"], words[template + 1 :]
     return ["pretrain", config, *(["--strategy", env["STRATEGY"]] if "STRATEGY" in env else []), *overrides]
 
 
@@ -210,10 +296,11 @@ REHEARSED: dict[str, str] = {}  # resolved config (run_dir aside) -> the rehears
 
 def _rehearsal_key(argv: list[str], ws: Path) -> str:
     """The same config rehearses the same way whatever its run_dir: several commands share one run."""
+    from omegaconf import OmegaConf
+
     from aimv2.cli import build_parser, parse_args
     from aimv2.commands.pretrain import strategy_preset
     from aimv2.compress.config import CompressConfig
-    from omegaconf import OmegaConf
 
     args = parse_args(build_parser(), argv)
     compress = argv[0] == "compress"
@@ -240,7 +327,11 @@ def run_documented(command: DocCommand, ws: Path) -> str:
     elif text.startswith("aimv2 "):
         argv = shlex.split(text)[1:]
         if argv[0] == "pretrain" or argv[:2] == ["compress", "train"]:
-            argv += REHEARSE if "--rehearse" in argv or _needs_cluster(argv, ws) else CPU_RUN + ["visualize.every_n_steps=0"][: argv[0] == "pretrain"]
+            argv += (
+                REHEARSE
+                if "--rehearse" in argv or _needs_cluster(argv, ws)
+                else CPU_RUN + ["visualize.every_n_steps=0"][: argv[0] == "pretrain"]
+            )
             argv = list(dict.fromkeys(argv)) if argv.count("--rehearse") > 1 else argv
         argv += _extra(command.text)
     else:  # a shell script of eval/ or data/, with aimv2 from this interpreter
@@ -278,3 +369,31 @@ def test_every_documented_command_runs_as_written(source, base, tmp_path):
         output = run_documented(command, ws)
         if "--rehearse" in command.text or "rehearsal of" in output:
             assert "rehearsal passed" in output, f"{command}\n{output[-3000:]}"
+
+
+def test_every_docs_page_is_read():
+    pages = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
+    assert pages and list(DOCS) == pages and set(pages) <= set(MARKDOWN)
+
+
+def test_every_covered_command_is_still_documented():
+    """A COVERED entry whose command left the documentation would hide nothing; drop it with the command."""
+    texts = [c.text for c in documented_commands()]
+    stale = [prefix for prefix in COVERED if not any(text.startswith(prefix) for text in texts)]
+    assert not stale, f"COVERED names commands no page gives any more: {stale}"
+
+
+def test_links_between_pages_resolve():
+    """Relative links and pictures of README.md and docs/ point at files that exist, and at headings that exist."""
+    broken = []
+    for page in ("README.md", *DOCS, "eval/README.md", "data/README.md", "benchmarks/README.md"):
+        for line, target in markdown_links(page):
+            path, _, anchor = target.partition("#")
+            resolved = (REPO / page).parent / path if path else REPO / page
+            if not resolved.exists():
+                broken.append(f"{page}:{line}: {target} (no such file)")
+            elif (
+                anchor and resolved.suffix == ".md" and anchor not in anchors(str(resolved.resolve().relative_to(REPO)))
+            ):
+                broken.append(f"{page}:{line}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)

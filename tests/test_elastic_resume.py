@@ -12,9 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from aimv2.engine.metrics import read_metric
-from aimv2.engine.resume import checkpoint_step, newest_intact
-from aimv2.engine.stream_state import read_sample_log
+from aimv2.engine.checkpointing import checkpoint_step, newest_intact
+from aimv2.engine.logs import read_metric
+from aimv2.engine.stream_resume import read_sample_log
 from test_exact_resume import command, shard_urls, train, train_and_kill
 
 COUNTS = (12, 11, 10, 9, 9, 8, 8, 7, 7, 6, 5, 4)  # 96 samples in 12 uneven shards: 16 steps of 6 per epoch
@@ -23,8 +23,14 @@ SEGMENTS = [(2, 1, 3, 3), (1, 1, 6, 6), (2, 2, 3, 10), (3, 2, 2, None)]
 
 
 def layout(ranks: int, workers: int, batch: int) -> tuple[str, ...]:
-    return (f"trainer.devices={ranks}", "trainer.strategy=ddp", f"data.num_workers={workers}",
-            f"data.batch_size={batch}", "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=3")
+    return (
+        f"trainer.devices={ranks}",
+        "trainer.strategy=ddp",
+        f"data.num_workers={workers}",
+        f"data.batch_size={batch}",
+        "trainer.checkpoint_every_n_steps=2",
+        "trainer.keep_checkpoints=3",
+    )
 
 
 @pytest.mark.slow

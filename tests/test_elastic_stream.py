@@ -32,8 +32,9 @@ def sources(tmp_path, corrupt=()):
     """One source of 7 shards; `corrupt` holds (shard, index) pairs written as undecodable bytes."""
     out = []
     for i, n in enumerate(COUNTS):
-        report = write_caption_shards(tmp_path / f"p{i}", n, 100, prefix=f"p{i}_", seed=i,
-                                      corrupt_at={j for s, j in corrupt if s == i})
+        report = write_caption_shards(
+            tmp_path / f"p{i}", n, 100, prefix=f"p{i}_", seed=i, corrupt_at={j for s, j in corrupt if s == i}
+        )
         out.extend(resolve_shards(report.urls, "s", need_counts=True))
     return [StreamSource("s", out)]
 
@@ -44,8 +45,18 @@ class Ranks:
     def __init__(self, srcs, world, workers, batch, state=None):
         self.loaders = []
         for rank in range(world):
-            stream = ShardStream(srcs, process=key_of, collate=collate, batch_size=batch, mode="epoch",
-                                 rank=rank, world_size=world, num_workers=workers, shuffle_buffer=4, seed=5)
+            stream = ShardStream(
+                srcs,
+                process=key_of,
+                collate=collate,
+                batch_size=batch,
+                mode="epoch",
+                rank=rank,
+                world_size=world,
+                num_workers=workers,
+                shuffle_buffer=4,
+                seed=5,
+            )
             stream.segment = 6
             loader = EpochAwareLoader(stream, num_workers=workers)
             if state is not None:
@@ -102,7 +113,7 @@ def test_an_epoch_continues_on_1_then_3_ranks_and_2_workers_seeing_each_sample_o
     assert len(valid) - len(seen) == remainder_declared(caplog.text) < 3 * 2 * 2  # the declared remainder only
     assert set(seen) <= valid and all(len(step) == 6 for step in trained)  # 6 samples per step throughout
     assert "samples per step change" not in caplog.text
-    assert [l.repeated for l in third.loaders] == [0, 0, 0]
+    assert [loader.repeated for loader in third.loaders] == [0, 0, 0]
     # The next epoch under the new layout is a whole, fresh one.
     third.iters = [iter(loader) for loader in third.loaders]
     nxt = [k for step in third.steps() for k in step]
@@ -124,7 +135,7 @@ def test_corrupt_samples_across_a_layout_change_are_counted_once_and_nothing_rep
     # lighter batch: no sample twice, and every usable one but the declared remainder trained.
     assert len(seen) == len(set(seen)) and set(seen) <= valid
     assert len(valid) - len(seen) <= remainder_declared(caplog.text)
-    assert sum(l.repeated for l in second.loaders) == 0
+    assert sum(loader.repeated for loader in second.loaders) == 0
     assert skipped == len(corrupt)  # each corrupt sample counted once in the epoch
 
 
@@ -170,8 +181,12 @@ def test_the_consumed_samples_follow_from_the_saved_positions_alone(tmp_path):
         bits = stream.segment_bits(plan, lane, pos)
         base.add_read(Consumed(stream.shards.counts), slot_read_order(plan, lane, 5, 0, 0, 0), start, bits, start)
     shard_of = {url: i for i, url in enumerate(stream.shards.urls)}
-    consumed = {(shard, j) for shard in range(len(stream.shards.urls)) for j in range(stream.shards.counts[shard])
-                if base.done(shard, j)}
+    consumed = {
+        (shard, j)
+        for shard in range(len(stream.shards.urls))
+        for j in range(stream.shards.counts[shard])
+        if base.done(shard, j)
+    }
     keys = {f"p{i}_{j:06d}": (shard_of[url], j) for i, url in enumerate(stream.shards.urls) for j in range(COUNTS[i])}
     passed = {(s, j) for s, j in corrupt if (s, j) in consumed}
     assert consumed == {keys[k] for k in trained} | passed and len(trained) == 24

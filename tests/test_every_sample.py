@@ -5,14 +5,14 @@ batch included, and every corrupt sample counted -- a tail of corrupt samples to
 from __future__ import annotations
 
 import pytest
-from conftest import write_caption_shards
 
 from aimv2.config import TokenizerConfig
 from aimv2.data.every_sample import every_sample_loader
-from aimv2.data.image_caption import ImageCaptionCollator
+from aimv2.data.samples import ImageCaptionCollator
 from aimv2.data.samples import CorruptSample, decode_caption, decode_image
 from aimv2.data.shardlist import resolve_shards
 from aimv2.data.tokenizer import build_tokenizer
+from conftest import write_caption_shards
 
 N, CORRUPT = 23, (4, 21, 22)  # 21 and 22: the last two samples of the last shard
 
@@ -32,8 +32,7 @@ def test_every_sample_once_and_every_corrupt_one_counted(tmp_path, world, worker
     shards = resolve_shards(report.urls, "val", need_counts=False)
     keys, skipped = [], 0
     for rank in range(world):
-        for batch in every_sample_loader(shards, _keys, _collate_keys, 4, workers,
-                                         rank, world):
+        for batch in every_sample_loader(shards, _keys, _collate_keys, 4, workers, rank, world):
             assert len(batch["keys"]) <= 4
             keys += batch["keys"]
             skipped += int(batch["skipped"])
@@ -45,8 +44,7 @@ def test_one_process_reads_in_shard_order_and_collates_image_captions(tmp_path):
 
     report = write_caption_shards(tmp_path / "s", 9, per_shard=3, corrupt_at=(8,))
     shards = resolve_shards(report.urls, "val", need_counts=False)
-    keys = [k for b in every_sample_loader(shards, _keys, _collate_keys, 4)
-            for k in b["keys"]]
+    keys = [k for b in every_sample_loader(shards, _keys, _collate_keys, 4) for k in b["keys"]]
     assert keys == [f"{i:06d}" for i in range(8)]
     collate = ImageCaptionCollator(build_tokenizer(TokenizerConfig(max_length=8)))
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aimv2.engine.metrics import read_metric
-from aimv2.engine.resume import checkpoint_step, newest_intact
-from aimv2.engine.stream_state import read_sample_log
+from aimv2.engine.checkpointing import checkpoint_step, newest_intact
+from aimv2.engine.logs import read_metric
+from aimv2.engine.stream_resume import read_sample_log
 from conftest import REPO, write_caption_shards
 from fault_helpers import run_or_show_stacks, tiny_tokenizer
 
@@ -28,19 +28,40 @@ from fault_helpers import run_or_show_stacks, tiny_tokenizer
 def shard_urls(root: Path, counts, corrupt=()) -> str:
     """One shard per count (uneven sizes); '::' joins them."""
     for i, n in enumerate(counts):
-        write_caption_shards(root / f"part{i}", n, 100, prefix=f"p{i}_", seed=i,
-                             corrupt_at={j for (s, j) in corrupt if s == i})
+        write_caption_shards(
+            root / f"part{i}", n, 100, prefix=f"p{i}_", seed=i, corrupt_at={j for (s, j) in corrupt if s == i}
+        )
     return "::".join(str(root / f"part{i}" / "00000.tar") for i in range(len(counts)))
 
 
 def command(run_dir: Path, urls: str, *extra: str) -> list[str]:
     tokenizer = tiny_tokenizer(run_dir.parent / "tokenizer")
-    return [sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/debug.yaml"), *tokenizer,
-            f"run_dir={run_dir}", f"data.sources=[{{urls: '{urls}'}}]", "model.img_size=28", "data.mode=epoch",
-            "data.batch_size=4", "data.num_workers=2", "data.shuffle_buffer=8", "data.tokenizer.max_length=8",
-            "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-            "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=2", "trainer.log_samples=true",
-            "trainer.progress_bar=false", "visualize.every_n_steps=0", "optim.warmup_steps=2", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "aimv2",
+        "pretrain",
+        str(REPO / "configs/pretrain/debug.yaml"),
+        *tokenizer,
+        f"run_dir={run_dir}",
+        f"data.sources=[{{urls: '{urls}'}}]",
+        "model.img_size=28",
+        "data.mode=epoch",
+        "data.batch_size=4",
+        "data.num_workers=2",
+        "data.shuffle_buffer=8",
+        "data.tokenizer.max_length=8",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.checkpoint_every_n_steps=3",
+        "trainer.keep_checkpoints=2",
+        "trainer.log_samples=true",
+        "trainer.progress_bar=false",
+        "visualize.every_n_steps=0",
+        "optim.warmup_steps=2",
+        *extra,
+    ]
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -54,8 +54,13 @@ def test_publishing_a_directory_over_a_file_or_link(tmp_path):
 def test_no_module_renames_temporaries_by_hand():
     """Temp + rename lives in aimv2/fileio.py only (the other modules call it)."""
     pattern = re.compile(r"os\.replace\(|os\.rename\(|\.rename\(|\.replace\((?:tmp|path|out)\b")
-    found = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in sorted(PACKAGE.rglob("*.py")) if p.name != "fileio.py"
-             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    found = [
+        f"{p.relative_to(PACKAGE.parent)}:{i}"
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.name != "fileio.py"
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not found, found
 
 

@@ -2,8 +2,7 @@
 
 import pytest
 
-from aimv2.models.flops import block_matmul_params, encoder_flops_per_sample, training_flops_per_sample
-from aimv2.models.sizes import get_size
+from aimv2.models.sizes import block_matmul_params, encoder_flops_per_sample, get_size, training_flops_per_sample
 
 
 def test_debug_size_by_hand():

@@ -58,8 +58,10 @@ def _full_state(module, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {"model": get_model_state_dict(module, options=options),
-            "optim": get_optimizer_state_dict(module, optimizer, options=options)}
+    return {
+        "model": get_model_state_dict(module, options=options),
+        "optim": get_optimizer_state_dict(module, optimizer, options=options),
+    }
 
 
 def _worker(mode: str, out: Path) -> None:
@@ -91,8 +93,9 @@ def _worker(mode: str, out: Path) -> None:
 
         module = _build(seed=123)  # other weights: everything must come from the checkpoint
         optimizer = _shard(module)
-        meta = _load_checkpoint(out / "step=0000001.ckpt", {"state_dict": module, "optimizer_0": optimizer},
-                                optimizer_states_from_list=True)
+        meta = _load_checkpoint(
+            out / "step=0000001.ckpt", {"state_dict": module, "optimizer_0": optimizer}, optimizer_states_from_list=True
+        )
         full = _full_state(module, optimizer)
         if rank == 0:
             torch.save({**full, "meta_step": meta.get("global_step")}, out / f"loaded_{dist.get_world_size()}.pt")
@@ -109,12 +112,24 @@ def _free_port() -> int:
 def run_ranks(mode: str, out: Path, world: int) -> None:
     """`world` processes started the way torchrun starts them; all must succeed."""
     port = _free_port()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(out)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, mode, str(out)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for rank, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {rank} of {world} ({mode}) failed:\n{text[-3000:]}"
@@ -192,7 +207,7 @@ def test_load_encoder_reads_the_directory_with_the_saved_models_features(written
 def test_probe_loader_and_export_read_the_directory(written, tmp_path, capsys):
     from aimv2 import load_encoder
     from aimv2.cli import main
-    from aimv2.probe.loader import load_probe_encoder
+    from aimv2.probe.features import load_probe_encoder
 
     _, ckpt, reference = written
     images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
@@ -239,7 +254,7 @@ def test_convert_writes_one_file_that_loads_and_resumes_a_plain_optimizer(writte
 def test_killed_save_is_a_one_line_error_and_resume_passes_over_it(written, tmp_path, capsys):
     from aimv2 import load_encoder
     from aimv2.cli import main
-    from aimv2.engine.resume import newest_intact, resolve_resume
+    from aimv2.engine.checkpointing import newest_intact, resolve_resume
     from aimv2.errors import UserError
 
     _, ckpt, _ = written
@@ -270,12 +285,11 @@ def test_killed_save_is_a_one_line_error_and_resume_passes_over_it(written, tmp_
 
 @pytest.mark.parametrize("killed_in", ["shards", "rename"])
 def test_a_killed_save_leaves_nothing_under_the_checkpoints_name(tmp_path, monkeypatch, killed_in):
-    import aimv2.fileio
     from torch.distributed.checkpoint.api import CheckpointException
 
+    import aimv2.fileio
     from aimv2.checkpoints import dcp
-    from aimv2.engine.checkpoint_io import remove_stale_temporaries
-    from aimv2.engine.resume import candidates
+    from aimv2.engine.checkpointing import candidates, remove_stale_temporaries
 
     final = tmp_path / "step=0000005.ckpt"
     state = {"state_dict": {"model.encoder.w": torch.arange(6.0)}}

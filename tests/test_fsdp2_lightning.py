@@ -21,18 +21,35 @@ pytestmark = pytest.mark.slow
 def test_fsdp2_trains_on_cpu_processes_and_resumes_at_another_world_size(tmp_path):
     from aimv2 import load_encoder
     from aimv2.checkpoints import detect_format
-    from aimv2.engine.resume import newest_intact
+    from aimv2.engine.checkpointing import newest_intact
 
     report = write_caption_shards(tmp_path / "shards", 64, 32)
     run = tmp_path / "run"
 
     def pretrain(steps: int, devices: int, *extra: str) -> str:
-        cmd = [sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/debug.yaml"),
-               "--strategy", "fsdp2", f"run_dir={run}", f"data.sources=[{{urls: '{report.urls}'}}]",
-               "model.img_size=28", "data.batch_size=4",
-               "data.num_workers=0", "trainer.accelerator=cpu", f"trainer.devices={devices}",
-               "trainer.precision=32-true", f"trainer.max_steps={steps}", "trainer.checkpoint_every_n_steps=2",
-               "trainer.progress_bar=false", "visualize.every_n_steps=0", "optim.warmup_steps=1", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "aimv2",
+            "pretrain",
+            str(REPO / "configs/pretrain/debug.yaml"),
+            "--strategy",
+            "fsdp2",
+            f"run_dir={run}",
+            f"data.sources=[{{urls: '{report.urls}'}}]",
+            "model.img_size=28",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+            f"trainer.devices={devices}",
+            "trainer.precision=32-true",
+            f"trainer.max_steps={steps}",
+            "trainer.checkpoint_every_n_steps=2",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+            "optim.warmup_steps=1",
+            *extra,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout

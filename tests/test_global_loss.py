@@ -47,8 +47,13 @@ def make_batches(indices: list[int]) -> list[dict]:
     native = [torch.randn(3, gh * P, gw * P, generator=g) for gh, gw in GRIDS]
     counters = {"skipped": torch.tensor(0), "shard_errors": torch.tensor(0)}
     idx = torch.tensor(indices)
-    fixed = {"image": images[idx], "tokens": tokens[idx], "token_mask": mask[idx],
-             "prefix": torch.tensor(PREFIX)[idx], **counters}
+    fixed = {
+        "image": images[idx],
+        "tokens": tokens[idx],
+        "token_mask": mask[idx],
+        "prefix": torch.tensor(PREFIX)[idx],
+        **counters,
+    }
     collate = PackedCollator(lambda captions: (tokens[captions], mask[captions]), P, ROW_TOKENS)
     rows = place_rows([GRIDS[i][0] * GRIDS[i][1] for i in indices], ROW_TOKENS)
     packed = collate([(native[i], i) for i in indices], rows)
@@ -81,8 +86,9 @@ class Record(L.Callback):
         self.out, self.steps = out, []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.steps.append({"grads": {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
-                                     if p.grad is not None}})
+        self.steps.append(
+            {"grads": {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}}
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps[-1]["logged"] = {k: float(trainer.callback_metrics[k]) for k in LOGGED}
@@ -97,12 +103,24 @@ def fit(module: AIMv2PretrainModule, per_rank: list[list[dict]], out: Path) -> l
     devices = len(per_rank)
     # The project's DDP settings (aimv2.engine.strategy.build_strategy), started by spawning: the default launcher
     # would re-run pytest's command line.
-    strategy = (DDPStrategy(start_method="spawn", broadcast_buffers=False, gradient_as_bucket_view=True)
-                if devices > 1 else "auto")
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=len(per_rank[0]),
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
-                        callbacks=[Record(out)])
+    strategy = (
+        DDPStrategy(start_method="spawn", broadcast_buffers=False, gradient_as_bucket_view=True)
+        if devices > 1
+        else "auto"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=len(per_rank[0]),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=out,
+        callbacks=[Record(out)],
+    )
     trainer.fit(module, DataLoader(RankBatches(per_rank), batch_size=None, collate_fn=as_is))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
 
@@ -130,8 +148,13 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def test_two_ranks_of_unequal_batches_give_the_single_process_gradient(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks share the 2 cores
     torch.manual_seed(0)
-    module = GivenPrefix(ModelConfig(size="debug", img_size=SIZE, native=True, attention="sdpa"), ObjectiveConfig(),
-                         OptimConfig(lr=0.0, min_lr=0.0, weight_decay=0.0, warmup_steps=0), VOCAB, TEXT_LEN)
+    module = GivenPrefix(
+        ModelConfig(size="debug", img_size=SIZE, native=True, attention="sdpa"),
+        ObjectiveConfig(),
+        OptimConfig(lr=0.0, min_lr=0.0, weight_decay=0.0, warmup_steps=0),
+        VOCAB,
+        TEXT_LEN,
+    )
     # The native model takes fixed-size batches too: one process start serves both kinds of batch.
     single = fit(copy.deepcopy(module), [make_batches([0, 1, 2, 3])], tmp_path / "single")[0]
     ranks = fit(copy.deepcopy(module), [make_batches(indices) for indices in SPLIT], tmp_path / "ddp")

@@ -12,8 +12,7 @@ import torch
 
 from conftest import REPO, write_caption_shards
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def test_fsdp2_trains_saves_resumes_converts_and_exports_on_gpu(tmp_path):
@@ -27,16 +26,30 @@ def test_fsdp2_trains_saves_resumes_converts_and_exports_on_gpu(tmp_path):
         return done.stdout
 
     def pretrain(steps, *extra):
-        return aimv2("pretrain", str(REPO / "configs/pretrain/debug.yaml"), "--strategy", "fsdp2", f"run_dir={run}",
-                     f"data.sources=[{{urls: '{report.urls}'}}]", "model.img_size=56", "data.batch_size=8",
-                     "data.num_workers=2", "trainer.accelerator=gpu", f"trainer.devices={devices}",
-                     f"trainer.max_steps={steps}", "trainer.checkpoint_every_n_steps=10", "trainer.progress_bar=false",
-                     "visualize.every_n_steps=0", "optim.warmup_steps=5", *extra)
+        return aimv2(
+            "pretrain",
+            str(REPO / "configs/pretrain/debug.yaml"),
+            "--strategy",
+            "fsdp2",
+            f"run_dir={run}",
+            f"data.sources=[{{urls: '{report.urls}'}}]",
+            "model.img_size=56",
+            "data.batch_size=8",
+            "data.num_workers=2",
+            "trainer.accelerator=gpu",
+            f"trainer.devices={devices}",
+            f"trainer.max_steps={steps}",
+            "trainer.checkpoint_every_n_steps=10",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+            "optim.warmup_steps=5",
+            *extra,
+        )
 
     pretrain(20)
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / ".metadata").is_file() and (last / "meta.pt").is_file()
-    from aimv2.engine.metrics import read_metric
+    from aimv2.engine.logs import read_metric
 
     assert read_metric(run / "logs/metrics.csv", "train/grad_norm"), "no train/grad_norm: clipping did not run"
     out = pretrain(30, "trainer.resume=auto")

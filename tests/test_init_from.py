@@ -19,11 +19,11 @@ from timm.layers import resample_abs_pos_embed
 from aimv2.checkpoints import export_checkpoint
 from aimv2.config import ModelConfig, load_config
 from aimv2.data.shards import ShardSample, write_shards
+from aimv2.engine.logs import read_metric
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.pretraining.init_from import apply_init_from, init_from_checkpoint
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.engine.metrics import read_metric
 from conftest import REPO
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -38,30 +38,54 @@ def digit_samples():
         buf = io.BytesIO()
         pixels = (digits.images[i] * 15).astype("uint8")
         Image.fromarray(pixels).convert("RGB").resize((56, 56), Image.BICUBIC).save(buf, "JPEG")
-        yield ShardSample(key=f"{i:09d}", image=buf.getvalue(), image_ext="jpg",
-                          caption=f"a handwritten digit {WORDS[digits.target[i]]}")
+        yield ShardSample(
+            key=f"{i:09d}",
+            image=buf.getvalue(),
+            image_ext="jpg",
+            caption=f"a handwritten digit {WORDS[digits.target[i]]}",
+        )
 
 
 def overrides(root, run: str, urls: str) -> list[str]:
-    return [f"run_dir={root / run}", f"data.sources=[{{urls: '{urls}'}}]", "data.mode=epoch",
-            f"data.batch_size={BATCH}", "data.num_workers=0", "data.shuffle_buffer=0",
-            f"data.tokenizer.max_length={TEXT_LEN}", "optim.lr=3e-3", "optim.warmup_steps=4",
-            "trainer.max_steps=-1", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1000",
-            "trainer.progress_bar=false", "visualize.every_n_steps=0"]
+    return [
+        f"run_dir={root / run}",
+        f"data.sources=[{{urls: '{urls}'}}]",
+        "data.mode=epoch",
+        f"data.batch_size={BATCH}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=0",
+        f"data.tokenizer.max_length={TEXT_LEN}",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=4",
+        "trainer.max_steps=-1",
+        "trainer.log_every_n_steps=1",
+        "trainer.checkpoint_every_n_steps=1000",
+        "trainer.progress_bar=false",
+        "visualize.every_n_steps=0",
+    ]
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("init_from")
     urls = write_shards(digit_samples(), root / "shards", samples_per_shard=N, verify_images=False, progress=False).urls
-    first = load_config(REPO / "configs/pretrain/debug.yaml",
-                        overrides(root, "s56", urls) + ["model.img_size=56", f"trainer.max_epochs={STAGE1_EPOCHS}"])
+    first = load_config(
+        REPO / "configs/pretrain/debug.yaml",
+        overrides(root, "s56", urls) + ["model.img_size=56", f"trainer.max_epochs={STAGE1_EPOCHS}"],
+    )
     paths1 = pretrain(first)
     last1 = paths1.checkpoints / "last.ckpt"
-    second = load_config(REPO / "configs/pretrain/debug.yaml",
-                         overrides(root, "s84", urls) + ["model.img_size=84", f"model.init_from={last1}",
-                                                         "optim.weight_decay=0", "trainer.max_epochs=1",
-                                                         f"trainer.max_steps={STAGE2_STEPS}"])
+    second = load_config(
+        REPO / "configs/pretrain/debug.yaml",
+        overrides(root, "s84", urls)
+        + [
+            "model.img_size=84",
+            f"model.init_from={last1}",
+            "optim.weight_decay=0",
+            "trainer.max_epochs=1",
+            f"trainer.max_steps={STAGE2_STEPS}",
+        ],
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         paths2 = pretrain(second)
@@ -121,17 +145,27 @@ def test_init_from_an_aimv2_export(stages, tmp_path, with_decoder):
     assert model.encoder.pos_embed.shape == (1, 36, 64) and torch.allclose(model.encoder.pos_embed, pos)
     assert torch.equal(model.encoder.blocks[1].mlp.fc2.weight, trained["encoder.blocks.1.mlp.fc2.weight"])
     decoder = model.decoder.state_dict()
-    expected = {k.removeprefix("decoder."): v for k, v in trained.items() if k.startswith("decoder.")} \
-        if with_decoder else before
+    expected = (
+        {k.removeprefix("decoder."): v for k, v in trained.items() if k.startswith("decoder.")}
+        if with_decoder
+        else before
+    )
     assert all(torch.equal(decoder[k], v) for k, v in expected.items())
     assert ("decoder loaded" if with_decoder else "decoder not present in this aimv2 checkpoint") in "\n".join(lines)
 
 
-@pytest.mark.parametrize("size,vocab,match", [
-    ("tiny", VOCAB, r"encoder width 64 vs 192, depth 2 vs 6, heads 2 vs 3, mlp_hidden 176 vs 512 .*"
-                    r"decoder mis-shaped .*image_proj\.weight \(64, 64\) vs \(192, 192\)"),
-    ("debug", 1000, r"decoder mis-shaped 2 \[text_embed\.weight \(49408, 64\) vs \(1000, 64\), text_head"),
-])
+@pytest.mark.parametrize(
+    "size,vocab,match",
+    [
+        (
+            "tiny",
+            VOCAB,
+            r"encoder width 64 vs 192, depth 2 vs 6, heads 2 vs 3, mlp_hidden 176 vs 512 .*"
+            r"decoder mis-shaped .*image_proj\.weight \(64, 64\) vs \(192, 192\)",
+        ),
+        ("debug", 1000, r"decoder mis-shaped 2 \[text_embed\.weight \(49408, 64\) vs \(1000, 64\), text_head"),
+    ],
+)
 def test_what_does_not_fit_is_one_line_listing_it(stages, size, vocab, match):
     model = fresh(size=size, vocab=vocab)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -150,8 +184,10 @@ def test_missing_file_and_resume(tmp_path):
         apply_init_from(model, cfg, resume=None)
     # A resumed run keeps its own weights: init_from is not even read (the file may be gone by then).
     lines = apply_init_from(model, cfg, resume="runs/s84/checkpoints/last.ckpt")
-    assert lines == [f"model.init_from={missing} ignored: the run resumes from runs/s84/checkpoints/last.ckpt "
-                     "(its weights, optimizer, step and data position win)"]
+    assert lines == [
+        f"model.init_from={missing} ignored: the run resumes from runs/s84/checkpoints/last.ckpt "
+        "(its weights, optimizer, step and data position win)"
+    ]
     assert apply_init_from(model, ModelConfig("debug", 84), resume=None) == []
 
 
@@ -169,15 +205,27 @@ def test_stage_configs_continue_the_previous_stage(res, previous):
     # AIMv2 Section 2.4: "2 billion image-text pairs sampled from the same pool as the pre-training
     # stage, except that we do not use synthetic captions at this stage". The pool is the 224 px
     # mixture (Table 2: DFN alt 30%, DFN synthetic 30%, COYO 9%, HQITP alt 28%, HQITP synthetic 3%).
-    assert [s.name for s in base.data.sources] == ["dfn2b_alt", "dfn2b_synthetic", "coyo", "hqitp_alt",
-                                                   "hqitp_synthetic"]
+    assert [s.name for s in base.data.sources] == [
+        "dfn2b_alt",
+        "dfn2b_synthetic",
+        "coyo",
+        "hqitp_alt",
+        "hqitp_synthetic",
+    ]
     assert stage.data.sources == [s for s in base.data.sources if "synthetic" not in s.name]
     assert [s.weight for s in stage.data.sources] == [0.30, 0.09, 0.28]
     # The sampler draws by relative weight: 30/67, 9/67, 28/67 of the stage's samples.
     probs = [s.weight / sum(x.weight for x in stage.data.sources) for s in stage.data.sources]
     assert probs == pytest.approx([0.447761, 0.134328, 0.417910], abs=1e-6)
     # Everything else is the 224 px recipe.
-    assert replace(stage, run_dir=base.run_dir, model=base.model,
-                   optim=replace(stage.optim, weight_decay=base.optim.weight_decay),
-                   data=replace(stage.data, seed=base.data.seed, sources=base.data.sources),
-                   trainer=replace(stage.trainer, max_steps=base.trainer.max_steps)) == base
+    assert (
+        replace(
+            stage,
+            run_dir=base.run_dir,
+            model=base.model,
+            optim=replace(stage.optim, weight_decay=base.optim.weight_decay),
+            data=replace(stage.data, seed=base.data.seed, sources=base.data.sources),
+            trainer=replace(stage.trainer, max_steps=base.trainer.max_steps),
+        )
+        == base
+    )

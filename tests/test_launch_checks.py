@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from aimv2.cli import main
-from aimv2.compress.attach import build_attachment
-from aimv2.compress.registry import COMPRESSORS
+from aimv2.compress.vlm import build_attachment
+from aimv2.compress.components import COMPRESSORS
 from aimv2.compress.train import train
 from aimv2.config import TrainerConfig, load_config
-from aimv2.errors import UserError
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.engine.run_dir import RunDir
+from aimv2.errors import UserError
 from aimv2.pretraining.pretrain import pretrain
 from compress_utils import compress_config, write_encoder_checkpoint
 from conftest import REPO, write_caption_shards
@@ -35,8 +35,11 @@ def test_a_fresh_run_refuses_a_run_dir_that_holds_another_run(tmp_path):
     run = tmp_path / "run"
     claim_run_dir(RunDir(run), None, False)  # nothing there yet
     _fake_run(run)
-    with pytest.raises(UserError, match=r"run_dir .*run already holds a run \(config.yaml, 1 checkpoint\(s\), "
-                                         r"logs/metrics.csv\): continue it with trainer.resume=auto"):
+    with pytest.raises(
+        UserError,
+        match=r"run_dir .*run already holds a run \(config.yaml, 1 checkpoint\(s\), "
+        r"logs/metrics.csv\): continue it with trainer.resume=auto",
+    ):
         claim_run_dir(RunDir(run), None, False)
     with pytest.raises(UserError, match="already holds a run"):
         claim_run_dir(RunDir(run), "none", False)
@@ -62,14 +65,23 @@ def test_only_the_launching_process_checks(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA refuses")
-@pytest.mark.parametrize("fields,match", [
-    ({"accelerator": "gpu"}, r"'trainer.accelerator': gpu asked for, but no CUDA GPU is visible here; check the "
-                             r"config on this machine with --rehearse"),
-    ({"strategy": "fsdp"}, r"'trainer.strategy': fsdp needs CUDA GPUs and none is visible here"),
-    ({"strategy": "deepspeed"}, r"'trainer.strategy': deepspeed needs CUDA GPUs"),
-    ({"num_nodes": 32, "accelerator": "cpu"}, r"'trainer.num_nodes': 32 nodes need a launcher that starts the other "
-                                              r"nodes' processes \(sbatch launch/slurm_multinode.sbatch"),
-])
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (
+            {"accelerator": "gpu"},
+            r"'trainer.accelerator': gpu asked for, but no CUDA GPU is visible here; check the "
+            r"config on this machine with --rehearse",
+        ),
+        ({"strategy": "fsdp"}, r"'trainer.strategy': fsdp needs CUDA GPUs and none is visible here"),
+        ({"strategy": "deepspeed"}, r"'trainer.strategy': deepspeed needs CUDA GPUs"),
+        (
+            {"num_nodes": 32, "accelerator": "cpu"},
+            r"'trainer.num_nodes': 32 nodes need a launcher that starts the other "
+            r"nodes' processes \(sbatch launch/slurm_multinode.sbatch",
+        ),
+    ],
+)
 def test_launches_that_cannot_start_here_are_one_line_errors(fields, match, monkeypatch):
     for key in ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
@@ -85,12 +97,22 @@ def test_a_launcher_brings_the_other_nodes(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA refuses")
 def test_the_gpu_compress_config_says_it_needs_gpus(capsys):
-    code = main(["compress", "train", str(REPO / "configs/compress/finetune_stage2.yaml"), "encoder.source=x.ckpt",
-                 "data.train=x.tar", "lm.path=x"])
+    code = main(
+        [
+            "compress",
+            "train",
+            str(REPO / "configs/compress/finetune_stage2.yaml"),
+            "encoder.source=x.ckpt",
+            "data.train=x.tar",
+            "lm.path=x",
+        ]
+    )
     assert code == 2
-    assert capsys.readouterr().err.strip() == ("aimv2 compress: error: config key 'trainer.strategy': fsdp needs CUDA "
-                                               "GPUs and none is visible here; check the config on this machine with "
-                                               "--rehearse")
+    assert capsys.readouterr().err.strip() == (
+        "aimv2 compress: error: config key 'trainer.strategy': fsdp needs CUDA "
+        "GPUs and none is visible here; check the config on this machine with "
+        "--rehearse"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +121,35 @@ def shards(tmp_path_factory):
 
 
 def test_runs_shorter_than_the_logging_interval_leave_metrics(tmp_path, shards, capsys):
-    cfg = load_config(REPO / "configs/pretrain/debug.yaml", [
-        f"run_dir={tmp_path / 'pre'}", f"data.sources=[{{urls: '{shards.urls}'}}]", "model.img_size=28",
-        "data.batch_size=4", "data.num_workers=0", "data.tokenizer.max_length=8", "trainer.max_steps=2",
-        "trainer.log_every_n_steps=10", "trainer.progress_bar=false", "visualize.every_n_steps=0"])
+    cfg = load_config(
+        REPO / "configs/pretrain/debug.yaml",
+        [
+            f"run_dir={tmp_path / 'pre'}",
+            f"data.sources=[{{urls: '{shards.urls}'}}]",
+            "model.img_size=28",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.tokenizer.max_length=8",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=10",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+        ],
+    )
     pretrain(cfg)
     assert main(["report", str(tmp_path / "pre")]) == 0  # the command the run's summary suggests
     encoder = write_encoder_checkpoint(tmp_path / "enc.ckpt", img_size=28)
-    train(compress_config(tmp_path / "c", encoder, shards.urls, "trainer.max_steps=2", "trainer.log_every_n_steps=10",
-                          "compressor.kind=pool", "compressor.num_tokens=1"))
+    train(
+        compress_config(
+            tmp_path / "c",
+            encoder,
+            shards.urls,
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=10",
+            "compressor.kind=pool",
+            "compressor.num_tokens=1",
+        )
+    )
     out = capsys.readouterr().out
     assert "finished after 2 steps" in out and "caption loss" in out and "no caption loss logged" not in out
 
@@ -119,9 +161,17 @@ def test_every_compressor_gives_every_trainable_parameter_a_gradient(kind, promp
     path with no instruction text and a tokenizer without BOS (Qwen2's) did that."""
     encoder = write_encoder_checkpoint(tmp_path / "enc.ckpt", img_size=56)
     words = tiny_tokenizer(tmp_path / "tok")
-    cfg = compress_config(tmp_path, encoder, "unused.tar", f"compressor.kind={kind}", f"compressor.num_tokens={0 if kind == 'mlp' else 4}",
-                          "compressor.hidden=16", f"text.prompt='{prompt}'", "text.tokenizer.kind=hf",
-                          f"text.tokenizer.path={words[1].split('=', 1)[1]}")
+    cfg = compress_config(
+        tmp_path,
+        encoder,
+        "unused.tar",
+        f"compressor.kind={kind}",
+        f"compressor.num_tokens={0 if kind == 'mlp' else 4}",
+        "compressor.hidden=16",
+        f"text.prompt='{prompt}'",
+        "text.tokenizer.kind=hf",
+        f"text.tokenizer.path={words[1].split('=', 1)[1]}",
+    )
     vlm, tokenizer = build_attachment(cfg.stage, cfg.encoder, cfg.compressor, cfg.lm, cfg.text)
     assert tokenizer.bos_id is None  # nothing precedes the image unless the prompt does
     vlm.train()

@@ -13,7 +13,7 @@ from conftest import REPO
 # docs/architecture.md ("Which package may import which").
 LAYERS: list[set[str]] = [
     {"errors"},  # the one-line error every layer raises
-    {"fileio", "processes", "progress", "cpu_tuning", "shipped", "objective"},  # foundations
+    {"fileio", "processes", "progress", "shipped", "objective"},  # foundations
     {"models"},
     {"config"},  # the schema reads the size table
     {"data", "checkpoints"},
@@ -59,6 +59,5 @@ def test_no_package_imports_one_above_it_or_a_peer():
                 unknown |= {u for u in (source, target) if u not in LAYER}
             elif LAYER[target] >= LAYER[source]:
                 wrong.append(f"{relative} imports aimv2.{target}")
-    assert not unknown, (f"place {sorted(unknown)} in a layer: LAYERS in tests/test_layering.py and "
-                         "docs/architecture.md")
+    assert not unknown, f"place {sorted(unknown)} in a layer: LAYERS in tests/test_layering.py and docs/architecture.md"
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)

@@ -1,6 +1,8 @@
 """Prefix attention: the exact pattern, the sampling range, and causality through encoder + decoder; the
 FlexAttention block masks of packed rows, block for block those of the dense masks."""
 
+import functools
+
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
@@ -18,26 +20,32 @@ from aimv2.models.masks import (
     sample_prefix_lengths,
     sample_prefix_lengths_per_image,
 )
-from aimv2.models.packing import pack_layout
+from aimv2.models.native import pack_layout
 
 
 def test_prefix_mask_exact_pattern():
     mask = prefix_attention_mask(torch.tensor([2, 4]), 5)
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
-    expected_m2 = torch.tensor([
-        [1, 1, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1],
-    ], dtype=torch.bool)
-    expected_m4 = torch.tensor([
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1],
-    ], dtype=torch.bool)
+    expected_m2 = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    expected_m4 = torch.tensor(
+        [
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask[0, 0], expected_m2)
     assert torch.equal(mask[1, 0], expected_m4)
 
@@ -76,7 +84,7 @@ def _model():
 def _perturb_patch(images, j, grid=4, p=14):
     out = images.clone()
     r, c = divmod(j, grid)
-    out[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p] += torch.randn(images.shape[0], 3, p, p)
+    out[:, :, r * p : (r + 1) * p, c * p : (c + 1) * p] += torch.randn(images.shape[0], 3, p, p)
     return out
 
 
@@ -114,9 +122,10 @@ def test_prefix_patches_see_each_other_and_inference_is_bidirectional():
 
 
 # -- packed rows: FlexAttention block masks built from per-block summaries --------------------------------
-def packed_rows(seed: int, num_rows: int, row_tokens: int, patches: tuple[int, int], text_len: int,
-                fill: float = 1.0) -> tuple[dict, torch.Tensor]:
-    """A layout of aimv2.models.packing for random images of `patches` (lo, hi) patches placed first-fit
+def packed_rows(
+    seed: int, num_rows: int, row_tokens: int, patches: tuple[int, int], text_len: int, fill: float = 1.0
+) -> tuple[dict, torch.Tensor]:
+    """A layout of aimv2.models.native for random images of `patches` (lo, hi) patches placed first-fit
     decreasing (longest first in each row, as the native packer does) into `num_rows` rows, each filled
     to about `fill` of its tokens, and each image's prefix length."""
     gen = torch.Generator().manual_seed(seed)
@@ -151,20 +160,47 @@ def block_reduce(dense: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
     return counts > 0, counts == block * block
 
 
+def block_tokens(blocks: torch.Tensor, block: int, length: int) -> torch.Tensor:
+    """A per-block-pair (B, H, Qb, Kb) mask spread over the tokens of its blocks: (B, H, length, length)."""
+    return blocks.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :length, :length]
+
+
+def dense_mask_mod(dense: torch.Tensor):
+    """A FlexAttention mask_mod that reads a dense (B, 1, T, T) mask."""
+    return lambda b, h, q, k: dense[b, 0, q, k]
+
+
+def outputs_and_grads(attend, dtype: torch.dtype, qkv: tuple, weight: torch.Tensor) -> list[torch.Tensor]:
+    """attend(q, k, v) on copies of q, k, v in dtype: its output and the q/k/v gradients of sum(output * weight)."""
+    inputs = [t.detach().to(dtype).requires_grad_() for t in qkv]
+    out = attend(*inputs)
+    (out.float() * weight).sum().backward()
+    return [out.detach().float()] + [t.grad.float() for t in inputs]
+
+
 def built_masks(layout: dict, prefix: torch.Tensor | None, block: int):
     """(name, dense mask, BlockMask) for the encoder with prefix, the encoder at inference, the decoder."""
     image, pos = layout["patch_image"], layout["patch_pos"]
-    return [("encoder", packed_encoder_mask(image, pos, prefix), packed_encoder_block_mask(image, pos, prefix, block)),
-            ("encoder, no prefix", packed_encoder_mask(image, pos, None),
-             packed_encoder_block_mask(image, pos, None, block)),
-            ("decoder", packed_decoder_mask(layout["dec_image"]),
-             packed_decoder_block_mask(layout["dec_image"], block))]
+    return [
+        ("encoder", packed_encoder_mask(image, pos, prefix), packed_encoder_block_mask(image, pos, prefix, block)),
+        (
+            "encoder, no prefix",
+            packed_encoder_mask(image, pos, None),
+            packed_encoder_block_mask(image, pos, None, block),
+        ),
+        ("decoder", packed_decoder_mask(layout["dec_image"]), packed_decoder_block_mask(layout["dec_image"], block)),
+    ]
 
 
 # (seed, rows, row tokens, patches per image, fill, block): several images per row crossing block
 # boundaries, padding, rows of one image, T not a multiple of the block (encoder: 100, 90; decoder always)
-LAYOUTS = [(0, 3, 100, (2, 40), 0.9, 16), (1, 2, 96, (2, 30), 1.0, 8), (2, 2, 90, (30, 80), 0.95, 16),
-           (3, 4, 64, (2, 64), 1.0, 16), (4, 2, 128, (2, 9), 0.8, 8)]
+LAYOUTS = [
+    (0, 3, 100, (2, 40), 0.9, 16),
+    (1, 2, 96, (2, 30), 1.0, 8),
+    (2, 2, 90, (30, 80), 0.95, 16),
+    (3, 4, 64, (2, 64), 1.0, 16),
+    (4, 2, 128, (2, 9), 0.8, 8),
+]
 
 
 @pytest.mark.parametrize("seed, rows, tokens, patches, fill, block", LAYOUTS)
@@ -184,14 +220,12 @@ def test_packed_block_masks_mark_exactly_the_dense_masks_blocks(seed, rows, toke
         assert not (partial & full).any(), name
         assert torch.equal(partial | full, visible), name
         assert torch.equal(full, all_true), name
-        # what a kernel applies: full blocks as they are, mask_mod inside partial ones, nothing elsewhere
-        def tokens(blocks: torch.Tensor) -> torch.Tensor:
-            return blocks.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :length, :length]
 
+        # what a kernel applies: full blocks as they are, mask_mod inside partial ones, nothing elsewhere
+        full_tokens, partial_tokens = block_tokens(full, block, length), block_tokens(partial, block, length)
         elementwise = create_mask(bm.mask_mod, rows, 1, length, length, device="cpu")
-        assert torch.equal(tokens(full) | (tokens(partial) & elementwise), dense), name
-        old = create_block_mask(lambda b, h, q, k: dense[b, 0, q, k], rows, None, length, length, device="cpu",
-                                BLOCK_SIZE=block)
+        assert torch.equal(full_tokens | (partial_tokens & elementwise), dense), name
+        old = create_block_mask(dense_mask_mod(dense), rows, None, length, length, device="cpu", BLOCK_SIZE=block)
         assert torch.equal(bm.to_dense(), old.to_dense()), name
         assert torch.equal(full, marked_blocks(old.full_kv_num_blocks, old.full_kv_indices, kv_blocks)), name
         assert torch.equal(bm.kv_num_blocks, old.kv_num_blocks), name
@@ -206,15 +240,24 @@ def test_packed_block_masks_skip_blocks_no_query_needs():
     assert not dec.triu(1).any()
     prefix = torch.tensor([18, 2, 25])  # image 0's prefix (tokens 0..17) reaches block 2; image 2's, block 3
     enc = packed_encoder_block_mask(layout["patch_image"], layout["patch_pos"], prefix, block_size=8).to_dense()[:, 0]
-    assert torch.equal(enc[0], torch.tensor([
-        [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.int32))
-    assert torch.equal(enc[1], torch.tensor([
-        [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.int32))
+    assert torch.equal(
+        enc[0],
+        torch.tensor(
+            [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.int32
+        ),
+    )
+    assert torch.equal(
+        enc[1],
+        torch.tensor(
+            [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.int32
+        ),
+    )
 
 
 @pytest.mark.parametrize("seed, rows, tokens, patches, fill, block", LAYOUTS[:3])
-def test_flex_attention_with_packed_block_masks_equals_sdpa_with_the_dense_masks(seed, rows, tokens, patches,
-                                                                                 fill, block):
+def test_flex_attention_with_packed_block_masks_equals_sdpa_with_the_dense_masks(
+    seed, rows, tokens, patches, fill, block
+):
     """torch's eager CPU forward of FlexAttention (it applies mask_mod to every pair) against SDPA."""
     layout, prefix = packed_rows(seed, rows, tokens, patches, text_len=6, fill=fill)
     gen = torch.Generator().manual_seed(seed)
@@ -251,17 +294,11 @@ def test_compiled_flex_attention_with_packed_block_masks_forward_and_backward_on
     for name, dense, bm in built_masks(layout, prefix, 128)[::2]:
         q, k, v = torch.randn(3, 2, 8, dense.shape[-1], 64, device=device, generator=gen).unbind(0)
         weight = torch.randn(q.shape, device=device, generator=gen)
-
-        def run(attend, dtype):
-            inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-            out = attend(*inputs)
-            (out.float() * weight).sum().backward()
-            return [out.detach().float()] + [t.grad.float() for t in inputs]
-
-        sdpa = lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=dense)  # noqa: E731
+        run = functools.partial(outputs_and_grads, qkv=(q, k, v), weight=weight)
+        sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, attn_mask=dense)
         ref = run(sdpa, torch.float32)
         bf16 = run(sdpa, torch.bfloat16)
-        flex = run(lambda a, b, c: compiled(a, b, c, block_mask=bm), torch.bfloat16)
+        flex = run(functools.partial(compiled, block_mask=bm), torch.bfloat16)
         for what, r, s, f in zip(("out", "dq", "dk", "dv"), ref, bf16, flex):
             err_flex, err_sdpa = (f - r).norm() / r.norm(), (s - r).norm() / r.norm()
             assert err_flex < 2 * err_sdpa + 1e-3 and err_flex < 2e-2, (name, what, float(err_flex), float(err_sdpa))

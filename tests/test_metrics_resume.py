@@ -4,7 +4,7 @@ checkpoint carries its step's row and the resume puts it back: one row per step,
 
 import csv
 
-from aimv2.engine.metrics import read_metric
+from aimv2.engine.logs import read_metric
 from test_exact_resume import command, shard_urls, train
 
 

@@ -4,9 +4,9 @@ import pytest
 import timm
 import torch
 
-from aimv2.models import AIMv2, SIZES, get_size
-from aimv2.models.encoder import build_encoder, encode, timm_encoder_kwargs
 from aimv2.errors import UserError
+from aimv2.models import SIZES, AIMv2, get_size
+from aimv2.models.encoder import build_encoder, encode, timm_encoder_kwargs
 
 # The AIMv2 paper's encoder sizes (arXiv 2411.14402), counted as timm's aimv2_{large,huge,1b,3b}_patch14_224 have them.
 PAPER_ENCODER_PARAMS_M = {"large": 309.2, "huge": 680.9, "1b": 1235.0, "3b": 2720.7}
@@ -31,8 +31,10 @@ def test_paper_sizes_are_timm_aimv2_architectures(size):
 
 
 def test_paper_decoder_is_shared_and_small_sizes_are_small():
-    decoders = {(s.decoder_width, s.decoder_depth, s.decoder_heads, s.decoder_mlp_hidden)
-                for s in (SIZES[n] for n in PAPER_ENCODER_PARAMS_M)}
+    decoders = {
+        (s.decoder_width, s.decoder_depth, s.decoder_heads, s.decoder_mlp_hidden)
+        for s in (SIZES[n] for n in PAPER_ENCODER_PARAMS_M)
+    }
     assert decoders == {(1024, 12, 8, 2816)}
     for name in ("debug", "tiny", "small"):
         assert SIZES[name].width <= 384 and SIZES[name].patch_size == 14

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aimv2.compress.base import CompressorSpec, pool_tokens
-from aimv2.compress.registry import build_compressor
+from aimv2.compress.components import build_compressor
 from aimv2.compress.vlm import AttachedVLM
 from aimv2.errors import UserError
 from aimv2.models import get_size
@@ -22,8 +22,9 @@ def vlm(kind: str, m: int) -> AttachedVLM:
     return AttachedVLM(encoder, build_compressor(spec), None)
 
 
-@pytest.mark.parametrize("kind,m,expected", [("mlp", 0, 45), ("pool", 4, 4), ("resampler", 4, 4), ("kdv", 4, 4),
-                                             ("tokenpacker", 1, 1)])
+@pytest.mark.parametrize(
+    "kind,m,expected", [("mlp", 0, 45), ("pool", 4, 4), ("resampler", 4, 4), ("kdv", 4, 4), ("tokenpacker", 1, 1)]
+)
 def test_every_kind_that_can_takes_a_non_square_grid(kind, m, expected):
     model = vlm(kind, m)
     nominal = model.visual_tokens(torch.randn(2, 3, 56, 56))

@@ -11,6 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from aimv2.config.schema import TokenizerConfig
 from aimv2.data.native import (
     NativeImageCaptionProcessor,
     NativeResizeFlip,
@@ -27,7 +28,6 @@ from aimv2.data.shardlist import resolve_shards
 from aimv2.data.shards import ShardSample, write_shards
 from aimv2.data.stream import EpochAwareLoader, ShardStream, StreamSource
 from aimv2.data.tokenizer import build_tokenizer
-from aimv2.config.schema import TokenizerConfig
 
 P = 14
 
@@ -79,8 +79,15 @@ SIZES = [(70, 42), (42, 98), (56, 56), (140, 28), (28, 70), (84, 84), (98, 42), 
 
 
 def varied_shards(tmp_path, n: int, corrupt=()):
-    samples = [ShardSample(f"s{i:04d}", b"not an image" if i in corrupt else jpeg(*SIZES[i % len(SIZES)], i),
-                           "jpg", caption=f"sample {i}") for i in range(n)]
+    samples = [
+        ShardSample(
+            f"s{i:04d}",
+            b"not an image" if i in corrupt else jpeg(*SIZES[i % len(SIZES)], i),
+            "jpg",
+            caption=f"sample {i}",
+        )
+        for i in range(n)
+    ]
     report = write_shards(samples, tmp_path / "shards", samples_per_shard=9, verify_images=False, progress=False)
     return StreamSource("v", resolve_shards(report.urls, "v", need_counts=True))
 
@@ -88,9 +95,17 @@ def varied_shards(tmp_path, n: int, corrupt=()):
 def packed_loader(tmp_path, src, workers=2, window=12, seed=0, mode="resampled", batch_size=1):
     tokenizer = build_tokenizer(TokenizerConfig(kind="words", path=str(words(tmp_path)), max_length=6))
     packing = Packing(P, 4, 24, row_tokens=32, rows=2, window=window, crop_scale=(0.7, 1.0), crop_ratio=(0.5, 2.0))
-    stream = ShardStream([src], process=NativeImageCaptionProcessor(NativeResizeFlip(P, 0.5), decode_image_tensor),
-                         collate=PackedCollator(tokenizer, P, 32), batch_size=batch_size, mode=mode,
-                         num_workers=workers, seed=seed, shuffle_buffer=5, packing=packing)
+    stream = ShardStream(
+        [src],
+        process=NativeImageCaptionProcessor(NativeResizeFlip(P, 0.5), decode_image_tensor),
+        collate=PackedCollator(tokenizer, P, 32),
+        batch_size=batch_size,
+        mode=mode,
+        num_workers=workers,
+        seed=seed,
+        shuffle_buffer=5,
+        packing=packing,
+    )
     stream.segment = 10  # windows straddle segment boundaries
     return EpochAwareLoader(stream, num_workers=workers, gather=lambda table: table[None])
 
@@ -148,8 +163,14 @@ def test_a_packed_stream_continues_exactly_after_any_batch(tmp_path):
 
 def first_raw_keys(src, n):
     """The first n samples the resampled stream draws (packing or not, the draws are the same)."""
-    plain = ShardStream([src], process=lambda sample: sample["__key__"], collate=lambda keys: {"keys": keys},
-                        batch_size=n, mode="resampled", shuffle_buffer=5)
+    plain = ShardStream(
+        [src],
+        process=lambda sample: sample["__key__"],
+        collate=lambda keys: {"keys": keys},
+        batch_size=n,
+        mode="resampled",
+        shuffle_buffer=5,
+    )
     plain.segment = 10
     return next(iter(plain))["keys"]
 

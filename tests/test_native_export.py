@@ -52,8 +52,14 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 def _save_pretraining_ckpt(path, model: AIMv2, model_cfg: dict) -> None:
     """The layout `aimv2 pretrain` writes: the module's state dict under `model.` + hyper_parameters."""
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 3,
-                "hyper_parameters": {"model": model_cfg, "vocab_size": 50, "max_text_len": 8}}, path)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "global_step": 3,
+            "hyper_parameters": {"model": model_cfg, "vocab_size": 50, "max_text_len": 8},
+        },
+        path,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +158,16 @@ def test_hf_export_is_native_and_plain_transformers_gives_the_same_features(nati
 
 
 def test_transformers_native_model_loads_as_a_native_encoder(tmp_path):
-    cfg = transformers.Aimv2VisionConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=56, patch_size=14, use_head=False,
-                                         is_native=True)
+    cfg = transformers.Aimv2VisionConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        use_head=False,
+        is_native=True,
+    )
     torch.manual_seed(1)
     model = transformers.Aimv2VisionModel(cfg).eval()
     model.save_pretrained(tmp_path / "hf")

@@ -8,7 +8,7 @@ import torch
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import packed_decoder_mask, packed_encoder_mask
 from aimv2.models.native import build_native_encoder, encode_packed, grid_position_embedding
-from aimv2.models.packing import pack_layout, pack_patches
+from aimv2.models.native import pack_layout, pack_patches
 from aimv2.objective import aimv2_loss, packed_aimv2_loss, patchify
 
 P = 14
@@ -26,10 +26,18 @@ def test_the_position_embedding_is_the_native_releases():
     assert torch.equal(grid_position_embedding(5, 9, 64).reshape(45, 64), ref)
     # Hand-computed: patch (row 1, column 2), the first frequency of each quarter is 1.
     table = grid_position_embedding(2, 3, 8)
-    expected = torch.tensor([torch.sin(torch.tensor(2.0)), torch.sin(torch.tensor(2e-2)),
-                             torch.cos(torch.tensor(2.0)), torch.cos(torch.tensor(2e-2)),
-                             torch.sin(torch.tensor(1.0)), torch.sin(torch.tensor(1e-2)),
-                             torch.cos(torch.tensor(1.0)), torch.cos(torch.tensor(1e-2))])
+    expected = torch.tensor(
+        [
+            torch.sin(torch.tensor(2.0)),
+            torch.sin(torch.tensor(2e-2)),
+            torch.cos(torch.tensor(2.0)),
+            torch.cos(torch.tensor(2e-2)),
+            torch.sin(torch.tensor(1.0)),
+            torch.sin(torch.tensor(1e-2)),
+            torch.cos(torch.tensor(1.0)),
+            torch.cos(torch.tensor(1e-2)),
+        ]
+    )
     assert torch.allclose(table[1, 2], expected, atol=1e-7)
 
 
@@ -87,11 +95,12 @@ def test_a_packed_batch_gives_each_images_losses_and_gradients():
     alone, grads_img, grads_txt, counts = [], [], [], []
     for i, image in enumerate(images):
         model.zero_grad()
-        pixels, logits = model(image, tokens[i:i + 1], prefix[i:i + 1], token_mask[i:i + 1])
-        losses = aimv2_loss(pixels, logits, image, tokens[i:i + 1], token_mask[i:i + 1], prefix[i:i + 1], P)
+        pixels, logits = model(image, tokens[i : i + 1], prefix[i : i + 1], token_mask[i : i + 1])
+        losses = aimv2_loss(pixels, logits, image, tokens[i : i + 1], token_mask[i : i + 1], prefix[i : i + 1], P)
         alone.append((losses.image.item(), losses.text.item()))
-        grads_img.append(torch.autograd.grad(losses.image, list(model.parameters()), retain_graph=True,
-                                             allow_unused=True))
+        grads_img.append(
+            torch.autograd.grad(losses.image, list(model.parameters()), retain_graph=True, allow_unused=True)
+        )
         grads_txt.append(torch.autograd.grad(losses.text, list(model.parameters()), allow_unused=True))
         counts.append((grids[i][0] * grids[i][1] - prefix[i].item(), lengths[i]))
 
@@ -101,10 +110,19 @@ def test_a_packed_batch_gives_each_images_losses_and_gradients():
     # Per image: the packed terms equal the lone run's.
     for i, (l_img, l_txt) in enumerate(alone):
         only = layout["pixel_image"] == i
-        packed_i = packed_aimv2_loss(pixels[only], logits, patches, tokens,
-                                     {**layout, "pixel_target": layout["pixel_target"][only],
-                                      "pixel_image": layout["pixel_image"][only],
-                                      "pixel_target_pos": layout["pixel_target_pos"][only]}, prefix)
+        packed_i = packed_aimv2_loss(
+            pixels[only],
+            logits,
+            patches,
+            tokens,
+            {
+                **layout,
+                "pixel_target": layout["pixel_target"][only],
+                "pixel_image": layout["pixel_image"][only],
+                "pixel_target_pos": layout["pixel_target_pos"][only],
+            },
+            prefix,
+        )
         assert abs(packed_i.image.item() - l_img) < 1e-5, i
         mine = (layout["text_target"] // text_len) == i
         ce = torch.nn.functional.cross_entropy(logits[mine], tokens.flatten()[layout["text_target"][mine]])

@@ -10,27 +10,39 @@ import shutil
 import torch
 
 from aimv2.config import load_config
-from aimv2.engine.metrics import read_metric
-from aimv2.engine.stream_state import read_sample_log
+from aimv2.data.shards import ShardSample, write_shards
+from aimv2.engine.logs import read_metric
+from aimv2.engine.stream_resume import read_sample_log
 from aimv2.pretraining.pretrain import pretrain
 from conftest import REPO
 from test_native_data import SIZES, jpeg, words
 
-from aimv2.data.shards import ShardSample, write_shards
-
 
 def shards(root):
-    samples = [ShardSample(f"s{i:04d}", jpeg(*SIZES[i % len(SIZES)], i), "jpg", caption=f"sample {i % 10}")
-               for i in range(48)]
+    samples = [
+        ShardSample(f"s{i:04d}", jpeg(*SIZES[i % len(SIZES)], i), "jpg", caption=f"sample {i % 10}") for i in range(48)
+    ]
     return write_shards(samples, root / "shards", samples_per_shard=16, progress=False).urls
 
 
 def config(root, run: str, urls: str, *extra: str):
-    return load_config(REPO / "configs/pretrain/debug_native.yaml", [
-        f"run_dir={root / run}", f"data.sources=[{{urls: '{urls}'}}]", f"data.tokenizer.path={words(root)}",
-        "data.num_workers=1", "data.shuffle_buffer=8", "data.native.window=16", "trainer.max_steps=6",
-        "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
-        "optim.warmup_steps=2", *extra])
+    return load_config(
+        REPO / "configs/pretrain/debug_native.yaml",
+        [
+            f"run_dir={root / run}",
+            f"data.sources=[{{urls: '{urls}'}}]",
+            f"data.tokenizer.path={words(root)}",
+            "data.num_workers=1",
+            "data.shuffle_buffer=8",
+            "data.native.window=16",
+            "trainer.max_steps=6",
+            "trainer.checkpoint_every_n_steps=3",
+            "trainer.log_every_n_steps=1",
+            "trainer.progress_bar=false",
+            "optim.warmup_steps=2",
+            *extra,
+        ],
+    )
 
 
 def last(run_dir):
@@ -58,8 +70,16 @@ def test_a_native_run_trains_and_resumes_bitwise(tmp_path):
 
 
 def test_a_native_run_draws_its_prediction_frames(tmp_path):
-    run = pretrain(config(tmp_path, "frames", shards(tmp_path), "visualize.every_n_steps=3", "trainer.max_steps=3",
-                          "visualize.num_images=3"))
+    run = pretrain(
+        config(
+            tmp_path,
+            "frames",
+            shards(tmp_path),
+            "visualize.every_n_steps=3",
+            "trainer.max_steps=3",
+            "visualize.num_images=3",
+        )
+    )
     assert sorted(p.name for p in run.visualizations.glob("step=*.png")) == ["step=0000000.png", "step=0000003.png"]
     fixed = torch.load(run.visualizations / "fixed_batch.pt", weights_only=True)
     images = fixed["image"]  # the first images of the first image's grid, at that grid
@@ -69,12 +89,24 @@ def test_a_native_run_draws_its_prediction_frames(tmp_path):
 
 def test_a_native_stage_continues_a_fixed_size_run(tmp_path, capsys):
     urls = shards(tmp_path)
-    fixed = pretrain(load_config(REPO / "configs/pretrain/demo.yaml", [
-        f"run_dir={tmp_path / 'fixed'}", f"data.sources=[{{urls: '{urls}'}}]", f"data.tokenizer.path={words(tmp_path)}",
-        "data.num_workers=0", "trainer.max_steps=2", "trainer.progress_bar=false", "visualize.every_n_steps=0"]))
+    fixed = pretrain(
+        load_config(
+            REPO / "configs/pretrain/demo.yaml",
+            [
+                f"run_dir={tmp_path / 'fixed'}",
+                f"data.sources=[{{urls: '{urls}'}}]",
+                f"data.tokenizer.path={words(tmp_path)}",
+                "data.num_workers=0",
+                "trainer.max_steps=2",
+                "trainer.progress_bar=false",
+                "visualize.every_n_steps=0",
+            ],
+        )
+    )
     capsys.readouterr()
-    native = pretrain(config(tmp_path, "native", urls, f"model.init_from={fixed.checkpoints / 'last.ckpt'}",
-                             "trainer.max_steps=1"))
+    native = pretrain(
+        config(tmp_path, "native", urls, f"model.init_from={fixed.checkpoints / 'last.ckpt'}", "trainer.max_steps=1")
+    )
     out = capsys.readouterr().out
     assert "learned position table (16 tokens) is replaced by the native 2-D sin-cos embedding" in out
     a, b = last(fixed.root)["state_dict"], last(native.root)["state_dict"]
@@ -85,8 +117,19 @@ def test_a_native_epoch_sees_every_sample_once_on_two_workers(tmp_path):
     """Epoch mode: a batch is data.batch_size images packed into as many rows as they need, so the
     step count is planned from sample counts and the sample log shows each sample once per epoch."""
     urls = shards(tmp_path)  # 48 samples in 3 shards of 16
-    run = pretrain(config(tmp_path, "epochs", urls, "data.mode=epoch", "data.batch_size=5", "data.num_workers=2",
-                          "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.log_samples=true"))
+    run = pretrain(
+        config(
+            tmp_path,
+            "epochs",
+            urls,
+            "data.mode=epoch",
+            "data.batch_size=5",
+            "data.num_workers=2",
+            "trainer.max_steps=-1",
+            "trainer.max_epochs=2",
+            "trainer.log_samples=true",
+        )
+    )
     log = read_sample_log(run.root / "logs/samples/rank0.tsv")
     # 48 samples cut into 2 ranges of 24 -> 24 // 5 = 4 batches per slot, 8 per epoch
     assert last(run.root)["global_step"] == 16 and [step for _, _, step, _ in log] == list(range(1, 17))

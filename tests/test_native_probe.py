@@ -39,25 +39,50 @@ def test_heads_ignore_padding(kind):
 def class_shards(root):
     samples = [ShardSample(f"c{i:04d}", jpeg(*SIZES[i % len(SIZES)], i), "jpg", cls=i % 2) for i in range(24)]
     for split in ("train", "val"):
-        write_shards(samples, root / split, samples_per_shard=12, progress=False,
-                     extra_files={"classes.json": classes_json(["even", "odd"])})
+        write_shards(
+            samples,
+            root / split,
+            samples_per_shard=12,
+            progress=False,
+            extra_files={"classes.json": classes_json(["even", "odd"])},
+        )
     return str(root / "train"), str(root / "val")
 
 
 def native_checkpoint(root):
-    cfg = load_config(REPO / "configs/pretrain/debug_native.yaml", [
-        f"run_dir={root / 'run'}", f"data.sources=[{{urls: '{shards(root)}'}}]", f"data.tokenizer.path={words(root)}",
-        "data.num_workers=0", "trainer.max_steps=2", "trainer.progress_bar=false"])
+    cfg = load_config(
+        REPO / "configs/pretrain/debug_native.yaml",
+        [
+            f"run_dir={root / 'run'}",
+            f"data.sources=[{{urls: '{shards(root)}'}}]",
+            f"data.tokenizer.path={words(root)}",
+            "data.num_workers=0",
+            "trainer.max_steps=2",
+            "trainer.progress_bar=false",
+        ],
+    )
     return str(pretrain(cfg).checkpoints / "last.ckpt")
 
 
 def test_a_native_encoder_probes_each_image_at_its_own_grid(tmp_path):
     checkpoint = native_checkpoint(tmp_path)
     train, val = class_shards(tmp_path / "probe")
-    cfg = load_config(REPO / "configs/probe/quick.yaml", [
-        f"checkpoint={checkpoint}", f"run_dir={tmp_path / 'probe_run'}", f"data.train={train}", f"data.val={val}",
-        "native_patches=[4, 24]", "optim.epochs=2", "optim.warmup_epochs=0", "data.batch_size=8",
-        "data.num_workers=0", "progress_bar=false"], schema=ProbeConfig)
+    cfg = load_config(
+        REPO / "configs/probe/quick.yaml",
+        [
+            f"checkpoint={checkpoint}",
+            f"run_dir={tmp_path / 'probe_run'}",
+            f"data.train={train}",
+            f"data.val={val}",
+            "native_patches=[4, 24]",
+            "optim.epochs=2",
+            "optim.warmup_epochs=0",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "progress_bar=false",
+        ],
+        schema=ProbeConfig,
+    )
     results = run_probe(cfg)
     assert results["native_patches"] == [4, 24] and len(results["heads"]) > 0
     from safetensors.torch import load_file
@@ -69,14 +94,32 @@ def test_a_native_encoder_probes_each_image_at_its_own_grid(tmp_path):
     assert cache["features"].shape[1] == 21  # padded to the longest
     # A fixed-size encoder cannot: one line naming the key.
     fixed = tmp_path / "fixed"
-    cfg_fixed = load_config(REPO / "configs/pretrain/demo.yaml", [
-        f"run_dir={fixed}", f"data.sources=[{{urls: '{shards(tmp_path / 'f')}'}}]",
-        f"data.tokenizer.path={words(tmp_path)}", "data.num_workers=0", "trainer.max_steps=1",
-        "trainer.progress_bar=false", "visualize.every_n_steps=0"])
+    cfg_fixed = load_config(
+        REPO / "configs/pretrain/demo.yaml",
+        [
+            f"run_dir={fixed}",
+            f"data.sources=[{{urls: '{shards(tmp_path / 'f')}'}}]",
+            f"data.tokenizer.path={words(tmp_path)}",
+            "data.num_workers=0",
+            "trainer.max_steps=1",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+        ],
+    )
     with pytest.raises(UserError, match="native_patches.*fixed-size encoder"):
-        run_probe(load_config(REPO / "configs/probe/quick.yaml", [
-            f"checkpoint={pretrain(cfg_fixed).checkpoints / 'last.ckpt'}", f"data.train={train}", f"data.val={val}",
-            f"run_dir={tmp_path / 'p2'}", "native_patches=[4, 24]"], schema=ProbeConfig))
+        run_probe(
+            load_config(
+                REPO / "configs/probe/quick.yaml",
+                [
+                    f"checkpoint={pretrain(cfg_fixed).checkpoints / 'last.ckpt'}",
+                    f"data.train={train}",
+                    f"data.val={val}",
+                    f"run_dir={tmp_path / 'p2'}",
+                    "native_patches=[4, 24]",
+                ],
+                schema=ProbeConfig,
+            )
+        )
 
 
 def test_shares_of_several_processes_merge_with_their_padding():
@@ -88,8 +131,15 @@ def test_shares_of_several_processes_merge_with_their_padding():
     parts = []
     for keys in (["c", "a"], ["d", "b"]):
         features, lengths = pad_tokens([rows[k] for k in keys])
-        parts.append({"keys": keys, "features": features, "lengths": lengths,
-                      "labels": torch.tensor([ord(k) for k in keys]), "skipped": 0})
+        parts.append(
+            {
+                "keys": keys,
+                "features": features,
+                "lengths": lengths,
+                "labels": torch.tensor([ord(k) for k in keys]),
+                "skipped": 0,
+            }
+        )
     merged = merge_parts(parts)
     assert merged["keys"] == ["a", "b", "c", "d"] and merged["lengths"].tolist() == [3, 5, 2, 1]
     assert merged["features"].shape == (4, 5, 2) and merged["labels"].tolist() == [97, 98, 99, 100]

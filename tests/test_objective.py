@@ -6,8 +6,19 @@ import pytest
 import torch
 
 import aimv2.objective as objective
-from aimv2.objective import (LossSums, aimv2_loss, aimv2_loss_sums, global_losses, global_mean, image_loss,
-                             image_loss_sum, normalize_patches, patchify, text_loss, text_loss_sum)
+from aimv2.objective import (
+    LossSums,
+    aimv2_loss,
+    aimv2_loss_sums,
+    global_losses,
+    global_mean,
+    image_loss,
+    image_loss_sum,
+    normalize_patches,
+    patchify,
+    text_loss,
+    text_loss_sum,
+)
 
 
 def test_patchify_order_matches_grid_and_pixel_layout():
@@ -85,13 +96,15 @@ def test_packed_logits_give_the_same_text_loss():
     torch.manual_seed(0)
     logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert text_loss(logits[mask], tokens, mask).item() == pytest.approx(text_loss(logits, tokens, mask).item(), rel=1e-6)
+    assert text_loss(logits[mask], tokens, mask).item() == pytest.approx(
+        text_loss(logits, tokens, mask).item(), rel=1e-6
+    )
     index = torch.tensor([0, 1, 2, 5, 6, 7, 8, 9])  # the True positions of mask, flattened
     assert torch.equal(text_loss(logits[mask], tokens, mask, index), text_loss(logits[mask], tokens, mask))
 
 
 def test_collator_gives_the_flat_positions_of_real_tokens():
-    from aimv2.data.image_caption import ImageCaptionCollator
+    from aimv2.data.samples import ImageCaptionCollator
 
     class Lengths:  # a tokenizer whose captions are as long as their text says
         def __call__(self, captions):
@@ -117,8 +130,7 @@ def test_the_means_are_sums_over_counts():
         total, count = text_loss_sum(given, tokens, mask)
         assert total.item() == pytest.approx(ce.item(), rel=1e-6) and count.item() == 8
     # The mean is bitwise the cross-entropy's own mean (one process trains on exactly the loss it always had).
-    assert torch.equal(text_loss(logits, tokens, mask),
-                       torch.nn.functional.cross_entropy(logits[mask], tokens[mask]))
+    assert torch.equal(text_loss(logits, tokens, mask), torch.nn.functional.cross_entropy(logits[mask], tokens[mask]))
 
 
 def test_a_term_without_targets_is_zero_not_nan():
@@ -142,8 +154,9 @@ def test_the_fixed_size_loss_is_its_sums_means():
 
 
 def sums_of(image: float, image_count: float, text: float, text_count: float) -> LossSums:
-    return LossSums(*(torch.tensor(v, requires_grad=i % 2 == 0) for i, v in enumerate(
-        (image, image_count, text, text_count))))
+    return LossSums(
+        *(torch.tensor(v, requires_grad=i % 2 == 0) for i, v in enumerate((image, image_count, text, text_count)))
+    )
 
 
 def test_one_process_needs_no_collective(monkeypatch):
@@ -163,8 +176,11 @@ def test_one_process_needs_no_collective(monkeypatch):
 def test_a_rank_divides_its_sums_by_the_global_counts(monkeypatch):
     # Rank 0 holds 6 / 3 image and 10 / 4 text (sum / count); the other rank 2 / 1 and 0 / 0 (no tokens).
     other = torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-    monkeypatch.setattr(objective, "summed_over_ranks",
-                        lambda *values: tuple(torch.stack([v.double() for v in values]) + other[:len(values)]))
+    monkeypatch.setattr(
+        objective,
+        "summed_over_ranks",
+        lambda *values: tuple(torch.stack([v.double() for v in values]) + other[: len(values)]),
+    )
     sums = sums_of(6.0, 3.0, 10.0, 4.0)
     loss, logged = global_losses(sums, 0.4, 1.0, world_size=2)
     # world_size * (S_text / C_text + 0.4 * S_img / C_img) with C over both ranks: 4 tokens, 4 patches

@@ -23,8 +23,10 @@ BETAS, EPS = (0.9, 0.95), 1e-8
 def hand_lrs() -> list[float]:
     """The schedule written out: lr/3, 2lr/3, lr, then cosine from lr to MIN_LR over the 5 steps left."""
     warm = [LR * (t + 1) / WARMUP for t in range(WARMUP)]
-    cos = [MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * (t - WARMUP) / (TOTAL - WARMUP)))
-           for t in range(WARMUP, TOTAL)]
+    cos = [
+        MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * (t - WARMUP) / (TOTAL - WARMUP)))
+        for t in range(WARMUP, TOTAL)
+    ]
     return warm + cos
 
 
@@ -37,7 +39,7 @@ def adamlh(p: torch.Tensor, grads: list[torch.Tensor], lrs: list[float], lam: fl
         p = p * (1 - lam * lr / LR)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p = p - (lr / (1 - b1 ** t)) * m / ((v / (1 - b2 ** t)).sqrt() + EPS)
+        p = p - (lr / (1 - b1**t)) * m / ((v / (1 - b2**t)).sqrt() + EPS)
     return p
 
 
@@ -76,8 +78,10 @@ def test_updates_match_adamlh_by_hand_over_warmup_and_cosine():
     model = Toy()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(1)
-    grads = {n: [torch.randn(p.shape, generator=g, dtype=torch.float64) for _ in range(TOTAL)]
-             for n, p in model.named_parameters()}
+    grads = {
+        n: [torch.randn(p.shape, generator=g, dtype=torch.float64) for _ in range(TOTAL)]
+        for n, p in model.named_parameters()
+    }
     grads["unused"] = [torch.zeros_like(model.unused) for _ in range(TOTAL)]
     grads["pos_embed"] = [torch.zeros_like(model.pos_embed) for _ in range(TOTAL)]  # exempt, zero grad: must not move
     optimizer = build_optimizer(model, LR, LAM, BETAS, EPS)
@@ -112,8 +116,10 @@ def test_zero_lr_moves_nothing():
     optimizer = build_optimizer(model, 0.0, LAM, BETAS, EPS)
     scheduler = warmup_cosine_schedule(optimizer, WARMUP, TOTAL, 0.0, 0.0)["scheduler"]
     g = torch.Generator().manual_seed(2)
-    grads = {n: [torch.randn(p.shape, generator=g, dtype=torch.float64) for _ in range(TOTAL)]
-             for n, p in model.named_parameters()}
+    grads = {
+        n: [torch.randn(p.shape, generator=g, dtype=torch.float64) for _ in range(TOTAL)]
+        for n, p in model.named_parameters()
+    }
     assert run_steps(model, optimizer, scheduler, grads) == [0.0] * TOTAL
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), start[name]), name
@@ -122,9 +128,12 @@ def test_zero_lr_moves_nothing():
 def test_the_pretraining_module_hands_lambda_over_lr_to_adamw():
     from aimv2.pretraining.module import AIMv2PretrainModule
 
-    module = AIMv2PretrainModule({"size": "debug", "img_size": 28}, {}, {"lr": 2e-3, "weight_decay": 1e-4},
-                                 vocab_size=64, max_text_len=8)
-    module._trainer = SimpleNamespace(strategy=None, datamodule=None, max_epochs=None, max_steps=100, precision="32-true")
+    module = AIMv2PretrainModule(
+        {"size": "debug", "img_size": 28}, {}, {"lr": 2e-3, "weight_decay": 1e-4}, vocab_size=64, max_text_len=8
+    )
+    module._trainer = SimpleNamespace(
+        strategy=None, datamodule=None, max_epochs=None, max_steps=100, precision="32-true"
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [pytest.approx(0.05), 0.0]
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
@@ -144,18 +153,30 @@ def test_no_decay_split_is_ml_l3m_wd_exclude():
     globs = ("*bias*", "*pos_embed*", "*norm*", "*start_token*")
     by_glob = {n for n, _ in model.named_parameters() if any(fnmatch(n, g) for g in globs)}
     assert no_decay_names(model) == by_glob
-    assert {"encoder.pos_embed", "decoder.text_pos_embed", "decoder.start_token",
-            "encoder.patch_embed.proj.bias"} <= by_glob
+    assert {
+        "encoder.pos_embed",
+        "decoder.text_pos_embed",
+        "decoder.start_token",
+        "encoder.patch_embed.proj.bias",
+    } <= by_glob
 
 
 def test_compressor_groups_share_one_decay_and_the_llm_decays_at_its_lr_scale(tmp_path):
+    from aimv2.compress.train import build_module
     from compress_utils import compress_config, write_encoder_checkpoint
 
-    from aimv2.compress.train import build_module
-
     encoder = write_encoder_checkpoint(tmp_path / "enc.ckpt")
-    cfg = compress_config(tmp_path, encoder, "unused", "stage=2", "compressor.kind=mlp", "compressor.num_tokens=0",
-                          "optim.lr=2e-3", "optim.weight_decay=1e-4", "optim.lm_lr_scale=0.25")
+    cfg = compress_config(
+        tmp_path,
+        encoder,
+        "unused",
+        "stage=2",
+        "compressor.kind=mlp",
+        "compressor.num_tokens=0",
+        "optim.lr=2e-3",
+        "optim.weight_decay=1e-4",
+        "optim.lm_lr_scale=0.25",
+    )
     module = build_module(cfg)
     module._trainer = SimpleNamespace(estimated_stepping_batches=10, precision="32-true")
     optimizer = module.configure_optimizers()["optimizer"]
@@ -179,8 +200,11 @@ def test_cpu_adam_receives_the_same_groups(monkeypatch):
 
     fake = types.ModuleType("deepspeed.ops.adam")
     fake.DeepSpeedCPUAdam = RecordingCPUAdam
-    for name, module in (("deepspeed", types.ModuleType("deepspeed")), ("deepspeed.ops", types.ModuleType("deepspeed.ops")),
-                         ("deepspeed.ops.adam", fake)):
+    for name, module in (
+        ("deepspeed", types.ModuleType("deepspeed")),
+        ("deepspeed.ops", types.ModuleType("deepspeed.ops")),
+        ("deepspeed.ops.adam", fake),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     build_optimizer(Toy(), 8e-4, LAM, BETAS, EPS, cpu_adam=True)
     assert [g["weight_decay"] for g in seen["groups"]] == [pytest.approx(0.125), 0.0]
@@ -202,6 +226,7 @@ def test_pretraining_warmup_starts_where_ml_l3m_starts():
     warm = [1e-6 + (LR - 1e-6) * t / WARMUP for t in range(WARMUP)]  # 1e-6, lr/3 + ..., 2lr/3 + ...
     assert seen == pytest.approx(warm + hand_lrs()[WARMUP:], rel=1e-12)
     assert seen[0] == pytest.approx(1e-6, rel=1e-12)
-    lowered = warmup_cosine_schedule(build_optimizer(Toy(), 1e-7, LAM, BETAS, EPS), WARMUP, TOTAL, 1e-7, 0.0,
-                                     start_lr=1e-6)["scheduler"]
+    lowered = warmup_cosine_schedule(
+        build_optimizer(Toy(), 1e-7, LAM, BETAS, EPS), WARMUP, TOTAL, 1e-7, 0.0, start_lr=1e-6
+    )["scheduler"]
     assert lowered.get_last_lr()[0] == pytest.approx(1e-7, rel=1e-12)

@@ -21,9 +21,13 @@ LENGTHS = [2, 8, 5]  # real caption tokens per sample
 
 def make_module(prefix_attention: bool, alpha: float = 0.0, native: bool = False) -> AIMv2PretrainModule:
     torch.manual_seed(0)
-    return AIMv2PretrainModule({"size": "debug", "img_size": SIZE, "native": native},
-                               {"alpha": alpha, "text_weight": 1.0, "prefix_attention": prefix_attention}, {},
-                               vocab_size=VOCAB, max_text_len=TEXT_LEN).eval()
+    return AIMv2PretrainModule(
+        {"size": "debug", "img_size": SIZE, "native": native},
+        {"alpha": alpha, "text_weight": 1.0, "prefix_attention": prefix_attention},
+        {},
+        vocab_size=VOCAB,
+        max_text_len=TEXT_LEN,
+    ).eval()
 
 
 def captions():
@@ -101,6 +105,8 @@ def test_false_with_an_image_loss_is_a_one_line_error():
         load_config(REPO / "configs/pretrain/ablation.yaml", ["objective.prefix_attention=false"])
     message = str(err.value)
     assert "objective.prefix_attention" in message and "objective.alpha=0" in message and "\n" not in message
-    cfg = load_config(REPO / "configs/pretrain/ablation.yaml", ["objective.prefix_attention=false", "objective.alpha=0"])
+    cfg = load_config(
+        REPO / "configs/pretrain/ablation.yaml", ["objective.prefix_attention=false", "objective.alpha=0"]
+    )
     assert cfg.objective.prefix_attention is False
     assert load_config(REPO / "configs/pretrain/ablation.yaml").objective.prefix_attention is True  # the default

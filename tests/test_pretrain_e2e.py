@@ -11,9 +11,9 @@ from sklearn.datasets import load_digits
 
 from aimv2.config import load_config
 from aimv2.data.shards import ShardSample, write_shards
+from aimv2.engine.logs import read_metric
 from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.engine.metrics import read_metric
 from conftest import REPO
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -27,8 +27,12 @@ def digit_samples():
         pixels = (digits.images[i] * 15).astype("uint8")
         buf = io.BytesIO()
         Image.fromarray(pixels).convert("RGB").resize((56, 56), Image.BICUBIC).save(buf, "JPEG")
-        sample = ShardSample(key=f"{i:09d}", image=buf.getvalue(), image_ext="jpg",
-                             caption=f"a handwritten digit {WORDS[digits.target[i]]}")
+        sample = ShardSample(
+            key=f"{i:09d}",
+            image=buf.getvalue(),
+            image_ext="jpg",
+            caption=f"a handwritten digit {WORDS[digits.target[i]]}",
+        )
         kind = CORRUPT.get(i)
         if kind == "undecodable":
             sample.image = sample.image[:40]  # a truncated JPEG
@@ -46,11 +50,19 @@ def run(tmp_path_factory):
     overrides = [
         f"run_dir={root / 'run'}",
         f"data.sources=[{{urls: '{report.urls}'}}]",
-        "model.img_size=56", "data.mode=epoch", f"data.batch_size={BATCH}", "data.num_workers=1",
-        "data.shuffle_buffer=0", "data.tokenizer.max_length=16",
-        "optim.lr=3e-3", "optim.warmup_steps=4",
-        "trainer.max_steps=-1", f"trainer.max_epochs={EPOCHS}", "trainer.log_every_n_steps=1",
-        "trainer.checkpoint_every_n_steps=16", "trainer.progress_bar=false",
+        "model.img_size=56",
+        "data.mode=epoch",
+        f"data.batch_size={BATCH}",
+        "data.num_workers=1",
+        "data.shuffle_buffer=0",
+        "data.tokenizer.max_length=16",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=4",
+        "trainer.max_steps=-1",
+        f"trainer.max_epochs={EPOCHS}",
+        "trainer.log_every_n_steps=1",
+        "trainer.checkpoint_every_n_steps=16",
+        "trainer.progress_bar=false",
     ]
     cfg = load_config(REPO / "configs/pretrain/debug.yaml", overrides)
     return cfg, pretrain(cfg), report
@@ -102,10 +114,12 @@ def test_checkpoint_reloads_safely_and_resumes(run):
     fresh = AIMv2PretrainModule(**raw["hyper_parameters"])
     images = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
-        assert not torch.allclose(module.model.encoder.forward_features(images),
-                                  fresh.model.encoder.forward_features(images))
+        assert not torch.allclose(
+            module.model.encoder.forward_features(images), fresh.model.encoder.forward_features(images)
+        )
     # Resume: one more epoch continues the step count and the skip count.
     from dataclasses import replace
+
     more = replace(cfg, trainer=replace(cfg.trainer, resume=str(last), max_epochs=EPOCHS + 1))
     pretrain(more)
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 40

@@ -25,9 +25,23 @@ def toy(tmp_path_factory):
 
 
 def test_cli_probe_writes_results_and_resumes(toy, tmp_path, capsys):
-    argv = ["probe", "--checkpoint", str(toy / "ckpt/model.ckpt"), "--train", str(toy / "train"), "--val", str(toy / "val"),
-            "--out", str(tmp_path / "run"), "optim.epochs=3", "optim.warmup_epochs=1", "optim.lrs=[1e-3,1e-2]",
-            "data.batch_size=16", "data.num_workers=0", "progress_bar=false"]
+    argv = [
+        "probe",
+        "--checkpoint",
+        str(toy / "ckpt/model.ckpt"),
+        "--train",
+        str(toy / "train"),
+        "--val",
+        str(toy / "val"),
+        "--out",
+        str(tmp_path / "run"),
+        "optim.epochs=3",
+        "optim.warmup_epochs=1",
+        "optim.lrs=[1e-3,1e-2]",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "progress_bar=false",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr()
     results = json.loads((tmp_path / "run/results.json").read_text())
@@ -50,9 +64,19 @@ def test_cached_and_augmented_modes_agree_on_a_toy_set(toy, tmp_path):
     # Noisy solid colours: trivially separable, and the paper's augmentation (crops, flips, jitter 0.3,
     # RandAugment m9) keeps them separable; both modes should be near perfect, so they agree within 15 points.
     optim = ProbeOptimConfig(lrs=[3e-3, 1e-2], weight_decays=[0.05], epochs=6, warmup_epochs=1)
-    cached = run_probe(small_config(tmp_path / "c", toy / "train", toy / "val", optim=optim, checkpoint=str(toy / "ckpt/model.ckpt")))
-    augmented = run_probe(small_config(tmp_path / "a", toy / "train", toy / "val", optim=optim, mode="augmented",
-                                       checkpoint=str(toy / "ckpt/model.ckpt")))
+    cached = run_probe(
+        small_config(tmp_path / "c", toy / "train", toy / "val", optim=optim, checkpoint=str(toy / "ckpt/model.ckpt"))
+    )
+    augmented = run_probe(
+        small_config(
+            tmp_path / "a",
+            toy / "train",
+            toy / "val",
+            optim=optim,
+            mode="augmented",
+            checkpoint=str(toy / "ckpt/model.ckpt"),
+        )
+    )
     assert cached["best"]["top1"] >= 90.0
     assert abs(cached["best"]["top1"] - augmented["best"]["top1"]) <= 15.0
     assert augmented["skipped"]["val"] == 0 and augmented["val_count"] == 24
@@ -63,15 +87,24 @@ def test_errors_are_one_line_and_name_the_culprit(toy, tmp_path, capsys):
 
     def err(*extra):
         flags = [e for e in extra if "=" not in e or e.startswith("/")]
-        argv = ["probe", "--checkpoint", ckpt, "--out", str(tmp_path / "run"), *flags, "progress_bar=false",
-                *[e for e in extra if e not in flags]]
+        argv = [
+            "probe",
+            "--checkpoint",
+            ckpt,
+            "--out",
+            str(tmp_path / "run"),
+            *flags,
+            "progress_bar=false",
+            *[e for e in extra if e not in flags],
+        ]
         assert main(argv) == 2
         msg = capsys.readouterr().err.strip()
         assert len(msg.splitlines()) == 1, msg
         return msg
 
     assert "split not found" in err("--train", str(tmp_path / "nope"), "--val", str(toy / "val")) and "nope" in err(
-        "--train", str(tmp_path / "nope"), "--val", str(toy / "val"))
+        "--train", str(tmp_path / "nope"), "--val", str(toy / "val")
+    )
     empty = write_colour_folders(tmp_path / "empty", 2)
     (empty / "yellow").mkdir()
     msg = err("--train", str(empty), "--val", str(toy / "val"))
@@ -81,15 +114,23 @@ def test_errors_are_one_line_and_name_the_culprit(toy, tmp_path, capsys):
     assert "class sets differ" in msg and "cyan" in msg
     msg = err("--train", str(toy / "train"), "--val", str(toy / "val"), "img_size=30")
     assert "img_size=30 does not fit the encoder" in msg
-    assert "checkpoint not found" in err("--train", str(toy / "train"), "--val", str(toy / "val"), f"checkpoint={tmp_path}/x.ckpt")
-    assert "optim.warmup_epochs" in err("--train", str(toy / "train"), "--val", str(toy / "val"), "optim.warmup_epochs=100")
+    assert "checkpoint not found" in err(
+        "--train", str(toy / "train"), "--val", str(toy / "val"), f"checkpoint={tmp_path}/x.ckpt"
+    )
+    assert "optim.warmup_epochs" in err(
+        "--train", str(toy / "train"), "--val", str(toy / "val"), "optim.warmup_epochs=100"
+    )
 
 
 def test_shipped_probe_configs_load_and_validate():
     for path in sorted((REPO / "configs/probe").glob("*.yaml")):
         cfg = load_config(path, ["checkpoint=x.ckpt", "data.train=a", "data.val=b"], schema=ProbeConfig)
         assert cfg.optim.lrs and cfg.optim.weight_decays
-    paper = load_config(REPO / "configs/probe/imagenet_attentive.yaml", ["checkpoint=x", "data.train=a", "data.val=b"], schema=ProbeConfig)
+    paper = load_config(
+        REPO / "configs/probe/imagenet_attentive.yaml",
+        ["checkpoint=x", "data.train=a", "data.val=b"],
+        schema=ProbeConfig,
+    )
     assert paper.mode == "augmented" and len(paper.optim.lrs) * len(paper.optim.weight_decays) == 14
     assert paper.optim.epochs == 100 and paper.optim.warmup_epochs == 5 and paper.optim.grad_clip == 3.0
     with pytest.raises(UserError, match="mode"):

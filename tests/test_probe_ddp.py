@@ -1,17 +1,16 @@
 """Feature extraction split across 2 real processes (torch.distributed, gloo on CPU) gives exactly the
 single-process features; and the split of class shards over ranks covers every sample once."""
 
-
 import torch
-from test_probe_helpers import small_config, write_colour_folders, write_tiny_checkpoint
 
 from aimv2.data.demo import build_demo_shards
+from aimv2.data.samples import eval_transform
 from aimv2.probe.config import ProbeOptimConfig
-from aimv2.data.transforms import eval_transform
 from aimv2.probe.data import eval_batches, open_split
 from aimv2.probe.features import ExtractJob, extract_distributed, extract_part
-from aimv2.probe.loader import load_probe_encoder
+from aimv2.probe.features import load_probe_encoder
 from aimv2.probe.run import run_probe
+from test_probe_helpers import small_config, write_colour_folders, write_tiny_checkpoint
 
 
 def test_two_process_extraction_equals_one_process(tmp_path, monkeypatch):

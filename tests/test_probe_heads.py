@@ -56,8 +56,12 @@ def _separable(n: int, seed: int):
 
 
 def _train(kinds, lrs, wds, epochs=30):
-    cfg = ProbeConfig(checkpoint="-", data=ProbeDataConfig(train="-", val="-", batch_size=64),
-                      optim=ProbeOptimConfig(lrs=lrs, weight_decays=wds, epochs=epochs, warmup_epochs=1), progress_bar=False)
+    cfg = ProbeConfig(
+        checkpoint="-",
+        data=ProbeDataConfig(train="-", val="-", batch_size=64),
+        optim=ProbeOptimConfig(lrs=lrs, weight_decays=wds, epochs=epochs, warmup_epochs=1),
+        progress_bar=False,
+    )
     cfg.head.kinds = kinds
     torch.manual_seed(0)
     grid = HeadGrid(grid_specs(kinds, lrs, wds), 16, 4, cfg.optim)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from aimv2.config import validate_config
-from aimv2.probe.config import ProbeConfig, ProbeDataConfig, ProbeOptimConfig, ProbeHeadConfig
+from aimv2.probe.config import ProbeConfig, ProbeDataConfig, ProbeHeadConfig, ProbeOptimConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
@@ -23,8 +23,16 @@ def write_tiny_checkpoint(path: Path, img_size: int = 28, seed: int = 0) -> Path
     torch.manual_seed(seed)
     module = AIMv2PretrainModule({"size": "debug", "img_size": img_size}, {}, {}, vocab_size=100, max_text_len=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+            "epoch": 0,
+            "global_step": 0,
+        },
+        path,
+    )
     return path
 
 
@@ -51,8 +59,15 @@ def write_colour_folders(root: Path, per_class: int, seed: int = 0, classes=COLO
 def small_config(tmp: Path, train: Path, val: Path, **kw) -> ProbeConfig:
     optim = kw.pop("optim", ProbeOptimConfig(lrs=[1e-3, 1e-2], weight_decays=[0.05], epochs=5, warmup_epochs=1))
     head = kw.pop("head", ProbeHeadConfig())
-    cfg = ProbeConfig(checkpoint=kw.pop("checkpoint", str(tmp / "ckpt" / "model.ckpt")), run_dir=str(tmp / "probe"),
-                      data=ProbeDataConfig(train=str(train), val=str(val), batch_size=16, num_workers=0),
-                      optim=optim, head=head, accelerator="cpu", progress_bar=False, **kw)
+    cfg = ProbeConfig(
+        checkpoint=kw.pop("checkpoint", str(tmp / "ckpt" / "model.ckpt")),
+        run_dir=str(tmp / "probe"),
+        data=ProbeDataConfig(train=str(train), val=str(val), batch_size=16, num_workers=0),
+        optim=optim,
+        head=head,
+        accelerator="cpu",
+        progress_bar=False,
+        **kw,
+    )
     validate_config(cfg)
     return cfg

@@ -23,11 +23,24 @@ from test_probe_helpers import write_colour_folders
 
 def _job(split_dir: Path, tmp_path: Path) -> AugmentedJob:
     """Only what the loader reads: the training split, the batch and stream settings, the image size."""
-    cfg = ProbeConfig(data=ProbeDataConfig(train=str(split_dir), val=str(split_dir), batch_size=4, num_workers=0,
-                                           shuffle_buffer=8), mode="augmented", accelerator="cpu")
+    cfg = ProbeConfig(
+        data=ProbeDataConfig(train=str(split_dir), val=str(split_dir), batch_size=4, num_workers=0, shuffle_buffer=8),
+        mode="augmented",
+        accelerator="cpu",
+    )
     split = open_split(str(split_dir), "data.train")
-    return AugmentedJob(grid=None, encoder=None, train=split, val=split, cfg=cfg, size=28, mean=(0.5,) * 3,
-                        std=(0.5,) * 3, state_path=tmp_path / "heads.pt", fingerprint="")
+    return AugmentedJob(
+        grid=None,
+        encoder=None,
+        train=split,
+        val=split,
+        cfg=cfg,
+        size=28,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        state_path=tmp_path / "heads.pt",
+        fingerprint="",
+    )
 
 
 def _order(loader) -> list[str]:
@@ -41,8 +54,14 @@ def test_resumed_epoch_draws_the_uninterrupted_order(tmp_path, kind):
     if kind == "shards":
         samples = class_tree_samples(folders)
         split_dir = tmp_path / "shards"
-        write_shards(samples, split_dir, samples_per_shard=6, verify_images=False, progress=False,
-                     extra_files={"classes.json": classes_json(samples.classes)})
+        write_shards(
+            samples,
+            split_dir,
+            samples_per_shard=6,
+            verify_images=False,
+            progress=False,
+            extra_files={"classes.json": classes_json(samples.classes)},
+        )
     job = _job(split_dir, tmp_path)
     uninterrupted = train_loader(job, rank=0, world=1, start_epoch=0)
     epochs = [_order(uninterrupted) for _ in range(3)]

@@ -79,7 +79,9 @@ def test_a_fraction_of_train_chooses_and_the_rest_trains(sets, tmp_path):
 
 
 def test_hold_out_is_class_stratified_and_deterministic():
-    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1 + [3] * 2)[torch.randperm(18, generator=torch.Generator().manual_seed(3))]
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1 + [3] * 2)[
+        torch.randperm(18, generator=torch.Generator().manual_seed(3))
+    ]
     kept, held = hold_out(labels, 0.2, seed=0)
     assert sorted(torch.cat([kept, held]).tolist()) == list(range(18))  # a partition of the rows
     assert torch.bincount(labels[held], minlength=4).tolist() == [2, 1, 0, 1]  # round(0.2 n), >= 1, <= n - 1
@@ -87,11 +89,14 @@ def test_hold_out_is_class_stratified_and_deterministic():
     assert torch.equal(again[1], held) and not torch.equal(hold_out(labels, 0.2, seed=1)[1], held)
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"data.select": "x", "data.select_fraction": 0.2}, "data.select_fraction"),
-    ({"data.select_fraction": 1.0}, "data.select_fraction"),
-    ({"data.select_fraction": 0.2, "mode": "augmented"}, "data.select"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"data.select": "x", "data.select_fraction": 0.2}, "data.select_fraction"),
+        ({"data.select_fraction": 1.0}, "data.select_fraction"),
+        ({"data.select_fraction": 0.2, "mode": "augmented"}, "data.select"),
+    ],
+)
 def test_selection_mistakes_are_one_line_errors(tmp_path, changes, key):
     from aimv2.config import load_config
     from aimv2.probe.config import ProbeConfig

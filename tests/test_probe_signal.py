@@ -18,7 +18,7 @@ import json
 import pytest
 
 from aimv2 import cli
-from aimv2.probe.loader import load_probe_encoder
+from aimv2.probe.features import load_probe_encoder
 
 MARGIN = {"attentive": 20.0, "linear": 20.0}  # top-1 points the pre-trained encoder must gain
 

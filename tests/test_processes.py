@@ -10,9 +10,11 @@ from aimv2.processes import run_with_deadline
 def test_a_hung_aimv2_command_prints_its_stacks_and_is_killed_with_its_children(tmp_path):
     # `aimv2 report` whose work never ends, with a child process that would outlive it if only the
     # main process were killed.
-    hang = ("import subprocess, sys, time; import aimv2.commands.report as verb; "
-            "verb.run = lambda args: (subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']), "
-            "time.sleep(600)); from aimv2.cli import main; main(['report', 'RUN'])")
+    hang = (
+        "import subprocess, sys, time; import aimv2.commands.report as verb; "
+        "verb.run = lambda args: (subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']), "
+        "time.sleep(600)); from aimv2.cli import main; main(['report', 'RUN'])"
+    )
     done = run_with_deadline([sys.executable, "-c", hang], cwd=tmp_path, timeout=15)
     assert done.hung and done.returncode == -9
     assert "Current thread" in done.stderr and "<lambda>" in done.stderr  # faulthandler: where it waits

@@ -69,9 +69,27 @@ def test_piped_shard_writing_prints_lines_without_carriage_returns(tmp_path):
         lines.append(json.dumps({"image": f"{i}.jpg", "caption": f"picture {i}"}))
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMV2_PROGRESS")}
-    proc = subprocess.run([sys.executable, "-m", "aimv2", "shards", "captions", "--images", str(tmp_path / "img"),
-                           "--captions", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "out"),
-                           "--samples-per-shard", "10"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2",
+            "shards",
+            "captions",
+            "--images",
+            str(tmp_path / "img"),
+            "--captions",
+            str(tmp_path / "c.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            "--samples-per-shard",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout + proc.stderr
     assert re.search(r"^shards out: 25/25 .*done in \d+:\d\d shards=3 skipped=0$", proc.stderr, re.M), proc.stderr

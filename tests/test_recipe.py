@@ -15,8 +15,11 @@ RECIPE = REPO / "docs" / "recipe.md"
 
 
 def table_rows(text: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in text.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
 
 
 def literal(cell: str):
@@ -52,8 +55,17 @@ def test_every_keyed_row_matches_the_shipped_large_recipe():
             key = row[1].strip("`")
             assert same(lookup(cfg, key), literal(row[2])), (key, lookup(cfg, key), row[2])
             checked.append(key)
-    assert {"optim.weight_decay", "optim.lr", "optim.betas", "optim.warmup_steps", "trainer.max_steps",
-            "data.crop_scale", "data.crop_ratio", "objective.alpha", "data.tokenizer.max_length"} <= set(checked)
+    assert {
+        "optim.weight_decay",
+        "optim.lr",
+        "optim.betas",
+        "optim.warmup_steps",
+        "trainer.max_steps",
+        "data.crop_scale",
+        "data.crop_ratio",
+        "objective.alpha",
+        "data.tokenizer.max_length",
+    } <= set(checked)
     # The paper's values, which the table's "here" column must therefore also be (Table A1 / Sec. 2).
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-3, 1e-5, 1e-4, 1.0)
     assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 8192

@@ -54,12 +54,27 @@ def test_the_cli_rehearses_a_paper_recipe_on_two_ddp_ranks(tmp_path):
     """The command the README gives, as a user runs it: 2 CPU ranks of DDP in bf16 with clipping and
     the fused AdamW (the step-1 crash of every paper recipe before), a checkpoint, a resume."""
     env = os.environ | {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = run_or_show_stacks([sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/aimv2_large_224.yaml"),
-                               "--rehearse", "--rehearse-dir", str(tmp_path)], cwd=tmp_path, env=env, timeout=300)
+    done = run_or_show_stacks(
+        [
+            sys.executable,
+            "-m",
+            "aimv2",
+            "pretrain",
+            str(REPO / "configs/pretrain/aimv2_large_224.yaml"),
+            "--rehearse",
+            "--rehearse-dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 node x 2 CPU process(es) (ddp, gloo)" in done.stdout
-    assert "resume      ok       from step=0000001.ckpt to step 2: weights equal the uninterrupted run's bit for bit" \
+    assert (
+        "resume      ok       from step=0000001.ckpt to step 2: weights equal the uninterrupted run's bit for bit"
         in done.stdout
+    )
     assert done.stdout.rstrip().splitlines()[-1].startswith("rehearsal passed")
     log = (tmp_path / "aimv2_large_224" / "phase1.log").read_text()
     assert "MEMBER: 2/2" in log  # two real ranks
@@ -75,8 +90,10 @@ def test_gpu_only_presets_are_checked_as_far_as_the_cpu_allows(preset, tmp_path)
     statuses = [line.split(":")[0] for line in found[kind]]
     assert "checked" in statuses and statuses[-1] == "not run"  # what only a GPU shows is said, not hidden
     if kind == "deepspeed":
-        assert any(f"ZeRO-{cfg.trainer.zero_stage}: one DeepSpeed step on the CPU" in line and "equals" in line
-                   for line in found[kind])
+        assert any(
+            f"ZeRO-{cfg.trainer.zero_stage}: one DeepSpeed step on the CPU" in line and "equals" in line
+            for line in found[kind]
+        )
     trainer = shrink_trainer(cfg.trainer, 2, None, report)
     assert (trainer.strategy, trainer.devices, trainer.num_nodes, trainer.accelerator) == ("ddp", 2, 1, "cpu")
     assert trainer.precision == "bf16-mixed" and trainer.checkpoint_every_n_steps == 1
@@ -90,9 +107,11 @@ def test_a_word_list_tokenizer_that_is_not_here_has_a_stand_in(name, demo_root, 
     cfg = load_config(REPO / f"configs/pretrain/{name}.yaml")
     report = rehearse_pretrain(cfg, tmp_path / "r", devices=1, demo_root=demo_root, in_process=True)
     tokenizer = _passed(report, "train", "resume")["tokenizer"]
-    assert tokenizer == [f"changed: data.tokenizer.path: word list {cfg.data.tokenizer.path!r} is not here: the "
-                         f"demo set's word list {demo_root / 'demo_data' / 'vocab.txt'} stands in (the real run "
-                         "needs its list)"]
+    assert tokenizer == [
+        f"changed: data.tokenizer.path: word list {cfg.data.tokenizer.path!r} is not here: the "
+        f"demo set's word list {demo_root / 'demo_data' / 'vocab.txt'} stands in (the real run "
+        "needs its list)"
+    ]
 
 
 def test_a_crash_is_reported_not_raised(demo_root):
@@ -114,4 +133,6 @@ def test_a_resumed_compress_run_equals_the_uninterrupted_one_bit_for_bit(demo_ro
     cfg = load_config(REPO / "configs/compress/tiny.yaml", schema=CompressConfig)
     report = rehearse_compress(cfg, demo_root / "compress", devices=1, demo_root=demo_root, in_process=True)
     found = _passed(report, "resume")
-    assert found["resume"] == ["ok: from step=0000001.ckpt to step 2: weights equal the uninterrupted run's bit for bit"]
+    assert found["resume"] == [
+        "ok: from step=0000001.ckpt to step 2: weights equal the uninterrupted run's bit for bit"
+    ]

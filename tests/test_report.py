@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from aimv2 import cli
+from aimv2.engine.logs import read_metric, tail_mean
 from aimv2.viz.report import write_report
-from aimv2.engine.metrics import read_metric, tail_mean
-from aimv2.viz.runs import config_differences, load_runs, run_names
+from aimv2.viz.report import config_differences, load_runs, run_names
 from viz_runs import STEPS, short_runs
 
 
@@ -45,9 +45,18 @@ def test_probe_results_appear_when_the_run_has_them(runs, tmp_path):
     run = runs["b"]
     best = {"head": "attentive", "lr": 0.001, "wd": 0.05, "top1": 87.5, "top5": 98.25, "best": True}
     (run / "probe").mkdir(exist_ok=True)
-    (run / "probe" / "results.json").write_text(json.dumps(
-        {"checkpoint": str(run / "checkpoints/last.ckpt"), "mode": "cached", "epochs": 3, "val_count": 40,
-         "best": best, "heads": [best]}))
+    (run / "probe" / "results.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(run / "checkpoints/last.ckpt"),
+                "mode": "cached",
+                "epochs": 3,
+                "val_count": 40,
+                "best": best,
+                "heads": [best],
+            }
+        )
+    )
     try:
         md = write_report([run], tmp_path / "one")["markdown"].read_text()
     finally:

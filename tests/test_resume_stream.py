@@ -61,17 +61,19 @@ def run(loader, epochs=1, stop_after=None):
 
 CASES = {
     # 5 shards of 8 over 2 workers (uneven packing), corrupt samples, segments of 7 raw samples
-    "epoch-2-workers": dict(n=40, per_shard=8, corrupt={4, 17}, workers=2, segment=7, mode="epoch",
-                            shuffle_buffer=4),
+    "epoch-2-workers": dict(n=40, per_shard=8, corrupt={4, 17}, workers=2, segment=7, mode="epoch", shuffle_buffer=4),
     # 27 valid of 30 samples, 10 batches planned: lighter batches, none fewer
-    "epoch-light-batches": dict(n=30, per_shard=10, corrupt={3, 14, 15}, workers=0, segment=9, mode="epoch",
-                                shuffle_buffer=0),
+    "epoch-light-batches": dict(
+        n=30, per_shard=10, corrupt={3, 14, 15}, workers=0, segment=9, mode="epoch", shuffle_buffer=0
+    ),
     # a range whose tail is corrupt: its last batches come from a refill pass (counted repeats)
-    "epoch-refill-pass": dict(n=20, per_shard=20, corrupt=set(range(8, 20)), workers=0, segment=5, mode="epoch",
-                              shuffle_buffer=0),
+    "epoch-refill-pass": dict(
+        n=20, per_shard=20, corrupt=set(range(8, 20)), workers=0, segment=5, mode="epoch", shuffle_buffer=0
+    ),
     # 2 shards, 2 workers x 2 ranks = 4 slots > 2 shards: slots read parts of shards
-    "epoch-parts-of-shards": dict(n=48, per_shard=24, corrupt=set(), workers=2, segment=5, mode="epoch",
-                               shuffle_buffer=3, world_size=2, rank=1),
+    "epoch-parts-of-shards": dict(
+        n=48, per_shard=24, corrupt=set(), workers=2, segment=5, mode="epoch", shuffle_buffer=3, world_size=2, rank=1
+    ),
 }
 
 
@@ -139,8 +141,7 @@ def test_resampled_lanes_continue_their_draws_on_fewer_and_on_more_slots(tmp_pat
     a.weight = 2.0
 
     def loader(workers=2, rank=0, world=1):
-        return make_loader([a, b], workers, 11, mode="resampled", shuffle_buffer=5, seed=3, rank=rank,
-                           world_size=world)
+        return make_loader([a, b], workers, 11, mode="resampled", shuffle_buffer=5, seed=3, rank=rank, world_size=world)
 
     full = lane_batches(loader(), 16)  # lanes 0 and 1 (one per worker), 8 batches each
     cut = loader()
@@ -151,13 +152,13 @@ def test_resampled_lanes_continue_their_draws_on_fewer_and_on_more_slots(tmp_pat
         rest = lane_batches(one, 6, state)
     assert "its 2 lanes continue their seeded draws on 1 data slots" in caplog.text
     for lane in (0, 1):
-        assert head[lane] + rest[lane] == full[lane][:len(head[lane]) + len(rest[lane])], f"lane {lane}"
+        assert head[lane] + rest[lane] == full[lane][: len(head[lane]) + len(rest[lane])], f"lane {lane}"
     assert len(rest[0]) == len(rest[1]) == 3  # lane 1 (fewer batches) went first, then they alternated
 
     # 2 slots -> 3 (3 ranks of 1 worker): lanes 0 and 1 continue on ranks 0 and 1, rank 2 starts lane 2.
     more = [lane_batches(loader(workers=1, rank=r, world=3), 3, state) for r in range(3)]
     for lane in (0, 1):
-        assert head[lane] + more[lane][lane] == full[lane][:len(head[lane]) + 3]
+        assert head[lane] + more[lane][lane] == full[lane][: len(head[lane]) + 3]
     assert list(more[2]) == [2] and more[2][2] != full[0][:3] and more[2][2] != full[1][:3]
 
 
@@ -170,8 +171,11 @@ def test_changed_data_is_refused_naming_the_shard(tmp_path):
     state = one.position_state()
     write_caption_shards(tmp_path / "s", 40, 10, prefix="s", seed=9, overwrite=True)  # same names and counts
     changed = make_loader([source_of(tmp_path / "s", "s")], 2, 7, mode="epoch", shuffle_buffer=4)
-    with pytest.raises(UserError, match=r"cannot resume the data stream: shard .*/s/0000\d\.tar is not the one the "
-                                        r"checkpoint was trained on .*data\.on_change=restart"):
+    with pytest.raises(
+        UserError,
+        match=r"cannot resume the data stream: shard .*/s/0000\d\.tar is not the one the "
+        r"checkpoint was trained on .*data\.on_change=restart",
+    ):
         changed.load_position_state(state)
     fewer = make_loader([source(tmp_path, "t", 30, 10)], 2, 7, mode="epoch", shuffle_buffer=4)
     with pytest.raises(UserError, match=r"the sources \(name, weight, number of shards\) changed"):

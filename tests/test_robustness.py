@@ -12,12 +12,11 @@ from lightning.pytorch.callbacks import Callback
 
 from aimv2 import cli
 from aimv2.config import load_config
+from aimv2.engine.checkpointing import AtomicCheckpointIO, newest_intact, resolve_resume
+from aimv2.engine.logs import read_metric
 from aimv2.errors import UserError
-from aimv2.engine.checkpoint_io import AtomicCheckpointIO
 from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.engine.metrics import read_metric
-from aimv2.engine.resume import newest_intact, resolve_resume
 from conftest import REPO, write_caption_shards
 from fault_helpers import tiny_tokenizer
 
@@ -38,20 +37,37 @@ class PoisonBatches(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step - 1
         weights = any(not torch.equal(p, self.before[n]) for n, p in module.named_parameters())
-        moments = any(not torch.equal(v["exp_avg"], self.moments[k]) for k, v in trainer.optimizers[0].state.items()
-                      if k in self.moments)
+        moments = any(
+            not torch.equal(v["exp_avg"], self.moments[k])
+            for k, v in trainer.optimizers[0].state.items()
+            if k in self.moments
+        )
         self.changed[step] = weights or moments
 
 
 def config(tmp_path, *extra):
     write_caption_shards(tmp_path / "shards", 24, 12)
-    return load_config(REPO / "configs/pretrain/debug.yaml", [
-        *tiny_tokenizer(tmp_path / "tokenizer"), f"run_dir={tmp_path / 'run'}",
-        f"data.sources=[{{urls: '{tmp_path / 'shards'}/{{00000..00001}}.tar'}}]", "model.img_size=28",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0", "data.tokenizer.max_length=8",
-        "trainer.max_steps=8", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2",
-        "trainer.keep_checkpoints=-1", "trainer.progress_bar=false", "visualize.every_n_steps=0",
-        "optim.warmup_steps=2", *extra])
+    return load_config(
+        REPO / "configs/pretrain/debug.yaml",
+        [
+            *tiny_tokenizer(tmp_path / "tokenizer"),
+            f"run_dir={tmp_path / 'run'}",
+            f"data.sources=[{{urls: '{tmp_path / 'shards'}/{{00000..00001}}.tar'}}]",
+            "model.img_size=28",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=0",
+            "data.tokenizer.max_length=8",
+            "trainer.max_steps=8",
+            "trainer.log_every_n_steps=1",
+            "trainer.checkpoint_every_n_steps=2",
+            "trainer.keep_checkpoints=-1",
+            "trainer.progress_bar=false",
+            "visualize.every_n_steps=0",
+            "optim.warmup_steps=2",
+            *extra,
+        ],
+    )
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_when_in_a_row(tmp_path):
@@ -83,8 +99,7 @@ def test_a_nonfinite_weight_never_reaches_a_checkpoint():
 
 
 def fake_checkpoint(path, step):
-    AtomicCheckpointIO().save_checkpoint({"global_step": step, "state_dict": {"w": torch.full((64, 64), step)}},
-                                         path)
+    AtomicCheckpointIO().save_checkpoint({"global_step": step, "state_dict": {"w": torch.full((64, 64), step)}}, path)
 
 
 def test_checkpoint_writes_are_atomic(tmp_path):
@@ -128,8 +143,14 @@ def test_resume_rejects_corrupt_checkpoints_and_auto_falls_back(tmp_path, capsys
     assert resolve_resume("auto", tmp_path / "elsewhere") is None  # nothing to resume: a fresh start
 
     # Through the CLI: one line naming the file, exit status 2, before any data or model is built.
-    code = cli.main(["pretrain", str(REPO / "configs/pretrain/debug.yaml"), f"run_dir={tmp_path / 'run'}",
-                     f"trainer.resume={ckpts / 'last.ckpt'}"])
+    code = cli.main(
+        [
+            "pretrain",
+            str(REPO / "configs/pretrain/debug.yaml"),
+            f"run_dir={tmp_path / 'run'}",
+            f"trainer.resume={ckpts / 'last.ckpt'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"aimv2 pretrain: error: trainer.resume: corrupt or truncated checkpoint: {ckpts}/last.ckpt")
@@ -148,8 +169,10 @@ def test_zero_checkpoint_directories_are_swapped_in_whole_and_validated(tmp_path
             raise RuntimeError("node lost mid-save")
         (Path(filepath) / "checkpoint").mkdir(parents=True)
         (Path(filepath) / "latest").write_text("checkpoint")
-        torch.save({"global_step": checkpoint["global_step"], "module": {}},
-                   Path(filepath) / "checkpoint" / "mp_rank_00_model_states.pt")
+        torch.save(
+            {"global_step": checkpoint["global_step"], "module": {}},
+            Path(filepath) / "checkpoint" / "mp_rank_00_model_states.pt",
+        )
 
     monkeypatch.setattr(DeepSpeedStrategy, "save_checkpoint", deepspeed_save)
     monkeypatch.setattr(AtomicDeepSpeedStrategy, "is_global_zero", True)

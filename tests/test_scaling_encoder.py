@@ -15,19 +15,26 @@ import pytest
 
 from aimv2.cli import main
 from aimv2.config import PretrainConfig, save_config
-from aimv2.models.flops import training_flops_per_sample
-from aimv2.models.sizes import get_size
-from aimv2.scaling.encoder import scale_encoder
-from aimv2.scaling.encoder_law import Law
+from aimv2.models.sizes import get_size, training_flops_per_sample
+from aimv2.scaling.encoder_budget import scale_encoder
+from aimv2.scaling.encoder_law import EncoderLaw
 from aimv2.scaling.encoder_runs import encoder_params, read_run
 
-TRUE = Law(E=0.6, A=40.0, B=25.0, a=0.34, b=0.28)
+TRUE = EncoderLaw(E=0.6, A=40.0, B=25.0, a=0.34, b=0.28)
 SIZES = ("debug", "tiny", "small")
 LENGTHS = (1, 3, 10)  # run lengths, as multiples of the smallest
 BATCH = 64  # global samples per step
 IMG, TEXT_LEN, VOCAB = 224, 77, 49408
-COLUMNS = ["epoch", "step", "train/loss", "val/loss", "val/loss_img", "val/loss_text", "val/train_samples",
-           "val/train_flops"]
+COLUMNS = [
+    "epoch",
+    "step",
+    "train/loss",
+    "val/loss",
+    "val/loss_img",
+    "val/loss_text",
+    "val/train_samples",
+    "val/train_flops",
+]
 
 
 def per_sample(size: str) -> float:
@@ -50,9 +57,17 @@ def write_run(root: Path, size: str, steps: int, *, loss=None, columns=COLUMNS, 
     for step in val_steps:
         samples = step * BATCH
         value = float(TRUE.loss(n, samples)) if loss is None else loss
-        rows.append({"epoch": 0, "step": step - 1, "val/loss": value, "val/loss_img": 0.4 * value,
-                     "val/loss_text": 0.6 * value, "val/train_samples": samples,
-                     "val/train_flops": samples * per_sample(size)})
+        rows.append(
+            {
+                "epoch": 0,
+                "step": step - 1,
+                "val/loss": value,
+                "val/loss_img": 0.4 * value,
+                "val/loss_text": 0.6 * value,
+                "val/train_samples": samples,
+                "val/train_flops": samples * per_sample(size),
+            }
+        )
     (root / "logs").mkdir(parents=True, exist_ok=True)
     with open(root / "logs" / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -140,7 +155,7 @@ def test_compute_optimal_size_matches_the_closed_form_and_the_table(fitted):
     assert near["samples"] == pytest.approx(budget / (k * near["N_encoder"]))
     assert near["steps"] == math.ceil(near["samples"] / BATCH)
     # numerically: L(N, C / (k N)) is lowest at N_opt
-    law = Law(**p)
+    law = EncoderLaw(**p)
     ns = best["approach3"]["N"] * np.array([0.8, 1.0, 1.25])
     losses = law.loss(ns, budget / (k * ns))
     assert losses[1] < losses[0] and losses[1] < losses[2]
@@ -160,8 +175,15 @@ def test_cli_end_to_end(ladder, tmp_path, capsys):
     assert [b["flops"] for b in fit["best"]] == pytest.approx([largest, 10 * largest, 100 * largest])
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    for text in ("## Runs", "## Fitted law", "## Held-out check", "## Recommendations", "## Approximations",
-                 "aimv2 scaling encoder", str(ladder[("small", 10)])):
+    for text in (
+        "## Runs",
+        "## Fitted law",
+        "## Held-out check",
+        "## Recommendations",
+        "## Approximations",
+        "aimv2 scaling encoder",
+        str(ladder[("small", 10)]),
+    ):
         assert text in md, text
 
 

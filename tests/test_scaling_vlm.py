@@ -12,22 +12,31 @@ import pytest
 from scipy.optimize import least_squares
 
 from aimv2.cli import main
-from aimv2.scaling.vlm import scale_vlm
-from aimv2.scaling.vlm_law import (BOUNDS, Law, bootstrap, default_budgets, fit_law, on_bounds, optimal_point,
-                                   optimal_table, rmse)
+from aimv2.scaling.vlm_budget import scale_vlm
+from aimv2.scaling.vlm_law import (
+    BOUNDS,
+    VLMLaw,
+    bootstrap,
+    default_budgets,
+    fit_law,
+    on_bounds,
+    optimal_point,
+    optimal_table,
+    rmse,
+)
 
 SIZES = [0.5e9, 1e9, 2e9, 4e9, 7e9]
 TOKENS = [1, 4, 16, 64, 144, 576]
-PAPER_LIKE = Law(A=0.3, alpha=0.077, beta=0.015, D=0.05)  # arXiv 2411.03312's exponents; N in billions (N_UNIT)
+PAPER_LIKE = VLMLaw(A=0.3, alpha=0.077, beta=0.015, D=0.05)  # arXiv 2411.03312's exponents; N in billions (N_UNIT)
 
 
-def sweep(law: Law, noise: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sweep(law: VLMLaw, noise: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, v = (a.ravel() for a in np.meshgrid(SIZES, TOKENS, indexing="ij"))
     error = law.error(n, v) + np.random.default_rng(seed).normal(0.0, noise, n.shape)
     return n, v, error
 
 
-@pytest.mark.parametrize("true", [Law(A=5.0, alpha=0.3, beta=0.05, D=0.2), PAPER_LIKE])
+@pytest.mark.parametrize("true", [VLMLaw(A=5.0, alpha=0.3, beta=0.05, D=0.2), PAPER_LIKE])
 def test_noise_free_sweep_recovers_the_law_within_2_percent(true):
     fitted = fit_law(*sweep(true))
     for name, value in true.as_dict().items():
@@ -64,20 +73,23 @@ def test_free_fit_runs_off_on_log_linear_data_while_the_bounded_fit_stays_sane()
     assert any(item.startswith("D ") and "lower bound" in item for item in on_bounds(fitted))
 
 
-def brute_force(law: Law, budget: float, q: int, v_low: int, v_high: int) -> tuple[int, float]:
+def brute_force(law: VLMLaw, budget: float, q: int, v_low: int, v_high: int) -> tuple[int, float]:
     grid = np.arange(v_low, v_high + 1)
     error = law.error(budget / (2.0 * (q + grid)), grid)
     return int(grid[np.argmin(error)]), float(error.min())
 
 
-@pytest.mark.parametrize("law, q, expected_v", [
-    (PAPER_LIKE, 50, round(0.015 * 50 / (0.077 - 0.015))),  # closed form beta Q / (alpha - beta) = 12.1
-    (Law(A=5.0, alpha=0.3, beta=0.05, D=0.2), 50, 10),  # 0.05 * 50 / 0.25 = 10
-    (PAPER_LIKE, 0, 1),  # cached text: the fewest tokens
-    (Law(A=2.0, alpha=0.02, beta=0.1, D=0.1), 50, 576),  # alpha < beta: the most tokens
-    (Law(A=2.0, alpha=0.02, beta=0.1, D=0.1), 0, 576),
-    (Law(A=2.0, alpha=0.051, beta=0.05, D=0.1), 50, 576),  # V* = 2500, clamped to the sweep's largest V
-])
+@pytest.mark.parametrize(
+    "law, q, expected_v",
+    [
+        (PAPER_LIKE, 50, round(0.015 * 50 / (0.077 - 0.015))),  # closed form beta Q / (alpha - beta) = 12.1
+        (VLMLaw(A=5.0, alpha=0.3, beta=0.05, D=0.2), 50, 10),  # 0.05 * 50 / 0.25 = 10
+        (PAPER_LIKE, 0, 1),  # cached text: the fewest tokens
+        (VLMLaw(A=2.0, alpha=0.02, beta=0.1, D=0.1), 50, 576),  # alpha < beta: the most tokens
+        (VLMLaw(A=2.0, alpha=0.02, beta=0.1, D=0.1), 0, 576),
+        (VLMLaw(A=2.0, alpha=0.051, beta=0.05, D=0.1), 50, 576),  # V* = 2500, clamped to the sweep's largest V
+    ],
+)
 def test_optimum_matches_the_closed_form_and_a_brute_force_search(law, q, expected_v):
     for budget in (1e10, 3e11, 1e13):
         point = optimal_point(law, budget, q, 1.0, 576.0)
@@ -134,8 +146,16 @@ def test_cli_end_to_end_on_a_csv_with_extra_columns(tmp_path, capsys):
     assert {r["visual_tokens"] for r in fit["optimal"] if r["text_tokens"] == 0} == {1}
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    for text in ("alpha", "beta", f"{fit['A']:.5g}", f"{fit['alpha']:.5g}", "### Q = 50", "aimv2 scaling vlm",
-                 "--bootstrap 20", "extrapolated"):
+    for text in (
+        "alpha",
+        "beta",
+        f"{fit['A']:.5g}",
+        f"{fit['alpha']:.5g}",
+        "### Q = 50",
+        "aimv2 scaling vlm",
+        "--bootstrap 20",
+        "extrapolated",
+    ):
         assert text in report, text
 
 
@@ -163,27 +183,31 @@ def _json(text: str):
         path = path.with_suffix(".json")
         path.write_text(text)
         return str(path)
+
     return make
 
 
 GOOD = [[5e8, 1, 0.6], [5e8, 64, 0.5], [7e9, 1, 0.5], [7e9, 64, 0.4]]
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda p: str(p.with_name("absent.csv")), ["absent.csv", "no such file"]),
-    (_csv([[1, 0.5]] * 4, ("llm_params", "error")), ["missing column 'visual_tokens'"]),
-    (_csv(GOOD[:2] + [[7e9, "abc", 0.5]] + GOOD[3:]), ["row 3", "line 4", "'visual_tokens'", "'abc'"]),
-    (_csv(GOOD[:1] + [[5e8, 64, ""]] + GOOD[2:]), ["row 2", "'error'", "empty"]),
-    (_csv(GOOD[:3]), ["needs at least 4 rows (one per parameter A, alpha, beta, D), got 3"]),
-    (_csv(GOOD[:3] + [[0, 64, 0.4]]), ["row 4", "'llm_params' must be > 0"]),
-    (_csv([[5e8, -1, 0.6]] + GOOD[1:]), ["row 1", "'visual_tokens' must be > 0"]),
-    (_csv(GOOD[:1] + [[5e8, 64, 1.5]] + GOOD[2:]), ["row 2", "'error' must be in [0, 1]"]),
-    (_csv([[5e8, v, 0.5] for v in (1, 4, 16, 64)]), ["'llm_params' takes only one value", "alpha"]),
-    (_csv([[n, 16, 0.5] for n in (5e8, 1e9, 2e9, 4e9)]), ["'visual_tokens' takes only one value", "beta"]),
-    (_json('[{"llm_params": 1e9, "error": 0.5}]'), ["row 1", "missing key 'visual_tokens'"]),
-    (_json('{"llm_params": 1}'), ["expected a JSON list of objects"]),
-    (_json('[{"llm_params": 1e9,'), ["not valid JSON"]),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda p: str(p.with_name("absent.csv")), ["absent.csv", "no such file"]),
+        (_csv([[1, 0.5]] * 4, ("llm_params", "error")), ["missing column 'visual_tokens'"]),
+        (_csv(GOOD[:2] + [[7e9, "abc", 0.5]] + GOOD[3:]), ["row 3", "line 4", "'visual_tokens'", "'abc'"]),
+        (_csv(GOOD[:1] + [[5e8, 64, ""]] + GOOD[2:]), ["row 2", "'error'", "empty"]),
+        (_csv(GOOD[:3]), ["needs at least 4 rows (one per parameter A, alpha, beta, D), got 3"]),
+        (_csv(GOOD[:3] + [[0, 64, 0.4]]), ["row 4", "'llm_params' must be > 0"]),
+        (_csv([[5e8, -1, 0.6]] + GOOD[1:]), ["row 1", "'visual_tokens' must be > 0"]),
+        (_csv(GOOD[:1] + [[5e8, 64, 1.5]] + GOOD[2:]), ["row 2", "'error' must be in [0, 1]"]),
+        (_csv([[5e8, v, 0.5] for v in (1, 4, 16, 64)]), ["'llm_params' takes only one value", "alpha"]),
+        (_csv([[n, 16, 0.5] for n in (5e8, 1e9, 2e9, 4e9)]), ["'visual_tokens' takes only one value", "beta"]),
+        (_json('[{"llm_params": 1e9, "error": 0.5}]'), ["row 1", "missing key 'visual_tokens'"]),
+        (_json('{"llm_params": 1}'), ["expected a JSON list of objects"]),
+        (_json('[{"llm_params": 1e9,'), ["not valid JSON"]),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, make, expected):
     path = make(tmp_path / "results.csv")
     assert main(["scaling", "vlm", path, "--out", str(tmp_path / "out"), "--bootstrap", "0"]) == 2

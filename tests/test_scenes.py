@@ -60,13 +60,17 @@ def test_captions_name_shape_and_colour_only(scenes):
     from aimv2.data.tokenizer import split_words
 
     captions = [s["txt"].decode() for s in _samples(result["pretrain"]["dir"]).values()]
-    assert Path(result["vocabulary"]).read_text().split("\n")[:-1] == sorted({w for c in captions for w in split_words(c)})
+    assert Path(result["vocabulary"]).read_text().split("\n")[:-1] == sorted(
+        {w for c in captions for w in split_words(c)}
+    )
 
 
 def test_labels_match_the_pixels(scenes):
     """Objects found in the image (pixels far from the background) agree with every label."""
     _, result = scenes
-    labels = {task: {k: int(s["cls"]) for k, s in _samples(e["val"]["dir"]).items()} for task, e in result["tasks"].items()}
+    labels = {
+        task: {k: int(s["cls"]) for k, s in _samples(e["val"]["dir"]).items()} for task, e in result["tasks"].items()
+    }
     areas = {0: [], 1: []}
     for key, sample in _samples(result["tasks"]["count"]["val"]["dir"]).items():
         rgb = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=np.float32)  # (H, W, 3)
@@ -76,8 +80,10 @@ def test_labels_match_the_pixels(scenes):
         assert n == labels["count"][key] + 1, key
         ys, xs = np.nonzero(mask)
         half = rgb.shape[0] / 2
-        assert POSITIONS[labels["position"][key]] == f"{'top' if ys.mean() < half else 'bottom'} " \
-                                                     f"{'left' if xs.mean() < half else 'right'}"
+        assert (
+            POSITIONS[labels["position"][key]] == f"{'top' if ys.mean() < half else 'bottom'} "
+            f"{'left' if xs.mean() < half else 'right'}"
+        )
         colour = rgb[mask].mean(axis=0)
         nearest = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - colour).sum())
         assert nearest == list(COLOURS)[labels["colour"][key]], key
@@ -88,9 +94,15 @@ def test_labels_match_the_pixels(scenes):
 def test_is_idempotent_and_cli(scenes, capsys, tmp_path):
     out, result = scenes
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    assert build_scene_shards(out, pretrain=60, probe_train=40, probe_val=40, image_size=112, samples_per_shard=25) == result
+    assert (
+        build_scene_shards(out, pretrain=60, probe_train=40, probe_val=40, image_size=112, samples_per_shard=25)
+        == result
+    )
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
-    assert cli.main(["shards", "scenes", "--out", str(tmp_path / "s"), "--counts", "8", "4", "4", "--image-size", "56"]) == 0
+    assert (
+        cli.main(["shards", "scenes", "--out", str(tmp_path / "s"), "--counts", "8", "4", "4", "--image-size", "56"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "captions name shape and colour" in printed and "position" in printed and "never named" in printed
     assert Image.open(io.BytesIO(next(iter(_samples(tmp_path / "s" / "pretrain").values()))["jpg"])).size == (56, 56)
@@ -100,8 +112,9 @@ def test_heldout_captioned_scenes_leave_the_other_splits_as_they_were(scenes, tm
     """`heldout`: other scenes with captions (a pre-training validation set), drawn after every other
     split, so the set without them is the same set."""
     out, result = scenes
-    more = build_scene_shards(tmp_path, pretrain=60, probe_train=40, probe_val=40, image_size=112, samples_per_shard=25,
-                              heldout=30)
+    more = build_scene_shards(
+        tmp_path, pretrain=60, probe_train=40, probe_val=40, image_size=112, samples_per_shard=25, heldout=30
+    )
     held = _samples(more["heldout"]["dir"])
     assert more["heldout"]["count"] == 30 and all(s["txt"] and "cls" not in s for s in held.values())
     for split in [("pretrain",)] + [("tasks", t, s) for t in TASKS for s in ("train", "val")]:

@@ -17,8 +17,8 @@ from PIL import Image
 
 from aimv2 import cli
 from aimv2.data.demo import DIGIT_NAMES, build_demo_shards
-from aimv2.data.shard_inputs import caption_file_samples, class_tree_samples
 from aimv2.data.manifest import head_digest
+from aimv2.data.shard_inputs import caption_file_samples, class_tree_samples
 from aimv2.data.shardlist import shard_sample_count
 from aimv2.data.shards import ShardSample, classes_json, write_shards
 from aimv2.errors import UserError
@@ -56,7 +56,9 @@ def image_folder(tmp_path: Path) -> tuple[Path, list[tuple[str, str, bytes]]]:
     return images, entries
 
 
-def _write_captions(path: Path, rows: list[tuple[str, str]], image_col: str = "image", text_col: str = "caption") -> Path:
+def _write_captions(
+    path: Path, rows: list[tuple[str, str]], image_col: str = "image", text_col: str = "caption"
+) -> Path:
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps({image_col: p, text_col: c}) + "\n" for p, c in rows))
     else:
@@ -98,14 +100,21 @@ def test_caption_round_trip(tmp_path, image_folder, kind):
         assert fields["txt"].decode() == caption
         meta = json.loads(fields["json"])
         width, height = Image.open(io.BytesIO(data)).size  # recorded as img2dataset does (native resolution)
-        assert meta == {"key": f"{i:09d}", "caption": caption, "cls": None, "source": str(images / rel),
-                        "width": width, "height": height}
+        assert meta == {
+            "key": f"{i:09d}",
+            "caption": caption,
+            "cls": None,
+            "source": str(images / rel),
+            "width": width,
+            "height": height,
+        }
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total"] == 7 and manifest["urls"] == report.urls
     assert [{k: e[k] for k in ("name", "count", "bytes")} for e in manifest["shards"]] == [
         {"name": f"0000{i}.tar", "count": n, "bytes": (out / f"0000{i}.tar").stat().st_size}
-        for i, n in enumerate([3, 3, 1])]
+        for i, n in enumerate([3, 3, 1])
+    ]
     assert all(e["head"] == head_digest(out / e["name"]) for e in manifest["shards"]) and manifest["version"] == 1
 
     # The streaming library reads them back as whole samples.
@@ -159,7 +168,11 @@ def test_without_verification_bytes_are_written_as_is(tmp_path, image_folder):
     images, _ = image_folder
     captions = _bad_inputs(tmp_path, images)
     report = write_shards(
-        caption_file_samples(images, captions), tmp_path / "out", verify_images=False, progress=False, require_caption=True
+        caption_file_samples(images, captions),
+        tmp_path / "out",
+        verify_images=False,
+        progress=False,
+        require_caption=True,
     )
     written = _read_tar(report.shards[0])
     assert sorted(written) == ["000000000", "000000002", "000000003", "000000005"]
@@ -217,7 +230,10 @@ def test_class_tree_round_trip(tmp_path):
     samples = class_tree_samples(root)
     assert samples.classes == ["cat", "dog", "emu"]
     report = write_shards(
-        samples, tmp_path / "out", samples_per_shard=4, progress=False,
+        samples,
+        tmp_path / "out",
+        samples_per_shard=4,
+        progress=False,
         extra_files={"classes.json": classes_json(samples.classes)},
     )
     assert report.counts == [4, 4, 1]
@@ -225,7 +241,7 @@ def test_class_tree_round_trip(tmp_path):
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog", "emu"]
     seen = {}
     for shard in report.shards:
-        for key, fields in _read_tar(shard).items():
+        for fields in _read_tar(shard).values():
             (ext,) = set(fields) - {"cls", "json"}
             assert "txt" not in fields
             seen[fields[ext]] = int(fields["cls"])
@@ -308,7 +324,12 @@ def test_cli_captions_and_classes(tmp_path, image_folder, capsys):
     assert cli.main(argv + ["--overwrite", "--no-verify"]) == 0
     capsys.readouterr()
 
-    assert cli.main(["shards", "captions", "--images", str(images), "--captions", str(tmp_path / "no.jsonl"), "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            ["shards", "captions", "--images", str(images), "--captions", str(tmp_path / "no.jsonl"), "--out", str(out)]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"captions file not found: {tmp_path / 'no.jsonl'}" in err
 

@@ -32,8 +32,9 @@ def cluster():
 
 @pytest.mark.slow
 def test_two_node_job_preempted_requeues_and_resumes(cluster):
-    job, run_dir, job_log = submit(cluster, "slurm_multinode.sbatch", ["--nodes=2", "--ntasks-per-node=1"],
-                                   env=f",GLOO_SOCKET_IFNAME={IFNAME}")
+    job, run_dir, job_log = submit(
+        cluster, "slurm_multinode.sbatch", ["--nodes=2", "--ntasks-per-node=1"], env=f",GLOO_SOCKET_IFNAME={IFNAME}"
+    )
     final = preempt_and_finish(cluster, job, run_dir, job_log)
     out = job_log.read_text()
     # Both starts ran on both nodes: the template's line names the allocation, and each node's
@@ -42,7 +43,8 @@ def test_two_node_job_preempted_requeues_and_resumes(cluster):
     assert final["NumNodes"] == "2" and final["NodeList"] == "aimv2n[0-1]", final
     assert "restart 0 on aimv2n[0-1]" in out and "restart 1 on aimv2n[0-1]" in out, out[-3000:]
     for node in cluster.nodes:
-        launches = re.findall(rf"launch task StepId={job}\.0 request from .* HOST:([\d.]+) ",
-                              cluster.slurmd_log(node).read_text())
+        launches = re.findall(
+            rf"launch task StepId={job}\.0 request from .* HOST:([\d.]+) ", cluster.slurmd_log(node).read_text()
+        )
         assert launches == [cluster.hosts.addrs[0]] * 2, (node, launches)
     assert_resumed_exactly(final, run_dir, out)

@@ -14,11 +14,11 @@ from timm.models.vision_transformer import Block
 from aimv2 import cli
 from aimv2.commands.pretrain import strategy_preset
 from aimv2.config import load_config
-from aimv2.errors import UserError
-from aimv2.models import AIMv2, get_size
-from aimv2.engine.checkpoint_io import AtomicCheckpointIO
+from aimv2.engine.checkpointing import AtomicCheckpointIO
 from aimv2.engine.optim import param_groups
 from aimv2.engine.strategy import build_strategy, prepare_model
+from aimv2.errors import UserError
+from aimv2.models import AIMv2, get_size
 from conftest import REPO
 
 PRESETS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
@@ -26,8 +26,14 @@ PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 
 
 def test_the_six_presets_are_shipped():
-    assert {p.stem for p in PRESETS} == {"ddp", "fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3",
-                                         "deepspeed_zero3_offload"}
+    assert {p.stem for p in PRESETS} == {
+        "ddp",
+        "fsdp",
+        "fsdp2",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "deepspeed_zero3_offload",
+    }
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -68,8 +74,10 @@ def test_fsdp2_preset_builds_a_model_parallel_strategy_saving_dcp_directories():
     assert cfg.trainer.strategy == "fsdp2" and isinstance(build_strategy(cfg.trainer), FSDP2Strategy)
 
 
-@pytest.mark.parametrize("name,stage,offload", [("deepspeed_zero2", 2, False), ("deepspeed_zero3", 3, False),
-                                                ("deepspeed_zero3_offload", 3, True)])
+@pytest.mark.parametrize(
+    "name,stage,offload",
+    [("deepspeed_zero2", 2, False), ("deepspeed_zero3", 3, False), ("deepspeed_zero3_offload", 3, True)],
+)
 def test_deepspeed_presets_build_zero_configs(name, stage, offload):
     pytest.importorskip("deepspeed")
     strategy = built(name)
@@ -85,8 +93,9 @@ def test_activation_checkpointing_and_compile_keep_checkpoints_interchangeable()
     plain = AIMv2(get_size("debug"), 28, vocab_size=64, max_text_len=8)
     wrapped = AIMv2(get_size("debug"), 28, vocab_size=64, max_text_len=8)
     wrapped.load_state_dict(plain.state_dict())
-    cfg = load_config([REPO / "configs/pretrain/debug.yaml"], ["trainer.activation_checkpointing=true",
-                                                                "trainer.compile=true"]).trainer
+    cfg = load_config(
+        [REPO / "configs/pretrain/debug.yaml"], ["trainer.activation_checkpointing=true", "trainer.compile=true"]
+    ).trainer
     prepare_model(wrapped, cfg)
     blocks = [m for m in wrapped.modules() if isinstance(m, Block)]
     assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)  # 2 encoder + 2 decoder
@@ -98,8 +107,10 @@ def test_activation_checkpointing_and_compile_keep_checkpoints_interchangeable()
     # Recomputation gives the same gradients (compile left out here: it needs a C++ toolchain at run time).
     checkpointed = AIMv2(get_size("debug"), 28, vocab_size=64, max_text_len=8)
     checkpointed.load_state_dict(plain.state_dict())
-    prepare_model(checkpointed, load_config(REPO / "configs/pretrain/debug.yaml",
-                                            ["trainer.activation_checkpointing=true"]).trainer)
+    prepare_model(
+        checkpointed,
+        load_config(REPO / "configs/pretrain/debug.yaml", ["trainer.activation_checkpointing=true"]).trainer,
+    )
     images, tokens = torch.randn(2, 3, 28, 28), torch.randint(0, 64, (2, 8))
     prefix = torch.tensor([1, 2])
     for model in (plain, checkpointed):
@@ -118,28 +129,40 @@ def test_strategy_option_on_the_command_line(tmp_path, capsys):
     assert strategy_preset("deepspeed_zero3") == REPO / "configs/strategy/deepspeed_zero3.yaml"
     with pytest.raises(UserError, match=r"--strategy: no preset 'zero9' \(known: ddp, deepspeed_zero2"):
         strategy_preset("zero9")
-    code = cli.main(["pretrain", str(REPO / "configs/pretrain/debug.yaml"), "--strategy", "ddp",
-                     "trainer.strategy=megatron"])
-    assert code == 2 and "config key 'trainer.strategy': must be one of auto, ddp, fsdp, deepspeed" in \
-        capsys.readouterr().err
+    code = cli.main(
+        ["pretrain", str(REPO / "configs/pretrain/debug.yaml"), "--strategy", "ddp", "trainer.strategy=megatron"]
+    )
+    assert (
+        code == 2
+        and "config key 'trainer.strategy': must be one of auto, ddp, fsdp, deepspeed" in capsys.readouterr().err
+    )
 
 
-@pytest.mark.parametrize("argv,dest", [
-    (["pretrain", "c.yaml", "--strategy", "ddp", "a=1"], "overrides"),
-    (["demo", "--out", "d", "a=1"], "overrides"),
-    (["probe", "p.yaml", "--devices", "1", "a=1"], "items"),
-    (["ablation", "c.yaml", "--seeds", "0", "--task", "t=x,y", "a=1"], "items"),
-    (["compress", "train", "c.yaml", "--rehearse-devices", "2", "a=1"], "overrides"),
-])
+@pytest.mark.parametrize(
+    "argv,dest",
+    [
+        (["pretrain", "c.yaml", "--strategy", "ddp", "a=1"], "overrides"),
+        (["demo", "--out", "d", "a=1"], "overrides"),
+        (["probe", "p.yaml", "--devices", "1", "a=1"], "items"),
+        (["ablation", "c.yaml", "--seeds", "0", "--task", "t=x,y", "a=1"], "items"),
+        (["compress", "train", "c.yaml", "--rehearse-devices", "2", "a=1"], "overrides"),
+    ],
+)
 def test_every_verb_with_overrides_takes_them_after_its_options(argv, dest):
     assert getattr(cli.parse_args(cli.build_parser(), argv), dest)[-1] == "a=1"
 
-@pytest.mark.parametrize("override,match", [
-    ("trainer.zero_stage=1", r"trainer\.zero_stage"), ("trainer.offload=true", r"trainer\.offload"),
-    ("trainer.strategy=fsdp", r"trainer\.strategy': fsdp needs GPUs"),
-    ("trainer.keep_checkpoints=0", r"trainer\.keep_checkpoints"),
-    ("trainer.max_nonfinite_steps=0", r"trainer\.max_nonfinite_steps"),
-    ("trainer.accumulate_grad_batches=0", r"trainer\.accumulate_grad_batches")])
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("trainer.zero_stage=1", r"trainer\.zero_stage"),
+        ("trainer.offload=true", r"trainer\.offload"),
+        ("trainer.strategy=fsdp", r"trainer\.strategy': fsdp needs GPUs"),
+        ("trainer.keep_checkpoints=0", r"trainer\.keep_checkpoints"),
+        ("trainer.max_nonfinite_steps=0", r"trainer\.max_nonfinite_steps"),
+        ("trainer.accumulate_grad_batches=0", r"trainer\.accumulate_grad_batches"),
+    ],
+)
 def test_bad_trainer_values_name_the_key(override, match):
     with pytest.raises(UserError, match=match):
         load_config(REPO / "configs/pretrain/debug.yaml", [override])
@@ -148,10 +171,16 @@ def test_bad_trainer_values_name_the_key(override, match):
 def test_launch_templates_are_what_the_guide_submits():
     for name in ("slurm_1node.sbatch", "slurm_multinode.sbatch"):
         text = (REPO / "launch" / name).read_text()
-        for needle in ("#SBATCH --ntasks-per-node=", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue",
-                       "srun ", 'trainer.devices="$SLURM_NTASKS_PER_NODE"', "${STRATEGY:+--strategy"):
+        for needle in (
+            "#SBATCH --ntasks-per-node=",
+            "#SBATCH --signal=SIGUSR1@90",
+            "#SBATCH --requeue",
+            "srun ",
+            'trainer.devices="$SLURM_NTASKS_PER_NODE"',
+            "${STRATEGY:+--strategy",
+        ):
             assert needle in text, (name, needle)
     assert "NCCL" in (REPO / "launch/slurm_multinode.sbatch").read_text()
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "scale-out.md").read_text()  # the SLURM guide
     assert "launch/slurm_1node.sbatch" in readme and "launch/slurm_multinode.sbatch" in readme
     assert Path(REPO / "launch/torchrun.sh").stat().st_mode & 0o111

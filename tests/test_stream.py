@@ -45,8 +45,11 @@ def source(tmp_path, name, n, per_shard, **kw):
 
 def test_plan_epoch_cuts_the_shards_into_equal_contiguous_ranges():
     plan = plan_epoch(np.array([10, 10, 4, 5]), num_slots=3, batch_size=4)  # 29 samples: 9, 10, 10
-    assert [plan.slot_units(s) for s in range(3)] == [[(0, 0, 9)], [(0, 9, 10), (1, 0, 9)],
-                                                       [(1, 9, 10), (2, 0, 4), (3, 0, 5)]]
+    assert [plan.slot_units(s) for s in range(3)] == [
+        [(0, 0, 9)],
+        [(0, 9, 10), (1, 0, 9)],
+        [(1, 9, 10), (2, 0, 4), (3, 0, 5)],
+    ]
     assert [plan.slot_size(s) for s in range(3)] == [9, 10, 10]
     assert plan.batches_per_slot == 2  # 29 // 3 = 9 samples per slot, 2 batches of 4
 
@@ -98,8 +101,9 @@ def test_epochs_reshuffle_but_cover_the_same_samples(tmp_path):
 def test_corrupt_samples_are_skipped_and_counted_exactly(tmp_path):
     # 31 samples (3 corrupt), batch 4: the manifest plans 7 batches = 28 samples = all valid ones.
     src = source(tmp_path, "s", 31, 10, corrupt_at={3, 14, 15})
-    stream = ShardStream([src], process=key_if_decodable, collate=collate_keys, batch_size=4,
-                         mode="epoch", shuffle_buffer=0)
+    stream = ShardStream(
+        [src], process=key_if_decodable, collate=collate_keys, batch_size=4, mode="epoch", shuffle_buffer=0
+    )
     batches = list(EpochAwareLoader(stream, num_workers=0))
     keys = [k for b in batches for k in b["keys"]]
     assert len(batches) == 7 and sum(int(b["skipped"]) for b in batches) == 3
@@ -110,10 +114,11 @@ def test_corrupt_samples_make_batches_lighter_never_fewer_and_nothing_repeats(tm
     # 30 samples (4 corrupt), batch 3: 10 batches planned and no slack; 26 usable samples. Every batch is
     # still there (ranks keep their step count), each usable sample trained once, the corrupt ones counted.
     src = source(tmp_path, "s", 30, 10, corrupt_at={1, 2, 3, 17})
-    stream = ShardStream([src], process=key_if_decodable, collate=collate_keys, batch_size=3,
-                         mode="epoch", shuffle_buffer=0)
+    stream = ShardStream(
+        [src], process=key_if_decodable, collate=collate_keys, batch_size=3, mode="epoch", shuffle_buffer=0
+    )
     loader = EpochAwareLoader(stream, num_workers=0)
-    for epoch in range(2):  # the next epoch the same: no rank-local knowledge of corrupt samples shapes a plan
+    for _ in range(2):  # the next epoch the same: no rank-local knowledge of corrupt samples shapes a plan
         batches = []
         for batch in loader:
             batches.append(batch)
@@ -125,8 +130,13 @@ def test_corrupt_samples_make_batches_lighter_never_fewer_and_nothing_repeats(tm
         # No slack (30 = 10 x 3): batch k ends after raw sample 3(k + 1), its corrupt ones skipped, unless
         # all 3 were corrupt: then it reads on to its first usable one (and the next batch is lighter).
         ends = [b["stream_pos"][3] for b in batches]  # raw samples read after each batch (segment 0)
-        assert all(end == 3 * (k + 1) or (end > 3 * (k + 1) and len(b["keys"]) == 1)
-                   for k, (end, b) in enumerate(zip(ends, batches))) and ends[-1] == 30
+        assert (
+            all(
+                end == 3 * (k + 1) or (end > 3 * (k + 1) and len(b["keys"]) == 1)
+                for k, (end, b) in enumerate(zip(ends, batches))
+            )
+            and ends[-1] == 30
+        )
         assert [len(b["keys"]) + int(b["skipped"]) for b in batches] == [e - s for s, e in zip([0] + ends, ends)]
 
 
@@ -134,8 +144,9 @@ def test_a_range_whose_tail_is_corrupt_refills_with_counted_repeats(tmp_path):
     # 12 samples, the last 8 corrupt, batch 2: 6 batches due and 4 usable samples. The first batches take
     # them; once the range has no raw sample left, each due batch is one repeated sample, counted.
     src = source(tmp_path, "s", 12, 12, corrupt_at=set(range(4, 12)))
-    stream = ShardStream([src], process=key_if_decodable, collate=collate_keys, batch_size=2,
-                         mode="epoch", shuffle_buffer=0)
+    stream = ShardStream(
+        [src], process=key_if_decodable, collate=collate_keys, batch_size=2, mode="epoch", shuffle_buffer=0
+    )
     loader = EpochAwareLoader(stream, num_workers=0)
     batches = []
     for batch in loader:

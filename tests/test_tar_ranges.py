@@ -49,9 +49,13 @@ def test_header_offsets_of_the_writers_shards_locate_every_sample(tmp_path):
 
     rng = np.random.default_rng(3)
     keys = [f"k{i:03d}" if i % 3 else f"{'long' * 30}_{i:03d}" for i in range(12)]
-    report = write_shards((ShardSample(key=k, image=jpeg_bytes(rng), image_ext="jpg", caption=f"sample {i}")
-                           for i, k in enumerate(keys)), tmp_path, samples_per_shard=7, verify_images=False,
-                          progress=False)
+    report = write_shards(
+        (ShardSample(key=k, image=jpeg_bytes(rng), image_ext="jpg", caption=f"sample {i}") for i, k in enumerate(keys)),
+        tmp_path,
+        samples_per_shard=7,
+        verify_images=False,
+        progress=False,
+    )
     for url, _, end in plan_held_out(report.urls, 0):
         stats = ScanStats()
         starts = sample_starts(url, range(end), stats)
@@ -87,8 +91,9 @@ def test_a_shard_not_grouped_by_key_is_read_from_its_start_with_a_warning(tmp_pa
     """k1's and k2's members interleaved: webdataset reads k1, k2 (images), k1, k2 (captions) as four samples.
     The walk sees k1 come back: no index for the shard, a one-line warning naming it, and its slots read it
     from its start, so they see what they saw before."""
-    order = ["k0.jpg", "k0.txt", "k1.jpg", "k2.jpg", "k1.txt", "k2.txt"] + [f"k{i}.{e}" for i in range(3, 6)
-                                                                           for e in ("jpg", "txt")]
+    order = ["k0.jpg", "k0.txt", "k1.jpg", "k2.jpg", "k1.txt", "k2.txt"] + [
+        f"k{i}.{e}" for i in range(3, 6) for e in ("jpg", "txt")
+    ]
     url = write_tar(tmp_path / "00000.tar", order)
     ranges = plan_held_out(url, 0)
     assert ranges == [(url, 0, 6)]  # six keys with an image

@@ -12,7 +12,7 @@ from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
 
 from aimv2.data.samples import CorruptSample, decode_image, decode_image_tensor
-from aimv2.data.transforms import normalize_images, pretrain_transform
+from aimv2.data.samples import normalize_images, pretrain_transform
 
 
 def photo(seed: int = 0) -> Image.Image:
@@ -52,8 +52,9 @@ def test_tensor_decode_gives_pils_pixels_and_rejects_truncated_files():
 
 def test_normalize_on_device_equals_totensor_normalize_bitwise():
     pixels = np.random.default_rng(1).integers(0, 256, (2, 28, 28, 3), dtype=np.uint8)
-    reference = torch.stack([T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(T.ToTensor()(Image.fromarray(p)))
-                             for p in pixels])
+    reference = torch.stack(
+        [T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(T.ToTensor()(Image.fromarray(p))) for p in pixels]
+    )
     ours = normalize_images(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
     assert ours.dtype == torch.float32 and torch.equal(ours, reference)
     # A white pixel's red channel by hand: (1 - 0.48145466) / 0.26862954 = 1.9303361

@@ -21,18 +21,25 @@ from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
 from aimv2.config import load_config
+from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, slot_starts
 from aimv2.data.tokenizer import build_tokenizer
-from aimv2.data.transforms import eval_transform
-from aimv2.engine.metrics import read_metric, read_metrics
-from aimv2.engine.preemption import PreemptionCheckpoint
+from aimv2.data.samples import eval_transform
+from aimv2.engine.checkpointing import PreemptionCheckpoint
+from aimv2.engine.logs import read_metric, read_metrics
 from aimv2.errors import UserError
-from aimv2.models.flops import training_flops_per_sample
-from aimv2.models.sizes import get_size
+from aimv2.models.sizes import get_size, training_flops_per_sample
 from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, slot_starts
-from aimv2.pretraining.validation import (METRICS, HeldOutLoss, HeldOutSamples, held_out_loader, plan_held_out,
-                                          prefix_length, read_cost, split_ranges)
+from aimv2.pretraining.validation import (
+    METRICS,
+    HeldOutLoss,
+    HeldOutSamples,
+    held_out_loader,
+    plan_held_out,
+    prefix_length,
+    read_cost,
+    split_ranges,
+)
 from conftest import REPO, write_caption_shards
 from fault_helpers import run_or_show_stacks, tiny_tokenizer
 from test_tar_ranges import read_from_shard_starts, without_index
@@ -54,11 +61,21 @@ def setup(tmp_path_factory):
 def config(setup, name: str, *extra: str, val: bool = True):
     root, train_urls, val_urls, tokenizer = setup
     overrides = [
-        f"run_dir={root / name}", f"data.sources=[{{urls: '{train_urls}'}}]", "model.img_size=28",
-        f"data.batch_size={BATCH}", "data.num_workers=0", "data.shuffle_buffer=8", "data.tokenizer.max_length=8",
-        f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=5", "trainer.checkpoint_every_n_steps=3",
-        "trainer.keep_checkpoints=-1", "trainer.progress_bar=false", "visualize.every_n_steps=0",
-        "optim.warmup_steps=2", *tokenizer,
+        f"run_dir={root / name}",
+        f"data.sources=[{{urls: '{train_urls}'}}]",
+        "model.img_size=28",
+        f"data.batch_size={BATCH}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.tokenizer.max_length=8",
+        f"trainer.max_steps={STEPS}",
+        "trainer.log_every_n_steps=5",
+        "trainer.checkpoint_every_n_steps=3",
+        "trainer.keep_checkpoints=-1",
+        "trainer.progress_bar=false",
+        "visualize.every_n_steps=0",
+        "optim.warmup_steps=2",
+        *tokenizer,
         *([f"data.val.urls={val_urls}", f"data.val.every_n_steps={EVERY}", "data.val.batch_size=3"] if val else []),
         *extra,
     ]
@@ -89,8 +106,9 @@ def test_rows_at_the_expected_steps_with_sample_and_flop_counts(with_val):
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     counts = {int(m.sum()) for m in tokenizer([f"sample {i}" for i in range(40)])[1]}
     assert len(counts) == 1
-    per_sample = training_flops_per_sample(get_size("debug"), 28, cfg.data.tokenizer.max_length, counts.pop(),
-                                           tokenizer.vocab_size)["total"]
+    per_sample = training_flops_per_sample(
+        get_size("debug"), 28, cfg.data.tokenizer.max_length, counts.pop(), tokenizer.vocab_size
+    )["total"]
     assert [v for _, v in series["val/train_flops"]] == pytest.approx([n * per_sample for n in samples], rel=1e-12)
     # The corrupt held-out sample is skipped and counted at every evaluation.
     assert [v for _, v in series["val/samples"]] == [VAL_N - 1] * 3
@@ -144,8 +162,9 @@ def read_held_out(urls_spec: str):
 
 def test_value_equals_a_hand_computation_and_is_deterministic(setup, with_val):
     cfg, run = with_val
-    module = AIMv2PretrainModule.load_from_checkpoint(run.checkpoints / "last.ckpt", map_location="cpu",
-                                                      weights_only=True).eval()
+    module = AIMv2PretrainModule.load_from_checkpoint(
+        run.checkpoints / "last.ckpt", map_location="cpu", weights_only=True
+    ).eval()
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     n = module.model.num_patches
     img_sum = img_n = text_sum = text_n = 0.0
@@ -157,8 +176,9 @@ def test_value_equals_a_hand_computation_and_is_deterministic(setup, with_val):
                 continue  # the corrupt one
             ids, mask = tokenizer([sample["txt"].decode()])
             m = prefix_length(url, key, n)
-            losses, _ = module._losses({"image": image[None], "tokens": ids, "token_mask": mask}, None,
-                                       prefix=torch.tensor([m]))
+            losses, _ = module._losses(
+                {"image": image[None], "tokens": ids, "token_mask": mask}, None, prefix=torch.tensor([m])
+            )
             img_sum, img_n = img_sum + float(losses.image) * (n - m), img_n + (n - m)
             text_sum, text_n = text_sum + float(losses.text) * int(mask.sum()), text_n + int(mask.sum())
     final = {name: values[-1][1] for name, values in read_metrics(run.metrics, METRICS).items()}
@@ -233,15 +253,23 @@ def test_a_row_lost_after_its_checkpoint_is_written_on_resume(setup, with_val, t
         writer.writeheader()
         writer.writerows(rows)
     cfg = config(setup, "with_val")
-    pretrain(replace(cfg, run_dir=str(run_dir),
-                     trainer=replace(cfg.trainer, resume=str(run_dir / "checkpoints/step=0000003.ckpt"))))
+    pretrain(
+        replace(
+            cfg,
+            run_dir=str(run_dir),
+            trainer=replace(cfg.trainer, resume=str(run_dir / "checkpoints/step=0000003.ckpt")),
+        )
+    )
     assert read_metrics(metrics, METRICS) == read_metrics(uninterrupted.metrics, METRICS)
 
 
 def test_bad_input_is_named(setup, tmp_path):
     cfg = config(setup, "bad")
-    missing = replace(cfg, run_dir=str(tmp_path / "run"),
-                      data=replace(cfg.data, val=replace(cfg.data.val, urls=str(tmp_path / "nope/00000.tar"))))
+    missing = replace(
+        cfg,
+        run_dir=str(tmp_path / "run"),
+        data=replace(cfg.data, val=replace(cfg.data.val, urls=str(tmp_path / "nope/00000.tar"))),
+    )
     with pytest.raises(UserError) as err:
         pretrain(missing)
     assert str(err.value) == f"data.val.urls: shard not found: {tmp_path}/nope/00000.tar"
@@ -265,12 +293,32 @@ def test_two_ddp_ranks_score_disjoint_halves_and_sum_them(setup, tmp_path):
     batches of 2), the sums are all-reduced: the logged loss is the single-process loss of the same
     weights, and the training sample count is step x batch x 2."""
     _, train_urls, val_urls, tokenizer = setup
-    cmd = [sys.executable, "-m", "aimv2", "pretrain", str(REPO / "configs/pretrain/debug.yaml"), *tokenizer,
-           f"run_dir={tmp_path / 'run'}", f"data.sources=[{{urls: '{train_urls}'}}]", "model.img_size=28",
-           f"data.batch_size={BATCH}", "data.num_workers=0", "data.shuffle_buffer=8", "data.tokenizer.max_length=8",
-           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=3",
-           "trainer.log_every_n_steps=5", "trainer.progress_bar=false", "visualize.every_n_steps=0",
-           "optim.warmup_steps=2", f"data.val.urls={val_urls}", "data.val.every_n_steps=2", "data.val.batch_size=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aimv2",
+        "pretrain",
+        str(REPO / "configs/pretrain/debug.yaml"),
+        *tokenizer,
+        f"run_dir={tmp_path / 'run'}",
+        f"data.sources=[{{urls: '{train_urls}'}}]",
+        "model.img_size=28",
+        f"data.batch_size={BATCH}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.tokenizer.max_length=8",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=5",
+        "trainer.progress_bar=false",
+        "visualize.every_n_steps=0",
+        "optim.warmup_steps=2",
+        f"data.val.urls={val_urls}",
+        "data.val.every_n_steps=2",
+        "data.val.batch_size=2",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     done = run_or_show_stacks(cmd, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -281,8 +329,9 @@ def test_two_ddp_ranks_score_disjoint_halves_and_sum_them(setup, tmp_path):
     assert [v for _, v in metrics["val/skipped_samples"]] == [1] * 2
 
     cfg = load_config(tmp_path / "run/config.yaml")
-    module = AIMv2PretrainModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu",
-                                                      weights_only=True)
+    module = AIMv2PretrainModule.load_from_checkpoint(
+        tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True
+    )
     sums = scorer(cfg, module)()
     assert metrics["val/loss_img"][-1][1] == pytest.approx(float(sums[0] / sums[1]), abs=1e-6)
     assert metrics["val/loss_text"][-1][1] == pytest.approx(float(sums[2] / sums[3]), abs=1e-6)
@@ -378,8 +427,10 @@ def test_the_callback_indexes_at_setup_and_says_what_an_evaluation_reads(setup, 
         fourth = tar.getmembers()[3]  # sample 1's first member, after sample 0's jpg, json and txt
     assert fourth.name.startswith("v000005.")
     assert callback.loader.dataset.starts == {(url, 1): (fourth.offset, "v000005")}
-    assert "an evaluation reads 10 tar samples (1.00x the set; 1.10x reading each shard from its start); " \
-           "indexed 1 shards at setup: 4 headers" in caplog.text
+    assert (
+        "an evaluation reads 10 tar samples (1.00x the set; 1.10x reading each shard from its start); "
+        "indexed 1 shards at setup: 4 headers" in caplog.text
+    )
 
 
 def test_a_ranks_loader_with_workers_reads_its_slots_from_their_first_sample(seek_shards):
@@ -390,8 +441,8 @@ def test_a_ranks_loader_with_workers_reads_its_slots_from_their_first_sample(see
     for rank in (1, 3):
         loader = held_out_loader(ranges, tokenizer, 28, 16, 2, WORKERS, rank, WORLD, index)
         got = list(loader)
-        mine = slots[rank * WORKERS:(rank + 1) * WORKERS]
-        assert sum(b["read"] for b in got) == sum(cost["per_slot_after"][rank * WORKERS:(rank + 1) * WORKERS])
+        mine = slots[rank * WORKERS : (rank + 1) * WORKERS]
+        assert sum(b["read"] for b in got) == sum(cost["per_slot_after"][rank * WORKERS : (rank + 1) * WORKERS])
         assert sum(b["image"].shape[0] + b["skipped"] for b in got) == sum(e - f for u in mine for _, f, e in u)
         # Without an index it indexes its own slots: the same batches.
         again = list(held_out_loader(ranges, tokenizer, 28, 16, 2, WORKERS, rank, WORLD))

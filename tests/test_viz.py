@@ -14,10 +14,10 @@ from aimv2.data.tokenizer import build_tokenizer
 from aimv2.models import AIMv2, get_size
 from aimv2.models.encoder import encode
 from aimv2.objective import patchify
-from aimv2.viz.captions import generate_captions, greedy_tokens
+from aimv2.viz.frame import generate_captions, greedy_tokens
 from aimv2.viz.frame import make_frame
 from aimv2.viz.grid import GREY, LINE_H, PAD, TITLE_H, prediction_grid, prediction_panels, save_png
-from aimv2.viz.patches import normalized_targets, to_pixels, unnormalize_patches, unpatchify
+from aimv2.viz.grid import normalized_targets, to_pixels, unnormalize_patches, unpatchify
 
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
@@ -44,7 +44,9 @@ def test_perfect_prediction_reproduces_the_image(tmp_path):
     target = normalized_targets(model_space, 14)  # (2, 16, 588): what the image loss regresses
     perfect = torch.cat([target[:, 1:], target[:, :1]], dim=1)  # output i predicts patch i + 1
     prefix = torch.tensor([3, 10])
-    inputs, given, rest, prediction = prediction_panels(model_space, perfect, prefix, 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    inputs, given, rest, prediction = prediction_panels(
+        model_space, perfect, prefix, 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    )
     # The bound: float32 round trips through normalization and CLIP statistics stay below 1e-4 in [0, 1].
     assert (prediction - pixels).abs().max() < 1e-4
     assert (inputs - pixels).abs().max() < 1e-4
@@ -55,11 +57,13 @@ def test_perfect_prediction_reproduces_the_image(tmp_path):
         assert torch.all(given_patches[b, m:] == GREY) and torch.all(rest_patches[b, :m] == GREY)
         assert torch.allclose(rest_patches[b, m:], patchify(pixels, 14)[b, m:], atol=1e-4)
     # Through the PNG (uint8): the prediction cell equals the image to within 1/255.
-    path = save_png(prediction_grid(model_space, perfect, prefix, 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, scale=1),
-                    tmp_path / "perfect.png")
+    path = save_png(
+        prediction_grid(model_space, perfect, prefix, 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, scale=1),
+        tmp_path / "perfect.png",
+    )
     png = np.asarray(Image.open(path).convert("RGB")).astype(int)
     x0, y0 = PAD + 3 * (56 + PAD), TITLE_H  # row 0, column "prediction"
-    cell = png[y0:y0 + 56, x0:x0 + 56]
+    cell = png[y0 : y0 + 56, x0 : x0 + 56]
     truth = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
     assert np.abs(cell - truth).max() <= 1
 
@@ -68,8 +72,10 @@ def test_png_has_the_layout_size(tmp_path):
     images = (known_images() - MEAN) / STD
     pred = torch.zeros(2, 16, 588)
     notes = [["line one", "line two"], ["only one line"]]
-    path = save_png(prediction_grid(images, pred, torch.tensor([8, 8]), 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, notes),
-                    tmp_path / "g.png")
+    path = save_png(
+        prediction_grid(images, pred, torch.tensor([8, 8]), 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, notes),
+        tmp_path / "g.png",
+    )
     # 56 px images are magnified 4x to 224; 4 columns of 224 with 6 px gaps; rows of 224 + 2 text lines.
     assert Image.open(path).size == (4 * 224 + 5 * PAD, TITLE_H + 2 * (224 + 2 * LINE_H + PAD) + PAD) == (926, 540)
 
@@ -96,9 +102,9 @@ def test_greedy_captions_are_deterministic_bounded_and_match_teacher_forcing(tin
         if not row:
             continue
         tokens = torch.tensor([row + [0]])  # the decoder's text input is [start, row]
-        features = encode(model.encoder, images[b:b + 1], torch.full((1,), model.num_patches - 1))
+        features = encode(model.encoder, images[b : b + 1], torch.full((1,), model.num_patches - 1))
         _, logits = model.decoder(features, tokens)  # (1, L, V)
-        assert logits[0, :len(row)].argmax(-1).tolist() == row
+        assert logits[0, : len(row)].argmax(-1).tolist() == row
 
 
 def test_frame_has_one_row_per_image_and_a_caption_table(tiny_model):

@@ -19,7 +19,9 @@ def test_callback_writes_comparable_frames_and_logs_them_to_tensorboard(runs):
     assert runs["a_returncode"] == 0, runs["a_output"][-3000:]
     frames = runs["a"] / "visualizations"
     # Step 0 (untrained), every EVERY steps, and the last step; each the same fixed batch.
-    assert sorted(p.name for p in frames.glob("step=*.png")) == [f"step={s:07d}.png" for s in range(0, STEPS + 1, EVERY)]
+    assert sorted(p.name for p in frames.glob("step=*.png")) == [
+        f"step={s:07d}.png" for s in range(0, STEPS + 1, EVERY)
+    ]
     expected = grid_size(IMAGES, IMG, 224 // IMG, lines_per_row=2)  # 28 px shown 8x; prefix/true + generated lines
     assert all(Image.open(p).size == expected for p in frames.glob("step=*.png"))
     assert (frames / "fixed_batch.pt").is_file()
@@ -43,8 +45,24 @@ def test_visualize_cli_writes_grid_and_captions(runs, tmp_path, capsys):
     ckpt = runs["a"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "out"
     # A file and a directory (all its images); captions from sibling .txt files.
-    assert cli.main(["visualize", str(ckpt), "--images", str(tmp_path / "x.jpg"), str(tmp_path / "more"),
-                     "--out", str(out), "--prefix-ratio", "0.25", "--max-caption-tokens", "4"]) == 0
+    assert (
+        cli.main(
+            [
+                "visualize",
+                str(ckpt),
+                "--images",
+                str(tmp_path / "x.jpg"),
+                str(tmp_path / "more"),
+                "--out",
+                str(out),
+                "--prefix-ratio",
+                "0.25",
+                "--max-caption-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "visualized 3 image(s)" in printed and "prefix 1/4 patches" in printed
     assert str(out / "visualize_last.png") in printed
@@ -53,7 +71,9 @@ def test_visualize_cli_writes_grid_and_captions(runs, tmp_path, capsys):
     assert "| 0 | a noisy square |" in notes and "| 1 | - |" in notes and "| 2 | - |" in notes
     # Mistakes are one line naming the path.
     assert cli.main(["visualize", str(ckpt), "--images", str(tmp_path / "nope.jpg")]) == 2
-    assert capsys.readouterr().err.strip() == f"aimv2 visualize: error: --images: image not found: {tmp_path / 'nope.jpg'}"
+    assert (
+        capsys.readouterr().err.strip() == f"aimv2 visualize: error: --images: image not found: {tmp_path / 'nope.jpg'}"
+    )
     assert cli.main(["visualize", str(tmp_path / "x.txt"), "--images", str(tmp_path / "more")]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
 
@@ -72,8 +92,10 @@ def test_visualize_reads_any_checkpoint_that_holds_the_decoder(runs, tmp_path):
     ckpt = runs["a"] / "checkpoints" / "last.ckpt"
     export_checkpoint(ckpt, tmp_path / "full", "aimv2", with_decoder=True)
     export_checkpoint(ckpt, tmp_path / "encoder", "aimv2")
-    drawn = [visualize_checkpoint(src, [str(tmp_path / "x.jpg")], tmp_path / name, max_caption_tokens=0, device="cpu")
-             for name, src in (("a", ckpt), ("b", tmp_path / "full"))]
+    drawn = [
+        visualize_checkpoint(src, [str(tmp_path / "x.jpg")], tmp_path / name, max_caption_tokens=0, device="cpu")
+        for name, src in (("a", ckpt), ("b", tmp_path / "full"))
+    ]
     assert drawn[0]["step"] == STEPS and drawn[1]["step"] is None
     assert Image.open(drawn[0]["grid"]).tobytes() == Image.open(drawn[1]["grid"]).tobytes()
     with pytest.raises(UserError, match="holds no pre-training decoder"):

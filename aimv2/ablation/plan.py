@@ -17,7 +17,7 @@ Run directory:
   plan.json                                 the settings; other pre-training settings are refused
   runs/<variant>/seed<k>/                   an `aimv2 pretrain` run directory (random: none)
   runs/<variant>/seed<k>/probe/<task>/      an `aimv2 probe` run directory per task
-  ablation.json, ablation.md, ablation.png  the summary (aimv2.ablation.table, aimv2.ablation.plot)
+  ablation.json, ablation.md, ablation.png  the summary (aimv2.ablation.table, aimv2.ablation.report)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO checkpoint directories, the one place that reads them: one fp32 state dict on the
-CPU (no GPU needed) for checkpoint I/O, and the client state alone for resume (aimv2.engine.resume).
+CPU (no GPU needed) for checkpoint I/O, and the client state alone for resume (aimv2.engine.checkpointing).
 
 Lightning's DeepSpeed strategy saves `last.ckpt/` as a directory: `latest` (holding the tag,
 `checkpoint`), `checkpoint/*_model_states.pt` (Lightning's client state: hyper-parameters, ...)
@@ -83,7 +83,7 @@ def model_states_files(path: str | Path) -> list[Path]:
 def load_client_state(path: str | Path, mmap: bool = False) -> dict:
     """Rank 0's model-states file of a ZeRO checkpoint, loaded with weights_only=True (DeepSpeed's own
     plain classes allowed). `mmap=True` reads the pickle without the tensor bytes: enough to tell an
-    intact checkpoint and its step (aimv2.engine.resume) without reading gigabytes."""
+    intact checkpoint and its step (aimv2.engine.checkpointing) without reading gigabytes."""
     with torch.serialization.safe_globals(safe_classes()):
         return torch.load(model_states_files(path)[0], map_location="cpu", weights_only=True, mmap=mmap)
 

@@ -58,7 +58,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aimv2.ablation.offline import offline_data
+    from aimv2.ablation.run import offline_data
     from aimv2.ablation.plan import VARIANTS, AblationPlan, check_variants
     from aimv2.ablation.run import run_ablation
     from aimv2.commands.probe import split_items

@@ -161,7 +161,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         return 0
     if run_sweep(sweep, path, cell=None if args.cell is None else array_index(args.cell)):
         from aimv2.compress.sweep import locked
-        from aimv2.scaling.vlm import scale_vlm
+        from aimv2.scaling.vlm_budget import scale_vlm
 
         out, fit = Path(sweep.out), sweep.fit
         with locked(out):  # the array tasks that complete the grid together fit one after the other

@@ -29,10 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     from aimv2.config import load_config
     from aimv2.data.demo import build_demo_shards
-    from aimv2.engine.initial_checkpoint import INITIAL_NAME, InitialCheckpoint
+    from aimv2.engine.checkpointing import INITIAL_NAME, InitialCheckpoint
     from aimv2.engine.run_dir import RunDir
     from aimv2.pretraining.pretrain import pretrain
-    from aimv2.engine.metrics import loss_trend
+    from aimv2.engine.logs import loss_trend
     from aimv2.shipped import shipped_config
 
     config = shipped_config("pretrain/demo.yaml")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     print(loss_trend(run.metrics))
     # Frozen-trunk probes on the held-out digits (cached mode, configs/probe/toy.yaml): the last checkpoint,
     # and the step-0 checkpoint (the weights training started from), identically.
-    from aimv2.probe.compare import comparison_table, write_comparison
+    from aimv2.probe.run import comparison_table, write_comparison
     from aimv2.probe.config import ProbeConfig
     from aimv2.probe.run import run_probe
 

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_vlm(args: argparse.Namespace) -> int:
-    from aimv2.scaling.vlm import scale_vlm
+    from aimv2.scaling.vlm_budget import scale_vlm
 
     scale_vlm(args.results, args.out, text_tokens=args.text_tokens, budgets=args.budgets,
               bootstrap=args.bootstrap, seed=args.seed)
@@ -71,7 +71,7 @@ def _run_vlm(args: argparse.Namespace) -> int:
 
 
 def _run_encoder(args: argparse.Namespace) -> int:
-    from aimv2.scaling.encoder import scale_encoder
+    from aimv2.scaling.encoder_budget import scale_encoder
 
     scale_encoder(args.runs, args.out, holdout=args.holdout, budgets=args.budgets)
     return 0

@@ -1,9 +1,9 @@
 """Attach a frozen encoder to an LLM through a token compressor (N patch tokens -> M LLM tokens).
 
 Public API (imported lazily: the compressors need only torch; the attachment needs transformers):
-    COMPRESSORS, CompressorSpec, build_compressor      the registry (aimv2/compress/registry.py)
+    COMPRESSORS, CompressorSpec, build_compressor      the registry (aimv2/compress/vlm.py)
     AttachedVLM                                        encoder + compressor + LM (aimv2/compress/vlm.py)
-    build_prefix, TextPrefix                           text-prefix KV caching (aimv2/compress/cache.py)
+    build_prefix, TextPrefix                           text-prefix KV caching (aimv2/compress/vlm.py)
     load_bundle, export_bundle                         exported bundles (aimv2/compress/bundle.py)
     CompressConfig                                     the config schema (aimv2/compress/config.py)
 """

@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 from aimv2.checkpoints.arch import TimmRecipe, encoder_dims, recipe_from_dims
 from aimv2.checkpoints.export import write_aimv2
 from aimv2.compress.base import CompressorSpec
+from aimv2.compress.components import build_compressor, freeze
 from aimv2.compress.config import LMSection
-from aimv2.compress.encoder import freeze
-from aimv2.compress.registry import build_compressor
 from aimv2.compress.vlm import AttachedVLM
 from aimv2.config import as_section
 from aimv2.errors import UserError
@@ -100,7 +99,7 @@ def load_bundle(bundle_dir: str | Path, lm: bool = True, device: str | torch.dev
 
 
 def _load_lm(root: Path, meta: dict):
-    from aimv2.compress.lm import build_lm
+    from aimv2.compress.components import build_lm
 
     lm = as_section(LMSection, meta["config"].get("lm"))  # bundles of every version hold config.lm
     if meta["lm"]["bundled"]:

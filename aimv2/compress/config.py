@@ -3,14 +3,13 @@
 The sequence the LLM sees is `[text.prefix] [M visual tokens] [text.prompt] [caption]`: image
 tokens come before the text; only caption tokens are predicted (prefix, visual and prompt
 positions carry label -100). `text.prefix` does not depend on the image, so its KV cache is
-computed once and shared by every image (see aimv2/compress/cache.py).
+computed once and shared by every image (see aimv2/compress/vlm.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aimv2.compress.registry import COMPRESSORS
 from aimv2.config import TokenizerConfig, TrainerConfig, check, check_lr_schedule
 from aimv2.errors import UserError
 
@@ -38,6 +37,10 @@ class CompressorSection:
     init: str = ""  # start from the compressor of this checkpoint / run dir / bundle (e.g. stage 1 before stage 2)
 
     def validate(self) -> None:
+        from aimv2.compress.components import (
+            COMPRESSORS,  # the registry imports the compressors, which read this config
+        )
+
         check(self.kind in COMPRESSORS, "kind", f"unknown compressor {self.kind!r} (one of {', '.join(COMPRESSORS)})")
         check(self.num_tokens >= 0, "num_tokens", "must be >= 0 (0 = all patches)")
         check(self.hidden >= 0 and self.heads >= 1 and self.layers >= 1, "", "hidden >= 0, heads >= 1, layers >= 1")

@@ -10,6 +10,15 @@ is kept. `aimv2 compress export` makes a self-contained bundle.
 The optimizer is pre-training's (aimv2.engine.optim): AdamW with fully decoupled weight decay, whose
 no-decay names are taken from the plain modules at construction (FSDP wraps before configure_optimizers),
 and DeepSpeed's CPU Adam when the strategy offloads the optimizer (`optimizer_options`).
+
+Image-caption batches for alignment, through the pre-training pipeline (shard lists, the
+`ShardStream`, sample decoding, caption tokenizer), with the encoder's eval preprocessing
+(resize + center crop, no augmentation, as in LLaVA's alignment stage).
+
+Training streams shards in resampled mode (infinite; `trainer.max_steps` ends the run) and resumes
+exactly at the batch a checkpoint was taken after, as pre-training does. Held-out
+evaluation reads every sample exactly once, in order, including the last partial batch, through the
+evaluation reader probes use too (aimv2.data.every_sample).
 """
 
 from __future__ import annotations
@@ -20,13 +29,25 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
-from aimv2.compress.attach import build_attachment
-from aimv2.compress.config import CompressOptimSection, CompressorSection, EncoderSection, LMSection, TextSection
+from aimv2.compress.config import (
+    CompressDataSection,
+    CompressOptimSection,
+    CompressorSection,
+    EncoderSection,
+    LMSection,
+    TextSection,
+)
+from aimv2.compress.vlm import build_attachment
 from aimv2.config import as_section
-from aimv2.errors import UserError
-from aimv2.engine.clipping import ClipGradientNorm
+from aimv2.data.every_sample import every_sample_loader
+from aimv2.data.samples import ImageCaptionCollator, ImageCaptionProcessor, eval_transform
+from aimv2.data.shardlist import check_first_shard, resolve_shards
+from aimv2.data.stream import ShardStream, StreamSource
+from aimv2.data.tokenizer import CaptionTokenizer
 from aimv2.engine.optim import (
+    ClipGradientNorm,
     decoupled_weight_decay,
     make_optimizer,
     no_decay_names,
@@ -34,8 +55,9 @@ from aimv2.engine.optim import (
     param_groups,
     warmup_cosine_schedule,
 )
+from aimv2.engine.stream_resume import StreamDataModule
+from aimv2.errors import UserError
 from aimv2.objective import global_mean
-
 
 SECTIONS = {"encoder": EncoderSection, "compressor": CompressorSection, "lm": LMSection, "text": TextSection,
             "optim": CompressOptimSection}
@@ -146,3 +168,36 @@ def load_module(path: str, map_location: str = "cpu") -> CompressModule:
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
         module = CompressModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     return module.eval()
+
+
+def processor(preprocessing) -> ImageCaptionProcessor:
+    return ImageCaptionProcessor(eval_transform(preprocessing.img_size, preprocessing.mean, preprocessing.std))
+
+
+class AlignmentDataModule(StreamDataModule):
+    """The training stream, resampled; it continues exactly after a resume, as pre-training's does
+    (aimv2.engine.stream_resume)."""
+
+    def __init__(self, cfg: CompressDataSection, tokenizer: CaptionTokenizer, preprocessing):
+        super().__init__(cfg.num_workers)
+        self.cfg, self.tokenizer, self.preprocessing = cfg, tokenizer, preprocessing
+        check_first_shard(cfg.train, "data.train")  # a mistyped directory fails before any model is built
+
+    def resolve_sources(self) -> list[StreamSource]:
+        return [StreamSource("train", resolve_shards(self.cfg.train, "data.train", need_counts=False))]
+
+    def build_stream(self, rank: int = 0, world_size: int = 1) -> ShardStream:
+        cfg = self.cfg
+        return ShardStream(self.resolved_sources(), process=processor(self.preprocessing),
+                           collate=ImageCaptionCollator(self.tokenizer), batch_size=cfg.batch_size,
+                           mode="resampled", rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+                           seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+
+
+def held_out_loader(spec: str, key: str, tokenizer: CaptionTokenizer, preprocessing, batch_size: int,
+                    num_workers: int) -> DataLoader:
+    """Every held-out sample once, in order (aimv2.data.every_sample), with the eval preprocessing."""
+    if not spec:
+        raise UserError(f"{key}: no held-out shards given (e.g. {key}='/data/cc_val/{{00000..00003}}.tar')")
+    shards = resolve_shards(spec, key, need_counts=False)
+    return every_sample_loader(shards, processor(preprocessing), ImageCaptionCollator(tokenizer), batch_size, num_workers)

@@ -7,7 +7,7 @@ measured on this machine, with and without a cached text prefix.
 - Latency: one prefill of the attached LM (the config's `lm` section) over Q text + M visual
   positions, against a prefill of the M visual positions on top of the text's cached KV.
   The cached layout puts the text before the image (`text.prefix`, the query-first layout):
-  with the image first, text after it cannot be reused across images (aimv2/compress/cache.py).
+  with the image first, text after it cannot be reused across images (aimv2/compress/vlm.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from aimv2.compress.attach import build_text_tokenizer
+from aimv2.compress.components import build_lm, keep_last_logits, prefill_flops, prefill_params, with_cache
 from aimv2.compress.config import LMSection, TextSection
-from aimv2.compress.cache import build_prefix
-from aimv2.compress.lm import build_lm, keep_last_logits, prefill_flops, prefill_params, with_cache
+from aimv2.compress.vlm import build_prefix, build_text_tokenizer
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 

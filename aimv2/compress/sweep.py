@@ -1,19 +1,19 @@
 """`aimv2 compress sweep`: LMs x M visual tokens, one compressor trained and evaluated per cell through
 `aimv2 compress train` and `evaluate`, gathered into one results file, then the scaling law fitted
-(aimv2.scaling.vlm: error = A N^-alpha V^-beta + D and the inference-optimal N and V).
+(aimv2.scaling.vlm_budget: error = A N^-alpha V^-beta + D and the inference-optimal N and V).
 
 Layout under `out`:
   cells/<lm>_m<M>/           an `aimv2 compress train` run directory per cell
   cells/<lm>_m<M>/eval/      its evaluation (results.json, with the fingerprint of what made it)
   results.csv                one row per finished cell: llm_params, visual_tokens, error, ...
-  fit/                       fit.json, frontier.png, report.md (aimv2.scaling.vlm), once every cell is done
+  fit/                       fit.json, frontier.png, report.md (aimv2.scaling.vlm_budget), once every cell is done
 
 Resumable cell by cell: a cell whose evaluation exists for the same settings is not repeated, a
 cell trained to its `trainer.max_steps` is not trained again, an interrupted one continues from its
 newest checkpoint (`trainer.resume=auto`). A cell directory made with other settings is refused
 rather than silently reused. The error is the held-out caption token error (1 - greedy next-token
 accuracy): bounded in [0, 1] like the downstream errors the paper fits; the caption loss is kept
-beside it. N is the LM's parameter count without its input embedding table (aimv2.compress.lm).
+beside it. N is the LM's parameter count without its input embedding table (aimv2.compress.vlm).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def run_cell(sweep: SweepConfig, cell: Cell, compress_file: Path) -> dict:
     for the same settings."""
     from aimv2.compress.evaluate import evaluate_checkpoint
     from aimv2.compress.train import train
-    from aimv2.engine.resume import checkpoint_step
+    from aimv2.engine.checkpointing import checkpoint_step
 
     cfg = cell_config(sweep, cell, compress_file)
     run = RunDir(cfg.run_dir)
@@ -208,7 +208,7 @@ def write_results(rows: list[dict], path: Path) -> None:
 
 def run_sweep(sweep: SweepConfig, sweep_file: Optional[str | Path] = None, cell: Optional[int] = None) -> bool:
     """Every cell (or only `cell`), then results.csv; True once every cell is done (the fit's turn:
-    aimv2.scaling.vlm, which the command runs; this job knows nothing of scaling laws)."""
+    aimv2.scaling.vlm_budget, which the command runs; this job knows nothing of scaling laws)."""
     compress_file = check_cells(sweep, sweep_file)
     grid = cells(sweep)
     if cell is not None and not 0 <= cell < len(grid):

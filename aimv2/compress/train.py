@@ -12,16 +12,14 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from aimv2.compress.config import CompressConfig
-from aimv2.compress.data import AlignmentDataModule
-from aimv2.compress.module import CompressModule
+from aimv2.compress.module import AlignmentDataModule, CompressModule
 from aimv2.config import save_config
-from aimv2.errors import UserError
-from aimv2.engine.checkpoint_io import tidy_before_training
+from aimv2.engine.checkpointing import resolve_resume, tidy_before_training
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
-from aimv2.engine.metrics import read_metric
-from aimv2.engine.resume import resolve_resume
+from aimv2.engine.logs import read_metric
 from aimv2.engine.run_dir import RunDir
 from aimv2.engine.trainer import build_trainer
+from aimv2.errors import UserError
 
 
 def resolve_paths(cfg: CompressConfig) -> CompressConfig:
@@ -57,7 +55,7 @@ def train(cfg: CompressConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
     with warnings.catch_warnings():  # expected here: frozen parts in eval mode, frozen weights not in checkpoints
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
-        # Lightning cannot see that the data module restores the stream position (aimv2.engine.stream_data).
+        # Lightning cannot see that the data module restores the stream position (aimv2.engine.stream_resume).
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:

@@ -7,20 +7,51 @@ The LLM sees `inputs_embeds` laid out as
 and only caption tokens are predicted: labels are -100 on the prefix, visual and prompt positions
 and on caption padding (the Hugging Face convention: labels[t] is the token at position t; the
 model's output at t-1 predicts it). Captions are right-padded; padding is masked out of attention.
+
+Text-prefix KV caching: the keys and values of a fixed text are computed once and reused for
+every image.
+
+Which text can be shared follows from causal attention: a position's keys and values depend on
+every position before it. With the image tokens first (`[image][prompt][caption]`), the prompt's
+KV depends on the image, so nothing after the image can be reused across images. What is shared
+is text placed *before* the image: `text.prefix` (a system prompt, or the question itself in a
+query-first layout `[question][image]`, which is what the "one visual token" regime assumes when it
+counts cached text as free). Its KV is computed once (`build_prefix`), expanded to the batch
+without copying (`TextPrefix.for_batch`), and the LLM then prefills only `[image][prompt]...`:
+the prefill cost drops from 2*N*(P+V+Q) to 2*N*(V+Q) FLOPs for a prefix of P tokens.
+
+Caches are `transformers` DynamicCache objects (Llama, Qwen2, Mistral, ... causal LMs).
+
+Build an attachment from the sections of a compress config it needs (stage, encoder, compressor,
+lm, text): frozen encoder, tokenizer, LM, compressor, text ids.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aimv2.compress.base import Compressor
-from aimv2.compress.cache import TextPrefix
-from aimv2.compress.encoder import LastKeys, encode_patches
-from aimv2.compress.lm import keep_last_logits, returned_cache, with_cache
+from aimv2.compress.base import Compressor, CompressorSpec
+from aimv2.compress.components import (
+    LastKeys,
+    build_compressor,
+    build_lm,
+    encode_patches,
+    encoder_width,
+    freeze,
+    keep_last_logits,
+    load_frozen_encoder,
+    patch_grid,
+    returned_cache,
+    with_cache,
+)
+from aimv2.compress.config import CompressorSection, EncoderSection, LMSection, TextSection
+from aimv2.data.tokenizer import CaptionTokenizer, build_tokenizer
+from aimv2.errors import UserError
 from aimv2.models.encoder import grid_of
 
 IGNORE = -100
@@ -168,3 +199,91 @@ class AttachedVLM(nn.Module):
                           **with_cache(self.lm, cache), **keep_last_logits(self.lm, 1))
             cache = returned_cache(out)
         return torch.stack(tokens, dim=1)
+
+
+def _kv_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values), each (B, heads, T, head_dim), across transformers versions."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+@dataclass
+class TextPrefix:
+    """The KV cache of a fixed token prefix (batch 1) and the LLM's hidden state at its last token."""
+
+    ids: torch.Tensor  # (P,)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, each (1, heads, P, head_dim)
+    last_hidden: torch.Tensor  # (1, D_llm): the text embedding of the prefix (for text-conditioned compressors)
+    lm_config: object = None
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.numel())
+
+    def for_batch(self, batch: int):
+        """A fresh DynamicCache holding the prefix for `batch` sequences. The cache the LLM extends is
+        new each time (generation appends to it in place); the prefix tensors are shared views."""
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.lm_config)
+        except TypeError:  # older transformers: no config argument
+            cache = DynamicCache()
+        for layer, (k, v) in enumerate(self.kv):
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer)
+        return cache
+
+
+@torch.no_grad()
+def build_prefix(lm: nn.Module, ids: torch.Tensor) -> TextPrefix:
+    """Run the LLM once over the prefix ids (P,) and keep its KV cache and last hidden state."""
+    if ids.numel() == 0:
+        raise ValueError("an empty prefix has nothing to cache")
+    out = lm(input_ids=ids[None], use_cache=True, output_hidden_states=True, **keep_last_logits(lm, 1))
+    return TextPrefix(ids.clone(), [(k.detach(), v.detach()) for k, v in _kv_pairs(returned_cache(out))],
+                      out.hidden_states[-1][:, -1].detach(), lm.config)
+
+
+def text_ids(tokenizer: CaptionTokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text) if text else []
+
+
+def bos_ids(tokenizer: CaptionTokenizer) -> list[int]:
+    """[begin-of-sequence] when the tokenizer has one: pretrained LMs expect it first, and it gives
+    the first caption token a position to be predicted from even with no image or prompt before it.
+    CLIP's BPE: <start_of_text>; Hugging Face tokenizers: bos_token_id (Qwen2's has none)."""
+    return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+
+
+def build_text_tokenizer(text: TextSection) -> CaptionTokenizer:
+    if text.tokenizer.kind == "hf" and not text.tokenizer.path:
+        raise UserError("config key 'text.tokenizer.path': required (set it in the config file or as "
+                        "text.tokenizer.path=...)")
+    return build_tokenizer(text.tokenizer)
+
+
+def compressor_spec(compressor: CompressorSection, d_vis: int, d_llm: int, grid: tuple[int, int]) -> CompressorSpec:
+    c = compressor
+    return CompressorSpec(kind=c.kind, d_vis=d_vis, d_llm=d_llm, grid=grid, num_tokens=c.num_tokens or grid[0] * grid[1],
+                          hidden=c.hidden, heads=c.heads, layers=c.layers)
+
+
+def build_attachment(stage: int, encoder: EncoderSection, compressor: CompressorSection, lm: LMSection,
+                     text: TextSection, frozen_encoder=None, preprocessing=None) -> tuple[AttachedVLM, CaptionTokenizer]:
+    """The attachment of these sections: the LM trains in stage 2 only. `frozen_encoder`/`preprocessing`
+    skip loading `encoder.source` (tests)."""
+    tokenizer = build_text_tokenizer(text)
+    if frozen_encoder is None:
+        frozen_encoder, preprocessing = load_frozen_encoder(encoder.source, encoder.img_size)
+    else:
+        freeze(frozen_encoder)
+    language_model = build_lm(lm, tokenizer.vocab_size)
+    for p in language_model.parameters():
+        p.requires_grad_(stage == 2)
+    d_llm = language_model.get_input_embeddings().embedding_dim
+    spec = compressor_spec(compressor, encoder_width(frozen_encoder), d_llm, patch_grid(frozen_encoder))
+    prefix = bos_ids(tokenizer) + text_ids(tokenizer, text.prefix)
+    vlm = AttachedVLM(frozen_encoder, build_compressor(spec), language_model, prefix, text_ids(tokenizer, text.prompt),
+                      preprocessing)
+    return vlm, tokenizer

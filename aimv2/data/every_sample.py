@@ -1,6 +1,6 @@
 """The one evaluation reader of shards: every sample exactly once, in order, last partial batch
 included, split over (rank, worker) slots. Probe feature extraction and validation
-(aimv2.probe.data) and compressor evaluation (aimv2.compress.data) read held-out shards through it.
+(aimv2.probe.data) and compressor evaluation (aimv2.compress.module) read held-out shards through it.
 
 Slots get whole shards (`plan_whole_shards`: longest first to the emptiest slot, or, with fewer
 shards than slots, every slot reads all of them and keeps every k-th sample), so no sample is read

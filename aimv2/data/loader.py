@@ -5,7 +5,7 @@ Its `position_state()` goes into every checkpoint through the DataModule's `stat
 restores DataModules before any data is requested; its stateful-loader path is restored too late
 when `estimated_stepping_batches` builds the loader early). Positions advance only through
 `mark_consumed`, called once a training step has finished with a batch
-(aimv2.engine.stream_state), never when a batch is merely prefetched.
+(aimv2.engine.stream_resume), never when a batch is merely prefetched.
 
 The state holds nothing per sample, so it stays the same size at any epoch length (benchmarks/scale.py
 measures it at 3.5B samples, 256 ranks x 8 workers): per lane (a seeded sample sequence; aimv2.data.stream)

@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from aimv2.data.samples import CorruptSample, decode_caption, image_bytes, image_header_size
-from aimv2.models.packing import pack_layout, pack_patches
+from aimv2.models.native import pack_layout, pack_patches
 from aimv2.objective import patchify
 
 
@@ -178,7 +178,7 @@ class NativeImageCaptionProcessor:
 
 class PackedCollator:
     """Images of any grid with their captions, placed in rows -> one packed batch: uint8 patches
-    (R, T, p*p*3) in patchify's order, the tokens (n, L), and the layout of aimv2.models.packing."""
+    (R, T, p*p*3) in patchify's order, the tokens (n, L), and the layout of aimv2.models.native."""
 
     def __init__(self, tokenizer, patch: int, row_tokens: int):
         self.tokenizer, self.patch, self.row_tokens = tokenizer, patch, row_tokens

@@ -6,7 +6,7 @@ samples it had already read (reading tar members, never decoding them):
 
 - `ShardSequence`: ranges of shards read in a fixed order (epoch mode); position (range index,
   samples of its shard read, samples of it counted).
-- `Resampler`: an endless stream of one source, each shard drawn with replacement from a seed
+- `ResampledShards`: an endless stream of one source, each shard drawn with replacement from a seed
   and the draw's index; position (draw index, offset in that shard).
 
 `read_tar` is how both open a shard: webdataset's tar reader, after checking the shard's byte size
@@ -93,7 +93,7 @@ class ShardSequence:
             self.pos = (u + 1, 0, 0)
 
 
-class Resampler:
+class ResampledShards:
     """Endless samples of one source: draw d reads shard urls[Random(key, d).randrange(n)]."""
 
     width = 2
@@ -128,7 +128,7 @@ class Resampler:
 class Mixture:
     """Several resamplers mixed per sample by weight; the choices come from the caller's rng."""
 
-    def __init__(self, readers: list[Resampler], weights: list[float]):
+    def __init__(self, readers: list[ResampledShards], weights: list[float]):
         self.readers, self.weights = readers, weights
         self._iters = [iter(r) for r in readers]
         self.width = sum(r.width for r in readers)

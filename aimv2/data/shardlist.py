@@ -5,7 +5,7 @@ shard when it can be avoided: counts and sizes come from the directory's manifes
 (aimv2.data.manifest: one read per shard directory). Shards a manifest does not list are described
 one by one (their `NNNNN_stats.json`, else their tar listed), with a warning that names the command
 that writes a manifest. In a multi-process run one process resolves and broadcasts the result
-(aimv2.engine.stream_data), so the other ranks open no metadata file at all.
+(aimv2.engine.stream_resume), so the other ranks open no metadata file at all.
 
 A table is columns (urls, counts, sizes), O(shards) and cheap to pickle into every data worker.
 """

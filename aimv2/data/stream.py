@@ -47,10 +47,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from aimv2.cpu_tuning import tune_cpu_allocator
+from aimv2.processes import tune_cpu_allocator
 from aimv2.data.epoch_plan import Consumed, EpochPlan, plan_epoch, slot_read_order
 from aimv2.data.native import Packing, pack_batches
-from aimv2.data.readers import Mixture, Resampler, ShardSequence, read_tar, split_positions, stable_seed
+from aimv2.data.readers import Mixture, ResampledShards, ShardSequence, read_tar, split_positions, stable_seed
 from aimv2.data.samples import CorruptSample
 from aimv2.data.shardlist import ShardInfo, ShardTable
 
@@ -221,7 +221,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         if info is not None:
-            tune_cpu_allocator()  # a worker allocates the same batch buffers again and again (aimv2.cpu_tuning)
+            tune_cpu_allocator()  # a worker allocates the same batch buffers again and again (aimv2.processes)
         physical = info.id if info is not None else 0
         workers = self.workers_per_rank
         if info is not None and info.num_workers != workers:
@@ -245,7 +245,7 @@ class ShardStream(IterableDataset):
 
     @property
     def _resampled_width(self) -> int:
-        return Resampler.width * len(self.sources)
+        return ResampledShards.width * len(self.sources)
 
     @staticmethod
     def _round_robin(lanes: dict[int, Iterator[dict]], produced: dict[int, int]) -> Iterator[dict]:
@@ -292,10 +292,10 @@ class ShardStream(IterableDataset):
 
     def _resampled(self, lane: int, start: Optional[tuple]) -> Iterator[dict]:
         key = (lane, self.epoch)
-        widths = [Resampler.width] * len(self.sources)
+        widths = [ResampledShards.width] * len(self.sources)
         _, seg, taken, produced, done, flat = self._position(start, sum(widths))
         positions = split_positions(flat, widths)
-        readers = [Resampler(src.shards.urls, self._read_one, str(self._key(*key, "source", i)), pos)
+        readers = [ResampledShards(src.shards.urls, self._read_one, str(self._key(*key, "source", i)), pos)
                    for i, (src, pos) in enumerate(zip(self.sources, positions, strict=True))]
         mixture = Mixture(readers, [src.weight for src in self.sources])
         tagged = self._segments(mixture, mixture.take, seg, taken, key)

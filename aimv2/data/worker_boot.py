@@ -2,7 +2,7 @@
 data worker forked from that server starts with.
 
 - SIGTERM and SIGUSR1 are ignored: they are meant for the ranks, which save a checkpoint at the next
-  step boundary and stop (aimv2.engine.preemption); SLURM and `kill` send them to every process of
+  step boundary and stop (aimv2.engine.checkpointing); SLURM and `kill` send them to every process of
   the job, and a worker (or the server) ended by one would take the run down without its checkpoint.
   Workers still end with their rank: torch's worker loop watches its parent.
 - SIGUSR2 prints every thread's stack, as in the ranks (aimv2.cli).

@@ -61,7 +61,7 @@ def _in_process_group() -> bool:
 
 def ignore_stop_signals(worker_id: int) -> None:
     """A training loader's worker_init_fn: SIGTERM and SIGUSR1 are the rank's to act on (it saves at the
-    next step boundary and stops: aimv2.engine.preemption). SLURM and `kill` send them to every process
+    next step boundary and stops: aimv2.engine.checkpointing). SLURM and `kill` send them to every process
     of a job, and a worker ended by one ends the run without its checkpoint (seen in benchmarks/chaos.py:
     "DataLoader worker ... exited unexpectedly"). The worker still ends with its rank."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

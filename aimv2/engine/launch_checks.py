@@ -19,7 +19,7 @@ from typing import Optional
 
 from aimv2.config import TrainerConfig
 from aimv2.errors import UserError
-from aimv2.engine.resume import under_slurm
+from aimv2.engine.checkpointing import under_slurm
 from aimv2.engine.run_dir import RunDir
 
 

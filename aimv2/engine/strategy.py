@@ -22,7 +22,7 @@ from outside (the model code in aimv2/models stays single-device).
 Activation checkpointing wraps the same blocks (FSDP through its own policy, the others with
 torch's non-reentrant checkpoint wrapper, which keeps state_dict keys unchanged), and
 `trainer.compile` compiles each block in place (no `_orig_mod.` in the keys either). Every strategy
-writes checkpoints atomically (aimv2.engine.checkpoint_io). Lightning refuses FSDP and DeepSpeed
+writes checkpoints atomically (aimv2.engine.checkpointing). Lightning refuses FSDP and DeepSpeed
 on the CPU accelerator; Lightning's ModelParallelStrategy (`fsdp2`) has no such check (lightning 2.6.6,
 pytorch/strategies/model_parallel.py) and torch 2.14's `fully_shard` takes a CPU device mesh with gloo:
 on CPU machines `auto`, `ddp` and `fsdp2` run.
@@ -49,8 +49,8 @@ from torch import nn
 
 from aimv2.checkpoints.dcp import save_dcp_checkpoint
 from aimv2.config import TrainerConfig
-from aimv2.engine.checkpoint_io import AtomicCheckpointIO, remove_checkpoint
-from aimv2.engine.clipping import quiet_deepspeed_clipping_warning
+from aimv2.engine.checkpointing import AtomicCheckpointIO, remove_checkpoint
+from aimv2.engine.optim import quiet_deepspeed_clipping_warning
 from aimv2.fileio import publish_directory
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     `.metadata`, then `meta.pt`): a job killed meanwhile leaves a directory under the final name. Here
     the same layout is written into `.step=N.ckpt.tmp/` and renamed once every rank is done
     (aimv2.checkpoints.dcp.save_dcp_checkpoint); a leftover temporary is removed at the next start
-    (aimv2.engine.checkpoint_io.remove_stale_temporaries). Pruned checkpoints leave their name in one
-    rename before they are deleted (aimv2.engine.checkpoint_io.remove_checkpoint). Loading stays
+    (aimv2.engine.checkpointing.remove_stale_temporaries). Pruned checkpoints leave their name in one
+    rename before they are deleted (aimv2.engine.checkpointing.remove_checkpoint). Loading stays
     Lightning's: DCP reshards to the current world size."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -156,7 +156,7 @@ def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Stra
             checkpoint_io=AtomicCheckpointIO(),
         )
     if cfg.strategy == "deepspeed":
-        quiet_deepspeed_clipping_warning()  # DeepSpeed's engine clips (aimv2.engine.clipping)
+        quiet_deepspeed_clipping_warning()  # DeepSpeed's engine clips (aimv2.engine.optim)
         return AtomicDeepSpeedStrategy(
             stage=cfg.zero_stage,
             offload_optimizer=cfg.offload,

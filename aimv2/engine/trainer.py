@@ -1,5 +1,5 @@
 """Build the Lightning Trainer of a run: loggers, checkpoints and limits from `TrainerConfig`, in the
-run directory layout of aimv2.engine.run_dir (checkpoints written atomically: aimv2.engine.checkpoint_io).
+run directory layout of aimv2.engine.run_dir (checkpoints written atomically: aimv2.engine.checkpointing).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from aimv2.config import TrainerConfig
-from aimv2.engine.csv_log import ResumableCSVLogger, TrimMetricsOnResume
-from aimv2.engine.preemption import LastCheckpointAtEnd, PreemptionCheckpoint
-from aimv2.engine.progress_bar import progress_callbacks
-from aimv2.engine.resume import under_slurm
+from aimv2.engine.logs import ResumableCSVLogger, TrimMetricsOnResume
+from aimv2.engine.checkpointing import LastCheckpointAtEnd, PreemptionCheckpoint
+from aimv2.engine.logs import progress_callbacks
+from aimv2.engine.checkpointing import under_slurm
 from aimv2.engine.run_dir import STEP_TEMPLATE, RunDir
 from aimv2.engine.strategy import build_strategy, precision_plugin, strategy_plugins
-from aimv2.engine.stream_state import SampleLog, StreamPosition
+from aimv2.engine.stream_resume import SampleLog, StreamPosition
 
 
 def fault_tolerance_callbacks(cfg: TrainerConfig, run: RunDir) -> list[Callback]:
@@ -29,7 +29,7 @@ def fault_tolerance_callbacks(cfg: TrainerConfig, run: RunDir) -> list[Callback]
 
 def cluster_plugins() -> list:
     """Under SLURM: Lightning's SLURM environment without its in-signal-handler requeue (ours is
-    aimv2.engine.preemption, which saves at a step boundary)."""
+    aimv2.engine.checkpointing, which saves at a step boundary)."""
     if not under_slurm():
         return []
     from lightning.fabric.plugins.environments import SLURMEnvironment

@@ -72,10 +72,10 @@ class AIMv2(nn.Module):
     def forward_packed(self, patches: torch.Tensor, tokens: torch.Tensor, layout: dict,
                        prefix_lengths: torch.Tensor | None, backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
         """Packed rows of images of any grid (a native encoder, aimv2.models.native): patches
-        (R, T, p*p*3) normalized, tokens (n, L), the layout of aimv2.models.packing, prefix_lengths
+        (R, T, p*p*3) normalized, tokens (n, L), the layout of aimv2.models.native, prefix_lengths
         (n,) -> pixel predictions (K, p*p*3) and logits (n_real, V); each image's terms equal those of
         `forward` on that image alone. backend: "sdpa" (dense additive masks, built once for all
-        layers) or "flex" (FlexAttention block masks; aimv2.models.attention.attention_backend)."""
+        layers) or "flex" (FlexAttention block masks; aimv2.models.encoder.attention_backend)."""
         if backend == "flex":
             enc_mask = packed_encoder_block_mask(layout["patch_image"], layout["patch_pos"], prefix_lengths)
             dec_mask = packed_decoder_block_mask(layout["dec_image"])

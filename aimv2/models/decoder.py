@@ -16,7 +16,7 @@ from timm.layers import RmsNorm, SwiGLU
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from aimv2.models.attention import Attention
+from aimv2.models.encoder import Attention
 from aimv2.models.init import init_decoder
 from aimv2.models.sizes import SizeSpec
 
@@ -59,7 +59,7 @@ class MultimodalDecoder(nn.Module):
                 norm_layer=norm,
                 mlp_layer=SwiGLU,
                 act_layer=nn.SiLU,
-                attn_layer=Attention,  # timm's, plus FlexAttention block masks (aimv2.models.attention)
+                attn_layer=Attention,  # timm's, plus FlexAttention block masks (aimv2.models.encoder)
             )
             for _ in range(depth)
         )
@@ -102,7 +102,7 @@ class MultimodalDecoder(nn.Module):
 
     def forward_packed(self, image_features: torch.Tensor, tokens: torch.Tensor, layout: dict,
                        attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed rows (aimv2.models.packing): image_features (R, T, D_enc), tokens (n, L) ->
+        """Packed rows (aimv2.models.native): image_features (R, T, D_enc), tokens (n, L) ->
         pixel predictions (K, patch_dim) at layout["pixel_pred"] and logits (n_real, V) at
         layout["text_pred"]. attn_mask: (R, 1, S, S) bias from packed_decoder_mask, or a BlockMask."""
         num_images, text_len = tokens.shape

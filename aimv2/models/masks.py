@@ -79,7 +79,7 @@ def as_bias(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
 
 
 # -- the same masks as FlexAttention BlockMasks, from per-block summaries: no (T, T) tensor is built --------
-# In every layout of aimv2.models.packing an image is one contiguous run of its row (in the decoder: its
+# In every layout of aimv2.models.native an image is one contiguous run of its row (in the decoder: its
 # patches, then its caption) and patch_pos counts 0, 1, ... along it; the order of images in a row does not
 # matter (the packer places them longest first). Under that, the keys query t may see form one interval
 # [lo_t, hi_t]: encoder [start, max(t, min(start + M - 1, end))] (M: its image's prefix length; none: the
@@ -139,8 +139,8 @@ def _interval_block_mask(lo: torch.Tensor, hi: torch.Tensor, block_size: int):
 
 def packed_encoder_block_mask(patch_image: torch.Tensor, patch_pos: torch.Tensor,
                               prefix_lengths: torch.Tensor | None, block_size: int = 128):
-    """`packed_encoder_mask` as a FlexAttention BlockMask (GPU training; aimv2.models.attention), for a
-    layout of aimv2.models.packing: each image one contiguous run, so patch_pos (0, 1, ... along it) is
+    """`packed_encoder_mask` as a FlexAttention BlockMask (GPU training; aimv2.models.encoder), for a
+    layout of aimv2.models.native: each image one contiguous run, so patch_pos (0, 1, ... along it) is
     implied by patch_image and not read. Its non-empty and full blocks are exactly those of the dense
     mask; built without a device sync."""
     start, end = _runs(patch_image)  # (R, T) each

@@ -33,10 +33,10 @@ import torch
 from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig, as_section
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
-from aimv2.models.attention import attention_backend
+from aimv2.models.encoder import attention_backend
 from aimv2.models.masks import sample_prefix_lengths, sample_prefix_lengths_per_image
 from aimv2.objective import Losses, LossSums, aimv2_loss_sums, global_losses, packed_aimv2_loss_sums
-from aimv2.engine.clipping import ClipGradientNorm
+from aimv2.engine.optim import ClipGradientNorm
 from aimv2.engine.optim import build_optimizer, no_decay_names, optimizer_options, warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.spec = get_size(model.size)
         self.model = AIMv2(self.spec, model.img_size, vocab_size, max_text_len, native=model.native)
-        self.attention = model.attention  # packed rows: resolved per device (aimv2.models.attention)
+        self.attention = model.attention  # packed rows: resolved per device (aimv2.models.encoder)
         self._no_decay = no_decay_names(self.model)  # before any wrapper flattens the parameters
         # Running totals live in buffers so they are summed across ranks and saved in checkpoints.
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
@@ -134,7 +134,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
 
     def _packed_loss_sums(self, batch: dict, generator,
                           prefix: torch.Tensor | None = None) -> tuple[LossSums, int]:
-        """Native resolution: packed rows of images of any grid (aimv2.models.packing); one prefix
+        """Native resolution: packed rows of images of any grid (aimv2.models.native); one prefix
         length per image, uniform in [1, N_i - 1] for its own N_i patches, unless `prefix` (n,) gives them."""
         patches, tokens, layout = batch["patches"], batch["tokens"], batch["layout"]
         causal = self.objective.prefix_attention

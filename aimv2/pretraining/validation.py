@@ -18,7 +18,7 @@ Comparable across steps and across runs (a scaling ladder fits it against parame
 
 Also logged, for the scaling fit: `val/train_samples`, the training samples consumed so far by all
 ranks (kept in every checkpoint, `checkpoint["aimv2"]["train_samples"]`, so it continues over resumes),
-and `val/train_flops` = train_samples x `aimv2.models.flops.training_flops_per_sample(...)["total"]`
+and `val/train_flops` = train_samples x `aimv2.models.sizes.training_flops_per_sample(...)["total"]`
 at the mean real caption tokens of the consumed samples (exact: the estimate is linear in them).
 
 Rows. The values go to the run's loggers directly (metrics.csv and TensorBoard), in the `step` row of
@@ -65,17 +65,17 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aimv2.config.schema import ModelConfig, ValConfig
-from aimv2.data.image_caption import ImageCaptionCollator, ImageCaptionProcessor
+from aimv2.data.samples import ImageCaptionCollator, ImageCaptionProcessor
 from aimv2.data.readers import stable_seed
 from aimv2.data.samples import CorruptSample
 from aimv2.data.shardlist import resolve_shards
 from aimv2.data.tar_ranges import (Index, Range, ScanStats, Start, index_ranges, is_remote, needed_starts, read_ranges,
                                     slot_starts)
 from aimv2.data.tokenizer import CaptionTokenizer
-from aimv2.data.transforms import eval_transform
+from aimv2.data.samples import eval_transform
 from aimv2.data.workers import ignore_stop_signals, worker_context
 from aimv2.errors import UserError
-from aimv2.models.flops import training_flops_per_sample
+from aimv2.models.sizes import training_flops_per_sample
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.models.sizes import get_size
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aimv2.data.transforms import eval_transform
+from aimv2.data.samples import eval_transform
 from aimv2.fileio import atomic_write
 from aimv2.probe.config import ProbeConfig
 from aimv2.probe.data import Split, augment_transform, eval_batches, train_batches
-from aimv2.probe.dist import all_reduce_sum, comm_device, pick_device, spawn
+from aimv2.probe.features import all_reduce_sum, comm_device, pick_device, spawn
 from aimv2.probe.features import encode
 from aimv2.probe.grid import HeadGrid
-from aimv2.probe.state import load_head_state, save_head_state
+from aimv2.probe.grid import load_head_state, save_head_state
 from aimv2.progress import progress as progress_bar
 
 

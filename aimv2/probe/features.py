@@ -1,4 +1,17 @@
-"""Frozen features: the encoder's forward on probe batches, the on-disk cache, and extraction split
+"""The probe's frozen encoder and its features: the encoder from any checkpoint format with its preprocessing, the process group the probe runs in, and features extracted once and cached.
+
+The frozen encoder of a probe, from a checkpoint, with the preprocessing it expects.
+
+Every format `aimv2.load_encoder` reads works here (this project's .ckpt, a DeepSpeed ZeRO
+directory, an `aimv2 export` directory, timm and transformers directories, Apple's release), so
+`aimv2 probe checkpoint=...` accepts all of them. `Preprocessing` lives in aimv2.checkpoints.
+
+Process groups for the probe: N local processes spawned here, or the ranks torchrun started.
+
+gloo on CPU, nccl on CUDA. Collectives go through `all_reduce_sum`, which moves a tensor to the
+device the backend can reduce on (nccl cannot reduce CPU tensors) and back.
+
+Frozen features: the encoder's forward on probe batches, the on-disk cache, and extraction split
 across processes (torch.distributed: gloo on CPU, nccl on CUDA).
 
 Cache layout, in the run directory: `features/{train,val}.safetensors` holding `features`
@@ -13,17 +26,79 @@ depend on how many processes wrote it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
 
+from aimv2.checkpoints import Preprocessing, load_encoder, resize_encoder
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_file
 from aimv2.probe.data import Split, eval_batches
-from aimv2.probe.dist import pick_device, spawn
 from aimv2.progress import progress
+
+__all__ = ["Preprocessing", "fit_resolution", "load_probe_encoder"]
+
+
+def load_probe_encoder(path: str | Path) -> tuple[VisionTransformer, int, Preprocessing]:
+    """(encoder in eval mode, the resolution of its weights, its preprocessing) from any checkpoint format."""
+    encoder, preprocessing = load_encoder(path)
+    return encoder, preprocessing.img_size, preprocessing
+
+
+def fit_resolution(encoder: VisionTransformer, trained_size: int, wanted: int) -> int:
+    """The resolution to feed: the encoder's own (wanted=0), or `wanted` when the encoder can take it
+    (a multiple of its patch size; position embeddings are resampled). Else a UserError naming it."""
+    if wanted in (0, trained_size):
+        return trained_size
+    resize_encoder(encoder, wanted, f"the encoder (trained at {trained_size}; img_size=0 uses that)")
+    return wanted
+
+
+def pick_device(accelerator: str, rank: int = 0) -> torch.device:
+    if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("accelerator=cuda but no CUDA device is available")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _entry(rank: int, fn: Callable, world: int, accelerator: str, init: str, args: tuple) -> None:
+    backend = "nccl" if pick_device(accelerator, rank).type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    try:
+        if backend == "gloo":  # the CPU's cores are shared by the local processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world: int, accelerator: str, *args) -> None:
+    """Run `fn(rank, world, *args)` in `world` new processes joined in one process group."""
+    init = f"tcp://127.0.0.1:{find_free_network_port()}"
+    mp.spawn(_entry, args=(fn, world, accelerator, init, args), nprocs=world, join=True)
+
+
+def comm_device(accelerator: str, rank: int) -> torch.device:
+    return pick_device(accelerator, rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over ranks, on `tensor`'s own device (in place when it is already there)."""
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -4,20 +4,26 @@ Every (kind, lr, wd) triple is one probe. Probes of a kind are stacked (see head
 optimizer works on stacked tensors too: each parameter has a leading head axis, and the learning
 rate, weight decay and gradient-norm clip are vectors over that axis. The loss is the sum of the
 probes' cross-entropies; as no parameter is shared, each probe receives exactly its own gradient.
+
+Head-training state on disk (heads.pt): weights, AdamW moments and the epochs done, tagged with a
+fingerprint of the settings so that a probe resumes only what was trained the same way.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from aimv2.engine.optim import warmup_cosine
+from aimv2.fileio import atomic_file
 from aimv2.probe.config import ProbeOptimConfig
 from aimv2.probe.heads import build_heads
-from aimv2.engine.optim import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -173,3 +179,27 @@ class HeadGrid(nn.Module):
                          "top1": 100.0 * float(top1.compute()), "top5": 100.0 * float(top5.compute())})
         return rows
 
+
+def load_head_state(grid: HeadGrid, path: Path, fingerprint: str) -> int:
+    """Epochs already done (0 when no matching state): heads, optimizer moments and step restored, each
+    on the device (and dtype) of the grid's own tensors, wherever the file was written."""
+    if not path.is_file():
+        return 0
+    try:  # read onto the CPU (written on any device); the grid places every tensor beside its parameter
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged state file: start over
+        return 0
+    if state.get("fingerprint") != fingerprint:
+        print(f"probe: {path} was made with other settings; training the heads from scratch", file=sys.stderr)
+        return 0
+    grid.load_state_dict(state["grid"])
+    grid.load_optimizer_state(state["optim"])
+    print(f"probe: resuming head training after epoch {state['epoch']} from {path}", file=sys.stderr)
+    return int(state["epoch"])
+
+
+def save_head_state(grid: HeadGrid, path: Path, fingerprint: str, epoch: int) -> None:
+    """Atomic: a crash mid-write leaves the previous epoch's state."""
+    with atomic_file(path) as tmp:
+        torch.save({"fingerprint": fingerprint, "epoch": epoch, "grid": grid.state_dict(),
+                    "optim": grid.optimizer_state()}, tmp)

@@ -12,6 +12,12 @@ held out from head training by `hold_out`) the best head overall and of each kin
 highest top-1 on that split, and it is reported with its top-1 on val (`selected_on: select`): a head
 chosen on the split it is scored on reports the best of the grid's noisy scores, biased upwards.
 Without one, heads are chosen on val, as before (`selected_on: val`).
+
+Side-by-side probe results of several encoders on the same data (e.g. pre-trained vs random init).
+
+Why a separate table: a probe number alone says little on a toy set (a random ViT's features already
+separate digits somewhat); the evidence that pre-training works is the gap to the same architecture
+at its initialization, probed identically.
 """
 
 from __future__ import annotations
@@ -26,19 +32,25 @@ from pathlib import Path
 import torch
 
 from aimv2.config import save_config
+from aimv2.data.samples import eval_transform
 from aimv2.engine.run_dir import RunDir
+from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
+from aimv2.models.native import is_native
 from aimv2.probe.augmented import AugmentedJob, run_augmented
 from aimv2.probe.config import ProbeConfig
-from aimv2.data.transforms import eval_transform
-from aimv2.errors import UserError
-from aimv2.models.native import is_native
 from aimv2.probe.data import NativeEvalTransform, match_classes, open_split
-from aimv2.probe.features import ExtractJob, cached_features, check_blocks, pick_device
-from aimv2.probe.grid import HeadGrid, grid_specs
+from aimv2.probe.features import (
+    ExtractJob,
+    Preprocessing,
+    cached_features,
+    check_blocks,
+    fit_resolution,
+    load_probe_encoder,
+    pick_device,
+)
+from aimv2.probe.grid import HeadGrid, grid_specs, load_head_state, save_head_state
 from aimv2.probe.heads import encoder_attention_heads
-from aimv2.probe.loader import Preprocessing, fit_resolution, load_probe_encoder
-from aimv2.probe.state import load_head_state, save_head_state
 from aimv2.progress import progress as progress_bar
 
 
@@ -253,3 +265,38 @@ def _resolution(results: dict) -> str:
         low, high = results["native_patches"]
         return f"native ({low} to {high} patches, own aspect ratio)"
     return str(results["img_size"])
+
+
+def compare(results: dict[str, dict]) -> dict:
+    """{name: run_probe results} -> {"kinds", "rows": {name: {kind: best top-1}}, "gain": first - second}."""
+    names = list(results)
+    kinds = [k for k in results[names[0]]["best_per_kind"]]
+    rows = {name: {k: r["best_per_kind"][k]["top1"] for k in kinds} for name, r in results.items()}
+    best_lr = {name: {k: r["best_per_kind"][k]["lr"] for k in kinds} for name, r in results.items()}
+    gain = {k: round(rows[names[0]][k] - rows[names[1]][k], 2) for k in kinds} if len(names) > 1 else {}
+    return {"kinds": kinds, "rows": rows, "best_lr": best_lr, "gain": gain,
+            "sources": {name: r["checkpoint"] or r["encoder"] for name, r in results.items()},
+            "val_count": results[names[0]].get("val_count"), "classes": results[names[0]]["classes"]}
+
+
+def comparison_table(cmp: dict) -> str:
+    """Markdown: one row per encoder, one column per head kind (best top-1 of its grid), then the gain."""
+    names = list(cmp["rows"])
+    lines = ["| encoder | " + " | ".join(f"{k} top-1" for k in cmp["kinds"]) + " |",
+             "|---|" + "---|" * len(cmp["kinds"])]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{cmp['rows'][name][k]:.2f}" for k in cmp["kinds"]) + " |")
+    if cmp["gain"]:
+        lines.append(f"| gain ({names[0]} - {names[1]}) | "
+                     + " | ".join(f"{cmp['gain'][k]:+.2f}" for k in cmp["kinds"]) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison(results: dict[str, dict], out: str | Path, title: str = "") -> dict:
+    """OUT.md (title, table, sources) and OUT.json beside it; returns the comparison."""
+    cmp = compare(results)
+    out = Path(out)
+    sources = "\n".join(f"- {name}: {src}" for name, src in cmp["sources"].items())
+    atomic_write(out.with_suffix(".md"), "\n\n".join(x for x in (title, comparison_table(cmp), sources) if x) + "\n")
+    atomic_write(out.with_suffix(".json"), json.dumps(cmp, indent=1) + "\n")
+    return cmp

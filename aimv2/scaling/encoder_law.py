@@ -30,7 +30,7 @@ EXPONENT_BOUNDS = (0.0, 5.0)  # a, b >= 0: a negative exponent would mean more p
 
 
 @dataclass(frozen=True)
-class Law:
+class EncoderLaw:
     """L(N, D) = E + A / N^a + B / D^b (N: encoder parameters, D: training samples)."""
 
     E: float
@@ -60,7 +60,7 @@ class Law:
 
 @dataclass(frozen=True)
 class LawFit:
-    law: Law
+    law: EncoderLaw
     objective: float  # sum of Huber(residual of log L) / delta^2 at the optimum
     residuals: list[float]  # log L_fit - log L per point
     grid_points: int
@@ -124,7 +124,7 @@ def fit_law(n, d, loss, delta: float = HUBER_DELTA, starts: int = 32) -> LawFit:
             results.append((float(res.fun), res.x))
     best_value, best = min(results, key=lambda item: item[0])
     agreeing = sum(abs(v - best_value) <= 1e-6 * max(1.0, abs(best_value)) for v, _ in results)
-    law = Law(E=math.exp(best[2]), A=math.exp(best[0]), B=math.exp(best[1]), a=float(best[3]), b=float(best[4]))
+    law = EncoderLaw(E=math.exp(best[2]), A=math.exp(best[0]), B=math.exp(best[1]), a=float(best[3]), b=float(best[4]))
     residuals = (np.log(law.loss(np.exp(x), np.exp(y))) - log_l).tolist()
     at_bound = [name for name, v in (("a", law.a), ("b", law.b)) if min(abs(v - lim) for lim in EXPONENT_BOUNDS) < 1e-6]
     return LawFit(law, best_value, residuals, len(grid), len(order), agreeing, at_bound)

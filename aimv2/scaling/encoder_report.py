@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aimv2.scaling.encoder_law import Law
+from aimv2.scaling.encoder_law import EncoderLaw
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -45,7 +45,7 @@ def plot_scaling(fit: dict, path: str | Path) -> None:
 
     from aimv2.fileio import atomic_file
 
-    law = Law(**fit["params"])
+    law = EncoderLaw(**fit["params"])
     k = fit["k"]["value"]
     points = fit["points"]
     sizes = list(dict.fromkeys(p["size"] for p in points))
@@ -100,7 +100,7 @@ def report_markdown(fit: dict) -> str:
              f"training {fit['data_axis']} D (Chinchilla, Hoffmann et al. 2022).", "", "## Runs", "",
              "| run | size | N encoder | N total | step | samples D | FLOPs C | val/loss | fitted | role |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    law = Law(**p)
+    law = EncoderLaw(**p)
     for q in fit["points"]:
         pred = float(law.loss(q["N_encoder"], q["samples"]))
         lines.append(f"| {q['run']} | {q['size']} | {format_params(q['N_encoder'])} | {format_params(q['N_total'])} | "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aimv2.config.schema import ModelConfig, TokenizerConfig
-from aimv2.engine.metrics import read_metrics
+from aimv2.engine.logs import read_metrics
 from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 
@@ -97,7 +97,7 @@ def total_params(size: str, img_size: int, vocab: int, text_len: int, native: bo
 def flops_per_sample(size: str, img_size: int, text_len: int, vocab: int) -> float:
     """Training FLOPs of one sample, charging the vocabulary head for every text position (the real
     caption lengths are not in the logs: an over-estimate of the head's share)."""
-    from aimv2.models.flops import training_flops_per_sample
+    from aimv2.models.sizes import training_flops_per_sample
     from aimv2.models.sizes import get_size
 
     return training_flops_per_sample(get_size(size), img_size, text_len, text_len, vocab)["total"]

@@ -35,7 +35,7 @@ REFINE_STARTS = 4  # best distinct grid points refined locally
 
 
 @dataclass(frozen=True)
-class Law:
+class VLMLaw:
     """Fitted parameters; `error(N, V)` evaluates the law (broadcasts over arrays)."""
 
     A: float
@@ -94,7 +94,7 @@ def _profile(exponents: np.ndarray, log_n: np.ndarray, log_v: np.ndarray, y: np.
     return _best_amplitude_and_floor(x, y)
 
 
-def fit_law(n: np.ndarray, v: np.ndarray, error: np.ndarray, starts: int = REFINE_STARTS) -> Law:
+def fit_law(n: np.ndarray, v: np.ndarray, error: np.ndarray, starts: int = REFINE_STARTS) -> VLMLaw:
     """Least-squares fit of the law on the error values within BOUNDS (grid scan over the exponents, then
     bounded local refinement of the best `starts` distinct grid points; the best result wins)."""
     log_n, log_v, y = np.log(np.asarray(n, float) / N_UNIT), np.log(np.asarray(v, float)), np.asarray(error, float)
@@ -122,14 +122,14 @@ def fit_law(n: np.ndarray, v: np.ndarray, error: np.ndarray, starts: int = REFIN
         if cost < best_cost:
             best_p, best_cost = res.x, cost
     a, d, _ = _profile(np.asarray(best_p)[None, :], log_n, log_v, y)
-    return Law(A=float(a[0]), alpha=float(best_p[0]), beta=float(best_p[1]), D=float(d[0]))
+    return VLMLaw(A=float(a[0]), alpha=float(best_p[0]), beta=float(best_p[1]), D=float(d[0]))
 
 
-def rmse(law: Law, n: np.ndarray, v: np.ndarray, error: np.ndarray) -> float:
+def rmse(law: VLMLaw, n: np.ndarray, v: np.ndarray, error: np.ndarray) -> float:
     return float(np.sqrt(np.mean((law.error(n, v) - np.asarray(error, float)) ** 2)))
 
 
-def on_bounds(law: Law) -> list[str]:
+def on_bounds(law: VLMLaw) -> list[str]:
     """Parameters that sit on an edge of BOUNDS (within a relative 1e-6 of the range; for A's upper edge,
     of the value): a fit there is set by the box, not the data, so it is reported, not trusted."""
     found = []
@@ -168,7 +168,7 @@ def bootstrap(n: np.ndarray, v: np.ndarray, error: np.ndarray, resamples: int, s
     return out
 
 
-def continuous_optimal_tokens(law: Law, q: float, v_low: float, v_high: float) -> float:
+def continuous_optimal_tokens(law: VLMLaw, q: float, v_low: float, v_high: float) -> float:
     """The V minimizing the law at a fixed budget C (N = C / (2 (Q + V))), in [v_low, v_high].
 
     log error-term = const + alpha log(Q + V) - beta log V; its derivative alpha/(Q+V) - beta/V is zero at
@@ -184,7 +184,7 @@ def continuous_optimal_tokens(law: Law, q: float, v_low: float, v_high: float) -
     return float(min(max(v_star, v_low), v_high))
 
 
-def optimal_point(law: Law, budget: float, q: float, v_low: float, v_high: float) -> dict:
+def optimal_point(law: VLMLaw, budget: float, q: float, v_low: float, v_high: float) -> dict:
     """The law's best (N, V) at budget C FLOPs per query with Q text tokens: V an integer in the observed
     range (the better of floor and ceil of the continuous optimum), N = C / (2 (Q + V))."""
     v_cont = continuous_optimal_tokens(law, q, v_low, v_high)
@@ -215,7 +215,7 @@ def default_budgets(n: np.ndarray, v: np.ndarray, text_tokens: list[int], count:
     return sorted(budgets)
 
 
-def optimal_table(law: Law, budgets: list[float], text_tokens: list[int], n_range: tuple[float, float],
+def optimal_table(law: VLMLaw, budgets: list[float], text_tokens: list[int], n_range: tuple[float, float],
                   v_range: tuple[float, float]) -> list[dict]:
     """`optimal_point` for every Q and budget, each flagged `extrapolated` when its N lies outside the
     sweep's N range (V never does: it is clamped to the sweep's range)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aimv2.scaling.vlm_law import PARAMS, Law, optimal_point
+from aimv2.scaling.vlm_law import PARAMS, VLMLaw, optimal_point
 
 BEYOND = 4.0  # curves run to BEYOND x the largest measured V (dashed there): where more tokens would lead
 
@@ -22,7 +22,7 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def plot_frontier(law: Law, fit: dict, path: str | Path) -> None:
+def plot_frontier(law: VLMLaw, fit: dict, path: str | Path) -> None:
     """Error (y) against prefill FLOPs 2 N (Q + V) (x, log): per measured N a curve of the law over V
     (solid within the measured V range, dashed beyond), the measurements as markers, and the law's best
     error per budget as a thick line (dotted where its N lies outside the sweep's N range)."""

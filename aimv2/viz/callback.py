@@ -46,7 +46,7 @@ class PredictionFrames(Callback):
     # -- the fixed batch ---------------------------------------------------------------------
     def _load_fixed(self, img_size: int) -> dict | None:
         if self.cfg.images:
-            from aimv2.viz.images import load_images
+            from aimv2.viz.checkpoint import load_images
 
             images, captions = load_images(self.cfg.images, img_size, "visualize.images")
             return {"image": images, "captions": captions}
@@ -121,7 +121,7 @@ def visualization_callbacks(cfg: VisualizeConfig, run: RunDir, tokenizer: Captio
 
 
 def packed_images(batch: dict, patch: int, k: int) -> tuple[torch.Tensor, list[int]]:
-    """Up to k images of a packed batch (aimv2.models.packing) that share the first image's grid, as
+    """Up to k images of a packed batch (aimv2.models.native) that share the first image's grid, as
     (k, 3, gh*p, gw*p) normalized pixels, and their indices: a frame stacks images of one size."""
     grids, starts = [tuple(g) for g in batch["grids"]], batch["layout"]["image_start"].tolist()
     flat = batch["patches"].flatten(0, 1)  # (R*T, p*p*3), patchify's (row, column, channel) order
