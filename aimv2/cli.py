@@ -21,7 +21,7 @@ from aimv2.errors import UserError
 # and a deprecation inside Lightning's own pytree helper.
 QUIET_WARNINGS = (r".*IterableDataset.*has `__len__` defined.*", r".*LeafSpec.*is deprecated.*")
 
-VERBS = ("pretrain", "shards", "demo", "probe", "visualize", "report", "export", "convert", "compress", "ablation",
+VERBS = ("pretrain", "shards", "demo", "probe", "visualize", "report", "export", "checkpoint", "compress", "ablation",
          "scaling")
 
 

@@ -7,7 +7,7 @@ take an optimizer step and write a torch.distributed.checkpoint directory in the
   `_load_checkpoint`) and every weight and optimizer state equals the originals exactly;
 - `load_encoder`, the probe's loader and `aimv2 export` read the directory; the encoder's features
   equal those of the model as it was saved (torch.equal);
-- `aimv2 convert` makes one file that `load_encoder` and a plain torch optimizer read;
+- `aimv2 checkpoint convert` makes one file that `load_encoder` and a plain torch optimizer read;
 - a DCP directory without its `.metadata` (a killed save) is a one-line error naming it, resume
   passes over it, and a save that fails leaves nothing under the checkpoint's name.
 
@@ -228,7 +228,7 @@ def test_convert_writes_one_file_that_loads_and_resumes_a_plain_optimizer(writte
 
     _, ckpt, reference = written
     out = tmp_path / "one.ckpt"
-    assert main(["convert", str(ckpt), str(out)]) == 0
+    assert main(["checkpoint", "convert", str(ckpt), str(out)]) == 0
     assert f"to {out} (" in capsys.readouterr().out
     assert detect_format(out) == "lightning" and not list(tmp_path.glob(".*"))
     checkpoint = torch.load(out, weights_only=True)
@@ -247,7 +247,7 @@ def test_convert_writes_one_file_that_loads_and_resumes_a_plain_optimizer(writte
         for param in group["params"]:
             expected = reference["optim"]["state"][names[id(param)]]
             assert torch.equal(optimizer.state[param]["exp_avg"], expected["exp_avg"])
-    assert main(["convert", str(ckpt), str(out)]) == 2  # never overwritten silently
+    assert main(["checkpoint", "convert", str(ckpt), str(out)]) == 2  # never overwritten silently
     assert "already exists" in capsys.readouterr().err
 
 

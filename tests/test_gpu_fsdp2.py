@@ -54,7 +54,7 @@ def test_fsdp2_trains_saves_resumes_converts_and_exports_on_gpu(tmp_path):
     assert read_metric(run / "logs/metrics.csv", "train/grad_norm"), "no train/grad_norm: clipping did not run"
     out = pretrain(30, "trainer.resume=auto")
     assert "resuming from" in out and "finished after 30 steps" in out
-    aimv2("convert", str(last), str(tmp_path / "one.ckpt"))
+    aimv2("checkpoint", "convert", str(last), str(tmp_path / "one.ckpt"))
     aimv2("export", str(last), "--format", "aimv2", "--out", str(tmp_path / "export"))
     from aimv2 import load_encoder
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from aimv2.checkpoints import schema
 from aimv2.checkpoints.convert import layout_of
-from aimv2.checkpoints.dcp import is_dcp_checkpoint, read_dcp_checkpoint
+from aimv2.checkpoints.dcp import is_dcp_checkpoint, load_meta, read_dcp_checkpoint
 from aimv2.checkpoints.safe_io import load_pickle, load_safetensors, read_json, safetensors_keys
-from aimv2.checkpoints.zero import is_zero_checkpoint, read_zero_checkpoint
+from aimv2.checkpoints.zero import is_zero_checkpoint, load_client_state, read_zero_checkpoint
 from aimv2.errors import UserError
 
 FORMATS = ("lightning", "zero", "dcp", "aimv2", "timm", "hf", "apple")
@@ -118,7 +119,8 @@ def _unwrap(obj, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     or a plain state dict."""
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
-    hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), dict) else {}
+    schema.check_version(obj, path)
+    hparams = schema.hyper_parameters(obj)
     for key in ("state_dict", "model", "module"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -127,8 +129,7 @@ def _unwrap(obj, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _step(obj) -> int | None:
-    step = obj.get("global_step") if isinstance(obj, dict) else None
-    return int(step) if isinstance(step, int) else None
+    return schema.global_step(obj) if isinstance(obj, dict) else None
 
 
 def detect_format(path: str | Path) -> str:
@@ -157,13 +158,15 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     fmt = _detect_dir(path)
     if fmt == "zero":
         tensors, client = read_zero_checkpoint(path)
-        return RawCheckpoint(path, fmt, tensors, client.get("hyper_parameters") or {}, step=_step(client))
+        schema.check_version(client, path)
+        return RawCheckpoint(path, fmt, tensors, schema.hyper_parameters(client), step=_step(client))
     if fmt == "dcp":
         tensors, meta = read_dcp_checkpoint(path)
         # A pre-training module's state is "dcp"; a bare timm/transformers/Apple state dict saved with DCP
         # is read as that layout (or the one-line "no known encoder weights" error).
         fmt = fmt if layout_of(tensors) == "module" else _format_of_keys(list(tensors), path)
-        return RawCheckpoint(path, fmt, tensors, meta.get("hyper_parameters") or {}, step=_step(meta))
+        schema.check_version(meta, path)
+        return RawCheckpoint(path, fmt, tensors, schema.hyper_parameters(meta), step=_step(meta))
     config = read_json(path / "config.json")
     if fmt == "aimv2":
         decoder = path / "decoder.safetensors"
@@ -173,3 +176,19 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     processor = path / "preprocessor_config.json"
     return RawCheckpoint(path, fmt, _read_tensors(files), config,
                          preprocessor=read_json(processor) if processor.is_file() else None)
+
+
+def client_state(path: str | Path, fmt: str | None = None) -> dict | None:
+    """The training state of a checkpoint without its sharded weights: a Lightning file as loaded, a
+    ZeRO directory's client state or a DCP directory's `meta.pt`; None for formats that hold none
+    (exports, timm, transformers, Apple)."""
+    path = _resolve(path)
+    fmt = fmt or detect_format(path)
+    if fmt == "zero":
+        return load_client_state(path, mmap=True)
+    if fmt == "dcp":
+        return load_meta(path, mmap=True)
+    if fmt == "lightning" and path.is_file():
+        obj = load_pickle(path)
+        return obj if isinstance(obj, dict) and "state_dict" in obj else None
+    return None

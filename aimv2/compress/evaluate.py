@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from aimv2.checkpoints import schema
 from aimv2.compress.components import prefill_flops, prefill_params
 from aimv2.compress.module import CompressModule, held_out_loader, load_module
 from aimv2.engine.run_dir import RunDir
@@ -66,7 +67,7 @@ def trained_val_shards(checkpoint: str) -> str:
 
         return str(OmegaConf.load(run.config).get("data", {}).get("val", "") or "")
     raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return str((raw.get("hyper_parameters") or {}).get("config", {}).get("data", {}).get("val", "") or "")
+    return str(schema.hyper_parameters(raw).get("config", {}).get("data", {}).get("val", "") or "")
 
 
 @torch.no_grad()

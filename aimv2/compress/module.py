@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from aimv2.checkpoints import schema
 from aimv2.compress.config import (
     CompressDataSection,
     CompressOptimSection,
@@ -102,10 +103,12 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = self._frozen_prefixes()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["state_dict"] = {k: v for k, v in schema.model_state(checkpoint).items() if not k.startswith(frozen)}
+        schema.write(checkpoint, job="compress")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
+        schema.read(checkpoint, getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        state = schema.model_state(checkpoint)
         frozen = self._frozen_prefixes()
         missing = [k for k in self.state_dict() if not k.startswith(frozen) and k not in state]
         if missing:
@@ -161,9 +164,10 @@ def load_module(path: str, map_location: str = "cpu") -> CompressModule:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means not a checkpoint we can read
         raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if not isinstance(hparams, dict) or not ("compressor" in hparams or "config" in hparams):
+    hparams = schema.hyper_parameters(raw) if isinstance(raw, dict) else {}
+    if not ("compressor" in hparams or "config" in hparams):
         raise UserError(f"{path}: not an `aimv2 compress train` checkpoint (no config in its hyper-parameters)")
+    schema.check_version(raw, path)
     with warnings.catch_warnings():  # the frozen encoder is rebuilt from encoder.source, not missing
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
         module = CompressModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)

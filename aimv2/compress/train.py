@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from aimv2.checkpoints import schema
 from aimv2.compress.config import CompressConfig
 from aimv2.compress.module import AlignmentDataModule, CompressModule
 from aimv2.config import save_config
@@ -80,7 +81,7 @@ def init_compressor(module: CompressModule, source: str) -> None:
         state = load_file(Path(source) / "compressor.safetensors")
     else:
         raw = torch.load(resolve_checkpoint(source), map_location="cpu", weights_only=True)
-        state = {k.removeprefix("vlm.compressor."): v for k, v in raw.get("state_dict", {}).items()
+        state = {k.removeprefix("vlm.compressor."): v for k, v in schema.model_state(raw).items()
                  if k.startswith("vlm.compressor.")}
     try:
         module.vlm.compressor.load_state_dict(state)

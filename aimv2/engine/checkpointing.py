@@ -86,6 +86,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback
 
+from aimv2.checkpoints import schema
 from aimv2.checkpoints.dcp import check_complete, is_dcp_checkpoint, load_meta, read_metadata
 from aimv2.checkpoints.zero import load_client_state
 from aimv2.engine.run_dir import LAST
@@ -199,9 +200,10 @@ def checkpoint_step(path: str | Path) -> int:
         if "mmap can only be used" in reason:  # torch's words for "this is no zip archive at all"
             reason = "not a PyTorch checkpoint (no zip archive)"
         raise ValueError(reason[:160]) from None
-    if not isinstance(state, dict) or "global_step" not in state:
+    step = schema.global_step(state) if isinstance(state, dict) else None
+    if step is None:
         raise ValueError("not a Lightning training checkpoint (no global_step)")
-    return int(state["global_step"])
+    return step
 
 
 def candidates(ckpt_dir: str | Path) -> list[Path]:

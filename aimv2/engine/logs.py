@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from aimv2.checkpoints import schema
 from aimv2.fileio import atomic_file
 from aimv2.progress import LineProgress, progress_mode
 
@@ -95,10 +96,10 @@ class TrimMetricsOnResume(Callback):
             # also hold keys of earlier steps.
             logged = trainer._logger_connector.metrics["log"]
             row = {k: float(v) for k, v in logged.items() if getattr(v, "numel", lambda: 1)() == 1}
-            checkpoint["metrics_row"] = {"step": step - 1, "metrics": {**row, "epoch": trainer.current_epoch}}
+            schema.write(checkpoint, metrics_row={"step": step - 1, "metrics": {**row, "epoch": trainer.current_epoch}})
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self._row = checkpoint.get("metrics_row")
+        self._row = schema.read(checkpoint, trainer.ckpt_path or "the checkpoint").get("metrics_row")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:

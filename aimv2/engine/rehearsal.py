@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from aimv2.checkpoints import schema
 from aimv2.config import TrainerConfig, save_config
 from aimv2.engine.launch_checks import device_count
 from aimv2.engine.run_dir import RunDir
@@ -195,10 +196,12 @@ def run_phases(cfg: Any, train: Callable[[Any], Any], verb: list[str], workdir: 
     if not _run(resumed, train, verb, workdir / "phase2", report, "resume", in_process):
         return
     second = _load_state(run.last_checkpoint)
-    diff = max(((a.float() - second["state_dict"][k].float()).abs().max().item()
-                for k, a in first["state_dict"].items() if torch.is_floating_point(a)), default=0.0)
-    report.add("resume", "ok" if second["global_step"] == first["global_step"] else "FAILED",
-               f"from {half.name} to step {second['global_step']}: weights "
+    weights = schema.model_state(second)
+    diff = max(((a.float() - weights[k].float()).abs().max().item()
+                for k, a in schema.model_state(first).items() if torch.is_floating_point(a)), default=0.0)
+    step = schema.global_step(second)
+    report.add("resume", "ok" if step == schema.global_step(first) else "FAILED",
+               f"from {half.name} to step {step}: weights "
                + ("equal the uninterrupted run's bit for bit" if diff == 0 else f"differ from the uninterrupted run's by {diff:.2e}"))
     try:
         report.add("checkpoint", "ok", check_checkpoint(run.last_checkpoint))

@@ -14,7 +14,7 @@ from outside (the model code in aimv2/models stays single-device).
   outside in the LightningModule's `configure_model` hook (`shard_model`). Checkpoints are
   torch.distributed.checkpoint directories (each rank writes its own shards, no gather on rank 0),
   in Lightning's layout, resumable at another world size and convertible to one file
-  (aimv2.checkpoints.dcp, `aimv2 convert`). Lightning 2.6.6 does not refuse it on the CPU
+  (aimv2.checkpoints.dcp, `aimv2 checkpoint convert`). Lightning 2.6.6 does not refuse it on the CPU
   accelerator: with gloo it trains on CPU processes (tests/test_fsdp2_lightning.py). Pre-training
   only: the compress job's module has no `configure_model` hook, and Lightning's ModelParallelStrategy
   refuses a module without one ("... you are required to override the `configure_model()` hook").

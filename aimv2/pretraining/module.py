@@ -30,14 +30,20 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
+from aimv2.checkpoints import schema
 from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig, as_section
+from aimv2.engine.optim import (
+    ClipGradientNorm,
+    build_optimizer,
+    no_decay_names,
+    optimizer_options,
+    warmup_cosine_schedule,
+)
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from aimv2.models.encoder import attention_backend
 from aimv2.models.masks import sample_prefix_lengths, sample_prefix_lengths_per_image
 from aimv2.objective import Losses, LossSums, aimv2_loss_sums, global_losses, packed_aimv2_loss_sums
-from aimv2.engine.optim import ClipGradientNorm
-from aimv2.engine.optim import build_optimizer, no_decay_names, optimizer_options, warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +237,11 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
             if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
                 raise RuntimeError(f"refusing to write a checkpoint at step {self.trainer.global_step}: "
                                    f"{name} holds NaN/inf")
-        checkpoint.setdefault("aimv2", {})["nonfinite_steps"] = self.nonfinite_total  # beside callbacks' entries
+        schema.write(checkpoint, job="pretrain", nonfinite_steps=self.nonfinite_total)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite_total = int(checkpoint.get("aimv2", {}).get("nonfinite_steps", 0))
+        where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        self.nonfinite_total = int(schema.read(checkpoint, where).get("nonfinite_steps", 0))
 
     # -- logging and optimizer -------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from aimv2.checkpoints import schema
 from aimv2.config import DataConfig, PretrainConfig
 from aimv2.config.schema import ValConfig
-from aimv2.models.sizes import get_size
 from aimv2.engine.rehearsal import (
     RehearsalReport,
     check_gpu_strategy,
@@ -19,6 +19,7 @@ from aimv2.engine.rehearsal import (
     shrink_trainer,
     unreadable,
 )
+from aimv2.models.sizes import get_size
 
 STEPS = 2  # a checkpoint after step 1, resumed from there to 2
 
@@ -110,8 +111,10 @@ def _stand_in_stage(cfg: PretrainConfig, model, data: DataConfig, workdir: Path,
                                    vocab_size=tokenizer.vocab_size, max_text_len=data.tokenizer.max_length)
     path = workdir / "stand_in_stage.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": stand_in.state_dict(), "hyper_parameters": dict(stand_in.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
+    checkpoint = {"state_dict": stand_in.state_dict(), "hyper_parameters": dict(stand_in.hparams),
+                  "pytorch-lightning_version": lightning.__version__}
+    schema.write(checkpoint, job="pretrain")
+    torch.save(checkpoint, path)
     here = "is on this machine" if Path(cfg.model.init_from).exists() else "is not here yet (the earlier stage writes it)"
     report.add("init_from", "changed", f"model.init_from {cfg.model.init_from} {here}: a debug checkpoint at {earlier} px "
                                        f"stands in (encoder resampled to {model.img_size} px, decoder loaded)")

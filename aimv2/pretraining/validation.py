@@ -64,20 +64,27 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from aimv2.checkpoints import schema
 from aimv2.config.schema import ModelConfig, ValConfig
-from aimv2.data.samples import ImageCaptionCollator, ImageCaptionProcessor
 from aimv2.data.readers import stable_seed
-from aimv2.data.samples import CorruptSample
+from aimv2.data.samples import CorruptSample, ImageCaptionCollator, ImageCaptionProcessor, eval_transform
 from aimv2.data.shardlist import resolve_shards
-from aimv2.data.tar_ranges import (Index, Range, ScanStats, Start, index_ranges, is_remote, needed_starts, read_ranges,
-                                    slot_starts)
+from aimv2.data.tar_ranges import (
+    Index,
+    Range,
+    ScanStats,
+    Start,
+    index_ranges,
+    is_remote,
+    needed_starts,
+    read_ranges,
+    slot_starts,
+)
 from aimv2.data.tokenizer import CaptionTokenizer
-from aimv2.data.samples import eval_transform
 from aimv2.data.workers import ignore_stop_signals, worker_context
 from aimv2.errors import UserError
-from aimv2.models.sizes import training_flops_per_sample
 from aimv2.models.masks import sample_prefix_lengths
-from aimv2.models.sizes import get_size
+from aimv2.models.sizes import get_size, training_flops_per_sample
 
 log = logging.getLogger(__name__)
 KEY = "data.val.urls"
@@ -345,13 +352,12 @@ class HeldOutLoss(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """Every rank is here (a collective): the counter is summed over ranks before it is saved."""
         self._sync_counts(trainer, pl_module.device)
-        checkpoint.setdefault("aimv2", {}).update({
-            "train_samples": self.train_samples, "train_text_tokens": self.train_tokens,
-            "train_samples_estimated": self.estimated_samples,
-            "val_row": list(self._row) if self._row is not None else None})
+        schema.write(checkpoint, train_samples=self.train_samples, train_text_tokens=self.train_tokens,
+                     train_samples_estimated=self.estimated_samples,
+                     val_row=list(self._row) if self._row is not None else None)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        state = checkpoint.get("aimv2", {})
+        state = schema.read(checkpoint, trainer.ckpt_path or "the checkpoint")
         if "train_samples" in state:
             self.train_samples, self.train_tokens = int(state["train_samples"]), int(state["train_text_tokens"])
             self.estimated_samples = int(state.get("train_samples_estimated", 0))

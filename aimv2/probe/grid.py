@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from aimv2.checkpoints import schema
 from aimv2.engine.optim import warmup_cosine
 from aimv2.fileio import atomic_file
 from aimv2.probe.config import ProbeOptimConfig
@@ -189,8 +190,9 @@ def load_head_state(grid: HeadGrid, path: Path, fingerprint: str) -> int:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a damaged state file: start over
         return 0
-    if state.get("fingerprint") != fingerprint:
-        print(f"probe: {path} was made with other settings; training the heads from scratch", file=sys.stderr)
+    if not schema.head_state_matches(state, fingerprint):
+        print(f"probe: {path} was made with other settings or by another aimv2 version; training the heads from "
+              "scratch", file=sys.stderr)
         return 0
     grid.load_state_dict(state["grid"])
     grid.load_optimizer_state(state["optim"])
@@ -201,5 +203,4 @@ def load_head_state(grid: HeadGrid, path: Path, fingerprint: str) -> int:
 def save_head_state(grid: HeadGrid, path: Path, fingerprint: str, epoch: int) -> None:
     """Atomic: a crash mid-write leaves the previous epoch's state."""
     with atomic_file(path) as tmp:
-        torch.save({"fingerprint": fingerprint, "epoch": epoch, "grid": grid.state_dict(),
-                    "optim": grid.optimizer_state()}, tmp)
+        torch.save(schema.head_state(fingerprint, epoch, grid.state_dict(), grid.optimizer_state()), tmp)
