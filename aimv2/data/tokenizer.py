@@ -3,9 +3,8 @@
 Default: the CLIP BPE vocabulary that ships inside open_clip's wheel (49408 tokens). Alternatively
 any Hugging Face tokenizer saved in a local directory, or a word list (`kind: words`) for generated
 toy sets whose captions use a few dozen words: there CLIP's 49408-way output layer is most of a
-debug-size step (measured on one thread: forward, backward and AdamW of the debug size at 56 px,
-batch 32, 7x faster with 512 words than with CLIP's vocabulary), and a word list needs no package. Captions become `max_length` ids ending with
-the end-of-text token (kept even when the caption is truncated) plus a mask of the real positions;
+debug-size step (docs/performance.md), and a word list needs no package. Captions become
+`max_length` ids ending with the end-of-text token (kept even when the caption is truncated) plus a mask of the real positions;
 the learned start token of the decoder replaces a start-of-text token.
 """
 
