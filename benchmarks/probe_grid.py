@@ -19,7 +19,7 @@ from aimv2.models.encoder import build_encoder  # noqa: E402
 from aimv2.models.sizes import get_size  # noqa: E402
 from aimv2.probe.config import PAPER_LRS, PAPER_WDS, ProbeOptimConfig  # noqa: E402
 from aimv2.probe.features import encode  # noqa: E402
-from aimv2.probe.grid import HeadGrid, grid_specs  # noqa: E402
+from aimv2.probe.head_grid import HeadGrid, grid_specs  # noqa: E402
 from aimv2.probe.heads import encoder_attention_heads  # noqa: E402
 from aimv2.processes import tune_cpu_allocator  # noqa: E402
 from common import alternate, machine, machine_line, median, publish, table  # noqa: E402

@@ -403,7 +403,7 @@ def probe(
 
 
 def training_parity(args) -> dict:
-    from aimv2.checkpoints.load import load_checkpoint
+    from aimv2.checkpoints.loading import load_checkpoint
     from aimv2.engine.checkpointing import InitialCheckpoint
     from aimv2.engine.logs import read_metric
     from aimv2.engine.run_dir import RunDir

@@ -131,7 +131,7 @@ def flatten_parameters(module: nn.Module) -> None:
 # -- probe: heads.pt restored beside the parameters -----------------------------------------------
 def probe_grid(dtype=torch.float32):
     from aimv2.probe.config import ProbeOptimConfig
-    from aimv2.probe.grid import HeadGrid, grid_specs
+    from aimv2.probe.head_grid import HeadGrid, grid_specs
 
     torch.manual_seed(0)
     cfg = ProbeOptimConfig(lrs=[1e-3, 1e-2], weight_decays=[0.05], grad_clip=1.0)
@@ -146,7 +146,7 @@ def probe_batch(i: int):
 
 
 def test_probe_resume_puts_every_moment_on_its_parameters_device(tmp_path):
-    from aimv2.probe.grid import load_head_state, save_head_state
+    from aimv2.probe.head_grid import load_head_state, save_head_state
 
     grid = probe_grid()
     for i in range(2):
@@ -166,7 +166,7 @@ def test_probe_resume_puts_every_moment_on_its_parameters_device(tmp_path):
 
 
 def test_probe_resumed_step_equals_the_uninterrupted_one_and_moments_take_the_grids_dtype(tmp_path):
-    from aimv2.probe.grid import load_head_state, save_head_state
+    from aimv2.probe.head_grid import load_head_state, save_head_state
 
     uninterrupted = probe_grid()
     for i in range(3):

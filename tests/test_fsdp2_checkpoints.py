@@ -190,7 +190,7 @@ def test_another_world_size_loads_every_tensor_exactly(written, world):
 def test_load_encoder_reads_the_directory_with_the_saved_models_features(written):
     from aimv2 import load_encoder
     from aimv2.checkpoints import load_checkpoint
-    from aimv2.checkpoints.load import read_decoder
+    from aimv2.checkpoints.loading import read_decoder
 
     _, ckpt, reference = written
     images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(7))

@@ -4,7 +4,7 @@ linearly separable task; the grid trains distinct heads and picks the best on va
 import torch
 
 from aimv2.probe.config import ProbeConfig, ProbeDataConfig, ProbeOptimConfig
-from aimv2.probe.grid import HeadGrid, grid_specs
+from aimv2.probe.head_grid import HeadGrid, grid_specs
 from aimv2.probe.heads import AttentiveHeads, reference_attentive
 from aimv2.probe.run import evaluate_tensors, train_cached
 

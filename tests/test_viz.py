@@ -14,10 +14,20 @@ from aimv2.data.tokenizer import build_tokenizer
 from aimv2.models import AIMv2, get_size
 from aimv2.models.encoder import encode
 from aimv2.objective import patchify
-from aimv2.viz.frame import generate_captions, greedy_tokens
-from aimv2.viz.frame import make_frame
-from aimv2.viz.grid import GREY, LINE_H, PAD, TITLE_H, prediction_grid, prediction_panels, save_png
-from aimv2.viz.grid import normalized_targets, to_pixels, unnormalize_patches, unpatchify
+from aimv2.viz.frame import generate_captions, greedy_tokens, make_frame
+from aimv2.viz.prediction_grid import (
+    GREY,
+    LINE_H,
+    PAD,
+    TITLE_H,
+    normalized_targets,
+    prediction_grid,
+    prediction_panels,
+    save_png,
+    to_pixels,
+    unnormalize_patches,
+    unpatchify,
+)
 
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)

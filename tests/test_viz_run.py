@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from aimv2 import cli
-from aimv2.viz.grid import grid_size
+from aimv2.viz.prediction_grid import grid_size
 from conftest import jpeg_bytes
 from viz_runs import EVERY, IMAGES, IMG, STEPS, short_runs
 

@@ -6,9 +6,9 @@ preprocessing, convert between weight layouts, export for timm and transformers,
 """
 
 from aimv2.checkpoints.export import EXPORT_FORMATS, export_checkpoint
-from aimv2.checkpoints.features import Features, extract_features
+from aimv2.checkpoints.feature_extraction import Features, extract_features
 from aimv2.checkpoints.formats import FORMATS, detect_format, read_checkpoint
-from aimv2.checkpoints.load import LoadedEncoder, load_checkpoint, load_encoder, resize_encoder
+from aimv2.checkpoints.loading import LoadedEncoder, load_checkpoint, load_encoder, resize_encoder
 from aimv2.checkpoints.pretrained import Pretrained, load_decoder, load_pretrained
 from aimv2.checkpoints.preprocessing import Preprocessing
 

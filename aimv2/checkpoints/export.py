@@ -36,7 +36,7 @@ from timm.models.vision_transformer import VisionTransformer
 from aimv2.checkpoints.arch import TimmRecipe, encoder_dims
 from aimv2.checkpoints.convert import native_to_learned, timm_to_hf
 from aimv2.checkpoints.formats import EXPORT_FORMAT
-from aimv2.checkpoints.load import LoadedEncoder, load_checkpoint, read_decoder
+from aimv2.checkpoints.loading import LoadedEncoder, load_checkpoint, read_decoder
 from aimv2.checkpoints.preprocessing import Preprocessing
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_directory

@@ -1,5 +1,5 @@
 """A pre-training checkpoint as the whole AIMv2 model (encoder and decoder), read through the same
-loader as every encoder (aimv2.checkpoints.load): `aimv2 visualize` draws from it, and it reads every
+loader as every encoder (aimv2.checkpoints.loading): `aimv2 visualize` draws from it, and it reads every
 format that holds the decoder -- this project's .ckpt, a ZeRO directory, an `aimv2 export
 --with-decoder` directory -- with the same strict key check.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from aimv2.checkpoints.load import LoadedEncoder, load_checkpoint, read_decoder
+from aimv2.checkpoints.loading import LoadedEncoder, load_checkpoint, read_decoder
 from aimv2.errors import UserError
 from aimv2.models.aimv2 import AIMv2
 from aimv2.models.decoder import MultimodalDecoder

@@ -18,7 +18,7 @@ Versions (`CHECKPOINT_VERSION`):
 A checkpoint of a newer version than this code knows is refused with one line naming both versions:
 its fields may mean something this code would silently get wrong.
 
-The probe's head state (`PROBE/heads.pt`, aimv2.probe.grid) is a torch file of its own, versioned by
+The probe's head state (`PROBE/heads.pt`, aimv2.probe.head_grid) is a torch file of its own, versioned by
 `HEAD_STATE_VERSION`: heads are cheap to retrain, so another version starts them over instead.
 """
 

@@ -23,7 +23,7 @@ from aimv2.models.sizes import SizeSpec
 
 def decoder_kwargs(spec: SizeSpec, vocab_size: int, max_text_len: int) -> dict:
     """`MultimodalDecoder` keyword arguments of a size: one function, so the model built for training
-    (aimv2.models.aimv2) and the decoder read back from a checkpoint (aimv2.checkpoints.load) agree."""
+    (aimv2.models.aimv2) and the decoder read back from a checkpoint (aimv2.checkpoints.loading) agree."""
     return {"encoder_width": spec.width, "width": spec.decoder_width, "depth": spec.decoder_depth,
             "heads": spec.decoder_heads, "mlp_hidden": spec.decoder_mlp_hidden,
             "patch_dim": spec.patch_size * spec.patch_size * 3, "vocab_size": vocab_size, "max_text_len": max_text_len}

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from aimv2.checkpoints.arch import encoder_dims
-from aimv2.checkpoints.load import LoadedEncoder, load_checkpoint, read_decoder
+from aimv2.checkpoints.loading import LoadedEncoder, load_checkpoint, read_decoder
 from aimv2.config import ModelConfig
 from aimv2.errors import UserError
 from aimv2.models.aimv2 import AIMv2

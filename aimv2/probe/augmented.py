@@ -24,8 +24,8 @@ from aimv2.probe.config import ProbeConfig
 from aimv2.probe.data import Split, augment_transform, eval_batches, train_batches
 from aimv2.probe.features import all_reduce_sum, comm_device, pick_device, spawn
 from aimv2.probe.features import encode
-from aimv2.probe.grid import HeadGrid
-from aimv2.probe.grid import load_head_state, save_head_state
+from aimv2.probe.head_grid import HeadGrid
+from aimv2.probe.head_grid import load_head_state, save_head_state
 from aimv2.progress import progress as progress_bar
 
 

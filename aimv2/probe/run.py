@@ -49,7 +49,7 @@ from aimv2.probe.features import (
     load_probe_encoder,
     pick_device,
 )
-from aimv2.probe.grid import HeadGrid, grid_specs, load_head_state, save_head_state
+from aimv2.probe.head_grid import HeadGrid, grid_specs, load_head_state, save_head_state
 from aimv2.probe.heads import encoder_attention_heads
 from aimv2.progress import progress as progress_bar
 

@@ -26,7 +26,7 @@ from aimv2.data.tokenizer import CaptionTokenizer
 from aimv2.engine.run_dir import RunDir
 from aimv2.fileio import atomic_write
 from aimv2.viz.frame import Frame, make_frame
-from aimv2.viz.grid import save_png
+from aimv2.viz.prediction_grid import save_png
 
 FIXED_BATCH = "fixed_batch.pt"
 

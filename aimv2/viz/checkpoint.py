@@ -83,7 +83,7 @@ def visualize_checkpoint(checkpoint: str | Path, images: list[str], out: str | P
     from aimv2.checkpoints.pretrained import load_pretrained
     from aimv2.fileio import atomic_write
     from aimv2.viz.frame import make_frame
-    from aimv2.viz.grid import save_png
+    from aimv2.viz.prediction_grid import save_png
 
     if not 0 < prefix_ratio < 1:
         raise UserError(f"--prefix-ratio must be within (0, 1), got {prefix_ratio}")

@@ -27,7 +27,7 @@ from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from aimv2.data.tokenizer import CaptionTokenizer
 from aimv2.models.aimv2 import AIMv2
 from aimv2.models.encoder import encode
-from aimv2.viz.grid import prediction_grid
+from aimv2.viz.prediction_grid import prediction_grid
 
 
 @torch.no_grad()

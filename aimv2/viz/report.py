@@ -227,7 +227,7 @@ def plot_curves(runs: list[Run], path: str | Path, dpi: int = 80) -> Path:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from aimv2.viz.grid import save_png
+    from aimv2.viz.prediction_grid import save_png
 
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.6), dpi=dpi)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -16,7 +16,7 @@ The next-patch prediction grid: one row per sample, four pictures per row.
 - prefix: the first M patches, the ones the encoder attends to bidirectionally; the rest grey;
 - ground truth: the patches the decoder had to predict (index >= M); the prefix grey;
 - prediction: the prefix as given, then the decoder's next-patch predictions, each un-normalized with
-  its target patch's mean and std (see `aimv2.viz.grid`), so compare its structure with column 3.
+  its target patch's mean and std (see `aimv2.viz.prediction_grid`), so compare its structure with column 3.
 
 Under each row go short text lines (the prefix length, true and generated captions). Drawing is
 plain PIL so the layout -- and hence the PNG's pixel size -- is exact and testable.
