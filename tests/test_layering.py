@@ -61,3 +61,13 @@ def test_no_package_imports_one_above_it_or_a_peer():
                 wrong.append(f"{relative} imports aimv2.{target}")
     assert not unknown, f"place {sorted(unknown)} in a layer: LAYERS in tests/test_layering.py and docs/architecture.md"
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_every_lazy_export_resolves():
+    """The packages' lazy public names (module-level __getattr__ tables) point at modules that exist."""
+    import importlib
+
+    for package in ("aimv2", "aimv2.compress", "aimv2.checkpoints"):
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", []):
+            assert getattr(module, name) is not None, f"{package}.{name}"

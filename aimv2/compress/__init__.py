@@ -1,7 +1,7 @@
 """Attach a frozen encoder to an LLM through a token compressor (N patch tokens -> M LLM tokens).
 
 Public API (imported lazily: the compressors need only torch; the attachment needs transformers):
-    COMPRESSORS, CompressorSpec, build_compressor      the registry (aimv2/compress/vlm.py)
+    COMPRESSORS, CompressorSpec, build_compressor      the registry (aimv2/compress/components.py)
     AttachedVLM                                        encoder + compressor + LM (aimv2/compress/vlm.py)
     build_prefix, TextPrefix                           text-prefix KV caching (aimv2/compress/vlm.py)
     load_bundle, export_bundle                         exported bundles (aimv2/compress/bundle.py)
@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "COMPRESSORS": "registry", "build_compressor": "registry", "CompressorSpec": "base", "Compressor": "base",
-    "AttachedVLM": "vlm", "build_prefix": "cache", "TextPrefix": "cache",
+    "COMPRESSORS": "components", "build_compressor": "components", "CompressorSpec": "base", "Compressor": "base",
+    "AttachedVLM": "vlm", "build_prefix": "vlm", "TextPrefix": "vlm",
     "load_bundle": "bundle", "export_bundle": "bundle", "CompressConfig": "config",
 }
 
