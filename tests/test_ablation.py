@@ -57,6 +57,7 @@ def ablation(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_writes_table_json_and_plot(ablation):
     summary = json.loads((ablation / "ablation.json").read_text())
     assert summary["seeds"] == [0] and list(summary["variants"]) == list(VARIANTS)
@@ -86,6 +87,7 @@ def test_writes_table_json_and_plot(ablation):
         assert all(b["val_chosen_top1"] >= b["top1"] for b in r["best"].values())
 
 
+@pytest.mark.slow
 def test_keeps_training_and_validation_losses(ablation):
     summary = json.loads((ablation / "ablation.json").read_text())
     runs = {r["variant"]: r for r in summary["pretrain_runs"]}
@@ -134,6 +136,7 @@ def test_run_losses_by_hand(tmp_path):
     assert run_losses(RunDir(tmp_path / "none")) == {}  # a run without metrics (never trained)
 
 
+@pytest.mark.slow
 def test_variants_share_their_initialization(ablation):
     """Random init is the step-0 checkpoint, the same weights every trained variant started from."""
     runs = ablation / "runs"
@@ -147,6 +150,7 @@ def test_variants_share_their_initialization(ablation):
     assert probed["checkpoint"].endswith("aimv2/seed0/checkpoints/step=0000000.ckpt")
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_work_and_refuses_other_settings(ablation, capsys):
     results = {p: p.stat().st_mtime_ns for p in (ablation / "runs").rglob("results.json")}
     capsys.readouterr()

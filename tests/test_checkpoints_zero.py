@@ -20,6 +20,8 @@ from aimv2.cli import main
 from aimv2.errors import UserError
 from checkpoint_helpers import write_zero_checkpoints
 
+pytestmark = pytest.mark.slow  # every test reads the module's real ZeRO checkpoints (about 18 s to write)
+
 IMG = 28
 
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from aimv2.cli import main
-from aimv2.compress.module import held_out_loader
 from aimv2.compress.components import prefill_params
-from aimv2.compress.module import load_module
+from aimv2.compress.module import held_out_loader, load_module
 from aimv2.data.demo import build_demo_shards
 from compress_utils import write_encoder_checkpoint
 
@@ -62,6 +61,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_every_cell_trains_evaluates_and_the_law_is_fitted(swept):
     out = swept["out"]
     rows = _rows(out / "results.csv")
@@ -78,6 +78,7 @@ def test_every_cell_trains_evaluates_and_the_law_is_fitted(swept):
     assert (out / "fit" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_error_is_the_held_out_caption_token_error(swept):
     """Recomputed by hand: greedy next-token hits over the caption tokens of the cell's first 2 batches."""
     row = _rows(swept["out"] / "results.csv")[1]  # h16, M = 4
@@ -100,6 +101,7 @@ def test_the_error_is_the_held_out_caption_token_error(swept):
     assert float(row["error"]) == pytest.approx(1 - hits / total, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_rerun_redoes_nothing(swept, capsys):
     ckpts = sorted(swept["out"].glob("cells/*/checkpoints/last.ckpt"))
     stamps = [p.stat().st_mtime_ns for p in ckpts]
@@ -109,6 +111,7 @@ def test_a_rerun_redoes_nothing(swept, capsys):
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
 
 
+@pytest.mark.slow
 def test_one_cell_per_array_task_and_the_fit_once_the_grid_is_complete(setup, capsys, monkeypatch):
     out = setup["tmp"] / "array"
     args = ["compress", "sweep", str(setup["sweep"]), f"out={out}", "overrides=[trainer.max_steps=2]"]
@@ -127,6 +130,7 @@ def test_one_cell_per_array_task_and_the_fit_once_the_grid_is_complete(setup, ca
     assert len(_rows(out / "results.csv")) == 4 and (out / "fit" / "fit.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_cell_made_with_other_settings_is_refused(swept, capsys):
     assert main(["compress", "sweep", str(swept["sweep"]), "overrides=[trainer.max_steps=6]"]) == 2
     err = capsys.readouterr().err.strip()

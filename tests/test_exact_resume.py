@@ -119,6 +119,7 @@ def epochs_of(logs) -> dict[int, Counter]:
     return seen
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     # 5 shards of 10..6 samples (2 corrupt) cut into 2 ranges of 20 for 2 data workers: 5 batches of 4
     # per worker and epoch (10 steps), a range holding a corrupt sample training a lighter batch.

@@ -158,6 +158,7 @@ def _reference_encoder(reference):
     return encoder.eval()
 
 
+@pytest.mark.slow
 def test_two_processes_write_a_complete_dcp_directory_in_lightnings_layout(written):
     from aimv2.checkpoints import detect_format
     from aimv2.checkpoints.dcp import top_level_keys
@@ -170,6 +171,7 @@ def test_two_processes_write_a_complete_dcp_directory_in_lightnings_layout(writt
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the temporary was renamed away
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 3])
 def test_another_world_size_loads_every_tensor_exactly(written, world):
     out, _, reference = written
@@ -187,6 +189,7 @@ def test_another_world_size_loads_every_tensor_exactly(written, world):
     assert loaded["optim"]["param_groups"] == reference["optim"]["param_groups"]
 
 
+@pytest.mark.slow
 def test_load_encoder_reads_the_directory_with_the_saved_models_features(written):
     from aimv2 import load_encoder
     from aimv2.checkpoints import load_checkpoint
@@ -204,6 +207,7 @@ def test_load_encoder_reads_the_directory_with_the_saved_models_features(written
     assert all(torch.equal(v, reference["model"][f"model.decoder.{k}"]) for k, v in decoder_state.items())
 
 
+@pytest.mark.slow
 def test_probe_loader_and_export_read_the_directory(written, tmp_path, capsys):
     from aimv2 import load_encoder
     from aimv2.cli import main
@@ -220,6 +224,7 @@ def test_probe_loader_and_export_read_the_directory(written, tmp_path, capsys):
     assert torch.equal(_features(exported, images), expected)
 
 
+@pytest.mark.slow
 def test_convert_writes_one_file_that_loads_and_resumes_a_plain_optimizer(written, tmp_path, capsys):
     from aimv2 import load_encoder
     from aimv2.checkpoints import detect_format
@@ -251,6 +256,7 @@ def test_convert_writes_one_file_that_loads_and_resumes_a_plain_optimizer(writte
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_save_is_a_one_line_error_and_resume_passes_over_it(written, tmp_path, capsys):
     from aimv2 import load_encoder
     from aimv2.cli import main
@@ -311,6 +317,7 @@ def test_a_killed_save_leaves_nothing_under_the_checkpoints_name(tmp_path, monke
     assert torch.equal(dcp.read_dcp_state(final)["state_dict"]["model.encoder.w"], torch.arange(6.0))
 
 
+@pytest.mark.slow
 def test_the_index_is_unpickled_without_running_code(written, tmp_path):
     from aimv2 import load_encoder
     from aimv2.errors import UserError

@@ -1,18 +1,19 @@
 """Feature extraction split across 2 real processes (torch.distributed, gloo on CPU) gives exactly the
 single-process features; and the split of class shards over ranks covers every sample once."""
 
+import pytest
 import torch
 
 from aimv2.data.demo import build_demo_shards
 from aimv2.data.samples import eval_transform
 from aimv2.probe.config import ProbeOptimConfig
 from aimv2.probe.data import eval_batches, open_split
-from aimv2.probe.features import ExtractJob, extract_distributed, extract_part
-from aimv2.probe.features import load_probe_encoder
+from aimv2.probe.features import ExtractJob, extract_distributed, extract_part, load_probe_encoder
 from aimv2.probe.run import run_probe
 from test_probe_helpers import small_config, write_colour_folders, write_tiny_checkpoint
 
 
+@pytest.mark.slow
 def test_two_process_extraction_equals_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     demo = build_demo_shards(tmp_path / "data")
@@ -40,6 +41,7 @@ def test_rank_split_of_shards_covers_every_sample_once(tmp_path):
         assert len(keys) == split.count == len(set(keys)), world
 
 
+@pytest.mark.slow
 def test_two_process_augmented_probe_covers_every_image_and_learns(tmp_path, monkeypatch):
     # The paper's mode on 2 real processes (gloo): each streams half the training images, gradients are
     # averaged (the run itself raises if the heads diverge across ranks), val is split and summed back.

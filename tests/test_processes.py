@@ -4,9 +4,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from aimv2.processes import run_with_deadline
 
 
+@pytest.mark.slow
 def test_a_hung_aimv2_command_prints_its_stacks_and_is_killed_with_its_children(tmp_path):
     # `aimv2 report` whose work never ends, with a child process that would outlive it if only the
     # main process were killed.

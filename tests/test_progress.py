@@ -45,6 +45,7 @@ def test_line_progress_prints_rate_and_eta_lines(monkeypatch):
     assert format_duration(3725) == "1:02:05"
 
 
+@pytest.mark.slow
 def test_piped_pretrain_prints_lines_and_a_summary_without_carriage_returns(tmp_path_factory):
     runs = short_runs(tmp_path_factory)
     assert runs["a_returncode"] == 0, runs["a_output"][-3000:]

@@ -9,8 +9,7 @@ from PIL import Image
 
 from aimv2 import cli
 from aimv2.engine.logs import read_metric, tail_mean
-from aimv2.viz.report import write_report
-from aimv2.viz.report import config_differences, load_runs, run_names
+from aimv2.viz.report import config_differences, load_runs, run_names, write_report
 from viz_runs import STEPS, short_runs
 
 
@@ -19,6 +18,7 @@ def runs(tmp_path_factory):
     return short_runs(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_report_names_runs_and_lists_final_losses_and_config_differences(runs, tmp_path):
     a, b = runs["a"], runs["b"]
     written = write_report([a, b], tmp_path / "rep")
@@ -41,6 +41,7 @@ def test_report_names_runs_and_lists_final_losses_and_config_differences(runs, t
     assert diffs == {"optim.lr": [0.002, 0.0005]}
 
 
+@pytest.mark.slow
 def test_probe_results_appear_when_the_run_has_them(runs, tmp_path):
     run = runs["b"]
     best = {"head": "attentive", "lr": 0.001, "wd": 0.05, "top1": 87.5, "top5": 98.25, "best": True}
@@ -65,6 +66,7 @@ def test_probe_results_appear_when_the_run_has_them(runs, tmp_path):
     assert "## Key settings" in md and "| optim.lr | 0.0005 |" in md
 
 
+@pytest.mark.slow
 def test_cli_report_default_out_and_errors(runs, capsys):
     assert cli.main(["report", str(runs["a"])]) == 0
     out = capsys.readouterr().out

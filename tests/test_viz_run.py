@@ -9,6 +9,8 @@ from aimv2.viz.prediction_grid import grid_size
 from conftest import jpeg_bytes
 from viz_runs import EVERY, IMAGES, IMG, STEPS, short_runs
 
+pytestmark = pytest.mark.slow  # every test reads the two short training runs of viz_runs (about 16 s)
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
