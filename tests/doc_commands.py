@@ -2,7 +2,7 @@
 of README.md, every docs/*.md page, eval/README.md, data/README.md and benchmarks/README.md, and the
 example lines in the header comments of configs/, launch/, eval/ and data/ scripts (`#   aimv2 ...`,
 continued by `\\`). tests/test_documented_commands.py runs each one, and checks the pages' relative
-links (`markdown_links`, `anchors`)."""
+links (`markdown_links`, `anchors`) and the package's files and modules they name (`code_references`)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,27 @@ def markdown_links(relative: str) -> list[tuple[int, str]]:
         for target in LINK.findall(re.sub(r"`[^`]*`", "", text))
         if not re.match(r"[a-z]+:", target)
     ]
+
+
+# -- the package's files and modules the pages name ----------------------------------------------------
+CODE_PATH = re.compile(r"(?<![\w./-])aimv2/[\w/]+\.py\b")  # aimv2/engine/logs.py
+MODULE = re.compile(r"(?<![\w./-])aimv2(?:\.[a-z_][a-z0-9_]*)+")  # aimv2.models.sizes, aimv2.load_encoder
+# Where the package is named in prose: the pages, the header comments, the scripts beside them.
+NAMING = (*MARKDOWN, *COMMENTED, "eval/*.py", "data/*.py", "benchmarks/*.py")
+
+
+def code_references() -> list[tuple[str, int, str]]:
+    """(file, line, name) for every `aimv2/....py` path and dotted `aimv2.x...` name in the files of NAMING
+    (eval/results/ and benchmarks/results/, historical records, are not among them)."""
+    found = []
+    for pattern in NAMING:
+        for path in sorted(REPO.glob(pattern)):
+            if not path.is_file():
+                continue
+            for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                for name in CODE_PATH.findall(text) + MODULE.findall(text):
+                    found.append((str(path.relative_to(REPO)), number, name))
+    return found
 
 
 def anchors(relative: str) -> set[str]:

@@ -13,11 +13,13 @@ that cannot run here say why, and name what covers them.
 
 The documentation is README.md, every page of docs/ (a page added there is read without being named
 here) and the eval/, data/ and benchmarks/ READMEs. The fast tests at the end check that every COVERED
-entry still names a documented command and that the pages' relative links and anchors resolve.
+entry still names a documented command, that the pages' relative links and anchors resolve, and that
+every `aimv2/....py` file and `aimv2.x.y` module they (and the config headers and scripts) name exists.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -36,7 +38,16 @@ from PIL import Image
 from aimv2.cli import main
 from aimv2.config import load_config
 from aimv2.engine.rehearsal import restored_process_state
-from doc_commands import DOCS, MARKDOWN, REPO, DocCommand, anchors, documented_commands, markdown_links
+from doc_commands import (
+    DOCS,
+    MARKDOWN,
+    REPO,
+    DocCommand,
+    anchors,
+    code_references,
+    documented_commands,
+    markdown_links,
+)
 from fault_helpers import run_or_show_stacks
 
 ROOTS = ("data", "photos", "models", "datasets")  # absolute documentation paths, found in FIXTURE/abs/
@@ -397,3 +408,27 @@ def test_links_between_pages_resolve():
             ):
                 broken.append(f"{page}:{line}: {target} (no such heading)")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def _resolves(name: str) -> bool:
+    """An `aimv2/....py` path is a file; a dotted name is a module, or a module's attribute chain."""
+    if "/" in name:
+        return (REPO / name).is_file()
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        stem = REPO.joinpath(*parts[:end])
+        if stem.with_suffix(".py").is_file() or (stem / "__init__.py").is_file():
+            obj = importlib.import_module(".".join(parts[:end]))
+            for attr in parts[end:]:
+                if not hasattr(obj, attr):
+                    return False
+                obj = getattr(obj, attr)
+            return True
+    return False
+
+
+def test_named_code_paths_and_modules_exist():
+    """Every `aimv2/....py` file and `aimv2.x.y` module (or attribute) the pages, the config headers and the
+    eval/, data/ and benchmarks/ scripts name exists, so a renamed or merged module cannot leave them behind."""
+    stale = [f"{page}:{line}: {name}" for page, line, name in code_references() if not _resolves(name)]
+    assert not stale, "names of files or modules that do not exist:\n" + "\n".join(stale)

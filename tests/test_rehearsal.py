@@ -51,7 +51,7 @@ def test_every_shipped_config_and_preset_has_a_documented_command_that_runs_it()
 
 @pytest.mark.slow
 def test_the_cli_rehearses_a_paper_recipe_on_two_ddp_ranks(tmp_path):
-    """The command the README gives, as a user runs it: 2 CPU ranks of DDP in bf16 with clipping and
+    """The command docs/scale-out.md gives, as a user runs it: 2 CPU ranks of DDP in bf16 with clipping and
     the fused AdamW (the step-1 crash of every paper recipe before), a checkpoint, a resume."""
     env = os.environ | {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = run_or_show_stacks(

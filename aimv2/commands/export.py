@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def usage_lines(fmt: str, out: Path) -> list[str]:
-    """How to load the export, with the exact path (printed by the command, documented in the README)."""
+    """How to load the export, with the exact path (printed by the command, documented in docs/checkpoints.md)."""
     if fmt == "aimv2":
         return [f"from aimv2 import load_encoder; encoder, preprocessing = load_encoder({str(out)!r})"]
     if fmt == "hf":

@@ -293,7 +293,8 @@ def rehearsal_tokenizer(tok, report: RehearsalReport, key: str, words_stand_in: 
     CLIP tokenizer, for a missing tokenizer directory the offline CLIP tokenizer."""
     if tok.kind == "hf" and not (tok.path and Path(tok.path).is_dir()):
         report.add("tokenizer", "changed", f"{key}.path {tok.path!r} is not a directory here: the offline CLIP "
-                                           "tokenizer stands in (the cluster run needs the directory: README, Tokenizer)")
+                                           "tokenizer stands in (the cluster run needs the directory: "
+                                           "docs/pretraining.md#tokenizer)")
         return replace(tok, kind="clip", path=None)
     if tok.kind == "words" and not (tok.path and Path(tok.path).is_file()):
         stand_in = f"the demo set's word list {words_stand_in}" if words_stand_in else "the offline CLIP tokenizer"
