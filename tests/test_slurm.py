@@ -1,6 +1,6 @@
 """Checkpoint-and-requeue on a real SLURM cluster (slurm_cluster.py: Debian's packages, one node of
-2 CPUs on localhost), through the project's own sbatch template, exactly as the README's guide
-submits it: 2 tasks of CPU DDP (gloo) pre-train the debug size; mid-run the test sends the
+2 CPUs on localhost), through the project's own sbatch template, exactly as docs/scale-out.md's
+guide submits it: 2 tasks of CPU DDP (gloo) pre-train the debug size; mid-run the test sends the
 preemption signal (`scancel --signal=USR1`, what `#SBATCH --signal=SIGUSR1@90` sends before the
 time limit); the job checkpoints at a step boundary, requeues itself and, started again by SLURM,
 continues from that checkpoint to the planned step count, every sample of each epoch seen once."""
