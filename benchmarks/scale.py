@@ -2,9 +2,9 @@
 
 No machine here has 350,000 shards or 256 GPUs, so this script runs the real planning, stream-state,
 checkpoint-state and shard-listing code (aimv2.data.shardlist, .manifest, .epoch_plan, .stream,
-.loader; aimv2.pretraining.validation) on a virtual data set: shard names, sizes and sample counts
-without tar bytes (the manifests are real files; benchmarks/virtual_data.py). Only what cannot exist here
-is stood in: the
+.loader; the evaluation reader's plans, aimv2.data.every_sample) on a virtual data set: shard names, sizes
+and sample counts without tar bytes (the manifests are real files; benchmarks/virtual_data.py). Only what
+cannot exist here is stood in: the
 shards' own files (a stand-in file system answers for them and counts every operation), the
 collectives (each rank's tensor is built by its own loader, then stacked as an all-gather would
 stack them: the bytes they move are counted) and the training steps (positions after K steps are
@@ -43,10 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aimv2.config.schema import DataConfig  # noqa: E402
+from aimv2.data.every_sample import plan_ranges, read_cost  # noqa: E402
 from aimv2.data.loader import EpochAwareLoader, saved_lanes  # noqa: E402
 from aimv2.data.stream import ShardStream  # noqa: E402
 from aimv2.pretraining.pretrain import PretrainDataModule  # noqa: E402
-from aimv2.pretraining.validation import read_cost  # noqa: E402
 from common import machine, machine_line, publish, table  # noqa: E402
 from virtual_data import SIZES, Operations, Size, epoch_position, stream_for, virtual_set  # noqa: E402
 
@@ -263,7 +263,7 @@ def validation_reads(size: Size) -> list[dict]:
     for shards in (1, 4):
         ranges = [(f"/val/{i:05d}.tar", 0, size.held_out // shards) for i in range(shards)]
         for workers in (0, size.workers):
-            cost = read_cost(ranges, workers, size.world)
+            cost = read_cost(plan_ranges(ranges, size.world, workers))
             rows.append(
                 {
                     "shards": shards,

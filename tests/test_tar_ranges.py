@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from aimv2.data.every_sample import first_samples, plan_ranges, read_cost
 from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, sample_starts, slot_starts
-from aimv2.pretraining.validation import plan_held_out, read_cost, split_ranges
 from conftest import jpeg_bytes, write_caption_shards
 
 SEEK_N, SEEK_PER, SEEK_CORRUPT = 45, 17, {3, 20, 40}  # shards of 17, 17, 11 samples; 3 corrupt
@@ -21,7 +21,7 @@ WORLD, WORKERS = 4, 2  # 8 slots of 5 or 6 samples, most starting inside a shard
 def seek_ranges(tmp_path_factory):
     root = tmp_path_factory.mktemp("seek")
     report = write_caption_shards(root, SEEK_N, SEEK_PER, prefix="s", seed=2, corrupt_at=SEEK_CORRUPT)
-    return plan_held_out(report.urls, 0)
+    return first_samples(report.urls, 0, "val")
 
 
 def read_from_shard_starts(units):
@@ -56,7 +56,7 @@ def test_header_offsets_of_the_writers_shards_locate_every_sample(tmp_path):
         verify_images=False,
         progress=False,
     )
-    for url, _, end in plan_held_out(report.urls, 0):
+    for url, _, end in first_samples(report.urls, 0, "val"):
         stats = ScanStats()
         starts = sample_starts(url, range(end), stats)
         assert sorted(starts) == list(range(end)) and starts[0][0] == 0
@@ -95,9 +95,9 @@ def test_a_shard_not_grouped_by_key_is_read_from_its_start_with_a_warning(tmp_pa
         f"k{i}.{e}" for i in range(3, 6) for e in ("jpg", "txt")
     ]
     url = write_tar(tmp_path / "00000.tar", order)
-    ranges = plan_held_out(url, 0)
+    ranges = first_samples(url, 0, "val")
     assert ranges == [(url, 0, 6)]  # six keys with an image
-    slots = split_ranges(ranges, 3)  # [0, 2), [2, 4), [4, 6) of webdataset's 8 groups
+    slots = plan_ranges(ranges, 3).slots  # [0, 2), [2, 4), [4, 6) of webdataset's 8 groups
     with caplog.at_level("WARNING", logger="aimv2.data.tar_ranges"):
         index = index_ranges(slots)
     assert index == {}
@@ -123,10 +123,11 @@ def test_a_shard_changed_since_it_was_indexed_is_read_from_its_start(seek_ranges
 def test_remote_shards_are_read_from_their_start(seek_ranges):
     ranges = seek_ranges
     remote = [(f"pipe:cat {url}", first, end) for url, first, end in ranges]
-    slots = split_ranges(remote, WORLD * WORKERS)
+    plan = plan_ranges(remote, WORLD, WORKERS)
+    slots = plan.slots
     stats = ScanStats()
     assert index_ranges(slots, stats=stats) == {} and stats.shards == 0  # nothing to seek in: nothing read
-    cost = read_cost(remote, WORKERS, WORLD)
+    cost = read_cost(plan)
     assert cost["per_slot_after"] == cost["per_slot_before"] and cost["scan_shards"] == 0
     for p, units in enumerate(slots):
         got = list(read_ranges(units, {}))

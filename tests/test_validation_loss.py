@@ -21,25 +21,17 @@ from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
 from aimv2.config import load_config
+from aimv2.data.every_sample import EverySample, ReadPlan, every_sample_loader, first_samples, plan_ranges, read_cost
+from aimv2.data.samples import eval_transform
 from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, slot_starts
 from aimv2.data.tokenizer import build_tokenizer
-from aimv2.data.samples import eval_transform
 from aimv2.engine.checkpointing import PreemptionCheckpoint
 from aimv2.engine.logs import read_metric, read_metrics
 from aimv2.errors import UserError
 from aimv2.models.sizes import get_size, training_flops_per_sample
 from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.pretrain import pretrain
-from aimv2.pretraining.validation import (
-    METRICS,
-    HeldOutLoss,
-    HeldOutSamples,
-    held_out_loader,
-    plan_held_out,
-    prefix_length,
-    read_cost,
-    split_ranges,
-)
+from aimv2.pretraining.validation import METRICS, HeldOutCollator, HeldOutLoss, HeldOutProcessor, prefix_length
 from conftest import REPO, write_caption_shards
 from fault_helpers import run_or_show_stacks, tiny_tokenizer
 from test_tar_ranges import read_from_shard_starts, without_index
@@ -150,7 +142,7 @@ def test_validation_does_not_change_training(with_val, without_val):
 def read_held_out(urls_spec: str):
     """Every held-out sample of the shards, read with tarfile (not the loader under test)."""
     out = []
-    for url, _, _ in plan_held_out(urls_spec, 0):
+    for url, _, _ in first_samples(urls_spec, 0, "val"):
         members: dict[str, dict[str, bytes]] = {}
         with tarfile.open(url) as tar:
             for info in tar:
@@ -280,9 +272,9 @@ def test_bad_input_is_named(setup, tmp_path):
 
 
 def test_the_set_is_capped_and_split_without_overlap(setup):
-    ranges = plan_held_out(setup[2], 7)  # shards of 4, 4, 2: the first 7 samples
+    ranges = first_samples(setup[2], 7, "data.val.urls")  # shards of 4, 4, 2: the first 7 samples
     assert [(r[0].rsplit("/", 1)[1], r[1], r[2]) for r in ranges] == [("00000.tar", 0, 4), ("00001.tar", 0, 3)]
-    parts = split_ranges(ranges, 3)
+    parts = plan_ranges(ranges, 3).slots
     assert [sum(e - f for _, f, e in p) for p in parts] == [2, 2, 3]
     flat = [(url, i) for part in parts for url, f, e in part for i in range(f, e)]
     assert flat == [(url, i) for url, f, e in ranges for i in range(f, e)]  # contiguous, in order, each once
@@ -367,19 +359,21 @@ def seek_shards(setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("seek")
     report = write_caption_shards(root, SEEK_N, SEEK_PER, prefix="s", seed=2, corrupt_at=SEEK_CORRUPT)
     tokenizer = build_tokenizer(config(setup, "tokenizer").data.tokenizer)
-    return plan_held_out(report.urls, 0), tokenizer
+    return first_samples(report.urls, 0, "val"), tokenizer
 
 
 def batches(units, tokenizer, starts):
-    return list(HeldOutSamples([units], tokenizer, 28, 16, 2, starts))  # debug at 28 px: 16 patches
+    one_slot = ReadPlan([units])  # debug at 28 px: 16 patches
+    return list(EverySample(one_slot, 0, HeldOutProcessor(28, 16), HeldOutCollator(tokenizer), 2, starts))
 
 
 def test_each_slot_reads_exactly_its_samples_and_sees_what_a_read_from_the_start_sees(seek_shards):
     ranges, tokenizer = seek_shards
-    slots = split_ranges(ranges, WORLD * WORKERS)
+    plan = plan_ranges(ranges, WORLD, WORKERS)
+    slots = plan.slots
     stats = ScanStats()
     index = index_ranges(slots, stats=stats)  # one process: every shard
-    cost = read_cost(ranges, WORKERS, WORLD)
+    cost = read_cost(plan)
     assert cost["after"] == cost["held_out"] == SEEK_N and cost["before"] > 2 * SEEK_N
     for p, units in enumerate(slots):
         starts = slot_starts([units], index)
@@ -435,18 +429,20 @@ def test_the_callback_indexes_at_setup_and_says_what_an_evaluation_reads(setup, 
 
 def test_a_ranks_loader_with_workers_reads_its_slots_from_their_first_sample(seek_shards):
     ranges, tokenizer = seek_shards
-    slots = split_ranges(ranges, WORLD * WORKERS)
+    plan = plan_ranges(ranges, WORLD, WORKERS)
+    slots = plan.slots
     index = index_ranges(slots)
-    cost = read_cost(ranges, WORKERS, WORLD)
+    cost = read_cost(plan)
+    process, collate = HeldOutProcessor(28, 16), HeldOutCollator(tokenizer)
     for rank in (1, 3):
-        loader = held_out_loader(ranges, tokenizer, 28, 16, 2, WORKERS, rank, WORLD, index)
+        loader = every_sample_loader(plan, process, collate, 2, rank, index)
         got = list(loader)
         mine = slots[rank * WORKERS : (rank + 1) * WORKERS]
         assert sum(b["read"] for b in got) == sum(cost["per_slot_after"][rank * WORKERS : (rank + 1) * WORKERS])
         assert sum(b["image"].shape[0] + b["skipped"] for b in got) == sum(e - f for u in mine for _, f, e in u)
         # Without an index it indexes its own slots: the same batches.
-        again = list(held_out_loader(ranges, tokenizer, 28, 16, 2, WORKERS, rank, WORLD))
-        assert [b["read"] for b in again] == [b["read"] for b in got]
+        again = list(every_sample_loader(plan, process, collate, 2, rank))
+        assert [int(b["read"]) for b in again] == [int(b["read"]) for b in got]
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, got))
 
 
@@ -457,7 +453,7 @@ def test_read_cost_at_the_recipes_scale(shards, workers):
     evaluation reads exactly the set; from each shard's start every slot read half a shard on average (to
     the end of its range: (slots per shard + 1) / 2 times the set)."""
     ranges = [(f"/held_out/{i:05d}.tar", 0, 10_000 // shards) for i in range(shards)]
-    cost = read_cost(ranges, workers, 256)
+    cost = read_cost(plan_ranges(ranges, 256, workers))
     slots = 256 * max(1, workers)
     assert cost["slots"] == slots and cost["after"] == cost["held_out"] == 10_000 and cost["after_ratio"] == 1.0
     assert cost["before_ratio"] == pytest.approx((slots / shards + 1) / 2, rel=0.01)

@@ -18,7 +18,7 @@ Image-caption batches for alignment, through the pre-training pipeline (shard li
 Training streams shards in resampled mode (infinite; `trainer.max_steps` ends the run) and resumes
 exactly at the batch a checkpoint was taken after, as pre-training does. Held-out
 evaluation reads every sample exactly once, in order, including the last partial batch, through the
-evaluation reader probes use too (aimv2.data.every_sample).
+evaluation reader probes and pre-training's validation use too (aimv2.data.every_sample).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from aimv2.compress.config import (
 )
 from aimv2.compress.vlm import build_attachment
 from aimv2.config import as_section
-from aimv2.data.every_sample import every_sample_loader
+from aimv2.data.every_sample import every_sample_loader, plan_whole_shards
 from aimv2.data.samples import ImageCaptionCollator, ImageCaptionProcessor, eval_transform
 from aimv2.data.shardlist import check_first_shard, resolve_shards
 from aimv2.data.stream import ShardStream, StreamSource
@@ -200,8 +200,10 @@ class AlignmentDataModule(StreamDataModule):
 
 def held_out_loader(spec: str, key: str, tokenizer: CaptionTokenizer, preprocessing, batch_size: int,
                     num_workers: int) -> DataLoader:
-    """Every held-out sample once, in order (aimv2.data.every_sample), with the eval preprocessing."""
+    """Every held-out sample once, in order (aimv2.data.every_sample: whole shards over `num_workers`
+    workers), with the eval preprocessing."""
     if not spec:
         raise UserError(f"{key}: no held-out shards given (e.g. {key}='/data/cc_val/{{00000..00003}}.tar')")
     shards = resolve_shards(spec, key, need_counts=False)
-    return every_sample_loader(shards, processor(preprocessing), ImageCaptionCollator(tokenizer), batch_size, num_workers)
+    return every_sample_loader(plan_whole_shards(shards, 1, num_workers), processor(preprocessing),
+                               ImageCaptionCollator(tokenizer), batch_size)

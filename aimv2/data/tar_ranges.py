@@ -1,14 +1,14 @@
-"""Reading ranges of tar shards from their first sample, not from the shard's start: at a recipe's scale a
-held-out set of 10,000 samples split over 2,048 reader slots would otherwise read each shard from its start
-up to every slot's range, hundreds of times the set per evaluation.
+"""Reading ranges of tar shards from their first sample, not from the shard's start: the byte-level access
+under the evaluation reader (aimv2.data.every_sample), whose slots read ranges that mostly start inside a
+shard; read from each shard's start, every slot would pass over the samples before its range too.
 
 Where a sample starts (the byte offset of its first member's header) is found by walking only the member
-headers (`sample_starts`: tarfile on an unbuffered file seeks past the data, about 512 bytes read per
-member), once per run, each shard by one rank (`index_ranges`). A tar stream starting at a header is a tar
-stream: webdataset's own iteration and key grouping read it, so every sample is the one a read from the
-shard's start gives (keys, `__url__`, fields). Remote shards (pipe:, http(s), s3, ...) cannot seek: they
-are read from their start, as are local shards that cannot be indexed (compressed, truncated before a
-range, a global pax header, or a sample key that comes back after another key), said once.
+headers (`sample_starts`: tarfile on an unbuffered file seeks past the data, so it reads a header's 512
+bytes per member), once per run, each shard by one rank (`index_ranges`). A tar stream starting at a header
+is a tar stream: webdataset's own iteration and key grouping read it, so every sample is the one a read
+from the shard's start gives (keys, `__url__`, fields). Remote shards (pipe:, http(s), s3, ...) cannot
+seek: they are read from their start, as are local shards that cannot be indexed (compressed, truncated
+before a range, a global pax header, or a sample key that comes back after another key), said once.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 import tarfile
 from contextlib import closing
 from dataclasses import dataclass
+from itertools import count
 from typing import Iterable, Iterator, Mapping, Optional
 
 import webdataset as wds
@@ -26,7 +27,7 @@ import webdataset as wds
 from aimv2.data.shardlist import REMOTE_PREFIXES
 
 log = logging.getLogger(__name__)
-Range = tuple[str, int, int]  # (shard url, first sample, end sample): samples first..end-1 of the shard
+Range = tuple[str, int, int | None]  # (shard url, first sample, end): samples first..end-1; end None: to its end
 Start = tuple[int, str]  # where a sample starts in its shard: (byte offset of its first member's header, its key)
 Index = dict[str, dict[int, Start]]  # shard url -> {sample number: its start}
 
@@ -194,7 +195,8 @@ def read_ranges(units: list[Range], starts: Mapping[tuple[str, int], Start]) -> 
                 if head is not None and head["__key__"] == start[1]:
                     head["__index__"] = first
                     yield 1, head
-                    for j, sample in zip(range(first + 1, end), samples):  # zip stops before reading past end
+                    rest = count(first + 1) if end is None else range(first + 1, end)
+                    for j, sample in zip(rest, samples):  # zip stops before reading past end
                         sample["__index__"] = j
                         yield 1, sample
                     continue
@@ -207,5 +209,5 @@ def read_ranges(units: list[Range], starts: Mapping[tuple[str, int], Start]) -> 
                     sample["__index__"] = j
                     yield passed, sample
                     passed = 0
-                if j + 1 >= end:
+                if end is not None and j + 1 >= end:
                     break  # the rest of the shard belongs to other slots

@@ -6,7 +6,8 @@ data worker forked from that server starts with.
   the job, and a worker (or the server) ended by one would take the run down without its checkpoint.
   Workers still end with their rank: torch's worker loop watches its parent.
 - SIGUSR2 prints every thread's stack, as in the ranks (aimv2.cli).
-- torch and the stream modules are imported once here, so a worker starts in milliseconds.
+- torch, the training stream and the evaluation reader (with its tar access, aimv2.data.tar_ranges) are
+  imported once here, so a worker starts in milliseconds.
 """
 
 import faulthandler

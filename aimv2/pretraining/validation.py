@@ -28,12 +28,15 @@ in every later row. A row is written when the next batch starts (after Lightning
 step, so `TrimMetricsOnResume` still restores a missing training row), at the end of training, or on an
 exception; a checkpoint taken in between carries it and a resumed run writes it if the file lacks it.
 
-Reading. The set is cut into world x val.num_workers slots of contiguous sample ranges; a slot reads a range
-of a local shard from its first sample, not from the shard's start (aimv2.data.tar_ranges): where each range
+Reading. Through the evaluation reader (aimv2.data.every_sample): the set, as sample ranges, is cut into
+world x max(1, val.num_workers) slots of contiguous ranges (`plan_ranges`), each sample read exactly once; a
+slot reads a range of a local shard from its first sample, not from the shard's start: where each range
 starts is found once per run at setup from the member headers, each shard by one rank, and shared with one
-all-gather; the samples, and so the values, are those a read from the shard's start gives. `read_cost` gives
-the tar samples an evaluation passes over (the held-out set itself; from each shard's start it was 32x to
-1024x the set at 256 ranks); each batch carries its own count ("read").
+all-gather; the samples, and so the values, are those a read from the shard's start gives. A batch is
+`val.batch_size` samples of a slot in tar order, less the corrupt ones (`HeldOutProcessor` gives a sample's
+image, caption and prefix length, `HeldOutCollator` the batch). `read_cost` gives the tar samples an
+evaluation passes over (the held-out set itself; benchmarks/results/scale.md compares reading each shard from
+its start); each batch carries its own count ("read").
 
 Side effects: none on training. Torch's, Python's and NumPy's random states are restored afterwards
 (a DataLoader draws its base seed from torch's), the training stream and its checkpointed position are
@@ -55,33 +58,22 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from aimv2.checkpoints import schema
 from aimv2.config.schema import ModelConfig, ValConfig
+from aimv2.data.every_sample import ReadPlan, every_sample_loader, first_samples, plan_ranges, read_cost
 from aimv2.data.readers import stable_seed
-from aimv2.data.samples import CorruptSample, ImageCaptionCollator, ImageCaptionProcessor, eval_transform
-from aimv2.data.shardlist import resolve_shards
-from aimv2.data.tar_ranges import (
-    Index,
-    Range,
-    ScanStats,
-    Start,
-    index_ranges,
-    is_remote,
-    needed_starts,
-    read_ranges,
-    slot_starts,
-)
+from aimv2.data.samples import ImageCaptionCollator, ImageCaptionProcessor, eval_transform
+from aimv2.data.tar_ranges import Index, ScanStats, index_ranges, is_remote
 from aimv2.data.tokenizer import CaptionTokenizer
-from aimv2.data.workers import ignore_stop_signals, worker_context
 from aimv2.errors import UserError
 from aimv2.models.masks import sample_prefix_lengths
 from aimv2.models.sizes import get_size, training_flops_per_sample
@@ -101,122 +93,27 @@ def prefix_length(shard_url: str, key: str, num_patches: int) -> int:
     return int(sample_prefix_lengths(1, num_patches, generator=torch.Generator().manual_seed(seed))[0])
 
 
-def plan_held_out(urls: str, max_samples: int, key: str = KEY) -> list[Range]:
-    """The held-out set as sample ranges: the first `max_samples` (0: all) of the shards, in listed order.
-    Resolves the shards now, so a missing one is reported before any model is built."""
-    ranges, total = [], 0
-    for shard in resolve_shards(urls, key, need_counts=True):  # manifests, else stats files, else tar listings
-        count = shard.count
-        take = count if not max_samples else min(count, max_samples - total)
-        if take > 0:
-            ranges.append((shard.url, 0, take))
-            total += take
-        if max_samples and total >= max_samples:
-            break
-    if not total:
-        raise UserError(f"{key}: no samples in {urls!r}")
-    return ranges
+class HeldOutProcessor:
+    """A raw held-out sample -> ((image (3, H, W) normalized, caption), its prefix length); CorruptSample
+    when unusable."""
+
+    def __init__(self, img_size: int, num_patches: int):
+        self.process, self.num_patches = ImageCaptionProcessor(eval_transform(img_size)), num_patches
+
+    def __call__(self, sample: dict) -> tuple[tuple[torch.Tensor, str], int]:
+        return self.process(sample), prefix_length(sample["__url__"], sample["__key__"], self.num_patches)
 
 
-def split_ranges(ranges: list[Range], parts: int) -> list[list[Range]]:
-    """The concatenated ranges cut into `parts` contiguous pieces of near-equal size (earlier pieces one
-    larger), as ranges: part p holds samples [p*n//parts, (p+1)*n//parts) of the whole."""
-    total = sum(end - first for _, first, end in ranges)
-    bounds = [p * total // parts for p in range(parts + 1)]
-    out: list[list[Range]] = [[] for _ in range(parts)]
-    offset = 0
-    for url, first, end in ranges:
-        for p in range(parts):
-            lo, hi = max(bounds[p], offset), min(bounds[p + 1], offset + end - first)
-            if lo < hi:
-                out[p].append((url, first + lo - offset, first + hi - offset))
-        offset += end - first
-    return out
+class HeldOutCollator:
+    """Processed samples -> {"image" (B, 3, H, W), "tokens", "token_mask", "token_index", "prefix" (B,)}."""
 
-
-def rank_slots(ranges: list[Range], num_workers: int, rank: int, world: int) -> list[list[Range]]:
-    """Rank `rank`'s part of the set, one list of ranges per loader worker (one without workers)."""
-    workers = max(1, num_workers)
-    return split_ranges(ranges, world * workers)[rank * workers:(rank + 1) * workers]
-
-
-def read_cost(ranges: list[Range], num_workers: int, world: int) -> dict:
-    """The tar samples one evaluation of `ranges` passes over, over all world x max(1, num_workers) slots
-    (pure: reads no file; remote shards known by their url). "before": each slot reading its shards from
-    their start; "after": `read_ranges` given the index (a local shard's range from its first sample, a
-    remote one's from the shard's start); "per_slot_before"/"per_slot_after": slot by slot (slot p is worker
-    p % workers of rank p // workers); "held_out": the set's size, the "*_ratio"s are relative to it.
-    "scan_shards"/"scan_samples": the shards indexed once per run and the samples whose member headers
-    that walks, in all (it also reads the first header of the last sample wanted, per shard)."""
-    slots = split_ranges(ranges, world * max(1, num_workers))
-    before = [sum(end for _, _, end in units) for units in slots]
-    after = [sum(end - (0 if is_remote(url) else first) for url, first, end in units) for units in slots]
-    held_out = sum(end - first for _, first, end in ranges)
-    needed = needed_starts(slots)
-    return {"held_out": held_out, "slots": len(slots), "before": sum(before), "after": sum(after),
-            "before_ratio": sum(before) / max(1, held_out), "after_ratio": sum(after) / max(1, held_out),
-            "per_slot_before": before, "per_slot_after": after,
-            "scan_shards": len(needed), "scan_samples": sum(firsts[-1] for firsts in needed.values())}
-
-
-class HeldOutSamples(IterableDataset):
-    """One rank's part of the held-out set, `slots[w]` read by worker w (`read_ranges`; `starts`: where its
-    ranges start, none: every shard from its start), as batches of every `batch_size` raw samples (fewer
-    images when some are corrupt, possibly none): {"image" (B, 3, H, W) normalized, "tokens", "token_mask",
-    "token_index", "prefix" (B,), "skipped", "read" (the tar samples passed over for the batch)}."""
-
-    def __init__(self, slots: list[list[Range]], tokenizer: CaptionTokenizer, img_size: int, num_patches: int,
-                 batch_size: int, starts: Optional[Mapping[tuple[str, int], Start]] = None):
-        super().__init__()
-        self.slots, self.batch_size, self.num_patches = slots, batch_size, num_patches
-        self.starts = dict(starts or {})
-        self.process = ImageCaptionProcessor(eval_transform(img_size))
+    def __init__(self, tokenizer: CaptionTokenizer):
         self.collate = ImageCaptionCollator(tokenizer)
 
-    @staticmethod
-    def num_batches(slots: list[list[Range]], batch_size: int) -> int:
-        return sum(math.ceil(sum(e - f for _, f, e in units) / batch_size) for units in slots)
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        units = self.slots[info.id if info is not None else 0]
-        items, prefixes, raw, skipped, read = [], [], 0, 0, 0
-        for passed, sample in read_ranges(units, self.starts):
-            raw += 1
-            read += passed
-            try:
-                items.append(self.process(sample))
-                prefixes.append(prefix_length(sample["__url__"], sample["__key__"], self.num_patches))
-            except CorruptSample as err:
-                log.warning("held-out set: skipping sample: %s", err)
-                skipped += 1
-            if raw == self.batch_size:
-                yield self._batch(items, prefixes, skipped, read)
-                items, prefixes, raw, skipped, read = [], [], 0, 0, 0
-        if raw:
-            yield self._batch(items, prefixes, skipped, read)
-
-    def _batch(self, items: list, prefixes: list[int], skipped: int, read: int) -> dict:
-        batch = self.collate(items)
-        batch["prefix"] = torch.tensor(prefixes, dtype=torch.long)
-        batch["skipped"] = skipped
-        batch["read"] = read
+    def __call__(self, items: list[tuple[tuple[torch.Tensor, str], int]]) -> dict:
+        batch = self.collate([item for item, _ in items])
+        batch["prefix"] = torch.tensor([prefix for _, prefix in items], dtype=torch.long)
         return batch
-
-
-def held_out_loader(ranges: list[Range], tokenizer: CaptionTokenizer, img_size: int, num_patches: int,
-                    batch_size: int, num_workers: int, rank: int = 0, world: int = 1,
-                    index: Optional[Index] = None) -> DataLoader:
-    """A finite loader of rank `rank`'s part; a fresh pass each time it is iterated. `index`: where ranges
-    start (`index_held_out` over all ranks' slots); None: this rank indexes its own slots now."""
-    slots = rank_slots(ranges, num_workers, rank, world)
-    if index is None:
-        index = index_ranges(slots)
-    dataset = HeldOutSamples(slots, tokenizer, img_size, num_patches, batch_size, slot_starts(slots, index))
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      multiprocessing_context=worker_context(num_workers, dataset),
-                      worker_init_fn=ignore_stop_signals if num_workers else None,
-                      generator=torch.Generator())  # its base seed is drawn from here, not torch's global RNG
 
 
 # -- the callback ------------------------------------------------------------------------------
@@ -262,7 +159,7 @@ class HeldOutLoss(Callback):
         self.batch_size = cfg.batch_size or batch_size
         self.spec = get_size(model.size)
         self.num_patches = (model.img_size // self.spec.patch_size) ** 2
-        self.ranges = plan_held_out(cfg.urls, cfg.max_samples)  # a missing shard fails here, at start-up
+        self.ranges = first_samples(cfg.urls, cfg.max_samples, KEY)  # a missing shard fails here, at start-up
         self.loader: Optional[DataLoader] = None
         self.max_batches = 0  # forward passes per rank and evaluation (the most any rank has)
         self.samples_read = 0  # tar samples this rank passed over in its last evaluation
@@ -285,21 +182,19 @@ class HeldOutLoss(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Indexes where the slots' ranges start (each shard by one rank, shared by one all-gather: every
         rank is here) and builds this rank's loader."""
-        rank, world, workers = trainer.global_rank, trainer.world_size, self.cfg.num_workers
-        slots = split_ranges(self.ranges, world * max(1, workers))
+        rank, world = trainer.global_rank, trainer.world_size
+        plan = plan_ranges(self.ranges, world, self.cfg.num_workers)
         stats, start = ScanStats(), time.perf_counter()
-        parts = _all_gather_objects((index_ranges(slots, rank, world, stats), stats), trainer)
+        parts = _all_gather_objects((index_ranges(plan.slots, rank, world, stats), stats), trainer)
         index = {url: starts for part, _ in parts for url, starts in part.items()}
-        self.loader = held_out_loader(self.ranges, self.tokenizer, self.img_size, self.num_patches, self.batch_size,
-                                      workers, rank, world, index)
-        self.max_batches = max(HeldOutSamples.num_batches(rank_slots(self.ranges, workers, r, world),
-                                                          self.batch_size) for r in range(world))
+        self.loader = every_sample_loader(plan, HeldOutProcessor(self.img_size, self.num_patches),
+                                          HeldOutCollator(self.tokenizer), self.batch_size, rank, index)
+        self.max_batches = max(plan.num_batches(r, self.batch_size) for r in range(world))
         if rank == 0:
-            self._log_reading(slots, workers, world, index, [s for _, s in parts], time.perf_counter() - start)
+            self._log_reading(plan, index, [s for _, s in parts], time.perf_counter() - start)
 
-    def _log_reading(self, slots: list[list[Range]], workers: int, world: int, index: Index,
-                     scans: list[ScanStats], seconds: float) -> None:
-        cost = read_cost(self.ranges, workers, world)
+    def _log_reading(self, plan: ReadPlan, index: Index, scans: list[ScanStats], seconds: float) -> None:
+        cost, slots = read_cost(plan), plan.slots
         log.info("held-out set: %d samples in %d shards over %d slots; an evaluation reads %d tar samples (%.2fx "
                  "the set; %.2fx reading each shard from its start); indexed %d shards at setup: %d headers, "
                  "%.1f MB, %.1f s", cost["held_out"], len(self.ranges), cost["slots"], cost["after"],
@@ -487,5 +382,4 @@ def validation_callbacks(cfg: ValConfig, model: ModelConfig, batch_size: int,
     return [HeldOutLoss(cfg, model, batch_size, tokenizer)]
 
 
-__all__ = ["METRICS", "HeldOutLoss", "HeldOutSamples", "held_out_loader", "plan_held_out", "prefix_length",
-           "rank_slots", "read_cost", "split_ranges", "validation_callbacks"]
+__all__ = ["METRICS", "HeldOutCollator", "HeldOutLoss", "HeldOutProcessor", "prefix_length", "validation_callbacks"]

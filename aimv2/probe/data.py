@@ -2,7 +2,8 @@
 shards written by `aimv2 shards classes` (<key>.jpg + <key>.cls, classes.json beside the tars).
 
 Two readers per split: `eval_batches` (every sample exactly once, split across ranks and workers,
-unaugmented: feature extraction and validation; shards through aimv2.data.every_sample) and `train_batches` (augmented training: shards go
+unaugmented: feature extraction and validation; shards through the evaluation reader,
+aimv2.data.every_sample, whole shards per slot) and `train_batches` (augmented training: shards go
 through the project's `ShardStream` in epoch mode, so every rank runs the same number of steps).
 Corrupt images are skipped and counted: each batch carries how many it skipped.
 """
@@ -21,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from aimv2.data.every_sample import every_sample_loader
+from aimv2.data.every_sample import every_sample_loader, plan_whole_shards
 from aimv2.data.native import native_grid
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, decode_image
 from aimv2.data.shardlist import ShardInfo, resolve_shards
@@ -197,7 +198,7 @@ def eval_batches(split: Split, transform: Callable, batch_size: int, num_workers
         return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                           multiprocessing_context=worker_context(num_workers, dataset))
     process = _ShardProcessor(transform, len(split.classes), split.label_map)
-    return every_sample_loader(split.shards, process, collate, batch_size, num_workers, rank, world)
+    return every_sample_loader(plan_whole_shards(split.shards, world, num_workers), process, collate, batch_size, rank)
 
 
 class _FolderEpochs(DataLoader):
