@@ -10,6 +10,8 @@ import pytest
 from slurm_cluster import SlurmCluster, ensure_slurm_installed
 from slurm_jobs import assert_resumed_exactly, preempt_and_finish, submit
 
+pytestmark = pytest.mark.slow  # a SLURM cluster and a requeued 2-rank DDP job: about 100 s
+
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -280,6 +280,7 @@ def test_the_set_is_capped_and_split_without_overlap(setup):
     assert flat == [(url, i) for url, f, e in ranges for i in range(f, e)]  # contiguous, in order, each once
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_score_disjoint_halves_and_sum_them(setup, tmp_path):
     """2 CPU ranks (gloo), through the CLI: each rank scores its part of the 10 held-out samples (5 and 5,
     batches of 2), the sums are all-reduced: the logged loss is the single-process loss of the same
