@@ -53,11 +53,11 @@ class CompressorSection:
 class LMSection:
     path: str = ""  # a local Hugging Face model directory (AutoModelForCausalLM, local_files_only); "" = random init below
     arch: str = "llama"  # random init: llama | qwen2
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 128
-    max_positions: int = 512
+    hidden_size: int = 64  # random init: the LM's width
+    num_layers: int = 2  # random init: decoder layers
+    num_heads: int = 4  # random init: attention heads (as many key-value heads); must divide hidden_size
+    intermediate_size: int = 128  # random init: the MLP's hidden width
+    max_positions: int = 512  # random init: the LM config's max_position_embeddings (longest sequence)
     init_std: float = 0.02  # random init: weight std (HF's default 0.02 leaves a frozen tiny LM's outputs near uniform)
     seed: int = 0  # seeds the random init (the weights are also stored in checkpoints and bundles)
     dtype: str = "float32"  # float32 on CPUs; bfloat16 on GPUs
@@ -87,9 +87,9 @@ class CompressDataSection:
     train: str = ""  # required to train: image-caption shards (brace pattern, '::' joins several), e.g. /data/cc/{00000..00099}.tar
     val: str = ""  # held-out image-caption shards for `aimv2 compress evaluate`
     batch_size: int = 16  # per device
-    num_workers: int = 2
-    shuffle_buffer: int = 500
-    seed: int = 0
+    num_workers: int = 2  # data-loading worker processes per device; 0 = load in the training process
+    shuffle_buffer: int = 500  # samples; 0 disables
+    seed: int = 0  # the training stream's randomness: shard draws and shuffle
 
     def validate(self) -> None:
         check(self.batch_size > 0, "batch_size", "must be > 0")
@@ -99,11 +99,11 @@ class CompressDataSection:
 @dataclass
 class CompressOptimSection:
     lr: float = 1e-3  # LLaVA stage 1: 1e-3 for the projector
-    min_lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    min_lr: float = 1e-5  # the cosine decay's floor, reached at the run's last optimizer step
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's [beta1, beta2]
+    eps: float = 1e-8  # AdamW's epsilon (added to the root of the second moment)
     weight_decay: float = 0.0  # fully decoupled, as in pre-training: weights shrink by this x lr_t / lr per step
-    warmup_steps: int = 30
+    warmup_steps: int = 30  # optimizer steps of linear warmup to lr, then cosine to min_lr
     grad_clip: float = 1.0  # 0 disables
     lm_lr_scale: float = 0.125  # stage 2: the LLM's lr = lr * this (AIMv2's VLM: connector lr 8x the LLM's)
 
@@ -114,15 +114,15 @@ class CompressOptimSection:
 
 @dataclass
 class CompressConfig:
-    run_dir: str = "runs/compress"
+    run_dir: str = "runs/compress"  # the run's directory: config, checkpoints, logs (aimv2.engine.run_dir)
     stage: int = 1  # 1: only the compressor trains (LLaVA alignment); 2: compressor + LLM
-    encoder: EncoderSection = field(default_factory=EncoderSection)
-    compressor: CompressorSection = field(default_factory=CompressorSection)
-    lm: LMSection = field(default_factory=LMSection)
-    text: TextSection = field(default_factory=TextSection)
-    data: CompressDataSection = field(default_factory=CompressDataSection)
-    optim: CompressOptimSection = field(default_factory=CompressOptimSection)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    encoder: EncoderSection = field(default_factory=EncoderSection)  # the frozen vision encoder
+    compressor: CompressorSection = field(default_factory=CompressorSection)  # encoder tokens -> M LLM tokens
+    lm: LMSection = field(default_factory=LMSection)  # the language model: a local directory or a random one
+    text: TextSection = field(default_factory=TextSection)  # the text around the visual tokens, the tokenizer
+    data: CompressDataSection = field(default_factory=CompressDataSection)  # image-caption shards
+    optim: CompressOptimSection = field(default_factory=CompressOptimSection)  # AdamW, warmup-cosine schedule
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # devices, strategy, precision, length, checkpoints
 
     def validate(self) -> None:
         check(self.stage in (1, 2), "stage", f"must be 1 (compressor only) or 2 (compressor + LLM), got {self.stage}")

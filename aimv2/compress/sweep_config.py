@@ -29,8 +29,8 @@ class SweepLM:
 @dataclass
 class SweepEval:
     val: str = ""  # held-out image-caption shards; "" = the compress config's data.val
-    batch_size: int = 32
-    num_workers: int = 2
+    batch_size: int = 32  # held-out samples per evaluation batch
+    num_workers: int = 2  # data-loading worker processes; 0 = load in the evaluating process
     max_batches: int = 0  # stop after this many batches per cell (0 = every held-out sample)
     device: str = "cpu"  # cpu or cuda
 
@@ -44,7 +44,7 @@ class SweepFit:
     text_tokens: list[int] = field(default_factory=lambda: [0, 50])  # Q of the cost 2 N (Q + V)
     budgets: list[float] = field(default_factory=list)  # inference FLOPs per query; [] = spread over the sweep's
     bootstrap: int = 200  # resamples for the parameters' uncertainty
-    seed: int = 0
+    seed: int = 0  # the bootstrap's resampling
 
     def validate(self) -> None:
         check(bool(self.text_tokens) and min(self.text_tokens) >= 0, "text_tokens", "a list of Q >= 0")
@@ -57,10 +57,10 @@ class SweepConfig:
     compress: str = "???"  # the `aimv2 compress train` config every cell starts from
     out: str = "runs/compress/sweep"  # cells/<lm>_m<M>/ (run dirs), results.csv, fit/
     overrides: list[str] = field(default_factory=list)  # key=value applied to every cell (before the LM's)
-    lms: list[SweepLM] = field(default_factory=list)
+    lms: list[SweepLM] = field(default_factory=list)  # the LMs, at least two sizes: one row of cells each.
     tokens: list[int] = field(default_factory=lambda: [1, 4, 16])  # M visual tokens per cell
-    eval: SweepEval = field(default_factory=SweepEval)
-    fit: SweepFit = field(default_factory=SweepFit)
+    eval: SweepEval = field(default_factory=SweepEval)  # each cell's evaluation on held-out captions
+    fit: SweepFit = field(default_factory=SweepFit)  # the scaling-law fit over the cells (docs/scaling-laws.md)
 
     def validate(self) -> None:
         # The law's exponents need two values of each of N and V, and its 4 parameters at least 4 cells.

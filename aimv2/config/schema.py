@@ -37,7 +37,7 @@ class ModelConfig:
 class SourceConfig:
     urls: str = "???"  # brace-expanded shard list, e.g. /data/cc/{00000..00127}.tar ('::' joins lists)
     weight: float = 1.0  # sampling weight in resampled mode
-    name: str = ""
+    name: str = ""  # a label ("" = source0, source1, ...); saved with the data position: renaming it changes the data
 
     def validate(self) -> None:
         check(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
@@ -68,12 +68,12 @@ class NativeDataConfig:
     data.batch_size images in as many rows as they need, so that every rank plans the same number of
     steps from sample counts and each sample is seen once per epoch (tokens per step then vary)."""
 
-    min_patches: int = 112
-    max_patches: int = 1024
+    min_patches: int = 112  # an image of fewer patches is scaled up to at least this many
+    max_patches: int = 1024  # an image of more patches is scaled down to at most this many
     # Rows of max_patches: 3.2% padding on a web-like mix; longer rows pack tighter (4x: 1.8%) but dense
     # masked SDPA (the CPU path) computes every row's full T x T (benchmarks/results/native_packing.md).
     row_tokens: int = 1024
-    rows: int = 16
+    rows: int = 16  # resampled mode: rows per batch per device (a budget of rows x row_tokens tokens)
     window: int = 256  # samples packed together: larger packs tighter and holds more decoded images
 
     def validate(self) -> None:
@@ -106,19 +106,19 @@ class ValConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)  # shard sources; resampled mode mixes them by weight.
     mode: str = "resampled"  # "resampled": infinite, shards drawn with replacement; "epoch": each sample once per epoch
     batch_size: int = 8  # per device
-    num_workers: int = 2
+    num_workers: int = 2  # data-loading worker processes per device; 0 = load in the training process
     shuffle_buffer: int = 1000  # samples; 0 disables
-    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip: float = 0.5
-    seed: int = 0
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # random crop's [min, max] fraction of the area
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random crop's [min, max] width / height
+    hflip: float = 0.5  # probability of a horizontal flip per image
+    seed: int = 0  # the data's randomness: shard order and draws, shuffle, crops, flips, prefix lengths
     # A resume over changed data (a shard renamed, resized, recounted, added or removed; the sources or their
     # weights): "error" stops with the shard named; "restart" starts the epoch afresh on the data as it is now.
     on_change: str = "error"
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # the captions' tokenizer
     native: NativeDataConfig = field(default_factory=NativeDataConfig)  # used when model.native
     val: ValConfig = field(default_factory=ValConfig)  # held-out validation loss; off while val.urls is ""
 
@@ -154,14 +154,14 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak; 0 is allowed (with min_lr 0): nothing moves, neither update nor decay
-    min_lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    min_lr: float = 1e-5  # the cosine decay's floor, reached at the run's last optimizer step
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's [beta1, beta2]
+    eps: float = 1e-8  # AdamW's epsilon (added to the root of the second moment)
     # The paper's lambda, fully decoupled (ml-l3m's AdamLH): every step a decayed weight is multiplied
     # by 1 - weight_decay * lr_t / lr, i.e. torch AdamW with weight_decay / lr (aimv2.engine.optim).
     # Not applied to norms, biases, position embeddings, start token.
     weight_decay: float = 1e-4
-    warmup_steps: int = 12_500
+    warmup_steps: int = 12_500  # optimizer steps of linear warmup from warmup_start_lr to lr, then cosine
     # The lr at step 0, rising linearly to lr at step warmup_steps (ml-l3m's LinearParamScheduler start_value).
     warmup_start_lr: float = 1e-6
     grad_clip: float = 1.0  # 0 disables
@@ -184,9 +184,9 @@ STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "fsdp2")
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: int = 1
+    accelerator: str = "auto"  # Lightning's accelerator: "auto", "cpu", "gpu"
+    devices: Any = "auto"  # processes (devices) per node: a count, a list of device indices, or "auto" (all)
+    num_nodes: int = 1  # machines; the run has num_nodes x devices processes
     strategy: str = "auto"  # auto | ddp | fsdp | deepspeed | fsdp2; presets in configs/strategy/ (aimv2.engine.strategy)
     zero_stage: int = 2  # deepspeed: ZeRO stage 2 (optimizer + gradients sharded) or 3 (+ parameters)
     offload: bool = False  # deepspeed: optimizer states (stage 3: and parameters) in CPU memory; fsdp: parameters
@@ -194,17 +194,17 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1  # batches per optimizer step
     compile: bool = False  # torch.compile every transformer block
     precision: str = "32-true"  # bf16-mixed on GPUs; keep fp32 on CPUs
-    max_steps: int = -1
-    max_epochs: Optional[int] = None
-    log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 1000
+    max_steps: int = -1  # optimizer steps to train (also the LR schedule's length); -1: none (epoch mode only)
+    max_epochs: Optional[int] = None  # epoch mode: passes over the data; unset: until max_steps
+    log_every_n_steps: int = 10  # optimizer steps between logged metric rows (metrics.csv, TensorBoard)
+    checkpoint_every_n_steps: int = 1000  # optimizer steps between step=N checkpoints (last.ckpt with each)
     keep_checkpoints: int = 3  # newest step=N checkpoints kept (plus last.ckpt); -1 keeps all
     max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (each skipped) before stopping
-    seed: int = 0
+    seed: int = 0  # global seed (seed_everything): weight initialization; the data's randomness is data.seed
     resume: Optional[str] = None  # checkpoint path, "auto" (newest intact in run_dir), "none"; unset: auto under SLURM
     overwrite: bool = False  # start afresh in a run_dir that holds another run, deleting its checkpoints and logs
     log_samples: bool = False  # write the keys of every consumed sample to RUN/logs/samples/rank*.tsv
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar on a terminal, else progress lines (docs/monitoring.md); false: none
 
     def validate(self) -> None:
         """Every job that trains through aimv2.engine (pre-training, compress) gets these checks."""
@@ -238,13 +238,13 @@ class VisualizeConfig:
 
 @dataclass
 class PretrainConfig:
-    run_dir: str = "runs/pretrain"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+    run_dir: str = "runs/pretrain"  # the run's directory: config, checkpoints, logs, pictures (aimv2.engine.run_dir)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the encoder and decoder
+    data: DataConfig = field(default_factory=DataConfig)  # shards, augmentation, tokenizer, validation set
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # the losses and their weights
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the warmup-cosine schedule
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # devices, strategy, precision, length, checkpoints
+    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)  # prediction grids during training
 
     def validate(self) -> None:
         """What depends on two sections: how the run ends for the data mode."""

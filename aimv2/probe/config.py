@@ -57,12 +57,12 @@ class ProbeHeadConfig:
 
 @dataclass
 class ProbeOptimConfig:
-    lrs: list[float] = field(default_factory=lambda: list(PAPER_LRS))
-    weight_decays: list[float] = field(default_factory=lambda: list(PAPER_WDS))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lrs: list[float] = field(default_factory=lambda: list(PAPER_LRS))  # peak lrs: a head per lr x weight decay x kind
+    weight_decays: list[float] = field(default_factory=lambda: list(PAPER_WDS))  # AdamW weight decays of the grid
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's [beta1, beta2]
     min_lr: float = 1e-5  # cosine floor (a head whose lr is lower stays at its lr)
-    epochs: int = 100
-    warmup_epochs: int = 5
+    epochs: int = 100  # passes of head training over the train split
+    warmup_epochs: int = 5  # epochs of linear warmup to each head's lr, then cosine to min_lr
     grad_clip: float = 3.0  # per head gradient-norm clip; 0 disables
 
     def validate(self) -> None:
@@ -85,14 +85,14 @@ class ProbeConfig:
     # [min, max] patches: probe at native resolution (each image at its own aspect ratio, its grid within
     # the range; a native encoder, model.native, is needed; cached mode). [] = square img_size images.
     native_patches: list[int] = field(default_factory=list)
-    cache_dtype: str = "float32"  # dtype of cached features; float16 halves the file (see the README)
+    cache_dtype: str = "float32"  # dtype of cached features; float16 halves the file (docs/probing.md)
     accelerator: str = "auto"  # auto | cpu | cuda
     devices: int = 1  # processes (torch.distributed; gloo on CPU, nccl on CUDA): extraction in cached mode, training in augmented
-    seed: int = 0
-    progress_bar: bool = True
-    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
-    head: ProbeHeadConfig = field(default_factory=ProbeHeadConfig)
-    optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
+    seed: int = 0  # head initialization, example order, augmentations, the select_fraction hold-out
+    progress_bar: bool = True  # progress of extraction and head training (docs/monitoring.md); false: none
+    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)  # the train, val and selection splits
+    head: ProbeHeadConfig = field(default_factory=ProbeHeadConfig)  # head kinds, feature blocks, pooling heads
+    optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)  # the grid of lrs x weight decays, schedule
 
     def validate(self) -> None:
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
