@@ -74,9 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "indices; run nothing")
     sweep.set_defaults(_compress_run=_run_sweep, _overrides="overrides")
 
-    export = sub.add_parser("export", help="write encoder + compressor (+ LM) + config as one bundle directory")
+    export = sub.add_parser("export", help="write encoder + compressor (+ LM) + config as one bundle directory, "
+                            "or (--format hf) as a transformers LLaVA directory")
     export.add_argument("run", help="a checkpoint or run directory of `aimv2 compress train`")
-    export.add_argument("--out", required=True, help="bundle directory (replaced atomically)")
+    export.add_argument("--format", default="aimv2", metavar="{aimv2,hf}", dest="export_format",
+                        help="aimv2 (default): this package's bundle (aimv2.compress.load_bundle); hf: model, "
+                        "processor and chat template that transformers' AutoModelForImageTextToText loads alone "
+                        "(mlp only)")
+    export.add_argument("--out", required=True, help="output directory (the aimv2 bundle is replaced atomically; "
+                        "hf: must not exist, see --overwrite)")
+    export.add_argument("--overwrite", action="store_true", help="--format hf: replace an existing --out directory")
     export.set_defaults(_compress_run=_run_export)
 
 
@@ -140,6 +147,10 @@ def _run_export(args: argparse.Namespace) -> int:
     from aimv2.compress.evaluate import resolve_checkpoint
     from aimv2.compress.module import load_module
 
+    if args.export_format != "aimv2":
+        from aimv2.compress.hf_export import run_export
+
+        return run_export(args.run, args.out, args.export_format, args.overwrite)
     ckpt = resolve_checkpoint(args.run)
     out = export_bundle(load_module(ckpt), args.out)
     print(f"bundle of {ckpt} written to {out}")
