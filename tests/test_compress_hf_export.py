@@ -191,11 +191,13 @@ def exported(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_the_fresh_process_never_imported_aimv2(exported):
     assert exported["hf"]["aimv2_imported"] is False
     assert {exported["hf"][name]["class"] for name in ("llama", "qwen2")} == {"LlavaForConditionalGeneration"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_processor_gives_the_toolkit_pixels_and_token_layout(exported, name):
     hf, ours = exported["hf"][name], exported["toolkit"][name]
@@ -209,6 +211,7 @@ def test_processor_gives_the_toolkit_pixels_and_token_layout(exported, name):
     assert (vlm.prefix_ids[0].item() == 49406) == (name == "llama")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_logits_and_greedy_tokens_equal_the_toolkit(exported, name):
     hf, ours = exported["hf"][name], exported["toolkit"][name]
@@ -224,6 +227,7 @@ def test_logits_and_greedy_tokens_equal_the_toolkit(exported, name):
     print(f"{name}: greedy tokens equal: {hf['generated'].tolist()}")
 
 
+@pytest.mark.slow
 def test_clip_bpe_rebuilt_for_transformers_gives_open_clip_ids(exported):
     from transformers import AutoTokenizer
 
@@ -245,6 +249,7 @@ def test_clip_bpe_rebuilt_for_transformers_gives_open_clip_ids(exported):
     assert tok("a")["input_ids"][0] == clip.bos_id and ours.prefix_ids[0].item() == clip.bos_id
 
 
+@pytest.mark.slow
 def test_existing_out_is_refused_then_replaced_with_overwrite(exported, capsys):
     out = exported["tmp"] / "taken"
     out.mkdir()
@@ -268,6 +273,7 @@ def test_existing_out_is_refused_then_replaced_with_overwrite(exported, capsys):
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".taken")] == []  # no temporaries
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_naming_the_culprit(exported, capsys):
     tmp = exported["tmp"]
     pool = compress_run(tmp / "pool", tmp / "encoder.ckpt", "compressor.kind=pool", "compressor.num_tokens=4")
@@ -293,6 +299,7 @@ def test_bad_input_is_one_line_naming_the_culprit(exported, capsys):
         assert not out.exists() and not [p for p in tmp.iterdir() if p.name.startswith(".never")]
 
 
+@pytest.mark.slow
 def test_an_interrupted_export_leaves_nothing(exported, monkeypatch):
     from transformers import LlavaProcessor
 
