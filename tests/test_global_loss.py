@@ -10,6 +10,7 @@ import copy
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
@@ -145,6 +146,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-3)) for n in b)
 
 
+@pytest.mark.slow
 def test_two_ranks_of_unequal_batches_give_the_single_process_gradient(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks share the 2 cores
     torch.manual_seed(0)

@@ -4,10 +4,13 @@ checkpoint carries its step's row and the resume puts it back: one row per step,
 
 import csv
 
+import pytest
+
 from aimv2.engine.logs import read_metric
 from test_exact_resume import command, shard_urls, train
 
 
+@pytest.mark.slow
 def test_a_row_lost_after_its_checkpoint_is_restored_on_resume(tmp_path):
     urls = shard_urls(tmp_path / "shards", (12, 12))
     run = tmp_path / "run"
