@@ -41,7 +41,11 @@ def test_write_stamps_the_version_and_refuses_undeclared_fields():
 
 
 def test_version_1_is_upgraded_and_a_newer_version_is_refused():
-    old = {"global_step": 4, "metrics_row": {"step": 3, "metrics": {"train/loss": 1.5}}, "aimv2": {"nonfinite_steps": 0}}
+    old = {
+        "global_step": 4,
+        "metrics_row": {"step": 3, "metrics": {"train/loss": 1.5}},
+        "aimv2": {"nonfinite_steps": 0},
+    }
     assert schema.version_of(old) == 1
     part = schema.read(old, "old.ckpt")
     assert part == {"nonfinite_steps": 0, "metrics_row": {"step": 3, "metrics": {"train/loss": 1.5}}}
@@ -49,8 +53,10 @@ def test_version_1_is_upgraded_and_a_newer_version_is_refused():
     newer = {"aimv2": {"version": 3}}
     with pytest.raises(UserError) as err:
         schema.read(newer, "new.ckpt")
-    assert str(err.value) == ("new.ckpt: checkpoint schema version 3 is newer than this aimv2 reads (version 2); "
-                              "upgrade aimv2 to resume or load it")
+    assert str(err.value) == (
+        "new.ckpt: checkpoint schema version 3 is newer than this aimv2 reads (version 2); "
+        "upgrade aimv2 to resume or load it"
+    )
 
 
 def test_a_real_checkpoint_holds_what_the_schema_declares(trained, capsys):
@@ -76,19 +82,33 @@ def test_newer_checkpoints_are_refused_by_load_and_resume(trained, tmp_path, cap
     checkpoint["aimv2"]["version"] = schema.CHECKPOINT_VERSION + 1
     newer = tmp_path / "newer.ckpt"
     torch.save(checkpoint, newer)
-    with pytest.raises(UserError, match=r"newer.ckpt: checkpoint schema version 3 is newer than this aimv2 reads "
-                                        r"\(version 2\)"):
+    with pytest.raises(
+        UserError,
+        match=r"newer.ckpt: checkpoint schema version 3 is newer than this aimv2 reads "
+        r"\(version 2\)",
+    ):
         load_encoder(newer)
     assert main(["checkpoint", "inspect", str(newer)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "schema version 3" in err[0] and "(version 2)" in err[0]
 
     run = trained.parent.parent
-    assert main(["pretrain", str(run / "config.yaml"), f"run_dir={tmp_path / 'resumed'}", f"trainer.resume={newer}",
-                 "trainer.max_steps=3"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                str(run / "config.yaml"),
+                f"run_dir={tmp_path / 'resumed'}",
+                f"trainer.resume={newer}",
+                "trainer.max_steps=3",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("checkpoint schema version 3 is newer than this aimv2 reads (version 2); "
-                            "upgrade aimv2 to resume or load it"), err[-1]
+    assert err[-1].endswith(
+        "checkpoint schema version 3 is newer than this aimv2 reads (version 2); upgrade aimv2 to resume or load it"
+    ), err[-1]
 
 
 def test_a_version_1_checkpoint_still_resumes(trained, tmp_path):
@@ -101,8 +121,10 @@ def test_a_version_1_checkpoint_still_resumes(trained, tmp_path):
     shutil.copytree(trained.parent.parent, run)
     old = run / "checkpoints" / "last.ckpt"
     torch.save(checkpoint, old)
-    assert main(["pretrain", str(run / "config.yaml"), f"run_dir={run}", f"trainer.resume={old}",
-                 "trainer.max_steps=3"]) == 0
+    assert (
+        main(["pretrain", str(run / "config.yaml"), f"run_dir={run}", f"trainer.resume={old}", "trainer.max_steps=3"])
+        == 0
+    )
     resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert schema.global_step(resumed) == 3 and resumed["aimv2"]["version"] == 2
     assert "metrics_row" not in resumed

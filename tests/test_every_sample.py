@@ -45,7 +45,13 @@ def test_batches_are_every_batch_size_planned_samples_whichever_are_corrupt(tmp_
     shards = resolve_shards(report.urls, "val", need_counts=False)
     batches = list(every_sample_loader(plan_whole_shards(shards), _keys, _collate_keys, 4))
     assert [(len(b["keys"]), int(b["skipped"]), int(b["read"])) for b in batches] == [
-        (4, 0, 4), (3, 1, 4), (4, 0, 4), (4, 0, 4), (4, 0, 4), (1, 2, 3)]
+        (4, 0, 4),
+        (3, 1, 4),
+        (4, 0, 4),
+        (4, 0, 4),
+        (4, 0, 4),
+        (1, 2, 3),
+    ]
 
 
 def test_one_process_reads_in_shard_order_and_collates_image_captions(tmp_path):
