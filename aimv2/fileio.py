@@ -18,6 +18,9 @@ the new one, never half of one.
 
 Hidden names beside a target: `.NAME.tmp` (being written), `.NAME.old` (the version being replaced,
 while a directory is published without an atomic swap), `.NAME.removing` (being deleted).
+
+It also holds the Markdown table writer of every report (`markdown_table`): results, plans, scaling laws,
+ablations, run reports, benchmarks and evaluation scripts build their tables with it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -200,3 +204,31 @@ def fsync_dir(directory: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_ALIGN = {"": "---", "l": ":---", "c": ":---:", "r": "---:"}
+
+
+def markdown_table(header: Sequence, rows: Sequence[Sequence], align: str | Sequence[str] = "") -> str:
+    """A GitHub Markdown table: the header line, the alignment line and one line per row, each `| a | b |`,
+    joined by newlines with none at the end. Cells are `str()` of what is given: callers format their own
+    numbers. A `|` in a cell is escaped (`\\|`) and a line break becomes a space, so no cell ends early or
+    breaks its row. `align`: "" (`---`, the default), "l", "c" or "r" for every column, or one of those per
+    column. A row with another number of cells than the header is a ValueError."""
+    aligns = [align] * len(header) if isinstance(align, str) else list(align)
+    if len(aligns) != len(header) or any(a not in _ALIGN for a in aligns):
+        raise ValueError(f"align: one of {sorted(_ALIGN)} for all {len(header)} columns or for each, got {align!r}")
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} has {len(row)} cells, the header {len(header)}: {list(row)!r}")
+
+    def line(cells: Sequence) -> str:
+        return "| " + " | ".join(_markdown_cell(c) for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "".join(f"{_ALIGN[a]}|" for a in aligns)] + [line(r) for r in rows])
+
+
+def _markdown_cell(value) -> str:
+    """One table cell's text: a `|` escaped, line breaks as spaces (an already escaped `\\|` is kept)."""
+    text = str(value).replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return re.sub(r"(?<!\\)\|", r"\\|", text)

@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from aimv2.data.native import native_grid, pack_batches  # noqa: E402
+from aimv2.fileio import markdown_table  # noqa: E402
 from aimv2.models.masks import (  # noqa: E402
     packed_decoder_block_mask,
     packed_encoder_block_mask,
@@ -247,12 +248,7 @@ def measure(
 
 
 def markdown(results: dict, threads: int) -> list[str]:
-    lines = [
-        "| shape | mask | rows x length | before: peak host memory | before: time | after: peak host memory "
-        "| after: time | memory before / after |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    notes = []
+    rows, notes = [], []
     for name, entry in results.items():
         for mask in ("encoder", "decoder"):
             fig = entry[mask]
@@ -265,13 +261,29 @@ def markdown(results: dict, threads: int) -> list[str]:
                     "by rows x length^2 (linear in rows at a fixed length)."
                 )
             ratio = before["peak_gib"] / max(after["peak_gib"], 1 / 1024)
-            lines.append(
-                f"| {name} | {mask} | {entry['rows']} x {fig['length']} | {before['peak_gib'] * 1024:.0f} MiB"
-                f"{mark} | {before['seconds'] * 1e3:.0f} ms{mark} | {after['peak_gib'] * 1024:.1f} MiB | "
-                f"{after['seconds'] * 1e3:.1f} ms | {'>' if after['peak_gib'] < 1 / 1024 else ''}"
-                f"{ratio:.0f}x |"
+            rows.append(
+                [
+                    name,
+                    mask,
+                    f"{entry['rows']} x {fig['length']}",
+                    f"{before['peak_gib'] * 1024:.0f} MiB{mark}",
+                    f"{before['seconds'] * 1e3:.0f} ms{mark}",
+                    f"{after['peak_gib'] * 1024:.1f} MiB",
+                    f"{after['seconds'] * 1e3:.1f} ms",
+                    f"{'>' if after['peak_gib'] < 1 / 1024 else ''}{ratio:.0f}x",
+                ]
             )
-    lines += [
+    header = [
+        "shape",
+        "mask",
+        "rows x length",
+        "before: peak host memory",
+        "before: time",
+        "after: peak host memory",
+        "after: time",
+        "memory before / after",
+    ]
+    lines = markdown_table(header, rows).split("\n") + [
         "",
         "Peak RSS of one build in a fresh CPU process over that just before it (inputs built, a small "
         f"build done first); time: median build, {threads} torch thread(s). Images of 112..4096 patches, "

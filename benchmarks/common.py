@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from aimv2.fileio import atomic_write
+from aimv2.fileio import atomic_write, markdown_table
 
 RESULTS = Path(os.environ.get("AIMV2_BENCHMARK_RESULTS", Path(__file__).resolve().parent / "results"))
 H200_BF16_PEAK = 989e12  # dense bf16: NVIDIA's H200 datasheet gives 1,979 TFLOP/s with 2:4 sparsity, half dense
@@ -119,6 +119,5 @@ def publish(name: str, data: dict, markdown: list[str]) -> Path:
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
+    """The lines of a Markdown table (aimv2.fileio.markdown_table), to extend a benchmark's Markdown lines."""
+    return markdown_table(header, rows).split("\n")

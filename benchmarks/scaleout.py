@@ -143,6 +143,8 @@ def main() -> None:
         return
     import torch
 
+    from aimv2.fileio import markdown_table
+
     if not torch.cuda.is_available():
         sys.exit("benchmarks/scaleout.py needs CUDA")
     work = Path(tempfile.mkdtemp(prefix="aimv2-scaleout-"))
@@ -189,14 +191,21 @@ def main() -> None:
         "",
         f"`benchmarks/scaleout.py --steps {args.steps} --strategies {' '.join(args.strategies)}`",
         "",
-        "| strategy | peak GiB | samples/s | MFU (989 TFLOP/s) | checkpoint | resumed to step | export ok |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['strategy']} | {r.get('peak_mem_gib', '-')} | {r.get('samples_per_sec', '-')} | "
-        f"{r.get('mfu_vs_989_tflops', '-')} | {r.get('checkpoint', '-')} | "
-        f"{r.get('resumed_to_step', r.get('error', '-')[-120:])} | {r.get('export_ok', '-')} |"
-        for r in rows
+        markdown_table(
+            ["strategy", "peak GiB", "samples/s", "MFU (989 TFLOP/s)", "checkpoint", "resumed to step", "export ok"],
+            [
+                [
+                    r["strategy"],
+                    r.get("peak_mem_gib", "-"),
+                    r.get("samples_per_sec", "-"),
+                    r.get("mfu_vs_989_tflops", "-"),
+                    r.get("checkpoint", "-"),
+                    r.get("resumed_to_step", r.get("error", "-")[-120:]),
+                    r.get("export_ok", "-"),
+                ]
+                for r in rows
+            ],
+        ),
     ]
     (RESULTS / "scaleout.md").write_text("\n".join(lines) + "\n")
 

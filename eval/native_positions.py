@@ -63,6 +63,7 @@ from aimv2.data.samples import decode_image_tensor
 from aimv2.data.tokenizer import build_tokenizer
 from aimv2.data.samples import normalize_images, normalize_patch_pixels
 from aimv2.engine.optim import no_decay_names
+from aimv2.fileio import markdown_table
 from aimv2.models.masks import as_bias, packed_encoder_mask, sample_prefix_lengths
 from aimv2.models.native import SinCosPatchEmbed, encode_packed, patch_kernel
 from aimv2.objective import aimv2_loss
@@ -312,27 +313,23 @@ def report(data: dict, conclusion: str = PLACEHOLDER) -> str:
     res, seeds = data["results"], data["seeds"]
     grids = list(res["sincos"]["grids"])
     cols = [f"{name}, {v}" for _, name, _ in METRICS for v in ("sin-cos", "learned")]
-    table = ["| grid | share of training crops | " + " | ".join(cols) + " |", "|" + "---|" * (2 + len(cols))]
-    paired = [
-        "| grid | "
-        + " | ".join(name for _, name, _ in METRICS)
-        + " | probe gain over init: sin-cos | probe gain over init: learned |",
-        "|" + "---|" * 7,
-    ]
+    table, paired = [], []
     for g in grids:
         s, learned = res["sincos"]["grids"][g], res["learned"]["grids"][g]
         table.append(
-            f"| {g} | {100 * data['training_grid_share'].get(g, 0):.1f}% | "
-            + " | ".join(ms(c[k], d) for k, _, d in METRICS for c in (s, learned))
-            + " |"
+            [g, f"{100 * data['training_grid_share'].get(g, 0):.1f}%"]
+            + [ms(c[k], d) for k, _, d in METRICS for c in (s, learned)]
         )
         diffs = [(np.subtract(s[k], learned[k]), d) for k, _, d in METRICS]
         gains = [ms(np.subtract(c["probe"], c["probe_init"]), 1) for c in (s, learned)]
         paired.append(
-            f"| {g} | "
-            + " | ".join(f"{x.mean():+.{d}f} ({', '.join(f'{v:+.{d}f}' for v in x)})" for x, d in diffs)
-            + f" | {gains[0]} | {gains[1]} |"
+            [g] + [f"{x.mean():+.{d}f} ({', '.join(f'{v:+.{d}f}' for v in x)})" for x, d in diffs] + gains
         )
+    table = markdown_table(["grid", "share of training crops", *cols], table)
+    paired = markdown_table(
+        ["grid", *(name for _, name, _ in METRICS), "probe gain over init: sin-cos", "probe gain over init: learned"],
+        paired,
+    )
     train = "; ".join(
         f"{v}: image {ms(res[v]['train_image'], 3)}, text {ms(res[v]['train_text'], 3)}" for v in VARIANTS
     )
@@ -381,14 +378,14 @@ def report(data: dict, conclusion: str = PLACEHOLDER) -> str:
             "",
             "Mean ± sample std over seeds:",
             "",
-            *table,
+            table,
             "",
             (
                 "Paired by seed (same data, same init but the table): sin-cos minus learned, mean (per seed). "
                 "Negative loss / positive probe differences favour sin-cos:"
             ),
             "",
-            *paired,
+            paired,
             "",
             f"Final training losses (mean of the last 50 steps): {train}.",
             "",

@@ -38,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from aimv2.fileio import markdown_table  # noqa: E402
 from l3m_reference import (  # noqa: E402
     PAD,
     build_l3m,
@@ -273,13 +274,19 @@ def step_parity(args) -> dict:
 
 
 def step_report(r: dict) -> str:
-    def cells(c: dict) -> str:
-        return f"{c['largest_relative']:.1e} (`{c['where']}`) | {c['largest_norm_relative']:.1e} (`{c['norm_where']}`)"
+    def cells(c: dict) -> list[str]:
+        return [f"{c['largest_relative']:.1e} (`{c['where']}`)", f"{c['largest_norm_relative']:.1e} (`{c['norm_where']}`)"]
 
-    rows = [
-        f"| loss, {k} | {v['ours']:.6f} | {v['ml-l3m']:.6f} | {v['relative']:.1e} | |" for k, v in r["losses"].items()
-    ]
     g, lrs, n = r["gradients"], r["lrs"], r["steps"]
+    rows = [[f"loss, {k}", f"{v['ours']:.6f}", f"{v['ml-l3m']:.6f}", f"{v['relative']:.1e}", ""] for k, v in r["losses"].items()]
+    rows += [
+        [f"every gradient, first batch ({g['tensors']} tensors)", "", "", *cells(g)],
+        [f"learning rate at each of the {n} steps", "", "", f"{lrs['largest_relative']:.1e}", ""],
+        [f"every weight after {n} steps", "", "", *cells(r["weights"])],
+        [f"every weight's change over the {n} steps", "", "", *cells(r["updates"])],
+        ["control: ml-l3m against itself with its gradients x (1 + 1e-7 N(0,1)), weights", "", "", *cells(r["control"]["weights"])],
+        ["control, weight changes", "", "", *cells(r["control"]["updates"])],
+    ]
     return "\n".join(
         [
             "# Step parity with ml-l3m",
@@ -292,16 +299,7 @@ def step_report(r: dict) -> str:
             "(`aimv2.checkpoints.convert.l3m_to_module`); each trainer then takes its own "
             f"{n} steps (lr {r['lr']:g}, weight decay {r['weight_decay']:g}, warmup {r['warmup']}, clip 1.0).",
             "",
-            "| quantity | ours | ml-l3m | largest relative difference, elementwise | by norm |",
-            "|---|---|---|---|---|",
-            *rows,
-            f"| every gradient, first batch ({g['tensors']} tensors) | | | {cells(g)} |",
-            f"| learning rate at each of the {n} steps | | | {lrs['largest_relative']:.1e} | |",
-            f"| every weight after {n} steps | | | {cells(r['weights'])} |",
-            f"| every weight's change over the {n} steps | | | {cells(r['updates'])} |",
-            f"| control: ml-l3m against itself with its gradients x (1 + 1e-7 N(0,1)), weights | | | "
-            f"{cells(r['control']['weights'])} |",
-            f"| control, weight changes | | | {cells(r['control']['updates'])} |",
+            markdown_table(["quantity", "ours", "ml-l3m", "largest relative difference, elementwise", "by norm"], rows),
             "",
             "Elementwise: max |ours - theirs| / max |theirs| per tensor; by norm: ||ours - theirs|| / ||theirs||; "
             f"each the largest over tensors. Decayed parameters identical: {r['decayed_sets_equal']} ({r['decayed']} "
@@ -478,11 +476,11 @@ def training_report(r: dict) -> str:
         "`random init` is "
         "our run's step-0 checkpoint.",
         "",
-        "| trainer | " + " | ".join(kinds) + " |",
-        "|---|" + "---|" * len(kinds),
+        markdown_table(
+            ["trainer", *kinds],
+            [[name] + [cell([s[name][k] for s in r["seeds"]]) for k in kinds] for name in ("ours", "ml-l3m", "random init")],
+        ),
     ]
-    for name in ("ours", "ml-l3m", "random init"):
-        lines.append(f"| {name} | " + " | ".join(cell([s[name][k] for s in r["seeds"]]) for k in kinds) + " |")
     lines += [
         "",
         "Training loss (total, mean of the last 50 steps): ours "

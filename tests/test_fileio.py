@@ -11,7 +11,15 @@ import pytest
 
 import aimv2.fileio
 from aimv2.errors import UserError
-from aimv2.fileio import atomic_directory, atomic_file, atomic_write, discard, publish_directory, rename_noreplace
+from aimv2.fileio import (
+    atomic_directory,
+    atomic_file,
+    atomic_write,
+    discard,
+    markdown_table,
+    publish_directory,
+    rename_noreplace,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aimv2"
 
@@ -125,3 +133,25 @@ def test_a_discarded_directory_leaves_its_name_before_it_is_deleted(tmp_path, mo
     (tmp_path / "file.ckpt").write_text("x")
     discard(tmp_path / "file.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_markdown_table_escapes_pipes_and_line_breaks_and_checks_its_rows():
+    assert markdown_table(["a", "b"], [[1, 2.5], ["x|y", ""], ["two\nlines", "kept \\| escape"]]) == (
+        "| a | b |\n|---|---|\n| 1 | 2.5 |\n| x\\|y |  |\n| two lines | kept \\| escape |"
+    )
+    assert markdown_table(["n", "name"], [], align=["r", "l"]) == "| n | name |\n|---:|:---|"
+    assert markdown_table(["n"], [], align="c").endswith("|:---:|")
+    with pytest.raises(ValueError, match="row 0 has 1 cells, the header 2"):
+        markdown_table(["a", "b"], [["only"]])
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(["a", "b"], [], align=["r"])
+
+
+def test_every_markdown_table_is_built_by_the_one_helper():
+    """No code writes a table's separator line by hand (tables in docstrings aside): reports call
+    aimv2.fileio.markdown_table."""
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *(root / "benchmarks").glob("*.py"), *(root / "eval").glob("*.py")]
+    by_hand = [f"{f.relative_to(root)}:{i}" for f in files if f.name != "fileio.py"
+               for i, line in enumerate(f.read_text().splitlines(), 1) if re.search(r"[\"']\|-{3}|-{3}\|?[\"']", line)]
+    assert not by_hand, f"Markdown tables built by hand (use aimv2.fileio.markdown_table): {by_hand}"

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from aimv2.ablation.plan import DESCRIPTIONS, PROBE_DEFAULTS, VARIANTS, AblationPlan
-from aimv2.fileio import atomic_write
+from aimv2.fileio import atomic_write, markdown_table
 
 
 def machine_info() -> dict:
@@ -142,13 +142,10 @@ def selection_lines(summary: dict) -> list[str]:
             for variant, cells in by_variant.items() if key in cells]
     if not rows:
         return []
-    lines = ["## choosing heads on val instead", "",
-             "| probe | variant | mean over tasks (chosen on select, reported) | chosen on val | difference |",
-             "|---|---|---|---|---|"]
-    for kind, variant, cells in rows:
-        reported, biased = cells["mean over tasks"], cells[key]
-        lines.append(f"| {kind} | {variant} | {_cell(reported)} | {_cell(biased)} | "
-                     f"{biased['mean'] - reported['mean']:+.1f} |")
+    header = ["probe", "variant", "mean over tasks (chosen on select, reported)", "chosen on val", "difference"]
+    table = [[kind, variant, _cell(cells["mean over tasks"]), _cell(cells[key]),
+              f"{cells[key]['mean'] - cells['mean over tasks']['mean']:+.1f}"] for kind, variant, cells in rows]
+    lines = ["## choosing heads on val instead", "", markdown_table(header, table)]
     lines += ["", "Chosen on val: the val top-1 of the head with the best val top-1, the same heads (trained on the "
               "same part of train); by construction at least the reported one.", ""]
     return lines
@@ -162,11 +159,10 @@ def loss_lines(summary: dict) -> list[str]:
     runs = summary.get("pretrain_runs") or []
     train_steps = sorted({tuple(r["train_steps"]) for r in runs if "train_steps" in r})
     val_steps = sorted({r["val_step"] for r in runs if "val_step" in r})
+    table = [[variant] + [_loss_cell(entry.get(split, {}).get(term)) for split in ("train", "val")
+                          for term in ("image", "caption")] for variant, entry in losses.items()]
     lines = ["## pre-training losses", "",
-             "| variant | train image | train caption | val image | val caption |", "|---|---|---|---|---|"]
-    for variant, entry in losses.items():
-        cells = [_loss_cell(entry.get(split, {}).get(term)) for split in ("train", "val") for term in ("image", "caption")]
-        lines.append("| " + " | ".join([variant, *cells]) + " |")
+             markdown_table(["variant", "train image", "train caption", "val image", "val caption"], table)]
     window = ", ".join(f"steps {a}-{b}" for a, b in train_steps) or "none logged"
     lines += ["", f"Train: mean over the last 10% of logged steps ({window}) of each term (image: next-patch L2 on "
               "normalized pixels, non-prefix patches; caption: nats per token). Val: the held-out validation loss "
@@ -184,8 +180,8 @@ def _short(path: str | None) -> str:
     return "/".join(parts[parts.index("configs"):]) if "configs" in parts else str(path)
 
 
-def markdown(summary: dict) -> str:
-    """One table per head kind: variants as rows, tasks as columns, mean ± std over seeds."""
+def ablation_markdown(summary: dict) -> str:
+    """ablation.md: one table per head kind: variants as rows, tasks as columns, mean ± std over seeds."""
     tasks = summary["tasks"]
     m = summary["machine"]
     head = ["variant"] + [t["name"] + (" (named)" if t["named"] else " (unnamed)" if t["named"] is False else "")
@@ -199,12 +195,10 @@ def markdown(summary: dict) -> str:
              + (f", {m['gpu']}" if m["gpu"] else "")
              + f"; torch {m['torch']}; {m['date']}.", ""]
     for kind, by_variant in summary["summary"].items():
-        lines += [f"## {kind} probe", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for variant, cells in by_variant.items():
-            row = [variant] + [_cell(cells[t["name"]]) if t["name"] in cells else "" for t in tasks]
-            lines.append("| " + " | ".join(row + [_cell(cells["mean over tasks"])]) + " |")
-        lines.append("| chance | " + " | ".join(f"{t['chance']:.1f}" if t["chance"] else "" for t in tasks) + " | |")
-        lines.append("")
+        rows = [[variant] + [_cell(cells[t["name"]]) if t["name"] in cells else "" for t in tasks]
+                + [_cell(cells["mean over tasks"])] for variant, cells in by_variant.items()]
+        rows.append(["chance"] + [f"{t['chance']:.1f}" if t["chance"] else "" for t in tasks] + [""])
+        lines += [f"## {kind} probe", "", markdown_table(head, rows), ""]
     lines += selection_lines(summary)
     lines += loss_lines(summary)
     lines += ["Variants: " + "; ".join(f"`{k}` = {v}" for k, v in summary["variants"].items()) + ".",
@@ -222,7 +216,7 @@ def write_summary(plan: AblationPlan, records: list[dict], command: str, losses:
     summary = summarize(plan, records, command, losses)
     out = Path(plan.out)
     atomic_write(out / "ablation.json", json.dumps(summary, indent=1) + "\n")
-    atomic_write(out / "ablation.md", markdown(summary))
+    atomic_write(out / "ablation.md", ablation_markdown(summary))
     plot_summary(summary, out / "ablation.png")
     return summary
 

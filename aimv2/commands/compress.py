@@ -115,7 +115,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from aimv2.compress.evaluate import evaluate, markdown_table, resolve_checkpoint
+    from aimv2.compress.evaluate import evaluate, evaluation_markdown, resolve_checkpoint
     from aimv2.engine.run_dir import RunDir
 
     first = RunDir.of_checkpoint(resolve_checkpoint(args.runs[0]))
@@ -123,19 +123,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     rows = evaluate(args.runs, out, val=args.val, num_tokens=args.tokens, batch_size=args.batch_size,
                     num_workers=args.num_workers, max_batches=args.max_batches, device=args.device,
                     shuffled=args.shuffled)
-    print(markdown_table(rows), end="")
+    print(evaluation_markdown(rows), end="")
     print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_tokens.png'}")
     return 0
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from aimv2.compress.plan import markdown_table, plan, write_plan
+    from aimv2.compress.plan import plan, plan_markdown, write_plan
 
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
     cfg = _load(args.config, args.overrides)
     rows, facts = plan(cfg.lm, cfg.text, args.text_tokens, args.tokens, args.params, args.repeats, args.device)
-    print(markdown_table(rows, facts), end="")
+    print(plan_markdown(rows, facts), end="")
     if args.out:
         write_plan(rows, facts, args.out)
         print(f"written: {Path(args.out) / 'plan.md'}, {Path(args.out) / 'plan.json'}")

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     print(loss_trend(run.metrics))
     # Frozen-trunk probes on the held-out digits (cached mode, configs/probe/toy.yaml): the last checkpoint,
     # and the step-0 checkpoint (the weights training started from), identically.
-    from aimv2.probe.run import comparison_table, write_comparison
+    from aimv2.probe.run import comparison_markdown, write_comparison
     from aimv2.probe.config import ProbeConfig
     from aimv2.probe.run import run_probe
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         f"(random init), side by side in {out / 'probe_comparison.md'}",
         "",
         f"held-out digit top-1 of the frozen encoder ({minutes} min {seconds:02d} s in all):",
-        comparison_table(comparison),
+        comparison_markdown(comparison),
     ]))
     return 0
 

@@ -27,7 +27,7 @@ from aimv2.compress.components import prefill_flops, prefill_params
 from aimv2.compress.module import CompressModule, held_out_loader, load_module
 from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
-from aimv2.fileio import atomic_write
+from aimv2.fileio import atomic_write, markdown_table
 
 
 @dataclass
@@ -117,15 +117,14 @@ def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), ba
     return rows
 
 
-def markdown_table(rows: list[EvalRow]) -> str:
-    lines = ["| run | compressor | stage | M | images | caption loss | perplexity | token error | Q (text tokens) | "
-             "prefill GFLOPs / image | images scored |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {RunDir.label_of(r.run)} | {r.compressor} | {r.stage} | {r.num_tokens} | "
-                     f"{'shuffled' if r.shuffled else 'matched'} | {r.loss:.4f} | {r.perplexity:.2f} | {r.token_error:.4f} | "
-                     f"{r.text_tokens:.1f} | {r.prefill_gflops:.4g} | {r.images} |")
-    return "\n".join(lines) + "\n"
+def evaluation_markdown(rows: list[EvalRow]) -> str:
+    """results.md: one table row per checkpoint, M and control (matched or shuffled images)."""
+    header = ["run", "compressor", "stage", "M", "images", "caption loss", "perplexity", "token error",
+              "Q (text tokens)", "prefill GFLOPs / image", "images scored"]
+    return markdown_table(header, [
+        [RunDir.label_of(r.run), r.compressor, r.stage, r.num_tokens, "shuffled" if r.shuffled else "matched",
+         f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.token_error:.4f}", f"{r.text_tokens:.1f}",
+         f"{r.prefill_gflops:.4g}", r.images] for r in rows]) + "\n"
 
 
 def evaluate(checkpoints: list[str], out_dir: str | Path, **kwargs) -> list[EvalRow]:
@@ -134,7 +133,7 @@ def evaluate(checkpoints: list[str], out_dir: str | Path, **kwargs) -> list[Eval
     out = RunDir(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
     atomic_write(out.results_json, json.dumps({"rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    atomic_write(out.results_md, markdown_table(rows))
+    atomic_write(out.results_md, evaluation_markdown(rows))
 
     plot_loss_vs_tokens(rows, out.root / "loss_vs_tokens.png")
     return rows

@@ -24,7 +24,7 @@ from aimv2.compress.components import build_lm, keep_last_logits, prefill_flops,
 from aimv2.compress.config import LMSection, TextSection
 from aimv2.compress.vlm import build_prefix, build_text_tokenizer
 from aimv2.errors import UserError
-from aimv2.fileio import atomic_write
+from aimv2.fileio import atomic_write, markdown_table
 
 
 @dataclass
@@ -94,16 +94,17 @@ def plan(lm_cfg: LMSection, text: TextSection, text_tokens: int, num_tokens: lis
     return rows, facts
 
 
-def markdown_table(rows: list[PlanRow], facts: dict) -> str:
+def plan_markdown(rows: list[PlanRow], facts: dict) -> str:
+    """plan.md: the facts of the measurement, then one table row per M."""
+    header = ["M", "Q", "GFLOPs (no cache)", "GFLOPs (cached text)", "ms (no cache)", "ms (cached text)",
+              "latency saved"]
+    table = [[r.num_tokens, r.text_tokens, f"{r.gflops:.4g}", f"{r.gflops_cached:.4g}", f"{r.ms:.2f}",
+              f"{r.ms_cached:.2f}", f"{100 * r.saving:.0f}%"] for r in rows]
     lines = [f"prefill per image; FLOPs for N_params = {facts['params_used']:.4g}; latency of the attached LM "
              f"({facts['lm']}, N_params = {facts['attached_lm_params']:,}) on {facts['device']}, median of "
              f"{facts['repeats']}; building the text cache once took {facts['prefix_cache_build_ms']:.1f} ms",
              "",
-             "| M | Q | GFLOPs (no cache) | GFLOPs (cached text) | ms (no cache) | ms (cached text) | latency saved |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.num_tokens} | {r.text_tokens} | {r.gflops:.4g} | {r.gflops_cached:.4g} | {r.ms:.2f} | "
-                     f"{r.ms_cached:.2f} | {100 * r.saving:.0f}% |")
+             markdown_table(header, table)]
     return "\n".join(lines) + "\n"
 
 
@@ -112,4 +113,4 @@ def write_plan(rows: list[PlanRow], facts: dict, out_dir: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"facts": facts, "rows": [asdict(r) | {"saving": r.saving} for r in rows]}
     atomic_write(out / "plan.json", json.dumps(payload, indent=1) + "\n")
-    atomic_write(out / "plan.md", markdown_table(rows, facts))
+    atomic_write(out / "plan.md", plan_markdown(rows, facts))

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from aimv2.errors import InvalidValue
 from aimv2.config.schema import PretrainConfig
 from aimv2.errors import UserError, one_line
+from aimv2.fileio import markdown_table
 
 BASE_KEY = "base"
 
@@ -150,11 +151,7 @@ def config_reference(cls: type, prefix: str = "", level: int = 3) -> str:
         rows.append((key, _type_name(hint), _default_text(default), meaning))
     out = []
     if rows:
-        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        out += [
-            f"| `{key}` | {_cell(kind)} | {_cell(default)} | {_cell(meaning)} |" for key, kind, default, meaning in rows
-        ]
-        out.append("")
+        out += [markdown_table(["key", "type", "default", "meaning"], [[f"`{key}`", *rest] for key, *rest in rows]), ""]
     for key, section in sections:
         out += [f"{'#' * level} `{key}`", ""]
         doc = _class_docstring(section)
@@ -259,8 +256,3 @@ def _yaml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_yaml(v) for v in value) + "]"
     return str(value)
-
-
-def _cell(text: str) -> str:
-    """Text for a Markdown table cell: a `|` would end the cell."""
-    return text.replace("|", "\\|")

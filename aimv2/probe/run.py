@@ -35,7 +35,7 @@ from aimv2.config import save_config
 from aimv2.data.samples import eval_transform
 from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
-from aimv2.fileio import atomic_write
+from aimv2.fileio import atomic_write, markdown_table
 from aimv2.models.native import is_native
 from aimv2.probe.augmented import AugmentedJob, run_augmented
 from aimv2.probe.config import ProbeConfig
@@ -169,7 +169,7 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
                                         for k in cfg.head.kinds}}
     out = RunDir(run_dir)
     atomic_write(out.results_json, json.dumps(results, indent=1) + "\n")
-    table = results_table(results)
+    table = results_markdown(results)
     atomic_write(out.results_md, table + "\n")
     print(table)
     print(f"results: {out.results_json} and {out.results_md}")
@@ -238,22 +238,19 @@ def evaluate_tensors(grid: HeadGrid, val: dict, batch_size: int, device) -> dict
 
 
 # -- report -------------------------------------------------------------------------------------
-def results_table(results: dict) -> str:
-    """A Markdown table of every head, the best marked."""
+def results_markdown(results: dict) -> str:
+    """results.md: a Markdown table of every head, the best marked."""
     selected = results.get("selected_on") == "select"
     counts = f"{results['train_count']} train / " + (f"{results['select_count']} select / " if selected else "")
     lines = [f"Probe of {results['checkpoint'] or results['encoder']} ({results['mode']} mode, {results['epochs']} epochs, "
              f"img {_resolution(results)}, {results['classes']} classes, {counts}"
              f"{results['val_count']} val images, skipped {results['skipped']})", ""]
     if selected:
-        lines += [f"Heads chosen on the selection split ({results['select']}), scored on val.", "",
-                  "| head | lr | wd | select top-1 | top-1 | top-5 | best |", "|---|---|---|---|---|---|---|"]
-    else:
-        lines += ["| head | lr | wd | top-1 | top-5 | best |", "|---|---|---|---|---|---|"]
-    for r in results["heads"]:
-        mark = "**best**" if r["best"] else ""
-        chosen = f" {r['select_top1']:.2f} |" if selected else ""
-        lines.append(f"| {r['head']} | {r['lr']:g} | {r['wd']:g} |{chosen} {r['top1']:.2f} | {r['top5']:.2f} | {mark} |")
+        lines += [f"Heads chosen on the selection split ({results['select']}), scored on val.", ""]
+    chosen = ["select top-1"] if selected else []
+    rows = [[r["head"], f"{r['lr']:g}", f"{r['wd']:g}", *([f"{r['select_top1']:.2f}"] if selected else []),
+             f"{r['top1']:.2f}", f"{r['top5']:.2f}", "**best**" if r["best"] else ""] for r in results["heads"]]
+    lines.append(markdown_table(["head", "lr", "wd", *chosen, "top-1", "top-5", "best"], rows))
     b = results["best"]
     on = f"best on select (top-1 {b['select_top1']:.2f}), on val" if selected else "best on val"
     lines += ["", f"{on}: {b['head']} lr={b['lr']:g} wd={b['wd']:g}: top-1 {b['top1']:.2f}, top-5 {b['top5']:.2f}"]
@@ -279,17 +276,13 @@ def compare(results: dict[str, dict]) -> dict:
             "val_count": results[names[0]].get("val_count"), "classes": results[names[0]]["classes"]}
 
 
-def comparison_table(cmp: dict) -> str:
-    """Markdown: one row per encoder, one column per head kind (best top-1 of its grid), then the gain."""
+def comparison_markdown(cmp: dict) -> str:
+    """A Markdown table: one row per encoder, one column per head kind (best top-1 of its grid), then the gain."""
     names = list(cmp["rows"])
-    lines = ["| encoder | " + " | ".join(f"{k} top-1" for k in cmp["kinds"]) + " |",
-             "|---|" + "---|" * len(cmp["kinds"])]
-    for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{cmp['rows'][name][k]:.2f}" for k in cmp["kinds"]) + " |")
+    rows = [[name] + [f"{cmp['rows'][name][k]:.2f}" for k in cmp["kinds"]] for name in names]
     if cmp["gain"]:
-        lines.append(f"| gain ({names[0]} - {names[1]}) | "
-                     + " | ".join(f"{cmp['gain'][k]:+.2f}" for k in cmp["kinds"]) + " |")
-    return "\n".join(lines)
+        rows.append([f"gain ({names[0]} - {names[1]})"] + [f"{cmp['gain'][k]:+.2f}" for k in cmp["kinds"]])
+    return markdown_table(["encoder"] + [f"{k} top-1" for k in cmp["kinds"]], rows)
 
 
 def write_comparison(results: dict[str, dict], out: str | Path, title: str = "") -> dict:
@@ -297,6 +290,6 @@ def write_comparison(results: dict[str, dict], out: str | Path, title: str = "")
     cmp = compare(results)
     out = Path(out)
     sources = "\n".join(f"- {name}: {src}" for name, src in cmp["sources"].items())
-    atomic_write(out.with_suffix(".md"), "\n\n".join(x for x in (title, comparison_table(cmp), sources) if x) + "\n")
+    atomic_write(out.with_suffix(".md"), "\n\n".join(x for x in (title, comparison_markdown(cmp), sources) if x) + "\n")
     atomic_write(out.with_suffix(".json"), json.dumps(cmp, indent=1) + "\n")
     return cmp

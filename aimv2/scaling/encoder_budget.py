@@ -22,7 +22,7 @@ from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 from aimv2.scaling.encoder_law import HUBER_DELTA, fit_envelope, fit_law, median_k
-from aimv2.scaling.encoder_report import format_params, law_text, plot_scaling, report_markdown
+from aimv2.scaling.encoder_report import encoder_scaling_markdown, format_params, law_text, plot_scaling
 from aimv2.scaling.encoder_runs import Point, common_value, encoder_params, flops_per_sample, read_ladder
 
 MIN_POINTS = 5  # E, A, B, a, b
@@ -236,7 +236,7 @@ def scale_encoder(runs: list[str], out: str | Path, holdout: list[str] | None = 
     fit["outputs"] = {k_: str(v) for k_, v in paths.items()}
     atomic_write(paths["fit"], json.dumps(fit, indent=2) + "\n")
     plot_scaling(fit, paths["plot"])
-    atomic_write(paths["report"], report_markdown(fit))
+    atomic_write(paths["report"], encoder_scaling_markdown(fit))
     print(summary(fit))
     return fit
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aimv2.fileio import markdown_table
 from aimv2.scaling.encoder_law import EncoderLaw
 
 
@@ -93,19 +94,18 @@ def plot_scaling(fit: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def report_markdown(fit: dict) -> str:
+def encoder_scaling_markdown(fit: dict) -> str:
     """report.md: everything a reader needs to trust (or not) the recommendation."""
     p, k, a1 = fit["params"], fit["k"], fit["approach1"]
     lines = ["# Encoder scaling law", "", "Held-out AIMv2 pre-training loss against encoder parameters N and "
-             f"training {fit['data_axis']} D (Chinchilla, Hoffmann et al. 2022).", "", "## Runs", "",
-             "| run | size | N encoder | N total | step | samples D | FLOPs C | val/loss | fitted | role |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"training {fit['data_axis']} D (Chinchilla, Hoffmann et al. 2022).", "", "## Runs", ""]
     law = EncoderLaw(**p)
-    for q in fit["points"]:
-        pred = float(law.loss(q["N_encoder"], q["samples"]))
-        lines.append(f"| {q['run']} | {q['size']} | {format_params(q['N_encoder'])} | {format_params(q['N_total'])} | "
-                     f"{q['step']} | {q['samples']:.4g} | {q['flops']:.4g} | {q['val_loss']:.4f} | {pred:.4f} | "
-                     f"{'held out' if q['held_out'] else 'fit'} |")
+    runs = [[q["run"], q["size"], format_params(q["N_encoder"]), format_params(q["N_total"]), q["step"],
+             f"{q['samples']:.4g}", f"{q['flops']:.4g}", f"{q['val_loss']:.4f}",
+             f"{float(law.loss(q['N_encoder'], q['samples'])):.4f}", "held out" if q["held_out"] else "fit"]
+            for q in fit["points"]]
+    lines.append(markdown_table(["run", "size", "N encoder", "N total", "step", "samples D", "FLOPs C", "val/loss",
+                                 "fitted", "role"], runs))
     f = fit["fit"]
     lines += ["", "## Fitted law (approach 3)", "", f"`{law_text(p)}`", "",
               f"- fitted on {f['points']} point(s) of {f['runs']} run(s): Huber loss (delta {f['huber_delta']:g}) on "
@@ -119,9 +119,9 @@ def report_markdown(fit: dict) -> str:
         lines.append("- as many points as parameters: the law passes through them exactly; it is not tested by them")
     lines += ["", "## Held-out check", ""]
     if fit["held_out"]:
-        lines += ["| run | val/loss | predicted | relative error |", "|---|---|---|---|"]
-        lines += [f"| {h['run']} | {h['val_loss']:.4f} | {h['predicted']:.4f} | {100 * h['rel_error']:+.2f}% |"
-                  for h in fit["held_out"]]
+        lines.append(markdown_table(["run", "val/loss", "predicted", "relative error"],
+                                    [[h["run"], f"{h['val_loss']:.4f}", f"{h['predicted']:.4f}",
+                                      f"{100 * h['rel_error']:+.2f}%"] for h in fit["held_out"]]))
     else:
         lines.append("No run held out (`--holdout` given empty): the law is not validated.")
     lines += ["", "## Approach 1 (lower envelope)", ""]
@@ -131,17 +131,18 @@ def report_markdown(fit: dict) -> str:
     else:
         lines.append(f"Not identifiable: {a1['reason']}.")
     lines += ["", "## Recommendations", "",
-              f"Steps at a global batch of {_fmt(fit['global_batch'])} samples (the ladder's).", "",
-              "| budget C | N_opt (approach 3) | samples | steps | predicted loss | N_opt (approach 1) | "
-              "nearest size | its steps | its loss | best size by exact FLOPs | its steps | its loss |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"Steps at a global batch of {_fmt(fit['global_batch'])} samples (the ladder's).", ""]
+    best = []
     for b in fit["best"]:
         a3, near, exact = b["approach3"], b["nearest_size"], b["best_size_exact_flops"]
         cells = [f"{b['flops']:.3g}", format_params(a3["N"]), _fmt(a3["samples"]), _fmt(a3["steps"]),
                  _fmt(a3["loss"], 4), format_params(b["approach1_N"])]
         for row in (near, exact):
             cells += [row["size"], _fmt(row["steps"]), _fmt(row["loss"], 4)] if row else ["-", "-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+        best.append(cells)
+    lines.append(markdown_table(["budget C", "N_opt (approach 3)", "samples", "steps", "predicted loss",
+                                 "N_opt (approach 1)", "nearest size", "its steps", "its loss",
+                                 "best size by exact FLOPs", "its steps", "its loss"], best))
     lines += ["", "Nearest size: the row of the size table whose encoder is nearest N_opt (log scale), trained on "
               "C / (k N) samples. Best size by exact FLOPs: the row with the lowest predicted loss when its samples "
               "are C / (its own training FLOPs per sample), which counts its decoder and attention exactly.",

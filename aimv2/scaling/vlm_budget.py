@@ -143,7 +143,7 @@ def scale_vlm(results: str | Path, out: str | Path, text_tokens: list[int] = (0,
               budgets: list[float] | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
     """Fit the law to RESULTS, write OUT/fit.json, OUT/frontier.png, OUT/report.md, print a short summary,
     and return the fit.json content. Budgets default to 12 log-spaced over the sweep's own costs."""
-    from aimv2.scaling.vlm_report import plot_frontier, render_report, summary_lines
+    from aimv2.scaling.vlm_report import plot_frontier, summary_lines, vlm_scaling_markdown
 
     _check_options(list(text_tokens), budgets, bootstrap)
     text_tokens = [int(q) for q in text_tokens]
@@ -174,7 +174,7 @@ def scale_vlm(results: str | Path, out: str | Path, text_tokens: list[int] = (0,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "fit.json", json.dumps(fit, indent=2, allow_nan=False) + "\n")
     plot_frontier(law, fit, out / "frontier.png")
-    atomic_write(out / "report.md", render_report(fit))
+    atomic_write(out / "report.md", vlm_scaling_markdown(fit))
     for line in summary_lines(fit, [out / "fit.json", out / "frontier.png", out / "report.md"]):
         print(line)
     return fit

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aimv2.fileio import markdown_table
 from aimv2.scaling.vlm_law import PARAMS, VLMLaw, optimal_point
 
 BEYOND = 4.0  # curves run to BEYOND x the largest measured V (dashed there): where more tokens would lead
@@ -92,7 +93,7 @@ def _warnings(fit: dict) -> list[str]:
     return lines
 
 
-def render_report(fit: dict) -> str:
+def vlm_scaling_markdown(fit: dict) -> str:
     """report.md: the law, parameters with intervals, rmse, bounds, the optimal table per Q, warnings and
     the command line."""
     u = fit["uncertainty"]
@@ -100,10 +101,9 @@ def render_report(fit: dict) -> str:
              f"    {fit['law']}", "",
              f"    error = {fit['A']:.5g} * N^-{fit['alpha']:.5g} * V^-{fit['beta']:.5g} + {fit['D']:.5g}", "",
              f"rmse on the error values: {fit['rmse']:.4g}. N in billions of parameters in the law (A's unit); llm_params everywhere else are raw counts.",
-             "", "| parameter | fit | 95% bootstrap interval | bounds |", "|---|---|---|---|"]
-    for name in PARAMS:
-        low, high = fit["bounds"][name]
-        lines.append(f"| {name} | {fit[name]:.5g} | {_interval(fit, name)} | [{low:g}, {high:g}] |")
+             "", markdown_table(["parameter", "fit", "95% bootstrap interval", "bounds"],
+                                [[name, f"{fit[name]:.5g}", _interval(fit, name),
+                                  "[{:g}, {:g}]".format(*fit["bounds"][name])] for name in PARAMS])]
     intervals = (f"Intervals: 2.5 / 97.5 percentiles over {u['resamples']} fits to rows resampled with "
                  f"replacement (seed {u['seed']})." if u else "No bootstrap (bootstrap 0).")
     method = ("Fit: bounded least squares. For each (alpha, beta) the best (A, D) inside the box is solved "
@@ -121,12 +121,10 @@ def render_report(fit: dict) -> str:
             f"{v_lo:g} .. {v_hi:g}.")
     lines += ["## Inference-optimal (N, V) per budget", "", rule, ""]
     for q in fit["text_tokens"]:
-        header = "| budget (FLOPs) | LLM params N | visual tokens V | error (law) | N extrapolated |"
-        lines += [f"### Q = {q} text tokens", "", header, "|---|---|---|---|---|"]
-        for r in (r for r in fit["optimal"] if r["text_tokens"] == q):
-            lines.append(f"| {r['budget_flops']:.3g} | {_si(r['llm_params'])} | {r['visual_tokens']:g} | "
-                         f"{r['error']:.4f} | {'yes' if r['extrapolated'] else 'no'} |")
-        lines.append("")
+        rows = [[f"{r['budget_flops']:.3g}", _si(r["llm_params"]), f"{r['visual_tokens']:g}", f"{r['error']:.4f}",
+                 "yes" if r["extrapolated"] else "no"] for r in fit["optimal"] if r["text_tokens"] == q]
+        header = ["budget (FLOPs)", "LLM params N", "visual tokens V", "error (law)", "N extrapolated"]
+        lines += [f"### Q = {q} text tokens", "", markdown_table(header, rows), ""]
     lines += ["![frontier](frontier.png)", "", "Reproduce:", "", f"    {fit['input']['command']}", ""]
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from PIL import Image
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from aimv2.data.tokenizer import CaptionTokenizer
+from aimv2.fileio import markdown_table
 from aimv2.models.aimv2 import AIMv2
 from aimv2.models.encoder import encode
 from aimv2.viz.prediction_grid import prediction_grid
@@ -77,15 +78,9 @@ class Frame:
         """A Markdown table of true vs generated captions (what TensorBoard's text tab renders)."""
         if not self.generated:
             return "(no captions: no tokenizer)"
-        lines = ["| # | true caption | generated (greedy) |", "|---|---|---|"]
-        for i, gen in enumerate(self.generated):
-            true = self.true_captions[i] if i < len(self.true_captions) and self.true_captions[i] else "-"
-            lines.append(f"| {i} | {_cell(true)} | {_cell(gen) or '(empty)'} |")
-        return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+        true = [t or "-" for t in self.true_captions] + ["-"] * (len(self.generated) - len(self.true_captions))
+        rows = [[i, true[i], gen or "(empty)"] for i, gen in enumerate(self.generated)]
+        return markdown_table(["#", "true caption", "generated (greedy)"], rows)
 
 
 def fixed_prefix_lengths(batch_size: int, num_patches: int, ratio: float, device=None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from aimv2.engine.logs import read_metrics, tail_mean
 from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
-from aimv2.fileio import atomic_write
+from aimv2.fileio import atomic_write, markdown_table
 
 # (metrics.csv column, label): what the curves show and the summary reports.
 CURVES = (
@@ -142,10 +142,10 @@ def _num(value: float, digits: int = 4) -> str:
 
 
 def _cell(value: Any) -> str:
-    """A table cell: "-" for a key the run lacks, '""' for an empty string."""
+    """A config value's table cell: "-" for a key the run lacks, '""' for an empty string."""
     if value is None:
         return "-"
-    return '""' if value == "" else str(value).replace("|", "\\|")
+    return '""' if value == "" else str(value)
 
 
 def summary_markdown(runs: list[Run], curves_png: str | None = "curves.png") -> str:
@@ -153,43 +153,40 @@ def summary_markdown(runs: list[Run], curves_png: str | None = "curves.png") -> 
     lines = [f"# aimv2 report: {', '.join(r.name for r in runs)}", ""]
     if curves_png:
         lines += [f"![training curves]({curves_png})", ""]
-    lines += ["## Runs", "",
-              "| run | directory | steps | image loss | text loss | samples/s (median) | data wait, s/step (median) "
-              "| skipped samples | probe top-1 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in runs:
         rate, wait = r.values("train/samples_per_sec"), r.values("train/data_wait_s")
         skipped = r.values("data/skipped_samples")
         top1 = f"{r.probe['best']['top1']:.2f}" if r.probe and "best" in r.probe else "-"
-        lines.append(f"| {r.name} | {r.path} | {r.steps} | {_num(tail_mean(r.values('train/loss_img'), FINAL_WINDOW))} "
-                     f"| {_num(tail_mean(r.values('train/loss_text'), FINAL_WINDOW))} "
-                     f"| {_num(statistics.median(rate) if rate else float('nan'), 3)} "
-                     f"| {_num(statistics.median(wait) if wait else float('nan'), 3)} "
-                     f"| {int(skipped[-1]) if skipped else '-'} | {top1} |")
+        rows.append([r.name, r.path, r.steps, _num(tail_mean(r.values("train/loss_img"), FINAL_WINDOW)),
+                     _num(tail_mean(r.values("train/loss_text"), FINAL_WINDOW)),
+                     _num(statistics.median(rate) if rate else float("nan"), 3),
+                     _num(statistics.median(wait) if wait else float("nan"), 3),
+                     int(skipped[-1]) if skipped else "-", top1])
+    header = ["run", "directory", "steps", "image loss", "text loss", "samples/s (median)",
+              "data wait, s/step (median)", "skipped samples", "probe top-1"]
+    lines += ["## Runs", "", markdown_table(header, rows)]
     lines += ["", f"Losses are the mean of the last {FINAL_WINDOW} logged values; samples/s counts all ranks; data "
                   "wait is the time rank 0 waited for its next batch between steps (near zero when the data workers "
                   "keep up; raise data.num_workers when it is not).", ""]
     if len(runs) == 1:
-        lines += ["## Key settings", "", "| key | value |", "|---|---|"]
-        lines += [f"| {k} | {_cell(runs[0].config.get(k))} |" for k in KEY_SETTINGS if k in runs[0].config]
+        lines += ["## Key settings", "", markdown_table(["key", "value"], [
+            [k, _cell(runs[0].config.get(k))] for k in KEY_SETTINGS if k in runs[0].config])]
     else:
         diffs = config_differences(runs)
         lines += ["## Config differences", ""]
         if diffs:
-            lines += ["| key | " + " | ".join(r.name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
-            lines += [f"| {k} | " + " | ".join(_cell(v) for v in vals) + " |" for k, vals in diffs]
+            lines.append(markdown_table(["key"] + [r.name for r in runs], [[k] + [_cell(v) for v in vals]
+                                                                           for k, vals in diffs]))
         else:
             lines.append("The runs' configs are identical (apart from run_dir).")
     probed = [r for r in runs if r.probe and "best" in r.probe]
     if probed:
-        lines += ["", "## Probe (frozen trunk, best head on val)", "",
-                  "| run | head | lr | wd | top-1 | top-5 | mode | epochs | val images | results |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in probed:
-            p, b = r.probe, r.probe["best"]
-            lines.append(f"| {r.name} | {b['head']} | {b['lr']:g} | {b['wd']:g} | {b['top1']:.2f} | {b['top5']:.2f} "
-                         f"| {p.get('mode', '-')} | {p.get('epochs', '-')} | {p.get('val_count', '-')} "
-                         f"| {Path(p['results_dir']) / 'results.md'} |")
+        rows = [[r.name, b["head"], f"{b['lr']:g}", f"{b['wd']:g}", f"{b['top1']:.2f}", f"{b['top5']:.2f}",
+                 p.get("mode", "-"), p.get("epochs", "-"), p.get("val_count", "-"), Path(p["results_dir"]) / "results.md"]
+                for r, p, b in ((r, r.probe, r.probe["best"]) for r in probed)]
+        header = ["run", "head", "lr", "wd", "top-1", "top-5", "mode", "epochs", "val images", "results"]
+        lines += ["", "## Probe (frozen trunk, best head on val)", "", markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
