@@ -3,10 +3,15 @@ step's checkpoint before it logs the step, so without help the resumed run would
 checkpoint carries its step's row and the resume puts it back: one row per step, no gap."""
 
 import csv
+import inspect
 
+import lightning
 import pytest
+from lightning.fabric.loggers.csv_logs import CSVLogger as FabricCSVLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from aimv2.engine.logs import read_metric
+from aimv2.engine.logs import ResumableCSVLogger, _AppendingWriter, read_metric
 from test_exact_resume import command, shard_urls, train
 
 
@@ -32,3 +37,34 @@ def test_a_row_lost_after_its_checkpoint_is_restored_on_resume(tmp_path):
     assert [s for s, _ in after] == list(range(6))
     assert dict(after)[3] == before[3]  # the row the checkpoint carried, with the step's own value
     assert [e for _, e in read_metric(metrics, "epoch")][:4] == [0, 0, 0, 0]
+
+
+UPGRADE = (
+    f"lightning {lightning.__version__}: aimv2.engine.logs keeps metrics.csv across resumes through Lightning's "
+    "private CSV writer hooks (no public switch in 2.6.6); find the new route there"
+)
+
+
+def test_the_private_lightning_hooks_the_appending_writer_relies_on_are_still_there(tmp_path):
+    """_AppendingWriter overrides `_ExperimentWriter._check_log_dir_exists(self)` and ResumableCSVLogger
+    caches its writer in `_experiment` (which CSVLogger.finalize reads): an upgrade that renames either
+    fails here with a message, not as a resumed run whose metrics.csv silently lost its earlier rows."""
+    hook = getattr(_ExperimentWriter, "_check_log_dir_exists", None)
+    assert hook is not None and list(inspect.signature(hook).parameters) == ["self"], UPGRADE
+    assert "self._check_log_dir_exists()" in inspect.getsource(_ExperimentWriter.__init__), UPGRADE
+    assert "self._experiment is None" in inspect.getsource(FabricCSVLogger.finalize), UPGRADE
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.5\n")
+    with pytest.warns(UserWarning, match="will be deleted"):
+        ExperimentWriter(str(log_dir))  # Lightning's own writer still deletes it: the override is still needed
+    assert not (log_dir / "metrics.csv").exists(), f"{UPGRADE} (it no longer deletes metrics.csv: drop the override?)"
+    (log_dir / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.5\n")
+    logger = ResumableCSVLogger(str(tmp_path), name="", version="logs")
+    writer = logger.experiment
+    assert isinstance(writer, _AppendingWriter) and logger._experiment is writer
+    assert writer.metrics_keys == ["epoch", "step", "train/loss"]
+    logger.log_metrics({"train/loss": 1.25, "epoch": 0}, step=1)
+    logger.finalize("success")
+    assert read_metric(log_dir / "metrics.csv", "train/loss") == [(0, 1.5), (1, 1.25)]

@@ -43,6 +43,15 @@ from aimv2.progress import LineProgress, progress_mode
 
 
 class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, appending to an existing metrics.csv instead of deleting it.
+
+    Private on purpose, and pinned: Lightning 2.6.6 has no public switch for this. The writer's
+    `__init__` always calls `_check_log_dir_exists`, which removes metrics.csv from a non-empty log
+    directory (lightning/fabric/loggers/csv_logs.py); neither CSVLogger nor the writer takes an
+    argument to keep it. Overriding that one method is the smallest way in;
+    tests/test_metrics_resume.py fails with a clear message when an upgrade renames it or stops
+    calling it."""
+
     def _check_log_dir_exists(self) -> None:
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
