@@ -16,7 +16,7 @@ from aimv2.commands.pretrain import strategy_preset
 from aimv2.config import load_config
 from aimv2.engine.checkpointing import AtomicCheckpointIO
 from aimv2.engine.optim import param_groups
-from aimv2.engine.strategy import build_strategy, prepare_model
+from aimv2.engine.strategy import build_strategy, ddp_buffer_sync, prepare_model
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from conftest import REPO
@@ -52,12 +52,34 @@ def built(name):
 def test_ddp_and_fsdp_presets_build_their_strategies():
     ddp = built("ddp")
     assert isinstance(ddp, DDPStrategy) and isinstance(ddp.checkpoint_io, AtomicCheckpointIO)
-    assert ddp._ddp_kwargs["broadcast_buffers"] is False
+    # forward_sync_buffers=False (broadcast_buffers=False before torch 2.13): no buffer broadcast in forward
+    assert ddp._ddp_kwargs == {**ddp_buffer_sync(), "gradient_as_bucket_view": True}
+    assert list(ddp_buffer_sync().values()) == [False]
     fsdp = built("fsdp")
     assert isinstance(fsdp, FSDPStrategy) and isinstance(fsdp.checkpoint_io, AtomicCheckpointIO)
     assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {Block} and fsdp._activation_checkpointing_kwargs
     assert fsdp.sharding_strategy.name == "FULL_SHARD" and fsdp._state_dict_type == "full"
     assert fsdp.kwargs["use_orig_params"] is True  # optimizer param groups and compile need original params
+
+
+def test_ddp_wraps_without_a_deprecation_warning_and_syncs_no_buffers_in_forward(tmp_path):
+    """Our DDP keyword is the installed torch's current one: no FutureWarning about `broadcast_buffers` at
+    every start (torch >= 2.13), and no forward broadcasts rank 0's buffers (the per-rank data counters)."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ddp = DistributedDataParallel(model, **ddp_buffer_sync())
+        assert getattr(ddp, "forward_sync_buffers", None) is False or ddp.broadcast_buffers is False
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fsdp2_preset_builds_a_model_parallel_strategy_saving_dcp_directories():

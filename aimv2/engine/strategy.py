@@ -30,6 +30,7 @@ on CPU machines `auto`, `ddp` and `fsdp2` run.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 from functools import partial
@@ -139,12 +140,23 @@ def configure_sharding(module, model: nn.Module) -> None:
         shard_model(model, trainer.strategy.device_mesh["data_parallel"])
 
 
+def ddp_buffer_sync() -> dict[str, bool]:
+    """DistributedDataParallel's keyword that turns off the buffer broadcast at every forward: the model
+    has no running statistics, and the data counters kept in buffers (skipped samples, shard errors) are
+    per-rank totals summed when logged, which a broadcast from rank 0 would overwrite.
+
+    torch >= 2.13 names it `forward_sync_buffers` and warns about the old `broadcast_buffers`. The new
+    one still broadcasts rank 0's buffers once when DDP wraps the model, which is harmless here: every
+    rank holds the same buffers then (zeros, or the one checkpoint's values, which Lightning restores
+    before the wrap). Older torch has only `broadcast_buffers`."""
+    new = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+
+
 def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Strategy | str:
     """The Lightning strategy for `cfg.strategy` (validated by TrainerConfig.validate)."""
     if cfg.strategy == "ddp":
-        # No buffer broadcast: the model has no running statistics, and the data counters kept in
-        # buffers are per-rank totals summed when logged.
-        return DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True, checkpoint_io=AtomicCheckpointIO())
+        return DDPStrategy(**ddp_buffer_sync(), gradient_as_bucket_view=True, checkpoint_io=AtomicCheckpointIO())
     if cfg.strategy == "fsdp":
         return FSDPStrategy(
             auto_wrap_policy=BLOCKS,
