@@ -100,6 +100,8 @@ EXTRA = {
         "1",
     ],
     "imagenet_attentive": ["data.batch_size=2"],  # the fixture's ImageNet has 6 images per split
+    # the report card's scene tasks, small: 60 train and 30 val scenes per task (the recorded run used the defaults)
+    "shards scenes --out runs/demo/scenes": ["--counts", "40", "60", "30"],
     # the documented pattern stands for the user's shards: one of the demo's
     "ablation configs/pretrain/debug.yaml": ["data.sources=[{urls: 'FIXTURE/runs/demo/data/pretrain/00000.tar'}]"],
     # one trained variant and the random init (tests/test_ablation.py runs all of them); --variants
@@ -227,6 +229,7 @@ def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("docs_base")
     build_demo_shards(root / "runs/demo/data")
     _pretrain_checkpoint(root / "runs/demo/pretrain/checkpoints/last.ckpt", 56)
+    _pretrain_checkpoint(root / "runs/demo/pretrain/checkpoints/step=0000000.ckpt", 56)  # the demo's random init
     _pretrain_checkpoint(root / "runs/aimv2_large_224/checkpoints/last.ckpt", 224)
     photos = root / "abs/photos"
     lines = []

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from aimv2.compress.config import CompressConfig
 from aimv2.config import PretrainConfig, merge_config
 from aimv2.probe.config import ProbeConfig
+from aimv2.probe.suite import SuiteConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = REPO / "tests" / "data" / "resolved_configs"
@@ -25,8 +26,13 @@ SCHEMAS = {"pretrain": PretrainConfig, "probe": ProbeConfig, "compress": Compres
 SHIPPED = [(kind, path) for kind in SCHEMAS for path in sorted((REPO / "configs" / kind).glob("*.yaml"))]
 
 
+def schema_of(kind: str, path: Path) -> type:
+    """configs/probe/suite_*.yaml are `aimv2 probe suite` files (several data sets), not probe configs."""
+    return SuiteConfig if kind == "probe" and path.name.startswith("suite_") else SCHEMAS[kind]
+
+
 def resolved_yaml(kind: str, path: Path) -> str:
-    return OmegaConf.to_yaml(merge_config(path, schema=SCHEMAS[kind]))
+    return OmegaConf.to_yaml(merge_config(path, schema=schema_of(kind, path)))
 
 
 @pytest.mark.parametrize("kind,path", SHIPPED, ids=lambda v: v if isinstance(v, str) else v.stem)
