@@ -16,6 +16,8 @@ from aimv2.pretraining.module import AIMv2PretrainModule
 from aimv2.pretraining.pretrain import pretrain
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # the module fixture pre-trains 32 steps over real shards (10-15 s)
+
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CORRUPT = {5: "undecodable", 20: "empty caption", 40: "no caption"}  # stream positions of the bad ones
 N, BATCH, EPOCHS = 67, 8, 4  # 64 valid samples = 8 full batches per epoch; 32 steps
