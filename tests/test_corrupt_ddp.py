@@ -93,3 +93,18 @@ def test_corrupt_samples_on_some_ranks_neither_hang_nor_repeat_and_every_epoch_i
     metrics = run / "logs/metrics.csv"
     assert read_metric(metrics, "data/skipped_samples")[-1][1] == len(CORRUPT) * EPOCHS  # each, every epoch
     assert read_metric(metrics, "data/repeated_samples")[-1][1] == repeats  # every repeat counted, none silent
+
+
+@pytest.mark.slow
+def test_skipped_samples_continue_their_total_over_a_ddp_resume(tmp_path):
+    """Per-rank counters are saved as their sum and restored on rank 0 only: after a 2-rank resume the
+    logged data/skipped_samples continues from the true total (restored on every rank, it was 2x)."""
+    urls = shard_urls(tmp_path / "shards", COUNTS, corrupt=CORRUPT)
+    run = tmp_path / "run"
+    common = ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=0", "data.batch_size=4",
+              "trainer.checkpoint_every_n_steps=100"]
+    train(command(run, urls, *common, "trainer.max_epochs=1"), tmp_path)
+    metrics = run / "logs/metrics.csv"
+    assert read_metric(metrics, "data/skipped_samples")[-1][1] == len(CORRUPT)
+    train(command(run, urls, *common, "trainer.max_epochs=2", "trainer.resume=auto"), tmp_path)
+    assert read_metric(metrics, "data/skipped_samples")[-1][1] == 2 * len(CORRUPT)

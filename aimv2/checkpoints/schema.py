@@ -54,6 +54,9 @@ FIELDS: tuple[Field, ...] = (
           "samples of steps before the count was kept (resumed from a checkpoint without it)"),
     Field("val_row", ("pretrain",), "aimv2.pretraining.validation",
           "the last held-out loss row [step, metrics], re-logged if the CSV lost it"),
+    Field("rank_counters", JOBS, "aimv2.engine.logs",
+          "counters kept per rank and logged as their sum (data/skipped_samples, data/shard_errors), summed over "
+          "ranks; restored on rank 0"),
     Field("metrics_row", JOBS, "aimv2.engine.logs",
           "the CSV row of the checkpoint's step {step, metrics}, restored on resume if the file lacks it"),
 )

@@ -47,6 +47,7 @@ from aimv2.data.samples import ImageCaptionCollator, ImageCaptionProcessor, eval
 from aimv2.data.shardlist import check_first_shard, resolve_shards
 from aimv2.data.stream import ShardStream, StreamSource
 from aimv2.data.tokenizer import CaptionTokenizer
+from aimv2.engine.logs import RankCounters
 from aimv2.engine.optim import (
     ClipGradientNorm,
     decoupled_weight_decay,
@@ -88,7 +89,7 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         # wrapping, when the parameters are flat 1-D shards whose shapes no longer tell (as in pre-training).
         self._no_decay = {"compressor": no_decay_names(self.vlm.compressor), "lm": no_decay_names(self.vlm.lm)}
         self.strict_loading = False  # frozen parts are rebuilt from their sources, not the checkpoint
-        self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
+        self.rank_counters = RankCounters("skipped_samples")
 
     def attachment_config(self) -> dict:
         """The sections that define the attachment, as plain data (a bundle's record of how it was made)."""
@@ -105,9 +106,11 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         frozen = self._frozen_prefixes()
         checkpoint["state_dict"] = {k: v for k, v in schema.model_state(checkpoint).items() if not k.startswith(frozen)}
         schema.write(checkpoint, job="compress")
+        self.rank_counters.save(self.trainer, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         schema.read(checkpoint, getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        self.rank_counters.restore(self._trainer, checkpoint)
         state = schema.model_state(checkpoint)
         frozen = self._frozen_prefixes()
         missing = [k for k in self.state_dict() if not k.startswith(frozen) and k not in state]
@@ -128,11 +131,11 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         # Mean cross-entropy per caption token of the GLOBAL batch: ranks hold different numbers of tokens, so
         # each divides its sum by the all-reduced count (times the world size the gradient average divides by).
         loss, logged = global_mean(ce, n, self.trainer.world_size)
-        self.skipped_samples += batch["skipped"]
         self.log("train/caption_loss", logged, prog_bar=True)
         self.log("train/num_tokens", float(self.vlm.compressor.num_tokens))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self.log("data/skipped_samples", self.skipped_samples.float(), reduce_fx="sum", sync_dist=True)
+        skipped = self.rank_counters.add("skipped_samples", batch["skipped"])
+        self.log("data/skipped_samples", skipped.float(), reduce_fx="sum", sync_dist=True)
         return loss
 
     def configure_optimizers(self):

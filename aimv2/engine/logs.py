@@ -32,6 +32,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
@@ -216,3 +217,40 @@ def progress_callbacks(enabled: bool) -> list[Callback]:
     if mode == "off":
         bar.disable()
     return [bar]
+
+
+class RankCounters:
+    """Counts a rank keeps for itself and logs summed over ranks (skipped samples, shard errors), as
+    device tensors (adding a batch's count needs no host sync). Not buffers: DDP would copy rank 0's
+    values to every rank when it wraps the model, after a resume restored them. A checkpoint keeps
+    their sum over ranks; a resume puts it back on rank 0 and zero elsewhere, so the logged sum goes
+    on from the saved total at any world size."""
+
+    def __init__(self, *names: str):
+        self.counts = {name: torch.zeros((), dtype=torch.long) for name in names}
+
+    def add(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The running count after adding `value` (a batch's count, on the step's device)."""
+        self.counts[name] = self.counts[name].to(value.device) + value
+        return self.counts[name]
+
+    def save(self, trainer, checkpoint: dict) -> None:
+        """A collective: every rank runs on_save_checkpoint."""
+        totals = {}
+        for name, value in self.counts.items():
+            if trainer.world_size > 1:
+                # a copy: the all-reduce works in place, and this rank's own count must stay its own
+                value = trainer.strategy.reduce(value.to(trainer.strategy.root_device, copy=True), reduce_op="sum")
+            totals[name] = int(value)
+        schema.write(checkpoint, rank_counters=totals)
+
+    def restore(self, trainer, checkpoint: dict) -> None:
+        """`trainer` is None under load_from_checkpoint (one process: rank 0). Checkpoints written before
+        the sum was kept held rank 0's counts as buffers in their weights: those are taken (and dropped
+        from the weights)."""
+        state = checkpoint.get("state_dict", {})
+        saved = {name: int(state.pop(name)) for name in self.counts if name in state}
+        totals = schema.read(checkpoint).get("rank_counters") or saved
+        rank_zero = trainer is None or trainer.global_rank == 0
+        for name in self.counts:
+            self.counts[name] = torch.tensor(int(totals.get(name, 0)) if rank_zero else 0, dtype=torch.long)

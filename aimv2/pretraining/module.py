@@ -32,6 +32,7 @@ import torch
 
 from aimv2.checkpoints import schema
 from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig, as_section
+from aimv2.engine.logs import RankCounters
 from aimv2.engine.optim import (
     ClipGradientNorm,
     build_optimizer,
@@ -73,8 +74,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self.attention = model.attention  # packed rows: resolved per device (aimv2.models.encoder)
         self._no_decay = no_decay_names(self.model)  # before any wrapper flattens the parameters
         # Running totals live in buffers so they are summed across ranks and saved in checkpoints.
-        self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long))
-        self.register_buffer("shard_errors", torch.zeros((), dtype=torch.long))
+        self.rank_counters = RankCounters("skipped_samples", "shard_errors")
         self._last_step_time: float | None = None
         self._last_batch_end: float | None = None
         self._loss_finite: torch.Tensor | None = None  # all losses since the last optimizer step finite
@@ -99,14 +99,14 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         loss, losses = global_losses(sums, self.objective.alpha, self.objective.text_weight, self.trainer.world_size)
         finite = torch.isfinite(loss.detach())  # the value backward sees
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
-        self.skipped_samples += batch["skipped"]
-        self.shard_errors += batch["shard_errors"]
         self.log("train/loss", losses.total, prog_bar=True)
         self.log("train/loss_img", losses.image, prog_bar=True)
         self.log("train/loss_text", losses.text, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self.log("data/skipped_samples", self.skipped_samples.float(), reduce_fx="sum", sync_dist=True)
-        self.log("data/shard_errors", self.shard_errors.float(), reduce_fx="sum", sync_dist=True)
+        skipped = self.rank_counters.add("skipped_samples", batch["skipped"])
+        shard_errors = self.rank_counters.add("shard_errors", batch["shard_errors"])
+        self.log("data/skipped_samples", skipped.float(), reduce_fx="sum", sync_dist=True)
+        self.log("data/shard_errors", shard_errors.float(), reduce_fx="sum", sync_dist=True)
         self._log_throughput(num_images)
         return loss
 
@@ -238,10 +238,12 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
                 raise RuntimeError(f"refusing to write a checkpoint at step {self.trainer.global_step}: "
                                    f"{name} holds NaN/inf")
         schema.write(checkpoint, job="pretrain", nonfinite_steps=self.nonfinite_total)
+        self.rank_counters.save(self.trainer, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
         self.nonfinite_total = int(schema.read(checkpoint, where).get("nonfinite_steps", 0))
+        self.rank_counters.restore(self._trainer, checkpoint)
 
     # -- logging and optimizer -------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
