@@ -118,10 +118,14 @@ class StreamDataModule(L.LightningDataModule):
 
     def _gather(self, table: torch.Tensor) -> torch.Tensor:
         """(world, ...) from every rank's `table`; a collective, called by all ranks at checkpoint time."""
-        strategy = self.trainer.strategy
         if self.trainer.world_size == 1:
             return table[None]
-        return strategy.all_gather(table.to(strategy.root_device)).cpu()
+        # torch.distributed directly: Lightning's all_gather goes through torch.distributed.nn.functional,
+        # deprecated in torch 2.14 (a warning on every rank at every checkpoint).
+        table = table.to(self.trainer.strategy.root_device).contiguous()
+        parts = [torch.empty_like(table) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(parts, table)
+        return torch.stack(parts).cpu()
 
 
 class StreamPosition(Callback):
