@@ -120,7 +120,8 @@ def test_evaluate_writes_table_json_and_plot_per_m(aligned, capsys):
 def test_export_and_load_bundle_round_trip(aligned, capsys):
     out = aligned["tmp"] / "bundle"
     assert main(["compress", "export", str(aligned["run"]), "--out", str(out)]) == 0
-    assert main(["compress", "export", str(aligned["run"]), "--out", str(out)]) == 0  # replaced in place
+    assert main(["compress", "export", str(aligned["run"]), "--out", str(out)]) == 2  # never replaced silently
+    assert main(["compress", "export", str(aligned["run"]), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".bundle")) == []  # no temp dirs left
     assert {p.name for p in out.iterdir()} == {
         "bundle.json",

@@ -81,9 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="aimv2 (default): this package's bundle (aimv2.compress.load_bundle); hf: model, "
                         "processor and chat template that transformers' AutoModelForImageTextToText loads alone "
                         "(mlp only)")
-    export.add_argument("--out", required=True, help="output directory (the aimv2 bundle is replaced atomically; "
-                        "hf: must not exist, see --overwrite)")
-    export.add_argument("--overwrite", action="store_true", help="--format hf: replace an existing --out directory")
+    export.add_argument("--out", required=True, help="output directory (must not exist, see --overwrite; "
+                        "written atomically)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     export.set_defaults(_compress_run=_run_export)
 
 
@@ -151,8 +151,10 @@ def _run_export(args: argparse.Namespace) -> int:
         from aimv2.compress.hf_export import run_export
 
         return run_export(args.run, args.out, args.export_format, args.overwrite)
+    if Path(args.out).exists() and not args.overwrite:  # before the (possibly long) load
+        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)")
     ckpt = resolve_checkpoint(args.run)
-    out = export_bundle(load_module(ckpt), args.out)
+    out = export_bundle(load_module(ckpt), args.out, overwrite=args.overwrite)
     print(f"bundle of {ckpt} written to {out}")
     print(f"load it with: from aimv2.compress import load_bundle; vlm = load_bundle({str(out)!r})")
     return 0

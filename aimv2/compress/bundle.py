@@ -45,10 +45,13 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def export_bundle(module, out_dir: str | Path) -> Path:
-    """Write the bundle of a trained `CompressModule` to out_dir (replacing it atomically)."""
+def export_bundle(module, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the bundle of a trained `CompressModule` to out_dir atomically; an existing out_dir is a
+    UserError unless `overwrite` (then it is replaced whole, never half-written)."""
     vlm, source, text, lm_path = module.vlm, module.encoder_cfg.source, module.text_cfg, module.lm_cfg.path
     out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise UserError(f"{out_dir} already exists (pass --overwrite to replace it)")
     with atomic_directory(out, overwrite=True) as tmp:
         write_aimv2(tmp, vlm.encoder, vlm.preprocessing, encoder_recipe(vlm.encoder),
                     source={"compress_bundle_of": source})

@@ -106,7 +106,7 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         frozen = self._frozen_prefixes()
         checkpoint["state_dict"] = {k: v for k, v in schema.model_state(checkpoint).items() if not k.startswith(frozen)}
         schema.write(checkpoint, job="compress")
-        self.rank_counters.save(self.trainer, checkpoint)
+        self.rank_counters.save(self._trainer, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         schema.read(checkpoint, getattr(self._trainer, "ckpt_path", None) or "the checkpoint")

@@ -100,5 +100,5 @@ def _read_attachment(ckpt: Path) -> str:
     from aimv2.engine.run_dir import RunDir
 
     module = load_module(str(ckpt))
-    bundle = export_bundle(module, RunDir.of_checkpoint(ckpt).bundle)
+    bundle = export_bundle(module, RunDir.of_checkpoint(ckpt).bundle, overwrite=True)
     return f"last.ckpt reloads (load_module) and exports as a bundle ({bundle.name}/)"

@@ -235,10 +235,10 @@ class RankCounters:
         return self.counts[name]
 
     def save(self, trainer, checkpoint: dict) -> None:
-        """A collective: every rank runs on_save_checkpoint."""
+        """A collective: every rank runs on_save_checkpoint. `trainer` is None outside a fit (one process)."""
         totals = {}
         for name, value in self.counts.items():
-            if trainer.world_size > 1:
+            if trainer is not None and trainer.world_size > 1:
                 # a copy: the all-reduce works in place, and this rank's own count must stay its own
                 value = trainer.strategy.reduce(value.to(trainer.strategy.root_device, copy=True), reduce_op="sum")
             totals[name] = int(value)

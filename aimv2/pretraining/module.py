@@ -238,7 +238,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
                 raise RuntimeError(f"refusing to write a checkpoint at step {self.trainer.global_step}: "
                                    f"{name} holds NaN/inf")
         schema.write(checkpoint, job="pretrain", nonfinite_steps=self.nonfinite_total)
-        self.rank_counters.save(self.trainer, checkpoint)
+        self.rank_counters.save(self._trainer, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
