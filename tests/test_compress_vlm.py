@@ -9,10 +9,8 @@ import torch
 from aimv2.compress.vlm import build_attachment
 from aimv2.compress.vlm import build_prefix
 from aimv2.compress.config import CompressConfig
-from aimv2.compress.components import LastKeys
-from aimv2.compress.components import prefill_params
-from aimv2.compress.plan import plan
-from aimv2.compress.vlm import IGNORE, caption_labels
+from aimv2.compress.cost_plan import plan
+from aimv2.compress.vlm import IGNORE, build_attachment, build_prefix, caption_labels
 from aimv2.config import load_config
 from aimv2.models import get_size
 from aimv2.models.encoder import build_encoder

@@ -129,7 +129,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from aimv2.compress.plan import plan, plan_markdown, write_plan
+    from aimv2.compress.cost_plan import plan, plan_markdown, write_plan
 
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
