@@ -6,8 +6,7 @@ the pruning keys are the last attention layer's keys, and `plan` follows 2 * N *
 import pytest
 import torch
 
-from aimv2.compress.vlm import build_attachment
-from aimv2.compress.vlm import build_prefix
+from aimv2.compress.components import LastKeys, prefill_params
 from aimv2.compress.config import CompressConfig
 from aimv2.compress.cost_plan import plan
 from aimv2.compress.vlm import IGNORE, build_attachment, build_prefix, caption_labels
