@@ -483,12 +483,13 @@ def plot_suite(summary: dict, path: str | Path) -> None:
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups)
         ax.set_ylabel(f"{column}\ntop-1 (%)")
-        ax.set_ylim(0, 114)
+        ax.set_ylim(0, 108)  # room for the value above a bar at 100
         ax.set_yticks(range(0, 101, 20))
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize="small", ncol=len(encoders), loc="upper center")
     title = f"report card: {Path(summary['suite']).stem} (val top-1 per data set; dashes: chance)"
     fig.suptitle(title, fontsize="medium")
+    handles, labels = axes[0, 0].get_legend_handles_labels()  # one legend for all panels, below them
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(encoders), fontsize="small")
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
