@@ -145,6 +145,7 @@ def _ckpts(toy: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # 13 s on 2 idle cores: 8 probes of tiny sets (the failure test below runs the CLI in the fast lane)
 def test_suite_cli_writes_the_report_card_and_resumes(toy, tmp_path, capsys):
     suite = _suite(
         tmp_path / "two.yaml",
