@@ -13,16 +13,27 @@ import signal
 import sys
 import warnings
 
-from aimv2.processes import tune_cpu_allocator
 from aimv2.errors import UserError
+from aimv2.processes import tune_cpu_allocator
 
 # Lightning warnings that do not apply to this project's runs, silenced so real ones stand out:
 # our shard stream defines __len__ per rank on purpose (every worker yields its planned batches),
 # and a deprecation inside Lightning's own pytree helper.
 QUIET_WARNINGS = (r".*IterableDataset.*has `__len__` defined.*", r".*LeafSpec.*is deprecated.*")
 
-VERBS = ("pretrain", "shards", "demo", "probe", "visualize", "report", "export", "checkpoint", "compress", "ablation",
-         "scaling")
+VERBS = (
+    "pretrain",
+    "shards",
+    "demo",
+    "probe",
+    "visualize",
+    "report",
+    "export",
+    "checkpoint",
+    "compress",
+    "ablation",
+    "scaling",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

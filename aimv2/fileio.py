@@ -179,7 +179,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(src), None, str(dst))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc_renameat2():
     """libc's renameat2 (glibc >= 2.28), None where there is none."""
     try:

@@ -42,8 +42,9 @@ def mean_of(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count.clamp_min(1).to(total.dtype)
 
 
-def image_loss_sum(pred: torch.Tensor, target_patches: torch.Tensor,
-                   prefix_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def image_loss_sum(
+    pred: torch.Tensor, target_patches: torch.Tensor, prefix_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-patch L2 terms: (sum, count), both 0-dim float32 on pred's device.
 
     pred (B, N, P): output at position i predicts patch i+1. target_patches (B, N, P) normalized.
@@ -70,8 +71,9 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
     return F.cross_entropy(logits.float(), targets, reduction="sum"), count
 
 
-def text_loss_sum(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
-                  token_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def text_loss_sum(
+    logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, token_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy terms: (sum over real tokens, number of real tokens), 0-dim float32;
     positions where token_mask is False are ignored.
 
@@ -87,8 +89,9 @@ def text_loss_sum(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.
     return total, token_mask.sum().float()
 
 
-def text_loss(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
-              token_index: torch.Tensor | None = None) -> torch.Tensor:
+def text_loss(
+    logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, token_index: torch.Tensor | None = None
+) -> torch.Tensor:
     """`text_loss_sum`'s mean over the batch's real tokens."""
     return mean_of(*text_loss_sum(logits, tokens, token_mask, token_index))
 
@@ -171,8 +174,9 @@ def aimv2_loss_sums(
 ) -> LossSums:
     """Both terms of a fixed-size batch: images (B, C, H, W), pixel_pred (B, N, P), logits as `text_loss_sum`."""
     target = normalize_patches(patchify(images.float(), patch_size))  # (B, N, P)
-    return LossSums(*image_loss_sum(pixel_pred, target, prefix_lengths),
-                    *text_loss_sum(logits, tokens, token_mask, token_index))
+    return LossSums(
+        *image_loss_sum(pixel_pred, target, prefix_lengths), *text_loss_sum(logits, tokens, token_mask, token_index)
+    )
 
 
 def aimv2_loss(
@@ -188,8 +192,9 @@ def aimv2_loss(
     token_index: torch.Tensor | None = None,
 ) -> Losses:
     """The batch means of `aimv2_loss_sums`."""
-    return aimv2_loss_sums(pixel_pred, logits, images, tokens, token_mask, prefix_lengths, patch_size,
-                           token_index).means(alpha, text_weight)
+    return aimv2_loss_sums(
+        pixel_pred, logits, images, tokens, token_mask, prefix_lengths, patch_size, token_index
+    ).means(alpha, text_weight)
 
 
 def packed_aimv2_loss_sums(
@@ -222,5 +227,4 @@ def packed_aimv2_loss(
     text_weight: float = 1.0,
 ) -> Losses:
     """The batch means of `packed_aimv2_loss_sums`."""
-    return packed_aimv2_loss_sums(pixel_pred, logits, patches, tokens, layout, prefix_lengths).means(alpha,
-                                                                                                   text_weight)
+    return packed_aimv2_loss_sums(pixel_pred, logits, patches, tokens, layout, prefix_lengths).means(alpha, text_weight)

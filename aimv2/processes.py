@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 STACKS_WAIT_S = 5  # for every process to print its stacks before the group is killed
 
@@ -38,11 +37,12 @@ class Finished:
     hung: bool  # still running at the deadline; killed
 
 
-def run_with_deadline(cmd: Sequence[str], *, timeout: float, cwd=None, env: Optional[dict] = None) -> Finished:
+def run_with_deadline(cmd: Sequence[str], *, timeout: float, cwd=None, env: dict | None = None) -> Finished:
     """Run `cmd` in a process group of its own, capturing its output as text. Nothing it started
     outlives the call: ranks or data workers left behind by its main process are killed too."""
-    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     hung = False
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -84,9 +84,11 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
-          and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-          and mallopt(M_TOP_PAD, 256 * 1024 * 1024) == 1)
+    ok = (
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+        and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        and mallopt(M_TOP_PAD, 256 * 1024 * 1024) == 1
+    )
     if ok:
         _done = True
         log.debug("glibc malloc tuned for CPU training (mmap threshold 32 MB, no trimming)")

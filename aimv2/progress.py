@@ -56,9 +56,16 @@ def format_rate(rate: float, unit: str = "it") -> str:
 class LineProgress:
     """tqdm's small API (update, set_postfix, close, iteration, with-blocks) printing whole lines."""
 
-    def __init__(self, iterable: Iterable | None = None, total: float | None = None, desc: str = "",
-                 unit: str = "it", initial: int = 0, stream: IO[str] | None = None,
-                 interval: float | None = None):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        total: float | None = None,
+        desc: str = "",
+        unit: str = "it",
+        initial: int = 0,
+        stream: IO[str] | None = None,
+        interval: float | None = None,
+    ):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.iterable, self.desc, self.unit = iterable, desc, unit
@@ -151,9 +158,18 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def progress(iterable: Iterable | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
-             enable: bool = True, initial: int = 0, stream: IO[str] | None = None, leave: bool = True,
-             interval: float | None = None):
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enable: bool = True,
+    initial: int = 0,
+    stream: IO[str] | None = None,
+    leave: bool = True,
+    interval: float | None = None,
+):
     """A progress bar (tqdm on a terminal), a `LineProgress` elsewhere, or a disabled tqdm (no output).
 
     Use it as tqdm: `for x in progress(items, desc="shards")`, or `bar = progress(total=n)` with
@@ -166,5 +182,14 @@ def progress(iterable: Iterable | None = None, *, total: float | None = None, de
     mode = progress_mode(stream, enable)
     if mode == "lines":
         return LineProgress(iterable, total, desc, unit, initial, stream, interval)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=stream, leave=leave,
-                disable=mode == "off", dynamic_ncols=True)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        file=stream,
+        leave=leave,
+        disable=mode == "off",
+        dynamic_ncols=True,
+    )

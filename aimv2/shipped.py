@@ -31,8 +31,10 @@ def configs_dir() -> Path:
     for candidate in candidates:
         if (candidate / "pretrain" / "debug.yaml").is_file():
             return candidate
-    raise RuntimeError(f"aimv2's shipped configs are missing (looked in {', '.join(map(str, candidates))}): "
-                       "a broken install; reinstall aimv2")
+    raise RuntimeError(
+        f"aimv2's shipped configs are missing (looked in {', '.join(map(str, candidates))}): "
+        "a broken install; reinstall aimv2"
+    )
 
 
 def shipped_config(relative: str) -> Path:

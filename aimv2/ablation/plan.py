@@ -55,8 +55,10 @@ def check_variants(variants: list[str]) -> None:
     if unknown:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not any(VARIANTS[v] is not None for v in variants):
-        raise UserError("the random-init variant is the step-0 checkpoint of a trained variant: "
-                        "name at least one of " + ", ".join(v for v, o in VARIANTS.items() if o is not None))
+        raise UserError(
+            "the random-init variant is the step-0 checkpoint of a trained variant: "
+            "name at least one of " + ", ".join(v for v, o in VARIANTS.items() if o is not None)
+        )
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ class AblationPlan:
         if path.is_file():
             old = json.loads(path.read_text(encoding="utf-8"))
             if old.get("fingerprint") != digest:
-                raise UserError(f"{self.out} holds pre-training runs made with other settings (see {path}); "
-                                "choose another --out or delete it")
+                raise UserError(
+                    f"{self.out} holds pre-training runs made with other settings (see {path}); "
+                    "choose another --out or delete it"
+                )
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps({"fingerprint": digest, **asdict(self)}, indent=1) + "\n")

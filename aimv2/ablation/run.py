@@ -40,8 +40,9 @@ from aimv2.engine.run_dir import RunDir
 from aimv2.probe.config import ProbeConfig
 
 
-def offline_data(out: str | Path, scene_counts: tuple[int, int, int] = (6000, 1000, 500),
-                 image_size: int = 112) -> tuple[list[str], list[Task]]:
+def offline_data(
+    out: str | Path, scene_counts: tuple[int, int, int] = (6000, 1000, 500), image_size: int = 112
+) -> tuple[list[str], list[Task]]:
     """Write (or find) both sets and their word list under `out`; returns the pre-training overrides
     (both sources, one sample in two from each; the word tokenizer; the held-out validation shards of
     both sets, data.val.urls) and the probe tasks: digits, then the scene tasks."""
@@ -52,17 +53,23 @@ def offline_data(out: str | Path, scene_counts: tuple[int, int, int] = (6000, 10
     out = Path(out)
     digits = build_demo_shards(out / "digits", image_size=image_size)
     pretrain, train, val = scene_counts
-    scenes = build_scene_shards(out / "scenes", pretrain=pretrain, probe_train=train, probe_val=val,
-                                image_size=image_size, heldout=val)
+    scenes = build_scene_shards(
+        out / "scenes", pretrain=pretrain, probe_train=train, probe_val=val, image_size=image_size, heldout=val
+    )
     urls = {"scenes": scenes["pretrain"]["urls"], "digits": digits["pretrain"]["urls"]}
     vocabulary = out / "vocab.txt"
     write_vocabulary((c for u in urls.values() for c in shard_captions(u)), vocabulary)
-    overrides = ["data.sources=[" + ", ".join(f"{{name: {n}, urls: '{u}'}}" for n, u in urls.items()) + "]",
-                 "data.tokenizer.kind=words", f"data.tokenizer.path='{vocabulary.resolve()}'",
-                 f"data.val.urls='{scenes['heldout']['urls']}::{digits['heldout']['urls']}'"]
+    overrides = [
+        "data.sources=[" + ", ".join(f"{{name: {n}, urls: '{u}'}}" for n, u in urls.items()) + "]",
+        "data.tokenizer.kind=words",
+        f"data.tokenizer.path='{vocabulary.resolve()}'",
+        f"data.val.urls='{scenes['heldout']['urls']}::{digits['heldout']['urls']}'",
+    ]
     tasks = [Task("digit", digits["probe_train"]["dir"], digits["probe_val"]["dir"], named=True)]
-    tasks += [Task(name, entry["train"]["dir"], entry["val"]["dir"], entry["named"])
-              for name, entry in scenes["tasks"].items()]
+    tasks += [
+        Task(name, entry["train"]["dir"], entry["val"]["dir"], entry["named"])
+        for name, entry in scenes["tasks"].items()
+    ]
     return overrides, tasks
 
 
@@ -94,8 +101,17 @@ def pretrain_variant(plan: AblationPlan, variant: str, seed: int) -> Path:
     from aimv2.pretraining.pretrain import pretrain
 
     run = plan.run_dir(variant, seed)
-    cfg = load_config(plan.pretrain_config, [*plan.pretrain_overrides, *VARIANTS[variant], f"trainer.seed={seed}",
-                                             f"data.seed={seed}", f"run_dir={_q(run.root)}", "trainer.resume=auto"])
+    cfg = load_config(
+        plan.pretrain_config,
+        [
+            *plan.pretrain_overrides,
+            *VARIANTS[variant],
+            f"trainer.seed={seed}",
+            f"data.seed={seed}",
+            f"run_dir={_q(run.root)}",
+            "trainer.resume=auto",
+        ],
+    )
     last = run.last_checkpoint
     if last.is_file() and checkpoint_step(last) >= cfg.trainer.max_steps:
         _say(f"seed {seed}, {variant}: pre-training already done ({last})")
@@ -113,12 +129,24 @@ def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoi
     from aimv2.probe.run import run_probe
 
     out = RunDir(plan.run_dir(variant, seed).probe / task.name)  # a probe run of its own
-    cfg = load_config(plan.probe_config, [
-        f"checkpoint={_q(checkpoint)}", f"data.train={_q(task.train)}", f"data.val={_q(task.val)}",
-        f"run_dir={_q(out.root)}", *PROBE_DEFAULTS, *plan.probe_overrides], schema=ProbeConfig)
+    cfg = load_config(
+        plan.probe_config,
+        [
+            f"checkpoint={_q(checkpoint)}",
+            f"data.train={_q(task.train)}",
+            f"data.val={_q(task.val)}",
+            f"run_dir={_q(out.root)}",
+            *PROBE_DEFAULTS,
+            *plan.probe_overrides,
+        ],
+        schema=ProbeConfig,
+    )
     results_file, config_file = out.results_json, out.config
-    done = results_file.is_file() and config_file.is_file() and \
-        config_file.read_text(encoding="utf-8") == OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    done = (
+        results_file.is_file()
+        and config_file.is_file()
+        and config_file.read_text(encoding="utf-8") == OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    )
     if done:
         results = json.loads(results_file.read_text(encoding="utf-8"))
     else:
@@ -128,17 +156,31 @@ def probe_task(plan: AblationPlan, variant: str, seed: int, task: Task, checkpoi
     selected_on = results.get("selected_on", "val")
     chosen = "select_top1" if selected_on == "select" else "top1"  # the top-1 each head was chosen by
     # val_chosen_top1: what choosing on val (the split it is scored on) would have reported, for comparison
-    best = {kind: {"top1": row["top1"], "lr": row["lr"], "wd": row["wd"]}
-            | ({"select_top1": row["select_top1"],
-                "val_chosen_top1": max(r["top1"] for r in results["heads"] if r["head"] == kind)}
-               if chosen == "select_top1" else {})
-            for kind, row in results["best_per_kind"].items()}
+    best = {
+        kind: {"top1": row["top1"], "lr": row["lr"], "wd": row["wd"]}
+        | (
+            {
+                "select_top1": row["select_top1"],
+                "val_chosen_top1": max(r["top1"] for r in results["heads"] if r["head"] == kind),
+            }
+            if chosen == "select_top1"
+            else {}
+        )
+        for kind, row in results["best_per_kind"].items()
+    }
     by_lr: dict[str, dict[str, float]] = {}  # kind -> lr -> best top-1 over weight decays, on the selection split
     for row in results["heads"]:
         cell = by_lr.setdefault(row["head"], {})
         cell[f"{row['lr']:g}"] = max(cell.get(f"{row['lr']:g}", 0.0), row[chosen])
-    return {"variant": variant, "seed": seed, "task": task.name, "classes": results["classes"], "best": best,
-            "selected_on": selected_on, "top1_by_lr": by_lr}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "task": task.name,
+        "classes": results["classes"],
+        "best": best,
+        "selected_on": selected_on,
+        "top1_by_lr": by_lr,
+    }
 
 
 LOSS_TERMS = {"loss": "total", "loss_img": "image", "loss_text": "caption"}

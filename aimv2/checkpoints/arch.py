@@ -54,8 +54,10 @@ class TimmRecipe:
         """build_native_encoder's arguments."""
         width = self.kwargs.get("embed_dim", 0)
         if width % 4:
-            raise UserError(f"native timm model {self.name!r}: width {width} is not divisible by 4, "
-                            "which a 2-D sin-cos position embedding needs")
+            raise UserError(
+                f"native timm model {self.name!r}: width {width} is not divisible by 4, "
+                "which a 2-D sin-cos position embedding needs"
+            )
         return dict(NATIVE_TIMM_KWARGS)
 
     def as_dict(self) -> dict:
@@ -76,15 +78,32 @@ def recipe_from_size(spec: SizeSpec, img_size: int, native: bool = False) -> Tim
     return TimmRecipe(_timm_name(spec, img_size), timm_encoder_kwargs(spec, img_size), native)
 
 
-def recipe_from_dims(width: int, depth: int, heads: int | None, mlp_hidden: int, patch_size: int, img_size: int,
-                     where: str, native: bool = False) -> TimmRecipe:
+def recipe_from_dims(
+    width: int,
+    depth: int,
+    heads: int | None,
+    mlp_hidden: int,
+    patch_size: int,
+    img_size: int,
+    where: str,
+    native: bool = False,
+) -> TimmRecipe:
     """From the encoder's dimensions; with heads=None they come from the size-table row of these shapes."""
-    row = next((s for s in SIZES.values() if (s.width, s.depth, s.mlp_hidden, s.patch_size) ==
-                (width, depth, mlp_hidden, patch_size) and heads in (None, s.heads)), None)
+    row = next(
+        (
+            s
+            for s in SIZES.values()
+            if (s.width, s.depth, s.mlp_hidden, s.patch_size) == (width, depth, mlp_hidden, patch_size)
+            and heads in (None, s.heads)
+        ),
+        None,
+    )
     if row is None:
         if heads is None:
-            raise UserError(f"{where}: width {width}, depth {depth}, MLP {mlp_hidden} match no row of the size table, "
-                            "so the number of attention heads is unknown; pass heads=N to load_encoder")
+            raise UserError(
+                f"{where}: width {width}, depth {depth}, MLP {mlp_hidden} match no row of the size table, "
+                "so the number of attention heads is unknown; pass heads=N to load_encoder"
+            )
         row = SizeSpec("custom", "aimv2_large_patch14_224", width, depth, heads, mlp_hidden, 0, 0, 0, 0, patch_size)
     return recipe_from_size(row, img_size, native)
 
@@ -94,8 +113,9 @@ def recipe_from_shapes(state_dict: dict, where: str, heads: int | None = None) -
     need = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1_g.weight")
     missing = [k for k in need if k not in state_dict]
     if missing:
-        raise UserError(f"{where}: cannot tell the encoder's architecture: no {', '.join(missing)} "
-                        "(and no config describing it)")
+        raise UserError(
+            f"{where}: cannot tell the encoder's architecture: no {', '.join(missing)} (and no config describing it)"
+        )
     width, _, patch, _ = state_dict["patch_embed.proj.weight"].shape  # (D, 3, p, p)
     tokens = state_dict["pos_embed"].shape[-2]  # (1, N, D)
     side = math.isqrt(tokens)
@@ -124,9 +144,16 @@ def recipe_from_hf_config(config: dict, where: str) -> TimmRecipe:
     size, patch = cfg.get("image_size", 224), cfg.get("patch_size", 14)
     size = size[0] if isinstance(size, (list, tuple)) else size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    return recipe_from_dims(int(cfg.get("hidden_size", 1024)), int(cfg.get("num_hidden_layers", 24)),
-                            int(cfg.get("num_attention_heads", 8)), int(cfg.get("intermediate_size", 2816)),
-                            int(patch), int(size), where, bool(cfg.get("is_native", False)))
+    return recipe_from_dims(
+        int(cfg.get("hidden_size", 1024)),
+        int(cfg.get("num_hidden_layers", 24)),
+        int(cfg.get("num_attention_heads", 8)),
+        int(cfg.get("intermediate_size", 2816)),
+        int(patch),
+        int(size),
+        where,
+        bool(cfg.get("is_native", False)),
+    )
 
 
 def recipe_from_timm_config(config: dict, where: str) -> TimmRecipe:
@@ -143,10 +170,21 @@ def encoder_dims(model: VisionTransformer, where: str = "encoder") -> dict:
     UserError saying why it is not one (other ViTs have no transformers Aimv2 equivalent). img_size is
     a native encoder's nominal size."""
     block = model.blocks[0]
-    aimv2_like = (hasattr(block.mlp, "fc1_g") and block.attn.qkv.bias is None and model.num_prefix_tokens == 0
-                  and type(model.norm).__name__ == "RmsNorm" and (model.pos_embed is not None or is_native(model)))
+    aimv2_like = (
+        hasattr(block.mlp, "fc1_g")
+        and block.attn.qkv.bias is None
+        and model.num_prefix_tokens == 0
+        and type(model.norm).__name__ == "RmsNorm"
+        and (model.pos_embed is not None or is_native(model))
+    )
     if not aimv2_like:
         raise UserError(f"{where}: not an AIMv2-architecture encoder (SwiGLU, RMSNorm, no biases, no class token)")
-    return {"width": model.embed_dim, "depth": len(model.blocks), "heads": block.attn.num_heads,
-            "mlp_hidden": block.mlp.fc1_g.out_features, "patch_size": model.patch_embed.patch_size[0],
-            "img_size": model.patch_embed.img_size[0], "native": is_native(model)}
+    return {
+        "width": model.embed_dim,
+        "depth": len(model.blocks),
+        "heads": block.attn.num_heads,
+        "mlp_hidden": block.mlp.fc1_g.out_features,
+        "patch_size": model.patch_embed.patch_size[0],
+        "img_size": model.patch_embed.img_size[0],
+        "native": is_native(model),
+    }

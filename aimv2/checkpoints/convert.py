@@ -62,8 +62,14 @@ _QKV = re.compile(r"^encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bi
 # (this project's AIMv2 module prefix, ml-l3m prefix). Their SwiGLU is fc2(silu(fc1(x)) * fc3(x)), timm's
 # fc2(silu(fc1_g(x)) * fc1_x(x)); their blocks, heads and text embedding sit under their MetaModel parts.
 _L3M_ENCODER, _L3M_DECODER = "models.image_encoder.", "models.text_decoder."
-_L3M_BLOCK = [("norm1.", "norm_1."), ("norm2.", "norm_2."), ("attn.proj.", "attn.proj."),
-              ("mlp.fc1_g.", "mlp.fc1."), ("mlp.fc1_x.", "mlp.fc3."), ("mlp.fc2.", "mlp.fc2.")]
+_L3M_BLOCK = [
+    ("norm1.", "norm_1."),
+    ("norm2.", "norm_2."),
+    ("attn.proj.", "attn.proj."),
+    ("mlp.fc1_g.", "mlp.fc1."),
+    ("mlp.fc1_x.", "mlp.fc3."),
+    ("mlp.fc2.", "mlp.fc2."),
+]
 _L3M_PREFIXES = [
     ("encoder.pos_embed", _L3M_ENCODER + "preprocessor.blocks.0.pos_embed"),
     ("encoder.patch_embed.proj.", _L3M_ENCODER + "preprocessor.blocks.0.patchifier.proj."),
@@ -94,13 +100,13 @@ def _rename(key: str, pairs: list[tuple[str, str]], forward: bool) -> str:
         match = _compile(src).match(key)
         if match:
             head = dst.replace("{i}", match.group(1)) if match.groups() else dst
-            return head + key[match.end():]
+            return head + key[match.end() :]
     return key
 
 
 def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
     """The entries under `prefix`, with it removed (e.g. `model.encoder.` of a pre-training checkpoint)."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def layout_of(keys) -> str | None:
@@ -158,8 +164,11 @@ def hf_to_timm(state_dict: StateDict) -> StateDict:
             out["pos_embed"] = value.unsqueeze(0)  # (1, N, D)
         else:
             out[_rename(key, _HF_PREFIXES, forward=False)] = value
-    return out | _stack_qkv(qkv, lambda i, kind: f"blocks.{i}.attn.qkv.{kind}",
-                            lambda i, kind, n: f"encoder.layers.{i}.attention.{n}_proj.{kind}")
+    return out | _stack_qkv(
+        qkv,
+        lambda i, kind: f"blocks.{i}.attn.qkv.{kind}",
+        lambda i, kind, n: f"encoder.layers.{i}.attention.{n}_proj.{kind}",
+    )
 
 
 def _stack_qkv(groups: dict[tuple[str, str], dict[str, torch.Tensor]], fused, separate) -> StateDict:
@@ -218,12 +227,15 @@ def l3m_to_module(state_dict: StateDict, max_text_len: int) -> StateDict:
             qkv.setdefault(("encoder" if part == "image_encoder" else "decoder", i), {})[name] = value
         elif key == _L3M_TEXT_POS:
             if value.shape[0] < max_text_len:
-                raise ValueError(f"l3m_to_module: {key} has {value.shape[0]} rows, "
-                                 f"fewer than max_text_len {max_text_len}")
+                raise ValueError(
+                    f"l3m_to_module: {key} has {value.shape[0]} rows, fewer than max_text_len {max_text_len}"
+                )
             out["decoder.text_pos_embed"] = value[:max_text_len].unsqueeze(0)  # (1, L, D)
         else:
             out[_rename(key, _L3M_PREFIXES, forward=False)] = value
     theirs = {"encoder": _L3M_ENCODER, "decoder": _L3M_DECODER}
-    return out | _stack_qkv(qkv, lambda where, i: f"{where}.blocks.{i}.attn.qkv.weight",
-                            lambda where, i, n: f"{theirs[where]}trunk.blocks.{i}.attn.{n}_proj.weight")
-
+    return out | _stack_qkv(
+        qkv,
+        lambda where, i: f"{where}.blocks.{i}.attn.qkv.weight",
+        lambda where, i, n: f"{theirs[where]}trunk.blocks.{i}.attn.{n}_proj.weight",
+    )

@@ -82,11 +82,15 @@ def check_complete(path: Path, need_meta: bool = False) -> None:
     Lightning's `meta.pt` is there too: a training checkpoint to resume from)."""
     if not (path / DCP_METADATA).is_file():
         shards = len(list(path.glob("*.distcp")))
-        raise UserError(f"{path}: incomplete DCP checkpoint: no {DCP_METADATA} beside its {shards} .distcp shard "
-                        "file(s) (DCP writes it last, after every rank's shards: the save was interrupted)")
+        raise UserError(
+            f"{path}: incomplete DCP checkpoint: no {DCP_METADATA} beside its {shards} .distcp shard "
+            "file(s) (DCP writes it last, after every rank's shards: the save was interrupted)"
+        )
     if need_meta and not (path / META_FILE).is_file():
-        raise UserError(f"{path}: DCP checkpoint without Lightning's {META_FILE} (global step, hyper-parameters): "
-                        "not a training checkpoint, or its save was interrupted")
+        raise UserError(
+            f"{path}: DCP checkpoint without Lightning's {META_FILE} (global step, hyper-parameters): "
+            "not a training checkpoint, or its save was interrupted"
+        )
 
 
 def _reader(path: Path):
@@ -120,8 +124,10 @@ def read_metadata(path: str | Path):
 def top_level_keys(path: str | Path) -> list[str]:
     """The top-level keys of a DCP checkpoint (`state_dict`, `optimizer_0`, ...), from its index."""
     metadata = read_metadata(path)
-    return sorted({str(fqn_path[0]) for fqn_path in (metadata.planner_data or {}).values() if fqn_path}
-                  or {key.split(".")[0] for key in metadata.state_dict_metadata})
+    return sorted(
+        {str(fqn_path[0]) for fqn_path in (metadata.planner_data or {}).values() if fqn_path}
+        or {key.split(".")[0] for key in metadata.state_dict_metadata}
+    )
 
 
 def read_dcp_state(path: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
@@ -138,12 +144,15 @@ def read_dcp_state(path: str | Path, keys: set[str] | None = None) -> dict[str, 
     read_metadata(path)  # completeness and the safe unpickling, with their own messages
     state: dict[str, Any] = {}
     try:
-        _load_state_dict(state, storage_reader=_reader(path), planner=_EmptyStateDictLoadPlanner(keys=keys),
-                         no_dist=True)
+        _load_state_dict(
+            state, storage_reader=_reader(path), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True
+        )
     except (Exception, CheckpointException) as err:  # DCP wraps a failure in CheckpointException (a BaseException)
         text = " ".join(str(err).split())
-        raise UserError(f"{path}: DCP checkpoint unreadable, a shard file is missing or truncated "
-                        f"({type(err).__name__}: {text[:240]})") from None
+        raise UserError(
+            f"{path}: DCP checkpoint unreadable, a shard file is missing or truncated "
+            f"({type(err).__name__}: {text[:240]})"
+        ) from None
     return state
 
 
@@ -171,8 +180,9 @@ def model_tensors(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
             break
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise UserError(f"{path}: DCP checkpoint without model tensors (top-level keys: "
-                        f"{', '.join(sorted(state)[:5]) or 'none'})")
+        raise UserError(
+            f"{path}: DCP checkpoint without model tensors (top-level keys: {', '.join(sorted(state)[:5]) or 'none'})"
+        )
     return tensors
 
 
@@ -194,8 +204,10 @@ def optimizer_by_index(state: dict) -> dict:
     Lightning's single-file strategies load. The order is the groups' own, as torch numbers them."""
     groups = state.get("param_groups", [])
     index = {name: i for i, name in enumerate(n for g in groups for n in g.get("params", []))}
-    return {"state": {index[name]: value for name, value in state.get("state", {}).items() if name in index},
-            "param_groups": [{**g, "params": [index[n] for n in g.get("params", [])]} for g in groups]}
+    return {
+        "state": {index[name]: value for name, value in state.get("state", {}).items() if name in index},
+        "param_groups": [{**g, "params": [index[n] for n in g.get("params", [])]} for g in groups],
+    }
 
 
 def convert_dcp_to_file(path: str | Path, out: str | Path, *, optimizer: bool = True, overwrite: bool = False) -> dict:
@@ -217,8 +229,9 @@ def convert_dcp_to_file(path: str | Path, out: str | Path, *, optimizer: bool = 
     state = read_dcp_state(path, wanted & keys if MODEL_KEY in keys else None)
     checkpoint = dict(load_meta(path))
     checkpoint[MODEL_KEY] = model_tensors(state, path)
-    optim_keys = sorted((k for k in state if k.startswith(OPTIMIZER_PREFIX)),
-                        key=lambda k: int(k[len(OPTIMIZER_PREFIX):]))
+    optim_keys = sorted(
+        (k for k in state if k.startswith(OPTIMIZER_PREFIX)), key=lambda k: int(k[len(OPTIMIZER_PREFIX) :])
+    )
     if optimizer and optim_keys:
         checkpoint["optimizer_states"] = [optimizer_by_index(state[k]) for k in optim_keys]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,4 +269,3 @@ def save_dcp_checkpoint(state: dict[str, Any], meta: dict, path: str | Path, ran
             torch.save(meta, meta_tmp)
         publish_directory(tmp, final, fsync=False)  # the writers fsynced their own files
     barrier()
-

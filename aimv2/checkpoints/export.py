@@ -3,8 +3,8 @@
 | format | files | loads with |
 |--------|-------|------------|
 | aimv2  | encoder.safetensors, config.json (+ decoder.safetensors) | `aimv2.load_encoder(dir)` |
-| timm   | model.safetensors, config.json (timm's own layout, written by timm's `save_for_hf`) | `timm.create_model('local-dir:DIR', pretrained=True)`, or `timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=dict(file='DIR/model.safetensors'), **model_args)` |
-| hf     | model.safetensors, config.json, preprocessor_config.json | `transformers.Aimv2VisionModel.from_pretrained(dir)` |
+| timm   | model.safetensors, config.json (`save_for_hf`) | `timm.create_model('local-dir:DIR', pretrained=True)` |
+| hf     | model.safetensors, config.json, preprocessor_config.json | `Aimv2VisionModel.from_pretrained(dir)` |
 
 Every export is a directory written under a temporary name beside its destination and renamed
 into place at the end (aimv2.fileio.atomic_directory): an interrupted export leaves nothing under
@@ -49,13 +49,27 @@ def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
-def write_aimv2(out: Path, encoder: VisionTransformer, pre: Preprocessing, recipe: TimmRecipe,
-                decoder: tuple[dict, dict] | None = None, source: dict | None = None) -> None:
+def write_aimv2(
+    out: Path,
+    encoder: VisionTransformer,
+    pre: Preprocessing,
+    recipe: TimmRecipe,
+    decoder: tuple[dict, dict] | None = None,
+    source: dict | None = None,
+) -> None:
     """encoder.safetensors (timm layout) + config.json (timm recipe, preprocessing, decoder arguments)."""
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, out / "encoder.safetensors",
-              metadata={"format": "pt"})
-    config = {"format": EXPORT_FORMAT, "version": 1, "timm": recipe.as_dict(), "preprocessing": pre.as_dict(),
-              "source": source or {}}
+    save_file(
+        {k: v.contiguous() for k, v in encoder.state_dict().items()},
+        out / "encoder.safetensors",
+        metadata={"format": "pt"},
+    )
+    config = {
+        "format": EXPORT_FORMAT,
+        "version": 1,
+        "timm": recipe.as_dict(),
+        "preprocessing": pre.as_dict(),
+        "source": source or {},
+    }
     if decoder is not None:
         state, kwargs = decoder
         save_file({k: v.contiguous() for k, v in state.items()}, out / "decoder.safetensors", metadata={"format": "pt"})
@@ -67,11 +81,15 @@ def write_timm(out: Path, encoder: VisionTransformer, pre: Preprocessing, recipe
     """timm's own directory layout, written by timm (config.json records `architecture` and `model_args`)."""
     if is_native(encoder):
         size = encoder.patch_embed.img_size[0]
-        warnings.warn(f"timm format: the native-resolution encoder is exact at {size} px only; timm resamples its "
-                      "position table for other sizes (--format hf or aimv2 keep native resolution)", stacklevel=2)
+        warnings.warn(
+            f"timm format: the native-resolution encoder is exact at {size} px only; timm resamples its "
+            "position table for other sizes (--format hf or aimv2 keep native resolution)",
+            stacklevel=2,
+        )
         encoder, recipe = learned_table_encoder(encoder, recipe)
-    save_for_hf(encoder, str(out), model_args=dict(recipe.kwargs), safe_serialization=True,
-                data_config=pre.timm_data_config())
+    save_for_hf(
+        encoder, str(out), model_args=dict(recipe.kwargs), safe_serialization=True, data_config=pre.timm_data_config()
+    )
 
 
 def learned_table_encoder(encoder: VisionTransformer, recipe: TimmRecipe) -> tuple[VisionTransformer, TimmRecipe]:
@@ -90,26 +108,49 @@ def hf_config(encoder: VisionTransformer, where: str = "encoder") -> dict:
     encoder (image_size is then its nominal size)."""
     d = encoder_dims(encoder, where)
     return {
-        "architectures": ["Aimv2VisionModel"], "model_type": "aimv2_vision_model",
-        "hidden_size": d["width"], "intermediate_size": d["mlp_hidden"], "num_hidden_layers": d["depth"],
-        "num_attention_heads": d["heads"], "num_channels": 3, "image_size": d["img_size"],
-        "patch_size": d["patch_size"], "hidden_act": "silu", "rms_norm_eps": 1e-5, "attention_dropout": 0.0,
-        "qkv_bias": False, "mlp_bias": False, "use_head": False, "is_native": d["native"],
-        "initializer_range": 0.02, "torch_dtype": "float32",
+        "architectures": ["Aimv2VisionModel"],
+        "model_type": "aimv2_vision_model",
+        "hidden_size": d["width"],
+        "intermediate_size": d["mlp_hidden"],
+        "num_hidden_layers": d["depth"],
+        "num_attention_heads": d["heads"],
+        "num_channels": 3,
+        "image_size": d["img_size"],
+        "patch_size": d["patch_size"],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "qkv_bias": False,
+        "mlp_bias": False,
+        "use_head": False,
+        "is_native": d["native"],
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
     }
 
 
 def write_hf(out: Path, encoder: VisionTransformer, pre: Preprocessing) -> None:
     """config.json + model.safetensors for `Aimv2VisionModel.from_pretrained`, and a CLIPImageProcessor config."""
     config = hf_config(encoder)
-    save_file({k: v.contiguous() for k, v in timm_to_hf(encoder.state_dict()).items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in timm_to_hf(encoder.state_dict()).items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     _write_json(out / "config.json", config)
     _write_json(out / "preprocessor_config.json", pre.hf_processor_config())
 
 
-def export_checkpoint(source: str | Path, out: str | Path, fmt: str, *, img_size: int | None = None,
-                      with_decoder: bool = False, overwrite: bool = False, heads: int | None = None) -> LoadedEncoder:
+def export_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    fmt: str,
+    *,
+    img_size: int | None = None,
+    with_decoder: bool = False,
+    overwrite: bool = False,
+    heads: int | None = None,
+) -> LoadedEncoder:
     """Load any checkpoint `load_encoder` reads and write it to `out` in `fmt` (one of EXPORT_FORMATS)."""
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -124,8 +165,14 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str, *, img_size
         raise UserError(f"{loaded.raw.path}: --with-decoder, but this {loaded.raw.format} checkpoint holds no decoder")
     with atomic_directory(out, overwrite) as tmp:
         if fmt == "aimv2":
-            write_aimv2(tmp, loaded.encoder, loaded.preprocessing, loaded.recipe, decoder,
-                        {"path": str(loaded.raw.path), "format": loaded.raw.format})
+            write_aimv2(
+                tmp,
+                loaded.encoder,
+                loaded.preprocessing,
+                loaded.recipe,
+                decoder,
+                {"path": str(loaded.raw.path), "format": loaded.raw.format},
+            )
         elif fmt == "timm":
             write_timm(tmp, loaded.encoder, loaded.preprocessing, loaded.recipe)
         else:

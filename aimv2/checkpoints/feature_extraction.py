@@ -61,8 +61,7 @@ def extract_features(
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
             with autocast:
                 if wanted:
-                    final, outs = encoder.forward_intermediates(x, indices=wanted, norm=norm_blocks,
-                                                                output_fmt="NLC")
+                    final, outs = encoder.forward_intermediates(x, indices=wanted, norm=norm_blocks, output_fmt="NLC")
                     for b, out in zip(wanted, outs):
                         inter[b].append(out.float().cpu())
                 else:

@@ -4,7 +4,7 @@
 |-----------|--------------------|
 | lightning | `aimv2 pretrain` checkpoint: a pickle with `state_dict` (`model.encoder.*`) + `hyper_parameters` |
 | zero      | DeepSpeed ZeRO directory (`latest`, `<tag>/*_model_states.pt`, `<tag>/*_optim_states.pt`) |
-| dcp       | torch.distributed.checkpoint directory of the fsdp2 strategy (`.metadata`, `__<rank>_<n>.distcp`, `meta.pt`) |
+| dcp       | torch.distributed.checkpoint directory of fsdp2 (`.metadata`, `__<rank>_<n>.distcp`, `meta.pt`) |
 | aimv2     | `aimv2 export --format aimv2`: `encoder.safetensors` (+ `decoder.safetensors`) + `config.json` |
 | timm      | timm directory (`model.safetensors` + config.json with `architecture`) or a bare timm state dict |
 | hf        | transformers `Aimv2VisionModel` directory (config.json + model.safetensors) or its bare state dict |
@@ -31,8 +31,10 @@ FORMATS = ("lightning", "zero", "dcp", "aimv2", "timm", "hf", "apple")
 EXPORT_FORMAT = "aimv2-encoder"  # config.json "format" of this project's own export
 _WEIGHT_FILES = ("encoder.safetensors", "model.safetensors", "pytorch_model.bin")
 _LAYOUT_FORMAT = {"module": "lightning", "apple": "apple", "hf": "hf", "timm": "timm"}
-_EXPECTED = ("expected this project's .ckpt, a DeepSpeed ZeRO or DCP (fsdp2) directory, an `aimv2 export` "
-             "directory, a timm or transformers directory, or an Apple ml-aim state dict")
+_EXPECTED = (
+    "expected this project's .ckpt, a DeepSpeed ZeRO or DCP (fsdp2) directory, an `aimv2 export` "
+    "directory, a timm or transformers directory, or an Apple ml-aim state dict"
+)
 
 
 @dataclass
@@ -74,7 +76,9 @@ def _hf_weight_files(path: Path) -> list[Path]:
 
 
 def _keys(files: list[Path]) -> list[str]:
-    return [k for f in files for k in (safetensors_keys(f) if f.suffix == ".safetensors" else _unwrap(load_pickle(f), f)[0])]
+    return [
+        k for f in files for k in (safetensors_keys(f) if f.suffix == ".safetensors" else _unwrap(load_pickle(f), f)[0])
+    ]
 
 
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -91,8 +95,10 @@ def _detect_dir(path: Path) -> str:
         return "dcp"
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise UserError(f"{path}: directory of no known checkpoint layout (no config.json, no ZeRO 'latest', "
-                        f"no DCP .metadata); {_EXPECTED}")
+        raise UserError(
+            f"{path}: directory of no known checkpoint layout (no config.json, no ZeRO 'latest', "
+            f"no DCP .metadata); {_EXPECTED}"
+        )
     cfg = read_json(cfg_path)
     if cfg.get("format") == EXPORT_FORMAT:
         return "aimv2"
@@ -108,9 +114,11 @@ def _format_of_keys(keys: list[str], path: Path) -> str:
     layout = layout_of(keys)
     if layout is None:
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"
-        raise UserError(f"{path}: no known encoder weights (found {sample}); expected keys like patch_embed.proj.weight "
-                        "(timm), preprocessor.patchifier.proj.weight (Apple), embeddings.patch_embed.weight "
-                        "(transformers) or model.encoder.* (aimv2 pretrain)")
+        raise UserError(
+            f"{path}: no known encoder weights (found {sample}); expected keys like patch_embed.proj.weight "
+            "(timm), preprocessor.patchifier.proj.weight (Apple), embeddings.patch_embed.weight "
+            "(transformers) or model.encoder.* (aimv2 pretrain)"
+        )
     return _LAYOUT_FORMAT[layout]
 
 
@@ -170,12 +178,18 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     config = read_json(path / "config.json")
     if fmt == "aimv2":
         decoder = path / "decoder.safetensors"
-        return RawCheckpoint(path, fmt, load_safetensors(path / "encoder.safetensors"), config,
-                             decoder_file=decoder if decoder.is_file() else None)
+        return RawCheckpoint(
+            path,
+            fmt,
+            load_safetensors(path / "encoder.safetensors"),
+            config,
+            decoder_file=decoder if decoder.is_file() else None,
+        )
     files = _hf_weight_files(path)
     processor = path / "preprocessor_config.json"
-    return RawCheckpoint(path, fmt, _read_tensors(files), config,
-                         preprocessor=read_json(processor) if processor.is_file() else None)
+    return RawCheckpoint(
+        path, fmt, _read_tensors(files), config, preprocessor=read_json(processor) if processor.is_file() else None
+    )
 
 
 def client_state(path: str | Path, fmt: str | None = None) -> dict | None:

@@ -37,8 +37,9 @@ class LoadedEncoder:
     raw: RawCheckpoint
 
 
-def load_encoder(source: str | Path, img_size: int | None = None, *, heads: int | None = None
-                 ) -> tuple[VisionTransformer, Preprocessing]:
+def load_encoder(
+    source: str | Path, img_size: int | None = None, *, heads: int | None = None
+) -> tuple[VisionTransformer, Preprocessing]:
     """(timm VisionTransformer in eval mode on the CPU, its eval preprocessing) from any checkpoint:
     this project's .ckpt, a DeepSpeed ZeRO or DCP (fsdp2) directory, an `aimv2 export` directory, a timm or
     transformers directory, or Apple's ml-aim release. `img_size` (a multiple of the patch size)
@@ -92,8 +93,11 @@ def _drop_head(state: dict, where: str) -> dict:
     """LiT-style attention-pooling heads are not part of the encoder trunk that timm's aimv2 models hold."""
     head = [k for k in state if k.startswith("head.")]
     if head:
-        warnings.warn(f"{where}: dropped the attention-pooling head ({len(head)} tensors); "
-                      "pooled features are the mean of the patch tokens", stacklevel=3)
+        warnings.warn(
+            f"{where}: dropped the attention-pooling head ({len(head)} tensors); "
+            "pooled features are the mean of the patch tokens",
+            stacklevel=3,
+        )
     return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
@@ -126,8 +130,11 @@ def _encoder_parts(raw: RawCheckpoint, heads: int | None) -> tuple[dict, TimmRec
         pre = Preprocessing.from_hf_processor(raw.preprocessor, 0) if raw.preprocessor else Preprocessing(0)
         return state, recipe, pre
     state = _drop_head(raw.tensors, where)  # apple
-    recipe = (recipe_from_hf_config(cfg, where) if "hidden_size" in hf_vision_config(cfg)
-              else recipe_from_shapes(apple_names_to_timm(state), where, heads))
+    recipe = (
+        recipe_from_hf_config(cfg, where)
+        if "hidden_size" in hf_vision_config(cfg)
+        else recipe_from_shapes(apple_names_to_timm(state), where, heads)
+    )
     return state, recipe, Preprocessing(0)
 
 
@@ -139,11 +146,15 @@ def _listing(keys: list[str], limit: int = 5) -> str:
 def _native_hint(recipe: TimmRecipe, missing: list[str], unexpected: list[str]) -> str:
     """A native encoder has no `pos_embed`: when that key alone tells the config and the weights apart, say so."""
     if recipe.native and "pos_embed" in unexpected:
-        return ("; the config says native resolution (sin-cos positions, no pos_embed) but the weights hold a "
-                "learned position table")
+        return (
+            "; the config says native resolution (sin-cos positions, no pos_embed) but the weights hold a "
+            "learned position table"
+        )
     if not recipe.native and "pos_embed" in missing:
-        return ("; weights without a position table are a native-resolution encoder's, which the config does not "
-                "say (model.native / is_native)")
+        return (
+            "; weights without a position table are a native-resolution encoder's, which the config does not "
+            "say (model.native / is_native)"
+        )
     return ""
 
 
@@ -151,13 +162,22 @@ def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, re
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape]
+    mis_shaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or mis_shaped:
-        parts = [f"{label} {len(keys)} keys [{_listing(keys)}]" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if keys]
-        raise UserError(f"{raw.path}: {raw.format} weights do not fit the {recipe.name} encoder: " + "; ".join(parts)
-                        + _native_hint(recipe, missing, unexpected))
+        parts = [
+            f"{label} {len(keys)} keys [{_listing(keys)}]"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+            if keys
+        ]
+        raise UserError(
+            f"{raw.path}: {raw.format} weights do not fit the {recipe.name} encoder: "
+            + "; ".join(parts)
+            + _native_hint(recipe, missing, unexpected)
+        )
     # fp32 on the CPU whatever the file holds (releases are often bf16); assign: the meta tensors are replaced.
     state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     encoder.load_state_dict(state, strict=True, assign=True)
@@ -172,6 +192,7 @@ def read_decoder(loaded: LoadedEncoder) -> tuple[dict, dict] | None:
     raw = loaded.raw
     if raw.format == "aimv2" and raw.decoder_file is not None and "decoder" in raw.config:
         from aimv2.checkpoints.safe_io import load_safetensors
+
         return load_safetensors(raw.decoder_file), dict(raw.config["decoder"])
     if raw.format in ("lightning", "zero", "dcp") and isinstance(raw.config.get("model"), dict):
         state = strip_prefix({k.removeprefix("_forward_module."): v for k, v in raw.tensors.items()}, "model.decoder.")

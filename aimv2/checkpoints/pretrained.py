@@ -46,8 +46,9 @@ def load_decoder(source: str | Path) -> torch.nn.Module:
 def load_pretrained(source: str | Path) -> Pretrained:
     """The AIMv2 model (eval mode) of a checkpoint that holds the decoder, else a UserError naming it."""
     loaded = load_checkpoint(source)
-    decoder = _decoder(loaded, ": an `aimv2 pretrain` checkpoint, or an export made with --with-decoder, "
-                               "holds the whole model")
+    decoder = _decoder(
+        loaded, ": an `aimv2 pretrain` checkpoint, or an export made with --with-decoder, holds the whole model"
+    )
     model_cfg = loaded.raw.config.get("model") if isinstance(loaded.raw.config, dict) else None
     spec = SIZES.get(str(model_cfg.get("size"))) if isinstance(model_cfg, dict) else None
     return Pretrained(AIMv2.from_parts(loaded.encoder, decoder, spec).eval(), loaded)

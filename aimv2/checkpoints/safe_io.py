@@ -21,17 +21,17 @@ from safetensors.torch import load_file
 from aimv2.errors import UserError, one_line
 
 
-
-
 def describe_load_error(path: Path, err: BaseException) -> UserError:
     """A one-line UserError for a failed torch.load: refused (unsafe global) or unreadable (truncated/corrupt)."""
     text = str(err)
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
         found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported global: ([\w.]+)", text)
         what = f"the Python global `{found.group(1)}`" if found else "a non-tensor object"
-        return UserError(f"{path}: refused to load: the pickle asks for {what}, which could run code "
-                         "(checkpoints are read with torch.load(weights_only=True); re-save it as plain tensors "
-                         "or safetensors)")
+        return UserError(
+            f"{path}: refused to load: the pickle asks for {what}, which could run code "
+            "(checkpoints are read with torch.load(weights_only=True); re-save it as plain tensors "
+            "or safetensors)"
+        )
     return UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({one_line(err)})")
 
 

@@ -45,26 +45,50 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     Field("version", JOBS, "aimv2.checkpoints.schema", "this schema's version (CHECKPOINT_VERSION)"),
     Field("job", JOBS, "the job's LightningModule", "the job that wrote the checkpoint: pretrain or compress"),
-    Field("nonfinite_steps", ("pretrain",), "aimv2.pretraining.module",
-          "optimizer steps skipped so far for a NaN/inf loss or gradient"),
-    Field("train_samples", ("pretrain",), "aimv2.pretraining.validation",
-          "training samples seen, summed over ranks (the x axis of the held-out loss)"),
+    Field(
+        "nonfinite_steps",
+        ("pretrain",),
+        "aimv2.pretraining.module",
+        "optimizer steps skipped so far for a NaN/inf loss or gradient",
+    ),
+    Field(
+        "train_samples",
+        ("pretrain",),
+        "aimv2.pretraining.validation",
+        "training samples seen, summed over ranks (the x axis of the held-out loss)",
+    ),
     Field("train_text_tokens", ("pretrain",), "aimv2.pretraining.validation", "caption tokens seen, summed over ranks"),
-    Field("train_samples_estimated", ("pretrain",), "aimv2.pretraining.validation",
-          "samples of steps before the count was kept (resumed from a checkpoint without it)"),
-    Field("val_row", ("pretrain",), "aimv2.pretraining.validation",
-          "the last held-out loss row [step, metrics], re-logged if the CSV lost it"),
-    Field("rank_counters", JOBS, "aimv2.engine.logs",
-          "counters kept per rank and logged as their sum (data/skipped_samples, data/shard_errors), summed over "
-          "ranks; restored on rank 0"),
-    Field("metrics_row", JOBS, "aimv2.engine.logs",
-          "the CSV row of the checkpoint's step {step, metrics}, restored on resume if the file lacks it"),
+    Field(
+        "train_samples_estimated",
+        ("pretrain",),
+        "aimv2.pretraining.validation",
+        "samples of steps before the count was kept (resumed from a checkpoint without it)",
+    ),
+    Field(
+        "val_row",
+        ("pretrain",),
+        "aimv2.pretraining.validation",
+        "the last held-out loss row [step, metrics], re-logged if the CSV lost it",
+    ),
+    Field(
+        "rank_counters",
+        JOBS,
+        "aimv2.engine.logs",
+        "counters kept per rank and logged as their sum (data/skipped_samples, data/shard_errors), summed over "
+        "ranks; restored on rank 0",
+    ),
+    Field(
+        "metrics_row",
+        JOBS,
+        "aimv2.engine.logs",
+        "the CSV row of the checkpoint's step {step, metrics}, restored on resume if the file lacks it",
+    ),
 )
 FIELD_NAMES = frozenset(f.name for f in FIELDS)
 
 LIGHTNING_KEYS = {  # the keys of Lightning's own checkpoint this toolkit reads
     "state_dict": "the module's weights (`model.encoder.*`, `model.decoder.*`) and metric states; compress: "
-                  "the trained parts only",
+    "the trained parts only",
     "hyper_parameters": "the job's config as saved by save_hyperparameters (`config`: the resolved YAML)",
     "global_step": "optimizer steps done: the step a resume continues from",
     "optimizer_states": "the optimizer moments (a resume; `aimv2 checkpoint convert --no-optimizer` drops them)",
@@ -108,8 +132,10 @@ def check_version(checkpoint: dict, where: object = "the checkpoint") -> int:
     than this code's."""
     version = version_of(checkpoint)
     if version > CHECKPOINT_VERSION:
-        raise UserError(f"{where}: checkpoint schema version {version} is newer than this aimv2 reads "
-                        f"(version {CHECKPOINT_VERSION}); upgrade aimv2 to resume or load it")
+        raise UserError(
+            f"{where}: checkpoint schema version {version} is newer than this aimv2 reads "
+            f"(version {CHECKPOINT_VERSION}); upgrade aimv2 to resume or load it"
+        )
     return version
 
 
@@ -148,14 +174,19 @@ def head_state(fingerprint: str, epoch: int, grid: dict, optim: dict) -> dict:
 
 def head_state_matches(state: object, fingerprint: str) -> bool:
     """Whether a loaded heads.pt continues the heads of `fingerprint` (same version, same settings)."""
-    return (isinstance(state, dict) and state.get("version", 1) == HEAD_STATE_VERSION
-            and state.get("fingerprint") == fingerprint)
+    return (
+        isinstance(state, dict)
+        and state.get("version", 1) == HEAD_STATE_VERSION
+        and state.get("fingerprint") == fingerprint
+    )
 
 
 def describe() -> str:
     """The schema as text: versions, the toolkit's fields by job, the Lightning keys read, the head state."""
-    lines = [f"checkpoint schema version {CHECKPOINT_VERSION} (pre-training and compressor checkpoints)",
-             f"toolkit fields, under checkpoint['{TOOLKIT_KEY}']:"]
+    lines = [
+        f"checkpoint schema version {CHECKPOINT_VERSION} (pre-training and compressor checkpoints)",
+        f"toolkit fields, under checkpoint['{TOOLKIT_KEY}']:",
+    ]
     width = max(len(f.name) for f in FIELDS)
     for f in FIELDS:
         lines.append(f"  {f.name:<{width}}  {'/'.join(f.jobs):<17} {f.meaning} (written by {f.writer})")

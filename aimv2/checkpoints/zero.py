@@ -34,18 +34,34 @@ DEEPSPEED_SAFE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
 )
 # DeepSpeed's own entries in the model-states file; the rest is Lightning's client state.
-_ENGINE_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-                "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
-                "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
-                "checkpoint_parallel_dimensions", "ds_config", "ds_version"}
+_ENGINE_KEYS = {
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "sparse_tensor_module_names",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "checkpoint_parallel_dimensions",
+    "ds_config",
+    "ds_version",
+}
 
 
 def is_zero_checkpoint(path: Path) -> bool:
     """A ZeRO checkpoint root (with `latest` or one tag sub-directory) or a tag directory itself."""
     if not path.is_dir():
         return False
-    return ((path / "latest").is_file() or any(path.glob("*/*model_states.pt"))
-            or any(path.glob("*model_states.pt")))
+    return (path / "latest").is_file() or any(path.glob("*/*model_states.pt")) or any(path.glob("*model_states.pt"))
 
 
 def _root_and_tag(path: Path) -> tuple[Path, str]:
@@ -56,8 +72,10 @@ def _root_and_tag(path: Path) -> tuple[Path, str]:
         return path, latest.read_text().strip()
     tags = sorted({p.parent.name for p in path.glob("*/*model_states.pt")})
     if len(tags) != 1:
-        raise UserError(f"{path}: ZeRO checkpoint without a 'latest' file and with {len(tags)} tag directories "
-                        f"({', '.join(tags)}); pass the tag directory itself")
+        raise UserError(
+            f"{path}: ZeRO checkpoint without a 'latest' file and with {len(tags)} tag directories "
+            f"({', '.join(tags)}); pass the tag directory itself"
+        )
     return path, tags[0]
 
 
@@ -112,8 +130,10 @@ def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
-        raise UserError(f"{path} is a DeepSpeed ZeRO checkpoint; converting it needs deepspeed "
-                        "(pip install 'aimv2[deepspeed]'); it runs on the CPU") from None
+        raise UserError(
+            f"{path} is a DeepSpeed ZeRO checkpoint; converting it needs deepspeed "
+            "(pip install 'aimv2[deepspeed]'); it runs on the CPU"
+        ) from None
     root, tag = _root_and_tag(path)
     with _weights_only_loads():
         try:
@@ -123,11 +143,13 @@ def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         except pickle.UnpicklingError as err:  # refused by weights_only, or a corrupt pickle
             raise describe_load_error(root / tag, err) from None
         except (FileNotFoundError, ValueError, KeyError, IndexError) as err:  # a missing rank file or entry
-            raise UserError(f"{root / tag}: not a complete ZeRO checkpoint ({type(err).__name__}: "
-                            f"{str(err).strip()[:200]})") from None
+            raise UserError(
+                f"{root / tag}: not a complete ZeRO checkpoint ({type(err).__name__}: {str(err).strip()[:200]})"
+            ) from None
         except Exception as err:
             raise describe_load_error(root / tag, err) from None
     client = {k: v for k, v in client.items() if k not in _ENGINE_KEYS} if isinstance(client, dict) else {}
-    state_dict = {k.removeprefix("_forward_module."): v.float() if v.is_floating_point() else v
-                  for k, v in state_dict.items()}
+    state_dict = {
+        k.removeprefix("_forward_module."): v.float() if v.is_floating_point() else v for k, v in state_dict.items()
+    }
     return state_dict, client

@@ -17,19 +17,41 @@ HELP = "objective ablation: AIMv2 vs captioning-only vs pixel-only vs random ini
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
-                        help="a pre-training config (default configs/pretrain/ablation.yaml), then overrides "
-                             "for every variant, e.g. trainer.max_steps=2000")
-    parser.add_argument("--out", type=Path, default=Path("runs/ablation"), help="output directory (default runs/ablation)")
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] key=value",
+        help="a pre-training config (default configs/pretrain/ablation.yaml), then overrides "
+        "for every variant, e.g. trainer.max_steps=2000",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/ablation"), help="output directory (default runs/ablation)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     parser.add_argument("--variants", nargs="+", help="subset of aimv2 captioning pixel random (default all)")
-    parser.add_argument("--task", action="append", default=[], metavar="NAME=TRAIN,VAL",
-                        help="a probe task: class-labelled train and val splits (repeatable)")
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME=TRAIN,VAL",
+        help="a probe task: class-labelled train and val splits (repeatable)",
+    )
     parser.add_argument("--probe-config", help="probe config (default configs/probe/toy.yaml)")
-    parser.add_argument("--probe", action="append", default=[], metavar="key=value",
-                        help="probe override, e.g. --probe optim.epochs=20 (repeatable)")
-    parser.add_argument("--scenes", type=int, nargs=3, default=[6000, 1000, 500], metavar=("PRETRAIN", "TRAIN", "VAL"),
-                        help="offline set: generated scenes for pre-training, probe train and probe val")
+    parser.add_argument(
+        "--probe",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="probe override, e.g. --probe optim.epochs=20 (repeatable)",
+    )
+    parser.add_argument(
+        "--scenes",
+        type=int,
+        nargs=3,
+        default=[6000, 1000, 500],
+        metavar=("PRETRAIN", "TRAIN", "VAL"),
+        help="offline set: generated scenes for pre-training, probe train and probe val",
+    )
     parser.set_defaults(_overrides="items")  # overrides may also follow the options (aimv2.cli.parse_args)
 
 
@@ -58,9 +80,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aimv2.ablation.run import offline_data
     from aimv2.ablation.plan import VARIANTS, AblationPlan, check_variants
-    from aimv2.ablation.run import run_ablation
+    from aimv2.ablation.run import offline_data, run_ablation
     from aimv2.commands.probe import split_items
     from aimv2.errors import UserError
     from aimv2.shipped import shipped_config, user_config
@@ -77,14 +98,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         sources, tasks = offline_data(args.out / "data", tuple(args.scenes))
         overrides = [*sources, *overrides]
-    plan = AblationPlan(out=str(args.out), pretrain_config=config, pretrain_overrides=overrides,
-                        probe_config=probe_config, probe_overrides=list(args.probe), tasks=tasks,
-                        seeds=list(args.seeds), variants=variants)
+    plan = AblationPlan(
+        out=str(args.out),
+        pretrain_config=config,
+        pretrain_overrides=overrides,
+        probe_config=probe_config,
+        probe_overrides=list(args.probe),
+        tasks=tasks,
+        seeds=list(args.seeds),
+        variants=variants,
+    )
     run_ablation(plan, command=command_line(args))
     out = args.out
-    print("\n".join([f"ablation finished; everything is under {out}",
-                     f"  table   {out / 'ablation.md'} and {out / 'ablation.json'}",
-                     f"  plot    {out / 'ablation.png'}",
-                     f"  runs    {out / 'runs'}/<variant>/seed<k>/ (pre-training, probe/<task>/)"]))
+    print(
+        "\n".join(
+            [
+                f"ablation finished; everything is under {out}",
+                f"  table   {out / 'ablation.md'} and {out / 'ablation.json'}",
+                f"  plot    {out / 'ablation.png'}",
+                f"  runs    {out / 'runs'}/<variant>/seed<k>/ (pre-training, probe/<task>/)",
+            ]
+        )
+    )
     print((out / "ablation.md").read_text(encoding="utf-8"))
     return 0

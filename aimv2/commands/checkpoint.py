@@ -26,11 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect = sub.add_parser("inspect", help="print one checkpoint's format, schema version, job, step and fields")
     inspect.add_argument("checkpoint", type=Path, help="a checkpoint file or directory")
     convert = sub.add_parser("convert", help="convert a DCP checkpoint directory to one checkpoint file")
-    convert.add_argument("checkpoint", type=Path, help="a DCP checkpoint directory, e.g. RUN/checkpoints/last.ckpt/ "
-                                                       "written by --strategy fsdp2")
+    convert.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a DCP checkpoint directory, e.g. RUN/checkpoints/last.ckpt/ written by --strategy fsdp2",
+    )
     convert.add_argument("out", type=Path, help="the single-file checkpoint to write (must not exist, see --overwrite)")
-    convert.add_argument("--no-optimizer", action="store_true", help="leave the optimizer states out (weights and "
-                                                                     "metadata only: a smaller file)")
+    convert.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="leave the optimizer states out (weights and metadata only: a smaller file)",
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
 
 
@@ -62,8 +68,11 @@ def _inspect(path: Path) -> int:
     part = schema.read(state, path)
     print(f"  schema version {version}" + (" (written before versions; read as version 2)" if version == 1 else ""))
     print(f"  job {part.get('job', 'unknown')}, step {schema.global_step(state)}")
-    print(f"  weights: {len(schema.model_state(state))} tensors" if schema.model_state(state) else "  weights: "
-          "in the directory's shards")
+    print(
+        f"  weights: {len(schema.model_state(state))} tensors"
+        if schema.model_state(state)
+        else "  weights: in the directory's shards"
+    )
     for key in sorted(k for k in part if k not in ("version", "job")):
         print(f"  {key}: {part[key]}")
     return 0
@@ -76,8 +85,10 @@ def _convert(args: argparse.Namespace) -> int:
     if not args.checkpoint.exists():
         raise UserError(f"checkpoint not found: {args.checkpoint}")
     if not is_dcp_checkpoint(args.checkpoint):
-        raise UserError(f"{args.checkpoint}: not a DCP checkpoint directory (no .metadata, no .distcp shards); "
-                        "single files and exports need no conversion, ZeRO directories convert through `aimv2 export`")
+        raise UserError(
+            f"{args.checkpoint}: not a DCP checkpoint directory (no .metadata, no .distcp shards); "
+            "single files and exports need no conversion, ZeRO directories convert through `aimv2 export`"
+        )
     written = convert_dcp_to_file(args.checkpoint, args.out, optimizer=not args.no_optimizer, overwrite=args.overwrite)
     tensors = len(written["state_dict"])
     optim = f", {len(written.get('optimizer_states', []))} optimizer state(s)" if "optimizer_states" in written else ""

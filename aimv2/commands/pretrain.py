@@ -17,18 +17,24 @@ from aimv2.commands import add_rehearse_arguments
 from aimv2.errors import UserError
 
 HELP = "pre-train an AIMv2 encoder from a YAML config (key=value overrides)"
-REHEARSE_HELP = ("run the config as it is, shrunk to the debug size on this machine's CPU for a few steps with "
-                 "a checkpoint and a resume; reports what could not be rehearsed here (FSDP and DeepSpeed need CUDA)")
+REHEARSE_HELP = (
+    "run the config as it is, shrunk to the debug size on this machine's CPU for a few steps with "
+    "a checkpoint and a resume; reports what could not be rehearsed here (FSDP and DeepSpeed need CUDA)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config, e.g. configs/pretrain/debug.yaml")
-    parser.add_argument("--strategy", metavar="PRESET",
-                        help="scale-out preset: ddp, fsdp, deepspeed_zero2, deepspeed_zero3, "
-                             "deepspeed_zero3_offload (configs/strategy/), or a YAML path")
+    parser.add_argument(
+        "--strategy",
+        metavar="PRESET",
+        help="scale-out preset: ddp, fsdp, deepspeed_zero2, deepspeed_zero3, "
+        "deepspeed_zero3_offload (configs/strategy/), or a YAML path",
+    )
     add_rehearse_arguments(parser, REHEARSE_HELP)
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="e.g. trainer.max_steps=100 data.batch_size=32")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. trainer.max_steps=100 data.batch_size=32"
+    )
     parser.set_defaults(_overrides="overrides")
 
 
@@ -55,8 +61,13 @@ def run(args: argparse.Namespace) -> int:
         from aimv2.pretraining.rehearse import rehearse_pretrain
 
         name = Path(args.config).stem + (f"+{Path(args.strategy).stem}" if args.strategy else "")
-        report = rehearse_pretrain(cfg, Path(args.rehearse_dir) / name, devices=args.rehearse_devices,
-                                   demo_root=args.rehearse_dir, in_process=True)
+        report = rehearse_pretrain(
+            cfg,
+            Path(args.rehearse_dir) / name,
+            devices=args.rehearse_devices,
+            demo_root=args.rehearse_dir,
+            in_process=True,
+        )
         print(report.table())
         return 1 if report.failed else 0
     from aimv2.pretraining.pretrain import pretrain

@@ -16,8 +16,10 @@ HELP = "curves PNG and Markdown summary of one or more pre-training runs (config
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of `aimv2 pretrain` (its run_dir)")
-    parser.add_argument("--out", help="directory for curves.png and report.md "
-                                      "(default: RUN_DIR/report for one run, PARENT/report for several)")
+    parser.add_argument(
+        "--out",
+        help="directory for curves.png and report.md (default: RUN_DIR/report for one run, PARENT/report for several)",
+    )
 
 
 def default_out(runs: list[str]) -> Path:

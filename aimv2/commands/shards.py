@@ -18,8 +18,10 @@ from aimv2.errors import UserError
 if TYPE_CHECKING:  # the writer imports webdataset and torch: only when a shard is written, not for --help
     from aimv2.data.shards import WriteReport
 
-HELP = ("write WebDataset tar shards from a captions file, a class folder tree, the offline demo set or generated "
-        "scenes; index a directory of shards")
+HELP = (
+    "write WebDataset tar shards from a captions file, a class folder tree, the offline demo set or generated "
+    "scenes; index a directory of shards"
+)
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shape, colour, position, size and count. Does nothing if a complete set is already there.",
     )
     scenes.add_argument("--out", type=Path, required=True, help="directory for the scene set")
-    scenes.add_argument("--counts", type=int, nargs=3, default=[6000, 1000, 500], metavar=("PRETRAIN", "TRAIN", "VAL"),
-                        help="scenes for pre-training, probe train and probe val (default 6000 1000 500)")
+    scenes.add_argument(
+        "--counts",
+        type=int,
+        nargs=3,
+        default=[6000, 1000, 500],
+        metavar=("PRETRAIN", "TRAIN", "VAL"),
+        help="scenes for pre-training, probe train and probe val (default 6000 1000 500)",
+    )
     scenes.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
     scenes.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     scenes.set_defaults(_shards_run=_run_scenes)
@@ -165,14 +173,25 @@ def _run_scenes(args: argparse.Namespace) -> int:
     if min(args.counts) < 1 or args.image_size < 8:
         raise UserError("--counts must be >= 1 each and --image-size >= 8")
     pretrain, train, val = args.counts
-    result = build_scene_shards(args.out, pretrain=pretrain, probe_train=train, probe_val=val,
-                                image_size=args.image_size, seed=args.seed, progress=True)
-    print(f"scene set in {result['out_dir']}: {result['pretrain']['count']} captioned scenes in "
-          f"{result['pretrain']['shards']} shards (captions name {' and '.join(result['named'])})")
+    result = build_scene_shards(
+        args.out,
+        pretrain=pretrain,
+        probe_train=train,
+        probe_val=val,
+        image_size=args.image_size,
+        seed=args.seed,
+        progress=True,
+    )
+    print(
+        f"scene set in {result['out_dir']}: {result['pretrain']['count']} captioned scenes in "
+        f"{result['pretrain']['shards']} shards (captions name {' and '.join(result['named'])})"
+    )
     for task, entry in result["tasks"].items():
         said = "named in captions" if entry["named"] else "never named"
-        print(f"  probe task {task:<9} {len(entry['classes'])} classes ({said}): "
-              f"{entry['train']['dir']} ({entry['train']['count']}), {entry['val']['dir']} ({entry['val']['count']})")
+        print(
+            f"  probe task {task:<9} {len(entry['classes'])} classes ({said}): "
+            f"{entry['train']['dir']} ({entry['train']['count']}), {entry['val']['dir']} ({entry['val']['count']})"
+        )
     print(f'config, under data.sources:  - urls: "{result["pretrain"]["urls"]}"')
     print(f"the captions' word list (data.tokenizer.kind=words, data.tokenizer.path): {result['vocabulary']}")
     return 0

@@ -13,9 +13,16 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "COMPRESSORS": "components", "build_compressor": "components", "CompressorSpec": "base", "Compressor": "base",
-    "AttachedVLM": "vlm", "build_prefix": "vlm", "TextPrefix": "vlm",
-    "load_bundle": "bundle", "export_bundle": "bundle", "CompressConfig": "config",
+    "COMPRESSORS": "components",
+    "build_compressor": "components",
+    "CompressorSpec": "base",
+    "Compressor": "base",
+    "AttachedVLM": "vlm",
+    "build_prefix": "vlm",
+    "TextPrefix": "vlm",
+    "load_bundle": "bundle",
+    "export_bundle": "bundle",
+    "CompressConfig": "config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class CompressorSpec:
         return asdict(self) | {"grid": list(self.grid)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CompressorSpec":
+    def from_dict(cls, d: dict) -> CompressorSpec:
         return cls(**(dict(d) | {"grid": tuple(d["grid"])}))
 
 
@@ -64,8 +64,10 @@ class Compressor(nn.Module):
     def set_num_tokens(self, m: int) -> None:
         """Change M in place (flexible kinds only: pooling and pruning have no per-M weights)."""
         if not self.flexible:
-            raise UserError(f"compressor '{self.spec.kind}' has weights for M={self.spec.num_tokens} only; "
-                            "train one run per M (see eval/README.md)")
+            raise UserError(
+                f"compressor '{self.spec.kind}' has weights for M={self.spec.num_tokens} only; "
+                "train one run per M (see eval/README.md)"
+            )
         self.check_m(self.spec.kind, m, self.spec.grid)
         self.num_tokens = m
 
@@ -74,18 +76,24 @@ class Compressor(nn.Module):
         """A UserError naming compressor.num_tokens when this kind cannot make M tokens on this grid."""
         check_num_tokens(kind, m, grid)
 
-    def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """`grid`: the (gh, gw) of these features when it is not the trained one (a native-resolution
         encoder takes any image size); None = spec.grid."""
         raise NotImplementedError
 
-    def grid_of(self, x: torch.Tensor, grid: Optional[tuple[int, int]]) -> tuple[int, int]:
+    def grid_of(self, x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[int, int]:
         """The features' grid (spec.grid unless given), checked against their N and this kind's M."""
         grid = tuple(grid) if grid is not None else self.spec.grid
         if grid[0] * grid[1] != x.shape[1]:
-            raise UserError(f"compressor {self.spec.kind}: {x.shape[1]} patch features do not form a "
-                            f"{grid[0]}x{grid[1]} grid")
+            raise UserError(
+                f"compressor {self.spec.kind}: {x.shape[1]} patch features do not form a {grid[0]}x{grid[1]} grid"
+            )
         if grid != self.spec.grid:
             self.check_m(self.spec.kind, self.num_tokens, grid)
         return grid
@@ -101,8 +109,10 @@ def check_num_tokens(kind: str, m: int, grid: tuple[int, int], *, square: bool =
     if (square or divides) and side * side != m:
         raise UserError(f"config key '{key}': {kind} pools to a sqrt(M) x sqrt(M) grid, so M must be a square, got {m}")
     if divides and (grid[0] % side or grid[1] % side):
-        raise UserError(f"config key '{key}': {kind} needs sqrt(M)={side} to divide the {grid[0]}x{grid[1]} patch grid "
-                        f"(M in {region_token_counts(grid)})")
+        raise UserError(
+            f"config key '{key}': {kind} needs sqrt(M)={side} to divide the {grid[0]}x{grid[1]} patch grid "
+            f"(M in {region_token_counts(grid)})"
+        )
 
 
 def region_token_counts(grid: tuple[int, int]) -> list[int]:
@@ -145,8 +155,10 @@ def attention_width(spec: CompressorSpec) -> int:
     """Attention runs at `hidden` (default: the encoder width), which the heads must divide."""
     width = spec.hidden or spec.d_vis
     if width % spec.heads:
-        raise UserError(f"config key 'compressor.heads': {spec.heads} heads do not divide the attention width {width} "
-                        "(compressor.hidden, default the encoder width)")
+        raise UserError(
+            f"config key 'compressor.heads': {spec.heads} heads do not divide the attention width {width} "
+            "(compressor.hidden, default the encoder width)"
+        )
     return width
 
 
@@ -156,9 +168,13 @@ def refuse_old_weights(module: nn.Module, kind: str, old_prefixes: Iterable[str]
     old = tuple(old_prefixes)
 
     def hook(mod, state_dict, prefix, *args) -> None:
-        found = sorted(k[len(prefix):] for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(old))
+        found = sorted(
+            k[len(prefix) :] for k in state_dict if k.startswith(prefix) and k[len(prefix) :].startswith(old)
+        )
         if found:
-            raise UserError(f"compressor {kind}: these weights are of its earlier form ({why}; keys like "
-                            f"{found[0]!r}); this version computes another function with them: retrain the compressor")
+            raise UserError(
+                f"compressor {kind}: these weights are of its earlier form ({why}; keys like "
+                f"{found[0]!r}); this version computes another function with them: retrain the compressor"
+            )
 
     module.register_load_state_dict_pre_hook(hook)

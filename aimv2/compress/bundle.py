@@ -37,8 +37,15 @@ FORMAT, VERSION = "aimv2-compress-bundle", 1
 def encoder_recipe(encoder: torch.nn.Module) -> TimmRecipe:
     """How timm rebuilds this encoder at its current resolution (checkpoint I/O's own recipe)."""
     dims = encoder_dims(encoder, "encoder.source")
-    return recipe_from_dims(dims["width"], dims["depth"], dims["heads"], dims["mlp_hidden"], dims["patch_size"],
-                            dims["img_size"], "encoder.source")
+    return recipe_from_dims(
+        dims["width"],
+        dims["depth"],
+        dims["heads"],
+        dims["mlp_hidden"],
+        dims["patch_size"],
+        dims["img_size"],
+        "encoder.source",
+    )
 
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -53,18 +60,24 @@ def export_bundle(module, out_dir: str | Path, overwrite: bool = False) -> Path:
     if out.exists() and not overwrite:
         raise UserError(f"{out_dir} already exists (pass --overwrite to replace it)")
     with atomic_directory(out, overwrite=True) as tmp:
-        write_aimv2(tmp, vlm.encoder, vlm.preprocessing, encoder_recipe(vlm.encoder),
-                    source={"compress_bundle_of": source})
+        write_aimv2(
+            tmp, vlm.encoder, vlm.preprocessing, encoder_recipe(vlm.encoder), source={"compress_bundle_of": source}
+        )
         save_file(_tensors(vlm.compressor), tmp / "compressor.safetensors")
         bundle_lm = not lm_path or module.stage == 2
         if bundle_lm:
             vlm.lm.save_pretrained(tmp / "lm", safe_serialization=True)
         meta = {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT,
+            "version": VERSION,
             "encoder": {"source": source, "files": ["encoder.safetensors", "config.json"]},
             "compressor": vlm.compressor.spec.to_dict() | {"num_tokens": vlm.compressor.num_tokens},
-            "text": {"prefix": text.prefix, "prompt": text.prompt, "prefix_ids": vlm.prefix_ids.tolist(),
-                     "prompt_ids": vlm.prompt_ids.tolist()},
+            "text": {
+                "prefix": text.prefix,
+                "prompt": text.prompt,
+                "prefix_ids": vlm.prefix_ids.tolist(),
+                "prompt_ids": vlm.prompt_ids.tolist(),
+            },
             "lm": {"bundled": bundle_lm, "path": lm_path, "hidden_size": vlm.compressor.spec.d_llm},
             "config": module.attachment_config(),
         }
@@ -95,8 +108,14 @@ def load_bundle(bundle_dir: str | Path, lm: bool = True, device: str | torch.dev
     compressor = build_compressor(spec)
     compressor.load_state_dict(load_file(root / "compressor.safetensors"))
     language_model = _load_lm(root, meta) if lm else None
-    vlm = AttachedVLM(freeze(encoder), compressor, language_model, meta["text"]["prefix_ids"],
-                      meta["text"]["prompt_ids"], preprocessing).eval()
+    vlm = AttachedVLM(
+        freeze(encoder),
+        compressor,
+        language_model,
+        meta["text"]["prefix_ids"],
+        meta["text"]["prompt_ids"],
+        preprocessing,
+    ).eval()
     vlm.meta = meta
     return vlm.to(device)
 
@@ -108,7 +127,9 @@ def _load_lm(root: Path, meta: dict):
     if meta["lm"]["bundled"]:
         lm.path = str(root / "lm")
     elif not Path(lm.path).is_dir():
-        raise UserError(f"bundle {root}: its LM {lm.path!r} is not on this machine; load_bundle(..., lm=False) "
-                        "loads the front end alone")
+        raise UserError(
+            f"bundle {root}: its LM {lm.path!r} is not on this machine; load_bundle(..., lm=False) "
+            "loads the front end alone"
+        )
     language_model = build_lm(lm, vocab_size=0)
     return freeze(language_model)

@@ -1,4 +1,5 @@
-"""The components a VLM is assembled from: the frozen encoder (loaded from any checkpoint, patches out of a chosen layer), the language model, and the compressor registry.
+"""The components a VLM is assembled from: the frozen encoder (loaded from any checkpoint, patches out of
+a chosen layer), the language model, and the compressor registry.
 
 The frozen vision encoder of an attachment: loading it (through `aimv2.load_encoder`), its patch
 grid and width, and its last attention keys (for key-diversity pruning).
@@ -46,7 +47,9 @@ def patch_grid(encoder: nn.Module) -> tuple[int, int]:
     try:
         gh, gw = encoder.patch_embed.grid_size
     except AttributeError:
-        raise UserError(f"encoder.source: {type(encoder).__name__} has no patch_embed.grid_size (a timm ViT is expected)") from None
+        raise UserError(
+            f"encoder.source: {type(encoder).__name__} has no patch_embed.grid_size (a timm ViT is expected)"
+        ) from None
     return int(gh), int(gw)
 
 
@@ -70,9 +73,9 @@ class LastKeys:
         b, t, three_d = output.shape
         d = three_d // 3
         heads = self.attn.num_heads
-        k = output[..., d:2 * d].reshape(b, t, heads, d // heads)
+        k = output[..., d : 2 * d].reshape(b, t, heads, d // heads)
         k = self.attn.k_norm(k)  # identity for AIMv2; QK-norm models normalize keys per head
-        self.keys = k.reshape(b, t, d)[:, self.prefix:]  # patches only (AIMv2 has no prefix tokens)
+        self.keys = k.reshape(b, t, d)[:, self.prefix :]  # patches only (AIMv2 has no prefix tokens)
 
     def pop(self) -> torch.Tensor:
         keys, self.keys = self.keys, None
@@ -85,7 +88,7 @@ def encode_patches(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Patch features (B, N, D) after the final norm. Prefix tokens (class/register), which AIMv2
     does not have, are dropped by count, never by assuming token 0 is one."""
     features = encoder.forward_features(images)
-    return features[:, int(getattr(encoder, "num_prefix_tokens", 0)):]
+    return features[:, int(getattr(encoder, "num_prefix_tokens", 0)) :]
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,10 +111,17 @@ def _dtype_kwarg(tf, dtype: torch.dtype) -> dict:
 def random_lm_config(cfg, vocab_size: int):
     """A LlamaConfig / Qwen2Config from the `lm` section; vocab from the tokenizer."""
     tf = _transformers()
-    common = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                  num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
-                  tie_word_embeddings=False, initializer_range=cfg.init_std)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=False,
+        initializer_range=cfg.init_std,
+    )
     return tf.LlamaConfig(**common) if cfg.arch == "llama" else tf.Qwen2Config(**common)
 
 
@@ -125,13 +135,13 @@ def build_lm(cfg, vocab_size: int) -> nn.Module:
         try:
             lm = tf.AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **_dtype_kwarg(tf, dtype))
         except Exception as err:  # noqa: BLE001 - any loading failure is a bad directory for the user
-            raise UserError(f"config key 'lm.path': cannot load a causal LM from {cfg.path}: "
-                            f"{str(err).splitlines()[0][:200]}") from None
+            raise UserError(
+                f"config key 'lm.path': cannot load a causal LM from {cfg.path}: {str(err).splitlines()[0][:200]}"
+            ) from None
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            lm = tf.AutoModelForCausalLM.from_config(random_lm_config(cfg, vocab_size),
-                                                   **_dtype_kwarg(tf, dtype))
+            lm = tf.AutoModelForCausalLM.from_config(random_lm_config(cfg, vocab_size), **_dtype_kwarg(tf, dtype))
     check_vocab(lm, vocab_size)
     return lm.eval()
 
@@ -140,8 +150,10 @@ def check_vocab(lm: nn.Module, vocab_size: int) -> None:
     """Every tokenizer id must index the LM's embedding table."""
     rows = lm.get_input_embeddings().num_embeddings
     if vocab_size > rows:
-        raise UserError(f"config key 'text.tokenizer': the tokenizer has {vocab_size} tokens but the LM's embedding "
-                        f"table has {rows} rows: use the LM's own tokenizer (text.tokenizer.kind=hf, path=<lm dir>)")
+        raise UserError(
+            f"config key 'text.tokenizer': the tokenizer has {vocab_size} tokens but the LM's embedding "
+            f"table has {rows} rows: use the LM's own tokenizer (text.tokenizer.kind=hf, path=<lm dir>)"
+        )
 
 
 def prefill_params(lm: nn.Module) -> int:
@@ -184,7 +196,8 @@ COMPRESSORS: dict[str, type[Compressor]] = {
     "pool": PooledProjector,  # Matryoshka / LDPv2: avg-pool to sqrt(M) x sqrt(M) + MLP
     "resampler": Resampler,  # Flamingo's Perceiver Resampler: M learned latents attend over [patches; latents]
     "tokenpacker": TokenPacker,  # pooled grid queries attend to their own region (+ residual)
-    "quecc": QueCC,  # text-conditioned depthwise-conv queries attend to their own region (k/v without text, no residual)
+    # text-conditioned depthwise-conv queries attend to their own region (k/v without text, no residual)
+    "quecc": QueCC,
     "kdv": KDVPruner,  # training-free key-diversity pruning to M, then the MLP
 }
 
@@ -193,8 +206,9 @@ def compressor_class(kind: str) -> type[Compressor]:
     try:
         return COMPRESSORS[kind]
     except KeyError:
-        raise UserError(f"config key 'compressor.kind': unknown compressor {kind!r} "
-                        f"(one of {', '.join(COMPRESSORS)})") from None
+        raise UserError(
+            f"config key 'compressor.kind': unknown compressor {kind!r} (one of {', '.join(COMPRESSORS)})"
+        ) from None
 
 
 def build_compressor(spec: CompressorSpec) -> Compressor:

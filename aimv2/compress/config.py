@@ -19,7 +19,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class EncoderSection:
-    source: str = ""  # required to train: what aimv2's encoder loader takes: an `aimv2 pretrain` checkpoint (e.g. RUN/checkpoints/last.ckpt)
+    # required to train: what the encoder loader takes, e.g. an `aimv2 pretrain` checkpoint RUN/checkpoints/last.ckpt
+    source: str = ""
     img_size: int = 0  # 0 = the encoder's own resolution
 
     def validate(self) -> None:
@@ -44,14 +45,19 @@ class CompressorSection:
         check(self.kind in COMPRESSORS, "kind", f"unknown compressor {self.kind!r} (one of {', '.join(COMPRESSORS)})")
         check(self.num_tokens >= 0, "num_tokens", "must be >= 0 (0 = all patches)")
         check(self.hidden >= 0 and self.heads >= 1 and self.layers >= 1, "", "hidden >= 0, heads >= 1, layers >= 1")
-        check(not self.train_tokens or self.kind in ("pool", "kdv"), "train_tokens",
-              f"only pool and kdv can change M during training, not {self.kind}")
+        check(
+            not self.train_tokens or self.kind in ("pool", "kdv"),
+            "train_tokens",
+            f"only pool and kdv can change M during training, not {self.kind}",
+        )
         check(all(m >= 1 for m in self.train_tokens), "train_tokens", "values must be >= 1")
 
 
 @dataclass
 class LMSection:
-    path: str = ""  # a local Hugging Face model directory (AutoModelForCausalLM, local_files_only); "" = random init below
+    path: str = (
+        ""  # a local Hugging Face model directory (AutoModelForCausalLM, local_files_only); "" = random init below
+    )
     arch: str = "llama"  # random init: llama | qwen2
     hidden_size: int = 64  # random init: the LM's width
     num_layers: int = 2  # random init: decoder layers
@@ -65,8 +71,11 @@ class LMSection:
     def validate(self) -> None:
         check(self.arch in LM_ARCHS, "arch", f"must be one of {', '.join(LM_ARCHS)}, got {self.arch!r}")
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        check(min(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size, self.max_positions) >= 1,
-              "", "sizes must be >= 1")
+        check(
+            min(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size, self.max_positions) >= 1,
+            "",
+            "sizes must be >= 1",
+        )
         check(0 < self.init_std <= 1, "init_std", f"must be within (0, 1], got {self.init_std}")
         check(self.hidden_size % self.num_heads == 0, "num_heads", f"must divide lm.hidden_size={self.hidden_size}")
 
@@ -84,7 +93,8 @@ class TextSection:
 
 @dataclass
 class CompressDataSection:
-    train: str = ""  # required to train: image-caption shards (brace pattern, '::' joins several), e.g. /data/cc/{00000..00099}.tar
+    # required to train: image-caption shards (brace pattern, '::' joins several), e.g. /data/cc/{00000..00099}.tar
+    train: str = ""
     val: str = ""  # held-out image-caption shards for `aimv2 compress evaluate`
     batch_size: int = 16  # per device
     num_workers: int = 2  # data-loading worker processes per device; 0 = load in the training process
@@ -127,8 +137,11 @@ class CompressConfig:
     def validate(self) -> None:
         check(self.stage in (1, 2), "stage", f"must be 1 (compressor only) or 2 (compressor + LLM), got {self.stage}")
         # The alignment module has no configure_model hook, which Lightning's ModelParallelStrategy needs.
-        check(self.trainer.strategy != "fsdp2", "trainer.strategy",
-              "fsdp2 shards pre-training only; align compressors with ddp, fsdp or deepspeed")
+        check(
+            self.trainer.strategy != "fsdp2",
+            "trainer.strategy",
+            "fsdp2 shards pre-training only; align compressors with ddp, fsdp or deepspeed",
+        )
 
     def require(self, *keys: str) -> None:
         """A UserError naming the first of these dotted keys that is empty (what a verb needs set)."""

@@ -57,8 +57,15 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def plan(lm_cfg: LMSection, text: TextSection, text_tokens: int, num_tokens: list[int], params: float | None = None,
-         repeats: int = 5, device: str = "cpu") -> tuple[list[PlanRow], dict]:
+def plan(
+    lm_cfg: LMSection,
+    text: TextSection,
+    text_tokens: int,
+    num_tokens: list[int],
+    params: float | None = None,
+    repeats: int = 5,
+    device: str = "cpu",
+) -> tuple[list[PlanRow], dict]:
     """Rows per M and facts about the measurement (attached LM size, cache build time, device)."""
     if text_tokens < 1 or not num_tokens or min(num_tokens) < 1:
         raise UserError("plan needs --text-tokens >= 1 and a list of M >= 1 (e.g. --tokens 1,4,16,64)")
@@ -76,35 +83,71 @@ def plan(lm_cfg: LMSection, text: TextSection, text_tokens: int, num_tokens: lis
     keep = keep_last_logits(lm, 1)
     rows = []
     for m in num_tokens:
-        visual = (torch.randn(1, m, text_embeds.shape[-1], generator=g) * 0.02).to(device, text_embeds.dtype)  # (1, M, D)
+        visual = (torch.randn(1, m, text_embeds.shape[-1], generator=g) * 0.02).to(
+            device, text_embeds.dtype
+        )  # (1, M, D)
         full = torch.cat([text_embeds, visual], dim=1)
 
-        def uncached():
+        # timed right here, in this iteration: the defaults bind this M's tensors
+        def uncached(full=full):
             lm(inputs_embeds=full, use_cache=True, **keep)
 
-        def cached():
+        def cached(m=m, visual=visual):
             mask = torch.ones(1, text_tokens + m, dtype=torch.long, device=device)
             lm(inputs_embeds=visual, attention_mask=mask, use_cache=True, **with_cache(lm, prefix.for_batch(1)), **keep)
 
-        rows.append(PlanRow(m, text_tokens, n, prefill_flops(n, text_tokens, m) / 1e9, prefill_flops(n, 0, m) / 1e9,
-                            _median_ms(uncached, repeats), _median_ms(cached, repeats)))
-    facts = {"attached_lm_params": attached, "params_used": n, "device": str(device), "repeats": repeats,
-             "prefix_cache_build_ms": build_ms, "lm": lm_cfg.path or f"random {lm_cfg.arch} "
-             f"(hidden {lm_cfg.hidden_size}, {lm_cfg.num_layers} layers)"}
+        rows.append(
+            PlanRow(
+                m,
+                text_tokens,
+                n,
+                prefill_flops(n, text_tokens, m) / 1e9,
+                prefill_flops(n, 0, m) / 1e9,
+                _median_ms(uncached, repeats),
+                _median_ms(cached, repeats),
+            )
+        )
+    facts = {
+        "attached_lm_params": attached,
+        "params_used": n,
+        "device": str(device),
+        "repeats": repeats,
+        "prefix_cache_build_ms": build_ms,
+        "lm": lm_cfg.path or f"random {lm_cfg.arch} (hidden {lm_cfg.hidden_size}, {lm_cfg.num_layers} layers)",
+    }
     return rows, facts
 
 
 def plan_markdown(rows: list[PlanRow], facts: dict) -> str:
     """plan.md: the facts of the measurement, then one table row per M."""
-    header = ["M", "Q", "GFLOPs (no cache)", "GFLOPs (cached text)", "ms (no cache)", "ms (cached text)",
-              "latency saved"]
-    table = [[r.num_tokens, r.text_tokens, f"{r.gflops:.4g}", f"{r.gflops_cached:.4g}", f"{r.ms:.2f}",
-              f"{r.ms_cached:.2f}", f"{100 * r.saving:.0f}%"] for r in rows]
-    lines = [f"prefill per image; FLOPs for N_params = {facts['params_used']:.4g}; latency of the attached LM "
-             f"({facts['lm']}, N_params = {facts['attached_lm_params']:,}) on {facts['device']}, median of "
-             f"{facts['repeats']}; building the text cache once took {facts['prefix_cache_build_ms']:.1f} ms",
-             "",
-             markdown_table(header, table)]
+    header = [
+        "M",
+        "Q",
+        "GFLOPs (no cache)",
+        "GFLOPs (cached text)",
+        "ms (no cache)",
+        "ms (cached text)",
+        "latency saved",
+    ]
+    table = [
+        [
+            r.num_tokens,
+            r.text_tokens,
+            f"{r.gflops:.4g}",
+            f"{r.gflops_cached:.4g}",
+            f"{r.ms:.2f}",
+            f"{r.ms_cached:.2f}",
+            f"{100 * r.saving:.0f}%",
+        ]
+        for r in rows
+    ]
+    lines = [
+        f"prefill per image; FLOPs for N_params = {facts['params_used']:.4g}; latency of the attached LM "
+        f"({facts['lm']}, N_params = {facts['attached_lm_params']:,}) on {facts['device']}, median of "
+        f"{facts['repeats']}; building the text cache once took {facts['prefix_cache_build_ms']:.1f} ms",
+        "",
+        markdown_table(header, table),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""Compressors whose queries cross-attend to the patches: Flamingo's Perceiver Resampler (learned latents over all patches) and the region compressors TokenPacker and QueCC (each query over its own region).
+"""Compressors whose queries cross-attend to the patches: Flamingo's Perceiver Resampler (learned latents
+over all patches) and the region compressors TokenPacker and QueCC (each query over its own region).
 
 Flamingo's Perceiver Resampler (Alayrac et al. 2022, "Flamingo: a Visual Language Model for
 Few-Shot Learning", Section 2.1 and Figure 5; as in the open implementations lucidrains/flamingo-pytorch
@@ -42,7 +43,8 @@ region of the grid (k = grid side / s), so the cost is O(N) instead of O(M * N).
   (github.com/locuslab/llava-token-compression, llava/model/multimodal_projector/quecc.py, whose
   output is the attention output alone): before the MLP each token is the attention's output
   projection of a convex combination of its region's values (projected visual features), so the
-  text steers what each region's query picks and never enters the token itself. Differences from their code: their query path and k/v projections are
+  text steers what each region's query picks and never enters the token itself. Differences from
+  their code: their query path and k/v projections are
   2-layer MLPs and their keys come from multi-level features; here linear projections and the
   last layer's features. An earlier version of this toolkit added the query back to the
   attention output (a residual, which let the text reach the tokens directly); its weights
@@ -52,7 +54,6 @@ region of the grid (k = grid side / s), so the cost is O(N) instead of O(M * N).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +99,12 @@ class PerceiverAttention(nn.Module):
 
 def feed_forward(width: int, mult: int = 4) -> nn.Sequential:
     """Flamingo's pre-norm feed-forward: LayerNorm, Linear(W, 4W), GELU, Linear(4W, W), no biases."""
-    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, mult * width, bias=False), nn.GELU(),
-                         nn.Linear(mult * width, width, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(width),
+        nn.Linear(width, mult * width, bias=False),
+        nn.GELU(),
+        nn.Linear(mult * width, width, bias=False),
+    )
 
 
 class PerceiverLayer(nn.Module):
@@ -124,11 +129,20 @@ class Resampler(Compressor):
         self.layers = nn.ModuleList(PerceiverLayer(width, spec.heads) for _ in range(max(1, spec.layers)))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, spec.d_llm)
-        refuse_old_weights(self, "resampler", ("queries", "norm_kv.", "blocks."),
-                           "learned queries that attended over the patches only, not over [patches; latents]")
+        refuse_old_weights(
+            self,
+            "resampler",
+            ("queries", "norm_kv.", "blocks."),
+            "learned queries that attended over the patches only, not over [patches; latents]",
+        )
 
-    def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         x = self.inp(x)  # (B, N, W)
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
         for layer in self.layers:
@@ -148,7 +162,9 @@ class RegionAttention(nn.Module):
         self.norm_q, self.norm_kv = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
 
-    def forward(self, queries: torch.Tensor, features: torch.Tensor, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self, queries: torch.Tensor, features: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """`grid`: the features' grid when not the trained one (the regions follow it)."""
         b, m, _ = queries.shape
         side = math.isqrt(m)
@@ -177,8 +193,13 @@ class TokenPacker(_RegionCompressor):
         self.region = RegionAttention(spec.d_vis, width, spec.heads, spec.grid)
         self.out = mlp(width, spec.d_llm, spec.d_llm)
 
-    def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         grid = self.grid_of(x, grid)  # any grid whose sides sqrt(M) divides
         queries = pool_tokens(x, grid, self.num_tokens)  # (B, M, D_vis), regions are exact here
         return self.out(self.region(queries, x, grid))  # (B, M, D_llm)
@@ -203,19 +224,30 @@ class QueCC(_RegionCompressor):
         # No residual, as the paper's code; named apart from the residual form's `region` (refused below).
         self.region_attn = RegionAttention(spec.d_vis, width, spec.heads, spec.grid, residual=False)
         self.out = mlp(width, spec.d_llm, spec.d_llm)
-        refuse_old_weights(self, "quecc", ("region.",), "a residual added each query to its attention output, "
-                           "which the paper's QueCC does not have")
+        refuse_old_weights(
+            self,
+            "quecc",
+            ("region.",),
+            "a residual added each query to its attention output, which the paper's QueCC does not have",
+        )
 
     def text_parameters(self) -> list[nn.Parameter]:
         return [*self.text_proj.parameters(), *self.text_norm.parameters()]
 
-    def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         if grid is not None and tuple(grid) != self.spec.grid:
-            raise UserError(f"compressor quecc: its depthwise kernel was trained for the {self.spec.grid[0]}x"
-                            f"{self.spec.grid[1]} patch grid; features of a {grid[0]}x{grid[1]} grid need a "
-                            "compressor trained at that grid (or a kind that takes any grid: mlp, pool, resampler, "
-                            "kdv, tokenpacker)")
+            raise UserError(
+                f"compressor quecc: its depthwise kernel was trained for the {self.spec.grid[0]}x"
+                f"{self.spec.grid[1]} patch grid; features of a {grid[0]}x{grid[1]} grid need a "
+                "compressor trained at that grid (or a kind that takes any grid: mlp, pool, resampler, "
+                "kdv, tokenpacker)"
+            )
         conditioned = x  # text (B, D_llm) or (1, D_llm); None = unconditioned
         if text is not None:
             conditioned = x + self.text_norm(self.text_proj(text)).unsqueeze(1)  # (B, N, D_vis)

@@ -83,8 +83,9 @@ def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool =
         if batch["image"].shape[0] == 0:  # corrupt samples only: their count is all it carries
             continue
         pixels = batch["image"].roll(1, dims=0) if shuffled else batch["image"]
-        ce, n, hits = vlm.caption_loss(pixels.to(device), batch["tokens"].to(device), batch["token_mask"].to(device),
-                                       count_correct=True)
+        ce, n, hits = vlm.caption_loss(
+            pixels.to(device), batch["tokens"].to(device), batch["token_mask"].to(device), count_correct=True
+        )
         total, tokens, correct = total + float(ce), tokens + int(n), correct + int(hits)
         images += batch["image"].shape[0]
     if tokens == 0:
@@ -92,9 +93,16 @@ def score(module: CompressModule, loader, max_batches: int = 0, shuffled: bool =
     return {"sum": total, "tokens": tokens, "correct": correct, "images": images, "skipped": skipped}
 
 
-def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), batch_size: int = 32,
-                        num_workers: int = 2, max_batches: int = 0, device: str = "cpu",
-                        shuffled: bool = False) -> list[EvalRow]:
+def evaluate_checkpoint(
+    path: str,
+    val: str = "",
+    num_tokens: list[int] = (),
+    batch_size: int = 32,
+    num_workers: int = 2,
+    max_batches: int = 0,
+    device: str = "cpu",
+    shuffled: bool = False,
+) -> list[EvalRow]:
     module = load_module(path).to(device)
     vlm = module.vlm
     trained = vlm.compressor.num_tokens
@@ -106,25 +114,69 @@ def evaluate_checkpoint(path: str, val: str = "", num_tokens: list[int] = (), ba
     for m in values:
         if m != vlm.compressor.num_tokens:
             vlm.compressor.set_num_tokens(m)
-        for control in ((False, True) if shuffled else (False,)):
+        for control in (False, True) if shuffled else (False,):
             loader = held_out_loader(val, key, module.tokenizer, vlm.preprocessing, batch_size, num_workers)
             s = score(module, loader, max_batches, shuffled=control)
             q = vlm.prefix_ids.numel() + vlm.prompt_ids.numel() + s["tokens"] / s["images"]
             loss = s["sum"] / s["tokens"]
-            rows.append(EvalRow(path, module.compressor_cfg.kind, module.stage, m, loss, math.exp(min(loss, 700)), s["tokens"],
-                                s["images"], s["skipped"], q, n_params, prefill_flops(n_params, q, m) / 1e9, control,
-                                1.0 - s["correct"] / s["tokens"]))
+            rows.append(
+                EvalRow(
+                    path,
+                    module.compressor_cfg.kind,
+                    module.stage,
+                    m,
+                    loss,
+                    math.exp(min(loss, 700)),
+                    s["tokens"],
+                    s["images"],
+                    s["skipped"],
+                    q,
+                    n_params,
+                    prefill_flops(n_params, q, m) / 1e9,
+                    control,
+                    1.0 - s["correct"] / s["tokens"],
+                )
+            )
     return rows
 
 
 def evaluation_markdown(rows: list[EvalRow]) -> str:
     """results.md: one table row per checkpoint, M and control (matched or shuffled images)."""
-    header = ["run", "compressor", "stage", "M", "images", "caption loss", "perplexity", "token error",
-              "Q (text tokens)", "prefill GFLOPs / image", "images scored"]
-    return markdown_table(header, [
-        [RunDir.label_of(r.run), r.compressor, r.stage, r.num_tokens, "shuffled" if r.shuffled else "matched",
-         f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.token_error:.4f}", f"{r.text_tokens:.1f}",
-         f"{r.prefill_gflops:.4g}", r.images] for r in rows]) + "\n"
+    header = [
+        "run",
+        "compressor",
+        "stage",
+        "M",
+        "images",
+        "caption loss",
+        "perplexity",
+        "token error",
+        "Q (text tokens)",
+        "prefill GFLOPs / image",
+        "images scored",
+    ]
+    return (
+        markdown_table(
+            header,
+            [
+                [
+                    RunDir.label_of(r.run),
+                    r.compressor,
+                    r.stage,
+                    r.num_tokens,
+                    "shuffled" if r.shuffled else "matched",
+                    f"{r.loss:.4f}",
+                    f"{r.perplexity:.2f}",
+                    f"{r.token_error:.4f}",
+                    f"{r.text_tokens:.1f}",
+                    f"{r.prefill_gflops:.4g}",
+                    r.images,
+                ]
+                for r in rows
+            ],
+        )
+        + "\n"
+    )
 
 
 def evaluate(checkpoints: list[str], out_dir: str | Path, **kwargs) -> list[EvalRow]:

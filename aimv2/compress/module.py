@@ -61,18 +61,30 @@ from aimv2.engine.stream_resume import StreamDataModule
 from aimv2.errors import UserError
 from aimv2.objective import global_mean
 
-SECTIONS = {"encoder": EncoderSection, "compressor": CompressorSection, "lm": LMSection, "text": TextSection,
-            "optim": CompressOptimSection}
+SECTIONS = {
+    "encoder": EncoderSection,
+    "compressor": CompressorSection,
+    "lm": LMSection,
+    "text": TextSection,
+    "optim": CompressOptimSection,
+}
 
 
 class CompressModule(ClipGradientNorm, L.LightningModule):
     """Receives the sections it needs, as dataclasses or as the plain dicts a checkpoint holds.
     `config` is the whole tree that checkpoints written before the split held; they still load."""
 
-    def __init__(self, stage: int = 1, encoder: EncoderSection | dict | None = None,
-                 compressor: CompressorSection | dict | None = None, lm: LMSection | dict | None = None,
-                 text: TextSection | dict | None = None, optim: CompressOptimSection | dict | None = None,
-                 seed: int = 0, config: dict | None = None):
+    def __init__(
+        self,
+        stage: int = 1,
+        encoder: EncoderSection | dict | None = None,
+        compressor: CompressorSection | dict | None = None,
+        lm: LMSection | dict | None = None,
+        text: TextSection | dict | None = None,
+        optim: CompressOptimSection | dict | None = None,
+        seed: int = 0,
+        config: dict | None = None,
+    ):
         super().__init__()
         if config is not None:  # an old checkpoint's hyper-parameters: the whole config tree
             stage, seed = int(config.get("stage", stage)), int(config.get("trainer", {}).get("seed", seed))
@@ -83,8 +95,9 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         self.save_hyperparameters({"stage": stage, **{k: asdict(v) for k, v in sections.items()}, "seed": seed})
         self.stage, self.seed = stage, seed
         self.encoder_cfg, self.compressor_cfg, self.lm_cfg, self.text_cfg, self.optim_cfg = sections.values()
-        self.vlm, self.tokenizer = build_attachment(stage, self.encoder_cfg, self.compressor_cfg, self.lm_cfg,
-                                                    self.text_cfg)
+        self.vlm, self.tokenizer = build_attachment(
+            stage, self.encoder_cfg, self.compressor_cfg, self.lm_cfg, self.text_cfg
+        )
         # Which weights decay, decided now on the plain modules: under FSDP configure_optimizers runs after
         # wrapping, when the parameters are flat 1-D shards whose shapes no longer tell (as in pre-training).
         self._no_decay = {"compressor": no_decay_names(self.vlm.compressor), "lm": no_decay_names(self.vlm.lm)}
@@ -153,8 +166,10 @@ class CompressModule(ClipGradientNorm, L.LightningModule):
         # DeepSpeed's CPU Adam under optimizer offload, else fused AdamW where the precision allows: as pre-training.
         optimizer = make_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, **optimizer_options(self.trainer))
         total = int(min(self.trainer.estimated_stepping_batches, 2**62))
-        return {"optimizer": optimizer,
-                "lr_scheduler": warmup_cosine_schedule(optimizer, cfg.warmup_steps, total, cfg.lr, cfg.min_lr)}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": warmup_cosine_schedule(optimizer, cfg.warmup_steps, total, cfg.lr, cfg.min_lr),
+        }
 
 
 def load_module(path: str, map_location: str = "cpu") -> CompressModule:
@@ -195,18 +210,28 @@ class AlignmentDataModule(StreamDataModule):
 
     def build_stream(self, rank: int = 0, world_size: int = 1) -> ShardStream:
         cfg = self.cfg
-        return ShardStream(self.resolved_sources(), process=processor(self.preprocessing),
-                           collate=ImageCaptionCollator(self.tokenizer), batch_size=cfg.batch_size,
-                           mode="resampled", rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                           seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+        return ShardStream(
+            self.resolved_sources(),
+            process=processor(self.preprocessing),
+            collate=ImageCaptionCollator(self.tokenizer),
+            batch_size=cfg.batch_size,
+            mode="resampled",
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
 
 
-def held_out_loader(spec: str, key: str, tokenizer: CaptionTokenizer, preprocessing, batch_size: int,
-                    num_workers: int) -> DataLoader:
+def held_out_loader(
+    spec: str, key: str, tokenizer: CaptionTokenizer, preprocessing, batch_size: int, num_workers: int
+) -> DataLoader:
     """Every held-out sample once, in order (aimv2.data.every_sample: whole shards over `num_workers`
     workers), with the eval preprocessing."""
     if not spec:
         raise UserError(f"{key}: no held-out shards given (e.g. {key}='/data/cc_val/{{00000..00003}}.tar')")
     shards = resolve_shards(spec, key, need_counts=False)
-    return every_sample_loader(plan_whole_shards(shards, 1, num_workers), processor(preprocessing),
-                               ImageCaptionCollator(tokenizer), batch_size)
+    return every_sample_loader(
+        plan_whole_shards(shards, 1, num_workers), processor(preprocessing), ImageCaptionCollator(tokenizer), batch_size
+    )

@@ -1,4 +1,5 @@
-"""Compressors that keep the patch grid's order: the MLP projector (all N patches), the pooled projector, and the training-free key-diversity pruner followed by the MLP.
+"""Compressors that keep the patch grid's order: the MLP projector (all N patches), the pooled projector,
+and the training-free key-diversity pruner followed by the MLP.
 
 Per-token projectors: LLaVA's MLP (M = N) and average pooling to a sqrt(M) grid + MLP.
 
@@ -18,8 +19,6 @@ projector, which is what trains.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -38,10 +37,17 @@ class MLPProjector(Compressor):
     def check_m(cls, kind: str, m: int, grid: tuple[int, int]) -> None:
         n = grid[0] * grid[1]
         if m != n:
-            raise UserError(f"config key 'compressor.num_tokens': mlp keeps all N={n} patch tokens, got {m} (use 0 for N)")
+            raise UserError(
+                f"config key 'compressor.num_tokens': mlp keeps all N={n} patch tokens, got {m} (use 0 for N)"
+            )
 
-    def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         return self.proj(x)  # (B, N, D_llm)
 
 
@@ -58,8 +64,13 @@ class PooledProjector(Compressor):
     def check_m(cls, kind: str, m: int, grid: tuple[int, int]) -> None:
         check_num_tokens(kind, m, grid, square=True)
 
-    def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         pooled = pool_tokens(x, self.grid_of(x, grid), self.num_tokens)  # (B, M, D_vis), any grid
         return self.proj(pooled)  # (B, M, D_llm)
 
@@ -86,8 +97,13 @@ class KDVPruner(Compressor):
         super().__init__(spec)
         self.proj = mlp(spec.d_vis, spec.hidden or spec.d_llm, spec.d_llm)
 
-    def forward(self, x: torch.Tensor, text: Optional[torch.Tensor] = None,
-                keys: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         self.grid_of(x, grid)  # any grid with N >= M
         # Without the encoder's keys (a bare feature tensor), score the features themselves.
         idx = kdv_select(x if keys is None else keys, self.num_tokens)  # (B, M)

@@ -29,8 +29,13 @@ STEPS = 2  # a checkpoint after step 1, resumed from there to 2
 STAND_IN_RESOLUTION = 224
 
 
-def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | None = None,
-                      demo_root: str | Path | None = None, in_process: bool = False) -> RehearsalReport:
+def rehearse_compress(
+    cfg: CompressConfig,
+    workdir: str | Path,
+    devices: int | None = None,
+    demo_root: str | Path | None = None,
+    in_process: bool = False,
+) -> RehearsalReport:
     """Rehearse `cfg` in WORKDIR (replaced); see aimv2.engine.rehearsal for `devices` and `in_process`."""
     workdir = Path(workdir).resolve()
     demo_root = Path(demo_root or workdir)
@@ -38,29 +43,46 @@ def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | N
     encoder = cfg.encoder
     if not cfg.encoder.source or not Path(cfg.encoder.source).exists():
         encoder = replace(encoder, source=str(_stand_in_encoder(demo_root)), img_size=0)
-        report.add("encoder", "changed", f"encoder.source {cfg.encoder.source!r} is not here: a random debug encoder "
-                                         f"at {STAND_IN_RESOLUTION} px stands in")
+        report.add(
+            "encoder",
+            "changed",
+            f"encoder.source {cfg.encoder.source!r} is not here: a random debug encoder "
+            f"at {STAND_IN_RESOLUTION} px stands in",
+        )
     else:
         report.add("encoder", "ok", f"{cfg.encoder.source}")
     lm = cfg.lm
     if not cfg.lm.path:
-        report.add("lm", "ok", f"a random {lm.arch} of width {lm.hidden_size}, {lm.num_layers} layers ({lm.dtype}): "
-                               "no lm.path is set")
+        report.add(
+            "lm",
+            "ok",
+            f"a random {lm.arch} of width {lm.hidden_size}, {lm.num_layers} layers ({lm.dtype}): no lm.path is set",
+        )
     elif Path(cfg.lm.path).is_dir():
         report.add("lm", "ok", f"{cfg.lm.path} ({cfg.lm.dtype})")
     else:
         lm = replace(lm, path="", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
-        report.add("lm", "changed", f"lm.path {cfg.lm.path!r} is not here: a random {lm.arch} of width 64, "
-                                    f"2 layers ({lm.dtype}) stands in")
+        report.add(
+            "lm",
+            "changed",
+            f"lm.path {cfg.lm.path!r} is not here: a random {lm.arch} of width 64, 2 layers ({lm.dtype}) stands in",
+        )
     text = replace(cfg.text, tokenizer=rehearsal_tokenizer(cfg.text.tokenizer, report, "text.tokenizer"))
     compressor = cfg.compressor
     if cfg.compressor.init and not Path(cfg.compressor.init).exists():
         compressor = replace(compressor, init="")
         report.add("compressor", "changed", f"compressor.init {cfg.compressor.init!r} is not here: a fresh compressor")
-    report.add("compressor", "ok", f"stage {cfg.stage}, {cfg.compressor.kind}, M={cfg.compressor.num_tokens or 'N'}, "
-                                   f"prompt {cfg.text.prompt!r}")
-    data = replace(cfg.data, batch_size=min(cfg.data.batch_size, 2), num_workers=min(cfg.data.num_workers, 1),
-                   shuffle_buffer=min(cfg.data.shuffle_buffer, 64))
+    report.add(
+        "compressor",
+        "ok",
+        f"stage {cfg.stage}, {cfg.compressor.kind}, M={cfg.compressor.num_tokens or 'N'}, prompt {cfg.text.prompt!r}",
+    )
+    data = replace(
+        cfg.data,
+        batch_size=min(cfg.data.batch_size, 2),
+        num_workers=min(cfg.data.num_workers, 1),
+        shuffle_buffer=min(cfg.data.shuffle_buffer, 64),
+    )
     why = unreadable(cfg.data.train) or (cfg.data.val and unreadable(cfg.data.val))
     if why:
         demo = demo_shard_urls(demo_root)["pretrain"]
@@ -68,8 +90,16 @@ def rehearse_compress(cfg: CompressConfig, workdir: str | Path, devices: int | N
         report.add("data", "changed", f"data.train/val not readable here ({why}): the demo set stands in")
     else:
         report.add("data", "ok", "the config's own shards")
-    small = replace(cfg, run_dir=str(workdir / "run"), encoder=encoder, lm=lm, text=text, compressor=compressor,
-                    data=data, trainer=shrink_trainer(cfg.trainer, STEPS, devices, report))
+    small = replace(
+        cfg,
+        run_dir=str(workdir / "run"),
+        encoder=encoder,
+        lm=lm,
+        text=text,
+        compressor=compressor,
+        data=data,
+        trainer=shrink_trainer(cfg.trainer, STEPS, devices, report),
+    )
     check_gpu_strategy(cfg.trainer, report, workdir, cfg.optim.grad_clip)
 
     from aimv2.compress.train import train

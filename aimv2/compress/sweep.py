@@ -25,10 +25,10 @@ import io
 import json
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 from omegaconf import OmegaConf
 
@@ -39,8 +39,19 @@ from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 from aimv2.fileio import atomic_write
 
-COLUMNS = ("lm", "llm_params", "visual_tokens", "error", "loss", "perplexity", "text_tokens", "prefill_gflops",
-           "images", "compressor", "checkpoint")
+COLUMNS = (
+    "lm",
+    "llm_params",
+    "visual_tokens",
+    "error",
+    "loss",
+    "perplexity",
+    "text_tokens",
+    "prefill_gflops",
+    "images",
+    "compressor",
+    "checkpoint",
+)
 
 
 @dataclass(frozen=True)
@@ -65,10 +76,12 @@ def _q(value: object) -> str:
 
 def cells(sweep: SweepConfig) -> list[Cell]:
     """LM-major order: cell i = LM i // len(tokens), M = tokens[i % len(tokens)] (SLURM array index)."""
-    return [Cell(i * len(sweep.tokens) + j, lm, m) for i, lm in enumerate(sweep.lms) for j, m in enumerate(sweep.tokens)]
+    return [
+        Cell(i * len(sweep.tokens) + j, lm, m) for i, lm in enumerate(sweep.lms) for j, m in enumerate(sweep.tokens)
+    ]
 
 
-def compress_config_path(sweep: SweepConfig, sweep_file: Optional[str | Path]) -> Path:
+def compress_config_path(sweep: SweepConfig, sweep_file: str | Path | None) -> Path:
     """`compress`, relative to the sweep file's directory (as a config's `base:` is); else as given."""
     from aimv2.shipped import user_config
 
@@ -87,15 +100,23 @@ def cell_config(sweep: SweepConfig, cell: Cell, compress_file: Path) -> Compress
 
     run = Path(sweep.out) / "cells" / cell.name
     lm = [f"lm.path={_q(cell.lm.path)}"] if cell.lm.path else []
-    own = [f"compressor.num_tokens={cell.tokens}", "compressor.train_tokens=[]", f"run_dir={_q(run)}",
-           "trainer.resume=auto", "trainer.devices=1", "trainer.num_nodes=1"]
+    own = [
+        f"compressor.num_tokens={cell.tokens}",
+        "compressor.train_tokens=[]",
+        f"run_dir={_q(run)}",
+        "trainer.resume=auto",
+        "trainer.devices=1",
+        "trainer.num_nodes=1",
+    ]
     try:
         cfg = load_config(compress_file, [*sweep.overrides, *lm, *cell.lm.overrides, *own], schema=CompressConfig)
     except UserError as err:
         raise UserError(f"cell {cell.name}: {err}") from None
     if cfg.compressor.kind == "mlp":
-        raise UserError("config key 'compressor.kind': mlp keeps all N patch tokens; a sweep over M needs a "
-                        "compressor that makes M tokens (pool, kdv, resampler, tokenpacker, quecc)")
+        raise UserError(
+            "config key 'compressor.kind': mlp keeps all N patch tokens; a sweep over M needs a "
+            "compressor that makes M tokens (pool, kdv, resampler, tokenpacker, quecc)"
+        )
     return resolve_paths(cfg)
 
 
@@ -118,14 +139,14 @@ def _result_file(cfg: CompressConfig) -> Path:
     return RunDir(RunDir(cfg.run_dir).eval).results_json
 
 
-def _finished_row(sweep: SweepConfig, cfg: CompressConfig) -> Optional[dict]:
+def _finished_row(sweep: SweepConfig, cfg: CompressConfig) -> dict | None:
     """The cell's result row when its evaluation exists for the current settings, else None."""
     path = _result_file(cfg)
     done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return done["row"] if done.get("fingerprint") == _fingerprint(cfg, sweep) else None
 
 
-def check_cells(sweep: SweepConfig, sweep_file: Optional[str | Path]) -> Path:
+def check_cells(sweep: SweepConfig, sweep_file: str | Path | None) -> Path:
     """Every cell's compress config loads and validates (before the first cell trains, and for
     `--list`); returns the compress config file."""
     compress_file = compress_config_path(sweep, sweep_file)
@@ -145,15 +166,18 @@ def run_cell(sweep: SweepConfig, cell: Cell, compress_file: Path) -> dict:
     run = RunDir(cfg.run_dir)
     val = _held_out(sweep, cfg)
     if not val:
-        raise UserError("config key 'eval.val': no held-out shards (set eval.val in the sweep, or data.val in "
-                        f"{compress_file})")
+        raise UserError(
+            f"config key 'eval.val': no held-out shards (set eval.val in the sweep, or data.val in {compress_file})"
+        )
     done = _finished_row(sweep, cfg)
     if done is not None:
         _say(f"cell {cell.index} ({cell.name}): done ({_result_file(cfg)})")
         return done
     if run.config.is_file() and run.config.read_text(encoding="utf-8") != _yaml(cfg):
-        raise UserError(f"{run.root} was trained with other settings (see its config.yaml): delete the cell "
-                        "directory to retrain it, or choose another `out`")
+        raise UserError(
+            f"{run.root} was trained with other settings (see its config.yaml): delete the cell "
+            "directory to retrain it, or choose another `out`"
+        )
     last = run.last_checkpoint
     if last.is_file() and checkpoint_step(last) >= cfg.trainer.max_steps:
         _say(f"cell {cell.index} ({cell.name}): trained ({last})")
@@ -162,15 +186,33 @@ def run_cell(sweep: SweepConfig, cell: Cell, compress_file: Path) -> dict:
         train(cfg)
     _say(f"cell {cell.index} ({cell.name}): evaluating on {val}")
     e = sweep.eval
-    (row,) = evaluate_checkpoint(str(last), val=val, num_tokens=[cell.tokens], batch_size=e.batch_size,
-                                 num_workers=e.num_workers, max_batches=e.max_batches, device=e.device)
-    result = {"lm": cell.lm.name, "llm_params": row.lm_params, "visual_tokens": row.num_tokens,
-              "error": row.token_error, "loss": row.loss, "perplexity": row.perplexity,
-              "text_tokens": row.text_tokens, "prefill_gflops": row.prefill_gflops, "images": row.images,
-              "compressor": row.compressor, "checkpoint": row.run}
+    (row,) = evaluate_checkpoint(
+        str(last),
+        val=val,
+        num_tokens=[cell.tokens],
+        batch_size=e.batch_size,
+        num_workers=e.num_workers,
+        max_batches=e.max_batches,
+        device=e.device,
+    )
+    result = {
+        "lm": cell.lm.name,
+        "llm_params": row.lm_params,
+        "visual_tokens": row.num_tokens,
+        "error": row.token_error,
+        "loss": row.loss,
+        "perplexity": row.perplexity,
+        "text_tokens": row.text_tokens,
+        "prefill_gflops": row.prefill_gflops,
+        "images": row.images,
+        "compressor": row.compressor,
+        "checkpoint": row.run,
+    }
     run.eval.mkdir(parents=True, exist_ok=True)
-    atomic_write(_result_file(cfg), json.dumps({"fingerprint": _fingerprint(cfg, sweep), "cell": cell.index, "row": result},
-                                               indent=1) + "\n")
+    atomic_write(
+        _result_file(cfg),
+        json.dumps({"fingerprint": _fingerprint(cfg, sweep), "cell": cell.index, "row": result}, indent=1) + "\n",
+    )
     return result
 
 
@@ -206,7 +248,7 @@ def write_results(rows: list[dict], path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def run_sweep(sweep: SweepConfig, sweep_file: Optional[str | Path] = None, cell: Optional[int] = None) -> bool:
+def run_sweep(sweep: SweepConfig, sweep_file: str | Path | None = None, cell: int | None = None) -> bool:
     """Every cell (or only `cell`), then results.csv; True once every cell is done (the fit's turn:
     aimv2.scaling.vlm_budget, which the command runs; this job knows nothing of scaling laws)."""
     compress_file = check_cells(sweep, sweep_file)
@@ -241,5 +283,7 @@ def array_index(value: str) -> int:
 def describe(sweep: SweepConfig) -> str:
     grid = cells(sweep)
     lines = [f"{len(grid)} cells (sbatch --array=0-{len(grid) - 1} launch/compress_sweep_array.sbatch):"]
-    lines += [f"  {c.index}: {c.name} (LM {c.lm.name}{', ' + c.lm.path if c.lm.path else ''}, M={c.tokens})" for c in grid]
+    lines += [
+        f"  {c.index}: {c.name} (LM {c.lm.name}{', ' + c.lm.path if c.lm.path else ''}, M={c.tokens})" for c in grid
+    ]
     return "\n".join(lines)

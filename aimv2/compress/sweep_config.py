@@ -21,8 +21,11 @@ class SweepLM:
     #                                                     text.tokenizer.path=/models/qwen (the LM's own tokenizer)
 
     def validate(self) -> None:
-        check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name",
-              f"must be a plain directory name, got {self.name!r}")
+        check(
+            bool(self.name) and "/" not in self.name and not self.name.startswith("."),
+            "name",
+            f"must be a plain directory name, got {self.name!r}",
+        )
         check(all("=" in o for o in self.overrides), "overrides", "items must be key=value")
 
 
@@ -35,8 +38,11 @@ class SweepEval:
     device: str = "cpu"  # cpu or cuda
 
     def validate(self) -> None:
-        check(self.batch_size > 0 and self.num_workers >= 0 and self.max_batches >= 0, "",
-              "batch_size > 0, num_workers >= 0, max_batches >= 0")
+        check(
+            self.batch_size > 0 and self.num_workers >= 0 and self.max_batches >= 0,
+            "",
+            "batch_size > 0, num_workers >= 0, max_batches >= 0",
+        )
 
 
 @dataclass
@@ -64,8 +70,11 @@ class SweepConfig:
 
     def validate(self) -> None:
         # The law's exponents need two values of each of N and V, and its 4 parameters at least 4 cells.
-        check(len(self.lms) >= 2, "lms", "name at least two LMs ({name, path} or {name, overrides}): the "
-              "N exponent needs two sizes")
+        check(
+            len(self.lms) >= 2,
+            "lms",
+            "name at least two LMs ({name, path} or {name, overrides}): the N exponent needs two sizes",
+        )
         check(len(self.tokens) >= 2, "tokens", f"needs at least two values of M (the V exponent), got {self.tokens}")
         names = [lm.name for lm in self.lms]
         check(len(set(names)) == len(names), "lms", f"LM names must be distinct, got {names}")

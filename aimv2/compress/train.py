@@ -81,12 +81,17 @@ def init_compressor(module: CompressModule, source: str) -> None:
         state = load_file(Path(source) / "compressor.safetensors")
     else:
         raw = torch.load(resolve_checkpoint(source), map_location="cpu", weights_only=True)
-        state = {k.removeprefix("vlm.compressor."): v for k, v in schema.model_state(raw).items()
-                 if k.startswith("vlm.compressor.")}
+        state = {
+            k.removeprefix("vlm.compressor."): v
+            for k, v in schema.model_state(raw).items()
+            if k.startswith("vlm.compressor.")
+        }
     try:
         module.vlm.compressor.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"config key '{key}': {source} holds another compressor: {str(err).splitlines()[0][:200]}") from None
+        raise UserError(
+            f"config key '{key}': {source} holds another compressor: {str(err).splitlines()[0][:200]}"
+        ) from None
     print(f"compressor initialized from {source}")
 
 
@@ -95,16 +100,19 @@ def loss_trend(metrics_csv: Path, window: int = 3) -> str:
     if not values:
         return "no caption loss logged (raise trainer.max_steps or lower trainer.log_every_n_steps)"
     first, last = values[:window], values[-window:]
-    return f"caption loss {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} (mean of the first/last {window} logged)"
+    before, after = sum(first) / len(first), sum(last) / len(last)
+    return f"caption loss {before:.3f} -> {after:.3f} (mean of the first/last {window} logged)"
 
 
 def summary(cfg: CompressConfig, run: RunDir, steps: int) -> str:
     c = cfg.compressor
-    return "\n".join([
-        f"alignment (stage {cfg.stage}, compressor {c.kind}, M={c.num_tokens or 'N'}) finished after {steps} steps",
-        f"  {loss_trend(run.metrics)}",
-        f"  config       {run.config}",
-        f"  checkpoints  {run.checkpoints}/ (last.ckpt is the newest)",
-        f"  metrics      {run.metrics}",
-        f"  tensorboard  tensorboard --logdir {run.tensorboard}",
-    ])
+    return "\n".join(
+        [
+            f"alignment (stage {cfg.stage}, compressor {c.kind}, M={c.num_tokens or 'N'}) finished after {steps} steps",
+            f"  {loss_trend(run.metrics)}",
+            f"  config       {run.config}",
+            f"  checkpoints  {run.checkpoints}/ (last.ckpt is the newest)",
+            f"  metrics      {run.metrics}",
+            f"  tensorboard  tensorboard --logdir {run.tensorboard}",
+        ]
+    )

@@ -29,7 +29,6 @@ lm, text): frozen encoder, tokenizer, LM, compressor, text ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +65,15 @@ def caption_labels(n_before: int, captions: torch.Tensor, mask: torch.Tensor) ->
 class AttachedVLM(nn.Module):
     """encoder (frozen) + compressor + LM. `lm` may be None for a front end that only makes visual tokens."""
 
-    def __init__(self, encoder: nn.Module, compressor: Compressor, lm: Optional[nn.Module],
-                 prefix_ids: list[int] = (), prompt_ids: list[int] = (), preprocessing=None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        compressor: Compressor,
+        lm: nn.Module | None,
+        prefix_ids: list[int] = (),
+        prompt_ids: list[int] = (),
+        preprocessing=None,
+    ):
         super().__init__()
         self.encoder, self.compressor, self.lm = encoder, compressor, lm
         self.register_buffer("prefix_ids", torch.tensor(list(prefix_ids), dtype=torch.long), persistent=False)
@@ -80,7 +86,7 @@ class AttachedVLM(nn.Module):
             for p in compressor.text_parameters():
                 p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "AttachedVLM":
+    def train(self, mode: bool = True) -> AttachedVLM:
         """The encoder always runs in eval mode; so does the LM while it is frozen (stage 1)."""
         super().train(mode)
         self.encoder.eval()
@@ -89,8 +95,9 @@ class AttachedVLM(nn.Module):
         return self
 
     # -- visual tokens -------------------------------------------------------------------------
-    def text_condition(self, text_ids: Optional[torch.Tensor] = None,
-                       prefix: Optional[TextPrefix] = None) -> Optional[torch.Tensor]:
+    def text_condition(
+        self, text_ids: torch.Tensor | None = None, prefix: TextPrefix | None = None
+    ) -> torch.Tensor | None:
         """(1, D_llm): the LM's last hidden state at the last token of the instruction text
         (prefix + prompt by default), for text-conditioned compressors; None for the others."""
         if not self.compressor.uses_text:
@@ -103,12 +110,17 @@ class AttachedVLM(nn.Module):
             return None  # no text: the compressor runs unconditioned
         if self.lm is None:
             raise ValueError("a text-conditioned compressor needs the LM for its text embedding (or pass text=)")
-        out = self.lm(input_ids=text_ids.reshape(1, -1), output_hidden_states=True, use_cache=False,
-                      **keep_last_logits(self.lm, 1))
+        out = self.lm(
+            input_ids=text_ids.reshape(1, -1),
+            output_hidden_states=True,
+            use_cache=False,
+            **keep_last_logits(self.lm, 1),
+        )
         return out.hidden_states[-1][:, -1]
 
-    def visual_tokens(self, images: torch.Tensor, text: Optional[torch.Tensor] = None,
-                      prefix: Optional[TextPrefix] = None) -> torch.Tensor:
+    def visual_tokens(
+        self, images: torch.Tensor, text: torch.Tensor | None = None, prefix: TextPrefix | None = None
+    ) -> torch.Tensor:
         """images (B, 3, H, W) -> (B, M, D_llm). `text` (B or 1, D_llm) overrides the instruction text."""
         with torch.no_grad():
             features = encode_patches(self.encoder, images)  # (B, N, D_vis)
@@ -124,8 +136,14 @@ class AttachedVLM(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)
 
-    def sequence(self, visual: Optional[torch.Tensor], batch: int, captions: Optional[torch.Tensor] = None,
-                 caption_mask: Optional[torch.Tensor] = None, with_prefix: bool = True):
+    def sequence(
+        self,
+        visual: torch.Tensor | None,
+        batch: int,
+        captions: torch.Tensor | None = None,
+        caption_mask: torch.Tensor | None = None,
+        with_prefix: bool = True,
+    ):
         """-> inputs_embeds (B, S, D), attention_mask (B, S), n_before (positions before the caption).
         visual=None leaves the image out (the text-only baseline)."""
         parts = []
@@ -142,8 +160,9 @@ class AttachedVLM(nn.Module):
             mask.append(caption_mask.long())
         return torch.cat(parts, dim=1), torch.cat(mask, dim=1), n_before
 
-    def _run(self, embeds: torch.Tensor, mask: torch.Tensor, prefix: Optional[TextPrefix], keep: int,
-             use_cache: bool = False):
+    def _run(
+        self, embeds: torch.Tensor, mask: torch.Tensor, prefix: TextPrefix | None, keep: int, use_cache: bool = False
+    ):
         """One LM forward -> (output, attention mask incl. the prefix). With a prefix, its cache
         stands in for the prefix positions (a cache is then always returned)."""
         cache = None
@@ -151,13 +170,25 @@ class AttachedVLM(nn.Module):
             b = embeds.shape[0]
             cache, use_cache = prefix.for_batch(b), True
             mask = torch.cat([torch.ones(b, prefix.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=use_cache, **with_cache(self.lm, cache),
-                      **keep_last_logits(self.lm, keep))
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            use_cache=use_cache,
+            **with_cache(self.lm, cache),
+            **keep_last_logits(self.lm, keep),
+        )
         return out, mask
 
     # -- losses and inference --------------------------------------------------------------------
-    def caption_loss(self, images: torch.Tensor, captions: torch.Tensor, caption_mask: torch.Tensor,
-                     prefix: Optional[TextPrefix] = None, use_image: bool = True, count_correct: bool = False):
+    def caption_loss(
+        self,
+        images: torch.Tensor,
+        captions: torch.Tensor,
+        caption_mask: torch.Tensor,
+        prefix: TextPrefix | None = None,
+        use_image: bool = True,
+        count_correct: bool = False,
+    ):
         """(sum of caption-token cross-entropies, number of caption tokens), plus, with `count_correct`,
         the number of caption tokens the LM ranks first (greedy next-token accuracy: the token error
         rate 1 - correct / n is the bounded error a scaling sweep fits). captions (B, L) right-padded."""
@@ -166,7 +197,7 @@ class AttachedVLM(nn.Module):
         embeds, mask, n_before = self.sequence(visual, b, captions, caption_mask, with_prefix=prefix is None)
         if n_before == 0:  # the first caption token would have no position to be predicted from
             raise ValueError("nothing precedes the caption (no image, prompt or uncached prefix)")
-        logits = self._run(embeds, mask, prefix, keep=length + 1)[0].logits[:, -(length + 1):-1]  # (B, L, V)
+        logits = self._run(embeds, mask, prefix, keep=length + 1)[0].logits[:, -(length + 1) : -1]  # (B, L, V)
         targets = captions.masked_fill(~caption_mask, IGNORE)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         if count_correct:
@@ -174,7 +205,7 @@ class AttachedVLM(nn.Module):
         return ce, caption_mask.sum()
 
     @torch.no_grad()
-    def prefill_logits(self, images: torch.Tensor, prefix: Optional[TextPrefix] = None) -> torch.Tensor:
+    def prefill_logits(self, images: torch.Tensor, prefix: TextPrefix | None = None) -> torch.Tensor:
         """Logits (B, M + P, V) at the visual and prompt positions (what follows the prefix)."""
         visual = self.visual_tokens(images, prefix=prefix)
         embeds, mask, _ = self.sequence(visual, images.shape[0], with_prefix=prefix is None)
@@ -182,7 +213,7 @@ class AttachedVLM(nn.Module):
         return self._run(embeds, mask, prefix, keep=keep)[0].logits[:, -keep:]
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, max_new_tokens: int, prefix: Optional[TextPrefix] = None) -> torch.Tensor:
+    def generate(self, images: torch.Tensor, max_new_tokens: int, prefix: TextPrefix | None = None) -> torch.Tensor:
         """Greedy continuation (B, max_new_tokens) after [prefix][image][prompt]. With `prefix`, the
         prefix positions come from its cache instead of being recomputed; the tokens are the same."""
         visual = self.visual_tokens(images, prefix=prefix)
@@ -195,8 +226,13 @@ class AttachedVLM(nn.Module):
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
             tokens.append(nxt)
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            out = self.lm(inputs_embeds=self._embed(nxt[:, None]), attention_mask=mask, use_cache=True,
-                          **with_cache(self.lm, cache), **keep_last_logits(self.lm, 1))
+            out = self.lm(
+                inputs_embeds=self._embed(nxt[:, None]),
+                attention_mask=mask,
+                use_cache=True,
+                **with_cache(self.lm, cache),
+                **keep_last_logits(self.lm, 1),
+            )
             cache = returned_cache(out)
         return torch.stack(tokens, dim=1)
 
@@ -241,8 +277,12 @@ def build_prefix(lm: nn.Module, ids: torch.Tensor) -> TextPrefix:
     if ids.numel() == 0:
         raise ValueError("an empty prefix has nothing to cache")
     out = lm(input_ids=ids[None], use_cache=True, output_hidden_states=True, **keep_last_logits(lm, 1))
-    return TextPrefix(ids.clone(), [(k.detach(), v.detach()) for k, v in _kv_pairs(returned_cache(out))],
-                      out.hidden_states[-1][:, -1].detach(), lm.config)
+    return TextPrefix(
+        ids.clone(),
+        [(k.detach(), v.detach()) for k, v in _kv_pairs(returned_cache(out))],
+        out.hidden_states[-1][:, -1].detach(),
+        lm.config,
+    )
 
 
 def text_ids(tokenizer: CaptionTokenizer, text: str) -> list[int]:
@@ -258,19 +298,35 @@ def bos_ids(tokenizer: CaptionTokenizer) -> list[int]:
 
 def build_text_tokenizer(text: TextSection) -> CaptionTokenizer:
     if text.tokenizer.kind == "hf" and not text.tokenizer.path:
-        raise UserError("config key 'text.tokenizer.path': required (set it in the config file or as "
-                        "text.tokenizer.path=...)")
+        raise UserError(
+            "config key 'text.tokenizer.path': required (set it in the config file or as text.tokenizer.path=...)"
+        )
     return build_tokenizer(text.tokenizer)
 
 
 def compressor_spec(compressor: CompressorSection, d_vis: int, d_llm: int, grid: tuple[int, int]) -> CompressorSpec:
     c = compressor
-    return CompressorSpec(kind=c.kind, d_vis=d_vis, d_llm=d_llm, grid=grid, num_tokens=c.num_tokens or grid[0] * grid[1],
-                          hidden=c.hidden, heads=c.heads, layers=c.layers)
+    return CompressorSpec(
+        kind=c.kind,
+        d_vis=d_vis,
+        d_llm=d_llm,
+        grid=grid,
+        num_tokens=c.num_tokens or grid[0] * grid[1],
+        hidden=c.hidden,
+        heads=c.heads,
+        layers=c.layers,
+    )
 
 
-def build_attachment(stage: int, encoder: EncoderSection, compressor: CompressorSection, lm: LMSection,
-                     text: TextSection, frozen_encoder=None, preprocessing=None) -> tuple[AttachedVLM, CaptionTokenizer]:
+def build_attachment(
+    stage: int,
+    encoder: EncoderSection,
+    compressor: CompressorSection,
+    lm: LMSection,
+    text: TextSection,
+    frozen_encoder=None,
+    preprocessing=None,
+) -> tuple[AttachedVLM, CaptionTokenizer]:
     """The attachment of these sections: the LM trains in stage 2 only. `frozen_encoder`/`preprocessing`
     skip loading `encoder.source` (tests)."""
     tokenizer = build_text_tokenizer(text)
@@ -284,6 +340,7 @@ def build_attachment(stage: int, encoder: EncoderSection, compressor: Compressor
     d_llm = language_model.get_input_embeddings().embedding_dim
     spec = compressor_spec(compressor, encoder_width(frozen_encoder), d_llm, patch_grid(frozen_encoder))
     prefix = bos_ids(tokenizer) + text_ids(tokenizer, text.prefix)
-    vlm = AttachedVLM(frozen_encoder, build_compressor(spec), language_model, prefix, text_ids(tokenizer, text.prompt),
-                      preprocessing)
+    vlm = AttachedVLM(
+        frozen_encoder, build_compressor(spec), language_model, prefix, text_ids(tokenizer, text.prompt), preprocessing
+    )
     return vlm, tokenizer

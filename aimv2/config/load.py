@@ -16,14 +16,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aimv2.errors import InvalidValue
 from aimv2.config.schema import PretrainConfig
-from aimv2.errors import UserError, one_line
+from aimv2.errors import InvalidValue, UserError, one_line
 from aimv2.fileio import markdown_table
 
 BASE_KEY = "base"
-
-
 
 
 def read_layers(path: str | Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
@@ -47,11 +44,12 @@ def read_layers(path: str | Path, chain: tuple[Path, ...] = ()) -> list[DictConf
     return [*read_layers(path.parent / base, (*chain, path.resolve())), layer]
 
 
-def merge_config(path: str | Path | list | None, overrides: list[str] = (),
-                 schema: type = PretrainConfig) -> DictConfig:
+def merge_config(
+    path: str | Path | list | None, overrides: list[str] = (), schema: type = PretrainConfig
+) -> DictConfig:
     """The merged, typed but not yet validated config (mandatory '???' values may remain)."""
     layers = [OmegaConf.structured(schema)]
-    for item in ([] if path is None else path if isinstance(path, (list, tuple)) else [path]):
+    for item in [] if path is None else path if isinstance(path, (list, tuple)) else [path]:
         layers += read_layers(item)
     for item in overrides:
         if "=" not in item:
@@ -61,8 +59,10 @@ def merge_config(path: str | Path | list | None, overrides: list[str] = (),
         except OmegaConfBaseException as err:
             raise UserError(one_line(err)) from None
         except Exception as err:  # YAML syntax of the value, e.g. an unquoted {00..09} inside [{...}]
-            raise UserError(f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]}); "
-                            "quote shard patterns: urls: \"/d/{00000..00009}.tar\"") from None
+            raise UserError(
+                f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]}); "
+                'quote shard patterns: urls: "/d/{00000..00009}.tar"'
+            ) from None
     try:
         return OmegaConf.merge(*layers)
     except OmegaConfBaseException as err:

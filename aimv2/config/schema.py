@@ -8,7 +8,7 @@ aimv2.config.load_config) and each component receives only its own section (`Mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from aimv2.errors import check
 
@@ -17,7 +17,7 @@ from aimv2.errors import check
 class ModelConfig:
     size: str = "debug"  # a row of aimv2.models.sizes.SIZES
     img_size: int = 224  # a multiple of the patch size (14)
-    init_from: Optional[str] = None  # start from this checkpoint's weights, not a resume (aimv2.pretraining.init_from)
+    init_from: str | None = None  # start from this checkpoint's weights, not a resume (aimv2.pretraining.init_from)
     # Native resolution (aimv2.models.native): images at their own aspect ratio, 2-D sin-cos positions,
     # packed rows under a token budget (data.native); img_size is then only the nominal size.
     native: bool = False
@@ -27,10 +27,16 @@ class ModelConfig:
         from aimv2.models.sizes import get_size
 
         spec = get_size(self.size)
-        check(self.img_size % spec.patch_size == 0, "img_size",
-              f"{self.img_size} is not a multiple of the patch size {spec.patch_size}")
-        check(self.attention in ("auto", "sdpa", "flex"), "attention",
-              f"must be 'auto', 'sdpa' or 'flex', got {self.attention!r}")
+        check(
+            self.img_size % spec.patch_size == 0,
+            "img_size",
+            f"{self.img_size} is not a multiple of the patch size {spec.patch_size}",
+        )
+        check(
+            self.attention in ("auto", "sdpa", "flex"),
+            "attention",
+            f"must be 'auto', 'sdpa' or 'flex', got {self.attention!r}",
+        )
 
 
 @dataclass
@@ -48,8 +54,10 @@ TOKENIZER_KINDS = ("clip", "hf", "words")
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "clip"  # "clip": open_clip's BPE shipped in its wheel (offline); "hf": a local directory; "words": a word list
-    path: Optional[str] = None  # kind=hf: directory holding tokenizer.json / tokenizer_config.json; kind=words: the list
+    kind: str = (
+        "clip"  # "clip": open_clip's BPE shipped in its wheel (offline); "hf": a local directory; "words": a word list
+    )
+    path: str | None = None  # kind=hf: directory holding tokenizer.json / tokenizer_config.json; kind=words: the list
     max_length: int = 77  # tokens per caption, end-of-text included
 
     def validate(self) -> None:
@@ -77,10 +85,16 @@ class NativeDataConfig:
     window: int = 256  # samples packed together: larger packs tighter and holds more decoded images
 
     def validate(self) -> None:
-        check(2 <= self.min_patches <= self.max_patches, "min_patches",
-              f"need 2 <= min_patches <= max_patches, got {self.min_patches} and {self.max_patches}")
-        check(self.row_tokens >= self.max_patches, "row_tokens",
-              f"{self.row_tokens} cannot hold an image of max_patches={self.max_patches}")
+        check(
+            2 <= self.min_patches <= self.max_patches,
+            "min_patches",
+            f"need 2 <= min_patches <= max_patches, got {self.min_patches} and {self.max_patches}",
+        )
+        check(
+            self.row_tokens >= self.max_patches,
+            "row_tokens",
+            f"{self.row_tokens} cannot hold an image of max_patches={self.max_patches}",
+        )
         check(self.rows > 0 and self.window > 0, "rows", "rows and window must be > 0")
 
 
@@ -97,8 +111,11 @@ class ValConfig:
     num_workers: int = 0  # loader workers per device during an evaluation; 0 = in the training process
 
     def validate(self) -> None:
-        check(self.every_n_steps >= 0, "every_n_steps",
-              f"must be >= 0 (0: only at the last step), got {self.every_n_steps}")
+        check(
+            self.every_n_steps >= 0,
+            "every_n_steps",
+            f"must be >= 0 (0: only at the last step), got {self.every_n_steps}",
+        )
         check(self.max_samples >= 0, "max_samples", f"must be >= 0 (0: every sample), got {self.max_samples}")
         check(self.batch_size >= 0, "batch_size", f"must be >= 0 (0: data.batch_size), got {self.batch_size}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
@@ -127,11 +144,16 @@ class DataConfig:
         check(self.mode in ("resampled", "epoch"), "mode", f"must be 'resampled' or 'epoch', got {self.mode!r}")
         check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
-        check(self.on_change in ("error", "restart"), "on_change", f"must be 'error' or 'restart', got {self.on_change!r}")
+        check(
+            self.on_change in ("error", "restart"), "on_change", f"must be 'error' or 'restart', got {self.on_change!r}"
+        )
         tok = self.tokenizer
         check(tok.kind == "clip" or bool(tok.path), "tokenizer.path", f"required for kind={tok.kind}")
-        check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
-              f"must be [min, max] within (0, 1], got {self.crop_scale}")
+        check(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_scale",
+            f"must be [min, max] within (0, 1], got {self.crop_scale}",
+        )
 
 
 @dataclass
@@ -146,9 +168,12 @@ class ObjectiveConfig:
     def validate(self) -> None:
         check(self.alpha >= 0 and self.text_weight >= 0, "", "alpha and text_weight must be >= 0")
         check(self.alpha + self.text_weight > 0, "", "alpha and text_weight are both 0")
-        check(self.prefix_attention or self.alpha == 0, "prefix_attention",
-              f"false needs objective.alpha=0 (got {self.alpha:g}): the image loss is defined only for the "
-              "non-prefix patches of a prefix-causal encoder")
+        check(
+            self.prefix_attention or self.alpha == 0,
+            "prefix_attention",
+            f"false needs objective.alpha=0 (got {self.alpha:g}): the image loss is defined only for the "
+            "non-prefix patches of a prefix-causal encoder",
+        )
 
 
 @dataclass
@@ -187,7 +212,9 @@ class TrainerConfig:
     accelerator: str = "auto"  # Lightning's accelerator: "auto", "cpu", "gpu"
     devices: Any = "auto"  # processes (devices) per node: a count, a list of device indices, or "auto" (all)
     num_nodes: int = 1  # machines; the run has num_nodes x devices processes
-    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed | fsdp2; presets in configs/strategy/ (aimv2.engine.strategy)
+    strategy: str = (
+        "auto"  # auto | ddp | fsdp | deepspeed | fsdp2; presets in configs/strategy/ (aimv2.engine.strategy)
+    )
     zero_stage: int = 2  # deepspeed: ZeRO stage 2 (optimizer + gradients sharded) or 3 (+ parameters)
     offload: bool = False  # deepspeed: optimizer states (stage 3: and parameters) in CPU memory; fsdp: parameters
     activation_checkpointing: bool = False  # recompute every transformer block in backward (encoder and decoder)
@@ -195,13 +222,13 @@ class TrainerConfig:
     compile: bool = False  # torch.compile every transformer block
     precision: str = "32-true"  # bf16-mixed on GPUs; keep fp32 on CPUs
     max_steps: int = -1  # optimizer steps to train (also the LR schedule's length); -1: none (epoch mode only)
-    max_epochs: Optional[int] = None  # epoch mode: passes over the data; unset: until max_steps
+    max_epochs: int | None = None  # epoch mode: passes over the data; unset: until max_steps
     log_every_n_steps: int = 10  # optimizer steps between logged metric rows (metrics.csv, TensorBoard)
     checkpoint_every_n_steps: int = 1000  # optimizer steps between step=N checkpoints (last.ckpt with each)
     keep_checkpoints: int = 3  # newest step=N checkpoints kept (plus last.ckpt); -1 keeps all
     max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (each skipped) before stopping
     seed: int = 0  # global seed (seed_everything): weight initialization; the data's randomness is data.seed
-    resume: Optional[str] = None  # checkpoint path, "auto" (newest intact in run_dir), "none"; unset: auto under SLURM
+    resume: str | None = None  # checkpoint path, "auto" (newest intact in run_dir), "none"; unset: auto under SLURM
     overwrite: bool = False  # start afresh in a run_dir that holds another run, deleting its checkpoints and logs
     log_samples: bool = False  # write the keys of every consumed sample to RUN/logs/samples/rank*.tsv
     progress_bar: bool = True  # a bar on a terminal, else progress lines (docs/monitoring.md); false: none
@@ -209,14 +236,22 @@ class TrainerConfig:
     def validate(self) -> None:
         """Every job that trains through aimv2.engine (pre-training, compress) gets these checks."""
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        check(self.strategy not in ("fsdp", "deepspeed") or self.accelerator != "cpu", "strategy",
-              f"{self.strategy} needs GPUs (Lightning refuses it on the CPU accelerator): set trainer.accelerator=gpu")
+        check(
+            self.strategy not in ("fsdp", "deepspeed") or self.accelerator != "cpu",
+            "strategy",
+            f"{self.strategy} needs GPUs (Lightning refuses it on the CPU accelerator): set trainer.accelerator=gpu",
+        )
         check(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
-        check(not self.offload or self.strategy in ("deepspeed", "fsdp"), "offload",
-              f"needs trainer.strategy=deepspeed or fsdp, got {self.strategy!r}")
+        check(
+            not self.offload or self.strategy in ("deepspeed", "fsdp"),
+            "offload",
+            f"needs trainer.strategy=deepspeed or fsdp, got {self.strategy!r}",
+        )
         check(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", "must be >= 1")
         check(self.checkpoint_every_n_steps > 0, "checkpoint_every_n_steps", "must be > 0")
-        check(self.keep_checkpoints == -1 or self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1, or -1 (all)")
+        check(
+            self.keep_checkpoints == -1 or self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1, or -1 (all)"
+        )
         check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 
 
@@ -232,8 +267,11 @@ class VisualizeConfig:
         check(self.every_n_steps >= 0, "every_n_steps", f"must be >= 0 (0 disables), got {self.every_n_steps}")
         check(self.num_images >= 1, "num_images", f"must be >= 1, got {self.num_images}")
         check(0 < self.prefix_ratio < 1, "prefix_ratio", f"must be within (0, 1), got {self.prefix_ratio}")
-        check(self.max_caption_tokens >= 0, "max_caption_tokens",
-              f"must be >= 0 (0: no captions), got {self.max_caption_tokens}")
+        check(
+            self.max_caption_tokens >= 0,
+            "max_caption_tokens",
+            f"must be >= 0 (0: no captions), got {self.max_caption_tokens}",
+        )
 
 
 @dataclass
@@ -252,8 +290,14 @@ class PretrainConfig:
         if self.data.mode == "resampled":
             check(t.max_steps > 0, "trainer.max_steps", "must be > 0 in resampled (infinite) data mode")
         else:
-            check(t.max_steps > 0 or (t.max_epochs or 0) > 0, "trainer.max_epochs",
-                  "set trainer.max_epochs or trainer.max_steps in epoch data mode")
-        check(not (self.model.native and self.data.val.urls), "data.val.urls",
-              "the held-out validation loss does not support native-resolution runs (model.native) yet; "
-              "set data.val.urls=''")
+            check(
+                t.max_steps > 0 or (t.max_epochs or 0) > 0,
+                "trainer.max_epochs",
+                "set trainer.max_epochs or trainer.max_steps in epoch data mode",
+            )
+        check(
+            not (self.model.native and self.data.val.urls),
+            "data.val.urls",
+            "the held-out validation loss does not support native-resolution runs (model.native) yet; "
+            "set data.val.urls=''",
+        )

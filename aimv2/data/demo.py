@@ -101,8 +101,9 @@ def build_demo_shards(out_dir: str | Path, samples_per_shard: int = 256, seed: i
     """Write (or find) the demo set; returns {"out_dir", "classes", "vocabulary" (the captions' word
     list, for data.tokenizer.kind=words), and per split
     "pretrain"/"probe_train"/"probe_val"/"heldout": {"dir", "urls", "count", "shards"}}."""
-    from aimv2.data.tokenizer import write_vocabulary
     from sklearn.datasets import load_digits  # deferred: sklearn import costs ~1 s
+
+    from aimv2.data.tokenizer import write_vocabulary
 
     out = Path(out_dir).resolve()
     params = {"samples_per_shard": samples_per_shard, "seed": seed, "image_size": image_size}
@@ -146,7 +147,12 @@ def build_demo_shards(out_dir: str | Path, samples_per_shard: int = 256, seed: i
         report = write_shards(
             samples, out / _SPLITS[name], samples_per_shard, progress=False, overwrite=True, extra_files=extra
         )
-        result[name] = {"dir": str(report.out_dir), "urls": report.urls, "count": report.total, "shards": len(report.shards)}
+        result[name] = {
+            "dir": str(report.out_dir),
+            "urls": report.urls,
+            "count": report.total,
+            "shards": len(report.shards),
+        }
     # The captions' own words (a few dozen): the word tokenizer's vocabulary (data.tokenizer.kind=words).
     write_vocabulary((caption for _, caption in rendered), out / "vocab.txt")
     result["vocabulary"] = str(out / "vocab.txt")

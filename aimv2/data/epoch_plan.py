@@ -9,7 +9,8 @@ per sample (an epoch of 3.5B samples in 350,000 shards is planned in well under 
   (`EpochPlan.slot_units`) are found by bisection, on demand.
 - `Consumed`: the samples of an epoch consumed under earlier layouts (trained on, or passed over as
   corrupt): per shard none, all, or a packed bitmap of its samples for the few shards that slots left
-  half-read (about 2.5 per slot: 1.3 KB each for shards of 10,000). Sample indices are positions in the shard's tar; the plan of what is left counts, per
+  half-read (about 2.5 per slot: 1.3 KB each for shards of 10,000). Sample indices are positions in
+  the shard's tar; the plan of what is left counts, per
   shard, only the samples not consumed (their "ranks").
 - `Consumed.add_read`: what one slot consumed, from where its stream stood: the first samples of its
   read order (`slot_read_order`), and the consumed ones of the shuffle segment it was in (a bitmap over
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class EpochPlan:
         return units
 
 
-def plan_epoch(left: np.ndarray, num_slots: int, batch_size: int, seed: Optional[int] = None) -> EpochPlan:
+def plan_epoch(left: np.ndarray, num_slots: int, batch_size: int, seed: int | None = None) -> EpochPlan:
     """`left[i]`: samples of shard i to plan (its count, or what is left of it). The shards with any,
     in a seeded order when `seed` is given, cut into `num_slots` contiguous ranges."""
     left = np.asarray(left, dtype=np.int64)
@@ -135,7 +135,7 @@ class Consumed:
         else:
             self.partial[shard] = np.packbits(bits)  # a bit per sample of the few half-read shards
 
-    def add_ranks(self, before: "Consumed", shard: int, first: int, end: int) -> None:
+    def add_ranks(self, before: Consumed, shard: int, first: int, end: int) -> None:
         """Mark consumed the samples of ranks [first, end) among those `before` had left of `shard`."""
         whole = first == 0 and end == before.counts[shard] and not before.full[shard] and shard not in before.partial
         if whole and shard not in self.partial:
@@ -143,8 +143,14 @@ class Consumed:
         else:
             self.add(shard, before.indices(shard, first, end))
 
-    def add_read(self, before: "Consumed", units: list[Unit], count: int, segment_bits: Optional[np.ndarray] = None,
-                 segment_start: int = 0) -> None:
+    def add_read(
+        self,
+        before: Consumed,
+        units: list[Unit],
+        count: int,
+        segment_bits: np.ndarray | None = None,
+        segment_start: int = 0,
+    ) -> None:
         """Add what a slot consumed: the first `count` samples of its read order `units` (planned over
         `before`, the samples its plan left out), plus, where `segment_bits` is given, the samples
         segment_start + i of that order whose bit i is set (the consumed part of a shuffle segment)."""
@@ -165,7 +171,7 @@ class Consumed:
             ranks = positions[unit_of == u] - (ends[u] - sizes[u])
             self.add(shard, before.indices(shard, first, end)[ranks])
 
-    def copy(self) -> "Consumed":
+    def copy(self) -> Consumed:
         out = Consumed(self.counts)
         out.full = self.full.copy()
         out.partial = {k: v.copy() for k, v in self.partial.items()}
@@ -177,18 +183,21 @@ class Consumed:
         whole bytes, in that order}."""
         shards = sorted(self.partial)
         bits = np.concatenate([self.partial[s] for s in shards]) if shards else np.zeros(0, dtype=np.uint8)
-        return {"full": torch.from_numpy(np.packbits(self.full)),
-                "partial": torch.tensor(shards, dtype=torch.long), "bits": torch.from_numpy(bits)}
+        return {
+            "full": torch.from_numpy(np.packbits(self.full)),
+            "partial": torch.tensor(shards, dtype=torch.long),
+            "bits": torch.from_numpy(bits),
+        }
 
     @classmethod
-    def from_state(cls, state: dict, counts: np.ndarray) -> "Consumed":
+    def from_state(cls, state: dict, counts: np.ndarray) -> Consumed:
         out = cls(counts)
         out.full = np.unpackbits(state["full"].numpy(), count=len(counts)).astype(bool)
         bits = state["bits"].numpy()
         offset = 0
         for shard in state["partial"].tolist():
             length = (int(counts[shard]) + 7) // 8
-            out.partial[shard] = bits[offset:offset + length].copy()
+            out.partial[shard] = bits[offset : offset + length].copy()
             offset += length
         return out
 

@@ -63,15 +63,16 @@ class ReadPlan:
 
     def rank_slots(self, rank: int) -> list[list[Range]]:
         """Rank `rank`'s slots, one per loader worker (one without workers)."""
-        return self.slots[rank * self.per_rank:(rank + 1) * self.per_rank]
+        return self.slots[rank * self.per_rank : (rank + 1) * self.per_rank]
 
     def num_batches(self, rank: int, batch_size: int) -> int:
         """The batches rank `rank` yields: its slots' planned samples in batches of `batch_size`, the last
         of each slot partial (a plan of ranges that all end: `plan_ranges`)."""
         if self.stride > 1 or any(end is None for units in self.slots for _, _, end in units):
             raise ValueError("the batches of a whole-shard plan are not known before reading it")
-        return sum(math.ceil(sum(end - first for _, first, end in units) / batch_size)
-                   for units in self.rank_slots(rank))
+        return sum(
+            math.ceil(sum(end - first for _, first, end in units) / batch_size) for units in self.rank_slots(rank)
+        )
 
 
 def plan_whole_shards(shards: Iterable[ShardInfo], world: int = 1, num_workers: int = 0) -> ReadPlan:
@@ -140,10 +141,18 @@ def read_cost(plan: ReadPlan) -> dict:
     after = [sum(end - (0 if is_remote(url) else first) for url, first, end in units) for units in slots]
     held_out = sum(end - first for units in slots for _, first, end in units)
     needed = needed_starts(slots)
-    return {"held_out": held_out, "slots": len(slots), "before": sum(before), "after": sum(after),
-            "before_ratio": sum(before) / max(1, held_out), "after_ratio": sum(after) / max(1, held_out),
-            "per_slot_before": before, "per_slot_after": after,
-            "scan_shards": len(needed), "scan_samples": sum(firsts[-1] for firsts in needed.values())}
+    return {
+        "held_out": held_out,
+        "slots": len(slots),
+        "before": sum(before),
+        "after": sum(after),
+        "before_ratio": sum(before) / max(1, held_out),
+        "after_ratio": sum(after) / max(1, held_out),
+        "per_slot_before": before,
+        "per_slot_after": after,
+        "scan_shards": len(needed),
+        "scan_samples": sum(firsts[-1] for firsts in needed.values()),
+    }
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -152,8 +161,15 @@ class EverySample(IterableDataset):
     loader worker w reads the rank's slot w. `starts`: where the slots' ranges that begin inside a local
     shard start (tar_ranges.slot_starts); a range without one is read from its shard's start."""
 
-    def __init__(self, plan: ReadPlan, rank: int, process: Callable[[dict], object], collate: Callable[[list], dict],
-                 batch_size: int, starts: Mapping[tuple[str, int], Start] | None = None):
+    def __init__(
+        self,
+        plan: ReadPlan,
+        rank: int,
+        process: Callable[[dict], object],
+        collate: Callable[[list], dict],
+        batch_size: int,
+        starts: Mapping[tuple[str, int], Start] | None = None,
+    ):
         super().__init__()
         self.slots, self.stride, self.first_slot = plan.rank_slots(rank), plan.stride, rank * plan.per_rank
         self.process, self.collate, self.batch_size = process, collate, batch_size
@@ -187,8 +203,14 @@ class EverySample(IterableDataset):
         return batch
 
 
-def every_sample_loader(plan: ReadPlan, process: Callable[[dict], object], collate: Callable[[list], dict],
-                        batch_size: int, rank: int = 0, index: Index | None = None) -> DataLoader:
+def every_sample_loader(
+    plan: ReadPlan,
+    process: Callable[[dict], object],
+    collate: Callable[[list], dict],
+    batch_size: int,
+    rank: int = 0,
+    index: Index | None = None,
+) -> DataLoader:
     """A finite loader of rank `rank`'s part of `plan` with `plan.workers` workers; a fresh pass each time it
     is iterated. `index`: where the plan's ranges start (tar_ranges.index_ranges over every rank's slots,
     each rank indexing its share); None: this rank indexes its own slots now (a whole-shard plan has none)."""
@@ -196,11 +218,22 @@ def every_sample_loader(plan: ReadPlan, process: Callable[[dict], object], colla
     if index is None:
         index = index_ranges(slots)
     dataset = EverySample(plan, rank, process, collate, batch_size, slot_starts(slots, index))
-    return DataLoader(dataset, batch_size=None, num_workers=plan.workers,
-                      multiprocessing_context=worker_context(plan.workers, dataset),
-                      worker_init_fn=ignore_stop_signals if plan.workers else None,
-                      generator=torch.Generator())  # its base seed is drawn from here, not torch's global RNG
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=plan.workers,
+        multiprocessing_context=worker_context(plan.workers, dataset),
+        worker_init_fn=ignore_stop_signals if plan.workers else None,
+        generator=torch.Generator(),
+    )  # its base seed is drawn from here, not torch's global RNG
 
 
-__all__ = ["EverySample", "ReadPlan", "every_sample_loader", "first_samples", "plan_ranges", "plan_whole_shards",
-           "read_cost"]
+__all__ = [
+    "EverySample",
+    "ReadPlan",
+    "every_sample_loader",
+    "first_samples",
+    "plan_ranges",
+    "plan_whole_shards",
+    "read_cost",
+]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -49,9 +49,15 @@ class EpochAwareLoader(DataLoader):
     tensor per rank (world, ...) so every rank can save every rank's positions; `on_change` says what a
     resume over changed data does ("error" or "restart")."""
 
-    def __init__(self, dataset, *, epoch_fn: Optional[Callable[[], int]] = None,
-                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, on_change: str = "error",
-                 **kwargs):
+    def __init__(
+        self,
+        dataset,
+        *,
+        epoch_fn: Callable[[], int] | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        on_change: str = "error",
+        **kwargs,
+    ):
         kwargs.setdefault("persistent_workers", False)  # workers must copy the stream after start_iteration
         kwargs.setdefault("multiprocessing_context", worker_context(kwargs.get("num_workers", 0), dataset))
         kwargs.setdefault("worker_init_fn", ignore_stop_signals)
@@ -60,13 +66,13 @@ class EpochAwareLoader(DataLoader):
             raise UserError(f"data.on_change: must be 'error' or 'restart', got {on_change!r}")
         self._epoch_fn, self._gather, self.on_change = epoch_fn, gather, on_change
         self._next_epoch = 0
-        self._pending: Optional[dict] = None  # a saved position, applied when its epoch starts
+        self._pending: dict | None = None  # a saved position, applied when its epoch starts
         self.epoch, self.consumed, self.lanes = 0, 0, {}  # lanes: {lane: position after its last consumed batch}
-        self.base: Optional[Consumed] = None  # epoch mode: samples consumed under earlier layouts this epoch
+        self.base: Consumed | None = None  # epoch mode: samples consumed under earlier layouts this epoch
         self.base_consumed = 0  # batches this rank consumed this epoch before `base` was planned around
         self.repeated = 0  # samples this rank trained on a second time within their epoch, over the run
-        self._plan_cache: Optional[tuple] = None
-        self._identity: Optional[dict] = None
+        self._plan_cache: tuple | None = None
+        self._identity: dict | None = None
 
     def __iter__(self):
         # Started at the first batch, not here: Lightning creates the epoch's iterator before a restarted
@@ -84,10 +90,12 @@ class EpochAwareLoader(DataLoader):
         self.base = resume["base"] if resume else None
         self.base_consumed = resume["base_consumed"] if resume else 0
         if resume:
-            log.info("data stream of rank %d continues epoch %d after %d batches", self.dataset.rank, epoch,
-                     self.consumed)
-        self.dataset.start_iteration(epoch, {"consumed": self.consumed, "lanes": self.lanes, "base": self.base}
-                                     if resume else None)
+            log.info(
+                "data stream of rank %d continues epoch %d after %d batches", self.dataset.rank, epoch, self.consumed
+            )
+        self.dataset.start_iteration(
+            epoch, {"consumed": self.consumed, "lanes": self.lanes, "base": self.base} if resume else None
+        )
         return super().__iter__()
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,9 +121,9 @@ class EpochAwareLoader(DataLoader):
         table = torch.full((rows, 3 + stream.position_width + words), -1, dtype=torch.long)
         plan = self._plan() if stream.mode == "epoch" else None
         for row, (lane, pos) in enumerate(sorted(self.lanes.items())):
-            table[row, 0], table[row, 3:3 + len(pos)] = lane, torch.tensor(pos, dtype=torch.long)
+            table[row, 0], table[row, 3 : 3 + len(pos)] = lane, torch.tensor(pos, dtype=torch.long)
             if plan is not None and (bits := stream.segment_bits(plan, lane, pos)) is not None:
-                table[row, 3 + stream.position_width:] = _bits_to_words(bits, words)
+                table[row, 3 + stream.position_width :] = _bits_to_words(bits, words)
         table[:, 1], table[:, 2] = self.consumed, self.repeated
         gathered = self._all(table)  # (world, rows, columns)
         consumed = sorted({int(c) for c in gathered[:, 0, 1]})
@@ -126,11 +134,19 @@ class EpochAwareLoader(DataLoader):
         rows = rows[rows[:, 0].argsort()]  # one row per lane that has a position, by lane
         width = stream.position_width
         # tables, not dicts of lists: the same bytes whatever the positions' values (steps, samples)
-        return {"version": STATE_VERSION, "layout": stream.layout(), "data": self.identity(), "gen": stream.gen,
-                "epoch": self.epoch, "consumed": consumed[0], "lanes": rows[:, [0, *range(3, 3 + width)]].clone(),
-                "segments": rows[:, 3 + width:].clone(),
-                "repeated": [int(rank[0, 2]) for rank in gathered],
-                "base": self.base.state() if self.base is not None else None, "base_consumed": self.base_consumed}
+        return {
+            "version": STATE_VERSION,
+            "layout": stream.layout(),
+            "data": self.identity(),
+            "gen": stream.gen,
+            "epoch": self.epoch,
+            "consumed": consumed[0],
+            "lanes": rows[:, [0, *range(3, 3 + width)]].clone(),
+            "segments": rows[:, 3 + width :].clone(),
+            "repeated": [int(rank[0, 2]) for rank in gathered],
+            "base": self.base.state() if self.base is not None else None,
+            "base_consumed": self.base_consumed,
+        }
 
     def _rows_per_rank(self) -> int:
         """Lanes a rank runs at most: its slots, each running ceil(lanes / slots) lanes at most."""
@@ -152,8 +168,10 @@ class EpochAwareLoader(DataLoader):
         if self._identity is None:
             stream = self.dataset
             digests = np.concatenate([s.shards.digests() for s in stream.sources] or [np.zeros(0, np.uint64)])
-            self._identity = {"sources": [[s.name, s.weight, len(s.shards)] for s in stream.sources],
-                              "shards": torch.from_numpy(digests.astype(np.uint64).view(np.int64))}
+            self._identity = {
+                "sources": [[s.name, s.weight, len(s.shards)] for s in stream.sources],
+                "shards": torch.from_numpy(digests.astype(np.uint64).view(np.int64)),
+            }
         return self._identity
 
     def _all(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -163,8 +181,11 @@ class EpochAwareLoader(DataLoader):
         stream = self.dataset
         version, epoch = state.get("version"), int(state.get("epoch", 0))
         if version != STATE_VERSION:
-            self._data_changed(state, f"the checkpoint's data-stream state is version {version}, this aimv2 reads "
-                                      f"version {STATE_VERSION} (saved by another release)")
+            self._data_changed(
+                state,
+                f"the checkpoint's data-stream state is version {version}, this aimv2 reads "
+                f"version {STATE_VERSION} (saved by another release)",
+            )
             return
         change = self._data_change(state["data"])
         if change:
@@ -177,9 +198,14 @@ class EpochAwareLoader(DataLoader):
         if layout == stream.layout():
             stream.gen = int(state["gen"])
             self.repeated = int(state["repeated"][stream.rank])
-            base = (Consumed.from_state(state["base"], stream.shards.counts) if state.get("base") is not None else None)
-            self._pending = {"epoch": epoch, "consumed": int(state["consumed"]), "lanes": saved_lanes(state),
-                             "base": base, "base_consumed": int(state.get("base_consumed", 0))}
+            base = Consumed.from_state(state["base"], stream.shards.counts) if state.get("base") is not None else None
+            self._pending = {
+                "epoch": epoch,
+                "consumed": int(state["consumed"]),
+                "lanes": saved_lanes(state),
+                "base": base,
+                "base_consumed": int(state.get("base_consumed", 0)),
+            }
             if base is not None:  # an epoch resumed elsewhere before: its length, on every later resume too
                 stream.resumed_len = self._pending["base_consumed"] + self._batches_left(epoch, base)
         elif stream.mode == "epoch" and layout["mode"] == "epoch":
@@ -200,20 +226,23 @@ class EpochAwareLoader(DataLoader):
         """'' when the data is the checkpoint's, else a sentence naming what changed (the first shard)."""
         stream, now = self.dataset, self.identity()
         if saved["sources"] != now["sources"]:
-            return (f"the sources (name, weight, number of shards) changed from {saved['sources']} to "
-                    f"{now['sources']}")
+            return f"the sources (name, weight, number of shards) changed from {saved['sources']} to {now['sources']}"
         old, new = saved["shards"].numpy(), now["shards"].numpy()
         differ = np.flatnonzero(old != new)
         if not len(differ):
             return ""
-        return (f"shard {stream.shards.url(int(differ[0]))} is not the one the checkpoint was trained on (its file name, "
-                f"byte size or sample count differs; {len(differ)} shard(s) differ in all)")
+        return (
+            f"shard {stream.shards.url(int(differ[0]))} is not the one the checkpoint was trained on (its file name, "
+            f"byte size or sample count differs; {len(differ)} shard(s) differ in all)"
+        )
 
     def _data_changed(self, state: dict, why: str) -> None:
         """Refuse, or with data.on_change=restart start the epoch afresh on the data there is now."""
         if self.on_change != "restart":
-            raise UserError(f"cannot resume the data stream: {why}; restore the data, or set data.on_change=restart "
-                            "to start a new epoch on the data as it is now")
+            raise UserError(
+                f"cannot resume the data stream: {why}; restore the data, or set data.on_change=restart "
+                "to start a new epoch on the data as it is now"
+            )
         stream = self.dataset
         stream.gen = int(state.get("gen", 0)) + 1
         epoch, consumed = int(state.get("epoch", 0)), int(state.get("consumed", 0))
@@ -229,11 +258,15 @@ class EpochAwareLoader(DataLoader):
         position and segment bits; the rest of its epoch is planned over what is left, for this layout."""
         stream, old = self.dataset, state["layout"]
         epoch, consumed, gen = int(state["epoch"]), int(state["consumed"]), int(state["gen"])
-        before = (Consumed.from_state(state["base"], stream.shards.counts) if state.get("base") is not None
-                  else Consumed(stream.shards.counts))
+        before = (
+            Consumed.from_state(state["base"], stream.shards.counts)
+            if state.get("base") is not None
+            else Consumed(stream.shards.counts)
+        )
         old_slots = old["world_size"] * old["workers"]
-        old_plan = plan_epoch(before.left_counts(), old_slots, old["batch_size"],
-                              seed=stable_seed(old["seed"], gen, epoch, "order"))
+        old_plan = plan_epoch(
+            before.left_counts(), old_slots, old["batch_size"], seed=stable_seed(old["seed"], gen, epoch, "order")
+        )
         base = before.copy()
         segments = dict(zip(state["lanes"][:, 0].tolist(), state["segments"]))
         for lane, pos in saved_lanes(state).items():  # pos: (pass, segment, taken, produced, ...)
@@ -253,9 +286,20 @@ class EpochAwareLoader(DataLoader):
         log.warning(
             "resuming epoch %d under another data layout (ranks x workers x batch: %d x %d x %d -> %d x %d x %d): "
             "%d of %d samples already seen this epoch; the other %d are planned as %d batches per data slot "
-            "(%d samples left over: the drop-last remainder)", epoch, old["world_size"], old["workers"],
-            old["batch_size"], stream.world_size, stream.workers_per_rank, stream.batch_size, stream.total - left,
-            stream.total, left, plan.batches_per_slot, left - plan.batches_per_slot * slots * stream.batch_size)
+            "(%d samples left over: the drop-last remainder)",
+            epoch,
+            old["world_size"],
+            old["workers"],
+            old["batch_size"],
+            stream.world_size,
+            stream.workers_per_rank,
+            stream.batch_size,
+            stream.total - left,
+            stream.total,
+            left,
+            plan.batches_per_slot,
+            left - plan.batches_per_slot * slots * stream.batch_size,
+        )
         _warn_step_size(old, stream, "every sample is still seen once this epoch")
 
     def _continue_lanes(self, state: dict) -> None:
@@ -266,22 +310,42 @@ class EpochAwareLoader(DataLoader):
         slots = stream.num_slots
         stream.gen = int(state["gen"])
         self.repeated = 0
-        self._pending = {"epoch": int(state["epoch"]), "consumed": int(state["consumed"]), "base": None,
-                         "base_consumed": 0, "lanes": saved}
-        log.warning("resuming the resampled stream under another data layout (ranks x workers x batch: %d x %d x %d "
-                    "-> %d x %d x %d): its %d lanes continue their seeded draws on %d data slots%s",
-                    old["world_size"], old["workers"], old["batch_size"], stream.world_size, stream.workers_per_rank,
-                    stream.batch_size, int(old["lanes"]), slots,
-                    f", and {slots - int(old['lanes'])} new lanes start" if slots > int(old["lanes"]) else "")
+        self._pending = {
+            "epoch": int(state["epoch"]),
+            "consumed": int(state["consumed"]),
+            "base": None,
+            "base_consumed": 0,
+            "lanes": saved,
+        }
+        log.warning(
+            "resuming the resampled stream under another data layout (ranks x workers x batch: %d x %d x %d "
+            "-> %d x %d x %d): its %d lanes continue their seeded draws on %d data slots%s",
+            old["world_size"],
+            old["workers"],
+            old["batch_size"],
+            stream.world_size,
+            stream.workers_per_rank,
+            stream.batch_size,
+            int(old["lanes"]),
+            slots,
+            f", and {slots - int(old['lanes'])} new lanes start" if slots > int(old["lanes"]) else "",
+        )
         _warn_step_size(old, stream, "the draws continue")
 
 
 def _warn_step_size(old: dict, stream, still: str) -> None:
     before, after = old["world_size"] * old["batch_size"], stream.world_size * stream.batch_size
     if before != after:
-        log.warning("samples per step change from %d to %d (ranks x data.batch_size): %s, but steps (and the "
-                    "step-based learning-rate schedule) now stand for %s data; keep ranks x data.batch_size at %d "
-                    "to keep the recipe", before, after, still, "more" if after > before else "less", before)
+        log.warning(
+            "samples per step change from %d to %d (ranks x data.batch_size): %s, but steps (and the "
+            "step-based learning-rate schedule) now stand for %s data; keep ranks x data.batch_size at %d "
+            "to keep the recipe",
+            before,
+            after,
+            still,
+            "more" if after > before else "less",
+            before,
+        )
 
 
 def saved_lanes(state: dict) -> dict[int, tuple]:
@@ -292,7 +356,7 @@ def saved_lanes(state: dict) -> dict[int, tuple]:
 def _bits_to_words(bits: np.ndarray, words: int) -> torch.Tensor:
     packed = np.zeros(words * 8, dtype=np.uint8)
     data = np.packbits(bits)
-    packed[:len(data)] = data
+    packed[: len(data)] = data
     return torch.from_numpy(packed.view(np.int64).copy())
 
 

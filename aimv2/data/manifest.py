@@ -51,9 +51,12 @@ def head_digest(path: str | Path) -> str:
 
 
 def manifest_json(entries: list[ShardEntry], urls: str, skipped: int | None = None) -> str:
-    doc = {"version": VERSION, "shards": [{"name": e.name, "count": e.count, "bytes": e.size, "head": e.head}
-                                          for e in entries],
-           "total": sum(e.count for e in entries), "urls": urls}
+    doc = {
+        "version": VERSION,
+        "shards": [{"name": e.name, "count": e.count, "bytes": e.size, "head": e.head} for e in entries],
+        "total": sum(e.count for e in entries),
+        "urls": urls,
+    }
     if skipped is not None:
         doc["skipped"] = skipped
     return json.dumps(doc, indent=1) + "\n"
@@ -71,11 +74,15 @@ def read_manifest(directory: str | Path) -> dict[str, ShardEntry] | None:
         raise UserError(f"cannot read shard manifest {path}: {err.strerror or err}") from None
     try:
         doc = json.loads(text)
-        return {s["name"]: ShardEntry(s["name"], int(s["count"]), int(s.get("bytes", -1)), str(s.get("head", "")))
-                for s in doc["shards"]}
+        return {
+            s["name"]: ShardEntry(s["name"], int(s["count"]), int(s.get("bytes", -1)), str(s.get("head", "")))
+            for s in doc["shards"]
+        }
     except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"malformed shard manifest {path} ({type(err).__name__}: {err}); rewrite it with "
-                        f"`aimv2 shards index {path.parent}`") from None
+        raise UserError(
+            f"malformed shard manifest {path} ({type(err).__name__}: {err}); rewrite it with "
+            f"`aimv2 shards index {path.parent}`"
+        ) from None
 
 
 def stats_count(stats: Path) -> int | None:
@@ -153,6 +160,7 @@ def _pattern(directory: Path, tars: list[Path]) -> str:
     stems = [t.stem for t in tars]
     width = len(stems[0])
     if all(s.isdigit() and len(s) == width for s in stems) and [int(s) for s in stems] == list(
-            range(int(stems[0]), int(stems[0]) + len(stems))):
+        range(int(stems[0]), int(stems[0]) + len(stems))
+    ):
         return f"{directory}/{{{stems[0]}..{stems[-1]}}}.tar"
     return "::".join(str(directory / t.name) for t in tars)

@@ -94,7 +94,7 @@ def pack_batches(lengths: Sequence[int], row_tokens: int, rows_per_batch: int | 
     if rows_per_batch is None:
         return [rows] if rows else []
     rows.sort(key=lambda row: -sum(lengths[i] for i in row))
-    return [rows[k:k + rows_per_batch] for k in range(0, len(rows), rows_per_batch)]
+    return [rows[k : k + rows_per_batch] for k in range(0, len(rows), rows_per_batch)]
 
 
 def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[Sequence[int]]], row_tokens: int) -> float:
@@ -158,8 +158,9 @@ class NativeResizeFlip:
             top, left = int(top * sy), int(left * sx)
             height, width = max(1, round(height * sy)), max(1, round(width * sx))
         size = [plan.grid[0] * self.patch, plan.grid[1] * self.patch]
-        out = F.resized_crop(image, top, left, height, width, size, interpolation=InterpolationMode.BICUBIC,
-                             antialias=True)
+        out = F.resized_crop(
+            image, top, left, height, width, size, interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
         if self.hflip > 0 and torch.rand(1).item() < self.hflip:
             out = out.flip(-1)
         return out

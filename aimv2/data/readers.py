@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import random
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import webdataset as wds
 
@@ -39,7 +39,7 @@ def stable_seed(*parts) -> int:
 
 def local_path(url: str) -> str:
     """The file path of a local shard url (`file:` dropped)."""
-    return url[len("file:"):] if url.startswith("file:") else url
+    return url[len("file:") :] if url.startswith("file:") else url
 
 
 def read_tar(url: str, on_error: Callable[[Exception], bool], size: int = -1) -> Iterator[dict]:
@@ -53,8 +53,12 @@ def read_tar(url: str, on_error: Callable[[Exception], bool], size: int = -1) ->
         except OSError:
             actual = size  # a missing file is reported by the reader below, as any unreadable shard
         if actual != size:
-            on_error(ValueError(f"shard {url} is {actual} bytes, but its manifest says {size}: it changed after the "
-                                "manifest was written; skipped (rewrite the manifest: aimv2 shards index DIR)"))
+            on_error(
+                ValueError(
+                    f"shard {url} is {actual} bytes, but its manifest says {size}: it changed after the "
+                    "manifest was written; skipped (rewrite the manifest: aimv2 shards index DIR)"
+                )
+            )
             return iter(())
     return wds.tarfile_to_samples(handler=on_error)([{"url": url}])
 
@@ -67,8 +71,13 @@ class ShardSequence:
 
     width = 3
 
-    def __init__(self, units: list[tuple[str, int, int]], read: Callable[[str], Iterator[dict]],
-                 pos: tuple[int, ...] = (0, 0, 0), done: Optional[Callable[[str, int], bool]] = None):
+    def __init__(
+        self,
+        units: list[tuple[str, int, int]],
+        read: Callable[[str], Iterator[dict]],
+        pos: tuple[int, ...] = (0, 0, 0),
+        done: Callable[[str, int], bool] | None = None,
+    ):
         self.units, self.read, self.done = units, read, done
         self.pos = tuple(pos)
 
@@ -98,8 +107,7 @@ class ResampledShards:
 
     width = 2
 
-    def __init__(self, urls: list[str], read: Callable[[str], Iterator[dict]], key: str,
-                 pos: tuple[int, ...] = (0, 0)):
+    def __init__(self, urls: list[str], read: Callable[[str], Iterator[dict]], key: str, pos: tuple[int, ...] = (0, 0)):
         self.urls, self.read, self.key = urls, read, key
         self.pos = tuple(pos)
 
@@ -119,8 +127,9 @@ class ResampledShards:
                 yield sample
             empty = 0 if got or offset else empty + 1
             if empty >= MAX_EMPTY_DRAWS:
-                raise RuntimeError(f"{MAX_EMPTY_DRAWS} shards in a row without a readable sample, e.g. "
-                                   f"{self.shard_of(draw)}")
+                raise RuntimeError(
+                    f"{MAX_EMPTY_DRAWS} shards in a row without a readable sample, e.g. {self.shard_of(draw)}"
+                )
             draw, offset = draw + 1, 0
             self.pos = (draw, 0)
 
@@ -147,6 +156,6 @@ def split_positions(flat: tuple[int, ...], widths: list[int]) -> list[tuple[int,
     """The inverse of concatenating reader positions."""
     out, i = [], 0
     for w in widths:
-        out.append(tuple(flat[i:i + w]))
+        out.append(tuple(flat[i : i + w]))
         i += w
     return out

@@ -1,4 +1,5 @@
-"""One raw sample into tensors: decoding its image and caption, the crop/flip/normalization transforms (train and eval), and the per-sample processor and collator of image-caption batches.
+"""One raw sample into tensors: decoding its image and caption, the crop/flip/normalization transforms
+(train and eval), and the per-sample processor and collator of image-caption batches.
 
 Turning one raw WebDataset sample (a dict of bytes) into an image and a caption.
 
@@ -109,8 +110,16 @@ class RandomResizedCropFlip:
 
     def crop(self, image: torch.Tensor) -> torch.Tensor:
         top, left, height, width = RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        return F.resized_crop(image, top, left, height, width, [self.size, self.size],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return F.resized_crop(
+            image,
+            top,
+            left,
+            height,
+            width,
+            [self.size, self.size],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         out = self.crop(image)
@@ -119,11 +128,12 @@ class RandomResizedCropFlip:
         return out
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-                f"hflip={self.hflip})")
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
 
 
-def pretrain_transform(img_size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5) -> RandomResizedCropFlip:
+def pretrain_transform(
+    img_size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5
+) -> RandomResizedCropFlip:
     """uint8 tensor (3, H, W) -> uint8 tensor (3, img_size, img_size)."""
     return RandomResizedCropFlip(img_size, scale, ratio, hflip)
 
@@ -131,8 +141,14 @@ def pretrain_transform(img_size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), hf
 def eval_transform(img_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> T.Compose:
     """PIL image -> normalized float tensor: bicubic resize of the short side, center crop (the
     released encoders' preprocessing; used by the probe, the compressors and the visualizations)."""
-    return T.Compose([T.Resize(img_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.Resize(img_size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -177,9 +193,17 @@ class ImageCaptionCollator:
         """An empty list (an evaluation batch of corrupt samples only) gives empty tensors."""
         tokens, mask = self.tokenizer([caption for _, caption in items])
         if not items:
-            return {"image": torch.empty(0), "tokens": tokens, "token_mask": mask,
-                    "token_index": torch.empty(0, dtype=torch.long)}
+            return {
+                "image": torch.empty(0),
+                "tokens": tokens,
+                "token_mask": mask,
+                "token_index": torch.empty(0, dtype=torch.long),
+            }
         # Flat positions of the real tokens, found here on the host: packing the logits on the device
         # by the boolean mask would stall the step on a device-to-host sync.
-        return {"image": torch.stack([image for image, _ in items]), "tokens": tokens, "token_mask": mask,
-                "token_index": mask.flatten().nonzero().squeeze(1)}
+        return {
+            "image": torch.stack([image for image, _ in items]),
+            "tokens": tokens,
+            "token_mask": mask,
+            "token_index": mask.flatten().nonzero().squeeze(1),
+        }

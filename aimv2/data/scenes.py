@@ -33,13 +33,23 @@ from aimv2.data.tokenizer import write_vocabulary
 from aimv2.fileio import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {"red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 210), "yellow": (225, 190, 30),
-           "purple": (140, 50, 170)}
+COLOURS = {
+    "red": (210, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 210),
+    "yellow": (225, 190, 30),
+    "purple": (140, 50, 170),
+}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 SIZES = ("small", "large")
 COUNTS = ("one", "two", "three", "four")
-TASKS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), "position": POSITIONS,
-                                     "size": SIZES, "count": COUNTS}
+TASKS: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "position": POSITIONS,
+    "size": SIZES,
+    "count": COUNTS,
+}
 NAMED = ("shape", "colour")  # what captions say; the other tasks are never named
 _DIAMETER = {"small": 0.1, "large": 0.19}  # fractions of the canvas side
 _GAP = 0.04  # the least space between two objects (a fraction of the side): 2 px at 56 px
@@ -76,8 +86,13 @@ def _centres(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float]
     qx, qy = scene.position % 2, scene.position // 2
     slack = 0.25 - d - _GAP  # room left in a 0.25-wide cell
     cells = rng.permutation(4)[: scene.count + 1]
-    return [(qx * 0.5 + (c % 2) * 0.25 + _GAP / 2 + d / 2 + rng.random() * slack,
-             qy * 0.5 + (c // 2) * 0.25 + _GAP / 2 + d / 2 + rng.random() * slack) for c in cells]
+    return [
+        (
+            qx * 0.5 + (c % 2) * 0.25 + _GAP / 2 + d / 2 + rng.random() * slack,
+            qy * 0.5 + (c // 2) * 0.25 + _GAP / 2 + d / 2 + rng.random() * slack,
+        )
+        for c in cells
+    ]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
@@ -130,16 +145,30 @@ def _existing(out: Path, params: dict) -> dict | None:
     return recorded.get("result") if complete else None
 
 
-def build_scene_shards(out_dir: str | Path, pretrain: int = 6000, probe_train: int = 1000, probe_val: int = 500,
-                       seed: int = 0, image_size: int = 56, samples_per_shard: int = 1000,
-                       progress: bool = False, heldout: int = 0) -> dict:
+def build_scene_shards(
+    out_dir: str | Path,
+    pretrain: int = 6000,
+    probe_train: int = 1000,
+    probe_val: int = 500,
+    seed: int = 0,
+    image_size: int = 56,
+    samples_per_shard: int = 1000,
+    progress: bool = False,
+    heldout: int = 0,
+) -> dict:
     """Write (or find) the scene set; returns {"out_dir", "pretrain": {dir, urls, count, shards},
     "tasks": {task: {"classes", "named", "train": {...}, "val": {...}}}, and with heldout > 0
     "heldout": {dir, urls, count, shards}}. The held-out scenes are drawn after all others, so the
     other splits are the same whatever `heldout` is."""
     out = Path(out_dir).resolve()
-    params = {"pretrain": pretrain, "probe_train": probe_train, "probe_val": probe_val, "seed": seed,
-              "image_size": image_size, "samples_per_shard": samples_per_shard}
+    params = {
+        "pretrain": pretrain,
+        "probe_train": probe_train,
+        "probe_val": probe_val,
+        "seed": seed,
+        "image_size": image_size,
+        "samples_per_shard": samples_per_shard,
+    }
     if heldout:  # only when asked: sets written without it stay valid
         params["heldout"] = heldout
     found = _existing(out, params)
@@ -151,29 +180,41 @@ def build_scene_shards(out_dir: str | Path, pretrain: int = 6000, probe_train: i
     jpegs = [render_scene(s, render_rng, image_size) for s in scenes]
 
     def written(samples: list[ShardSample], sub: str, extra: dict | None = None) -> dict:
-        report = write_shards(samples, out / sub, samples_per_shard, progress=progress, overwrite=True,
-                              extra_files=extra)
+        report = write_shards(
+            samples, out / sub, samples_per_shard, progress=progress, overwrite=True, extra_files=extra
+        )
         return {"dir": str(report.out_dir), "urls": report.urls, "count": report.total, "shards": len(report.shards)}
 
     result: dict = {"out_dir": str(out), "named": list(NAMED), "tasks": {}}
     captions = [scenes[i].caption(caption_rng) for i in range(pretrain)]
-    result["pretrain"] = written([ShardSample(f"{i:09d}", jpegs[i], "jpg", caption=captions[i], source=f"scene {i}")
-                                  for i in range(pretrain)], "pretrain")
+    result["pretrain"] = written(
+        [ShardSample(f"{i:09d}", jpegs[i], "jpg", caption=captions[i], source=f"scene {i}") for i in range(pretrain)],
+        "pretrain",
+    )
     # The captions' own words: the word tokenizer's vocabulary (data.tokenizer.kind=words), as the demo's.
     write_vocabulary(captions, out / "vocab.txt")
     result["vocabulary"] = str(out / "vocab.txt")
-    splits = {"train": range(pretrain, pretrain + probe_train),
-              "val": range(pretrain + probe_train, pretrain + probe_train + probe_val)}
+    splits = {
+        "train": range(pretrain, pretrain + probe_train),
+        "val": range(pretrain + probe_train, pretrain + probe_train + probe_val),
+    }
     for task, names in TASKS.items():
         entry = {"classes": list(names), "named": task in NAMED}
         for split, idx in splits.items():
-            entry[split] = written([ShardSample(f"{i:09d}", jpegs[i], "jpg", cls=scenes[i].label(task),
-                                                source=f"scene {i}") for i in idx],
-                                   f"probe/{task}/{split}", {"classes.json": classes_json(list(names))})
+            entry[split] = written(
+                [ShardSample(f"{i:09d}", jpegs[i], "jpg", cls=scenes[i].label(task), source=f"scene {i}") for i in idx],
+                f"probe/{task}/{split}",
+                {"classes.json": classes_json(list(names))},
+            )
         result["tasks"][task] = entry
     if heldout:
         first = pretrain + probe_train + probe_val
-        result["heldout"] = written([ShardSample(f"{i:09d}", jpegs[i], "jpg", caption=scenes[i].caption(caption_rng),
-                                                 source=f"scene {i}") for i in range(first, len(scenes))], "heldout")
+        result["heldout"] = written(
+            [
+                ShardSample(f"{i:09d}", jpegs[i], "jpg", caption=scenes[i].caption(caption_rng), source=f"scene {i}")
+                for i in range(first, len(scenes))
+            ],
+            "heldout",
+        )
     atomic_write(out / "scenes.json", json.dumps({"params": params, "result": result}, indent=1) + "\n")
     return result

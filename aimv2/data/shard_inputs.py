@@ -12,8 +12,7 @@ from pathlib import Path
 
 from aimv2.data.samples import IMAGE_EXTS
 from aimv2.data.shards import ShardSample, image_ext
-from aimv2.errors import one_line
-from aimv2.errors import UserError
+from aimv2.errors import UserError, one_line
 
 _IMAGE_FIELDS = ("image", "path", "file")
 _CAPTION_FIELDS = ("caption", "text")
@@ -53,7 +52,9 @@ class CaptionFileSamples:
             raise UserError(f"captions file not found: {self.captions_file}")
         suffix = self.captions_file.suffix.lower()
         if suffix not in (".jsonl", ".csv", ".tsv"):
-            raise UserError(f"{self.captions_file}: unknown captions file type {suffix or '(none)'} (expected .jsonl, .csv or .tsv)")
+            raise UserError(
+                f"{self.captions_file}: unknown captions file type {suffix or '(none)'} (expected .jsonl, .csv or .tsv)"
+            )
         self._suffix = suffix
         self._count = sum(1 for _ in self._entries())
 

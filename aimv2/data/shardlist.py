@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Iterator, Optional
 
 import braceexpand
 import numpy as np
@@ -42,7 +41,7 @@ class ShardTable:
     directory (one string per directory) and its file name (in one bytes array), so 350,000 shards are a
     few MB that pickle into each data worker as a few buffers, not 350,000 string objects."""
 
-    def __init__(self, urls: Sequence[str], counts, sizes=None, heads: Optional[Sequence[str]] = None):
+    def __init__(self, urls: Sequence[str], counts, sizes=None, heads: Sequence[str] | None = None):
         n = len(urls)
         dirs: dict[str, int] = {}
         self._dir_of = np.empty(n, dtype=np.int32)
@@ -56,16 +55,17 @@ class ShardTable:
         self.counts = np.asarray(counts, dtype=np.int64).reshape(n)
         self.sizes = np.full(n, -1, dtype=np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64).reshape(n)
         # the hex digests as integers (0: unknown): 8 bytes a shard instead of a string object
-        self.heads = np.array([int(h, 16) if h else 0 for h in heads] if heads is not None else np.zeros(n),
-                              dtype=np.uint64).reshape(n)
-        self._digests: Optional[np.ndarray] = None
+        self.heads = np.array(
+            [int(h, 16) if h else 0 for h in heads] if heads is not None else np.zeros(n), dtype=np.uint64
+        ).reshape(n)
+        self._digests: np.ndarray | None = None
 
     @classmethod
-    def of(cls, infos: Sequence[ShardInfo]) -> "ShardTable":
+    def of(cls, infos: Sequence[ShardInfo]) -> ShardTable:
         return cls([i.url for i in infos], [i.count for i in infos], [i.size for i in infos], [i.head for i in infos])
 
     @classmethod
-    def concat(cls, tables: Sequence["ShardTable"]) -> "ShardTable":
+    def concat(cls, tables: Sequence[ShardTable]) -> ShardTable:
         """One table of several, in order (a stream's shards over all its sources)."""
         out = cls([], [])
         out._dirs = [d for t in tables for d in t._dirs]
@@ -82,7 +82,7 @@ class ShardTable:
         return self._dirs[self._dir_of[i]] + self._names[i].decode()
 
     @property
-    def urls(self) -> "_Urls":
+    def urls(self) -> _Urls:
         """The urls as a read-only sequence (built one at a time)."""
         return _Urls(self)
 
@@ -147,7 +147,7 @@ def check_first_shard(spec: str, key: str) -> None:
         raise UserError(f"{key}: shard not found: {first}")
 
 
-def shard_sample_count(url: str) -> Optional[int]:
+def shard_sample_count(url: str) -> int | None:
     """Samples in a local shard, from its sibling `<name>_stats.json`; None when unknown."""
     path = str(_local(url))
     if "://" in path or path.startswith("pipe:") or not path.endswith(".tar"):
@@ -161,13 +161,15 @@ def resolve_shards(spec: str, key: str, need_counts: bool) -> ShardTable:
     when `need_counts` (epoch mode), else left unknown (resampled mode draws shards by name; only
     the first is checked to exist, a missing one later is a counted shard error)."""
     urls = expand_urls(spec, key, check_exists=False)
-    manifests: dict[str, Optional[dict]] = {}
+    manifests: dict[str, dict | None] = {}
     counts, sizes, heads, missing = [-1] * len(urls), [-1] * len(urls), [""] * len(urls), []
     for i, url in enumerate(urls):
         if url.startswith(REMOTE_PREFIXES):
             if need_counts:
-                raise UserError(f"{key}: the sample counts of remote shard {url} are unknown (no local manifest); "
-                                "epoch mode and the held-out set need them")
+                raise UserError(
+                    f"{key}: the sample counts of remote shard {url} are unknown (no local manifest); "
+                    "epoch mode and the held-out set need them"
+                )
             continue
         local = local_path(url)
         directory, _, name = local.rpartition("/") if "/" in local else (".", "", local)
@@ -179,8 +181,13 @@ def resolve_shards(spec: str, key: str, need_counts: bool) -> ShardTable:
         else:
             missing.append(i)
     if missing and need_counts:
-        log.warning("%s: %d of %d shards are in no manifest.json: reading a stats file (or listing the tar) per "
-                    "shard; `aimv2 shards index DIR` writes a manifest, read once instead", key, len(missing), len(urls))
+        log.warning(
+            "%s: %d of %d shards are in no manifest.json: reading a stats file (or listing the tar) per "
+            "shard; `aimv2 shards index DIR` writes a manifest, read once instead",
+            key,
+            len(missing),
+            len(urls),
+        )
         for i in missing:
             try:
                 entry, listed = describe_shard(_local(urls[i]))
@@ -198,5 +205,13 @@ def _local(url: str) -> Path:
     return Path(local_path(url))
 
 
-__all__ = ["REMOTE_PREFIXES", "ShardInfo", "ShardTable", "check_first_shard", "count_tar_samples", "expand_urls",
-           "resolve_shards", "shard_sample_count"]
+__all__ = [
+    "REMOTE_PREFIXES",
+    "ShardInfo",
+    "ShardTable",
+    "check_first_shard",
+    "count_tar_samples",
+    "expand_urls",
+    "resolve_shards",
+    "shard_sample_count",
+]

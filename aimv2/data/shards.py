@@ -27,8 +27,8 @@ from PIL import Image
 
 from aimv2.data.manifest import MANIFEST, ShardEntry, head_digest, manifest_json
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, image_header_size
-from aimv2.fileio import atomic_write, publish_file
 from aimv2.errors import UserError, one_line
+from aimv2.fileio import atomic_write, publish_file
 from aimv2.progress import progress as progress_bar
 
 _CANONICAL_EXT = {"jpeg": "jpg"}  # one name per format: fewer variants for readers to match
@@ -163,8 +163,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     return out_dir.resolve()
 
 
-
-
 def _reject_reason(sample: ShardSample, ext: str | None, verify: bool, require_caption: bool) -> str | None:
     """Why a sample cannot be written, or None. Without `verify` only hard failures count."""
     if sample.error:
@@ -215,8 +213,12 @@ def write_shards(
     shard: _OpenShard | None = None
     seen: set[str] = set()  # keys in the current shard: a repeat would merge two samples
     # Rate and ETA over input samples (skipped ones included); a total only when the source knows it.
-    bar = progress_bar(total=len(samples) if hasattr(samples, "__len__") else None, desc=f"shards {out.name}",
-                       unit="img", enable=progress)
+    bar = progress_bar(
+        total=len(samples) if hasattr(samples, "__len__") else None,
+        desc=f"shards {out.name}",
+        unit="img",
+        enable=progress,
+    )
     try:
         for sample in samples:
             bar.update(1)

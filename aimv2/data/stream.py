@@ -37,22 +37,22 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field, replace
 from itertools import islice
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from aimv2.processes import tune_cpu_allocator
 from aimv2.data.epoch_plan import Consumed, EpochPlan, plan_epoch, slot_read_order
 from aimv2.data.native import Packing, pack_batches
 from aimv2.data.readers import Mixture, ResampledShards, ShardSequence, read_tar, split_positions, stable_seed
 from aimv2.data.samples import CorruptSample
 from aimv2.data.shardlist import ShardInfo, ShardTable
+from aimv2.processes import tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 MAX_SKIP_WARNINGS = 5  # per worker and pass; the count is logged as a metric anyway
@@ -87,7 +87,7 @@ class ShardStream(IterableDataset):
         num_workers: int = 0,
         seed: int = 0,
         shuffle_buffer: int = 1000,
-        packing: Optional[Packing] = None,
+        packing: Packing | None = None,
     ):
         super().__init__()
         self.sources, self.process, self.collate = sources, process, collate
@@ -110,8 +110,8 @@ class ShardStream(IterableDataset):
         # and adds fresh ones if it has more slots; see lanes_of.
         self.lanes = world_size * self.workers_per_rank
         self.epoch = 0
-        self._resume: Optional[dict] = None
-        self.base: Optional[Consumed] = None  # this epoch's samples consumed under an earlier layout
+        self._resume: dict | None = None
+        self.base: Consumed | None = None  # this epoch's samples consumed under an earlier layout
         self.resumed_len = 0  # batches per rank of an epoch resumed under another layout (see __len__)
         self._shard_errors, self._warned, self._unreported = 0, 0, 0  # per iteration (reset in __iter__)
         # Every shard of every source by one index (the epoch's sample ids are (shard index, tar position)).
@@ -121,7 +121,8 @@ class ShardStream(IterableDataset):
             if self.full_batches == 0:
                 raise ValueError(
                     f"{self.total} samples over {world_size} rank(s) x {self.workers_per_rank} worker(s) leave a slot "
-                    f"without one full batch of {batch_size}: lower data.batch_size or data.num_workers")
+                    f"without one full batch of {batch_size}: lower data.batch_size or data.num_workers"
+                )
 
     def __getstate__(self) -> dict:
         """What a data worker receives: one table of the shards, not two. Epoch mode reads shards by their
@@ -150,7 +151,7 @@ class ShardStream(IterableDataset):
             raise TypeError("a resampled stream is infinite")
         return max(self.full_batches * self.workers_per_rank, self.resumed_len)
 
-    def plan_for(self, epoch: int, base: Optional[Consumed]) -> EpochPlan:
+    def plan_for(self, epoch: int, base: Consumed | None) -> EpochPlan:
         """Epoch `epoch`'s plan (shard order seeded by the epoch); with `base` (samples consumed
         before, under another layout), the plan of what is left."""
         left = self.shards.counts if base is None else base.left_counts()
@@ -161,13 +162,13 @@ class ShardStream(IterableDataset):
         """Position fields before the reader's; packing adds the batches done in the current window."""
         return HEAD + (self.packing is not None)
 
-    def _position(self, start: Optional[tuple], reader_width: int) -> tuple[int, int, int, int, int, tuple]:
+    def _position(self, start: tuple | None, reader_width: int) -> tuple[int, int, int, int, int, tuple]:
         """(pass, segment, taken, produced, batches done in the packing window, reader position) of a
         saved position; zeros for a fresh start."""
         start = tuple(start) if start else (0,) * (self.head + reader_width)
         pas, seg, taken, produced = start[:HEAD]
         done = start[HEAD] if self.packing is not None else 0
-        return pas, seg, taken, produced, done, start[self.head:]
+        return pas, seg, taken, produced, done, start[self.head :]
 
     @property
     def position_width(self) -> int:
@@ -177,10 +178,18 @@ class ShardStream(IterableDataset):
         """What a saved position depends on (every setting that changes the order of the samples); a
         resume under another layout cannot continue it as it is (the loader then resumes elastically:
         aimv2.data.loader)."""
-        return {"mode": self.mode, "world_size": self.world_size, "workers": self.workers_per_rank,
-                "batch_size": self.batch_size, "lanes": self.lanes, "seed": self.seed, "segment": self.segment,
-                "shuffle_buffer": self.shuffle_buffer, "sources": [[s.name, len(s.shards)] for s in self.sources],
-                **({"packing": list(astuple(self.packing))} if self.packing is not None else {})}
+        return {
+            "mode": self.mode,
+            "world_size": self.world_size,
+            "workers": self.workers_per_rank,
+            "batch_size": self.batch_size,
+            "lanes": self.lanes,
+            "seed": self.seed,
+            "segment": self.segment,
+            "shuffle_buffer": self.shuffle_buffer,
+            "sources": [[s.name, len(s.shards)] for s in self.sources],
+            **({"packing": list(astuple(self.packing))} if self.packing is not None else {}),
+        }
 
     def lanes_of(self, slot: int) -> list[int]:
         """The lanes slot `slot` (= rank x workers + worker) runs: those congruent to it modulo the number
@@ -195,7 +204,7 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.start_iteration(epoch, None)
 
-    def start_iteration(self, epoch: int, resume: Optional[dict]) -> None:
+    def start_iteration(self, epoch: int, resume: dict | None) -> None:
         """Set before the workers start: the epoch, and optionally where this rank's stream continues,
         {"consumed": batches this rank consumed this epoch, "lanes": {lane: position}, "base": the
         samples consumed under an earlier layout (Consumed) or None}."""
@@ -203,7 +212,7 @@ class ShardStream(IterableDataset):
         self.base = resume.get("base") if resume else None
 
     # -- what a position has consumed (the elastic bookkeeping; aimv2.data.loader) -------------
-    def segment_bits(self, plan: EpochPlan, lane: int, position: tuple) -> Optional[np.ndarray]:
+    def segment_bits(self, plan: EpochPlan, lane: int, position: tuple) -> np.ndarray | None:
         """Which raw samples of the shuffle segment lane `lane` stands in were consumed (bool, over the
         segment's positions in the read order): the first `taken` outputs of the segment's shuffle,
         replayed from its seed over positions instead of samples (the shuffle never looks at them).
@@ -234,9 +243,10 @@ class ShardStream(IterableDataset):
         starts = self._resume["lanes"] if self._resume else {}
         self._shard_errors, self._warned, self._unreported = 0, 0, 0
         if self.mode != "epoch":
-            return self._round_robin({lane: self._resampled(lane, starts.get(lane)) for lane in self.lanes_of(slot)},
-                                     {lane: self._position(starts.get(lane), self._resampled_width)[3]
-                                      for lane in self.lanes_of(slot)})
+            return self._round_robin(
+                {lane: self._resampled(lane, starts.get(lane)) for lane in self.lanes_of(slot)},
+                {lane: self._position(starts.get(lane), self._resampled_width)[3] for lane in self.lanes_of(slot)},
+            )
         return self._epoch_slot(slot, starts.get(slot), self.plan_for(self.epoch, self.base))
 
     def _window(self) -> tuple[int, ...]:
@@ -275,8 +285,9 @@ class ShardStream(IterableDataset):
             return samples
         return wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
 
-    def _segments(self, reader, take: Callable[[random.Random, int], Iterator[dict]], seg: int, taken: int,
-                  key: tuple) -> Iterator[tuple[dict, tuple]]:
+    def _segments(
+        self, reader, take: Callable[[random.Random, int], Iterator[dict]], seg: int, taken: int, key: tuple
+    ) -> Iterator[tuple[dict, tuple]]:
         """(sample, (segment, taken so far, reader position at the segment start)); the shuffle buffer
         starts empty in every segment, so a segment can be replayed from its start alone."""
         while True:
@@ -290,13 +301,15 @@ class ShardStream(IterableDataset):
                 return
             seg, taken = seg + 1, 0
 
-    def _resampled(self, lane: int, start: Optional[tuple]) -> Iterator[dict]:
+    def _resampled(self, lane: int, start: tuple | None) -> Iterator[dict]:
         key = (lane, self.epoch)
         widths = [ResampledShards.width] * len(self.sources)
         _, seg, taken, produced, done, flat = self._position(start, sum(widths))
         positions = split_positions(flat, widths)
-        readers = [ResampledShards(src.shards.urls, self._read_one, str(self._key(*key, "source", i)), pos)
-                   for i, (src, pos) in enumerate(zip(self.sources, positions, strict=True))]
+        readers = [
+            ResampledShards(src.shards.urls, self._read_one, str(self._key(*key, "source", i)), pos)
+            for i, (src, pos) in enumerate(zip(self.sources, positions, strict=True))
+        ]
         mixture = Mixture(readers, [src.weight for src in self.sources])
         tagged = self._segments(mixture, mixture.take, seg, taken, key)
         if self.packing is not None:
@@ -305,7 +318,7 @@ class ShardStream(IterableDataset):
             yield from self._batches(tagged, lane, 0, produced)
 
     # -- epoch mode ------------------------------------------------------------------------
-    def _epoch_slot(self, slot: int, start: Optional[tuple], plan: EpochPlan) -> Iterator[dict]:
+    def _epoch_slot(self, slot: int, start: tuple | None, plan: EpochPlan) -> Iterator[dict]:
         """Slot `slot`'s batches of the epoch (its lane is the slot itself): exactly the plan's
         batches_per_slot, whatever the data holds (see the module doc)."""
         quota = plan.batches_per_slot
@@ -323,20 +336,29 @@ class ShardStream(IterableDataset):
 
             tagged = self._segments(reader, take, seg, taken, (slot, self.epoch, pas))
             before = produced
-            batches = (self._budget_batches(tagged, slot, produced, quota, slack) if pas == 0
-                       else self._repeat_batches(tagged, slot, pas, produced, quota))
+            batches = (
+                self._budget_batches(tagged, slot, produced, quota, slack)
+                if pas == 0
+                else self._repeat_batches(tagged, slot, pas, produced, quota)
+            )
             for batch in batches:
                 yield batch
                 produced += 1
             if produced == before and pas > 0:
-                raise RuntimeError(f"data slot {slot} (rank {self.rank}) found no usable sample in "
-                                   f"{sorted({self.shards.url(shard) for shard, _, _ in units})}")
+                raise RuntimeError(
+                    f"data slot {slot} (rank {self.rank}) found no usable sample in "
+                    f"{sorted({self.shards.url(shard) for shard, _, _ in units})}"
+                )
             if produced < quota:
                 # The range ran out of raw samples with batches still due (its tail is corrupt): a repeat
                 # is unavoidable. Each due batch is one usable sample of the slot read again, counted.
-                log.warning("data slot %d (rank %d): its range holds too few usable samples for its last %d "
-                            "batch(es); each is one sample of the slot read again (data/repeated_samples)",
-                            slot, self.rank, quota - produced)
+                log.warning(
+                    "data slot %d (rank %d): its range holds too few usable samples for its last %d "
+                    "batch(es); each is one sample of the slot read again (data/repeated_samples)",
+                    slot,
+                    self.rank,
+                    quota - produced,
+                )
                 pas, seg, taken, reader_pos = pas + 1, 0, 0, (0, 0, 0)
 
     def _epoch_item(self, sample: dict, lane: int, pas: int, seg: int, count: int):
@@ -356,15 +378,17 @@ class ShardStream(IterableDataset):
         if self.packing is None:
             batch = self.collate(items)
         else:  # one batch: the items' rows, as many as they need
-            grids = [(image.shape[-2] // self.packing.patch, image.shape[-1] // self.packing.patch)
-                     for image, _ in items]
+            grids = [
+                (image.shape[-2] // self.packing.patch, image.shape[-1] // self.packing.patch) for image, _ in items
+            ]
             (rows,) = pack_batches([gh * gw for gh, gw in grids], self.packing.row_tokens, None)
             batch = self.collate(items, rows)
         batch["repeated"] = repeated
         return self._tagged(batch, keys, skipped, position, seed)
 
-    def _budget_batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, produced: int, quota: int,
-                        slack: int) -> Iterator[dict]:
+    def _budget_batches(
+        self, tagged: Iterator[tuple[dict, tuple]], lane: int, produced: int, quota: int, slack: int
+    ) -> Iterator[dict]:
         """Batch k ends with `batch_size` usable samples, or once the slot has read (k + 1) x batch_size
         + slack raw samples and holds at least one (module doc)."""
         items, keys, skipped = [], [], 0
@@ -378,15 +402,22 @@ class ShardStream(IterableDataset):
             read = seg * self.segment + count  # raw samples of the slot read so far
             if items and (len(items) == self.batch_size or read >= (produced + 1) * self.batch_size + slack):
                 produced += 1
-                yield self._epoch_batch(items, keys, skipped, [lane, 0, seg, count, produced, *self._window(), *start],
-                                        self._key(lane, self.epoch, 0, seg, count, "batch"), 0)
+                yield self._epoch_batch(
+                    items,
+                    keys,
+                    skipped,
+                    [lane, 0, seg, count, produced, *self._window(), *start],
+                    self._key(lane, self.epoch, 0, seg, count, "batch"),
+                    0,
+                )
                 items, keys, skipped = [], [], 0
                 if produced == quota:
                     return
         self._unreported = skipped  # corrupt samples at the range's end: counted in the refill's first batch
 
-    def _repeat_batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int,
-                        quota: int) -> Iterator[dict]:
+    def _repeat_batches(
+        self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int, quota: int
+    ) -> Iterator[dict]:
         """A refill pass: one usable sample per due batch, each counted as repeated."""
         for sample, (seg, count, start) in tagged:
             item = self._epoch_item(sample, lane, pas, seg, count)
@@ -394,9 +425,14 @@ class ShardStream(IterableDataset):
                 continue  # counted in the first pass
             produced += 1
             skipped, self._unreported = self._unreported, 0
-            yield self._epoch_batch([item], [sample.get("__key__")], skipped,
-                                    [lane, pas, seg, count, produced, *self._window(), *start],
-                                    self._key(lane, self.epoch, pas, seg, count, "batch"), 1)
+            yield self._epoch_batch(
+                [item],
+                [sample.get("__key__")],
+                skipped,
+                [lane, pas, seg, count, produced, *self._window(), *start],
+                self._key(lane, self.epoch, pas, seg, count, "batch"),
+                1,
+            )
             if produced == quota:
                 return
 
@@ -439,12 +475,18 @@ class ShardStream(IterableDataset):
             keys.append(sample.get("__key__"))
             if len(items) == self.batch_size:
                 produced += 1
-                yield self._tagged(self.collate(items), keys, skipped, [lane, pas, seg, count, produced, *start],
-                                   self._key(lane, self.epoch, pas, seg, count, "batch"))
+                yield self._tagged(
+                    self.collate(items),
+                    keys,
+                    skipped,
+                    [lane, pas, seg, count, produced, *start],
+                    self._key(lane, self.epoch, pas, seg, count, "batch"),
+                )
                 items, keys, skipped = [], [], 0
 
-    def _packed_batches(self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int,
-                        done: int) -> Iterator[dict]:
+    def _packed_batches(
+        self, tagged: Iterator[tuple[dict, tuple]], lane: int, pas: int, produced: int, done: int
+    ) -> Iterator[dict]:
         """Native resolution, resampled: windows of `packing.window` raw samples are measured without
         decoding (their grids), packed first-fit decreasing into batches of rows under the token budget
         (aimv2.data.native.pack_batches), then decoded batch by batch. A batch's position is its
@@ -487,9 +529,13 @@ class ShardStream(IterableDataset):
                 if not placed:  # every image of this batch was corrupt: its count goes with the next one
                     continue
                 produced += 1
-                yield self._tagged(self.collate(items, placed), keys, skipped,
-                                   [lane, pas, seg, count - 1, produced, k + 1, *start],
-                                   self._key(lane, self.epoch, pas, seg, count, k, "batch"))
+                yield self._tagged(
+                    self.collate(items, placed),
+                    keys,
+                    skipped,
+                    [lane, pas, seg, count - 1, produced, k + 1, *start],
+                    self._key(lane, self.epoch, pas, seg, count, k, "batch"),
+                )
                 skipped = 0
             done = 0
 

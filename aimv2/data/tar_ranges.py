@@ -17,10 +17,10 @@ import io
 import logging
 import re
 import tarfile
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from itertools import count
-from typing import Iterable, Iterator, Mapping, Optional
 
 import webdataset as wds
 
@@ -94,14 +94,14 @@ class ShardLayoutError(ValueError):
     """A local shard whose member headers do not locate its samples."""
 
 
-def _member_key(info: tarfile.TarInfo) -> Optional[str]:
+def _member_key(info: tarfile.TarInfo) -> str | None:
     """The key webdataset groups member `info` under (tariterators.base_plus_ext); None for one it skips."""
     if not info.isreg() or _META.match(info.name):
         return None
     return wds.tariterators.base_plus_ext(info.name)[0]
 
 
-def sample_starts(path: str, wanted: Iterable[int], stats: Optional[ScanStats] = None) -> dict[int, Start]:
+def sample_starts(path: str, wanted: Iterable[int], stats: ScanStats | None = None) -> dict[int, Start]:
     """Where samples `wanted` of local shard `path` start: {j: (byte offset of its first member's header,
     its key)}, sample j being the j-th run of consecutive members with one key, as webdataset groups them
     (its first member's offset includes any pax or GNU long-name header before it). Reads only member
@@ -127,8 +127,9 @@ def sample_starts(path: str, wanted: Iterable[int], stats: Optional[ScanStats] =
                 if name_key is None or name_key == key:
                     continue
                 if name_key in seen:
-                    raise ShardLayoutError(f"the members of sample {name_key!r} are not consecutive "
-                                           "(the tar is not grouped by sample key)")
+                    raise ShardLayoutError(
+                        f"the members of sample {name_key!r} are not consecutive (the tar is not grouped by sample key)"
+                    )
                 group, key = group + 1, name_key
                 seen.add(key)
                 if group in wanted:
@@ -156,8 +157,7 @@ def needed_starts(slots: list[list[Range]]) -> dict[str, list[int]]:
     return {url: sorted(firsts) for url, firsts in out.items()}
 
 
-def index_ranges(slots: list[list[Range]], rank: int = 0, world: int = 1,
-                   stats: Optional[ScanStats] = None) -> Index:
+def index_ranges(slots: list[list[Range]], rank: int = 0, world: int = 1, stats: ScanStats | None = None) -> Index:
     """Rank `rank`'s share of the index of `slots` (every slot of every rank): where the ranges that start
     inside a local shard start, for the shards dealt to it (the n-th such shard to rank n % world), so each
     shard is walked once in all. A shard that cannot be indexed is left out, with a warning naming it: its
@@ -170,15 +170,19 @@ def index_ranges(slots: list[list[Range]], rank: int = 0, world: int = 1,
             index[url] = sample_starts(url, firsts, stats)
         except Exception as err:  # noqa: BLE001 - any: a rank must not fail alone before a collective
             reason = str(err) if isinstance(err, ShardLayoutError) else f"{type(err).__name__}: {err}"
-            log.warning("held-out shard %s: cannot locate its samples by its headers (%s); its slots read it "
-                        "from its start", url, " ".join(reason.split()))
+            log.warning(
+                "held-out shard %s: cannot locate its samples by its headers (%s); its slots read it from its start",
+                url,
+                " ".join(reason.split()),
+            )
     return index
 
 
 def slot_starts(slots: list[list[Range]], index: Index) -> dict[tuple[str, int], Start]:
     """The starts of the ranges of `slots` that `index` knows, by (shard url, first sample)."""
-    return {(url, first): index[url][first] for units in slots for url, first, _ in units
-            if first in index.get(url, {})}
+    return {
+        (url, first): index[url][first] for units in slots for url, first, _ in units if first in index.get(url, {})
+    }
 
 
 def read_ranges(units: list[Range], starts: Mapping[tuple[str, int], Start]) -> Iterator[tuple[int, dict]]:
@@ -200,8 +204,12 @@ def read_ranges(units: list[Range], starts: Mapping[tuple[str, int], Start]) -> 
                         sample["__index__"] = j
                         yield 1, sample
                     continue
-            log.warning("held-out shard %s changed since it was indexed (its sample %d is not %r): read from its "
-                        "start", url, first, start[1])
+            log.warning(
+                "held-out shard %s changed since it was indexed (its sample %d is not %r): read from its start",
+                url,
+                first,
+                start[1],
+            )
         with closing(_read(url)) as samples:
             for j, sample in enumerate(samples):
                 passed += 1

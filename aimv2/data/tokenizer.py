@@ -4,7 +4,8 @@ Default: the CLIP BPE vocabulary that ships inside open_clip's wheel (49408 toke
 any Hugging Face tokenizer saved in a local directory, or a word list (`kind: words`) for generated
 toy sets whose captions use a few dozen words: there CLIP's 49408-way output layer is most of a
 debug-size step (docs/performance.md), and a word list needs no package. Captions become
-`max_length` ids ending with the end-of-text token (kept even when the caption is truncated) plus a mask of the real positions;
+`max_length` ids ending with the end-of-text token (kept even when the caption is truncated) plus a
+mask of the real positions;
 the learned start token of the decoder replaces a start-of-text token.
 """
 
@@ -78,7 +79,9 @@ class HFTokenizer(CaptionTokenizer):
         try:
             self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as err:
-            raise UserError(f"data.tokenizer.path: cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+            raise UserError(
+                f"data.tokenizer.path: cannot load a tokenizer from {path}: {str(err).splitlines()[0]}"
+            ) from None
         self.vocab_size = len(self._tok)
         eot = self._tok.eos_token_id if self._tok.eos_token_id is not None else self._tok.sep_token_id
         if eot is None:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-import signal
 import pickletools
+import signal
 from multiprocessing.context import BaseContext
-from typing import Optional
 
 PRELOAD = ["aimv2.data.worker_boot"]
 
 
-def worker_context(num_workers: int, dataset: object = None) -> Optional[BaseContext]:
+def worker_context(num_workers: int, dataset: object = None) -> BaseContext | None:
     """The multiprocessing context of a DataLoader with `num_workers` workers over `dataset`: a fork
     server in a process group's rank (its preload takes effect when it starts, at the rank's first
     worker), else None (the default start method)."""

@@ -1,4 +1,5 @@
-"""A run's checkpoints, in one place: written atomically (AtomicCheckpointIO), the step-0 checkpoint, which checkpoint a run resumes from (resolve_resume), and checkpoint-and-requeue on preemption.
+"""A run's checkpoints, in one place: written atomically (AtomicCheckpointIO), the step-0 checkpoint,
+which checkpoint a run resumes from (resolve_resume), and checkpoint-and-requeue on preemption.
 
 Checkpoint files that appear complete or not at all.
 
@@ -78,7 +79,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -95,7 +96,7 @@ from aimv2.fileio import OLD_SUFFIX, REMOVING_SUFFIX, TMP_SUFFIX, atomic_file, d
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote storage: Lightning's fsspec path
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
@@ -138,7 +139,7 @@ def remove_stale_temporaries(ckpt_dir: str | Path) -> list[str]:
     return sorted(removed)
 
 
-def tidy_before_training(ckpt_dir: str | Path, resume_setting: Optional[str], resume: Optional[str]) -> None:
+def tidy_before_training(ckpt_dir: str | Path, resume_setting: str | None, resume: str | None) -> None:
     """What every training job does before training, on one process: put back an interrupted publish and
     remove the remains of killed saves (said on stdout); on a rollback (`trainer.resume` names an older
     checkpoint: `resume_setting` as configured, `resume` as resolved) move the newer checkpoints aside,
@@ -214,7 +215,7 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.name.endswith(".ckpt") and not p.name.startswith("."))
 
 
-def newest_intact(ckpt_dir: str | Path) -> Optional[Path]:
+def newest_intact(ckpt_dir: str | Path) -> Path | None:
     """The newest checkpoint that loads; corrupt ones are logged and passed over."""
     found, broken, seen = [], [], set()
     for path in candidates(ckpt_dir):
@@ -234,7 +235,7 @@ def newest_intact(ckpt_dir: str | Path) -> Optional[Path]:
     return None
 
 
-def recover_interrupted_publish(ckpt_dir: str | Path, names: Optional[set[str]] = None) -> list[Path]:
+def recover_interrupted_publish(ckpt_dir: str | Path, names: set[str] | None = None) -> list[Path]:
     """Put back every checkpoint (of `names`, all when None) whose directory publish was killed between its
     two renames: `NAME` missing beside `.NAME.old`. The new `.NAME.tmp` goes back under `NAME` when it is
     intact (`checkpoint_step`), else the previous `.NAME.old`; each is a warning on the log. Returns the
@@ -249,7 +250,7 @@ def recover_interrupted_publish(ckpt_dir: str | Path, names: Optional[set[str]] 
     restored: list[Path] = []
     olds = sorted(ckpt_dir.glob(f".*.ckpt{OLD_SUFFIX}")) if ckpt_dir.is_dir() else []
     for old in olds:
-        name = old.name[1:-len(OLD_SUFFIX)]
+        name = old.name[1 : -len(OLD_SUFFIX)]
         final, new = ckpt_dir / name, ckpt_dir / f".{name}{TMP_SUFFIX}"
         if (names is not None and name not in names) or final.is_symlink() or final.exists():
             continue
@@ -264,8 +265,13 @@ def recover_interrupted_publish(ckpt_dir: str | Path, names: Optional[set[str]] 
                 if not (final.is_symlink() or final.exists()):  # else another process put one back first
                     log.warning("%s is missing and %s could not be put back: %s", final, source.name, err)
                 break
-            log.warning("%s was missing (a save killed while replacing it): put back %s (step %d) from %s",
-                        final, what, step, source.name)
+            log.warning(
+                "%s was missing (a save killed while replacing it): put back %s (step %d) from %s",
+                final,
+                what,
+                step,
+                source.name,
+            )
             restored.append(final)
             break
         else:
@@ -274,12 +280,12 @@ def recover_interrupted_publish(ckpt_dir: str | Path, names: Optional[set[str]] 
     return restored
 
 
-def explicit_resume(resume: Optional[str]) -> bool:
+def explicit_resume(resume: str | None) -> bool:
     """`trainer.resume` names a checkpoint (not `auto`, `none` or unset)."""
     return resume not in (None, "auto", "none")
 
 
-def _step_of(path: Path) -> Optional[int]:
+def _step_of(path: Path) -> int | None:
     """The global step of a checkpoint, else the step in its name (a corrupt `step=N.ckpt`), else None."""
     try:
         return checkpoint_step(path)
@@ -288,7 +294,7 @@ def _step_of(path: Path) -> Optional[int]:
         return int(match.group(1)) if match else None
 
 
-def abandon_newer(resume: str | Path, ckpt_dir: str | Path) -> Optional[str]:
+def abandon_newer(resume: str | Path, ckpt_dir: str | Path) -> str | None:
     """Before a run continues from the explicit checkpoint `resume`: move every checkpoint of `ckpt_dir`
     with a higher global step (corrupt ones by the step in their name; `last.ckpt` by its step, a link by
     its target's) into `ckpt_dir/abandoned/<time>/`, one atomic rename each, nothing deleted (links move
@@ -297,8 +303,11 @@ def abandon_newer(resume: str | Path, ckpt_dir: str | Path) -> Optional[str]:
     ckpt_dir, resume = Path(ckpt_dir), Path(resume)
     step = checkpoint_step(resume)
     real = os.path.realpath(resume)
-    newer = [p for p in candidates(ckpt_dir)
-             if os.path.realpath(p) != real and p != resume and (s := _step_of(p)) is not None and s > step]
+    newer = [
+        p
+        for p in candidates(ckpt_dir)
+        if os.path.realpath(p) != real and p != resume and (s := _step_of(p)) is not None and s > step
+    ]
     if not newer:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -311,11 +320,13 @@ def abandon_newer(resume: str | Path, ckpt_dir: str | Path) -> Optional[str]:
             dest = ckpt_dir / ABANDONED / f"{stamp}-{i}"
     for path in newer:
         rename_noreplace(path, dest / path.name)
-    return (f"trainer.resume={resume} (step {step}): moved the newer checkpoints of {ckpt_dir} aside to {dest} "
-            f"(trainer.resume=auto never takes them; nothing deleted): {', '.join(p.name for p in newer)}")
+    return (
+        f"trainer.resume={resume} (step {step}): moved the newer checkpoints of {ckpt_dir} aside to {dest} "
+        f"(trainer.resume=auto never takes them; nothing deleted): {', '.join(p.name for p in newer)}"
+    )
 
 
-def resolve_resume(resume: Optional[str], ckpt_dir: str | Path) -> Optional[str]:
+def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> str | None:
     """The checkpoint path to hand to `Trainer.fit(ckpt_path=...)`, or None to start fresh. `auto` first
     puts back a checkpoint whose publish was killed half-way (`recover_interrupted_publish`)."""
     if resume is None:
@@ -358,7 +369,7 @@ class Preempted(SystemExit):
         return f"stopped by a signal at step {self.step}: saved {self.path}"
 
 
-def slurm_job_id() -> Optional[str]:
+def slurm_job_id() -> str | None:
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
 
@@ -372,8 +383,8 @@ class PreemptionCheckpoint(Callback):
     def __init__(self, checkpoint_dir: str | Path, slurm: bool, requeue_signal: int = signal.SIGUSR1):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.slurm, self.requeue_signal = slurm, requeue_signal
-        self.received: Optional[int] = None
-        self._stop: Optional[Preempted] = None
+        self.received: int | None = None
+        self._stop: Preempted | None = None
         self._previous: dict[int, object] = {}
 
     def _signals(self) -> list[int]:
@@ -443,7 +454,7 @@ def requeue_slurm_job() -> bool:
 class LastCheckpointAtEnd(Callback):
     def __init__(self, checkpoint_dir: str | Path):
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.saved_step: Optional[int] = None
+        self.saved_step: int | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self.saved_step = trainer.global_step

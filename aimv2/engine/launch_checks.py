@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional
 
 from aimv2.config import TrainerConfig
-from aimv2.errors import UserError
 from aimv2.engine.checkpointing import under_slurm
 from aimv2.engine.run_dir import RunDir
+from aimv2.errors import UserError
 
 
 def is_launching_process() -> bool:
@@ -33,7 +32,7 @@ def launched_externally() -> bool:
     return under_slurm() or "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def claim_run_dir(run: RunDir, resume: Optional[str], overwrite: bool) -> None:
+def claim_run_dir(run: RunDir, resume: str | None, overwrite: bool) -> None:
     """Refuse to start a fresh run over another (see the module docstring); with `overwrite`, remove the
     old run's config, checkpoints, logs and pictures first, and say so."""
     if not is_launching_process():
@@ -44,8 +43,10 @@ def claim_run_dir(run: RunDir, resume: Optional[str], overwrite: bool) -> None:
     if not held or resume != "none":
         return
     if not overwrite:
-        raise UserError(f"run_dir {run} already holds a run ({', '.join(held)}): continue it with "
-                        f"trainer.resume=auto, choose another run_dir=..., or replace it with trainer.overwrite=true")
+        raise UserError(
+            f"run_dir {run} already holds a run ({', '.join(held)}): continue it with "
+            f"trainer.resume=auto, choose another run_dir=..., or replace it with trainer.overwrite=true"
+        )
     for path in run.artefacts:
         if path.is_dir():
             shutil.rmtree(path)
@@ -65,18 +66,22 @@ def check_launch(t: TrainerConfig) -> None:
     if t.strategy in ("fsdp", "deepspeed") and not gpus:
         raise UserError(f"config key 'trainer.strategy': {t.strategy} needs CUDA GPUs and none is visible here; {hint}")
     if str(t.accelerator) in ("gpu", "cuda") and not gpus:
-        raise UserError(f"config key 'trainer.accelerator': {t.accelerator} asked for, but no CUDA GPU is visible "
-                        f"here; {hint}, or set trainer.accelerator=cpu")
+        raise UserError(
+            f"config key 'trainer.accelerator': {t.accelerator} asked for, but no CUDA GPU is visible "
+            f"here; {hint}, or set trainer.accelerator=cpu"
+        )
     wanted = device_count(t.devices)
     if gpus and str(t.accelerator) in ("gpu", "cuda") and wanted and wanted > gpus and not launched_externally():
         raise UserError(f"config key 'trainer.devices': {wanted} GPUs asked for, {gpus} visible here")
     if t.num_nodes > 1 and not launched_externally():
-        raise UserError(f"config key 'trainer.num_nodes': {t.num_nodes} nodes need a launcher that starts the other "
-                        f"nodes' processes (sbatch launch/slurm_multinode.sbatch, or torchrun --nnodes); on one "
-                        f"machine set trainer.num_nodes=1, or {hint}")
+        raise UserError(
+            f"config key 'trainer.num_nodes': {t.num_nodes} nodes need a launcher that starts the other "
+            f"nodes' processes (sbatch launch/slurm_multinode.sbatch, or torchrun --nnodes); on one "
+            f"machine set trainer.num_nodes=1, or {hint}"
+        )
 
 
-def device_count(devices) -> Optional[int]:
+def device_count(devices) -> int | None:
     """Devices per node from `trainer.devices` (an int, "8", a list of ids; "auto" or -1: None)."""
     if isinstance(devices, (list, tuple)):
         return len(devices)

@@ -1,4 +1,5 @@
-"""What a run logs and prints: its CSV metrics (kept across resumes, read back for the demo and `aimv2 report`) and its progress lines.
+"""What a run logs and prints: its CSV metrics (kept across resumes, read back for the demo and `aimv2
+report`) and its progress lines.
 
 A CSV logger that survives resumes.
 
@@ -68,7 +69,6 @@ class _AppendingWriter(ExperimentWriter):
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-
 
     def restore_row(self, step: int, metrics: dict) -> None:
         """Append the row of `step` (the checkpoint's own) to a file that holds the run's earlier rows
@@ -160,8 +160,12 @@ def loss_trend(metrics_csv: str | Path, window: int = 3) -> str:
 
 
 # Metrics shown, under short names: the losses and throughput a person checks at a glance.
-_SHOWN = {"train/loss": "loss", "train/loss_img": "loss_img", "train/loss_text": "loss_text",
-          "train/samples_per_sec": "samples/s"}
+_SHOWN = {
+    "train/loss": "loss",
+    "train/loss_img": "loss_img",
+    "train/loss_text": "loss_text",
+    "train/samples_per_sec": "samples/s",
+}
 
 
 class LineProgressBar(ProgressBar):
@@ -183,8 +187,14 @@ class LineProgressBar(ProgressBar):
         if not self._enabled:
             return
         total = trainer.estimated_stepping_batches  # optimizer steps in the whole run (inf when unbounded)
-        self._bar = LineProgress(total=total, desc="train", unit="step", initial=trainer.global_step,
-                                 stream=sys.stderr, interval=self.interval)
+        self._bar = LineProgress(
+            total=total,
+            desc="train",
+            unit="step",
+            initial=trainer.global_step,
+            stream=sys.stderr,
+            interval=self.interval,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
@@ -56,8 +55,11 @@ def clean_name(name: str) -> str:
 def no_decay_names(model: nn.Module) -> set[str]:
     """Names of the parameters without weight decay, decided on the unwrapped model: under FSDP the
     parameters the optimizer sees are flat 1-D shards, so their shapes no longer tell."""
-    return {clean_name(name) for name, param in model.named_parameters()
-            if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)}
+    return {
+        clean_name(name)
+        for name, param in model.named_parameters()
+        if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)
+    }
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
@@ -88,8 +90,9 @@ def decoupled_weight_decay(lam: float, init_lr: float) -> float:
     return lam / init_lr if init_lr > 0 else 0.0
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float,
-                  start_lr: float | None = None) -> float:
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float, start_lr: float | None = None
+) -> float:
     """Learning rate at `step` (0-based): a linear warmup to lr, then cosine to min_lr.
 
     The warmup starts at `start_lr` at step 0 and reaches lr at step `warmup_steps`, as ml-l3m's
@@ -125,12 +128,15 @@ def optimizer_options(trainer) -> dict:
     unscaled before clipping (aimv2.engine.optim). Every job that trains under Lightning uses it."""
     from aimv2.engine.strategy import offloads_optimizer
 
-    return {"cpu_adam": offloads_optimizer(getattr(trainer, "strategy", None)),
-            "fused": fused_optimizer_allowed(trainer.precision)}
+    return {
+        "cpu_adam": offloads_optimizer(getattr(trainer, "strategy", None)),
+        "fused": fused_optimizer_allowed(trainer.precision),
+    }
 
 
-def make_optimizer(groups: list[dict], lr: float, betas, eps: float, cpu_adam: bool = False,
-                   fused: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(
+    groups: list[dict], lr: float, betas, eps: float, cpu_adam: bool = False, fused: bool = True
+) -> torch.optim.Optimizer:
     """AdamW over parameter groups (each may carry its own `lr` and `weight_decay`): DeepSpeed's CPU Adam
     in adamw mode when the strategy offloads the optimizer (its states then live in CPU memory), else
     torch's AdamW (`adamw`). Both decay as torch does, so the groups are the same either way."""
@@ -141,17 +147,30 @@ def make_optimizer(groups: list[dict], lr: float, betas, eps: float, cpu_adam: b
     return adamw(groups, lr, betas, eps, fused=fused)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
-                    no_decay: set[str] | None = None, cpu_adam: bool = False,
-                    fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas,
+    eps: float,
+    no_decay: set[str] | None = None,
+    cpu_adam: bool = False,
+    fused: bool = True,
+) -> torch.optim.Optimizer:
     """The pre-training optimizer; `weight_decay` is the paper's lambda, applied fully decoupled.
     `no_decay`: the names `no_decay_names` gave on the model before any wrapper (FSDP) flattened it."""
     groups = param_groups(model, decoupled_weight_decay(weight_decay, lr), no_decay)
     return make_optimizer(groups, lr, betas, eps, cpu_adam=cpu_adam, fused=fused)
 
 
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                           lr: float, min_lr: float, start_lr: float | None = None) -> dict:
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    lr: float,
+    min_lr: float,
+    start_lr: float | None = None,
+) -> dict:
     """Lightning's lr_scheduler entry: `warmup_cosine` per optimizer step, scaling each group's own lr
     (groups may start from different rates). Warm-up is cut to leave at least one decaying step.
     lr = 0 (then min_lr = 0 too, as the config checks) keeps every rate at 0: no update, no decay."""
@@ -170,7 +189,7 @@ def fused_optimizer_allowed(precision: str) -> bool:
     return str(precision) not in ("16-mixed", "16")
 
 
-def clip_gradient_norm(strategy: Strategy, optimizer: torch.optim.Optimizer, max_norm: float) -> Optional[torch.Tensor]:
+def clip_gradient_norm(strategy: Strategy, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor | None:
     """Clip the gradients of `optimizer`'s parameters to total norm `max_norm` (0: no clipping); returns
     the total norm before clipping, or None where nothing was computed here (disabled, DeepSpeed)."""
     if not max_norm or max_norm <= 0 or isinstance(strategy, DeepSpeedStrategy):

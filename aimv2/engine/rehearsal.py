@@ -76,9 +76,12 @@ class RehearsalReport:
         width = max([len(f.area) for f in self.findings] + [4])
         lines = [f"rehearsal of {self.title}:"]
         lines += [f"  {f.area:<{width}}  {f.status:<8} {f.detail}" for f in self.findings]
-        verdict = ("FAILED: fix the lines marked FAILED before submitting" if self.failed
-                   else "passed: everything marked ok/checked ran here; 'changed' lines say what was shrunk or "
-                        "substituted, 'not run' lines what only the cluster can show")
+        verdict = (
+            "FAILED: fix the lines marked FAILED before submitting"
+            if self.failed
+            else "passed: everything marked ok/checked ran here; 'changed' lines say what was shrunk or "
+            "substituted, 'not run' lines what only the cluster can show"
+        )
         return "\n".join(lines + [f"rehearsal {verdict}"])
 
 
@@ -90,16 +93,33 @@ def shrink_trainer(t: TrainerConfig, steps: int, devices: int | None, report: Re
     cap = devices if devices is not None else 2
     n = max(1, min(per_node, cap)) if runs_as == "ddp" or per_node > 1 else 1
     if t.strategy in GPU_ONLY:
-        report.add("strategy", "changed", f"{t.strategy} needs CUDA: the rest of the config runs under ddp here "
-                                          "(its own objects are checked below)")
+        report.add(
+            "strategy",
+            "changed",
+            f"{t.strategy} needs CUDA: the rest of the config runs under ddp here (its own objects are checked below)",
+        )
     where = f"{t.num_nodes} node(s) x {t.devices} device(s) on {t.accelerator}"
     how = f"{runs_as}, gloo" if runs_as == "ddp" or n > 1 else runs_as
-    report.add("devices", "changed" if (t.num_nodes, per_node, t.accelerator) != (1, n, "cpu") else "ok",
-               f"{where} -> 1 node x {n} CPU process(es) ({how})")
+    report.add(
+        "devices",
+        "changed" if (t.num_nodes, per_node, t.accelerator) != (1, n, "cpu") else "ok",
+        f"{where} -> 1 node x {n} CPU process(es) ({how})",
+    )
     return replace(
-        t, accelerator="cpu", devices=n, num_nodes=1, strategy=runs_as, max_steps=steps, max_epochs=None,
-        checkpoint_every_n_steps=max(1, steps // 2), log_every_n_steps=1, progress_bar=False, resume="none",
-        overwrite=True, offload=False)  # offload belongs to FSDP/DeepSpeed, which do not run here
+        t,
+        accelerator="cpu",
+        devices=n,
+        num_nodes=1,
+        strategy=runs_as,
+        max_steps=steps,
+        max_epochs=None,
+        checkpoint_every_n_steps=max(1, steps // 2),
+        log_every_n_steps=1,
+        progress_bar=False,
+        resume="none",
+        overwrite=True,
+        offload=False,
+    )  # offload belongs to FSDP/DeepSpeed, which do not run here
 
 
 def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path, grad_clip: float) -> None:
@@ -117,19 +137,26 @@ def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path,
         except Exception as err:  # noqa: BLE001 - any failure to build is the finding
             report.add("fsdp", "FAILED", f"building the FSDP strategy: {one_line(err)}")
             return
-        report.add("fsdp", "checked",
-                   f"{type(strategy).__name__}: every transformer block one unit, "
-                   f"{strategy.sharding_strategy.name}, activation checkpointing "
-                   f"{'on' if t.activation_checkpointing else 'off'}, cpu_offload {t.offload}; precision plugin "
-                   f"FSDPPrecision({t.precision}); clipping by the root module's clip_grad_norm_; checkpoints one "
-                   f"consolidated file, read by load_encoder like DDP's")
+        report.add(
+            "fsdp",
+            "checked",
+            f"{type(strategy).__name__}: every transformer block one unit, "
+            f"{strategy.sharding_strategy.name}, activation checkpointing "
+            f"{'on' if t.activation_checkpointing else 'off'}, cpu_offload {t.offload}; precision plugin "
+            f"FSDPPrecision({t.precision}); clipping by the root module's clip_grad_norm_; checkpoints one "
+            f"consolidated file, read by load_encoder like DDP's",
+        )
         report.add("fsdp", "not run", "Lightning's FSDP needs CUDA (torch's FSDP1 refuses a CPU-only machine)")
     if t.strategy == "deepspeed":
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            report.add("deepspeed", "not run", "deepspeed is not installed here: pip install -e '.[deepspeed]' "
-                                               "(the cluster's environment needs it too)")
+            report.add(
+                "deepspeed",
+                "not run",
+                "deepspeed is not installed here: pip install -e '.[deepspeed]' "
+                "(the cluster's environment needs it too)",
+            )
             return
         from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
@@ -140,18 +167,30 @@ def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path,
             report.add("deepspeed", "FAILED", f"building the DeepSpeed strategy: {one_line(err)}")
             return
         zero = strategy.config["zero_optimization"]
-        report.add("deepspeed", "checked", f"{type(strategy).__name__} with zero_optimization {zero}; precision "
-                                           f"plugin DeepSpeedPrecision({t.precision}); clipping inside the engine")
+        report.add(
+            "deepspeed",
+            "checked",
+            f"{type(strategy).__name__} with zero_optimization {zero}; precision "
+            f"plugin DeepSpeedPrecision({t.precision}); clipping inside the engine",
+        )
         if t.offload:
             from deepspeed.ops.op_builder import CPUAdamBuilder
 
             ok = CPUAdamBuilder().is_compatible(verbose=False)
-            report.add("deepspeed", "checked" if ok else "FAILED",
-                       "DeepSpeed's CPU Adam (optimizer offload) can be built on this machine" if ok else
-                       "DeepSpeed's CPU Adam cannot be built here (it needs a C++ compiler and torch headers)")
+            report.add(
+                "deepspeed",
+                "checked" if ok else "FAILED",
+                "DeepSpeed's CPU Adam (optimizer offload) can be built on this machine"
+                if ok
+                else "DeepSpeed's CPU Adam cannot be built here (it needs a C++ compiler and torch headers)",
+            )
         _zero_step(t.zero_stage, grad_clip, workdir / "zero", report)
-        report.add("deepspeed", "not run", "Lightning's DeepSpeed strategy needs CUDA: a full step through "
-                                           "Lightning, bf16 and multi-rank sharding run only on the cluster")
+        report.add(
+            "deepspeed",
+            "not run",
+            "Lightning's DeepSpeed strategy needs CUDA: a full step through "
+            "Lightning, bf16 and multi-rank sharding run only on the cluster",
+        )
 
 
 def _zero_step(stage: int, grad_clip: float, out: Path, report: RehearsalReport) -> None:
@@ -164,18 +203,31 @@ def _zero_step(stage: int, grad_clip: float, out: Path, report: RehearsalReport)
         encoder, _ = load_encoder(directory)
         reference = load_file(out / f"reference_{stage}.safetensors")
         state = encoder.state_dict()
-        equal = all(torch.equal(state[k.removeprefix("model.encoder.")], v) for k, v in reference.items()
-                    if k.startswith("model.encoder."))
+        equal = all(
+            torch.equal(state[k.removeprefix("model.encoder.")], v)
+            for k, v in reference.items()
+            if k.startswith("model.encoder.")
+        )
     except Exception as err:  # noqa: BLE001
         report.add("deepspeed", "FAILED", f"ZeRO-{stage} step and checkpoint on the CPU: {one_line(err)}")
         return
-    report.add("deepspeed", "checked" if equal else "FAILED",
-               f"ZeRO-{stage}: one DeepSpeed step on the CPU (gradient_clipping {grad_clip}), its checkpoint "
-               f"directory read by load_encoder {'equals' if equal else 'DIFFERS from'} the engine's weights")
+    report.add(
+        "deepspeed",
+        "checked" if equal else "FAILED",
+        f"ZeRO-{stage}: one DeepSpeed step on the CPU (gradient_clipping {grad_clip}), its checkpoint "
+        f"directory read by load_encoder {'equals' if equal else 'DIFFERS from'} the engine's weights",
+    )
 
 
-def run_phases(cfg: Any, train: Callable[[Any], Any], verb: list[str], workdir: Path,
-               report: RehearsalReport, check_checkpoint: Callable[[Path], str], in_process: bool = False) -> None:
+def run_phases(
+    cfg: Any,
+    train: Callable[[Any], Any],
+    verb: list[str],
+    workdir: Path,
+    report: RehearsalReport,
+    check_checkpoint: Callable[[Path], str],
+    in_process: bool = False,
+) -> None:
     """Phase 1: `trainer.max_steps` steps from scratch (a checkpoint half-way and at the end). Phase 2:
     a fresh start that resumes from the half-way checkpoint and finishes; its weights are compared with
     phase 1's. Each phase runs as `python -m aimv2 VERB phase.yaml` (output in phaseN.log; Lightning
@@ -187,8 +239,11 @@ def run_phases(cfg: Any, train: Callable[[Any], Any], verb: list[str], workdir: 
     if not _run(cfg, train, verb, workdir / "phase1", report, "train", in_process):
         return
     first = _load_state(run.last_checkpoint)
-    report.add("train", "ok", f"{first['global_step']} optimizer steps, checkpoints "
-                              f"{sorted(p.name for p in run.checkpoints.iterdir())}")
+    report.add(
+        "train",
+        "ok",
+        f"{first['global_step']} optimizer steps, checkpoints {sorted(p.name for p in run.checkpoints.iterdir())}",
+    )
     if not half.exists():
         report.add("checkpoint", "FAILED", f"no half-way checkpoint {half.name}")
         return
@@ -197,35 +252,65 @@ def run_phases(cfg: Any, train: Callable[[Any], Any], verb: list[str], workdir: 
         return
     second = _load_state(run.last_checkpoint)
     weights = schema.model_state(second)
-    diff = max(((a.float() - weights[k].float()).abs().max().item()
-                for k, a in schema.model_state(first).items() if torch.is_floating_point(a)), default=0.0)
+    diff = max(
+        (
+            (a.float() - weights[k].float()).abs().max().item()
+            for k, a in schema.model_state(first).items()
+            if torch.is_floating_point(a)
+        ),
+        default=0.0,
+    )
     step = schema.global_step(second)
-    report.add("resume", "ok" if step == schema.global_step(first) else "FAILED",
-               f"from {half.name} to step {step}: weights "
-               + ("equal the uninterrupted run's bit for bit" if diff == 0 else f"differ from the uninterrupted run's by {diff:.2e}"))
+    report.add(
+        "resume",
+        "ok" if step == schema.global_step(first) else "FAILED",
+        f"from {half.name} to step {step}: weights "
+        + (
+            "equal the uninterrupted run's bit for bit"
+            if diff == 0
+            else f"differ from the uninterrupted run's by {diff:.2e}"
+        ),
+    )
     try:
         report.add("checkpoint", "ok", check_checkpoint(run.last_checkpoint))
     except Exception as err:  # noqa: BLE001
         report.add("checkpoint", "FAILED", f"reading last.ckpt back: {one_line(err)}")
 
 
-def _run(cfg: Any, train: Callable[[Any], Any], verb: list[str], log_stem: Path, report: RehearsalReport,
-         area: str, in_process: bool) -> bool:
+def _run(
+    cfg: Any,
+    train: Callable[[Any], Any],
+    verb: list[str],
+    log_stem: Path,
+    report: RehearsalReport,
+    area: str,
+    in_process: bool,
+) -> bool:
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.devices > 1 or not in_process:  # Lightning's DDP launcher re-runs the command line per rank
         save_config(cfg, log_stem.with_suffix(".yaml"))
         env = os.environ | {"AIMV2_PROGRESS": "off", "PYTHONWARNINGS": "ignore"}
-        done = run_with_deadline([sys.executable, "-m", "aimv2", *verb, str(log_stem.with_suffix(".yaml"))],
-                                 env=env, timeout=PHASE_DEADLINE_S)
+        done = run_with_deadline(
+            [sys.executable, "-m", "aimv2", *verb, str(log_stem.with_suffix(".yaml"))],
+            env=env,
+            timeout=PHASE_DEADLINE_S,
+        )
         log_stem.with_suffix(".log").write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.hung:
-            report.add(area, "FAILED", f"still running after {PHASE_DEADLINE_S} s: a hang (every process's stacks are "
-                                       f"in the log: {log_stem.with_suffix('.log')})")
+            report.add(
+                area,
+                "FAILED",
+                f"still running after {PHASE_DEADLINE_S} s: a hang (every process's stacks are "
+                f"in the log: {log_stem.with_suffix('.log')})",
+            )
             return False
         if done.returncode != 0:
             lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
-            report.add(area, "FAILED", f"{lines[-1] if lines else 'exit ' + str(done.returncode)} "
-                                       f"(log: {log_stem.with_suffix('.log')})")
+            report.add(
+                area,
+                "FAILED",
+                f"{lines[-1] if lines else 'exit ' + str(done.returncode)} (log: {log_stem.with_suffix('.log')})",
+            )
             return False
         return True
     try:
@@ -264,8 +349,6 @@ def _load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-
-
 def unreadable(spec: str) -> str | None:
     """Why the shards of `spec` cannot be read on this machine (missing, remote), or None when they can."""
     from aimv2.data.shardlist import REMOTE_PREFIXES, expand_urls
@@ -292,14 +375,21 @@ def rehearsal_tokenizer(tok, report: RehearsalReport, key: str, words_stand_in: 
     list `words_stand_in` (the demo set's, when the demo stands in for the shards too) or the offline
     CLIP tokenizer, for a missing tokenizer directory the offline CLIP tokenizer."""
     if tok.kind == "hf" and not (tok.path and Path(tok.path).is_dir()):
-        report.add("tokenizer", "changed", f"{key}.path {tok.path!r} is not a directory here: the offline CLIP "
-                                           "tokenizer stands in (the cluster run needs the directory: "
-                                           "docs/pretraining.md#tokenizer)")
+        report.add(
+            "tokenizer",
+            "changed",
+            f"{key}.path {tok.path!r} is not a directory here: the offline CLIP "
+            "tokenizer stands in (the cluster run needs the directory: "
+            "docs/pretraining.md#tokenizer)",
+        )
         return replace(tok, kind="clip", path=None)
     if tok.kind == "words" and not (tok.path and Path(tok.path).is_file()):
         stand_in = f"the demo set's word list {words_stand_in}" if words_stand_in else "the offline CLIP tokenizer"
-        report.add("tokenizer", "changed", f"{key}.path: word list {tok.path!r} is not here: {stand_in} stands in "
-                                           "(the real run needs its list)")
+        report.add(
+            "tokenizer",
+            "changed",
+            f"{key}.path: word list {tok.path!r} is not here: {stand_in} stands in (the real run needs its list)",
+        )
         return replace(tok, path=words_stand_in) if words_stand_in else replace(tok, kind="clip", path=None)
     where = {"clip": "the offline BPE", "hf": f"from {tok.path}", "words": f"word list {tok.path}"}[tok.kind]
     report.add("tokenizer", "ok", f"{tok.kind} ({where})")
@@ -312,19 +402,33 @@ def shrink_resolution(img_size: int, patch: int) -> int:
     return max(2 * patch, round(img_size / 4 / patch) * patch)
 
 
-def run_zero_check(out: Path, img_size: int = 28, stages: tuple[int, ...] = (2, 3), grad_clip: float = 1.0,
-                   timeout: int = 300) -> dict[int, Path]:
+def run_zero_check(
+    out: Path, img_size: int = 28, stages: tuple[int, ...] = (2, 3), grad_clip: float = 1.0, timeout: int = 300
+) -> dict[int, Path]:
     """Write OUT/zero{stage}/ (a ZeRO checkpoint after one optimizer step) and
     OUT/reference_{stage}.safetensors (the engine's weights after that step) for each stage, in a
     subprocess; raises RuntimeError with the subprocess's last lines when DeepSpeed fails."""
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()), "RANK": "0", "WORLD_SIZE": "1",
-                        "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                        "DS_ACCELERATOR": "cpu"}
+    env = os.environ | {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(find_free_network_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "DS_ACCELERATOR": "cpu",
+    }
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "aimv2.engine.rehearsal", str(out), str(img_size), str(grad_clip),
-                           *map(str, stages)], env=env, timeout=timeout, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "aimv2.engine.rehearsal", str(out), str(img_size), str(grad_clip), *map(str, stages)],
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"DeepSpeed ZeRO step on the CPU failed:\n{tail}")
@@ -365,17 +469,28 @@ def _main(out: Path, img_size: int, grad_clip: float, stages: list[int]) -> None
         torch.manual_seed(stage)
         model = Wrapped()
         # What AIMv2PretrainModule.save_hyperparameters records: plain dicts.
-        hparams = {"model": asdict(ModelConfig("debug", img_size)), "objective": asdict(ObjectiveConfig()),
-                   "optim": asdict(OptimConfig()), "vocab_size": 50, "max_text_len": 8}
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
-                  "gradient_clipping": grad_clip, "zero_allow_untested_optimizer": True}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                          config=config)
+        hparams = {
+            "model": asdict(ModelConfig("debug", img_size)),
+            "objective": asdict(ObjectiveConfig()),
+            "optim": asdict(OptimConfig()),
+            "vocab_size": 50,
+            "max_text_len": 8,
+        }
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": {"stage": stage},
+            "gradient_clipping": grad_clip,
+            "zero_allow_untested_optimizer": True,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=config
+        )
         loss = engine(torch.randn(2, 3, img_size, img_size), torch.randint(0, 50, (2, 8)))
         engine.backward(loss)
         engine.step()
-        engine.save_checkpoint(str(out / f"zero{stage}"), tag="checkpoint",
-                               client_state={"hyper_parameters": hparams, "global_step": 1})
+        engine.save_checkpoint(
+            str(out / f"zero{stage}"), tag="checkpoint", client_state={"hyper_parameters": hparams, "global_step": 1}
+        )
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
             reference = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}

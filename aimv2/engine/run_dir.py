@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
@@ -48,7 +47,7 @@ class RunDir:
         object.__setattr__(self, "root", Path(root))
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: str | Path) -> Optional["RunDir"]:
+    def of_checkpoint(cls, checkpoint: str | Path) -> RunDir | None:
         """The run a checkpoint belongs to (RUN for RUN/checkpoints/NAME, a file or a ZeRO directory), or
         None for a checkpoint kept anywhere else."""
         path = Path(checkpoint)

@@ -35,8 +35,9 @@ import logging
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import torch
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -44,7 +45,6 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     Strategy,
 )
-import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -63,7 +63,7 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
     rename once all ranks are done, so a killed save never leaves a half-written `step=N.ckpt/`; and
     remove them by renaming first, so a killed removal does not either."""
 
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         final = Path(self.broadcast(str(filepath)))
         tmp = final.with_name(f".{final.name}.tmp")
         if self.is_global_zero and tmp.exists():
@@ -103,7 +103,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported")
         path = Path(self.broadcast(str(filepath)))
@@ -153,7 +153,7 @@ def ddp_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers" if new else "broadcast_buffers": False}
 
 
-def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Strategy | str:
+def build_strategy(cfg: TrainerConfig, batch_size: int | None = None) -> Strategy | str:
     """The Lightning strategy for `cfg.strategy` (validated by TrainerConfig.validate)."""
     if cfg.strategy == "ddp":
         return DDPStrategy(**ddp_buffer_sync(), gradient_as_bucket_view=True, checkpoint_io=AtomicCheckpointIO())
@@ -184,7 +184,9 @@ def build_strategy(cfg: TrainerConfig, batch_size: Optional[int] = None) -> Stra
 def strategy_plugins(cfg: TrainerConfig) -> list:
     """Plugins for `Trainer(plugins=...)`: atomic checkpoint writes when Lightning picks the strategy,
     and the mixed-precision plugin (`precision_plugin`)."""
-    return ([AtomicCheckpointIO()] if cfg.strategy == "auto" else []) + ([precision] if (precision := precision_plugin(cfg)) else [])
+    return ([AtomicCheckpointIO()] if cfg.strategy == "auto" else []) + (
+        [precision] if (precision := precision_plugin(cfg)) else []
+    )
 
 
 def precision_plugin(cfg: TrainerConfig):
@@ -214,8 +216,10 @@ def prepare_model(model: nn.Module, cfg: TrainerConfig) -> nn.Module:
         )
 
         apply_activation_checkpointing(
-            model, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-            check_fn=lambda m: isinstance(m, tuple(BLOCKS)))
+            model,
+            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda m: isinstance(m, tuple(BLOCKS)),
+        )
     return model
 
 

@@ -1,4 +1,5 @@
-"""The training side of a data stream: a job's data module whose stream continues exactly where a checkpoint left it, and the bookkeeping of which batches a step has finished with.
+"""The training side of a data stream: a job's data module whose stream continues exactly where a
+checkpoint left it, and the bookkeeping of which batches a step has finished with.
 
 The data module base of every job that trains on a `ShardStream` (pre-training, compressor
 alignment): its training stream continues exactly where a checkpoint left it.
@@ -95,9 +96,14 @@ class StreamDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochAwareLoader:
         trainer = self.trainer
-        self.loader = EpochAwareLoader(self.stream, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                                       epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
-                                       gather=self._gather if trainer is not None else None, on_change=self.on_change)
+        self.loader = EpochAwareLoader(
+            self.stream,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+            gather=self._gather if trainer is not None else None,
+            on_change=self.on_change,
+        )
         if self._position is not None:
             self.loader.load_position_state(self._position)
             self._position = None
@@ -177,8 +183,11 @@ class SampleLog(Callback):
 def _truncate(path: Path, step: int) -> None:
     """Keep what the restored checkpoint (at `step`) has seen; drop torn and later lines."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.endswith("\n") and _step(line) is not None and _step(line) <= step]
+        kept = [
+            line
+            for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and _step(line) is not None and _step(line) <= step
+        ]
         atomic_write(path, "".join(kept))
 
 

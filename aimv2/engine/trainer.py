@@ -11,10 +11,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from aimv2.config import TrainerConfig
-from aimv2.engine.logs import ResumableCSVLogger, TrimMetricsOnResume
-from aimv2.engine.checkpointing import LastCheckpointAtEnd, PreemptionCheckpoint
-from aimv2.engine.logs import progress_callbacks
-from aimv2.engine.checkpointing import under_slurm
+from aimv2.engine.checkpointing import LastCheckpointAtEnd, PreemptionCheckpoint, under_slurm
+from aimv2.engine.logs import ResumableCSVLogger, TrimMetricsOnResume, progress_callbacks
 from aimv2.engine.run_dir import STEP_TEMPLATE, RunDir
 from aimv2.engine.strategy import build_strategy, precision_plugin, strategy_plugins
 from aimv2.engine.stream_resume import SampleLog, StreamPosition
@@ -22,8 +20,11 @@ from aimv2.engine.stream_resume import SampleLog, StreamPosition
 
 def fault_tolerance_callbacks(cfg: TrainerConfig, run: RunDir) -> list[Callback]:
     """Data position in checkpoints, checkpoint-and-requeue on signals, the optional sample log."""
-    callbacks = [StreamPosition(), PreemptionCheckpoint(run.checkpoints, slurm=under_slurm()),
-                 LastCheckpointAtEnd(run.checkpoints)]
+    callbacks = [
+        StreamPosition(),
+        PreemptionCheckpoint(run.checkpoints, slurm=under_slurm()),
+        LastCheckpointAtEnd(run.checkpoints),
+    ]
     return callbacks + ([SampleLog(run.samples)] if cfg.log_samples else [])
 
 
@@ -37,8 +38,13 @@ def cluster_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)]
 
 
-def build_trainer(cfg: TrainerConfig, run: RunDir, grad_clip: float = 0.0,
-                  extra_callbacks: Sequence[Callback] = (), batch_size: int | None = None) -> L.Trainer:
+def build_trainer(
+    cfg: TrainerConfig,
+    run: RunDir,
+    grad_clip: float = 0.0,
+    extra_callbacks: Sequence[Callback] = (),
+    batch_size: int | None = None,
+) -> L.Trainer:
     loggers = [
         # Every logged row reaches the file at once (not every 100 steps): after a kill -9 the file is
         # as new as the newest checkpoint (whose own step's row the checkpoint carries: csv_log).
@@ -70,8 +76,13 @@ def build_trainer(cfg: TrainerConfig, run: RunDir, grad_clip: float = 0.0,
         # A run shorter than the logging interval still logs (metrics.csv exists for `aimv2 report`).
         log_every_n_steps=min(cfg.log_every_n_steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.log_every_n_steps,
         logger=loggers,
-        callbacks=[checkpoints, TrimMetricsOnResume(), *fault_tolerance_callbacks(cfg, run),
-                   *progress_callbacks(cfg.progress_bar), *extra_callbacks],
+        callbacks=[
+            checkpoints,
+            TrimMetricsOnResume(),
+            *fault_tolerance_callbacks(cfg, run),
+            *progress_callbacks(cfg.progress_bar),
+            *extra_callbacks,
+        ],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         default_root_dir=run.root,

@@ -34,7 +34,7 @@ class AIMv2(nn.Module):
         self.decoder = MultimodalDecoder(**decoder_kwargs(spec, vocab_size, max_text_len))
 
     @classmethod
-    def from_parts(cls, encoder: nn.Module, decoder: MultimodalDecoder, spec: SizeSpec | None = None) -> "AIMv2":
+    def from_parts(cls, encoder: nn.Module, decoder: MultimodalDecoder, spec: SizeSpec | None = None) -> AIMv2:
         """An AIMv2 around an encoder and a decoder that already hold their weights (a checkpoint read by
         aimv2.checkpoints); `spec` is None when the checkpoint does not name a row of the size table."""
         model = cls.__new__(cls)
@@ -69,8 +69,14 @@ class AIMv2(nn.Module):
         features = encode(self.encoder, images, prefix_lengths)  # (B, N, D)
         return self.decoder(features, tokens, text_mask, text_index)
 
-    def forward_packed(self, patches: torch.Tensor, tokens: torch.Tensor, layout: dict,
-                       prefix_lengths: torch.Tensor | None, backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_packed(
+        self,
+        patches: torch.Tensor,
+        tokens: torch.Tensor,
+        layout: dict,
+        prefix_lengths: torch.Tensor | None,
+        backend: str = "sdpa",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed rows of images of any grid (a native encoder, aimv2.models.native): patches
         (R, T, p*p*3) normalized, tokens (n, L), the layout of aimv2.models.native, prefix_lengths
         (n,) -> pixel predictions (K, p*p*3) and logits (n_real, V); each image's terms equal those of

@@ -24,9 +24,16 @@ from aimv2.models.sizes import SizeSpec
 def decoder_kwargs(spec: SizeSpec, vocab_size: int, max_text_len: int) -> dict:
     """`MultimodalDecoder` keyword arguments of a size: one function, so the model built for training
     (aimv2.models.aimv2) and the decoder read back from a checkpoint (aimv2.checkpoints.loading) agree."""
-    return {"encoder_width": spec.width, "width": spec.decoder_width, "depth": spec.decoder_depth,
-            "heads": spec.decoder_heads, "mlp_hidden": spec.decoder_mlp_hidden,
-            "patch_dim": spec.patch_size * spec.patch_size * 3, "vocab_size": vocab_size, "max_text_len": max_text_len}
+    return {
+        "encoder_width": spec.width,
+        "width": spec.decoder_width,
+        "depth": spec.decoder_depth,
+        "heads": spec.decoder_heads,
+        "mlp_hidden": spec.decoder_mlp_hidden,
+        "patch_dim": spec.patch_size * spec.patch_size * 3,
+        "vocab_size": vocab_size,
+        "max_text_len": max_text_len,
+    }
 
 
 class MultimodalDecoder(nn.Module):
@@ -69,9 +76,11 @@ class MultimodalDecoder(nn.Module):
         init_decoder(self)  # the reference trainer's init (aimv2/models/init.py)
         self.register_load_state_dict_pre_hook(_zero_image_proj_bias)
 
-
     def forward(
-        self, image_features: torch.Tensor, tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
+        self,
+        image_features: torch.Tensor,
+        tokens: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
         text_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_features (B, N, D_enc), tokens (B, L) -> pixels (B, N, patch_dim), logits (B, L, V).
@@ -100,8 +109,9 @@ class MultimodalDecoder(nn.Module):
             text_out = text_out[text_mask]  # (n_true, W)
         return self.pixel_head(x[:, :num_patches]), self.text_head(text_out)
 
-    def forward_packed(self, image_features: torch.Tensor, tokens: torch.Tensor, layout: dict,
-                       attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_packed(
+        self, image_features: torch.Tensor, tokens: torch.Tensor, layout: dict, attn_mask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed rows (aimv2.models.native): image_features (R, T, D_enc), tokens (n, L) ->
         pixel predictions (K, patch_dim) at layout["pixel_pred"] and logits (n_real, V) at
         layout["text_pred"]. attn_mask: (R, 1, S, S) bias from packed_decoder_mask, or a BlockMask."""
@@ -125,4 +135,3 @@ def _zero_image_proj_bias(module: nn.Module, state_dict: dict, prefix: str, *arg
     weight = state_dict.get(prefix + "image_proj.weight")
     if weight is not None and prefix + "image_proj.bias" not in state_dict:
         state_dict[prefix + "image_proj.bias"] = weight.new_zeros(weight.shape[0])
-

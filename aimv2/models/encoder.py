@@ -55,7 +55,9 @@ def grid_of(encoder: VisionTransformer, images: torch.Tensor) -> tuple[int, int]
     return images.shape[-2] // p[0], images.shape[-1] // p[1]
 
 
-def encode(encoder: VisionTransformer, images: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+def encode(
+    encoder: VisionTransformer, images: torch.Tensor, prefix_lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Patch features (B, N, D) after the final norm; prefix attention when lengths are given."""
     mask = None
     if prefix_lengths is not None:
@@ -107,8 +109,9 @@ def attention_backend(requested: str, device: torch.device | str) -> str:
     if requested == "auto":
         return "flex" if cuda else "sdpa"
     if requested == "flex" and not cuda:
-        raise ValueError("model.attention=flex needs a CUDA GPU: FlexAttention has no CPU backward; "
-                         "use auto or sdpa here")
+        raise ValueError(
+            "model.attention=flex needs a CUDA GPU: FlexAttention has no CPU backward; use auto or sdpa here"
+        )
     if requested not in ("flex", "sdpa"):
         raise ValueError(f"model.attention: {requested!r}; choose auto, sdpa or flex")
     return requested

@@ -17,7 +17,9 @@ def sample_prefix_lengths(
     return torch.randint(1, num_patches, (batch_size,), device=device, generator=generator)
 
 
-def sample_prefix_lengths_per_image(num_patches: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_prefix_lengths_per_image(
+    num_patches: torch.Tensor, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(n,) int64 prefix lengths, each uniform in [1, N_i - 1] for its image's N_i patches (N_i >= 2)."""
     draws = torch.rand(num_patches.shape, generator=generator, dtype=torch.float64)
     return 1 + (draws * (num_patches - 1)).long().clamp_max(num_patches - 2)
@@ -31,8 +33,9 @@ def prefix_attention_mask(prefix_lengths: torch.Tensor, num_patches: int) -> tor
     return (causal[None] | in_prefix).unsqueeze(1)  # (B, 1, N, N)
 
 
-def prefix_attention_bias(prefix_lengths: torch.Tensor, num_patches: int,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def prefix_attention_bias(
+    prefix_lengths: torch.Tensor, num_patches: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The same mask as an additive bias (B, 1, N, N): 0 where allowed, -inf elsewhere.
 
     For its memory-efficient and math kernels SDPA converts a boolean mask to this form inside every
@@ -46,8 +49,9 @@ def prefix_attention_bias(prefix_lengths: torch.Tensor, num_patches: int,
 
 
 # -- packed rows (native resolution): several images per row, none attending to another ----------
-def packed_encoder_mask(patch_image: torch.Tensor, patch_pos: torch.Tensor,
-                        prefix_lengths: torch.Tensor | None) -> torch.Tensor:
+def packed_encoder_mask(
+    patch_image: torch.Tensor, patch_pos: torch.Tensor, prefix_lengths: torch.Tensor | None
+) -> torch.Tensor:
     """Boolean (R, 1, T, T) for packed encoder rows; True means "may attend".
 
     patch_image (R, T): the image each token belongs to (-1: padding); patch_pos (R, T): its raster
@@ -133,12 +137,14 @@ def _interval_block_mask(lo: torch.Tensor, hi: torch.Tensor, block_size: int):
     def mask_mod(b, h, q, k):
         return (lo[b, q] <= k) & (k <= hi[b, q])
 
-    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
-                                    seq_lengths=(length, length))
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(length, length)
+    )
 
 
-def packed_encoder_block_mask(patch_image: torch.Tensor, patch_pos: torch.Tensor,
-                              prefix_lengths: torch.Tensor | None, block_size: int = 128):
+def packed_encoder_block_mask(
+    patch_image: torch.Tensor, patch_pos: torch.Tensor, prefix_lengths: torch.Tensor | None, block_size: int = 128
+):
     """`packed_encoder_mask` as a FlexAttention BlockMask (GPU training; aimv2.models.encoder), for a
     layout of aimv2.models.native: each image one contiguous run, so patch_pos (0, 1, ... along it) is
     implied by patch_image and not read. Its non-empty and full blocks are exactly those of the dense

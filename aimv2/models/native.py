@@ -40,8 +40,9 @@ from aimv2.models.sizes import SizeSpec
 TEMPERATURE = 10000.0
 
 
-def sincos_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int,
-                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sincos_position_embedding(
+    rows: torch.Tensor, cols: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(..., dim) for integer patch coordinates `rows`, `cols` of any shape (the release's layout)."""
     if dim % 4:
         raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
@@ -53,11 +54,11 @@ def sincos_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int,
     return table.to(dtype)
 
 
-def grid_position_embedding(grid_h: int, grid_w: int, dim: int, device=None,
-                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grid_position_embedding(
+    grid_h: int, grid_w: int, dim: int, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(grid_h, grid_w, dim) for a whole grid, row-major like timm's patch tokens."""
-    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device), indexing="ij")
     return sincos_position_embedding(rows, cols, dim, dtype)
 
 
@@ -90,8 +91,7 @@ def patch_kernel(encoder: VisionTransformer) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
-def encode_packed(encoder: VisionTransformer, patches: torch.Tensor, coords: torch.Tensor,
-                  attn_mask) -> torch.Tensor:
+def encode_packed(encoder: VisionTransformer, patches: torch.Tensor, coords: torch.Tensor, attn_mask) -> torch.Tensor:
     """patches (R, T, p*p*3) normalized pixels, coords (R, T, 2) each token's (row, column) in its own
     image, attn_mask (R, 1, T, T) additive bias (aimv2.models.masks.packed_encoder_bias) or a
     FlexAttention BlockMask -> features (R, T, D) after the final norm, as forward_features gives for
@@ -106,8 +106,13 @@ def encode_packed(encoder: VisionTransformer, patches: torch.Tensor, coords: tor
     return encoder.norm(x)
 
 
-def pack_layout(grids: Sequence[tuple[int, int]], text_lengths: Sequence[int], rows: Sequence[Sequence[int]],
-                row_tokens: int, text_len: int) -> dict[str, torch.Tensor]:
+def pack_layout(
+    grids: Sequence[tuple[int, int]],
+    text_lengths: Sequence[int],
+    rows: Sequence[Sequence[int]],
+    row_tokens: int,
+    text_len: int,
+) -> dict[str, torch.Tensor]:
     """Index tensors for images with patch grids `grids` (gh, gw), captions of `text_lengths` real
     tokens (padded to `text_len`), placed in `rows` (lists of image indices, each image once) of
     `row_tokens` encoder tokens.
@@ -149,10 +154,10 @@ def pack_layout(grids: Sequence[tuple[int, int]], text_lengths: Sequence[int], r
             if offset + count > t_len:
                 raise ValueError(f"row {r} holds {offset + count} patches, more than its {t_len} tokens")
             pos = torch.arange(count)
-            patch_image[r, offset:offset + count] = i
-            patch_pos[r, offset:offset + count] = pos
-            coords[r, offset:offset + count, 0] = pos // gw
-            coords[r, offset:offset + count, 1] = pos % gw
+            patch_image[r, offset : offset + count] = i
+            patch_pos[r, offset : offset + count] = pos
+            coords[r, offset : offset + count, 0] = pos // gw
+            coords[r, offset : offset + count, 1] = pos % gw
             start = r * t_len + offset
             image_start[i] = start
             sources += [start + pos, num_rows * t_len + i * text_len + torch.arange(length)]
@@ -166,7 +171,7 @@ def pack_layout(grids: Sequence[tuple[int, int]], text_lengths: Sequence[int], r
     dec_source = torch.full((num_rows, s_len), pad_source, dtype=torch.long)
     dec_image = torch.full((num_rows, s_len), -1, dtype=torch.long)
     for r, (src, img) in enumerate(zip(dec_rows, dec_images)):
-        dec_source[r, :len(src)], dec_image[r, :len(img)] = src, img
+        dec_source[r, : len(src)], dec_image[r, : len(img)] = src, img
     for r, dec_offset, i, count, length, start in segments:
         base = r * s_len + dec_offset
         j = torch.arange(count - 1)
@@ -177,11 +182,18 @@ def pack_layout(grids: Sequence[tuple[int, int]], text_lengths: Sequence[int], r
         text_pred.append(base + count + torch.arange(length))
         text_target.append(i * text_len + torch.arange(length))
     return {
-        "patch_image": patch_image, "patch_pos": patch_pos, "coords": coords, "image_start": image_start,
-        "dec_source": dec_source, "dec_image": dec_image,
-        "pixel_pred": torch.cat(pixel_pred), "pixel_target": torch.cat(pixel_target),
-        "pixel_image": torch.cat(pixel_image), "pixel_target_pos": torch.cat(pixel_pos),
-        "text_pred": torch.cat(text_pred), "text_target": torch.cat(text_target),
+        "patch_image": patch_image,
+        "patch_pos": patch_pos,
+        "coords": coords,
+        "image_start": image_start,
+        "dec_source": dec_source,
+        "dec_image": dec_image,
+        "pixel_pred": torch.cat(pixel_pred),
+        "pixel_target": torch.cat(pixel_target),
+        "pixel_image": torch.cat(pixel_image),
+        "pixel_target_pos": torch.cat(pixel_pos),
+        "text_pred": torch.cat(text_pred),
+        "text_target": torch.cat(text_target),
     }
 
 
@@ -191,5 +203,5 @@ def pack_patches(patches: Sequence[torch.Tensor], layout: dict[str, torch.Tensor
     out = patches[0].new_zeros((num_rows * t_len, patches[0].shape[-1]))
     for i, p in enumerate(patches):
         start = int(layout["image_start"][i])
-        out[start:start + p.shape[0]] = p
+        out[start : start + p.shape[0]] = p
     return out.view(num_rows, t_len, -1)

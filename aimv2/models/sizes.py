@@ -75,8 +75,9 @@ def block_matmul_params(width: int, mlp_hidden: int) -> int:
     return 4 * width * width + 3 * width * mlp_hidden
 
 
-def training_flops_per_sample(spec: SizeSpec, img_size: int, text_len: int, text_tokens: float,
-                              vocab_size: int) -> dict[str, float]:
+def training_flops_per_sample(
+    spec: SizeSpec, img_size: int, text_len: int, text_tokens: float, vocab_size: int
+) -> dict[str, float]:
     """FLOPs of forward + backward for one (image, caption) pair.
 
     text_len: decoder text positions (start token + caption positions, padding included: the decoder
@@ -88,12 +89,19 @@ def training_flops_per_sample(spec: SizeSpec, img_size: int, text_len: int, text
     patch_dim = p * p * 3
     encoder = 6 * n * (patch_dim * spec.width + spec.depth * block_matmul_params(spec.width, spec.mlp_hidden))
     encoder_attention = 12 * spec.depth * n * n * spec.width
-    decoder = 6 * (n * spec.width * spec.decoder_width
-                   + t * spec.decoder_depth * block_matmul_params(spec.decoder_width, spec.decoder_mlp_hidden))
+    decoder = 6 * (
+        n * spec.width * spec.decoder_width
+        + t * spec.decoder_depth * block_matmul_params(spec.decoder_width, spec.decoder_mlp_hidden)
+    )
     decoder_attention = 12 * spec.decoder_depth * t * t * spec.decoder_width
     heads = 6 * spec.decoder_width * (n * patch_dim + text_tokens * vocab_size)
-    parts = {"encoder": encoder, "encoder_attention": encoder_attention, "decoder": decoder,
-             "decoder_attention": decoder_attention, "heads": heads}
+    parts = {
+        "encoder": encoder,
+        "encoder_attention": encoder_attention,
+        "decoder": decoder,
+        "decoder_attention": decoder_attention,
+        "heads": heads,
+    }
     parts["total"] = float(sum(parts.values()))
     return parts
 

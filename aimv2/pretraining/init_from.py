@@ -49,8 +49,10 @@ def apply_init_from(model: AIMv2, cfg: ModelConfig, resume: str | None) -> list[
     if not cfg.init_from:
         return []
     if resume is not None:
-        return [f"{KEY}={cfg.init_from} ignored: the run resumes from {resume} (its weights, optimizer, "
-                "step and data position win)"]
+        return [
+            f"{KEY}={cfg.init_from} ignored: the run resumes from {resume} (its weights, optimizer, "
+            "step and data position win)"
+        ]
     source = Path(cfg.init_from)
     if not source.exists():
         raise UserError(f"config key '{KEY}': checkpoint not found: {source}")
@@ -84,8 +86,13 @@ def _encoder_problems(model: AIMv2, loaded: LoadedEncoder) -> list[str]:
     except UserError as err:
         return [str(err)]
     spec = model.spec
-    wanted = {"width": spec.width, "depth": spec.depth, "heads": spec.heads, "mlp_hidden": spec.mlp_hidden,
-              "patch_size": spec.patch_size}
+    wanted = {
+        "width": spec.width,
+        "depth": spec.depth,
+        "heads": spec.heads,
+        "mlp_hidden": spec.mlp_hidden,
+        "patch_size": spec.patch_size,
+    }
     differ = [f"{k} {found[k]} vs {v}" for k, v in wanted.items() if found[k] != v]
     problems = [f"encoder {', '.join(differ)} (checkpoint vs config)"] if differ else []
     if not differ:  # same dimensions: a key-level mismatch would be a bug worth naming
@@ -112,10 +119,16 @@ def _state_problems(module: nn.Module, state: dict[str, torch.Tensor]) -> list[s
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape]
-    return [f"{label} {len(keys)} [{_listing(keys)}]" for label, keys in
-            (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if keys]
+    mis_shaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    return [
+        f"{label} {len(keys)} [{_listing(keys)}]"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+        if keys
+    ]
 
 
 def _describe(model: AIMv2, loaded: LoadedEncoder, with_decoder: bool) -> list[str]:
@@ -123,16 +136,27 @@ def _describe(model: AIMv2, loaded: LoadedEncoder, with_decoder: bool) -> list[s
     trained, now = loaded.trained_size, model.img_size
     where = f"{loaded.raw.path} ({loaded.raw.format})"
     if is_native(model.encoder):
-        replaced = ("" if is_native(loaded.encoder) else
-                    f"; its learned position table ({(trained // patch) ** 2} tokens) is replaced by the native "
-                    "2-D sin-cos embedding, which serves any grid")
+        replaced = (
+            ""
+            if is_native(loaded.encoder)
+            else f"; its learned position table ({(trained // patch) ** 2} tokens) is replaced by the native "
+            "2-D sin-cos embedding, which serves any grid"
+        )
         encoder = f"{KEY}: encoder from {where} trained at {trained} px{replaced}"
     elif trained == now:
         encoder = f"{KEY}: encoder from {where} at {trained} px ({(trained // patch) ** 2} tokens), as trained"
     else:
-        encoder = (f"{KEY}: encoder from {where} trained at {trained} px ({(trained // patch) ** 2} tokens) -> "
-                   f"position embedding resampled to {now} px ({(now // patch) ** 2} tokens)")
-    decoder = (f"{KEY}: decoder loaded from the same checkpoint" if with_decoder else
-               f"{KEY}: decoder not present in this {loaded.raw.format} checkpoint, so it starts fresh (random init)")
-    return [encoder, decoder,
-            f"{KEY}: optimizer, learning-rate schedule (warmup included), step counter and data stream start fresh"]
+        encoder = (
+            f"{KEY}: encoder from {where} trained at {trained} px ({(trained // patch) ** 2} tokens) -> "
+            f"position embedding resampled to {now} px ({(now // patch) ** 2} tokens)"
+        )
+    decoder = (
+        f"{KEY}: decoder loaded from the same checkpoint"
+        if with_decoder
+        else f"{KEY}: decoder not present in this {loaded.raw.format} checkpoint, so it starts fresh (random init)"
+    )
+    return [
+        encoder,
+        decoder,
+        f"{KEY}: optimizer, learning-rate schedule (warmup included), step counter and data stream start fresh",
+    ]

@@ -59,14 +59,31 @@ class NonFiniteTraining(UserError):
 
 
 class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
-    def __init__(self, model: ModelConfig | dict, objective: ObjectiveConfig | dict, optim: OptimConfig | dict,
-                 vocab_size: int, max_text_len: int, max_nonfinite_steps: int = 10):
+    def __init__(
+        self,
+        model: ModelConfig | dict,
+        objective: ObjectiveConfig | dict,
+        optim: OptimConfig | dict,
+        vocab_size: int,
+        max_text_len: int,
+        max_nonfinite_steps: int = 10,
+    ):
         super().__init__()
-        model, objective, optim = (as_section(ModelConfig, model), as_section(ObjectiveConfig, objective),
-                                   as_section(OptimConfig, optim))
+        model, objective, optim = (
+            as_section(ModelConfig, model),
+            as_section(ObjectiveConfig, objective),
+            as_section(OptimConfig, optim),
+        )
         # Plain dicts in the checkpoint: it reloads with weights_only=True and without this package's classes.
-        self.save_hyperparameters({"model": asdict(model), "objective": asdict(objective), "optim": asdict(optim),
-                                   "vocab_size": vocab_size, "max_text_len": max_text_len})
+        self.save_hyperparameters(
+            {
+                "model": asdict(model),
+                "objective": asdict(objective),
+                "optim": asdict(optim),
+                "vocab_size": vocab_size,
+                "max_text_len": max_text_len,
+            }
+        )
         self.objective, self.optim_cfg = objective, optim
         self.max_nonfinite_steps = max_nonfinite_steps
         self.spec = get_size(model.size)
@@ -133,13 +150,14 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         if prefix.device != images.device:
             prefix = self._to_device(prefix, images)
         token_index = batch.get("token_index")  # from the collator: packing without a device sync
-        pixels, logits = self.model(images, tokens, prefix if causal else None, token_mask,
-                                    token_index)  # logits (n_real_tokens, V)
-        return aimv2_loss_sums(pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size,
-                               token_index=token_index), images.shape[0]
+        pixels, logits = self.model(
+            images, tokens, prefix if causal else None, token_mask, token_index
+        )  # logits (n_real_tokens, V)
+        return aimv2_loss_sums(
+            pixels, logits, images, tokens, token_mask, prefix, self.spec.patch_size, token_index=token_index
+        ), images.shape[0]
 
-    def _packed_loss_sums(self, batch: dict, generator,
-                          prefix: torch.Tensor | None = None) -> tuple[LossSums, int]:
+    def _packed_loss_sums(self, batch: dict, generator, prefix: torch.Tensor | None = None) -> tuple[LossSums, int]:
         """Native resolution: packed rows of images of any grid (aimv2.models.native); one prefix
         length per image, uniform in [1, N_i - 1] for its own N_i patches, unless `prefix` (n,) gives them."""
         patches, tokens, layout = batch["patches"], batch["tokens"], batch["layout"]
@@ -170,7 +188,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if hasattr(norm, "full_tensor"):  # FSDP2: DTensor gradients; the norm over every rank's shards as a
-            norm = norm.full_tensor()     # plain tensor (a DTensor cannot meet loss_ok or all_reduce below)
+            norm = norm.full_tensor()  # plain tensor (a DTensor cannot meet loss_ok or all_reduce below)
         norm_ok = torch.isfinite(norm)
         ok = loss_ok.to(self.device) & norm_ok.to(self.device)
         if skips_nonfinite_itself(self.trainer.strategy) or not skips_on_device(optimizer):
@@ -220,13 +238,18 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
             self.nonfinite_total += 1
             self._nonfinite_in_a_row += 1
             step = self._steps_counted - 1
-            log.warning("step %d: NaN/inf loss or gradient; step skipped (%d in a row, %d in total)", step,
-                        self._nonfinite_in_a_row, self.nonfinite_total)
+            log.warning(
+                "step %d: NaN/inf loss or gradient; step skipped (%d in a row, %d in total)",
+                step,
+                self._nonfinite_in_a_row,
+                self.nonfinite_total,
+            )
             if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
                 raise NonFiniteTraining(
                     f"training stopped at step {step}: {self._nonfinite_in_a_row} steps in a row had a NaN/inf loss "
                     f"or gradient (trainer.max_nonfinite_steps={self.max_nonfinite_steps}); lower optim.lr or check "
-                    f"the data; the last checkpoint holds finite weights")
+                    f"the data; the last checkpoint holds finite weights"
+                )
 
     def on_train_start(self) -> None:
         self._steps_counted = self.trainer.global_step  # flags are counted in step order from here
@@ -235,8 +258,9 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
         self._count_nonfinite(self._read_flags(keep_newest=False))  # the saved count is complete
         for name, value in checkpoint.get("state_dict", {}).items():
             if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
-                raise RuntimeError(f"refusing to write a checkpoint at step {self.trainer.global_step}: "
-                                   f"{name} holds NaN/inf")
+                raise RuntimeError(
+                    f"refusing to write a checkpoint at step {self.trainer.global_step}: {name} holds NaN/inf"
+                )
         schema.write(checkpoint, job="pretrain", nonfinite_steps=self.nonfinite_total)
         self.rank_counters.save(self._trainer, checkpoint)
 
@@ -287,8 +311,16 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,
-                                    no_decay=self._no_decay, **optimizer_options(self.trainer))
-        schedule = warmup_cosine_schedule(optimizer, cfg.warmup_steps, self._total_steps(), cfg.lr, cfg.min_lr,
-                                          cfg.warmup_start_lr)
+        optimizer = build_optimizer(
+            self.model,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.betas,
+            cfg.eps,
+            no_decay=self._no_decay,
+            **optimizer_options(self.trainer),
+        )
+        schedule = warmup_cosine_schedule(
+            optimizer, cfg.warmup_steps, self._total_steps(), cfg.lr, cfg.min_lr, cfg.warmup_start_lr
+        )
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -59,10 +59,14 @@ class PretrainDataModule(StreamDataModule):
 
     def resolve_sources(self) -> list[StreamSource]:
         cfg = self.cfg
-        return [StreamSource(src.name or f"source{i}",
-                             resolve_shards(src.urls, f"data.sources.{i}.urls", need_counts=cfg.mode == "epoch"),
-                             src.weight)
-                for i, src in enumerate(cfg.sources)]
+        return [
+            StreamSource(
+                src.name or f"source{i}",
+                resolve_shards(src.urls, f"data.sources.{i}.urls", need_counts=cfg.mode == "epoch"),
+                src.weight,
+            )
+            for i, src in enumerate(cfg.sources)
+        ]
 
     @property
     def vocab_size(self) -> int:
@@ -72,20 +76,37 @@ class PretrainDataModule(StreamDataModule):
         cfg = self.cfg
         if self.native_patch is not None:
             n = cfg.native
-            packing = Packing(self.native_patch, n.min_patches, n.max_patches, n.row_tokens, n.rows, n.window,
-                              tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+            packing = Packing(
+                self.native_patch,
+                n.min_patches,
+                n.max_patches,
+                n.row_tokens,
+                n.rows,
+                n.window,
+                tuple(cfg.crop_scale),
+                tuple(cfg.crop_ratio),
+            )
             process = NativeImageCaptionProcessor(NativeResizeFlip(self.native_patch, cfg.hflip), decode_image_tensor)
             collate = PackedCollator(self.tokenizer, self.native_patch, n.row_tokens)
         else:
             packing = None
-            process = ImageCaptionProcessor(pretrain_transform(self.img_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip),
-                                            decode=decode_image_tensor)
+            process = ImageCaptionProcessor(
+                pretrain_transform(self.img_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip), decode=decode_image_tensor
+            )
             collate = ImageCaptionCollator(self.tokenizer)
         try:
             return ShardStream(
-                self.resolved_sources(), process=process, collate=collate,
-                batch_size=cfg.batch_size, mode=cfg.mode, rank=rank, world_size=world_size,
-                num_workers=cfg.num_workers, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, packing=packing,
+                self.resolved_sources(),
+                process=process,
+                collate=collate,
+                batch_size=cfg.batch_size,
+                mode=cfg.mode,
+                rank=rank,
+                world_size=world_size,
+                num_workers=cfg.num_workers,
+                seed=cfg.seed,
+                shuffle_buffer=cfg.shuffle_buffer,
+                packing=packing,
             )
         except ValueError as err:
             raise UserError(f"data: {err}") from None
@@ -107,18 +128,28 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
     resume = resolve_resume(cfg.trainer.resume, run.checkpoints)  # before any work: bad paths fail fast
     check_launch(cfg.trainer)
     claim_run_dir(run, cfg.trainer.resume, cfg.trainer.overwrite)
-    data = PretrainDataModule(cfg.data, cfg.model.img_size,
-                              native_patch=get_size(cfg.model.size).patch_size if cfg.model.native else None)
+    data = PretrainDataModule(
+        cfg.data, cfg.model.img_size, native_patch=get_size(cfg.model.size).patch_size if cfg.model.native else None
+    )
     # The held-out set (data.val) is resolved now too: a missing shard fails before any model is built.
     validation = validation_callbacks(cfg.data.val, cfg.model, cfg.data.batch_size, data.tokenizer)
-    module = AIMv2PretrainModule(cfg.model, cfg.objective, cfg.optim, vocab_size=data.vocab_size,
-                                 max_text_len=cfg.data.tokenizer.max_length,
-                                 max_nonfinite_steps=cfg.trainer.max_nonfinite_steps)
+    module = AIMv2PretrainModule(
+        cfg.model,
+        cfg.objective,
+        cfg.optim,
+        vocab_size=data.vocab_size,
+        max_text_len=cfg.data.tokenizer.max_length,
+        max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
+    )
     loaded = apply_init_from(module.model, cfg.model, resume)  # before any wrapper renames the parameters
     prepare_model(module.model, cfg.trainer)
-    trainer = build_trainer(cfg.trainer, run, grad_clip=cfg.optim.grad_clip, batch_size=cfg.data.batch_size,
-                            extra_callbacks=[*visualization_callbacks(cfg.visualize, run, data.tokenizer),
-                                             *validation, *callbacks])
+    trainer = build_trainer(
+        cfg.trainer,
+        run,
+        grad_clip=cfg.optim.grad_clip,
+        batch_size=cfg.data.batch_size,
+        extra_callbacks=[*visualization_callbacks(cfg.visualize, run, data.tokenizer), *validation, *callbacks],
+    )
     if isinstance(trainer.accelerator, CPUAccelerator):
         tune_cpu_allocator()  # for Python callers; the aimv2 command has already done it (aimv2.processes)
     if trainer.is_global_zero:
@@ -138,8 +169,15 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
             trainer.fit(module, datamodule=data, ckpt_path=resume)
     except Preempted as stop:
         if trainer.is_global_zero:
-            print(f"{stop}; " + ("the SLURM job was requeued and will continue from it" if stop.requeued
-                                 else "continue with trainer.resume=auto"), flush=True)
+            print(
+                f"{stop}; "
+                + (
+                    "the SLURM job was requeued and will continue from it"
+                    if stop.requeued
+                    else "continue with trainer.resume=auto"
+                ),
+                flush=True,
+            )
         return run
     finally:
         for callback in preemption:
@@ -150,13 +188,18 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
 
 
 def summary(run: RunDir, steps: int) -> str:
-    return "\n".join([
-        f"pre-training finished after {steps} steps",
-        f"  config       {run.config}",
-        f"  checkpoints  {run.checkpoints}/ (last.ckpt is the newest)",
-        f"  metrics      {run.metrics}",
-        f"  tensorboard  tensorboard --logdir {run.tensorboard}",
-        *([f"  predictions  {run.visualizations}/step=*.png (next-patch grids)"]
-          if any(run.visualizations.glob("step=*.png")) else []),
-        f"  report       aimv2 report {run}",
-    ])
+    return "\n".join(
+        [
+            f"pre-training finished after {steps} steps",
+            f"  config       {run.config}",
+            f"  checkpoints  {run.checkpoints}/ (last.ckpt is the newest)",
+            f"  metrics      {run.metrics}",
+            f"  tensorboard  tensorboard --logdir {run.tensorboard}",
+            *(
+                [f"  predictions  {run.visualizations}/step=*.png (next-patch grids)"]
+                if any(run.visualizations.glob("step=*.png"))
+                else []
+            ),
+            f"  report       aimv2 report {run}",
+        ]
+    )

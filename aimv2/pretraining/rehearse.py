@@ -24,8 +24,13 @@ from aimv2.models.sizes import get_size
 STEPS = 2  # a checkpoint after step 1, resumed from there to 2
 
 
-def rehearse_pretrain(cfg: PretrainConfig, workdir: str | Path, devices: int | None = None,
-                      demo_root: str | Path | None = None, in_process: bool = False) -> RehearsalReport:
+def rehearse_pretrain(
+    cfg: PretrainConfig,
+    workdir: str | Path,
+    devices: int | None = None,
+    demo_root: str | Path | None = None,
+    in_process: bool = False,
+) -> RehearsalReport:
     """Rehearse `cfg` in WORKDIR (its run is replaced); `devices` caps the DDP processes (default 2);
     `demo_root` holds the demo shards that stand in for shards this machine cannot read;
     `in_process` runs one-device phases in this process (aimv2.engine.rehearsal.run_phases)."""
@@ -39,17 +44,27 @@ def rehearse_pretrain(cfg: PretrainConfig, workdir: str | Path, devices: int | N
     if cfg.model.init_from:
         model = replace(model, init_from=str(_stand_in_stage(cfg, model, data, workdir, report)))
     small = replace(
-        cfg, run_dir=str(workdir / "run"), model=model, data=data,
+        cfg,
+        run_dir=str(workdir / "run"),
+        model=model,
+        data=data,
         trainer=shrink_trainer(cfg.trainer, STEPS, devices, report),
-        visualize=replace(cfg.visualize, every_n_steps=STEPS if cfg.visualize.every_n_steps else 0,
-                          num_images=min(cfg.visualize.num_images, 2),
-                          max_caption_tokens=min(cfg.visualize.max_caption_tokens, 2),
-                          images=[p for p in cfg.visualize.images if Path(p).exists()]),
+        visualize=replace(
+            cfg.visualize,
+            every_n_steps=STEPS if cfg.visualize.every_n_steps else 0,
+            num_images=min(cfg.visualize.num_images, 2),
+            max_caption_tokens=min(cfg.visualize.max_caption_tokens, 2),
+            images=[p for p in cfg.visualize.images if Path(p).exists()],
+        ),
     )
     t = cfg.trainer
-    report.add("recipe", "ok", f"precision {t.precision}, accumulate {t.accumulate_grad_batches}, clip "
-                               f"{cfg.optim.grad_clip}, activation checkpointing {t.activation_checkpointing}, "
-                               f"compile {t.compile}, global batch {_global_batch(cfg)} as configured")
+    report.add(
+        "recipe",
+        "ok",
+        f"precision {t.precision}, accumulate {t.accumulate_grad_batches}, clip "
+        f"{cfg.optim.grad_clip}, activation checkpointing {t.activation_checkpointing}, "
+        f"compile {t.compile}, global batch {_global_batch(cfg)} as configured",
+    )
     check_gpu_strategy(t, report, workdir, cfg.optim.grad_clip)
 
     from aimv2.pretraining.pretrain import pretrain
@@ -67,14 +82,24 @@ def _shrink_data(d: DataConfig, demo_root: Path, report: RehearsalReport) -> Dat
         demo = demo_shard_urls(demo_root)
         first = next(r for r in reasons if r)
         sources, words = [replace(src, urls=demo["pretrain"]["urls"]) for src in d.sources], demo["vocabulary"]
-        report.add("data", "changed", f"{sum(map(bool, reasons))} of {len(reasons)} sources not readable here "
-                                      f"({first}): the demo set stands in for each; {d.mode} mode, "
-                                      f"weights {[s.weight for s in d.sources]} kept")
+        report.add(
+            "data",
+            "changed",
+            f"{sum(map(bool, reasons))} of {len(reasons)} sources not readable here "
+            f"({first}): the demo set stands in for each; {d.mode} mode, "
+            f"weights {[s.weight for s in d.sources]} kept",
+        )
     else:
         report.add("data", "ok", f"the config's own {len(sources)} source(s), {d.mode} mode")
-    return replace(d, sources=sources, batch_size=min(d.batch_size, 2), num_workers=min(d.num_workers, 1),
-                   shuffle_buffer=min(d.shuffle_buffer, 64), val=_shrink_val(d.val, demo_root, report),
-                   tokenizer=rehearsal_tokenizer(d.tokenizer, report, "data.tokenizer", words))
+    return replace(
+        d,
+        sources=sources,
+        batch_size=min(d.batch_size, 2),
+        num_workers=min(d.num_workers, 1),
+        shuffle_buffer=min(d.shuffle_buffer, 64),
+        val=_shrink_val(d.val, demo_root, report),
+        tokenizer=rehearsal_tokenizer(d.tokenizer, report, "data.tokenizer", words),
+    )
 
 
 def _shrink_val(val: ValConfig, demo_root: Path, report: RehearsalReport) -> ValConfig:
@@ -89,8 +114,13 @@ def _shrink_val(val: ValConfig, demo_root: Path, report: RehearsalReport) -> Val
     else:
         urls = val.urls
         report.add("data.val", "ok", "the config's own held-out shards")
-    return replace(val, urls=urls, max_samples=min(val.max_samples or 8, 8), batch_size=min(val.batch_size or 2, 2),
-                   num_workers=min(val.num_workers, 1))
+    return replace(
+        val,
+        urls=urls,
+        max_samples=min(val.max_samples or 8, 8),
+        batch_size=min(val.batch_size or 2, 2),
+        num_workers=min(val.num_workers, 1),
+    )
 
 
 def _stand_in_stage(cfg: PretrainConfig, model, data: DataConfig, workdir: Path, report: RehearsalReport) -> Path:
@@ -107,17 +137,31 @@ def _stand_in_stage(cfg: PretrainConfig, model, data: DataConfig, workdir: Path,
     earlier = max(2 * patch, model.img_size - 2 * patch)
     tokenizer = build_tokenizer(data.tokenizer)
     torch.manual_seed(0)
-    stand_in = AIMv2PretrainModule({"size": "debug", "img_size": earlier}, cfg.objective, cfg.optim,
-                                   vocab_size=tokenizer.vocab_size, max_text_len=data.tokenizer.max_length)
+    stand_in = AIMv2PretrainModule(
+        {"size": "debug", "img_size": earlier},
+        cfg.objective,
+        cfg.optim,
+        vocab_size=tokenizer.vocab_size,
+        max_text_len=data.tokenizer.max_length,
+    )
     path = workdir / "stand_in_stage.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {"state_dict": stand_in.state_dict(), "hyper_parameters": dict(stand_in.hparams),
-                  "pytorch-lightning_version": lightning.__version__}
+    checkpoint = {
+        "state_dict": stand_in.state_dict(),
+        "hyper_parameters": dict(stand_in.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
     schema.write(checkpoint, job="pretrain")
     torch.save(checkpoint, path)
-    here = "is on this machine" if Path(cfg.model.init_from).exists() else "is not here yet (the earlier stage writes it)"
-    report.add("init_from", "changed", f"model.init_from {cfg.model.init_from} {here}: a debug checkpoint at {earlier} px "
-                                       f"stands in (encoder resampled to {model.img_size} px, decoder loaded)")
+    here = (
+        "is on this machine" if Path(cfg.model.init_from).exists() else "is not here yet (the earlier stage writes it)"
+    )
+    report.add(
+        "init_from",
+        "changed",
+        f"model.init_from {cfg.model.init_from} {here}: a debug checkpoint at {earlier} px "
+        f"stands in (encoder resampled to {model.img_size} px, decoder loaded)",
+    )
     return path
 
 

@@ -58,7 +58,6 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -80,9 +79,15 @@ from aimv2.models.sizes import get_size, training_flops_per_sample
 
 log = logging.getLogger(__name__)
 KEY = "data.val.urls"
-METRICS = ("val/loss", "val/loss_img", "val/loss_text", "val/samples", "val/skipped_samples",
-           "val/train_samples", "val/train_flops")
-
+METRICS = (
+    "val/loss",
+    "val/loss_img",
+    "val/loss_text",
+    "val/samples",
+    "val/skipped_samples",
+    "val/train_samples",
+    "val/train_flops",
+)
 
 
 # -- the held-out set --------------------------------------------------------------------------
@@ -160,23 +165,24 @@ class HeldOutLoss(Callback):
         self.spec = get_size(model.size)
         self.num_patches = (model.img_size // self.spec.patch_size) ** 2
         self.ranges = first_samples(cfg.urls, cfg.max_samples, KEY)  # a missing shard fails here, at start-up
-        self.loader: Optional[DataLoader] = None
+        self.loader: DataLoader | None = None
         self.max_batches = 0  # forward passes per rank and evaluation (the most any rank has)
         self.samples_read = 0  # tar samples this rank passed over in its last evaluation
         # Training samples and their real caption tokens: global totals as of the last all-reduce, plus
         # this rank's since then; samples counted from the step number (an old checkpoint) have no tokens.
         self.train_samples, self.train_tokens, self.estimated_samples = 0, 0, 0
         self._new_samples, self._new_tokens = 0, 0
-        self._row: Optional[tuple[int, dict]] = None  # computed, not yet written to the loggers
-        self._restored_row: Optional[tuple[int, dict]] = None
+        self._row: tuple[int, dict] | None = None  # computed, not yet written to the loggers
+        self._restored_row: tuple[int, dict] | None = None
         self._restored = False
-        self._last_step: Optional[int] = None
-        self._validated_step: Optional[int] = None
+        self._last_step: int | None = None
+        self._validated_step: int | None = None
         self._steps_run = 0
 
     def flops_per_sample(self, text_tokens: float) -> float:
-        return training_flops_per_sample(self.spec, self.img_size, self.tokenizer.max_length, text_tokens,
-                                         self.tokenizer.vocab_size)["total"]
+        return training_flops_per_sample(
+            self.spec, self.img_size, self.tokenizer.max_length, text_tokens, self.tokenizer.vocab_size
+        )["total"]
 
     # -- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -187,33 +193,56 @@ class HeldOutLoss(Callback):
         stats, start = ScanStats(), time.perf_counter()
         parts = _all_gather_objects((index_ranges(plan.slots, rank, world, stats), stats), trainer)
         index = {url: starts for part, _ in parts for url, starts in part.items()}
-        self.loader = every_sample_loader(plan, HeldOutProcessor(self.img_size, self.num_patches),
-                                          HeldOutCollator(self.tokenizer), self.batch_size, rank, index)
+        self.loader = every_sample_loader(
+            plan,
+            HeldOutProcessor(self.img_size, self.num_patches),
+            HeldOutCollator(self.tokenizer),
+            self.batch_size,
+            rank,
+            index,
+        )
         self.max_batches = max(plan.num_batches(r, self.batch_size) for r in range(world))
         if rank == 0:
             self._log_reading(plan, index, [s for _, s in parts], time.perf_counter() - start)
 
     def _log_reading(self, plan: ReadPlan, index: Index, scans: list[ScanStats], seconds: float) -> None:
         cost, slots = read_cost(plan), plan.slots
-        log.info("held-out set: %d samples in %d shards over %d slots; an evaluation reads %d tar samples (%.2fx "
-                 "the set; %.2fx reading each shard from its start); indexed %d shards at setup: %d headers, "
-                 "%.1f MB, %.1f s", cost["held_out"], len(self.ranges), cost["slots"], cost["after"],
-                 cost["after_ratio"], cost["before_ratio"], len(index), sum(s.headers for s in scans),
-                 sum(s.bytes for s in scans) / 1e6, seconds)
+        log.info(
+            "held-out set: %d samples in %d shards over %d slots; an evaluation reads %d tar samples (%.2fx "
+            "the set; %.2fx reading each shard from its start); indexed %d shards at setup: %d headers, "
+            "%.1f MB, %.1f s",
+            cost["held_out"],
+            len(self.ranges),
+            cost["slots"],
+            cost["after"],
+            cost["after_ratio"],
+            cost["before_ratio"],
+            len(index),
+            sum(s.headers for s in scans),
+            sum(s.bytes for s in scans) / 1e6,
+            seconds,
+        )
         remote = [url for url, first, _ in (r for units in slots for r in units) if first > 0 and is_remote(url)]
         if remote:
-            log.info("held-out set: %d remote shards (e.g. %s) cannot seek: their slots read them from their start",
-                     len(set(remote)), remote[0])
+            log.info(
+                "held-out set: %d remote shards (e.g. %s) cannot seek: their slots read them from their start",
+                len(set(remote)),
+                remote[0],
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
         if not self._restored and trainer.global_step > 0:
-            self.estimated_samples = (trainer.global_step * trainer.accumulate_grad_batches * self.train_batch_size
-                                      * trainer.world_size)
+            self.estimated_samples = (
+                trainer.global_step * trainer.accumulate_grad_batches * self.train_batch_size * trainer.world_size
+            )
             self.train_samples = self.estimated_samples
             if trainer.is_global_zero:
-                log.warning("the checkpoint does not count its training samples (it was written without data.val): "
-                            "val/train_samples starts from step x global batch = %d", self.train_samples)
+                log.warning(
+                    "the checkpoint does not count its training samples (it was written without data.val): "
+                    "val/train_samples starts from step x global batch = %d",
+                    self.train_samples,
+                )
         if self._restored_row is not None and trainer.is_global_zero and not _csv_has_row(trainer, *self._restored_row):
             self._write(trainer, *self._restored_row)
         self._restored_row = None
@@ -247,9 +276,13 @@ class HeldOutLoss(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """Every rank is here (a collective): the counter is summed over ranks before it is saved."""
         self._sync_counts(trainer, pl_module.device)
-        schema.write(checkpoint, train_samples=self.train_samples, train_text_tokens=self.train_tokens,
-                     train_samples_estimated=self.estimated_samples,
-                     val_row=list(self._row) if self._row is not None else None)
+        schema.write(
+            checkpoint,
+            train_samples=self.train_samples,
+            train_text_tokens=self.train_tokens,
+            train_samples_estimated=self.estimated_samples,
+            val_row=list(self._row) if self._row is not None else None,
+        )
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         state = schema.read(checkpoint, trainer.ckpt_path or "the checkpoint")
@@ -261,7 +294,7 @@ class HeldOutLoss(Callback):
         self._restored_row = (int(row[0]), dict(row[1])) if row else None
 
     # -- counting ------------------------------------------------------------------------------
-    def _sync_counts(self, trainer, device: torch.device, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _sync_counts(self, trainer, device: torch.device, extra: torch.Tensor | None = None) -> torch.Tensor:
         """One all-reduce: this rank's new samples and tokens (added to the totals) and `extra` (returned summed)."""
         new = torch.tensor([self._new_samples, self._new_tokens], dtype=torch.float64, device=device)
         values = _all_reduce_sum(torch.cat([new, extra]) if extra is not None else new, trainer).cpu()
@@ -283,10 +316,15 @@ class HeldOutLoss(Callback):
         loss_img = img_sum / img_n if img_n else math.nan
         loss_text = text_sum / text_n if text_n else math.nan
         objective = pl_module.objective
-        metrics = {"val/loss": objective.text_weight * loss_text + objective.alpha * loss_img,
-                   "val/loss_img": loss_img, "val/loss_text": loss_text,
-                   "val/samples": samples, "val/skipped_samples": skipped,
-                   "val/train_samples": float(self.train_samples), "val/train_flops": self.train_flops()}
+        metrics = {
+            "val/loss": objective.text_weight * loss_text + objective.alpha * loss_img,
+            "val/loss_img": loss_img,
+            "val/loss_text": loss_text,
+            "val/samples": samples,
+            "val/skipped_samples": skipped,
+            "val/train_samples": float(self.train_samples),
+            "val/train_flops": self.train_flops(),
+        }
         self._flush(trainer)  # a row not yet written (never expected: rows are written when the next batch starts)
         self._row = (trainer.global_step - 1, metrics)
         self._validated_step = trainer.global_step
@@ -330,8 +368,16 @@ class HeldOutLoss(Callback):
     @staticmethod
     def _batch_sums(losses, counted: float, tokens: int, device) -> torch.Tensor:
         weights = torch.tensor([counted, tokens], dtype=torch.float64, device=device)
-        return torch.stack([losses.image.double() * weights[0], weights[0], losses.text.double() * weights[1],
-                            weights[1], weights.new_zeros(()), weights.new_zeros(())])
+        return torch.stack(
+            [
+                losses.image.double() * weights[0],
+                weights[0],
+                losses.text.double() * weights[1],
+                weights[1],
+                weights.new_zeros(()),
+                weights.new_zeros(()),
+            ]
+        )
 
     def _forward(self, trainer, pl_module, batch: dict):
         precision = trainer.precision_plugin
@@ -345,8 +391,13 @@ class HeldOutLoss(Callback):
         length = self.tokenizer.max_length
         mask = torch.zeros(1, length, dtype=torch.bool)
         mask[0, 0] = True
-        return {"image": torch.zeros(1, 3, self.img_size, self.img_size), "tokens": torch.zeros(1, length, dtype=torch.long),
-                "token_mask": mask, "token_index": torch.zeros(1, dtype=torch.long), "prefix": torch.ones(1, dtype=torch.long)}
+        return {
+            "image": torch.zeros(1, 3, self.img_size, self.img_size),
+            "tokens": torch.zeros(1, length, dtype=torch.long),
+            "token_mask": mask,
+            "token_index": torch.zeros(1, dtype=torch.long),
+            "prefix": torch.ones(1, dtype=torch.long),
+        }
 
     # -- rows ----------------------------------------------------------------------------------
     def _flush(self, trainer) -> None:
@@ -370,15 +421,18 @@ def _csv_has_row(trainer, step: int, metrics: dict) -> bool:
     return False
 
 
-def validation_callbacks(cfg: ValConfig, model: ModelConfig, batch_size: int,
-                         tokenizer: CaptionTokenizer) -> list[Callback]:
+def validation_callbacks(
+    cfg: ValConfig, model: ModelConfig, batch_size: int, tokenizer: CaptionTokenizer
+) -> list[Callback]:
     """The callbacks for `build_trainer(extra_callbacks=...)`: none while `data.val.urls` is empty. Resolves
     the held-out shards now (a missing one is a UserError naming data.val.urls)."""
     if not cfg.urls:
         return []
     if model.native:
-        raise UserError(f"{KEY}: the held-out validation loss does not support native-resolution runs "
-                        "(model.native) yet; set data.val.urls=''")
+        raise UserError(
+            f"{KEY}: the held-out validation loss does not support native-resolution runs "
+            "(model.native) yet; set data.val.urls=''"
+        )
     return [HeldOutLoss(cfg, model, batch_size, tokenizer)]
 
 

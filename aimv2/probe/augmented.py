@@ -22,10 +22,8 @@ from aimv2.data.samples import eval_transform
 from aimv2.fileio import atomic_write
 from aimv2.probe.config import ProbeConfig
 from aimv2.probe.data import Split, augment_transform, eval_batches, train_batches
-from aimv2.probe.features import all_reduce_sum, comm_device, pick_device, spawn
-from aimv2.probe.features import encode
-from aimv2.probe.head_grid import HeadGrid
-from aimv2.probe.head_grid import load_head_state, save_head_state
+from aimv2.probe.features import all_reduce_sum, comm_device, encode, pick_device, spawn
+from aimv2.probe.head_grid import HeadGrid, load_head_state, save_head_state
 from aimv2.progress import progress as progress_bar
 
 
@@ -72,6 +70,7 @@ def _run(job: AugmentedJob, rank: int, world: int) -> dict | None:
     encoder = job.encoder.to(device)
     reduce_grads = None
     if world > 1:
+
         def reduce_grads(params):
             for p in params:
                 all_reduce_sum(p.grad, comm).div_(world)
@@ -92,8 +91,12 @@ def _run(job: AugmentedJob, rank: int, world: int) -> dict | None:
     rows = grid.results(metrics)
     if rank != 0:
         return None
-    return {"rows": rows, "train_count": job.train.count, "val_count": int(counts[1]),
-            "skipped": {"train_last_epoch": int(counts[0]), "val": int(counts[2])}}
+    return {
+        "rows": rows,
+        "train_count": job.train.count,
+        "val_count": int(counts[1]),
+        "skipped": {"train_last_epoch": int(counts[0]), "val": int(counts[2])},
+    }
 
 
 def _train(job: AugmentedJob, encoder, device, rank: int, world: int, reduce_grads) -> int:
@@ -104,8 +107,14 @@ def _train(job: AugmentedJob, encoder, device, rank: int, world: int, reduce_gra
     loader = train_loader(job, rank, world, start)
     per_epoch = len(loader)
     total, warmup = per_epoch * cfg.optim.epochs, per_epoch * cfg.optim.warmup_epochs
-    bar = progress_bar(total=total, initial=start * per_epoch, desc="heads (augmented)", unit="step",
-                       enable=cfg.progress_bar and rank == 0, leave=False)
+    bar = progress_bar(
+        total=total,
+        initial=start * per_epoch,
+        desc="heads (augmented)",
+        unit="step",
+        enable=cfg.progress_bar and rank == 0,
+        leave=False,
+    )
     skipped = 0
     for epoch in range(start, cfg.optim.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)  # augmentation draws, per epoch and rank
@@ -130,9 +139,16 @@ def train_loader(job: AugmentedJob, rank: int, world: int, start_epoch: int):
     done): the shuffle is seeded by the epoch, so a resumed run sees the order an uninterrupted run
     would have seen in that epoch."""
     cfg = job.cfg
-    loader = train_batches(job.train, augment_transform(job.size, job.mean, job.std), cfg.data.batch_size,
-                           cfg.data.num_workers, rank=rank, world=world, seed=cfg.seed,
-                           shuffle_buffer=cfg.data.shuffle_buffer)
+    loader = train_batches(
+        job.train,
+        augment_transform(job.size, job.mean, job.std),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        rank=rank,
+        world=world,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
     loader.set_epoch(start_epoch)
     return loader
 

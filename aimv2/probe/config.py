@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aimv2.errors import check
 from aimv2.engine.run_dir import RunDir
+from aimv2.errors import check
 
 PAPER_LRS = [5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3]
 PAPER_WDS = [0.05, 0.1]
@@ -22,7 +22,9 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass
 class ProbeDataConfig:
-    train: str = "???"  # class folders (train/<class>/<img>) or class shards (dir with classes.json, or a brace pattern)
+    train: str = (
+        "???"  # class folders (train/<class>/<img>) or class shards (dir with classes.json, or a brace pattern)
+    )
     val: str = "???"  # the split every head is scored on
     # Choosing the best head of each kind on a split apart from the scored one (cached mode): chosen on val,
     # the reported top-1 is the best of the grid's noisy val scores, biased upwards. Either a split of its
@@ -38,8 +40,11 @@ class ProbeDataConfig:
         check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(0 <= self.select_fraction < 1, "select_fraction", f"must be within [0, 1), got {self.select_fraction:g}")
-        check(not (self.select and self.select_fraction), "select_fraction",
-              "choose heads on data.select or on data.select_fraction of train, not both")
+        check(
+            not (self.select and self.select_fraction),
+            "select_fraction",
+            "choose heads on data.select or on data.select_fraction of train, not both",
+        )
 
 
 @dataclass
@@ -49,8 +54,11 @@ class ProbeHeadConfig:
     attention_heads: int = 0  # attentive pooling heads; 0 = the encoder's own number of heads (AIMv1/AIMv2 protocol)
 
     def validate(self) -> None:
-        check(len(self.kinds) > 0 and all(k in HEAD_KINDS for k in self.kinds), "kinds",
-              f"must be a non-empty list of {', '.join(HEAD_KINDS)}, got {self.kinds}")
+        check(
+            len(self.kinds) > 0 and all(k in HEAD_KINDS for k in self.kinds),
+            "kinds",
+            f"must be a non-empty list of {', '.join(HEAD_KINDS)}, got {self.kinds}",
+        )
         check(len(set(self.kinds)) == len(self.kinds), "kinds", "lists a kind twice")
         check(self.attention_heads >= 0, "attention_heads", "must be >= 0")
 
@@ -67,8 +75,11 @@ class ProbeOptimConfig:
 
     def validate(self) -> None:
         check(len(self.lrs) > 0 and all(lr > 0 for lr in self.lrs), "lrs", "must be a non-empty list of values > 0")
-        check(len(self.weight_decays) > 0 and all(wd >= 0 for wd in self.weight_decays), "weight_decays",
-              "must be a non-empty list of values >= 0")
+        check(
+            len(self.weight_decays) > 0 and all(wd >= 0 for wd in self.weight_decays),
+            "weight_decays",
+            "must be a non-empty list of values >= 0",
+        )
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         check(self.min_lr >= 0, "min_lr", "must be >= 0")
         check(self.epochs > 0, "epochs", "must be > 0")
@@ -87,7 +98,9 @@ class ProbeConfig:
     native_patches: list[int] = field(default_factory=list)
     cache_dtype: str = "float32"  # dtype of cached features; float16 halves the file (docs/probing.md)
     accelerator: str = "auto"  # auto | cpu | cuda
-    devices: int = 1  # processes (torch.distributed; gloo on CPU, nccl on CUDA): extraction in cached mode, training in augmented
+    devices: int = (
+        1  # processes (torch.distributed; gloo on CPU, nccl on CUDA): extraction in cached mode, training in augmented
+    )
     seed: int = 0  # head initialization, example order, augmentations, the select_fraction hold-out
     progress_bar: bool = True  # progress of extraction and head training (docs/monitoring.md); false: none
     data: ProbeDataConfig = field(default_factory=ProbeDataConfig)  # the train, val and selection splits
@@ -101,11 +114,17 @@ class ProbeConfig:
         check(self.devices >= 1, "devices", "must be >= 1")
         check(self.img_size >= 0, "img_size", "must be >= 0 (0 = the encoder's)")
         if self.native_patches:
-            check(len(self.native_patches) == 2 and 2 <= self.native_patches[0] <= self.native_patches[1],
-                  "native_patches", f"must be [min, max] with 2 <= min <= max, got {self.native_patches}")
+            check(
+                len(self.native_patches) == 2 and 2 <= self.native_patches[0] <= self.native_patches[1],
+                "native_patches",
+                f"must be [min, max] with 2 <= min <= max, got {self.native_patches}",
+            )
             check(self.mode == "cached", "native_patches", "native-resolution probing runs in cached mode only")
-        check(self.mode == "cached" or not (self.data.select or self.data.select_fraction), "data.select",
-              "a selection split (data.select, data.select_fraction) needs cached mode; augmented mode chooses on val")
+        check(
+            self.mode == "cached" or not (self.data.select or self.data.select_fraction),
+            "data.select",
+            "a selection split (data.select, data.select_fraction) needs cached mode; augmented mode chooses on val",
+        )
 
     def resolved_run_dir(self) -> Path:
         """run_dir, or RUN/probe for a checkpoint in RUN/checkpoints/ (aimv2.engine.run_dir), else runs/probe."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -69,8 +69,13 @@ def open_split(path: str, key: str) -> Split:
         raise UserError(f"{key}: no class directories and no .tar shards in {path} (expected {path}/<class>/<images>)")
     files: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        found = sorted(str(f) for f in (p / name).rglob("*") if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS
-                       and not any(part.startswith(".") for part in f.relative_to(p / name).parts))
+        found = sorted(
+            str(f)
+            for f in (p / name).rglob("*")
+            if f.is_file()
+            and f.suffix.lower().lstrip(".") in IMAGE_EXTS
+            and not any(part.startswith(".") for part in f.relative_to(p / name).parts)
+        )
         if not found:
             raise UserError(f"{key}: empty class directory (no {'/'.join(IMAGE_EXTS)} images): {p / name}")
         files += [(f, label) for f in found]
@@ -82,7 +87,9 @@ def _read_classes(shard_dir: Path, key: str) -> list[str]:
     try:
         classes = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{key}: no classes.json beside the shards in {shard_dir} (write them with `aimv2 shards classes`)") from None
+        raise UserError(
+            f"{key}: no classes.json beside the shards in {shard_dir} (write them with `aimv2 shards classes`)"
+        ) from None
     except (OSError, ValueError) as err:
         raise UserError(f"{key}: unreadable {path}: {err}") from None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
@@ -95,8 +102,10 @@ def match_classes(train: Split, val: Split) -> None:
     if set(train.classes) != set(val.classes):
         only_train = sorted(set(train.classes) - set(val.classes))[:3]
         only_val = sorted(set(val.classes) - set(train.classes))[:3]
-        raise UserError(f"class sets differ between {train.key} ({len(train.classes)} classes) and {val.key} "
-                        f"({len(val.classes)}): only in train {only_train}, only in val {only_val}")
+        raise UserError(
+            f"class sets differ between {train.key} ({len(train.classes)} classes) and {val.key} "
+            f"({len(val.classes)}): only in train {only_train}, only in val {only_val}"
+        )
     if train.classes != val.classes:
         order = {name: i for i, name in enumerate(train.classes)}
         val.label_map = {i: order[name] for i, name in enumerate(val.classes)}
@@ -109,13 +118,16 @@ def match_classes(train: Split, val: Split) -> None:
 # -- transforms ---------------------------------------------------------------------------------
 def augment_transform(img_size: int, mean, std) -> T.Compose:
     """The paper's probe augmentation: RandomResizedCrop (0.08, 1), flip, ColorJitter 0.3, RandAugment m9."""
-    return T.Compose([
-        T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(0.3, 0.3, 0.3),
-        T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BILINEAR),
-        T.ToTensor(), T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3),
+            T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BILINEAR),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 # -- samples ------------------------------------------------------------------------------------
@@ -189,14 +201,20 @@ class _FolderDataset(Dataset):
             return None
 
 
-def eval_batches(split: Split, transform: Callable, batch_size: int, num_workers: int,
-                 rank: int = 0, world: int = 1) -> DataLoader:
+def eval_batches(
+    split: Split, transform: Callable, batch_size: int, num_workers: int, rank: int = 0, world: int = 1
+) -> DataLoader:
     """Batches {keys, image, label, skipped} covering this rank's share of the split, each sample once."""
     if split.kind == "folders":
         indices = list(range(rank, len(split.files), world))
         dataset = _FolderDataset(split.files, indices, transform)
-        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                          multiprocessing_context=worker_context(num_workers, dataset))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate,
+            multiprocessing_context=worker_context(num_workers, dataset),
+        )
     process = _ShardProcessor(transform, len(split.classes), split.label_map)
     return every_sample_loader(plan_whole_shards(split.shards, world, num_workers), process, collate, batch_size, rank)
 
@@ -209,13 +227,19 @@ class _FolderEpochs(DataLoader):
         self._epoch = 0
         per_rank = len(split.files) // world
         dataset = _FolderDataset(split.files, list(range(per_rank)), transform)
-        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                         drop_last=True, multiprocessing_context=worker_context(num_workers, dataset))
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            multiprocessing_context=worker_context(num_workers, dataset),
+        )
 
     def __iter__(self):
         order = list(range(len(self.split.files)))
         random.Random(f"{self.seed}-{self._epoch}").shuffle(order)
-        self.dataset.indices = order[self.rank::self.world][: len(self.dataset)]
+        self.dataset.indices = order[self.rank :: self.world][: len(self.dataset)]
         self._epoch += 1
         return super().__iter__()
 
@@ -224,8 +248,16 @@ class _FolderEpochs(DataLoader):
         self._epoch = int(epoch)
 
 
-def train_batches(split: Split, transform: Callable, batch_size: int, num_workers: int, rank: int = 0,
-                  world: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
+def train_batches(
+    split: Split,
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+):
     """Augmented training batches; the same number per rank, re-shuffled every epoch (seeded by the
     epoch). Either loader has `set_epoch(k)`: the next iteration is epoch k."""
     if split.kind == "folders":
@@ -234,9 +266,18 @@ def train_batches(split: Split, transform: Callable, batch_size: int, num_worker
         return _FolderEpochs(split, transform, batch_size, num_workers, rank, world, seed)
     process = _ShardProcessor(transform, len(split.classes), split.label_map)
     try:
-        stream = ShardStream([StreamSource("train", split.shards)], process=process, collate=collate,
-                             batch_size=batch_size, mode="epoch", rank=rank, world_size=world,
-                             num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
+        stream = ShardStream(
+            [StreamSource("train", split.shards)],
+            process=process,
+            collate=collate,
+            batch_size=batch_size,
+            mode="epoch",
+            rank=rank,
+            world_size=world,
+            num_workers=num_workers,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+        )
     except ValueError as err:
         raise UserError(f"{split.key}: {err}") from None
     return EpochAwareLoader(stream, num_workers=num_workers)

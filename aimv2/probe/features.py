@@ -1,4 +1,5 @@
-"""The probe's frozen encoder and its features: the encoder from any checkpoint format with its preprocessing, the process group the probe runs in, and features extracted once and cached.
+"""The probe's frozen encoder and its features: the encoder from any checkpoint format with its
+preprocessing, the process group the probe runs in, and features extracted once and cached.
 
 The frozen encoder of a probe, from a checkpoint, with the preprocessing it expects.
 
@@ -17,7 +18,8 @@ across processes (torch.distributed: gloo on CPU, nccl on CUDA).
 Cache layout, in the run directory: `features/{train,val}.safetensors` holding `features`
 (N_images, tokens, D) -- or (N_images, D) when only linear heads need them (mean-pooled) -- and
 `labels` (N_images,); at native resolution the token sets are zero-padded to the longest and
-`lengths` (N_images,) says how many are real; with metadata saying how they were made; a cache whose metadata differs from
+`lengths` (N_images,) says how many are real; with metadata saying how they were made; a cache
+whose metadata differs from
 the current run is recomputed. Files appear atomically (aimv2.fileio), so an
 interrupted extraction leaves no half file. Rows are sorted by sample key, so the cache does not
 depend on how many processes wrote it.
@@ -27,9 +29,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -109,8 +111,9 @@ def encode(encoder: torch.nn.Module, images: torch.Tensor, blocks: list[int]) ->
     (each passed through the final norm, as the last block's output is)."""
     if not blocks:
         return encoder.forward_features(images)
-    outs = encoder.forward_intermediates(images, indices=list(blocks), norm=True, output_fmt="NLC",
-                                         intermediates_only=True)
+    outs = encoder.forward_intermediates(
+        images, indices=list(blocks), norm=True, output_fmt="NLC", intermediates_only=True
+    )
     return torch.stack(outs).mean(0)
 
 
@@ -145,8 +148,13 @@ def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
     loader = eval_batches(job.split, job.transform, job.batch_size, job.num_workers, rank, world)
     keys, feats, labels, skipped = [], [], [], 0
     total = math.ceil(job.split.count / world / job.batch_size)
-    bar = progress(total=total, desc=f"features {job.split.key.split('.')[-1]}", unit="batch",
-                   enable=job.progress and rank == 0, leave=False)
+    bar = progress(
+        total=total,
+        desc=f"features {job.split.key.split('.')[-1]}",
+        unit="batch",
+        enable=job.progress and rank == 0,
+        leave=False,
+    )
     for batch in loader:
         skipped += int(batch["skipped"])
         bar.update(1)
@@ -157,7 +165,9 @@ def extract_part(job: ExtractJob, rank: int = 0, world: int = 1) -> dict:
             outs = [encode(encoder, image[None].to(device), job.blocks) for image in images]  # (1, N_i, D) each
         else:
             outs = [encode(encoder, images.to(device), job.blocks)]  # (B, N, D)
-        feats += [(out.mean(1) if job.pooled else out).to(DTYPES[job.dtype]).cpu() for out in outs]  # to the host once per forward
+        feats += [
+            (out.mean(1) if job.pooled else out).to(DTYPES[job.dtype]).cpu() for out in outs
+        ]  # to the host once per forward
         labels.append(batch["label"])
         keys += batch["keys"]
     bar.close()
@@ -184,9 +194,11 @@ def merge_parts(parts: list[dict]) -> dict:
     keys = [k for p in parts for k in p["keys"]]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     index = torch.tensor(order, dtype=torch.long)
-    merged = {"keys": [keys[i] for i in order],
-              "labels": torch.cat([p["labels"] for p in parts])[index] if keys else parts[0]["labels"],
-              "skipped": sum(p["skipped"] for p in parts)}
+    merged = {
+        "keys": [keys[i] for i in order],
+        "labels": torch.cat([p["labels"] for p in parts])[index] if keys else parts[0]["labels"],
+        "skipped": sum(p["skipped"] for p in parts),
+    }
     if keys and "lengths" in parts[0]:  # padded tokens, each part to its own longest: re-pad them together
         rows = [f[:n] for p in parts for f, n in zip(p["features"], p["lengths"].tolist())]
         merged["features"], merged["lengths"] = pad_tokens([rows[i] for i in order])
@@ -242,16 +254,21 @@ def load_cache(path: Path, meta: dict[str, str]) -> dict | None:
         tensors = load_file(str(path))
     except Exception:  # noqa: BLE001 - an unreadable cache is recomputed, not fatal
         return None
-    return {"features": tensors["features"], "labels": tensors["labels"], "skipped": int(found.get("skipped", 0)),
-            **({"lengths": tensors["lengths"]} if "lengths" in tensors else {})}
+    return {
+        "features": tensors["features"],
+        "labels": tensors["labels"],
+        "skipped": int(found.get("skipped", 0)),
+        **({"lengths": tensors["lengths"]} if "lengths" in tensors else {}),
+    }
 
 
 def save_cache(path: Path, data: dict, meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tensors = {k: data[k].contiguous() for k in ("features", "labels", "lengths") if k in data}
-        save_file(tensors, str(tmp),
-                  metadata={**meta, "skipped": str(data["skipped"]), "count": str(len(data["labels"]))})
+        save_file(
+            tensors, str(tmp), metadata={**meta, "skipped": str(data["skipped"]), "count": str(len(data["labels"]))}
+        )
 
 
 def cached_features(job: ExtractJob, path: Path, meta: dict[str, str], devices: int) -> tuple[dict | None, bool]:

@@ -45,13 +45,15 @@ def grid_specs(kinds: list[str], lrs: list[float], wds: list[float]) -> list[Hea
 class HeadGrid(nn.Module):
     """All probes: one stacked module per kind. forward(features) -> {kind: logits (B, H_kind, C)}."""
 
-    def __init__(self, specs: list[HeadSpec], dim: int, num_classes: int, cfg: ProbeOptimConfig,
-                 attention_heads: int = 1):
+    def __init__(
+        self, specs: list[HeadSpec], dim: int, num_classes: int, cfg: ProbeOptimConfig, attention_heads: int = 1
+    ):
         super().__init__()
         self.specs, self.cfg, self.num_classes = specs, cfg, num_classes
         self.kinds = list(dict.fromkeys(s.kind for s in specs))
-        self.heads = nn.ModuleDict({
-            k: build_heads(k, sum(s.kind == k for s in specs), dim, num_classes, attention_heads) for k in self.kinds})
+        self.heads = nn.ModuleDict(
+            {k: build_heads(k, sum(s.kind == k for s in specs), dim, num_classes, attention_heads) for k in self.kinds}
+        )
         for k in self.kinds:
             mine = [s for s in specs if s.kind == k]
             self.register_buffer(f"lr_{k}", torch.tensor([s.lr for s in mine]))
@@ -71,8 +73,15 @@ class HeadGrid(nn.Module):
             total = total + F.cross_entropy(out.reshape(B * H, C), labels.repeat_interleave(H), reduction="sum") / B
         return total
 
-    def train_step(self, features: torch.Tensor | None, labels: torch.Tensor | None, total_steps: int, warmup_steps: int,
-                   reduce_grads=None, lengths: torch.Tensor | None = None) -> float:
+    def train_step(
+        self,
+        features: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        total_steps: int,
+        warmup_steps: int,
+        reduce_grads=None,
+        lengths: torch.Tensor | None = None,
+    ) -> float:
         """One step of every probe; returns the mean probe loss. `reduce_grads(params)` averages the
         gradients across processes (multi-device augmented mode) before the update."""
         if features is None:  # nothing usable in this process's batch: join the averaging with zeros
@@ -124,8 +133,8 @@ class HeadGrid(nn.Module):
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 if p.dim() >= 3:  # matrices decay; queries and biases do not
                     p.mul_(1 - (lr * wd).view(shape))
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(1e-8)
-                p.sub_(lr.view(shape) * (m / (1 - b1 ** t)) / denom)
+                denom = (v / (1 - b2**t)).sqrt_().add_(1e-8)
+                p.sub_(lr.view(shape) * (m / (1 - b1**t)) / denom)
                 p.grad = None
         self.step += 1
 
@@ -147,10 +156,13 @@ class HeadGrid(nn.Module):
                 raise ValueError(f"optimizer state for {key!r}: the head grid has no such parameter")
             m, v = saved["m"], saved["v"]
             if m.shape != p.shape or v.shape != p.shape:
-                raise ValueError(f"optimizer state for {key!r}: moments of shape {tuple(m.shape)}, parameter "
-                                 f"{tuple(p.shape)}")
-            moments[key] = (m.to(device=p.device, dtype=p.dtype, copy=True),
-                            v.to(device=p.device, dtype=p.dtype, copy=True))
+                raise ValueError(
+                    f"optimizer state for {key!r}: moments of shape {tuple(m.shape)}, parameter {tuple(p.shape)}"
+                )
+            moments[key] = (
+                m.to(device=p.device, dtype=p.dtype, copy=True),
+                v.to(device=p.device, dtype=p.dtype, copy=True),
+            )
         self._moments = moments
 
     # -- evaluation ------------------------------------------------------------------------
@@ -159,8 +171,7 @@ class HeadGrid(nn.Module):
         # and under torchrun only rank 0 evaluates cached features -- an implicit gather would hang.
         top5 = min(5, self.num_classes)
         acc = lambda k: MulticlassAccuracy(self.num_classes, top_k=k, average="micro", sync_on_compute=False)  # noqa: E731
-        return {k: [(acc(1), acc(top5))
-                    for _ in range(self.heads[k].H)] for k in self.kinds}
+        return {k: [(acc(1), acc(top5)) for _ in range(self.heads[k].H)] for k in self.kinds}
 
     @staticmethod
     def update_metrics(metrics: dict, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
@@ -176,8 +187,15 @@ class HeadGrid(nn.Module):
         for spec in self.specs:
             top1, top5 = metrics[spec.kind][index[spec.kind]]
             index[spec.kind] += 1
-            rows.append({"head": spec.kind, "lr": spec.lr, "wd": spec.wd,
-                         "top1": 100.0 * float(top1.compute()), "top5": 100.0 * float(top5.compute())})
+            rows.append(
+                {
+                    "head": spec.kind,
+                    "lr": spec.lr,
+                    "wd": spec.wd,
+                    "top1": 100.0 * float(top1.compute()),
+                    "top5": 100.0 * float(top5.compute()),
+                }
+            )
         return rows
 
 
@@ -191,8 +209,10 @@ def load_head_state(grid: HeadGrid, path: Path, fingerprint: str) -> int:
     except Exception:  # noqa: BLE001 - a damaged state file: start over
         return 0
     if not schema.head_state_matches(state, fingerprint):
-        print(f"probe: {path} was made with other settings or by another aimv2 version; training the heads from "
-              "scratch", file=sys.stderr)
+        print(
+            f"probe: {path} was made with other settings or by another aimv2 version; training the heads from scratch",
+            file=sys.stderr,
+        )
         return 0
     grid.load_state_dict(state["grid"])
     grid.load_optimizer_state(state["optim"])

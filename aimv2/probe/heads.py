@@ -32,8 +32,10 @@ def encoder_attention_heads(encoder: nn.Module) -> int:
     except (AttributeError, IndexError, TypeError):
         from aimv2.errors import UserError
 
-        raise UserError("config key 'head.attention_heads': the encoder does not say its number of attention "
-                        "heads (blocks[0].attn.num_heads); set it") from None
+        raise UserError(
+            "config key 'head.attention_heads': the encoder does not say its number of attention "
+            "heads (blocks[0].attn.num_heads); set it"
+        ) from None
 
 
 class AttentiveHeads(nn.Module):
@@ -59,7 +61,7 @@ class AttentiveHeads(nn.Module):
     def reset_parameters(self) -> None:
         # Every probe starts from the same draw: the grid then differs only by its hyper-parameters.
         one = lambda shape, std: torch.randn(shape) * std  # noqa: E731
-        bound = self.D ** -0.5
+        bound = self.D**-0.5
         self.query.copy_(one((self.D,), 0.02).expand(self.H, -1))
         self.k.copy_((torch.rand(self.D, self.D) * 2 - 1).mul(bound).expand(self.H, -1, -1))
         self.v.copy_((torch.rand(self.D, self.D) * 2 - 1).mul(bound).expand(self.H, -1, -1))
@@ -80,7 +82,7 @@ class AttentiveHeads(nn.Module):
         q = self.query.reshape(H, A, c)  # (H, A, c)
         # u[h, a] = W_k[h, a-th block]^T q[h, a]: the query pulled back through the key projection.
         u = torch.einsum("hac,hacd->had", q, self.k.reshape(H, A, c, D))  # (H, A, D)
-        scores = torch.einsum("bnd,had->bhan", x, u) * c ** -0.5  # (B, H, A, N)
+        scores = torch.einsum("bnd,had->bhan", x, u) * c**-0.5  # (B, H, A, N)
         if lengths is not None:
             scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
         attn = scores.softmax(dim=-1)
@@ -128,8 +130,13 @@ def reference_attentive(tokens: torch.Tensor, heads: AttentiveHeads, h: int) -> 
     """Probe `h` of `heads` in the textbook form (project k and v, then attend); for tests."""
     B, N, D = tokens.shape
     A, c = heads.A, D // heads.A
-    x = F.batch_norm(tokens.reshape(B * N, D), heads.bn.running_mean, heads.bn.running_var,
-                     training=heads.bn.training, eps=heads.bn.eps).reshape(B, N, D)
+    x = F.batch_norm(
+        tokens.reshape(B * N, D),
+        heads.bn.running_mean,
+        heads.bn.running_var,
+        training=heads.bn.training,
+        eps=heads.bn.eps,
+    ).reshape(B, N, D)
     k = (x @ heads.k[h].T).reshape(B, N, A, c).transpose(1, 2)  # (B, A, N, c)
     v = (x @ heads.v[h].T).reshape(B, N, A, c).transpose(1, 2)
     q = heads.query[h].reshape(1, A, 1, c).expand(B, -1, -1, -1)  # (B, A, 1, c)

@@ -71,13 +71,23 @@ def _identity(path: str, scan_dir: bool = False) -> str:
 
 def _fingerprint(cfg: ProbeConfig, extra: dict) -> str:
     """What must match for saved head state to be resumed."""
-    keys = {"mode": cfg.mode, "img_size": cfg.img_size, "native_patches": list(cfg.native_patches),
-            "cache_dtype": cfg.cache_dtype, "seed": cfg.seed,
-            "data": asdict(cfg.data) | {"num_workers": None}, "head": asdict(cfg.head), "optim": asdict(cfg.optim), **extra}
+    keys = {
+        "mode": cfg.mode,
+        "img_size": cfg.img_size,
+        "native_patches": list(cfg.native_patches),
+        "cache_dtype": cfg.cache_dtype,
+        "seed": cfg.seed,
+        "data": asdict(cfg.data) | {"num_workers": None},
+        "head": asdict(cfg.head),
+        "optim": asdict(cfg.optim),
+        **extra,
+    }
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preprocessing: Preprocessing | None = None) -> dict | None:
+def run_probe(
+    cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preprocessing: Preprocessing | None = None
+) -> dict | None:
     """Probe; returns the results dict (also written as results.json / results.md). An encoder may be
     passed directly (with its preprocessing), else it is loaded from `cfg.checkpoint`."""
     run_dir = cfg.resolved_run_dir()
@@ -91,11 +101,14 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
         source = _identity(cfg.checkpoint, scan_dir=True)
     else:
         trained_size = preprocessing.img_size
-        source = f"in-memory encoder {hashlib.sha256(b''.join(p.detach().cpu().numpy().tobytes() for p in encoder.parameters())).hexdigest()[:16]}"
+        weights = b"".join(p.detach().cpu().numpy().tobytes() for p in encoder.parameters())
+        source = f"in-memory encoder {hashlib.sha256(weights).hexdigest()[:16]}"
     size = fit_resolution(encoder, trained_size, cfg.img_size)
     if cfg.native_patches and not is_native(encoder):
-        raise UserError(f"config key 'native_patches': {cfg.checkpoint or 'the encoder'} is a fixed-size encoder "
-                        "(a learned position table); native-resolution probing needs a native one (model.native)")
+        raise UserError(
+            f"config key 'native_patches': {cfg.checkpoint or 'the encoder'} is a fixed-size encoder "
+            "(a learned position table); native-resolution probing needs a native one (model.native)"
+        )
     check_blocks(encoder, cfg.head.blocks)
     encoder.requires_grad_(False).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,14 +121,28 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
     attention_heads = cfg.head.attention_heads or encoder_attention_heads(encoder)
     grid = HeadGrid(specs, dim, num_classes, cfg.optim, attention_heads)
     started = time.perf_counter()
-    info = {"checkpoint": cfg.checkpoint, "encoder": source, "img_size": size, "mode": cfg.mode,
-            "blocks": list(cfg.head.blocks) or "last", "classes": num_classes, "attention_heads": attention_heads,
-            "run_dir": str(run_dir), **({"native_patches": list(cfg.native_patches)} if cfg.native_patches else {})}
+    info = {
+        "checkpoint": cfg.checkpoint,
+        "encoder": source,
+        "img_size": size,
+        "mode": cfg.mode,
+        "blocks": list(cfg.head.blocks) or "last",
+        "classes": num_classes,
+        "attention_heads": attention_heads,
+        "run_dir": str(run_dir),
+        **({"native_patches": list(cfg.native_patches)} if cfg.native_patches else {}),
+    }
 
     if cfg.mode == "cached":
         pooled = "attentive" not in cfg.head.kinds
-        meta = {"encoder": source, "img_size": str(size), "blocks": json.dumps(list(cfg.head.blocks)),
-                "pooled": str(pooled), "dtype": cfg.cache_dtype, "classes": json.dumps(train.classes)}
+        meta = {
+            "encoder": source,
+            "img_size": str(size),
+            "blocks": json.dumps(list(cfg.head.blocks)),
+            "pooled": str(pooled),
+            "dtype": cfg.cache_dtype,
+            "classes": json.dumps(train.classes),
+        }
         data = {}
         if cfg.native_patches:  # each image at its own aspect ratio; the cache says so
             transform = NativeEvalTransform(encoder.patch_embed.patch_size[0], *cfg.native_patches, mean, std)
@@ -123,15 +150,32 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
         else:
             transform = eval_transform(size, mean, std)
         for name, split in (("train", train), ("val", val)) + ((("select", select),) if select else ()):
-            job = ExtractJob(encoder, split, transform, list(cfg.head.blocks), pooled, cfg.cache_dtype,
-                             cfg.data.batch_size, cfg.data.num_workers, cfg.accelerator, progress,
-                             native=bool(cfg.native_patches))
-            found, reused = cached_features(job, run_dir / "features" / f"{name}.safetensors",
-                                            meta | {"split": _identity(getattr(cfg.data, name)), "planned": str(split.count)}, cfg.devices)
+            job = ExtractJob(
+                encoder,
+                split,
+                transform,
+                list(cfg.head.blocks),
+                pooled,
+                cfg.cache_dtype,
+                cfg.data.batch_size,
+                cfg.data.num_workers,
+                cfg.accelerator,
+                progress,
+                native=bool(cfg.native_patches),
+            )
+            found, reused = cached_features(
+                job,
+                run_dir / "features" / f"{name}.safetensors",
+                meta | {"split": _identity(getattr(cfg.data, name)), "planned": str(split.count)},
+                cfg.devices,
+            )
             if found is None:
                 return None  # a non-zero torchrun rank: its share is done
-            print(f"probe: {name} features {tuple(found['features'].shape)} "
-                  f"({'reused from cache' if reused else 'extracted'}), {found['skipped']} corrupt skipped", file=sys.stderr)
+            print(
+                f"probe: {name} features {tuple(found['features'].shape)} "
+                f"({'reused from cache' if reused else 'extracted'}), {found['skipped']} corrupt skipped",
+                file=sys.stderr,
+            )
             data[name] = found
         if cfg.data.select_fraction:
             kept, held = hold_out(data["train"]["labels"], cfg.data.select_fraction, cfg.seed)
@@ -148,9 +192,12 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
             for row, sel in zip(rows, chosen):
                 row["select_top1"], row["select_top5"] = sel["top1"], sel["top5"]
             info["select_count"] = len(data["select"]["labels"])
-        info |= {"train_count": len(data["train"]["labels"]), "val_count": len(data["val"]["labels"]),
-                 "skipped": {"train": data["train"]["skipped"], "val": data["val"]["skipped"]}
-                 | ({"select": data["select"]["skipped"]} if "select" in data else {})}
+        info |= {
+            "train_count": len(data["train"]["labels"]),
+            "val_count": len(data["val"]["labels"]),
+            "skipped": {"train": data["train"]["skipped"], "val": data["val"]["skipped"]}
+            | ({"select": data["select"]["skipped"]} if "select" in data else {}),
+        }
     else:
         fp = _fingerprint(cfg, {"encoder": source, "heads": attention_heads})
         found = run_augmented(AugmentedJob(grid, encoder, train, val, cfg, size, mean, std, run_dir / "heads.pt", fp))
@@ -163,10 +210,16 @@ def run_probe(cfg: ProbeConfig, encoder: torch.nn.Module | None = None, preproce
     best = max(range(len(rows)), key=lambda i: (rows[i][f"{on}top1"], rows[i][f"{on}top5"]))
     for i, row in enumerate(rows):
         row["best"] = i == best
-    results = info | {"epochs": cfg.optim.epochs, "seconds": round(time.perf_counter() - started, 1),
-                      "selected_on": "select" if on else "val", "best": rows[best], "heads": rows,
-                      "best_per_kind": {k: max((r for r in rows if r["head"] == k), key=lambda r: r[f"{on}top1"])
-                                        for k in cfg.head.kinds}}
+    results = info | {
+        "epochs": cfg.optim.epochs,
+        "seconds": round(time.perf_counter() - started, 1),
+        "selected_on": "select" if on else "val",
+        "best": rows[best],
+        "heads": rows,
+        "best_per_kind": {
+            k: max((r for r in rows if r["head"] == k), key=lambda r: r[f"{on}top1"]) for k in cfg.head.kinds
+        },
+    }
     out = RunDir(run_dir)
     atomic_write(out.results_json, json.dumps(results, indent=1) + "\n")
     table = results_markdown(results)
@@ -214,9 +267,14 @@ def train_cached(grid, train: dict, cfg: ProbeConfig, device, state_path: Path, 
     for epoch in range(start, cfg.optim.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         for i in range(per_epoch):
-            idx = order[i * bs:(i + 1) * bs]
-            loss = grid.train_step(feats[idx].to(device), labels[idx].to(device), total, warmup,
-                                   lengths=lengths[idx].to(device) if lengths is not None else None)
+            idx = order[i * bs : (i + 1) * bs]
+            loss = grid.train_step(
+                feats[idx].to(device),
+                labels[idx].to(device),
+                total,
+                warmup,
+                lengths=lengths[idx].to(device) if lengths is not None else None,
+            )
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         if state_path:
@@ -232,7 +290,9 @@ def evaluate_tensors(grid: HeadGrid, val: dict, batch_size: int, device) -> dict
     lengths = val.get("lengths")
     for i in range(0, len(val["labels"]), batch_size):
         rows = slice(i, i + batch_size)
-        logits = grid(val["features"][rows].to(device).float(), lengths[rows].to(device) if lengths is not None else None)
+        logits = grid(
+            val["features"][rows].to(device).float(), lengths[rows].to(device) if lengths is not None else None
+        )
         grid.update_metrics(metrics, logits, val["labels"][rows])
     return metrics
 
@@ -242,14 +302,27 @@ def results_markdown(results: dict) -> str:
     """results.md: a Markdown table of every head, the best marked."""
     selected = results.get("selected_on") == "select"
     counts = f"{results['train_count']} train / " + (f"{results['select_count']} select / " if selected else "")
-    lines = [f"Probe of {results['checkpoint'] or results['encoder']} ({results['mode']} mode, {results['epochs']} epochs, "
-             f"img {_resolution(results)}, {results['classes']} classes, {counts}"
-             f"{results['val_count']} val images, skipped {results['skipped']})", ""]
+    lines = [
+        f"Probe of {results['checkpoint'] or results['encoder']} ({results['mode']} mode, {results['epochs']} epochs, "
+        f"img {_resolution(results)}, {results['classes']} classes, {counts}"
+        f"{results['val_count']} val images, skipped {results['skipped']})",
+        "",
+    ]
     if selected:
         lines += [f"Heads chosen on the selection split ({results['select']}), scored on val.", ""]
     chosen = ["select top-1"] if selected else []
-    rows = [[r["head"], f"{r['lr']:g}", f"{r['wd']:g}", *([f"{r['select_top1']:.2f}"] if selected else []),
-             f"{r['top1']:.2f}", f"{r['top5']:.2f}", "**best**" if r["best"] else ""] for r in results["heads"]]
+    rows = [
+        [
+            r["head"],
+            f"{r['lr']:g}",
+            f"{r['wd']:g}",
+            *([f"{r['select_top1']:.2f}"] if selected else []),
+            f"{r['top1']:.2f}",
+            f"{r['top5']:.2f}",
+            "**best**" if r["best"] else "",
+        ]
+        for r in results["heads"]
+    ]
     lines.append(markdown_table(["head", "lr", "wd", *chosen, "top-1", "top-5", "best"], rows))
     b = results["best"]
     on = f"best on select (top-1 {b['select_top1']:.2f}), on val" if selected else "best on val"
@@ -271,9 +344,15 @@ def compare(results: dict[str, dict]) -> dict:
     rows = {name: {k: r["best_per_kind"][k]["top1"] for k in kinds} for name, r in results.items()}
     best_lr = {name: {k: r["best_per_kind"][k]["lr"] for k in kinds} for name, r in results.items()}
     gain = {k: round(rows[names[0]][k] - rows[names[1]][k], 2) for k in kinds} if len(names) > 1 else {}
-    return {"kinds": kinds, "rows": rows, "best_lr": best_lr, "gain": gain,
-            "sources": {name: r["checkpoint"] or r["encoder"] for name, r in results.items()},
-            "val_count": results[names[0]].get("val_count"), "classes": results[names[0]]["classes"]}
+    return {
+        "kinds": kinds,
+        "rows": rows,
+        "best_lr": best_lr,
+        "gain": gain,
+        "sources": {name: r["checkpoint"] or r["encoder"] for name, r in results.items()},
+        "val_count": results[names[0]].get("val_count"),
+        "classes": results[names[0]]["classes"],
+    }
 
 
 def comparison_markdown(cmp: dict) -> str:

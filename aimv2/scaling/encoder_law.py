@@ -24,8 +24,13 @@ import numpy as np
 
 HUBER_DELTA = 1e-3
 # Chinchilla's grid (appendix D.2): exponents 0..2 by 0.5, log E -1..1 by 0.5, log A and log B 0..25 by 5.
-GRID = {"a": np.arange(0.0, 2.01, 0.5), "b": np.arange(0.0, 2.01, 0.5), "e": np.arange(-1.0, 1.01, 0.5),
-        "log_A": np.arange(0.0, 25.1, 5.0), "log_B": np.arange(0.0, 25.1, 5.0)}
+GRID = {
+    "a": np.arange(0.0, 2.01, 0.5),
+    "b": np.arange(0.0, 2.01, 0.5),
+    "e": np.arange(-1.0, 1.01, 0.5),
+    "log_A": np.arange(0.0, 25.1, 5.0),
+    "log_B": np.arange(0.0, 25.1, 5.0),
+}
 EXPONENT_BOUNDS = (0.0, 5.0)  # a, b >= 0: a negative exponent would mean more parameters hurt
 
 
@@ -82,8 +87,9 @@ def _objective(theta: np.ndarray, x: np.ndarray, y: np.ndarray, log_l: np.ndarra
     small = np.abs(r) <= delta
     value = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).sum() / delta**2
     dr = np.where(small, r, delta * np.sign(r)) / delta**2
-    grad = np.array([(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
-                     -(dr * w[0] * x).sum(), -(dr * w[1] * y).sum()])
+    grad = np.array(
+        [(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(), -(dr * w[0] * x).sum(), -(dr * w[1] * y).sum()]
+    )
     return value, grad
 
 
@@ -119,8 +125,15 @@ def fit_law(n, d, loss, delta: float = HUBER_DELTA, starts: int = 32) -> LawFit:
     results = []
     with _one_blas_thread():
         for i in order:
-            res = minimize(_objective, grid[i], args=(x, y, log_l, delta), jac=True, method="L-BFGS-B",
-                           bounds=bounds, options={"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-9})
+            res = minimize(
+                _objective,
+                grid[i],
+                args=(x, y, log_l, delta),
+                jac=True,
+                method="L-BFGS-B",
+                bounds=bounds,
+                options={"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-9},
+            )
             results.append((float(res.fun), res.x))
     best_value, best = min(results, key=lambda item: item[0])
     agreeing = sum(abs(v - best_value) <= 1e-6 * max(1.0, abs(best_value)) for v, _ in results)
@@ -168,8 +181,13 @@ def fit_envelope(n, compute, loss) -> Envelope:
     on = lower_envelope(compute, loss)
     sizes = sorted({float(n[i]) for i in on})
     if len(sizes) < 2:
-        return Envelope(False, on, sizes, reason=f"only {len(sizes)} size on the lower envelope of loss against "
-                                                  f"compute ({len(on)} point(s)): N_opt(C) needs at least 2")
+        return Envelope(
+            False,
+            on,
+            sizes,
+            reason=f"only {len(sizes)} size on the lower envelope of loss against "
+            f"compute ({len(on)} point(s)): N_opt(C) needs at least 2",
+        )
     c1, c0 = np.polyfit(np.log(compute[on]), np.log(n[on]), 1)
     return Envelope(True, on, sizes, float(c0), float(c1))
 

@@ -66,13 +66,30 @@ def plot_scaling(fit: dict, path: str | Path) -> None:
         ax.plot(own, law.loss(n, own / (k_size * n)), "-", color=colours[size], alpha=0.6, lw=1)
         fitted = [p for p in mine if not p["held_out"]]
         held = [p for p in mine if p["held_out"]]
-        ax.scatter([p["flops"] for p in fitted], [p["val_loss"] for p in fitted], color=colours[size], zorder=3,
-                   label=f"{size} (N={format_params(n)})")
+        ax.scatter(
+            [p["flops"] for p in fitted],
+            [p["val_loss"] for p in fitted],
+            color=colours[size],
+            zorder=3,
+            label=f"{size} (N={format_params(n)})",
+        )
         if held:
-            ax.scatter([p["flops"] for p in held], [p["val_loss"] for p in held], facecolors="none",
-                       edgecolors=colours[size], marker="D", s=60, zorder=3)
-            ax.scatter([p["flops"] for p in held], [law.loss(p["N_encoder"], p["samples"]) for p in held],
-                       color="black", marker="x", zorder=4)
+            ax.scatter(
+                [p["flops"] for p in held],
+                [p["val_loss"] for p in held],
+                facecolors="none",
+                edgecolors=colours[size],
+                marker="D",
+                s=60,
+                zorder=3,
+            )
+            ax.scatter(
+                [p["flops"] for p in held],
+                [law.loss(p["N_encoder"], p["samples"]) for p in held],
+                color="black",
+                marker="x",
+                zorder=4,
+            )
     if any(p["held_out"] for p in points):
         ax.scatter([], [], facecolors="none", edgecolors="grey", marker="D", label="held out (x: predicted)")
     _, _, l_opt = law.optimal(grid, k)
@@ -97,56 +114,123 @@ def plot_scaling(fit: dict, path: str | Path) -> None:
 def encoder_scaling_markdown(fit: dict) -> str:
     """report.md: everything a reader needs to trust (or not) the recommendation."""
     p, k, a1 = fit["params"], fit["k"], fit["approach1"]
-    lines = ["# Encoder scaling law", "", "Held-out AIMv2 pre-training loss against encoder parameters N and "
-             f"training {fit['data_axis']} D (Chinchilla, Hoffmann et al. 2022).", "", "## Runs", ""]
+    lines = [
+        "# Encoder scaling law",
+        "",
+        "Held-out AIMv2 pre-training loss against encoder parameters N and "
+        f"training {fit['data_axis']} D (Chinchilla, Hoffmann et al. 2022).",
+        "",
+        "## Runs",
+        "",
+    ]
     law = EncoderLaw(**p)
-    runs = [[q["run"], q["size"], format_params(q["N_encoder"]), format_params(q["N_total"]), q["step"],
-             f"{q['samples']:.4g}", f"{q['flops']:.4g}", f"{q['val_loss']:.4f}",
-             f"{float(law.loss(q['N_encoder'], q['samples'])):.4f}", "held out" if q["held_out"] else "fit"]
-            for q in fit["points"]]
-    lines.append(markdown_table(["run", "size", "N encoder", "N total", "step", "samples D", "FLOPs C", "val/loss",
-                                 "fitted", "role"], runs))
+    runs = [
+        [
+            q["run"],
+            q["size"],
+            format_params(q["N_encoder"]),
+            format_params(q["N_total"]),
+            q["step"],
+            f"{q['samples']:.4g}",
+            f"{q['flops']:.4g}",
+            f"{q['val_loss']:.4f}",
+            f"{float(law.loss(q['N_encoder'], q['samples'])):.4f}",
+            "held out" if q["held_out"] else "fit",
+        ]
+        for q in fit["points"]
+    ]
+    lines.append(
+        markdown_table(
+            ["run", "size", "N encoder", "N total", "step", "samples D", "FLOPs C", "val/loss", "fitted", "role"], runs
+        )
+    )
     f = fit["fit"]
-    lines += ["", "## Fitted law (approach 3)", "", f"`{law_text(p)}`", "",
-              f"- fitted on {f['points']} point(s) of {f['runs']} run(s): Huber loss (delta {f['huber_delta']:g}) on "
-              f"log L, L-BFGS from the {f['starts']} best of {f['grid_points']} grid starts; {f['agreeing']} ended at "
-              f"the best objective; largest |log residual| {f['max_abs_log_residual']:.2g}",
-              f"- k = C / (N D) = {k['value']:.4g} FLOPs per sample per encoder parameter (median over runs; range "
-              f"{k['min']:.4g} .. {k['max']:.4g})"]
+    lines += [
+        "",
+        "## Fitted law (approach 3)",
+        "",
+        f"`{law_text(p)}`",
+        "",
+        f"- fitted on {f['points']} point(s) of {f['runs']} run(s): Huber loss (delta {f['huber_delta']:g}) on "
+        f"log L, L-BFGS from the {f['starts']} best of {f['grid_points']} grid starts; {f['agreeing']} ended at "
+        f"the best objective; largest |log residual| {f['max_abs_log_residual']:.2g}",
+        f"- k = C / (N D) = {k['value']:.4g} FLOPs per sample per encoder parameter (median over runs; range "
+        f"{k['min']:.4g} .. {k['max']:.4g})",
+    ]
     if f["at_bound"]:
         lines.append(f"- **exponent(s) {', '.join(f['at_bound'])} ended on a bound: the fit is not trustworthy**")
     if f["points"] <= 5:
         lines.append("- as many points as parameters: the law passes through them exactly; it is not tested by them")
     lines += ["", "## Held-out check", ""]
     if fit["held_out"]:
-        lines.append(markdown_table(["run", "val/loss", "predicted", "relative error"],
-                                    [[h["run"], f"{h['val_loss']:.4f}", f"{h['predicted']:.4f}",
-                                      f"{100 * h['rel_error']:+.2f}%"] for h in fit["held_out"]]))
+        lines.append(
+            markdown_table(
+                ["run", "val/loss", "predicted", "relative error"],
+                [
+                    [h["run"], f"{h['val_loss']:.4f}", f"{h['predicted']:.4f}", f"{100 * h['rel_error']:+.2f}%"]
+                    for h in fit["held_out"]
+                ],
+            )
+        )
     else:
         lines.append("No run held out (`--holdout` given empty): the law is not validated.")
     lines += ["", "## Approach 1 (lower envelope)", ""]
     if a1["identifiable"]:
-        lines.append(f"log N_opt = {a1['c0']:.4g} + {a1['c1']:.4g} log C through {len(a1['runs'])} run(s) on the "
-                     f"envelope ({', '.join(a1['runs'])}); with so few points this is a crude cross-check.")
+        lines.append(
+            f"log N_opt = {a1['c0']:.4g} + {a1['c1']:.4g} log C through {len(a1['runs'])} run(s) on the "
+            f"envelope ({', '.join(a1['runs'])}); with so few points this is a crude cross-check."
+        )
     else:
         lines.append(f"Not identifiable: {a1['reason']}.")
-    lines += ["", "## Recommendations", "",
-              f"Steps at a global batch of {_fmt(fit['global_batch'])} samples (the ladder's).", ""]
+    lines += [
+        "",
+        "## Recommendations",
+        "",
+        f"Steps at a global batch of {_fmt(fit['global_batch'])} samples (the ladder's).",
+        "",
+    ]
     best = []
     for b in fit["best"]:
         a3, near, exact = b["approach3"], b["nearest_size"], b["best_size_exact_flops"]
-        cells = [f"{b['flops']:.3g}", format_params(a3["N"]), _fmt(a3["samples"]), _fmt(a3["steps"]),
-                 _fmt(a3["loss"], 4), format_params(b["approach1_N"])]
+        cells = [
+            f"{b['flops']:.3g}",
+            format_params(a3["N"]),
+            _fmt(a3["samples"]),
+            _fmt(a3["steps"]),
+            _fmt(a3["loss"], 4),
+            format_params(b["approach1_N"]),
+        ]
         for row in (near, exact):
             cells += [row["size"], _fmt(row["steps"]), _fmt(row["loss"], 4)] if row else ["-", "-", "-"]
         best.append(cells)
-    lines.append(markdown_table(["budget C", "N_opt (approach 3)", "samples", "steps", "predicted loss",
-                                 "N_opt (approach 1)", "nearest size", "its steps", "its loss",
-                                 "best size by exact FLOPs", "its steps", "its loss"], best))
-    lines += ["", "Nearest size: the row of the size table whose encoder is nearest N_opt (log scale), trained on "
-              "C / (k N) samples. Best size by exact FLOPs: the row with the lowest predicted loss when its samples "
-              "are C / (its own training FLOPs per sample), which counts its decoder and attention exactly.",
-              "", "## Approximations", ""]
+    lines.append(
+        markdown_table(
+            [
+                "budget C",
+                "N_opt (approach 3)",
+                "samples",
+                "steps",
+                "predicted loss",
+                "N_opt (approach 1)",
+                "nearest size",
+                "its steps",
+                "its loss",
+                "best size by exact FLOPs",
+                "its steps",
+                "its loss",
+            ],
+            best,
+        )
+    )
+    lines += [
+        "",
+        "Nearest size: the row of the size table whose encoder is nearest N_opt (log scale), trained on "
+        "C / (k N) samples. Best size by exact FLOPs: the row with the lowest predicted loss when its samples "
+        "are C / (its own training FLOPs per sample), which counts its decoder and attention exactly.",
+        "",
+        "## Approximations",
+        "",
+    ]
     lines += [f"- {a}" for a in fit["approximations"]]
     lines += ["", "## Reproduce", "", "```", fit["command"], "```", ""]
     return "\n".join(lines)

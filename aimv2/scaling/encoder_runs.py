@@ -67,6 +67,7 @@ class Point:
 
 # -- parameter counts ----------------------------------------------------------------------------
 
+
 @cache
 def encoder_params(size: str, img_size: int, native: bool = False) -> int:
     """Exact parameter count of the deployed encoder of a size (built on the meta device)."""
@@ -97,13 +98,13 @@ def total_params(size: str, img_size: int, vocab: int, text_len: int, native: bo
 def flops_per_sample(size: str, img_size: int, text_len: int, vocab: int) -> float:
     """Training FLOPs of one sample, charging the vocabulary head for every text position (the real
     caption lengths are not in the logs: an over-estimate of the head's share)."""
-    from aimv2.models.sizes import training_flops_per_sample
-    from aimv2.models.sizes import get_size
+    from aimv2.models.sizes import get_size, training_flops_per_sample
 
     return training_flops_per_sample(get_size(size), img_size, text_len, text_len, vocab)["total"]
 
 
 # -- one run -------------------------------------------------------------------------------------
+
 
 def _select(cfg: Any, key: str, default: Any, config: Path) -> Any:
     """A key of a run's config, the schema's default when absent (a config written by an older version)."""
@@ -197,32 +198,41 @@ def read_run(path: str, points: str = "last") -> list[Point]:
         raise UserError(f"{run.metrics}: not a readable metrics.csv ({type(err).__name__}: {err})") from None
     loss, samples, flops = (_by_step(series[c]) for c in ("val/loss", "val/train_samples", "val/train_flops"))
     if not loss:
-        raise UserError(f"{path}: no val/loss in logs/metrics.csv: pre-train with data.val.urls set "
-                        "(the held-out validation loss)")
+        raise UserError(
+            f"{path}: no val/loss in logs/metrics.csv: pre-train with data.val.urls set (the held-out validation loss)"
+        )
     batch = _samples_per_step(samples)
     n_encoder = encoder_params(settings.size, settings.img_size, settings.native)
-    n_total = (total_params(settings.size, settings.img_size, settings.vocab, settings.text_len, settings.native)
-               if settings.vocab else None)
+    n_total = (
+        total_params(settings.size, settings.img_size, settings.vocab, settings.text_len, settings.native)
+        if settings.vocab
+        else None
+    )
     steps = sorted(loss)
     chosen = steps[-1:] if points == "last" else steps
     out = []
     for step in chosen:
         value = loss[step]
         if not math.isfinite(value) or value <= 0:
-            raise UserError(f"{path}: val/loss at step {step} is {value}: not a finite positive loss "
-                            "(a diverged run does not belong in a scaling fit)")
+            raise UserError(
+                f"{path}: val/loss at step {step} is {value}: not a finite positive loss "
+                "(a diverged run does not belong in a scaling fit)"
+            )
         d, c = samples.get(step), flops.get(step)
         logged = c is not None
         if d is None and c is None:
             if points == "all":
                 continue  # an intermediate point without its x: skipped
-            raise UserError(f"{path}: neither val/train_samples nor val/train_flops logged at step {step} "
-                            "(the final val/loss)")
+            raise UserError(
+                f"{path}: neither val/train_samples nor val/train_flops logged at step {step} (the final val/loss)"
+            )
         if c is None or d is None:
             if settings.vocab is None:
                 missing = "val/train_flops" if c is None else "val/train_samples"
-                raise UserError(f"{path}: {missing} not logged at step {step} and the vocabulary size is unknown "
-                                f"({settings.vocab_note}): cannot compute it")
+                raise UserError(
+                    f"{path}: {missing} not logged at step {step} and the vocabulary size is unknown "
+                    f"({settings.vocab_note}): cannot compute it"
+                )
             per_sample = flops_per_sample(settings.size, settings.img_size, settings.text_len, settings.vocab)
             d = c / per_sample if d is None else d
             c = d * per_sample if c is None else c
@@ -230,8 +240,7 @@ def read_run(path: str, points: str = "last") -> list[Point]:
             if points == "all":
                 continue  # the step-0 validation: no training yet, no place on a log axis
             raise UserError(f"{path}: val/train_samples={d:g}, val/train_flops={c:g} at step {step}: nothing trained")
-        out.append(Point(path, settings, step, n_encoder, n_total, float(d), float(c), logged,
-                         float(value), batch))
+        out.append(Point(path, settings, step, n_encoder, n_total, float(d), float(c), logged, float(value), batch))
     return out
 
 
@@ -256,5 +265,3 @@ def common_value(values: list) -> Any:
     """The most common of a ladder's settings (img_size, batch): one figure for the recommendations."""
     counts = Counter(v for v in values if v is not None)
     return counts.most_common(1)[0][0] if counts else None
-
-

@@ -63,13 +63,16 @@ def _read_json(path: Path, text: str) -> list[tuple[str, dict]]:
     if isinstance(data, dict) and isinstance(data.get("rows"), list):
         data = data["rows"]
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of objects with keys {', '.join(COLUMNS)} "
-                        f"(or {{\"rows\": [...]}}), got {type(data).__name__}")
+        raise UserError(
+            f"{path}: expected a JSON list of objects with keys {', '.join(COLUMNS)} "
+            f'(or {{"rows": [...]}}), got {type(data).__name__}'
+        )
     rows = []
     for i, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise UserError(f"{path} row {i}: expected an object with keys {', '.join(COLUMNS)}, "
-                            f"got {type(row).__name__}")
+            raise UserError(
+                f"{path} row {i}: expected an object with keys {', '.join(COLUMNS)}, got {type(row).__name__}"
+            )
         for key in COLUMNS:
             if key not in row:
                 raise UserError(f"{path} row {i}: missing key '{key}'")
@@ -102,21 +105,33 @@ def read_results(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise UserError(f"{where}: column 'error' must be in [0, 1] (an error rate, 1 - accuracy), got {e:g}")
         values.append((n, v, e))
     if len(values) < len(PARAMS):
-        raise UserError(f"{path}: needs at least {len(PARAMS)} rows (one per parameter A, alpha, beta, D), "
-                        f"got {len(values)}")
+        raise UserError(
+            f"{path}: needs at least {len(PARAMS)} rows (one per parameter A, alpha, beta, D), got {len(values)}"
+        )
     n, v, e = (np.array(col, dtype=float) for col in zip(*values))
     for name, col, exponent in (("llm_params", n, "alpha"), ("visual_tokens", v, "beta")):
         if len(np.unique(col)) < 2:
-            raise UserError(f"{path}: column '{name}' takes only one value ({col[0]:g}), so the exponent "
-                            f"{exponent} cannot be identified: the sweep needs at least two")
+            raise UserError(
+                f"{path}: column '{name}' takes only one value ({col[0]:g}), so the exponent "
+                f"{exponent} cannot be identified: the sweep needs at least two"
+            )
     return n, v, e
 
 
-def command_line(results: str | Path, out: str | Path, text_tokens: list[int], budgets: list[float] | None,
-                 bootstrap: int, seed: int) -> str:
+def command_line(
+    results: str | Path, out: str | Path, text_tokens: list[int], budgets: list[float] | None, bootstrap: int, seed: int
+) -> str:
     """The `aimv2 scaling vlm ...` line that reproduces a run (for report.md)."""
-    parts = ["aimv2", "scaling", "vlm", str(results), "--out", str(out),
-             "--text-tokens", ",".join(str(q) for q in text_tokens)]
+    parts = [
+        "aimv2",
+        "scaling",
+        "vlm",
+        str(results),
+        "--out",
+        str(out),
+        "--text-tokens",
+        ",".join(str(q) for q in text_tokens),
+    ]
     if budgets is not None:
         parts += ["--budgets", ",".join(f"{b:g}" for b in budgets)]
     parts += ["--bootstrap", str(bootstrap), "--seed", str(seed)]
@@ -139,8 +154,14 @@ def _check_options(text_tokens: list[int], budgets: list[float] | None, bootstra
         raise UserError(f"bootstrap must be an integer >= 0 (0: no uncertainty), got {bootstrap}")
 
 
-def scale_vlm(results: str | Path, out: str | Path, text_tokens: list[int] = (0, 50),
-              budgets: list[float] | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
+def scale_vlm(
+    results: str | Path,
+    out: str | Path,
+    text_tokens: list[int] = (0, 50),
+    budgets: list[float] | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> dict:
     """Fit the law to RESULTS, write OUT/fit.json, OUT/frontier.png, OUT/report.md, print a short summary,
     and return the fit.json content. Budgets default to 12 log-spaced over the sweep's own costs."""
     from aimv2.scaling.vlm_report import plot_frontier, summary_lines, vlm_scaling_markdown
@@ -165,10 +186,15 @@ def scale_vlm(results: str | Path, out: str | Path, text_tokens: list[int] = (0,
         "llm_params_range": list(n_range),
         "visual_tokens_range": list(v_range),
         "optimal": vlm_law.optimal_table(law, budget_list, text_tokens, n_range, v_range),
-        "points": [{"llm_params": float(a), "visual_tokens": float(b), "error": float(c), "predicted": float(p)}
-                   for a, b, c, p in zip(n, v, err, predicted)],
-        "input": {"path": str(results), "rows": len(n),
-                  "command": command_line(results, out, text_tokens, budgets, int(bootstrap), seed)},
+        "points": [
+            {"llm_params": float(a), "visual_tokens": float(b), "error": float(c), "predicted": float(p)}
+            for a, b, c, p in zip(n, v, err, predicted)
+        ],
+        "input": {
+            "path": str(results),
+            "rows": len(n),
+            "command": command_line(results, out, text_tokens, budgets, int(bootstrap), seed),
+        },
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

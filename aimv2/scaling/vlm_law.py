@@ -116,9 +116,18 @@ def fit_law(n: np.ndarray, v: np.ndarray, error: np.ndarray, starts: int = REFIN
     hi = [BOUNDS["alpha"][1], BOUNDS["beta"][1]]
     best_p, best_cost = grid[order[0]], float(sse[order[0]])
     for start in chosen:
-        res = least_squares(residuals, start, bounds=(lo, hi), method="trf", x_scale=0.1,
-                            xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=200)
-        cost = float((res.fun ** 2).sum())
+        res = least_squares(
+            residuals,
+            start,
+            bounds=(lo, hi),
+            method="trf",
+            x_scale=0.1,
+            xtol=1e-12,
+            ftol=1e-12,
+            gtol=1e-12,
+            max_nfev=200,
+        )
+        cost = float((res.fun**2).sum())
         if cost < best_cost:
             best_p, best_cost = res.x, cost
     a, d, _ = _profile(np.asarray(best_p)[None, :], log_n, log_v, y)
@@ -161,8 +170,10 @@ def bootstrap(n: np.ndarray, v: np.ndarray, error: np.ndarray, resamples: int, s
         law = fit_law(n[idx], v[idx], error[idx], starts=2)
         fits.append([law.A, law.alpha, law.beta, law.D])
     table = np.percentile(np.array(fits), [2.5, 50.0, 97.5], axis=0)  # (3, 4)
-    out: dict = {name: {"p2.5": float(table[0, j]), "p50": float(table[1, j]), "p97.5": float(table[2, j])}
-                 for j, name in enumerate(PARAMS)}
+    out: dict = {
+        name: {"p2.5": float(table[0, j]), "p50": float(table[1, j]), "p97.5": float(table[2, j])}
+        for j, name in enumerate(PARAMS)
+    }
     out["resamples"] = resamples
     out["seed"] = seed
     return out
@@ -189,8 +200,9 @@ def optimal_point(law: VLMLaw, budget: float, q: float, v_low: float, v_high: fl
     range (the better of floor and ceil of the continuous optimum), N = C / (2 (Q + V))."""
     v_cont = continuous_optimal_tokens(law, q, v_low, v_high)
     lo, hi = math.ceil(v_low), math.floor(v_high)
-    candidates = [v_cont] if lo > hi else sorted({min(max(math.floor(v_cont), lo), hi),
-                                                  min(max(math.ceil(v_cont), lo), hi)})
+    candidates = (
+        [v_cont] if lo > hi else sorted({min(max(math.floor(v_cont), lo), hi), min(max(math.ceil(v_cont), lo), hi)})
+    )
     best = None
     for v in candidates:
         n = budget / (2.0 * (q + v))
@@ -198,9 +210,14 @@ def optimal_point(law: VLMLaw, budget: float, q: float, v_low: float, v_high: fl
         if best is None or err < best[2]:
             best = (n, v, err)
     n, v, err = best
-    return {"budget_flops": float(budget), "text_tokens": int(q), "llm_params": float(n),
-            "visual_tokens": int(v) if float(v).is_integer() else float(v), "visual_tokens_continuous": v_cont,
-            "error": err}
+    return {
+        "budget_flops": float(budget),
+        "text_tokens": int(q),
+        "llm_params": float(n),
+        "visual_tokens": int(v) if float(v).is_integer() else float(v),
+        "visual_tokens_continuous": v_cont,
+        "error": err,
+    }
 
 
 def default_budgets(n: np.ndarray, v: np.ndarray, text_tokens: list[int], count: int = 12) -> list[float]:
@@ -210,20 +227,29 @@ def default_budgets(n: np.ndarray, v: np.ndarray, text_tokens: list[int], count:
     of a Q's budgets outside the LLM sizes the sweep measured."""
     n, v = np.asarray(n, float), np.asarray(v, float)
     per_q = max(2, count // max(1, len(text_tokens)))
-    budgets = {float(c) for q in text_tokens
-               for c in np.geomspace(2.0 * n.min() * (q + v.min()), 2.0 * n.max() * (q + v.max()), per_q)}
+    budgets = {
+        float(c)
+        for q in text_tokens
+        for c in np.geomspace(2.0 * n.min() * (q + v.min()), 2.0 * n.max() * (q + v.max()), per_q)
+    }
     return sorted(budgets)
 
 
-def optimal_table(law: VLMLaw, budgets: list[float], text_tokens: list[int], n_range: tuple[float, float],
-                  v_range: tuple[float, float]) -> list[dict]:
+def optimal_table(
+    law: VLMLaw,
+    budgets: list[float],
+    text_tokens: list[int],
+    n_range: tuple[float, float],
+    v_range: tuple[float, float],
+) -> list[dict]:
     """`optimal_point` for every Q and budget, each flagged `extrapolated` when its N lies outside the
     sweep's N range (V never does: it is clamped to the sweep's range)."""
     rows = []
     for q in text_tokens:
         for c in budgets:
             row = optimal_point(law, c, q, *v_range)
-            row["extrapolated"] = bool(row["llm_params"] < n_range[0] * (1 - 1e-9)
-                                       or row["llm_params"] > n_range[1] * (1 + 1e-9))
+            row["extrapolated"] = bool(
+                row["llm_params"] < n_range[0] * (1 - 1e-9) or row["llm_params"] > n_range[1] * (1 + 1e-9)
+            )
             rows.append(row)
     return rows

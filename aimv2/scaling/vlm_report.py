@@ -59,8 +59,9 @@ def plot_frontier(law: VLMLaw, fit: dict, path: str | Path) -> None:
         y = np.array([r["error"] for r in frontier])
         inside = np.array([n_lo * (1 - 1e-9) <= r["llm_params"] <= n_hi * (1 + 1e-9) for r in frontier])
         ax.plot(x, np.where(inside, y, np.nan), "-", color="black", linewidth=3.5, label="optimal (law)", zorder=4)
-        ax.plot(x, np.where(inside, np.nan, y), ":", color="black", linewidth=2.5, zorder=4,
-                label="optimal, N extrapolated")
+        ax.plot(
+            x, np.where(inside, np.nan, y), ":", color="black", linewidth=2.5, zorder=4, label="optimal, N extrapolated"
+        )
         ax.set_xscale("log")
         ax.set_xlabel(f"inference FLOPs per query, 2 N (Q + V), Q = {q}")
         ax.set_ylabel("error")
@@ -82,14 +83,19 @@ def _interval(fit: dict, name: str) -> str:
 
 
 def _warnings(fit: dict) -> list[str]:
-    lines = [f"the fit sits on a bound: {b}; the box, not the data, sets it (widen the sweep, or read the "
-             "law as a description of this range only)" for b in fit["on_bounds"]]
+    lines = [
+        f"the fit sits on a bound: {b}; the box, not the data, sets it (widen the sweep, or read the "
+        "law as a description of this range only)"
+        for b in fit["on_bounds"]
+    ]
     extrapolated = [r for r in fit["optimal"] if r["extrapolated"]]
     if extrapolated:
         n_lo, n_hi = fit["llm_params_range"]
-        lines.append(f"{len(extrapolated)} of {len(fit['optimal'])} optimal points need an LLM outside the sweep's "
-                     f"N range {_si(n_lo)} .. {_si(n_hi)} (column 'N extrapolated' of report.md): the law is "
-                     "extrapolated there")
+        lines.append(
+            f"{len(extrapolated)} of {len(fit['optimal'])} optimal points need an LLM outside the sweep's "
+            f"N range {_si(n_lo)} .. {_si(n_hi)} (column 'N extrapolated' of report.md): the law is "
+            "extrapolated there"
+        )
     return lines
 
 
@@ -97,32 +103,62 @@ def vlm_scaling_markdown(fit: dict) -> str:
     """report.md: the law, parameters with intervals, rmse, bounds, the optimal table per Q, warnings and
     the command line."""
     u = fit["uncertainty"]
-    lines = ["# VLM scaling law", "", f"Fitted to {fit['input']['rows']} rows of `{fit['input']['path']}`:", "",
-             f"    {fit['law']}", "",
-             f"    error = {fit['A']:.5g} * N^-{fit['alpha']:.5g} * V^-{fit['beta']:.5g} + {fit['D']:.5g}", "",
-             f"rmse on the error values: {fit['rmse']:.4g}. N in billions of parameters in the law (A's unit); llm_params everywhere else are raw counts.",
-             "", markdown_table(["parameter", "fit", "95% bootstrap interval", "bounds"],
-                                [[name, f"{fit[name]:.5g}", _interval(fit, name),
-                                  "[{:g}, {:g}]".format(*fit["bounds"][name])] for name in PARAMS])]
-    intervals = (f"Intervals: 2.5 / 97.5 percentiles over {u['resamples']} fits to rows resampled with "
-                 f"replacement (seed {u['seed']})." if u else "No bootstrap (bootstrap 0).")
-    method = ("Fit: bounded least squares. For each (alpha, beta) the best (A, D) inside the box is solved "
-              "exactly (the law is linear in them); (alpha, beta) are scanned on a grid over the box and the best "
-              "grid points refined with a bounded local solver. The bounds keep the fit away from the valley "
-              "where a free fit slides to alpha, beta -> 0, A -> +inf, D -> -inf.")
+    lines = [
+        "# VLM scaling law",
+        "",
+        f"Fitted to {fit['input']['rows']} rows of `{fit['input']['path']}`:",
+        "",
+        f"    {fit['law']}",
+        "",
+        f"    error = {fit['A']:.5g} * N^-{fit['alpha']:.5g} * V^-{fit['beta']:.5g} + {fit['D']:.5g}",
+        "",
+        f"rmse on the error values: {fit['rmse']:.4g}. N in billions of parameters in the law (A's unit); "
+        "llm_params everywhere else are raw counts.",
+        "",
+        markdown_table(
+            ["parameter", "fit", "95% bootstrap interval", "bounds"],
+            [
+                [name, f"{fit[name]:.5g}", _interval(fit, name), "[{:g}, {:g}]".format(*fit["bounds"][name])]
+                for name in PARAMS
+            ],
+        ),
+    ]
+    intervals = (
+        f"Intervals: 2.5 / 97.5 percentiles over {u['resamples']} fits to rows resampled with "
+        f"replacement (seed {u['seed']})."
+        if u
+        else "No bootstrap (bootstrap 0)."
+    )
+    method = (
+        "Fit: bounded least squares. For each (alpha, beta) the best (A, D) inside the box is solved "
+        "exactly (the law is linear in them); (alpha, beta) are scanned on a grid over the box and the best "
+        "grid points refined with a bounded local solver. The bounds keep the fit away from the valley "
+        "where a free fit slides to alpha, beta -> 0, A -> +inf, D -> -inf."
+    )
     lines += ["", intervals, "", method, ""]
     warnings = _warnings(fit)
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     v_lo, v_hi = fit["visual_tokens_range"]
-    rule = (f"Cost: {fit['cost']}. For a budget C and Q text tokens, N = C / (2 (Q + V)) and the law is "
-            "minimized over V: V* = beta Q / (alpha - beta) when alpha > beta and Q > 0, the fewest tokens "
-            f"when Q = 0, the most when alpha <= beta; V is an integer kept within the sweep's range "
-            f"{v_lo:g} .. {v_hi:g}.")
+    rule = (
+        f"Cost: {fit['cost']}. For a budget C and Q text tokens, N = C / (2 (Q + V)) and the law is "
+        "minimized over V: V* = beta Q / (alpha - beta) when alpha > beta and Q > 0, the fewest tokens "
+        f"when Q = 0, the most when alpha <= beta; V is an integer kept within the sweep's range "
+        f"{v_lo:g} .. {v_hi:g}."
+    )
     lines += ["## Inference-optimal (N, V) per budget", "", rule, ""]
     for q in fit["text_tokens"]:
-        rows = [[f"{r['budget_flops']:.3g}", _si(r["llm_params"]), f"{r['visual_tokens']:g}", f"{r['error']:.4f}",
-                 "yes" if r["extrapolated"] else "no"] for r in fit["optimal"] if r["text_tokens"] == q]
+        rows = [
+            [
+                f"{r['budget_flops']:.3g}",
+                _si(r["llm_params"]),
+                f"{r['visual_tokens']:g}",
+                f"{r['error']:.4f}",
+                "yes" if r["extrapolated"] else "no",
+            ]
+            for r in fit["optimal"]
+            if r["text_tokens"] == q
+        ]
         header = ["budget (FLOPs)", "LLM params N", "visual tokens V", "error (law)", "N extrapolated"]
         lines += [f"### Q = {q} text tokens", "", markdown_table(header, rows), ""]
     lines += ["![frontier](frontier.png)", "", "Reproduce:", "", f"    {fit['input']['command']}", ""]
@@ -131,21 +167,29 @@ def vlm_scaling_markdown(fit: dict) -> str:
 
 def summary_lines(fit: dict, paths: list[Path]) -> list[str]:
     """A few terminal lines: the law with intervals, the optimum per Q at three budgets, warnings, paths."""
+
     def param(name: str) -> str:
         u = fit["uncertainty"]
         ci = f" [{u[name]['p2.5']:.3g}, {u[name]['p97.5']:.3g}]" if u else ""
         return f"{name}={fit[name]:.4g}{ci}"
 
     ci = " (95% bootstrap)" if fit["uncertainty"] else ""
-    law = (f"law: error = A N^-alpha V^-beta + D, {', '.join(param(p) for p in PARAMS)}{ci}, "
-           f"rmse {fit['rmse']:.3g} over {fit['input']['rows']} rows")
+    law = (
+        f"law: error = A N^-alpha V^-beta + D, {', '.join(param(p) for p in PARAMS)}{ci}, "
+        f"rmse {fit['rmse']:.3g} over {fit['input']['rows']} rows"
+    )
     lines = [law]
     for q in fit["text_tokens"]:
         rows = [r for r in fit["optimal"] if r["text_tokens"] == q]
         picks = [rows[i] for i in sorted({0, len(rows) // 2, len(rows) - 1})]
-        lines.append(f"optimal at Q={q}: " + "; ".join(
-            f"C={r['budget_flops']:.2g}: N={_si(r['llm_params'])} V={r['visual_tokens']:g} "
-            f"err={r['error']:.3f}{' (N extrapolated)' if r['extrapolated'] else ''}" for r in picks))
+        lines.append(
+            f"optimal at Q={q}: "
+            + "; ".join(
+                f"C={r['budget_flops']:.2g}: N={_si(r['llm_params'])} V={r['visual_tokens']:g} "
+                f"err={r['error']:.3f}{' (N extrapolated)' if r['extrapolated'] else ''}"
+                for r in picks
+            )
+        )
     lines += [f"warning: {w}" for w in _warnings(fit)]
     lines.append("wrote " + ", ".join(str(p) for p in paths))
     return lines

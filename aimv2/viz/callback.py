@@ -97,9 +97,15 @@ class PredictionFrames(Callback):
     # -- drawing -----------------------------------------------------------------------------
     def _draw(self, trainer, pl_module) -> None:
         step = self.last_step = trainer.global_step
-        frame = make_frame(pl_module.model, self.batch["image"], self.cfg.prefix_ratio, tokenizer=self.tokenizer,
-                           true_captions=self.batch.get("captions"), max_caption_tokens=self.cfg.max_caption_tokens,
-                           stop_early=trainer.world_size == 1)
+        frame = make_frame(
+            pl_module.model,
+            self.batch["image"],
+            self.cfg.prefix_ratio,
+            tokenizer=self.tokenizer,
+            true_captions=self.batch.get("captions"),
+            max_caption_tokens=self.cfg.max_caption_tokens,
+            stop_early=trainer.world_size == 1,
+        )
         if trainer.is_global_zero:
             self._write(trainer, frame, step)
 
@@ -112,7 +118,9 @@ class PredictionFrames(Callback):
                 logger.experiment.add_text("captions", frame.captions_markdown(), step)
 
 
-def visualization_callbacks(cfg: VisualizeConfig, run: RunDir, tokenizer: CaptionTokenizer | None = None) -> list[Callback]:
+def visualization_callbacks(
+    cfg: VisualizeConfig, run: RunDir, tokenizer: CaptionTokenizer | None = None
+) -> list[Callback]:
     """The callbacks for `build_trainer(extra_callbacks=...)`: none when `visualize.every_n_steps` is 0
     (the section's values are checked by `VisualizeConfig.validate` when the config loads)."""
     if cfg.every_n_steps <= 0:
@@ -127,6 +135,11 @@ def packed_images(batch: dict, patch: int, k: int) -> tuple[torch.Tensor, list[i
     flat = batch["patches"].flatten(0, 1)  # (R*T, p*p*3), patchify's (row, column, channel) order
     gh, gw = grids[0]
     chosen = [i for i, grid in enumerate(grids) if grid == grids[0]][:k]
-    images = [flat[starts[i]:starts[i] + gh * gw].reshape(gh, gw, patch, patch, 3).permute(4, 0, 2, 1, 3)
-              .reshape(3, gh * patch, gw * patch) for i in chosen]
+    images = [
+        flat[starts[i] : starts[i] + gh * gw]
+        .reshape(gh, gw, patch, patch, 3)
+        .permute(4, 0, 2, 1, 3)
+        .reshape(3, gh * patch, gw * patch)
+        for i in chosen
+    ]
     return torch.stack(images), chosen

@@ -74,8 +74,14 @@ def run_tokenizer(run: RunDir | None):
     return build_tokenizer(TokenizerConfig(**section))
 
 
-def visualize_checkpoint(checkpoint: str | Path, images: list[str], out: str | Path | None = None,
-                         prefix_ratio: float = 0.5, max_caption_tokens: int = 20, device: str = "auto") -> dict:
+def visualize_checkpoint(
+    checkpoint: str | Path,
+    images: list[str],
+    out: str | Path | None = None,
+    prefix_ratio: float = 0.5,
+    max_caption_tokens: int = 20,
+    device: str = "auto",
+) -> dict:
     """Write the grid PNG and the captions Markdown of `checkpoint` on `images` (default output:
     RUN/visualizations of the checkpoint's run); returns what was written."""
     import torch
@@ -96,18 +102,33 @@ def visualize_checkpoint(checkpoint: str | Path, images: list[str], out: str | P
     tokenizer = run_tokenizer(run) if max_caption_tokens > 0 else None
     if tokenizer is not None and tokenizer.vocab_size != model.decoder.text_head.out_features:
         where = run.config if run is not None else "the default CLIP tokenizer"
-        raise UserError(f"{where}: its tokenizer has {tokenizer.vocab_size} tokens but the "
-                        f"checkpoint's text head {model.decoder.text_head.out_features}")
+        raise UserError(
+            f"{where}: its tokenizer has {tokenizer.vocab_size} tokens but the "
+            f"checkpoint's text head {model.decoder.text_head.out_features}"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    frame = make_frame(model.to(torch.device(device)), pixels, prefix_ratio, tokenizer=tokenizer,
-                       true_captions=captions, max_caption_tokens=max_caption_tokens)
+    frame = make_frame(
+        model.to(torch.device(device)),
+        pixels,
+        prefix_ratio,
+        tokenizer=tokenizer,
+        true_captions=captions,
+        max_caption_tokens=max_caption_tokens,
+    )
     out = Path(out) if out else (run or RunDir(checkpoint.parent)).visualizations
     grid = save_png(frame.image, out / f"visualize_{checkpoint.stem}.png")
     notes = out / f"visualize_{checkpoint.stem}.md"
     table = frame.captions_markdown()
     at = f" (step {step})" if step is not None else ""
     atomic_write(notes, f"# {checkpoint}{at}\n\n![predictions]({grid.name})\n\n{table}\n")
-    return {"grid": grid, "captions": notes, "table": table, "step": step, "count": len(captions),
-            "prefix": f"{frame.prefix_lengths[0]}/{frame.num_patches}", "img_size": model.img_size,
-            "size": frame.image.size}
+    return {
+        "grid": grid,
+        "captions": notes,
+        "table": table,
+        "step": step,
+        "count": len(captions),
+        "prefix": f"{frame.prefix_lengths[0]}/{frame.num_patches}",
+        "img_size": model.img_size,
+        "size": frame.image.size,
+    }

@@ -32,8 +32,9 @@ from aimv2.viz.prediction_grid import prediction_grid
 
 
 @torch.no_grad()
-def greedy_tokens(model: AIMv2, images: torch.Tensor, eot_id: int, max_tokens: int = 20,
-                  stop_early: bool = True) -> list[list[int]]:
+def greedy_tokens(
+    model: AIMv2, images: torch.Tensor, eot_id: int, max_tokens: int = 20, stop_early: bool = True
+) -> list[list[int]]:
     """Greedy token ids per image (end-of-text excluded), at most `max_tokens` each.
 
     `stop_early=False` always runs `max_tokens` decoder passes, so that every process of a sharded
@@ -59,8 +60,9 @@ def greedy_tokens(model: AIMv2, images: torch.Tensor, eot_id: int, max_tokens: i
     return result
 
 
-def generate_captions(model: AIMv2, images: torch.Tensor, tokenizer: CaptionTokenizer, max_tokens: int = 20,
-                      stop_early: bool = True) -> list[str]:
+def generate_captions(
+    model: AIMv2, images: torch.Tensor, tokenizer: CaptionTokenizer, max_tokens: int = 20, stop_early: bool = True
+) -> list[str]:
     """Greedy captions (text) for images (B, 3, H, W) in model space."""
     ids = greedy_tokens(model, images, tokenizer.eot_id, max_tokens, stop_early)
     return [tokenizer.decode(row) for row in ids]
@@ -90,10 +92,18 @@ def fixed_prefix_lengths(batch_size: int, num_patches: int, ratio: float, device
 
 
 @torch.no_grad()
-def make_frame(model: AIMv2, images: torch.Tensor, prefix_ratio: float = 0.5, *,
-               tokenizer: CaptionTokenizer | None = None, true_captions: list[str | None] | None = None,
-               max_caption_tokens: int = 20, stop_early: bool = True,
-               mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> Frame:
+def make_frame(
+    model: AIMv2,
+    images: torch.Tensor,
+    prefix_ratio: float = 0.5,
+    *,
+    tokenizer: CaptionTokenizer | None = None,
+    true_captions: list[str | None] | None = None,
+    max_caption_tokens: int = 20,
+    stop_early: bool = True,
+    mean=OPENAI_CLIP_MEAN,
+    std=OPENAI_CLIP_STD,
+) -> Frame:
     """Run the model on `images` (B, 3, H, W), normalized with mean/std, and draw the frame."""
     param = next(model.parameters())
     images = images.to(param.device, param.dtype)
@@ -104,8 +114,11 @@ def make_frame(model: AIMv2, images: torch.Tensor, prefix_ratio: float = 0.5, *,
         prefix = fixed_prefix_lengths(images.shape[0], num_patches, prefix_ratio, images.device)
         dummy = torch.zeros((images.shape[0], 1), dtype=torch.long, device=images.device)
         pixels, _ = model(images, dummy, prefix)  # (B, N, P); the one text position is ignored
-        generated = (generate_captions(model, images, tokenizer, max_caption_tokens, stop_early)
-                     if tokenizer is not None and max_caption_tokens > 0 else [])
+        generated = (
+            generate_captions(model, images, tokenizer, max_caption_tokens, stop_early)
+            if tokenizer is not None and max_caption_tokens > 0
+            else []
+        )
     finally:
         model.train(was_training)
     true_captions = list(true_captions or [])
@@ -115,6 +128,7 @@ def make_frame(model: AIMv2, images: torch.Tensor, prefix_ratio: float = 0.5, *,
         if i < len(true_captions) and true_captions[i]:
             line += f" | true: {true_captions[i]}"
         notes.append([line] + ([f"generated: {generated[i] or '(empty)'}"] if generated else []))
-    image = prediction_grid(images.float().cpu(), pixels.float().cpu(), prefix.cpu(), model.patch_size,
-                            mean, std, notes)
+    image = prediction_grid(
+        images.float().cpu(), pixels.float().cpu(), prefix.cpu(), model.patch_size, mean, std, notes
+    )
     return Frame(image, prefix.tolist(), num_patches, true_captions, generated)

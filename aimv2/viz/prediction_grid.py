@@ -1,4 +1,5 @@
-"""Pictures of next-patch predictions: the decoder's normalized patches back to pixels, and the grid of input, prefix, ground truth and prediction.
+"""Pictures of next-patch predictions: the decoder's normalized patches back to pixels, and the grid of
+input, prefix, ground truth and prediction.
 
 From the decoder's normalized next-patch predictions back to pictures.
 
@@ -64,8 +65,9 @@ def prefix_mask(prefix_lengths: torch.Tensor, num_patches: int) -> torch.Tensor:
     return torch.arange(num_patches, device=prefix_lengths.device)[None] < prefix_lengths[:, None]
 
 
-def continuation(pixel_pred: torch.Tensor, images: torch.Tensor, prefix_lengths: torch.Tensor,
-                 patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def continuation(
+    pixel_pred: torch.Tensor, images: torch.Tensor, prefix_lengths: torch.Tensor, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder's continuation as patches in the images' own space, and the true patches.
 
     pixel_pred (B, N, P) normalized, where the output at position i predicts patch i + 1; images
@@ -99,7 +101,9 @@ def upscale_factor(img_size: int, target: int = 224) -> int:
     return max(1, round(target / img_size))
 
 
-def grid_size(num_rows: int, img_size: int, scale: int, lines_per_row: int, num_cols: int = len(COLUMNS)) -> tuple[int, int]:
+def grid_size(
+    num_rows: int, img_size: int, scale: int, lines_per_row: int, num_cols: int = len(COLUMNS)
+) -> tuple[int, int]:
     """(width, height) in pixels of a grid; the layout is fixed so this is exact."""
     cell = img_size * scale
     width = num_cols * cell + (num_cols + 1) * PAD
@@ -107,8 +111,9 @@ def grid_size(num_rows: int, img_size: int, scale: int, lines_per_row: int, num_
     return width, height
 
 
-def prediction_panels(images: torch.Tensor, pixel_pred: torch.Tensor, prefix_lengths: torch.Tensor,
-                      patch_size: int, mean, std) -> list[torch.Tensor]:
+def prediction_panels(
+    images: torch.Tensor, pixel_pred: torch.Tensor, prefix_lengths: torch.Tensor, patch_size: int, mean, std
+) -> list[torch.Tensor]:
     """The four columns as [0, 1] pixel tensors (B, 3, H, W) each, in `COLUMNS` order.
 
     images (B, 3, H, W) in model space (normalized with mean/std); pixel_pred (B, N, P) the decoder's
@@ -149,8 +154,9 @@ def _to_uint8(panel: torch.Tensor, scale: int) -> Image.Image:
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
-def render_grid(panels: list[torch.Tensor], notes: list[list[str]] | None = None, scale: int = 1,
-                titles: tuple[str, ...] = COLUMNS) -> Image.Image:
+def render_grid(
+    panels: list[torch.Tensor], notes: list[list[str]] | None = None, scale: int = 1, titles: tuple[str, ...] = COLUMNS
+) -> Image.Image:
     """Lay out columns of (B, 3, H, W) pictures in [0, 1], with `notes[row]` text lines under each row."""
     rows, size = panels[0].shape[0], panels[0].shape[-1]
     lines = max((len(n) for n in notes), default=0) if notes else 0
@@ -165,15 +171,23 @@ def render_grid(panels: list[torch.Tensor], notes: list[list[str]] | None = None
         for c, panel in enumerate(panels):
             canvas.paste(_to_uint8(panel[r], scale), (PAD + c * (cell + PAD), y))
         y += cell
-        for line in (notes[r] if notes else []):
+        for line in notes[r] if notes else []:
             draw.text((PAD, y + 1), _fit(draw, line, font, width - 2 * PAD), fill=_INK, font=font)
             y += LINE_H
         y += lines * LINE_H - (len(notes[r]) if notes else 0) * LINE_H + PAD
     return canvas
 
 
-def prediction_grid(images: torch.Tensor, pixel_pred: torch.Tensor, prefix_lengths: torch.Tensor, patch_size: int,
-                    mean, std, notes: list[list[str]] | None = None, scale: int | None = None) -> Image.Image:
+def prediction_grid(
+    images: torch.Tensor,
+    pixel_pred: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    patch_size: int,
+    mean,
+    std,
+    notes: list[list[str]] | None = None,
+    scale: int | None = None,
+) -> Image.Image:
     """The whole picture for a batch; `scale` defaults to `upscale_factor` of the image size."""
     panels = prediction_panels(images, pixel_pred, prefix_lengths, patch_size, mean, std)
     return render_grid(panels, notes, upscale_factor(images.shape[-1]) if scale is None else scale)

@@ -44,8 +44,18 @@ CURVES = (
 )
 FINAL_WINDOW = 3  # final losses are the mean of this many last logged values
 # Shown for a single run, which has nothing to be compared with.
-KEY_SETTINGS = ("model.size", "model.img_size", "data.batch_size", "objective.alpha", "objective.text_weight",
-                "optim.lr", "optim.warmup_steps", "trainer.max_steps", "trainer.devices", "trainer.precision")
+KEY_SETTINGS = (
+    "model.size",
+    "model.img_size",
+    "data.batch_size",
+    "objective.alpha",
+    "objective.text_weight",
+    "optim.lr",
+    "optim.warmup_steps",
+    "trainer.max_steps",
+    "trainer.devices",
+    "trainer.precision",
+)
 
 
 @dataclass
@@ -103,8 +113,13 @@ def load_run(path: str | Path, name: str) -> Run:
         except Exception as err:  # noqa: BLE001 - a damaged config should not hide the curves
             raise UserError(f"{run.config}: not valid YAML ({str(err).splitlines()[0]})") from None
     config.pop("run_dir", None)  # always differs; the directory is listed anyway
-    return Run(name, run.root, config, read_metrics(run.metrics, [key for key, _ in CURVES] + ["train/data_wait_s"]),
-               find_probe(run))
+    return Run(
+        name,
+        run.root,
+        config,
+        read_metrics(run.metrics, [key for key, _ in CURVES] + ["train/data_wait_s"]),
+        find_probe(run),
+    )
 
 
 def find_probe(run: RunDir) -> dict | None:
@@ -158,33 +173,72 @@ def summary_markdown(runs: list[Run], curves_png: str | None = "curves.png") -> 
         rate, wait = r.values("train/samples_per_sec"), r.values("train/data_wait_s")
         skipped = r.values("data/skipped_samples")
         top1 = f"{r.probe['best']['top1']:.2f}" if r.probe and "best" in r.probe else "-"
-        rows.append([r.name, r.path, r.steps, _num(tail_mean(r.values("train/loss_img"), FINAL_WINDOW)),
-                     _num(tail_mean(r.values("train/loss_text"), FINAL_WINDOW)),
-                     _num(statistics.median(rate) if rate else float("nan"), 3),
-                     _num(statistics.median(wait) if wait else float("nan"), 3),
-                     int(skipped[-1]) if skipped else "-", top1])
-    header = ["run", "directory", "steps", "image loss", "text loss", "samples/s (median)",
-              "data wait, s/step (median)", "skipped samples", "probe top-1"]
+        rows.append(
+            [
+                r.name,
+                r.path,
+                r.steps,
+                _num(tail_mean(r.values("train/loss_img"), FINAL_WINDOW)),
+                _num(tail_mean(r.values("train/loss_text"), FINAL_WINDOW)),
+                _num(statistics.median(rate) if rate else float("nan"), 3),
+                _num(statistics.median(wait) if wait else float("nan"), 3),
+                int(skipped[-1]) if skipped else "-",
+                top1,
+            ]
+        )
+    header = [
+        "run",
+        "directory",
+        "steps",
+        "image loss",
+        "text loss",
+        "samples/s (median)",
+        "data wait, s/step (median)",
+        "skipped samples",
+        "probe top-1",
+    ]
     lines += ["## Runs", "", markdown_table(header, rows)]
-    lines += ["", f"Losses are the mean of the last {FINAL_WINDOW} logged values; samples/s counts all ranks; data "
-                  "wait is the time rank 0 waited for its next batch between steps (near zero when the data workers "
-                  "keep up; raise data.num_workers when it is not).", ""]
+    lines += [
+        "",
+        f"Losses are the mean of the last {FINAL_WINDOW} logged values; samples/s counts all ranks; data "
+        "wait is the time rank 0 waited for its next batch between steps (near zero when the data workers "
+        "keep up; raise data.num_workers when it is not).",
+        "",
+    ]
     if len(runs) == 1:
-        lines += ["## Key settings", "", markdown_table(["key", "value"], [
-            [k, _cell(runs[0].config.get(k))] for k in KEY_SETTINGS if k in runs[0].config])]
+        lines += [
+            "## Key settings",
+            "",
+            markdown_table(
+                ["key", "value"], [[k, _cell(runs[0].config.get(k))] for k in KEY_SETTINGS if k in runs[0].config]
+            ),
+        ]
     else:
         diffs = config_differences(runs)
         lines += ["## Config differences", ""]
         if diffs:
-            lines.append(markdown_table(["key"] + [r.name for r in runs], [[k] + [_cell(v) for v in vals]
-                                                                           for k, vals in diffs]))
+            lines.append(
+                markdown_table(["key"] + [r.name for r in runs], [[k] + [_cell(v) for v in vals] for k, vals in diffs])
+            )
         else:
             lines.append("The runs' configs are identical (apart from run_dir).")
     probed = [r for r in runs if r.probe and "best" in r.probe]
     if probed:
-        rows = [[r.name, b["head"], f"{b['lr']:g}", f"{b['wd']:g}", f"{b['top1']:.2f}", f"{b['top5']:.2f}",
-                 p.get("mode", "-"), p.get("epochs", "-"), p.get("val_count", "-"), Path(p["results_dir"]) / "results.md"]
-                for r, p, b in ((r, r.probe, r.probe["best"]) for r in probed)]
+        rows = [
+            [
+                r.name,
+                b["head"],
+                f"{b['lr']:g}",
+                f"{b['wd']:g}",
+                f"{b['top1']:.2f}",
+                f"{b['top5']:.2f}",
+                p.get("mode", "-"),
+                p.get("epochs", "-"),
+                p.get("val_count", "-"),
+                Path(p["results_dir"]) / "results.md",
+            ]
+            for r, p, b in ((r, r.probe, r.probe["best"]) for r in probed)
+        ]
         header = ["run", "head", "lr", "wd", "top-1", "top-5", "mode", "epochs", "val images", "results"]
         lines += ["", "## Probe (frozen trunk, best head on val)", "", markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
@@ -234,8 +288,14 @@ def plot_curves(runs: list[Run], path: str | Path, dpi: int = 80) -> Path:
             points = run.series.get(key, [])
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, color=colors[i % len(colors)], linewidth=1.4, label=run.name,
-                        marker="." if len(points) < 30 else None)
+                ax.plot(
+                    steps,
+                    values,
+                    color=colors[i % len(colors)],
+                    linewidth=1.4,
+                    label=run.name,
+                    marker="." if len(points) < 30 else None,
+                )
                 drawn = True
         ax.set_title(label, fontsize=11)
         ax.set_xlabel("step", fontsize=9)
@@ -247,8 +307,9 @@ def plot_curves(runs: list[Run], path: str | Path, dpi: int = 80) -> Path:
             _scale(ax, key, [v for r in runs for _, v in r.series.get(key, [])])
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if not handles:
-        handles, labels = next((a.get_legend_handles_labels() for a in axes.flat if a.get_legend_handles_labels()[0]),
-                               ([], []))
+        handles, labels = next(
+            (a.get_legend_handles_labels() for a in axes.flat if a.get_legend_handles_labels()[0]), ([], [])
+        )
     fig.legend(handles, labels, loc="upper center", ncol=min(len(runs), 4), fontsize=10, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     buf = io.BytesIO()
