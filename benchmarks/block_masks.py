@@ -283,12 +283,16 @@ def markdown(results: dict, threads: int) -> list[str]:
         "after: time",
         "memory before / after",
     ]
-    lines = markdown_table(header, rows).split("\n") + [
-        "",
-        "Peak RSS of one build in a fresh CPU process over that just before it (inputs built, a small "
-        f"build done first); time: median build, {threads} torch thread(s). Images of 112..4096 patches, "
-        "captions of 77 tokens, block 128.",
-    ] + notes
+    lines = (
+        markdown_table(header, rows).split("\n")
+        + [
+            "",
+            "Peak RSS of one build in a fresh CPU process over that just before it (inputs built, a small "
+            f"build done first); time: median build, {threads} torch thread(s). Images of 112..4096 patches, "
+            "captions of 77 tokens, block 128.",
+        ]
+        + notes
+    )
     return lines
 
 

@@ -26,8 +26,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aimv2.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
-from aimv2.data.shards import ShardSample, write_shards  # noqa: E402
 from aimv2.data.samples import pretrain_transform  # noqa: E402
+from aimv2.data.shards import ShardSample, write_shards  # noqa: E402
 from aimv2.pretraining.pretrain import PretrainDataModule  # noqa: E402
 from aimv2.processes import tune_cpu_allocator  # noqa: E402
 from common import alternate, machine, machine_line, median, publish, table  # noqa: E402

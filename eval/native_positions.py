@@ -59,9 +59,8 @@ import aimv2.models.aimv2 as aimv2_model
 import aimv2.pretraining.pretrain as pretrain_mod
 from aimv2.config import load_config
 from aimv2.data.native import PackedCollator, Packing, place_rows
-from aimv2.data.samples import decode_image_tensor
+from aimv2.data.samples import decode_image_tensor, normalize_images, normalize_patch_pixels
 from aimv2.data.tokenizer import build_tokenizer
-from aimv2.data.samples import normalize_images, normalize_patch_pixels
 from aimv2.engine.optim import no_decay_names
 from aimv2.fileio import markdown_table
 from aimv2.models.masks import as_bias, packed_encoder_mask, sample_prefix_lengths
@@ -322,9 +321,7 @@ def report(data: dict, conclusion: str = PLACEHOLDER) -> str:
         )
         diffs = [(np.subtract(s[k], learned[k]), d) for k, _, d in METRICS]
         gains = [ms(np.subtract(c["probe"], c["probe_init"]), 1) for c in (s, learned)]
-        paired.append(
-            [g] + [f"{x.mean():+.{d}f} ({', '.join(f'{v:+.{d}f}' for v in x)})" for x, d in diffs] + gains
-        )
+        paired.append([g] + [f"{x.mean():+.{d}f} ({', '.join(f'{v:+.{d}f}' for v in x)})" for x, d in diffs] + gains)
     table = markdown_table(["grid", "share of training crops", *cols], table)
     paired = markdown_table(
         ["grid", *(name for _, name, _ in METRICS), "probe gain over init: sin-cos", "probe gain over init: learned"],

@@ -275,16 +275,27 @@ def step_parity(args) -> dict:
 
 def step_report(r: dict) -> str:
     def cells(c: dict) -> list[str]:
-        return [f"{c['largest_relative']:.1e} (`{c['where']}`)", f"{c['largest_norm_relative']:.1e} (`{c['norm_where']}`)"]
+        return [
+            f"{c['largest_relative']:.1e} (`{c['where']}`)",
+            f"{c['largest_norm_relative']:.1e} (`{c['norm_where']}`)",
+        ]
 
     g, lrs, n = r["gradients"], r["lrs"], r["steps"]
-    rows = [[f"loss, {k}", f"{v['ours']:.6f}", f"{v['ml-l3m']:.6f}", f"{v['relative']:.1e}", ""] for k, v in r["losses"].items()]
+    rows = [
+        [f"loss, {k}", f"{v['ours']:.6f}", f"{v['ml-l3m']:.6f}", f"{v['relative']:.1e}", ""]
+        for k, v in r["losses"].items()
+    ]
     rows += [
         [f"every gradient, first batch ({g['tensors']} tensors)", "", "", *cells(g)],
         [f"learning rate at each of the {n} steps", "", "", f"{lrs['largest_relative']:.1e}", ""],
         [f"every weight after {n} steps", "", "", *cells(r["weights"])],
         [f"every weight's change over the {n} steps", "", "", *cells(r["updates"])],
-        ["control: ml-l3m against itself with its gradients x (1 + 1e-7 N(0,1)), weights", "", "", *cells(r["control"]["weights"])],
+        [
+            "control: ml-l3m against itself with its gradients x (1 + 1e-7 N(0,1)), weights",
+            "",
+            "",
+            *cells(r["control"]["weights"]),
+        ],
         ["control, weight changes", "", "", *cells(r["control"]["updates"])],
     ]
     return "\n".join(
@@ -478,7 +489,10 @@ def training_report(r: dict) -> str:
         "",
         markdown_table(
             ["trainer", *kinds],
-            [[name] + [cell([s[name][k] for s in r["seeds"]]) for k in kinds] for name in ("ours", "ml-l3m", "random init")],
+            [
+                [name] + [cell([s[name][k] for s in r["seeds"]]) for k in kinds]
+                for name in ("ours", "ml-l3m", "random init")
+            ],
         ),
     ]
     lines += [

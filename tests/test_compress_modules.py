@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from aimv2.compress.base import CompressorSpec, to_grid
-from aimv2.compress.projectors import kdv_scores, kdv_select
 from aimv2.compress.components import COMPRESSORS, build_compressor
+from aimv2.compress.projectors import kdv_scores, kdv_select
 from aimv2.errors import UserError
 
 B, D_VIS, D_LLM, GRID = 2, 32, 48, (16, 16)  # N = 256 patches

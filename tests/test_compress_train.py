@@ -14,9 +14,8 @@ from aimv2 import load_encoder
 from aimv2.cli import main
 from aimv2.compress import load_bundle
 from aimv2.compress.config import CompressConfig
-from aimv2.compress.module import held_out_loader
 from aimv2.compress.evaluate import score
-from aimv2.compress.module import load_module
+from aimv2.compress.module import held_out_loader, load_module
 from aimv2.compress.train import build_module
 from aimv2.config import load_config
 from aimv2.data.demo import build_demo_shards

@@ -101,8 +101,13 @@ def test_skipped_samples_continue_their_total_over_a_ddp_resume(tmp_path):
     logged data/skipped_samples continues from the true total (restored on every rank, it was 2x)."""
     urls = shard_urls(tmp_path / "shards", COUNTS, corrupt=CORRUPT)
     run = tmp_path / "run"
-    common = ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=0", "data.batch_size=4",
-              "trainer.checkpoint_every_n_steps=100"]
+    common = [
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "trainer.checkpoint_every_n_steps=100",
+    ]
     train(command(run, urls, *common, "trainer.max_epochs=1"), tmp_path)
     metrics = run / "logs/metrics.csv"
     assert read_metric(metrics, "data/skipped_samples")[-1][1] == len(CORRUPT)

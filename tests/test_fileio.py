@@ -152,6 +152,11 @@ def test_every_markdown_table_is_built_by_the_one_helper():
     aimv2.fileio.markdown_table."""
     root = PACKAGE.parent
     files = [*PACKAGE.rglob("*.py"), *(root / "benchmarks").glob("*.py"), *(root / "eval").glob("*.py")]
-    by_hand = [f"{f.relative_to(root)}:{i}" for f in files if f.name != "fileio.py"
-               for i, line in enumerate(f.read_text().splitlines(), 1) if re.search(r"[\"']\|-{3}|-{3}\|?[\"']", line)]
+    by_hand = [
+        f"{f.relative_to(root)}:{i}"
+        for f in files
+        if f.name != "fileio.py"
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if re.search(r"[\"']\|-{3}|-{3}\|?[\"']", line)
+    ]
     assert not by_hand, f"Markdown tables built by hand (use aimv2.fileio.markdown_table): {by_hand}"

@@ -106,9 +106,7 @@ def fit(module: AIMv2PretrainModule, per_rank: list[list[dict]], out: Path) -> l
     # The project's DDP settings (aimv2.engine.strategy.build_strategy), started by spawning: the default launcher
     # would re-run pytest's command line.
     strategy = (
-        DDPStrategy(start_method="spawn", **ddp_buffer_sync(), gradient_as_bucket_view=True)
-        if devices > 1
-        else "auto"
+        DDPStrategy(start_method="spawn", **ddp_buffer_sync(), gradient_as_bucket_view=True) if devices > 1 else "auto"
     )
     trainer = L.Trainer(
         accelerator="cpu",

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from aimv2.cli import main
-from aimv2.compress.vlm import build_attachment
 from aimv2.compress.components import COMPRESSORS
 from aimv2.compress.train import train
+from aimv2.compress.vlm import build_attachment
 from aimv2.config import TrainerConfig, load_config
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.engine.run_dir import RunDir

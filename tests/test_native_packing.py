@@ -7,8 +7,7 @@ import torch
 
 from aimv2.models import AIMv2, get_size
 from aimv2.models.masks import packed_decoder_mask, packed_encoder_mask
-from aimv2.models.native import build_native_encoder, encode_packed, grid_position_embedding
-from aimv2.models.native import pack_layout, pack_patches
+from aimv2.models.native import build_native_encoder, encode_packed, grid_position_embedding, pack_layout, pack_patches
 from aimv2.objective import aimv2_loss, packed_aimv2_loss, patchify
 
 P = 14

@@ -11,8 +11,7 @@ from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
 
-from aimv2.data.samples import CorruptSample, decode_image, decode_image_tensor
-from aimv2.data.samples import normalize_images, pretrain_transform
+from aimv2.data.samples import CorruptSample, decode_image, decode_image_tensor, normalize_images, pretrain_transform
 
 
 def photo(seed: int = 0) -> Image.Image:
