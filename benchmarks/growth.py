@@ -39,7 +39,7 @@ def measure(args) -> dict:
 
     from aimv2.config import TrainerConfig
     from aimv2.engine.optim import build_optimizer
-    from aimv2.engine.strategy import prepare_model
+    from aimv2.engine.trainer import prepare_model
     from aimv2.models import AIMv2, get_size
     from aimv2.processes import tune_cpu_allocator
     from train_step import DTYPES, project_step, synthetic_batch

@@ -17,8 +17,8 @@ import numpy as np
 
 from aimv2.config.schema import DataConfig, SourceConfig, TokenizerConfig
 from aimv2.data.epoch_plan import slot_read_order
-from aimv2.data.manifest import ShardEntry, manifest_json
 from aimv2.data.readers import ShardSequence
+from aimv2.data.shardlist import ShardEntry, manifest_json
 from aimv2.data.stream import ShardStream
 
 

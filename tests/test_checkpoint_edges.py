@@ -63,7 +63,7 @@ def strategy(request, monkeypatch):
     """The strategy of the `layout` parameter, as one process with no process group."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from aimv2.engine.strategy import AtomicDeepSpeedStrategy, FSDP2Strategy
+    from aimv2.engine.trainer import AtomicDeepSpeedStrategy, FSDP2Strategy
 
     if request.param == "dcp":
         return FSDP2Strategy()

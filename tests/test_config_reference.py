@@ -24,7 +24,7 @@ ROOTS = {
     "PretrainConfig": ("aimv2.config.schema", "aimv2.config"),
     "ProbeConfig": ("aimv2.probe.config", "aimv2.probe"),
     "CompressConfig": ("aimv2.compress.config", "aimv2.compress"),
-    "SweepConfig": ("aimv2.compress.sweep_config", "aimv2.compress.config", "aimv2.compress.sweep", "aimv2.compress"),
+    "SweepConfig": ("aimv2.compress.config", "aimv2.compress.config", "aimv2.compress.sweep", "aimv2.compress"),
 }
 
 

@@ -330,7 +330,7 @@ def groups_of(optimizer) -> list[tuple]:
 def test_optimizer_offload_builds_deepspeeds_cpu_adam_with_the_adamw_groups(tmp_path, monkeypatch, job, stage):
     import deepspeed.ops.adam
 
-    from aimv2.engine.strategy import build_strategy
+    from aimv2.engine.trainer import build_strategy
 
     monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", RecordingCPUAdam)
     module = pretraining_module() if job == "pretraining" else compress_module(tmp_path)

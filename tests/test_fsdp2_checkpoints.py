@@ -1,5 +1,5 @@
 """FSDP2 sharded checkpoints on the CPU, with real processes: torch 2.14's `fully_shard` takes a CPU
-device mesh with gloo, so 2 processes shard the debug-size model (aimv2.engine.strategy.shard_model),
+device mesh with gloo, so 2 processes shard the debug-size model (aimv2.engine.trainer.shard_model),
 take an optimizer step and write a torch.distributed.checkpoint directory in the project's layout
 (aimv2.checkpoints.dcp.save_dcp_checkpoint, what the fsdp2 strategy calls). Then:
 
@@ -46,7 +46,7 @@ def _shard(module):
     from torch.distributed.device_mesh import init_device_mesh
 
     from aimv2.engine.optim import build_optimizer
-    from aimv2.engine.strategy import shard_model
+    from aimv2.engine.trainer import shard_model
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     shard_model(module.model, mesh)

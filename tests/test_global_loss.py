@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from aimv2.config import ModelConfig, ObjectiveConfig, OptimConfig
 from aimv2.data.native import PackedCollator, place_rows
-from aimv2.engine.strategy import ddp_buffer_sync
+from aimv2.engine.trainer import ddp_buffer_sync
 from aimv2.pretraining.module import AIMv2PretrainModule
 
 P, SIZE, TEXT_LEN, VOCAB, ROW_TOKENS = 14, 56, 8, 40, 24
@@ -103,7 +103,7 @@ def fit(module: AIMv2PretrainModule, per_rank: list[list[dict]], out: Path) -> l
     """One optimizer step per batch (lr 0: the weights never move) on len(per_rank) processes; each rank's record."""
     out.mkdir()
     devices = len(per_rank)
-    # The project's DDP settings (aimv2.engine.strategy.build_strategy), started by spawning: the default launcher
+    # The project's DDP settings (aimv2.engine.trainer.build_strategy), started by spawning: the default launcher
     # would re-run pytest's command line.
     strategy = (
         DDPStrategy(start_method="spawn", **ddp_buffer_sync(), gradient_as_bucket_view=True) if devices > 1 else "auto"

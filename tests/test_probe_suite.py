@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from aimv2.cli import main
 from aimv2.errors import UserError
-from aimv2.probe.knn import cached_rows, knn_accuracy, knn_on_cache, knn_predict, pool
+from aimv2.probe.heads import cached_rows, knn_accuracy, knn_on_cache, knn_predict, pool
 from aimv2.probe.suite import load_suite, named_checkpoints, probe_config_file, set_config, split_overrides
 from conftest import REPO
 from test_probe_helpers import write_colour_folders, write_tiny_checkpoint

@@ -161,7 +161,7 @@ def test_zero_checkpoint_directories_are_swapped_in_whole_and_validated(tmp_path
     the directory appears under its name only once complete; resume validates ZeRO layouts."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from aimv2.engine.strategy import AtomicDeepSpeedStrategy
+    from aimv2.engine.trainer import AtomicDeepSpeedStrategy
 
     def deepspeed_save(self, checkpoint, filepath, storage_options=None):  # DeepSpeed's layout, every rank
         if checkpoint.get("fail"):

@@ -17,9 +17,8 @@ from PIL import Image
 
 from aimv2 import cli
 from aimv2.data.demo import DIGIT_NAMES, build_demo_shards
-from aimv2.data.manifest import head_digest
 from aimv2.data.shard_inputs import caption_file_samples, class_tree_samples
-from aimv2.data.shardlist import shard_sample_count
+from aimv2.data.shardlist import head_digest, shard_sample_count
 from aimv2.data.shards import ShardSample, classes_json, write_shards
 from aimv2.errors import UserError
 

@@ -16,7 +16,7 @@ from aimv2.commands.pretrain import strategy_preset
 from aimv2.config import load_config
 from aimv2.engine.checkpointing import AtomicCheckpointIO
 from aimv2.engine.optim import param_groups
-from aimv2.engine.strategy import build_strategy, ddp_buffer_sync, prepare_model
+from aimv2.engine.trainer import build_strategy, ddp_buffer_sync, prepare_model
 from aimv2.errors import UserError
 from aimv2.models import AIMv2, get_size
 from conftest import REPO
@@ -85,7 +85,7 @@ def test_ddp_wraps_without_a_deprecation_warning_and_syncs_no_buffers_in_forward
 def test_fsdp2_preset_builds_a_model_parallel_strategy_saving_dcp_directories():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from aimv2.engine.strategy import FSDP2Strategy
+    from aimv2.engine.trainer import FSDP2Strategy
 
     strategy = built("fsdp2")
     assert isinstance(strategy, FSDP2Strategy) and isinstance(strategy, ModelParallelStrategy)

@@ -81,7 +81,7 @@ def test_visualize_cli_writes_grid_and_captions(runs, tmp_path, capsys):
 
 
 def test_visualize_reads_any_checkpoint_that_holds_the_decoder(runs, tmp_path):
-    """One loader for pre-training checkpoints (aimv2.checkpoints.pretrained): the .ckpt and its
+    """One loader for pre-training checkpoints (aimv2.checkpoints.loading): the .ckpt and its
     `aimv2 export --with-decoder` directory draw the same picture; an encoder-only export is refused."""
     import numpy as np
     import pytest

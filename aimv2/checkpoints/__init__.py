@@ -8,9 +8,16 @@ preprocessing, convert between weight layouts, export for timm and transformers,
 from aimv2.checkpoints.export import EXPORT_FORMATS, export_checkpoint
 from aimv2.checkpoints.feature_extraction import Features, extract_features
 from aimv2.checkpoints.formats import FORMATS, detect_format, read_checkpoint
-from aimv2.checkpoints.loading import LoadedEncoder, load_checkpoint, load_encoder, resize_encoder
+from aimv2.checkpoints.loading import (
+    LoadedEncoder,
+    Pretrained,
+    load_checkpoint,
+    load_decoder,
+    load_encoder,
+    load_pretrained,
+    resize_encoder,
+)
 from aimv2.checkpoints.preprocessing import Preprocessing
-from aimv2.checkpoints.pretrained import Pretrained, load_decoder, load_pretrained
 
 __all__ = [
     "EXPORT_FORMATS",

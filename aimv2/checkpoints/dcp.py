@@ -16,7 +16,7 @@ and `optimizer_<i>` (torch's `get_optimizer_state_dict`: keyed by parameter name
 
 Complete means `.metadata` and `meta.pt` are both there: DCP writes `.metadata` only after all ranks
 finished their shards, and the strategy writes `meta.pt` after that, inside a hidden temporary
-directory renamed into place at the end (aimv2.engine.strategy), so a half-written save is never
+directory renamed into place at the end (aimv2.engine.trainer), so a half-written save is never
 under a checkpoint's name. A directory with shards but no `.metadata` is refused with a one-line
 error naming it.
 

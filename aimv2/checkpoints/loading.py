@@ -2,6 +2,11 @@
 
 The weights go through one strict check: a mismatch is a one-line error listing the missing,
 unexpected and mis-shaped keys, never a silently half-initialized encoder.
+
+A pre-training checkpoint as the whole AIMv2 model (encoder and decoder), read through the same
+loader as every encoder (aimv2.checkpoints.loading): `aimv2 visualize` draws from it, and it reads every
+format that holds the decoder -- this project's .ckpt, a ZeRO directory, an `aimv2 export
+--with-decoder` directory -- with the same strict key check.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from aimv2.checkpoints.arch import (
@@ -24,8 +30,9 @@ from aimv2.checkpoints.convert import apple_names_to_timm, apple_to_timm, hf_to_
 from aimv2.checkpoints.formats import RawCheckpoint, read_checkpoint
 from aimv2.checkpoints.preprocessing import Preprocessing
 from aimv2.errors import UserError
-from aimv2.models.decoder import decoder_kwargs
-from aimv2.models.sizes import get_size
+from aimv2.models.aimv2 import AIMv2
+from aimv2.models.decoder import MultimodalDecoder, decoder_kwargs
+from aimv2.models.sizes import SIZES, get_size
 
 
 @dataclass
@@ -201,3 +208,39 @@ def read_decoder(loaded: LoadedEncoder) -> tuple[dict, dict] | None:
         spec = get_size(str(raw.config["model"]["size"]))
         return state, decoder_kwargs(spec, int(raw.config["vocab_size"]), int(raw.config["max_text_len"]))
     return None
+
+
+@dataclass
+class Pretrained:
+    model: AIMv2  # eval mode, fp32, CPU
+    loaded: LoadedEncoder  # what the loader found: preprocessing, recipe, raw checkpoint (its step)
+
+    @property
+    def step(self) -> int | None:
+        return self.loaded.raw.step
+
+
+def _decoder(loaded: LoadedEncoder, purpose: str) -> MultimodalDecoder:
+    found = read_decoder(loaded)
+    if found is None:
+        raise UserError(f"{loaded.raw.path}: holds no pre-training decoder ({loaded.raw.format} format){purpose}")
+    state, kwargs = found
+    decoder = MultimodalDecoder(**kwargs)
+    decoder.load_state_dict(state, strict=True)
+    return decoder.eval()
+
+
+def load_decoder(source: str | Path) -> torch.nn.Module:
+    """The pre-training decoder (`MultimodalDecoder`, eval mode) of a checkpoint that has one."""
+    return _decoder(load_checkpoint(source), "")
+
+
+def load_pretrained(source: str | Path) -> Pretrained:
+    """The AIMv2 model (eval mode) of a checkpoint that holds the decoder, else a UserError naming it."""
+    loaded = load_checkpoint(source)
+    decoder = _decoder(
+        loaded, ": an `aimv2 pretrain` checkpoint, or an export made with --with-decoder, holds the whole model"
+    )
+    model_cfg = loaded.raw.config.get("model") if isinstance(loaded.raw.config, dict) else None
+    spec = SIZES.get(str(model_cfg.get("size"))) if isinstance(model_cfg, dict) else None
+    return Pretrained(AIMv2.from_parts(loaded.encoder, decoder, spec).eval(), loaded)

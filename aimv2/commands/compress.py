@@ -212,8 +212,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+    from aimv2.compress.config import SweepConfig
     from aimv2.compress.sweep import array_index, check_cells, describe, run_sweep
-    from aimv2.compress.sweep_config import SweepConfig
     from aimv2.config import load_config
     from aimv2.shipped import user_config
 

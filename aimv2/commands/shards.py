@@ -1,7 +1,7 @@
 """`aimv2 shards`: write WebDataset shards from a captions file, a class folder tree, the offline
 demo set or the generated scene set (aimv2.data.scenes), and print where they went and the brace
 pattern a config needs; or `aimv2 shards index DIR`: the manifest of a directory another tool wrote
-(img2dataset), so that runs read one file instead of one per shard (aimv2.data.manifest).
+(img2dataset), so that runs read one file instead of one per shard (aimv2.data.shardlist).
 
 Skipped inputs (missing or undecodable images, empty captions) are reported, not fatal: the
 command exits 0 as long as something was written.
@@ -156,7 +156,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from aimv2.data.manifest import index_directory
+    from aimv2.data.shardlist import index_directory
 
     index = index_directory(args.dir, threads=args.threads)
     total, size = sum(e.count for e in index.entries), sum(e.size for e in index.entries)

@@ -32,8 +32,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from aimv2.compress.config import CompressConfig
-from aimv2.compress.sweep_config import SweepConfig, SweepLM
+from aimv2.compress.config import CompressConfig, SweepConfig, SweepLM
 from aimv2.config import load_config
 from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError

@@ -212,9 +212,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # Lightning's accelerator: "auto", "cpu", "gpu"
     devices: Any = "auto"  # processes (devices) per node: a count, a list of device indices, or "auto" (all)
     num_nodes: int = 1  # machines; the run has num_nodes x devices processes
-    strategy: str = (
-        "auto"  # auto | ddp | fsdp | deepspeed | fsdp2; presets in configs/strategy/ (aimv2.engine.strategy)
-    )
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed | fsdp2; presets in configs/strategy/ (aimv2.engine.trainer)
     zero_stage: int = 2  # deepspeed: ZeRO stage 2 (optimizer + gradients sharded) or 3 (+ parameters)
     offload: bool = False  # deepspeed: optimizer states (stage 3: and parameters) in CPU memory; fsdp: parameters
     activation_checkpointing: bool = False  # recompute every transformer block in backward (encoder and decoder)

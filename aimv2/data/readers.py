@@ -10,7 +10,7 @@ samples it had already read (reading tar members, never decoding them):
   and the draw's index; position (draw index, offset in that shard).
 
 `read_tar` is how both open a shard: webdataset's tar reader, after checking the shard's byte size
-against its manifest's (its identity: aimv2.data.manifest).
+against its manifest's (its identity: aimv2.data.shardlist).
 
 A reader's `pos` is the continuation point after the last sample it yielded.
 """

@@ -25,8 +25,8 @@ from pathlib import Path
 import webdataset
 from PIL import Image
 
-from aimv2.data.manifest import MANIFEST, ShardEntry, head_digest, manifest_json
 from aimv2.data.samples import IMAGE_EXTS, CorruptSample, image_header_size
+from aimv2.data.shardlist import MANIFEST, ShardEntry, head_digest, manifest_json
 from aimv2.errors import UserError, one_line
 from aimv2.fileio import atomic_write, publish_file
 from aimv2.progress import progress as progress_bar

@@ -15,7 +15,7 @@ Removal is atomic too: Lightning prunes old checkpoints (`keep_checkpoints`) wit
 delete, which a kill can stop half-way, leaving a directory under a valid `step=N.ckpt` name that may
 still hold the files that make it look intact. `remove_checkpoint` renames a directory to a hidden
 `.NAME.removing` first (aimv2.fileio.discard); the strategies that bypass the CheckpointIO for removal
-call it as well (aimv2.engine.strategy).
+call it as well (aimv2.engine.trainer).
 
 A step-0 checkpoint: the weights a run starts from, before its first optimizer step.
 

@@ -126,7 +126,7 @@ def optimizer_options(trainer) -> dict:
     (ZeRO-Offload refuses a torch optimizer: "You are using ZeRO-Offload with a client provided
     optimizer", deepspeed 0.19 runtime/engine.py), `fused` unless a loss scaler needs the gradients
     unscaled before clipping (aimv2.engine.optim). Every job that trains under Lightning uses it."""
-    from aimv2.engine.strategy import offloads_optimizer
+    from aimv2.engine.trainer import offloads_optimizer
 
     return {
         "cpu_adam": offloads_optimizer(getattr(trainer, "strategy", None)),

@@ -126,7 +126,7 @@ def check_gpu_strategy(t: TrainerConfig, report: RehearsalReport, workdir: Path,
     """What the CPU can show of the FSDP and DeepSpeed paths: the Lightning objects build with this
     config, the precision plugin accepts its precision, and for DeepSpeed a real ZeRO step (with the
     config's clipping) whose checkpoint directory reads back as the engine's weights."""
-    from aimv2.engine.strategy import build_strategy
+    from aimv2.engine.trainer import build_strategy
 
     if t.strategy == "fsdp":
         from lightning.pytorch.plugins.precision import FSDPPrecision

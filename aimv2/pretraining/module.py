@@ -101,8 +101,8 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning's hook for sharding applied from outside: FSDP2 under the fsdp2 strategy
-        (aimv2.engine.strategy.configure_sharding); nothing under the others."""
-        from aimv2.engine.strategy import configure_sharding
+        (aimv2.engine.trainer.configure_sharding); nothing under the others."""
+        from aimv2.engine.trainer import configure_sharding
 
         configure_sharding(self, self.model)
 
@@ -181,7 +181,7 @@ class AIMv2PretrainModule(ClipGradientNorm, L.LightningModule):
     # -- the non-finite guard --------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
         """After backward (and the gradient all-reduce), before clipping and the optimizer step."""
-        from aimv2.engine.strategy import skips_nonfinite_itself
+        from aimv2.engine.trainer import skips_nonfinite_itself
 
         loss_ok = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
         self._loss_finite = None

@@ -31,9 +31,8 @@ from aimv2.data.tokenizer import build_tokenizer
 from aimv2.engine.checkpointing import Preempted, PreemptionCheckpoint, resolve_resume, tidy_before_training
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.engine.run_dir import RunDir
-from aimv2.engine.strategy import prepare_model
 from aimv2.engine.stream_resume import StreamDataModule
-from aimv2.engine.trainer import build_trainer
+from aimv2.engine.trainer import build_trainer, prepare_model
 from aimv2.errors import UserError
 from aimv2.models.sizes import get_size
 from aimv2.pretraining.init_from import apply_init_from

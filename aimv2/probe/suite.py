@@ -1,7 +1,7 @@
 """`aimv2 probe suite SUITE.yaml`: the encoder's report card. The probe on several data sets, each with its
 own splits and protocol, for one or more encoders side by side (pre-trained next to its random init):
 per data set and encoder, the best linear and attentive head of the probe's grid and DINO's weighted
-k-NN (aimv2.probe.knn), all on one extraction of the features (cached mode).
+k-NN (aimv2.probe.heads), all on one extraction of the features (cached mode).
 
 The suite file (schema `SuiteConfig`; shipped: configs/probe/suite_offline.yaml, suite_paper.yaml):
 
@@ -53,7 +53,7 @@ from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError, check, one_line
 from aimv2.fileio import atomic_file, atomic_write, markdown_table
 from aimv2.probe.config import ProbeConfig
-from aimv2.probe.knn import KS, TEMPERATURE
+from aimv2.probe.heads import KS, TEMPERATURE
 
 SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 KINDS = ("linear", "attentive")  # the table's head columns, in this order
@@ -104,7 +104,7 @@ def check_encoder_names(checkpoints: dict[str, str]) -> None:
     slugs = [slug(name) for name in checkpoints]
     check(
         all(slugs) and len(set(slugs)) == len(slugs),
-        "checkpoints",
+        "checkpoints",  # the suite's config key, not a run path
         f"names must differ in their letters and digits (they name directories), got {list(checkpoints)}",
     )
 
@@ -284,7 +284,7 @@ def probe_card(cfg: ProbeConfig, name: str, encoder: str, knn) -> dict | None:
     """One (set, encoder): kept from its card when finished the same way, else probed (heads, then kNN on
     the cached features). A failure becomes a card with status 'failed' and the one-line reason."""
     from aimv2.probe.features import pick_device
-    from aimv2.probe.knn import knn_on_cache
+    from aimv2.probe.heads import knn_on_cache
     from aimv2.probe.run import run_probe
 
     run_dir = Path(cfg.run_dir)

@@ -86,7 +86,7 @@ def visualize_checkpoint(
     RUN/visualizations of the checkpoint's run); returns what was written."""
     import torch
 
-    from aimv2.checkpoints.pretrained import load_pretrained
+    from aimv2.checkpoints.loading import load_pretrained
     from aimv2.fileio import atomic_write
     from aimv2.viz.frame import make_frame
     from aimv2.viz.prediction_grid import save_png
