@@ -52,6 +52,7 @@ from fault_helpers import run_or_show_stacks
 
 ROOTS = ("data", "photos", "models", "datasets")  # absolute documentation paths, found in FIXTURE/abs/
 COVERED = {  # command prefix -> why it does not run here, and what runs it instead
+    "git config core.hooksPath": "it configures the developer's own clone; tests/test_lint.py runs the hook itself",
     "python3 -m venv": "the README's two setup commands need a fresh clone and the package registry: .ci/run runs the "
     "second in a clean checkout, and the demo (`aimv2 demo`) runs below, from tiny.yaml's header",
     ".venv/bin/python benchmarks/run.py": "the full benchmark run takes 10 minutes; tests/test_benchmarks.py runs each "

@@ -26,3 +26,13 @@ def test_ruff_check():
 def test_ruff_format():
     done = ruff("format", "--no-cache", "--check", ".")
     assert done.returncode == 0, f"`ruff format --check .` would reformat files:\n{done.stdout}{done.stderr}"
+
+
+def test_the_commit_msg_hook_refuses_subjects_of_72_characters_or_more(tmp_path):
+    hook = REPO / ".githooks" / "commit-msg"
+    message = tmp_path / "COMMIT_EDITMSG"
+    for subject, ok in (("x" * 71, True), ("x" * 72, False), ("Short subject", True)):
+        message.write_text(f"# a comment line git strips\n{subject}\n\nbody " + "y" * 200 + "\n")
+        done = subprocess.run(["sh", str(hook), str(message)], capture_output=True, text=True)
+        assert (done.returncode == 0) == ok, (subject, done.stderr)
+        assert ok or "keep it under 72" in done.stderr
