@@ -64,7 +64,8 @@ def test_ddp_and_fsdp_presets_build_their_strategies():
 
 def test_ddp_wraps_without_a_deprecation_warning_and_syncs_no_buffers_in_forward(tmp_path):
     """Our DDP keyword is the installed torch's current one: no FutureWarning about `broadcast_buffers` at
-    every start (torch >= 2.13), and no forward broadcasts rank 0's buffers (the per-rank data counters)."""
+        every start (torch >= 2.13), and no forward broadcasts rank 0's buffers (the per-rank data counters are
+    kept apart from the buffers anyway: engine.logs.RankCounters)."""
     import warnings
 
     import torch.distributed as dist
