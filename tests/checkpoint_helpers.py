@@ -101,6 +101,6 @@ def write_zero_checkpoints(out: Path, img_size: int = 28) -> dict[int, Path]:
     """ZeRO-2 and ZeRO-3 checkpoints of the debug pre-training model after one optimizer step, in
     Lightning's layout, written by DeepSpeed itself on the CPU (aimv2.engine.rehearsal); plus
     OUT/reference_{2,3}.safetensors with the module's weights after the step."""
-    from aimv2.engine.rehearsal import run_zero_check
+    from aimv2.engine.zero_step import run_zero_check
 
     return run_zero_check(out, img_size=img_size, stages=(2, 3))

@@ -145,7 +145,8 @@ def _encoder_parts(raw: RawCheckpoint, heads: int | None) -> tuple[dict, TimmRec
     return state, recipe, Preprocessing(0)
 
 
-def _listing(keys: list[str], limit: int = 5) -> str:
+def listing(keys: list[str], limit: int = 5) -> str:
+    """The first `limit` keys, and how many more: for one-line errors about state dicts."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -165,8 +166,10 @@ def _native_hint(recipe: TimmRecipe, missing: list[str], unexpected: list[str]) 
     return ""
 
 
-def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, recipe: TimmRecipe) -> None:
-    expected = encoder.state_dict()
+def key_differences(module: torch.nn.Module, state: dict) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mis-shaped) keys of `state` against `module`'s state dict; mis-shaped ones
+    as "key (file shape) vs (module shape)"."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = [
@@ -174,9 +177,14 @@ def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, re
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
+    return missing, unexpected, mis_shaped
+
+
+def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, recipe: TimmRecipe) -> None:
+    missing, unexpected, mis_shaped = key_differences(encoder, state)
     if missing or unexpected or mis_shaped:
         parts = [
-            f"{label} {len(keys)} keys [{_listing(keys)}]"
+            f"{label} {len(keys)} keys [{listing(keys)}]"
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
             if keys
         ]
@@ -190,7 +198,7 @@ def _load_strict(encoder: VisionTransformer, state: dict, raw: RawCheckpoint, re
     encoder.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
     if left:  # a buffer outside the state dict: not an architecture this loader knows
-        raise UserError(f"{raw.path}: the {recipe.name} encoder has tensors no checkpoint holds: {_listing(left)}")
+        raise UserError(f"{raw.path}: the {recipe.name} encoder has tensors no checkpoint holds: {listing(left)}")
 
 
 def read_decoder(loaded: LoadedEncoder) -> tuple[dict, dict] | None:

@@ -246,13 +246,12 @@ class RankCounters:
 
     def save(self, trainer, checkpoint: dict) -> None:
         """A collective: every rank runs on_save_checkpoint. `trainer` is None outside a fit (one process)."""
-        totals = {}
-        for name, value in self.counts.items():
-            if trainer is not None and trainer.world_size > 1:
-                # a copy: the all-reduce works in place, and this rank's own count must stay its own
-                value = trainer.strategy.reduce(value.to(trainer.strategy.root_device, copy=True), reduce_op="sum")
-            totals[name] = int(value)
-        schema.write(checkpoint, rank_counters=totals)
+        device = trainer.strategy.root_device if trainer is not None else "cpu"
+        # one all-reduce for every counter; torch.stack copies, so this rank's own counts stay its own
+        values = torch.stack([value.to(device) for value in self.counts.values()])
+        if trainer is not None and trainer.world_size > 1:
+            values = trainer.strategy.reduce(values, reduce_op="sum")
+        schema.write(checkpoint, rank_counters=dict(zip(self.counts, map(int, values.tolist()))))
 
     def restore(self, trainer, checkpoint: dict) -> None:
         """`trainer` is None under load_from_checkpoint (one process: rank 0). Checkpoints written before

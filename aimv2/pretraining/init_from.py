@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from aimv2.checkpoints.arch import encoder_dims
-from aimv2.checkpoints.loading import LoadedEncoder, load_checkpoint, read_decoder
+from aimv2.checkpoints.loading import LoadedEncoder, key_differences, listing, load_checkpoint, read_decoder
 from aimv2.config import ModelConfig
 from aimv2.errors import UserError
 from aimv2.models.aimv2 import AIMv2
@@ -109,23 +109,11 @@ def _encoder_state(model: AIMv2, loaded: LoadedEncoder) -> dict[str, torch.Tenso
     return state
 
 
-def _listing(keys: list[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def _state_problems(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Missing, unexpected and mis-shaped keys of `state` against `module`, as short phrases."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    missing, unexpected, mis_shaped = key_differences(module, state)
     return [
-        f"{label} {len(keys)} [{_listing(keys)}]"
+        f"{label} {len(keys)} [{listing(keys, 4)}]"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
         if keys
     ]
