@@ -216,8 +216,11 @@ class SlurmCluster:
             if any(p.poll() is not None for p in self.procs):
                 break
             time.sleep(0.2)
-        logs = "\n".join(p.read_text()[-1500:] for p in (self.root / "log").glob("*.log"))
-        raise RuntimeError(f"SLURM test cluster: no {what}\n{logs}")
+        raise RuntimeError(f"SLURM test cluster: no {what}\n{self.daemon_logs()}")
+
+    def daemon_logs(self, tail: int = 1500) -> str:
+        """The end of each daemon's log (slurmctld, every slurmd, munged), for failure messages."""
+        return "\n".join(f"== {p.name}\n{p.read_text()[-tail:]}" for p in sorted((self.root / "log").glob("*.log")))
 
     def stop(self) -> None:
         """Cancel jobs, then end exactly the daemons started here (SIGTERM, SIGKILL after 10 s)."""

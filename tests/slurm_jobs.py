@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -91,15 +92,24 @@ def preempt_and_finish(cluster: SlurmCluster, job: str, run_dir: Path, job_log: 
         job_log,
     )
     # SLURM holds a requeued job for ~2 minutes (EligibleTime = requeue + 121 s, measured on 22.05);
-    # release it now. Nothing about the run changes: the new job starts the same script.
+    # release it sooner, but not within the second of the requeue: the node revoked the job's
+    # credential then, and refuses one issued in that same second (slurmctld: "Killing non-startable
+    # batch JobId=1: Job credential revoked", the job ends FAILED without starting again; a CI run
+    # failed so when the tasks died at once). Nothing about the run changes: it starts the same script.
     assert info.get("Reason") == "BeginTime", info
+    seen = time.time()
+    time.sleep(int(seen) + 1.2 - seen)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)
-    return wait_for(
+    final = wait_for(
         lambda: (lambda j: j if j.get("JobState") in FINAL else None)(cluster.job(job)),
         "the requeued job to finish",
         300,
         job_log,
     )
+    if final["JobState"] != "COMPLETED":  # say why: SLURM's own reason is in slurmctld's log
+        state = {k: final.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}
+        raise AssertionError(f"{state}\n{cluster.daemon_logs()}\n== job log\n{job_log.read_text()[-3000:]}")
+    return final
 
 
 def assert_resumed_exactly(final: dict, run_dir: Path, out: str) -> None:
