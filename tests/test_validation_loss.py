@@ -25,8 +25,9 @@ from aimv2.data.every_sample import EverySample, ReadPlan, every_sample_loader, 
 from aimv2.data.samples import eval_transform
 from aimv2.data.tar_ranges import ScanStats, index_ranges, read_ranges, slot_starts
 from aimv2.data.tokenizer import build_tokenizer
-from aimv2.engine.checkpointing import PreemptionCheckpoint
+from aimv2.engine.checkpointing import Preempted, PreemptionCheckpoint
 from aimv2.engine.logs import read_metric, read_metrics
+from aimv2.engine.run_dir import RunDir
 from aimv2.errors import UserError
 from aimv2.models.sizes import get_size, training_flops_per_sample
 from aimv2.pretraining.module import AIMv2PretrainModule
@@ -213,7 +214,10 @@ class SignalAtStep(Callback):
 def test_counter_continues_over_a_resume(setup, with_val):
     _, uninterrupted = with_val
     cfg = config(setup, "resumed", "data.val.num_workers=1")  # the held-out loader with a worker this time
-    run = pretrain(cfg, callbacks=[SignalAtStep(5)])
+    with pytest.raises(Preempted) as stop:  # a SystemExit(0): under the command, the process ends there
+        pretrain(cfg, callbacks=[SignalAtStep(5)])
+    assert (stop.value.code, stop.value.step, stop.value.requeue) == (0, 6, False)  # not under SLURM
+    run = RunDir(cfg.run_dir)
     last = torch.load(run.checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 6 and last["aimv2"]["train_samples"] == 6 * BATCH
     # The step-3 checkpoint was taken after that step's evaluation, before its row was written: it carries it.

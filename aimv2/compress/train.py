@@ -15,7 +15,7 @@ from aimv2.checkpoints import schema
 from aimv2.compress.config import CompressConfig
 from aimv2.compress.module import AlignmentDataModule, CompressModule
 from aimv2.config import save_config
-from aimv2.engine.checkpointing import resolve_resume, tidy_before_training
+from aimv2.engine.checkpointing import fit_until_signal, resolve_resume, tidy_before_training
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.engine.logs import read_metric
 from aimv2.engine.run_dir import RunDir
@@ -34,7 +34,7 @@ def resolve_paths(cfg: CompressConfig) -> CompressConfig:
 
 def train(cfg: CompressConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
     """Train; returns the run directory (config, checkpoints, metrics, tensorboard). `callbacks` join the
-    trainer's own (as in `aimv2.pretraining.pretrain.pretrain`)."""
+    trainer's own; a preemption signal ends it as in `aimv2.pretraining.pretrain.pretrain`."""
     cfg.require("encoder.source", "data.train")
     if cfg.trainer.max_steps <= 0:
         raise UserError("config key 'trainer.max_steps': must be > 0 (the training stream is infinite)")
@@ -58,7 +58,7 @@ def train(cfg: CompressConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
         warnings.filterwarnings("ignore", message=".*in the model state dict but not in the checkpoint.*")
         # Lightning cannot see that the data module restores the stream position (aimv2.engine.stream_resume).
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
+        fit_until_signal(trainer, lambda: trainer.fit(module, datamodule=data, ckpt_path=resume))
     if trainer.is_global_zero:
         print(summary(cfg, run, trainer.global_step))
     return run

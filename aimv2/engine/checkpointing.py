@@ -59,11 +59,13 @@ task 90 s before the time limit, and `scancel --signal=USR1 JOB` does so on dema
 i.e. at an arbitrary point of a step on each rank (ranks can be in different collectives: a hang),
 with the step's data only half accounted for. Here the handler only raises a flag; after each
 training step the ranks agree (one tiny all-reduce) whether any rank was signalled, and if so all
-save `last.ckpt` together, rank 0 requeues the job on SIGUSR1 (`scontrol requeue`; SLURM already
-requeues preempted jobs itself), and training ends by raising `Preempted` when the next batch
-would start (after Lightning has logged the step, before anything else runs: stopping through
+save `last.ckpt` together, and training ends by raising `Preempted` when the next batch would
+start (after Lightning has logged the step, before anything else runs: stopping through
 `trainer.should_stop` would let epoch-end hooks save checkpoints that record the interrupted epoch
-as finished). The requeued job starts the same script, and `trainer.resume` (auto under SLURM)
+as finished). `fit_until_signal` catches it: once every rank has torn down (logs flushed), rank 0
+says where the checkpoint is and, on SIGUSR1, requeues the job (`scontrol requeue`; SLURM already
+requeues preempted jobs itself) as the very last thing: a requeue makes SLURM signal every process of
+the job at once. The requeued job starts the same script, and `trainer.resume` (auto under SLURM)
 continues from that checkpoint.
 
 `LastCheckpointAtEnd` makes `last.ckpt` the final state of every finished run (Lightning's
@@ -78,6 +80,8 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +95,7 @@ from aimv2.checkpoints import schema
 from aimv2.checkpoints.dcp import check_complete, is_dcp_checkpoint, load_meta, read_metadata
 from aimv2.checkpoints.zero import load_client_state
 from aimv2.engine.run_dir import LAST
-from aimv2.errors import UserError
+from aimv2.errors import UserError, one_line
 from aimv2.fileio import OLD_SUFFIX, REMOVING_SUFFIX, TMP_SUFFIX, atomic_file, discard, rename_noreplace
 
 
@@ -359,11 +363,13 @@ log = logging.getLogger(__name__)
 class Preempted(SystemExit):
     """Raised on every rank once the preemption checkpoint is written. A SystemExit with status 0:
     the process should end, successfully (SLURM requeues or ends the job), also under callers that do
-    not catch it; `aimv2.pretraining.pretrain` catches it to say where the checkpoint is."""
+    not catch it. `fit_until_signal` says where the checkpoint is and requeues before it goes on up."""
 
-    def __init__(self, step: int, path: Path, requeued: bool):
+    def __init__(self, step: int, path: Path, requeue: bool):
         super().__init__(0)
-        self.step, self.path, self.requeued = step, path, requeued
+        self.step, self.path = step, path
+        self.requeue = requeue  # asked for (SIGUSR1 under SLURM); `requeued`: done
+        self.requeued = False
 
     def __str__(self) -> str:
         return f"stopped by a signal at step {self.step}: saved {self.path}"
@@ -423,12 +429,9 @@ class PreemptionCheckpoint(Callback):
         path = self.checkpoint_dir / LAST
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, after the same step
         signum = self.received if self.received is not None else self.requeue_signal
-        requeued = False
         if trainer.is_global_zero:
             log.warning("signal %s: saved %s at step %d; stopping", signal.Signals(signum).name, path, step)
-            if self.slurm and signum == self.requeue_signal:
-                requeued = requeue_slurm_job()
-        self._stop = Preempted(step, path, requeued)
+        self._stop = Preempted(step, path, requeue=self.slurm and signum == self.requeue_signal)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._stop is not None:
@@ -437,6 +440,46 @@ class PreemptionCheckpoint(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._stop is not None:  # the signal came with the last step of the run
             raise self._stop
+
+
+def fit_until_signal(trainer, fit: Callable[[], object]) -> None:
+    """Run `fit()` (the trainer's `fit`) with the preemption signals caught from now on (a signal during
+    start-up must not kill the job before training begins). When a signal ends training, every rank
+    tears down, rank 0 prints where the checkpoint is and, if the signal asked for it, requeues the
+    SLURM job, and `Preempted` (a SystemExit with status 0) goes on up: whatever the caller would do
+    next with a finished run (the demo's probe, an ablation's or a sweep's evaluation) must not run on
+    a partial one. The requeue comes last because SLURM then signals every process of the job
+    (SIGTERM, SIGKILL after `KillWait`): a rank still writing its logs would be cut off."""
+    preemption = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
+    for callback in preemption:
+        callback.install()
+    try:
+        fit()
+    except Preempted as stop:
+        wait_for_every_rank()
+        if trainer.is_global_zero:
+            stop.requeued = stop.requeue and requeue_slurm_job()
+            then = (
+                "the SLURM job was requeued and will continue from it"
+                if stop.requeued
+                else "continue with trainer.resume=auto"
+            )
+            print(f"{stop}; {then}", flush=True)  # the requeue's SIGTERM only sets the flag until `finally`
+        raise
+    finally:
+        for callback in preemption:
+            callback.uninstall()
+
+
+def wait_for_every_rank(timeout_s: float = 300.0) -> None:
+    """A barrier over the training's process group, if there is one; bounded, so that a rank that died
+    in its teardown cannot keep rank 0 from requeueing the job."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    try:
+        torch.distributed.barrier(async_op=True).wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as error:  # a timed-out or broken group: requeue anyway, the checkpoint is saved
+        log.warning("not every rank ended the preempted run within %.0f s: %s", timeout_s, one_line(str(error)))
 
 
 def requeue_slurm_job() -> bool:

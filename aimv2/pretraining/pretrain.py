@@ -28,7 +28,7 @@ from aimv2.data.samples import (
 from aimv2.data.shardlist import check_first_shard, resolve_shards
 from aimv2.data.stream import ShardStream, StreamSource
 from aimv2.data.tokenizer import build_tokenizer
-from aimv2.engine.checkpointing import Preempted, PreemptionCheckpoint, resolve_resume, tidy_before_training
+from aimv2.engine.checkpointing import fit_until_signal, resolve_resume, tidy_before_training
 from aimv2.engine.launch_checks import check_launch, claim_run_dir
 from aimv2.engine.run_dir import RunDir
 from aimv2.engine.stream_resume import StreamDataModule
@@ -121,7 +121,8 @@ class PretrainDataModule(StreamDataModule):
 
 def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
     """Train; returns the run directory (config, checkpoints, metrics, tensorboard). A run continues
-    from `trainer.resume` (aimv2.engine.checkpointing); `callbacks` are added to the Trainer's."""
+    from `trainer.resume` (aimv2.engine.checkpointing); `callbacks` are added to the Trainer's. A
+    preemption signal ends it with `Preempted` (a SystemExit with status 0) once `last.ckpt` is saved."""
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     run = RunDir(cfg.run_dir)
     resume = resolve_resume(cfg.trainer.resume, run.checkpoints)  # before any work: bad paths fail fast
@@ -158,29 +159,10 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> RunDir:
             print(f"resuming from {resume}", flush=True)
         for line in loaded:  # what model.init_from loaded, or why it was ignored
             print(line, flush=True)
-    preemption = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
-    for callback in preemption:
-        callback.install()  # a signal during start-up must not kill the job before training begins
-    try:
-        with warnings.catch_warnings():
-            # Lightning cannot see that our data module restores the stream position (aimv2.data.loader).
-            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-            trainer.fit(module, datamodule=data, ckpt_path=resume)
-    except Preempted as stop:
-        if trainer.is_global_zero:
-            print(
-                f"{stop}; "
-                + (
-                    "the SLURM job was requeued and will continue from it"
-                    if stop.requeued
-                    else "continue with trainer.resume=auto"
-                ),
-                flush=True,
-            )
-        return run
-    finally:
-        for callback in preemption:
-            callback.uninstall()
+    with warnings.catch_warnings():
+        # Lightning cannot see that our data module restores the stream position (aimv2.data.loader).
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        fit_until_signal(trainer, lambda: trainer.fit(module, datamodule=data, ckpt_path=resume))
     if trainer.is_global_zero:
         print(summary(run, trainer.global_step))
     return run
