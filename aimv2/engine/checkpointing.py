@@ -367,9 +367,7 @@ class Preempted(SystemExit):
 
     def __init__(self, step: int, path: Path, requeue: bool):
         super().__init__(0)
-        self.step, self.path = step, path
-        self.requeue = requeue  # asked for (SIGUSR1 under SLURM); `requeued`: done
-        self.requeued = False
+        self.step, self.path, self.requeue, self.requeued = step, path, requeue, False  # requeue: asked for
 
     def __str__(self) -> str:
         return f"stopped by a signal at step {self.step}: saved {self.path}"
@@ -443,13 +441,10 @@ class PreemptionCheckpoint(Callback):
 
 
 def fit_until_signal(trainer, fit: Callable[[], object]) -> None:
-    """Run `fit()` (the trainer's `fit`) with the preemption signals caught from now on (a signal during
-    start-up must not kill the job before training begins). When a signal ends training, every rank
-    tears down, rank 0 prints where the checkpoint is and, if the signal asked for it, requeues the
-    SLURM job, and `Preempted` (a SystemExit with status 0) goes on up: whatever the caller would do
-    next with a finished run (the demo's probe, an ablation's or a sweep's evaluation) must not run on
-    a partial one. The requeue comes last because SLURM then signals every process of the job
-    (SIGTERM, SIGKILL after `KillWait`): a rank still writing its logs would be cut off."""
+    """Run `fit()` with the preemption signals caught from now on (a signal during start-up must not kill
+    the job). When one ends training, every rank tears down, rank 0 prints where the checkpoint is and
+    requeues if asked, last (SLURM then SIGTERMs every process of the job), and `Preempted` goes on up:
+    no caller may go on (a probe, an evaluation) with a partial run."""
     preemption = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
     for callback in preemption:
         callback.install()
@@ -459,21 +454,16 @@ def fit_until_signal(trainer, fit: Callable[[], object]) -> None:
         wait_for_every_rank()
         if trainer.is_global_zero:
             stop.requeued = stop.requeue and requeue_slurm_job()
-            then = (
-                "the SLURM job was requeued and will continue from it"
-                if stop.requeued
-                else "continue with trainer.resume=auto"
-            )
-            print(f"{stop}; {then}", flush=True)  # the requeue's SIGTERM only sets the flag until `finally`
+            then = "the SLURM job was requeued and will continue from it"
+            print(f"{stop}; {then if stop.requeued else 'continue with trainer.resume=auto'}", flush=True)
         raise
-    finally:
+    finally:  # only now are the handlers given back: the requeue's SIGTERM just set the flag
         for callback in preemption:
             callback.uninstall()
 
 
 def wait_for_every_rank(timeout_s: float = 300.0) -> None:
-    """A barrier over the training's process group, if there is one; bounded, so that a rank that died
-    in its teardown cannot keep rank 0 from requeueing the job."""
+    """A bounded barrier: a rank that died in its teardown must not keep rank 0 from requeueing."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     try:
