@@ -1,8 +1,10 @@
 """The allocator tuning (aimv2.processes) keeps a CPU training step's buffers mapped: glibc's default
 unmaps freed large buffers and faults every page back in at the next step. Measured here as page
-faults per step of the debug size (112 px, batch 8, CLIP vocabulary), in fresh processes: about
-20,000-25,000 by default, none once tuned (the step then took 0.06 s instead of 0.12-0.19 s on the
-2-core machine: a figure, not asserted; benchmarks/results/train_step.md has the bench size's)."""
+faults in the median of 5 steps of the debug size (112 px, batch 8, CLIP vocabulary), in fresh processes:
+about 12,000-25,000 by default, 1-2 once tuned (a full-suite run once averaged 1,738 per step tuned over 3
+steps: a disturbance of one step, which the median ignores). The tuned step took 0.06 s instead of
+0.12-0.19 s on the 2-core machine: a figure, not asserted; benchmarks/results/train_step.md has the
+bench size's."""
 
 import subprocess
 import sys
@@ -31,10 +33,12 @@ def step():
     optimizer.zero_grad(set_to_none=True)
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[2])  # the median step: one or two steps disturbed by a neighbour do not move it
 """
 
 
