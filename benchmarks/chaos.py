@@ -207,7 +207,7 @@ def check(run: Path, shards: list[ShardInfo], segments: list[dict]) -> dict:
         else:  # planned by the layout of the segment that ran the epoch's first step
             seg = max((s for s in segments if s["start"] < first), key=lambda s: s["index"])
             slots = seg["ranks"] * seg["workers"]
-            plan = plan_epoch(shards, slots, STEP_SAMPLES // seg["ranks"])
+            plan = plan_epoch(np.array([s.count for s in shards]), slots, STEP_SAMPLES // seg["ranks"])
             declared, by = total - plan.batches_per_slot * slots * (STEP_SAMPLES // seg["ranks"]), "its plan"
         dupes = sum(n - 1 for n in seen.values())
         missed = total - len(seen)
