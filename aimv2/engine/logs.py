@@ -93,7 +93,9 @@ class ResumableCSVLogger(CSVLogger):
 
 class TrimMetricsOnResume(Callback):
     """At the start of training, drop CSV rows from steps the restored checkpoint has not seen, and
-    restore the checkpoint's own step's row if the file lacks it."""
+    restore the checkpoint's own step's row if the file lacks it. Rows are labelled by Lightning's
+    private `_batches_that_stepped`, which some resumes leave one behind `global_step` (benchmarks/
+    chaos.py: a step's row twice, the run's last one never): each step starts with it put right."""
 
     def __init__(self):
         self._row: dict | None = None
@@ -110,6 +112,11 @@ class TrimMetricsOnResume(Callback):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._row = schema.read(checkpoint, trainer.ckpt_path or "the checkpoint").get("metrics_row")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        loop = trainer.fit_loop.epoch_loop  # one optimizer, automatic optimization: equal when nothing lags
+        if loop._batches_that_stepped != trainer.global_step:
+            loop._batches_that_stepped = trainer.global_step
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
