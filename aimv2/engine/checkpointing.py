@@ -466,8 +466,10 @@ def wait_for_every_rank(timeout_s: float = 300.0) -> None:
     """A bounded barrier: a rank that died in its teardown must not keep rank 0 from requeueing."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
+    nccl = torch.distributed.get_backend() == "nccl"  # name the device, as Lightning does: else torch warns
     try:
-        torch.distributed.barrier(async_op=True).wait(timeout=timedelta(seconds=timeout_s))
+        work = torch.distributed.barrier(async_op=True, device_ids=[torch.cuda.current_device()] if nccl else None)
+        work.wait(timeout=timedelta(seconds=timeout_s))
     except RuntimeError as error:  # a timed-out or broken group: requeue anyway, the checkpoint is saved
         log.warning("not every rank ended the preempted run within %.0f s: %s", timeout_s, one_line(str(error)))
 
